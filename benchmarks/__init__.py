@@ -1,0 +1,1 @@
+"""Benchmark scripts reproducing the Catastrophic Fisher Explosion experiments."""

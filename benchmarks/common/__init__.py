@@ -1,0 +1,1 @@
+"""Shared data loading and model definitions for the benchmark scripts."""

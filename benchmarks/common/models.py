@@ -1,0 +1,364 @@
+"""Networks of the paper's Appendix I, for 32x32 inputs, plus tiny models for tests.
+
+Use :func:`build_model` with a name from :data:`MODELS`:
+
+* ``simplecnn`` - the Keras ``cifar10_cnn`` example without dropout, dense layer 128.
+* ``vgg11`` - VGG-11 for CIFAR without BatchNorm and dropout, classifier ``Linear(512, C)``.
+* ``wresnet44_3`` - pre-activation Wide ResNet, depth 44, width 3, with BatchNorm.
+* ``wresnet44_3_nobn`` - the same without BatchNorm, with SkipInit (De & Smith, 2020): each
+  residual branch is scaled by a learnable scalar initialised to 0, and a learnable
+  per-channel bias replaces each BatchNorm.
+* ``densenet40_12`` - DenseNet (Huang et al., 2017), L=40, k=12, no bottleneck/compression.
+* ``resnet26_nobn``, ``resnet56_nobn`` - CIFAR ResNets (He et al., 2016; 6n+2 layers,
+  widths 16/32/64, parameter-free "option A" shortcuts) without BatchNorm, with Fixup
+  initialisation (Zhang et al., 2019): scalar biases and multipliers, the last conv of
+  each residual branch and the classifier initialised to zero, the first conv scaled by
+  ``L ** -0.5`` (L = number of residual blocks).
+* ``tiny`` (small CNN with one BatchNorm) and ``tiny_mlp`` - a few thousand parameters,
+  for tests.
+
+Convolutions use Kaiming-normal (fan-in, ReLU) initialisation with zero biases; linear
+layers keep PyTorch's default; BatchNorm starts at weight 1, bias 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "Bias2d",
+    "DenseNet",
+    "FixupResNet",
+    "PreActResNet",
+    "build_model",
+    "init_weights",
+    "simple_cnn",
+    "tiny_cnn",
+    "tiny_mlp",
+    "vgg",
+]
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """Kaiming-normal (fan-in, ReLU) conv weights, zero conv biases, unit/zero BatchNorm."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+class Bias2d(nn.Module):
+    """Learnable per-channel bias (initialised to 0): stands in for a removed BatchNorm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the bias."""
+        return x + self.bias
+
+
+# --------------------------------------------------------------------------------------
+# Plain CNNs
+# --------------------------------------------------------------------------------------
+
+
+def simple_cnn(num_classes: int = 10) -> nn.Sequential:
+    """Keras ``cifar10_cnn`` without dropout (``Linear(64*6*6, 128)`` head) for 32x32."""
+    return init_weights(
+        nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 6 * 6, 128), nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+    )
+
+
+VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def vgg(
+    num_classes: int = 10, cfg: tuple[int | str, ...] = VGG11_CFG, batch_norm: bool = False
+) -> nn.Sequential:
+    """CIFAR VGG (3x3 convs, padding 1, ReLU; ``"M"`` = 2x2 max-pool), ``Linear(512, C)``.
+
+    Without BatchNorm and dropout by default (the paper's VGG-11 setting).
+    """
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers.append(nn.Conv2d(cin, int(v), 3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(int(v)))
+        layers.append(nn.ReLU(inplace=True))
+        cin = int(v)
+    layers += [nn.Flatten(), nn.Linear(cin, num_classes)]
+    return init_weights(nn.Sequential(*layers))
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
+    """About 1.6k parameters (10 classes) with one BatchNorm; any input size."""
+    return init_weights(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(16, num_classes),
+        )
+    )
+
+
+def tiny_mlp(num_classes: int = 10, hidden: int = 32) -> nn.Sequential:
+    """MLP on the 8x8-average-pooled image: ``192 -> hidden -> C`` (6.5k params at C=10)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+        nn.Linear(3 * 8 * 8, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Pre-activation (Wide) ResNet, with BatchNorm or SkipInit
+# --------------------------------------------------------------------------------------
+
+
+class _PreActBlock(nn.Module):
+    """norm-ReLU-conv3x3-norm-ReLU-conv3x3 (+ shortcut); ``skipinit`` scales the branch."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module], skipinit: bool
+    ) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), _conv3x3(cin, cout, stride)
+        self.norm2, self.conv2 = norm(cout), _conv3x3(cout, cout)
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            if stride != 1 or cin != cout
+            else None
+        )
+        self.alpha = nn.Parameter(torch.zeros(())) if skipinit else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual block forward pass."""
+        out = F.relu(self.norm1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.norm2(out)))
+        if self.alpha is not None:
+            out = out * self.alpha
+        return skip + out
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation Wide ResNet for CIFAR (He et al., 2016b; Zagoruyko & Komodakis, 2016).
+
+    ``depth = 6 * n + 2`` with ``n`` basic blocks per stage (``(44 - 2) / 6 = 7`` for
+    depth 44), stage widths ``16k, 32k, 64k`` for width ``k``. With ``batch_norm=False``
+    every BatchNorm is replaced by :class:`Bias2d` and SkipInit scalars (init 0) multiply
+    each residual branch.
+    """
+
+    def __init__(
+        self, depth: int = 44, width: int = 3, num_classes: int = 10, batch_norm: bool = True
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d if batch_norm else Bias2d
+        self.conv = _conv3x3(3, 16)
+        blocks: list[nn.Module] = []
+        cin = 16
+        for stage, base in enumerate((16, 32, 64)):
+            cout = base * width
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(_PreActBlock(cin, cout, stride, norm, not batch_norm))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm(cin)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        out = F.relu(self.norm(self.blocks(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# --------------------------------------------------------------------------------------
+# CIFAR ResNet without BatchNorm, Fixup initialisation
+# --------------------------------------------------------------------------------------
+
+
+class _FixupBlock(nn.Module):
+    """He et al. basic block without BN, with Fixup scalar biases and multiplier."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bias1a, self.bias1b, self.bias2a, self.bias2b = (
+            nn.Parameter(torch.zeros(())) for _ in range(4)
+        )
+        self.scale = nn.Parameter(torch.ones(()))
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.conv2 = _conv3x3(cout, cout)
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual block forward pass (parameter-free "option A" shortcut)."""
+        out = F.relu(self.conv1(x + self.bias1a) + self.bias1b)
+        out = self.conv2(out + self.bias2a) * self.scale + self.bias2b
+        skip = x
+        if self.stride != 1 or self.extra:
+            skip = (x + self.bias1a)[:, :, :: self.stride, :: self.stride]
+            skip = F.pad(skip, (0, 0, 0, 0, 0, self.extra))
+        return F.relu(out + skip)
+
+
+class FixupResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) (widths 16/32/64) without BatchNorm, Fixup-initialised."""
+
+    def __init__(self, depth: int = 26, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv = _conv3x3(3, 16)
+        self.bias1 = nn.Parameter(torch.zeros(()))
+        blocks: list[_FixupBlock] = []
+        cin = 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(_FixupBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bias2 = nn.Parameter(torch.zeros(()))
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+        for b in blocks:  # Fixup: scale branch-in convs by L^(-1/(2m-2)), m=2; zero the rest
+            with torch.no_grad():
+                b.conv1.weight.mul_(len(blocks) ** -0.5)
+            nn.init.zeros_(b.conv2.weight)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        out = self.blocks(F.relu(self.conv(x) + self.bias1))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1) + self.bias2)
+
+
+# --------------------------------------------------------------------------------------
+# DenseNet
+# --------------------------------------------------------------------------------------
+
+
+def _bn_relu_conv(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+    )
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.f = _bn_relu_conv(cin, growth, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the input with ``growth`` new feature maps."""
+        return torch.cat([x, self.f(x)], 1)
+
+
+class DenseNet(nn.Module):
+    """CIFAR DenseNet (Huang et al., 2017) without bottleneck or compression.
+
+    Three dense blocks of ``(depth - 4) / 3`` BN-ReLU-conv3x3 layers (12 for L=40), growth
+    ``k``, transitions BN-ReLU-conv1x1-avgpool2, an initial conv with ``init_channels``
+    outputs (16, as Huang et al. use for non-BC DenseNets; DenseNet-BC uses ``2k``),
+    final BN-ReLU-global-avgpool-linear. L=40, k=12 has 1.02M parameters for 10 classes
+    (the "1.0M" of the DenseNet paper; 1.06M with ``init_channels=24``).
+    """
+
+    def __init__(
+        self,
+        depth: int = 40,
+        growth: int = 12,
+        num_classes: int = 10,
+        init_channels: int = 16,
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 3:
+            raise ValueError(f"depth must be 3n+4, got {depth}")
+        n = (depth - 4) // 3
+        c = init_channels
+        layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1, bias=False)]
+        for block in range(3):
+            for _ in range(n):
+                layers.append(_DenseLayer(c, growth))
+                c += growth
+            if block < 2:
+                layers += [_bn_relu_conv(c, c, 1), nn.AvgPool2d(2)]
+        layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "simplecnn": simple_cnn,
+    "vgg11": vgg,
+    "wresnet44_3": lambda c: PreActResNet(44, 3, c, batch_norm=True),
+    "wresnet44_3_nobn": lambda c: PreActResNet(44, 3, c, batch_norm=False),
+    "densenet40_12": lambda c: DenseNet(40, 12, c),
+    "resnet26_nobn": lambda c: FixupResNet(26, c),
+    "resnet56_nobn": lambda c: FixupResNet(56, c),
+    "tiny": tiny_cnn,
+    "tiny_mlp": tiny_mlp,
+}
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Instantiate model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs."""
+    try:
+        factory = MODELS[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(MODELS)}"
+        ) from None
+    return factory(num_classes)

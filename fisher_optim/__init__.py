@@ -1,0 +1,22 @@
+"""fisher_optim: the Fisher penalty and the curvature measurements behind it, for PyTorch.
+
+Jastrzebski et al., "Catastrophic Fisher Explosion: Early Phase Fisher Matrix Impacts
+Generalization", ICML 2021; Wen et al., "An Empirical Study of Large-Batch Stochastic
+Gradient Descent with Structured Covariance Noise", AISTATS 2020.
+"""
+
+from fisher_optim.engines import MODES, penalty_gradient
+from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
+from fisher_optim.penalty import PENALTIES, Batch, fisher_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "PENALTIES",
+    "Batch",
+    "FisherPenaltySGD",
+    "__version__",
+    "fisher_penalty",
+    "penalty_gradient",
+]

@@ -1,0 +1,281 @@
+"""The stateful shell shared by FisherPenaltySGD and FisherNoiseSGD: a drop-in optimizer.
+
+A :class:`GradientWrapper` is a ``torch.optim.Optimizer`` that wraps a base optimizer and
+changes ``p.grad`` just before the base optimizer's step. It shares ``param_groups`` and
+``state`` with the base optimizer (as SAM does), so LR schedulers, ``zero_grad``,
+``GradScaler`` and checkpointing work as with the base optimizer alone. It learns the current
+batch without changing the training loop: a forward pre-hook on the model keeps a reference
+to the latest training-mode input (and the autocast state it ran under), nothing more, and
+drops it after the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fisher_optim._modules import unwrap
+from fisher_optim.penalty import Batch
+
+#: Key under which a wrapper's own state is stored in ``state_dict()``.
+STATE_KEY = "fisher_optim"
+
+
+class GradientWrapper(torch.optim.Optimizer):
+    """Base class: wraps ``base_optimizer`` and edits gradients before its ``step``.
+
+    Subclasses implement :meth:`_before_base_step` (called once per step, after the closure
+    if any, with gradients in place and unscaled) and extend :meth:`_extra_state` /
+    :meth:`_load_extra_state`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
+                "itself (not model.parameters()): the optimizer needs it to rerun the forward"
+            )
+        base = _build_base(model, base_optimizer, base_kwargs)
+        _check_params_in_model(model, base)
+        self._own_defaults = dict(defaults)
+        super().__init__(base.param_groups, defaults)
+        self.base_optimizer = base
+        self.defaults = {**base.defaults, **defaults}
+        self._link()
+
+        self.model = model
+        self.module = unwrap(model)
+        self.step_count = 0
+        self.seed = torch.initial_seed() % (2**62) + 1 if seed is None else int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self._batch: Batch | None = None
+        self._autocast: tuple[str, torch.dtype] | None = None
+        self._targets: Tensor | None = None
+        self._in_own_pass = False
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    # ----------------------------------------------------------------- sharing the base
+    def _link(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # called by Optimizer.__init__ on the base's own groups
+            super().add_param_group(param_group)
+            return
+        base.add_param_group(param_group)
+        for key, value in self._own_defaults.items():
+            base.param_groups[-1].setdefault(key, value)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.base_optimizer.state_dict()
+        state[STATE_KEY] = self._extra_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(STATE_KEY, None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link()  # load_state_dict replaces the base's param_groups and state
+        if extra is not None:
+            self._load_extra_state(extra)
+
+    # ----------------------------------------------------------------- the batch
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._in_own_pass or not module.training or not torch.is_grad_enabled():
+            return
+        self._batch = Batch(args, dict(kwargs))
+        device = self._batch_device()
+        if torch.is_autocast_enabled(device.type):
+            self._autocast = (device.type, torch.get_autocast_dtype(device.type))
+        else:
+            self._autocast = None
+
+    def set_targets(self, targets: Tensor) -> None:
+        """Give the targets of the current batch (needed by penalties that use true labels).
+
+        Call it once per iteration, before ``step()``; it is forgotten after the step.
+        """
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+        self._targets = targets
+
+    def current_batch(self) -> Batch:
+        """The latest training-mode batch (with the targets given to :meth:`set_targets`)."""
+        if self._batch is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has seen no training-mode forward of the model since "
+                "the last step: call the model (in train mode, with grad enabled) before step()"
+            )
+        return Batch(self._batch.args, self._batch.kwargs, self._targets)
+
+    def _batch_device(self) -> torch.device:
+        try:
+            return self._batch.first_tensor().device if self._batch else torch.device("cpu")
+        except ValueError:
+            return next(self.module.parameters()).device
+
+    def own_pass(self, autocast: bool = True) -> _OwnPass:
+        """Context for the wrapper's own forwards: not captured; under training's autocast
+        (if it had one) when ``autocast`` is true, in full precision otherwise."""
+        return _OwnPass(self, autocast)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This optimizer's random generator on ``device`` (seeded with ``self.seed``)."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[key]
+
+    # ----------------------------------------------------------------- step
+    def _before_base_step(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Edit the gradients (see the subclass), then take the base optimizer's step.
+
+        ``closure``, as in torch: re-evaluates the model and returns the loss. It is passed
+        on to the base optimizer (which may call it several times, as LBFGS does); the
+        gradients are edited after its first call.
+        """
+        done = False
+
+        def prepare() -> None:
+            nonlocal done
+            if not done:
+                with torch.enable_grad():
+                    self._before_base_step()
+                done = True
+
+        if closure is None:
+            prepare()
+            loss = self.base_optimizer.step()
+        else:
+
+            def wrapped() -> Any:
+                with torch.enable_grad():
+                    value = closure()
+                prepare()
+                return value
+
+            loss = self.base_optimizer.step(wrapped)
+        self.step_count += 1
+        self._batch = None
+        self._targets = None
+        return loss
+
+    # ----------------------------------------------------------------- distributed
+    def _process_group(self) -> Any | None:
+        """The DDP process group to average over, or None outside DDP."""
+        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return self.model.process_group
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average ``tensors`` over the DDP ranks with one all-reduce (no-op outside DDP)."""
+        group = self._process_group()
+        if group is None or dist.get_world_size(group) == 1:
+            return tensors
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat, group=group)
+        flat.div_(dist.get_world_size(group))
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        return out
+
+    # ----------------------------------------------------------------- state
+    def flat_params(self) -> list[Tensor]:
+        """All parameters, in the order ``state_dict()`` numbers them."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "seed": self.seed,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.step_count = int(extra["step_count"])
+        self.seed = int(extra["seed"])
+        self._generators = {}
+        for key, state in extra["generators"].items():
+            self.generator(torch.device(key)).set_state(state.cpu())
+
+
+class _OwnPass:
+    """Marks the wrapper's own forwards (not captured) and reapplies training's autocast."""
+
+    def __init__(self, wrapper: GradientWrapper, autocast: bool) -> None:
+        self.wrapper = wrapper
+        state = wrapper._autocast
+        if state is None:
+            self.autocast = None
+        elif autocast:
+            self.autocast = torch.autocast(state[0], dtype=state[1])
+        else:
+            self.autocast = torch.autocast(state[0], enabled=False)
+
+    def __enter__(self) -> None:
+        self.wrapper._in_own_pass = True
+        if self.autocast is not None:
+            self.autocast.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.autocast is not None:
+            self.autocast.__exit__(*exc)
+        self.wrapper._in_own_pass = False
+
+
+def _build_base(
+    model: nn.Module,
+    base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+    base_kwargs: dict[str, Any],
+) -> torch.optim.Optimizer:
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                f"base_optimizer is an optimizer instance, so its hyperparameters are set "
+                f"already; remove {sorted(base_kwargs)} or pass the optimizer class instead"
+            )
+        return base_optimizer
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        kwargs = dict(base_kwargs)
+        params: Iterable[Any] = kwargs.pop("params", None) or model.parameters()
+        return base_optimizer(params, **kwargs)
+    raise TypeError(
+        "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
+        f"optimizer instance, got {base_optimizer!r}"
+    )
+
+
+def _check_params_in_model(model: nn.Module, base: torch.optim.Optimizer) -> None:
+    known = {id(p) for p in model.parameters()}
+    for i, group in enumerate(base.param_groups):
+        for p in group["params"]:
+            if id(p) not in known:
+                raise ValueError(
+                    f"param_groups[{i}] holds a parameter of shape {tuple(p.shape)} that is not "
+                    "a parameter of model; build the optimizer on model.parameters() "
+                    "(or on param groups made of them)"
+                )

@@ -1,0 +1,261 @@
+"""FisherPenaltySGD: drop-in behaviour, caching, state, BatchNorm, NaN handling, errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fisher_optim.fisher_penalty_sgd as fps
+from fisher_optim import FisherPenaltySGD, penalty_gradient
+from fisher_optim.engines import PenaltyGradient
+
+from .conftest import small_cnn, tiny_mlp
+
+
+def batches(n, dtype=torch.float64, shape=(5,), classes=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, *shape, generator=g, dtype=dtype), torch.randint(classes, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train(model, opt, data, targets_to_opt=False):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if targets_to_opt:
+            opt.set_targets(y)
+        opt.step()
+
+
+BASES = [
+    (torch.optim.SGD, {"lr": 0.1}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}),
+    (torch.optim.Adam, {"lr": 1e-2}),
+    (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("base", "kwargs"), BASES)
+def test_alpha_zero_is_the_base_optimizer_bitwise(base, kwargs):
+    data = batches(6, torch.float32, shape=(3, 8, 8), classes=5)
+    model = small_cnn(torch.float32)
+    reference = copy.deepcopy(model)
+    train(model, FisherPenaltySGD(model, base, alpha=0.0, every=1, **kwargs), data)
+    train(reference, base(reference.parameters(), **kwargs), data)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_penalty_is_computed_every_k_steps_and_the_cache_added_in_between(monkeypatch):
+    calls = []
+    real = fps.compute_penalty_gradient
+    monkeypatch.setattr(fps, "compute_penalty_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.05, alpha=0.5, every=3)
+    added = []
+
+    def record(optimizer, args, kwargs):  # base step pre-hook: p.grad now includes alpha*cache
+        added.append([p.grad.clone() for p in model.parameters()])
+
+    opt.base_optimizer.register_step_pre_hook(record)
+    plain = []
+    for x, y in batches(7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        plain.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    assert len(calls) == 3 == opt.refreshes  # ceil(7 / 3)
+    diffs = [[a - b for a, b in zip(w, wo)] for w, wo in zip(added, plain)]
+    for step, d in enumerate(diffs):
+        source = diffs[step - step % 3]
+        for a, b in zip(d, source):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    assert not torch.allclose(diffs[0][0], diffs[3][0])
+
+
+def test_added_term_is_alpha_times_penalty_gradient_of_the_batch():
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    opt = FisherPenaltySGD(model, lr=0.0, alpha=0.3, every=1, seed=123, penalty_batch_size=10)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    reference = penalty_gradient(model, x[:10], generator=torch.Generator().manual_seed(123))
+    opt.step()
+    for p, g0, r in zip(model.parameters(), plain, reference):
+        torch.testing.assert_close(p.grad, g0 + 0.3 * r, rtol=1e-12, atol=1e-14)
+    assert opt.penalty_value > 0
+
+
+def test_wraps_instance_and_class_and_lr_scheduler_reaches_base():
+    model = tiny_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    opt = FisherPenaltySGD(model, base, alpha=0.1)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train(model, opt, batches(2))
+    sched.step()
+    assert base.param_groups[0]["lr"] == 0.5
+    opt2 = FisherPenaltySGD(model, torch.optim.Adam, alpha=0.1, lr=3e-4, betas=(0.8, 0.9))
+    assert isinstance(opt2.base_optimizer, torch.optim.Adam)
+    assert opt2.param_groups[0]["betas"] == (0.8, 0.9) and opt2.param_groups[0]["alpha"] == 0.1
+
+
+def test_param_groups_and_frozen_parameters():
+    model = tiny_mlp()
+    model[0].bias.requires_grad_(False)
+    groups = [
+        {"params": [model[0].weight], "alpha": 0.0},
+        {"params": list(model[2].parameters()), "lr": 0.01},
+    ]
+    opt = FisherPenaltySGD(model, alpha=0.2, lr=0.1, params=groups)
+    train(model, opt, batches(2))
+    assert [g["alpha"] for g in opt.param_groups] == [0.0, 0.2]
+    assert model[0].bias.grad is None
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_state_dict_round_trip_continues_identically(mode):
+    data = batches(8, torch.float32, shape=(3, 8, 8), classes=5)
+    model = small_cnn(torch.float32)
+    kwargs = {"lr": 0.05, "momentum": 0.9, "alpha": 0.5, "every": 3, "mode": mode}
+    opt = FisherPenaltySGD(model, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    for i, (x, y) in enumerate(data):
+        if i == 4:  # mid-cycle: the cache from step 3 is in use
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+        train(model, opt, [(x, y)])
+        sched.step()
+    model2 = small_cnn(torch.float32)
+    opt2 = FisherPenaltySGD(model2, **kwargs)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 2, 0.5)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    for x, y in data[4:]:
+        train(model2, opt2, [(x, y)])
+        sched2.step()
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (opt2.refreshes, opt2.step_count) == (opt.refreshes, opt.step_count)
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_penalty_passes_leave_batchnorm_buffers(mode):
+    model = small_cnn(torch.float32)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=1.0, every=1, mode=mode)
+    x, y = batches(1, torch.float32, shape=(3, 8, 8), classes=5)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    opt.step()
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert opt._batch is None
+
+
+def test_non_finite_penalty_is_dropped_counted_and_warned(monkeypatch):
+    model = tiny_mlp()
+    reference = copy.deepcopy(model)
+
+    def nan_gradient(objective, mode, fd_step):
+        grads = [torch.full_like(p, float("nan")) for p in objective.params]
+        return PenaltyGradient(grads, torch.tensor(float("nan")))
+
+    monkeypatch.setattr(fps, "compute_penalty_gradient", nan_gradient)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=1.0, every=1)
+    data = batches(2)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        train(model, opt, data)
+    train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), data)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    assert (opt.refreshes, opt.skipped_refreshes, opt.penalty_value) == (2, 2, None)
+
+
+def test_closure_is_supported():
+    data = batches(3)
+    model = tiny_mlp()
+    twin = copy.deepcopy(model)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.5, every=1, seed=1)
+    opt_twin = FisherPenaltySGD(twin, lr=0.1, alpha=0.5, every=1, seed=1)
+    for x, y in data:
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        assert opt.step(closure).ndim == 0
+    train(twin, opt_twin, data)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_penalties_take_targets_from_set_targets():
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, penalty="gradient", every=1)
+    train(model, opt, batches(2), targets_to_opt=True)
+    assert opt.refreshes == 2
+    with pytest.raises(ValueError, match="set_targets"):
+        train(model, opt, batches(1))
+
+
+def test_sequence_logits_get_a_label_per_position():
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+        def forward(self, tokens):
+            return {"logits": self.head(torch.tanh(self.emb(tokens)))}
+
+    model = TinyLM()
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1, output_fn=lambda o: o["logits"])
+    tokens = torch.randint(11, (4, 6))
+    opt.zero_grad()
+    out = model(tokens)["logits"]
+    F.cross_entropy(out.reshape(-1, 11), tokens.reshape(-1)).backward()
+    opt.step()
+    assert opt.refreshes == 1 and opt.penalty_value > 0
+
+
+def test_step_without_a_forward_explains_itself():
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1)
+    with pytest.raises(RuntimeError, match="no training-mode forward"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": -1.0}, ValueError, "alpha"),
+        ({"alpha": 0.1, "every": 0}, ValueError, "every"),
+        ({"alpha": 0.1, "mode": "fast"}, ValueError, "'exact', 'finite_difference'"),
+        ({"alpha": 0.1, "penalty": "hessian"}, ValueError, "'fisher', 'random_label'"),
+        ({"alpha": 0.1, "penalty_batch_size": 0}, ValueError, "penalty_batch_size"),
+        ({"alpha": 0.1, "fd_step": 0.0}, ValueError, "fd_step"),
+        ({"alpha": 0.1, "base_optimizer": "sgd"}, TypeError, "torch.optim.Optimizer"),
+    ],
+)
+def test_bad_input_is_rejected_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FisherPenaltySGD(tiny_mlp(), lr=0.1, **kwargs)
+
+
+def test_model_and_parameter_errors():
+    model = tiny_mlp()
+    with pytest.raises(TypeError, match="nn.Module"):
+        FisherPenaltySGD(model.parameters(), lr=0.1, alpha=0.1)
+    stranger = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        FisherPenaltySGD(model, torch.optim.SGD(stranger.parameters(), lr=0.1), alpha=0.1)
+    with pytest.raises(TypeError, match="remove \\['lr'\\]"):
+        FisherPenaltySGD(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha=0.1, lr=0.2)
