@@ -6,17 +6,24 @@ Gradient Descent with Structured Covariance Noise", AISTATS 2020.
 """
 
 from fisher_optim.engines import MODES, penalty_gradient
+from fisher_optim.fisher_noise_sgd import COVARIANCES, FISHERS, FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
+from fisher_optim.ghost_batchnorm import GhostBatchNorm, convert_to_ghost_batchnorm
 from fisher_optim.penalty import PENALTIES, Batch, fisher_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COVARIANCES",
+    "FISHERS",
     "MODES",
     "PENALTIES",
     "Batch",
+    "FisherNoiseSGD",
     "FisherPenaltySGD",
+    "GhostBatchNorm",
     "__version__",
+    "convert_to_ghost_batchnorm",
     "fisher_penalty",
     "penalty_gradient",
 ]

@@ -63,4 +63,8 @@ def sample_labels(
                 logits.shape[-1], (logits.shape[0],), device=logits.device, generator=generator
             )
         probs = torch.softmax(logits.detach().float(), dim=-1)
+        # Rows with non-finite logits get uniform labels: the loss at them is then non-finite
+        # and the caller (e.g. FisherPenaltySGD) skips the result, instead of crashing here.
+        bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+        probs = torch.where(bad, torch.ones_like(probs), probs)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

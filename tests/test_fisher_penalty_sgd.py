@@ -259,3 +259,20 @@ def test_model_and_parameter_errors():
         FisherPenaltySGD(model, torch.optim.SGD(stranger.parameters(), lr=0.1), alpha=0.1)
     with pytest.raises(TypeError, match="remove \\['lr'\\]"):
         FisherPenaltySGD(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha=0.1, lr=0.2)
+
+
+def test_nan_forward_in_penalty_pass_is_skipped_not_a_crash():
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=1.0, every=1)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model[2].bias.fill_(float("nan"))  # the penalty pass now sees NaN logits
+    before = [p.clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step()
+    assert opt.skipped_refreshes == 1
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p, b - 0.1 * g, equal_nan=True)

@@ -1,0 +1,131 @@
+"""Step-time overhead of FisherPenaltySGD over plain SGD, measured side by side.
+
+For each model (CIFAR shape, batch 128) every variant trains its own copy of the same
+initial model; variants are timed in interleaved rounds (one window of ``--window`` steps per
+variant per round, after a warm-up), CUDA-synchronised, and the median over rounds is
+reported as ms/step and as a ratio to plain ``torch.optim.SGD``.
+
+    python benchmarks/overhead.py --device cpu --models simplecnn vgg11 --json overhead.json
+
+Cost model (forward = 1, backward = 2, so one SGD step = 3): a refresh adds about 9 in exact
+mode and 6 in finite-difference mode, so the floors are 1.30x / 1.20x at every=10 and
+4.0x / 3.0x at every=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.models import build_model  # noqa: E402
+from fisher_optim import FisherPenaltySGD  # noqa: E402
+
+#: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
+VARIANTS: dict[str, dict | None] = {
+    "sgd": None,
+    "fp_fd_k10": {"mode": "finite_difference", "every": 10},
+    "fp_exact_k10": {"mode": "exact", "every": 10},
+    "fp_fd_k1": {"mode": "finite_difference", "every": 1},
+    "fp_exact_k1": {"mode": "exact", "every": 1},
+    "gp_exact_k10": {"mode": "exact", "every": 10, "penalty": "gradient"},
+    "gpr_exact_k10": {"mode": "exact", "every": 10, "penalty": "random_label"},
+    "gpx_exact_k10": {"mode": "exact", "every": 10, "penalty": "input_gradient"},
+}
+TARGETS = {"fp_fd_k10": 1.25, "fp_exact_k10": 1.35, "fp_fd_k1": 3.15, "fp_exact_k1": 4.2}
+DEFAULT_MODELS = ("simplecnn", "vgg11", "wresnet44_3", "densenet40_12")
+
+
+def make_step(
+    model: torch.nn.Module, kwargs: dict | None, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One training step of the standard loop, for a fresh optimizer of this variant."""
+    common = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+    if kwargs is None:
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
+    else:
+        opt = FisherPenaltySGD(model, alpha=0.01, **common, **kwargs)
+    needs_targets = kwargs is not None and kwargs.get("penalty") in ("gradient", "input_gradient")
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if needs_targets:
+            opt.set_targets(y)
+        opt.step()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(
+    name: str, device: torch.device, batch: int, window: int, rounds: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per step of every variant on one model."""
+    torch.manual_seed(0)
+    base = build_model(name, 10).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(10, (batch,), device=device)
+    steps = {v: make_step(copy.deepcopy(base), kw, x, y) for v, kw in VARIANTS.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(window):
+                step()
+            sync(device)
+            samples[v].append((time.perf_counter() - start) / window)
+    return {v: statistics.median(s) for v, s in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    results = {}
+    header = f"{'model':<14}{'variant':<16}{'ms/step':>10}{'ratio':>8}{'target':>8}"
+    print(f"device={device} batch={args.batch_size} window={args.window} rounds={args.rounds}")
+    print(header)
+    for name in args.models:
+        times = time_model(name, device, args.batch_size, args.window, args.rounds, args.warmup)
+        rows = {}
+        for v, t in times.items():
+            ratio = t / times["sgd"]
+            target = TARGETS.get(v)
+            rows[v] = {"ms_per_step": 1e3 * t, "ratio": ratio, "target": target}
+            mark = "" if target is None else f"{target:>7.2f}{'' if ratio <= target else ' !'}"
+            print(f"{name:<14}{v:<16}{1e3 * t:>10.1f}{ratio:>8.2f} {mark}")
+        results[name] = rows
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
