@@ -11,6 +11,8 @@ drops it after the step.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -63,7 +65,8 @@ class GradientWrapper(torch.optim.Optimizer):
         self._autocast: tuple[str, torch.dtype] | None = None
         self._targets: Tensor | None = None
         self._in_own_pass = False
-        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._warned_not_ddp = False
+        self._hook = model.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True)
 
     # ----------------------------------------------------------------- sharing the base
     def _link(self) -> None:
@@ -183,18 +186,31 @@ class GradientWrapper(torch.optim.Optimizer):
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
         """The DDP process group to average over, or None outside DDP."""
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return None
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        return self.model.process_group
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.process_group
+        if dist.get_world_size() > 1 and not self._warned_not_ddp:
+            self._warned_not_ddp = True
+            warnings.warn(
+                f"{type(self).__name__} runs in a process group of {dist.get_world_size()} "
+                "ranks but was given a model that is not DistributedDataParallel: each rank "
+                "adds its own term and the replicas drift apart. Build the optimizer on the "
+                "DDP-wrapped model (with Accelerate: prepare the model first).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
         """Average ``tensors`` over the DDP ranks with one all-reduce (no-op outside DDP)."""
         group = self._process_group()
         if group is None or dist.get_world_size(group) == 1:
             return tensors
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dtype = torch.float32  # at least float32; float64 tensors are reduced in float64
+        for t in tensors:
+            dtype = torch.promote_types(dtype, t.dtype)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
         dist.all_reduce(flat, group=group)
         flat.div_(dist.get_world_size(group))
         out, offset = [], 0
@@ -221,6 +237,25 @@ class GradientWrapper(torch.optim.Optimizer):
         self._generators = {}
         for key, state in extra["generators"].items():
             self.generator(torch.device(key)).set_state(state.cpu())
+
+
+class _CaptureHook:
+    """The forward pre-hook: hands the model's inputs to the wrapper, held by weak reference.
+
+    A deep copy of the model (an EMA copy, say) gets this same object, which ignores every
+    module but the wrapper's own model; the optimizer is neither copied nor kept alive.
+    """
+
+    def __init__(self, wrapper: GradientWrapper) -> None:
+        self.wrapper = weakref.ref(wrapper)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        wrapper = self.wrapper()
+        if wrapper is not None and module is wrapper.model:
+            wrapper._capture(module, args, kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CaptureHook:
+        return self
 
 
 class _OwnPass:

@@ -276,3 +276,18 @@ def test_nan_forward_in_penalty_pass_is_skipped_not_a_crash():
     assert opt.skipped_refreshes == 1
     for p, b, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p, b - 0.1 * g, equal_nan=True)
+
+
+def test_deepcopy_of_the_model_neither_copies_nor_feeds_the_optimizer():
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.1, momentum=0.9, alpha=0.1, every=1)
+    train(model, opt, batches(1))
+    ema = copy.deepcopy(model)
+    hook = next(iter(ema._forward_pre_hooks.values()))
+    assert hook.wrapper() is opt  # the same optimizer, not a copy of it and its state
+    x, y = batches(1, seed=1)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    ema(torch.randn(3, 5, dtype=torch.float64))  # not captured: the batch stays x
+    assert opt.current_batch().args[0] is x
+    opt.step()
