@@ -36,6 +36,7 @@ difference of two half-precision gradients is rounding noise.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,9 +73,15 @@ class PenaltyGradient:
 
 
 def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
-    """``∇_θ ||∇L||²`` by double backprop."""
+    """``∇_θ ||∇L||²`` by double backprop.
+
+    Attention through ``F.scaled_dot_product_attention`` runs on its math backend here: the
+    fused (flash, memory-efficient) kernels have no double backward.
+    """
     params = objective.params
-    g = torch.autograd.grad(objective.loss(), objective.wrt(), create_graph=True, allow_unused=True)
+    with _math_attention():
+        loss = objective.loss()
+    g = torch.autograd.grad(loss, objective.wrt(), create_graph=True, allow_unused=True)
     value = squared_norm(g)
     if not value.requires_grad:  # the gradient does not depend on θ (e.g. a linear loss)
         return PenaltyGradient([None] * len(params), value.detach())
@@ -178,6 +185,15 @@ def penalty_gradient(
     )
     with torch.enable_grad():
         return compute_penalty_gradient(objective, mode, fd_step).grads
+
+
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    """Restrict scaled-dot-product attention to the math backend (twice differentiable)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no fused CPU attention either
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _difference(at: Tensor | None, shifted: Tensor | None, factor: Tensor) -> Tensor | None:

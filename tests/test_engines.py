@@ -118,3 +118,21 @@ def test_unused_parameter_gets_none_and_default_step_scales_with_weights():
 def test_bad_mode():
     with pytest.raises(ValueError, match="'exact', 'finite_difference'"):
         penalty_gradient(tiny_mlp(), torch.randn(4, 5, dtype=torch.float64), mode="central")
+
+
+def test_exact_mode_works_through_fused_attention():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)  # [B, heads, T, d]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, t, 8))
+
+    model, x = Attention(), torch.randn(4, 6, 8)
+    exact = penalty_gradient(model, x, generator=torch.Generator().manual_seed(0))
+    fd = penalty_gradient(model, x, mode="finite_difference", generator=torch.Generator().manual_seed(0))
+    assert cosine(exact, fd) > 0.99

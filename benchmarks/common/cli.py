@@ -1,0 +1,383 @@
+"""The command line shared by every benchmark script: ``main(CONFIG)``.
+
+A plain run reproduces the script's table row: the baseline at η* and every method at
+η*/10 (η*/30 for TinyImageNet), one α each. Options change which runs are made:
+
+* ``--lrs A B ...`` and/or ``--methods m1 m2 ...``: explicit learning rates (× methods,
+  crossed); ``--methods`` alone keeps the table's learning rate of each method;
+* ``--alpha A``: one α for every penalised method (``--mixup-beta`` for mixup);
+  ``--alpha-grid``: the paper's α search, choosing α by validation accuracy;
+* ``--augment``: Table 2 (standard augmentation; η* with and without FP);
+* ``--seeds 0 1 2``; ``--epochs E`` (milestones scaled, see :mod:`benchmarks.common.config`);
+* ``--train-subset N`` for CPU budgets; ``--quick`` for a smoke test of a few minutes.
+
+Every run goes to ``OUT/<method>_lr<lr>_a<alpha>_s<seed>[...]`` (``OUT`` defaults to
+``runs/<script>``); finished runs are skipped with ``--resume``, so a long sweep can be
+split into pieces with ``--time-limit MINUTES --resume``. At the end ``OUT/results.json``,
+``OUT/results.md`` (one row per method and learning rate, α chosen on validation, mean ± std
+over seeds) and ``OUT/figure.png`` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common.config import (
+    AUGMENT_MODES,
+    METHODS,
+    ExperimentConfig,
+    RunSpec,
+    scale_milestones,
+)
+
+__all__ = ["QUICK", "aggregate", "build_parser", "main", "make_specs", "results_table"]
+
+#: What ``--quick`` sets (unless given explicitly).
+QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
+         "probe_size": 32, "group_probe_size": 200, "bn_refresh_batches": 4}
+
+
+def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
+    """The argument parser of a script with config ``cfg`` (defaults shown in ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{cfg.name}.py",
+        description=cfg.description or cfg.name,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help=f"methods (default: {' '.join(cfg.default_methods)})")
+    g.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="learning rates (default: the table's η* and η*/div)")
+    g.add_argument("--lr-star", type=float, default=cfg.lr_star,
+                   help="η*, the paper's tuned large learning rate (a guess; see config)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="single α for every penalised method (default: per-method center)")
+    g.add_argument("--alpha-grid", action="store_true",
+                   help="search α on the paper's grid and choose it by validation accuracy")
+    g.add_argument("--alpha-center", type=float, default=cfg.alpha_center,
+                   help="v of the α grid [0.1v, 10v] for FP, GP, GPr")
+    g.add_argument("--gpx-center", type=float, default=cfg.gpx_center, help="v for GPx")
+    g.add_argument("--mixup-beta", type=float, default=None, help="mixup's Beta(β, β) parameter")
+    g.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: --seed)")
+    g.add_argument("--seed", type=int, default=0, help="seed of a single-seed run")
+    g.add_argument("--augment", nargs="?", const="standard", default=None, choices=AUGMENT_MODES,
+                   help="augmentation (bare flag: crop+flip, Table 2 runs: η* with/without FP)")
+    g.add_argument("--noise", type=float, default=cfg.label_noise,
+                   help="fraction of training labels replaced by random labels")
+    g.add_argument("--fp-start-epochs", nargs="+", type=int, default=None,
+                   help="switch FP on at these epochs (Fig. 3)")
+    g.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="sweep batch sizes (default: --batch-size)")
+
+    g = p.add_argument_group("training setting")
+    g.add_argument("--epochs", type=int, default=cfg.epochs,
+                   help=f"epochs (milestones {list(cfg.milestones)} scaled to it)")
+    g.add_argument("--batch-size", type=int, default=cfg.batch_size)
+    g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
+    g.add_argument("--model", default=cfg.model)
+    g.add_argument("--every", type=int, default=cfg.every,
+                   help="recompute the penalty gradient every N steps")
+    g.add_argument("--penalty-batch-size", type=int, default=cfg.penalty_batch_size,
+                   help="compute the penalty on the first N examples of the batch")
+    g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default=cfg.fd_mode,
+                   help="how FisherPenaltySGD computes the penalty gradient")
+    g.add_argument("--bn-refresh-batches", type=int, default=cfg.bn_refresh_batches,
+                   help="re-estimate BatchNorm statistics on N train batches before evaluating")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=None,
+                   help="dataset directory/archive (default: $FISHER_OPTIM_DATA or ./data)")
+    g.add_argument("--train-subset", type=int, default=None,
+                   help="use N training examples (after holding out validation)")
+    g.add_argument("--val-size", type=int, default=cfg.val_size,
+                   help="validation examples held out of the training set (0: none)")
+    g.add_argument("--test-subset", type=int, default=None, help="evaluate on N test examples")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the validation split, subsets and label noise")
+
+    g = p.add_argument_group("measurements")
+    g.add_argument("--probe-size", type=int, default=None,
+                   help="Tr(F) on the first N training examples (default: the batch size)")
+    g.add_argument("--trace-labels", choices=("sample", "exact"), default="sample",
+                   help="Tr(F) with sampled labels (fixed generator) or summed over classes")
+    g.add_argument("--trace-every-steps", type=int, default=0,
+                   help="also measure Tr(F) every N steps (finer Tr(F_i)); 0: per epoch")
+    g.add_argument("--loss-threshold", type=float, default=cfg.threshold,
+                   help="ε of Tr(F_i)")
+    g.add_argument("--eval-train", action="store_true", default=cfg.eval_train,
+                   help="also evaluate the whole training set every epoch (eval mode)")
+    g.add_argument("--group-probe-size", type=int, default=1000,
+                   help="examples for clean/noisy gradient norms (label-noise runs)")
+
+    g = p.add_argument_group("running")
+    g.add_argument("--out", default=None, help=f"output root (default: runs/{cfg.name})")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs from their checkpoints, skip finished ones")
+    g.add_argument("--time-limit", type=float, default=None,
+                   help="minutes; checkpoint and stop once exceeded (resume with --resume)")
+    g.add_argument("--quick", action="store_true",
+                   help="CPU smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-plot", action="store_true", help="do not draw the figure")
+    g.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    return p
+
+
+def _apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--quick`` values for options left at their defaults."""
+    if not args.quick:
+        return
+    for key, value in QUICK.items():
+        if getattr(args, key) == parser.get_default(key):
+            if key == "bn_refresh_batches":
+                value = min(value, args.bn_refresh_batches)
+            setattr(args, key, value)
+
+
+def _run_pairs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(method, lr) pairs of this invocation."""
+    star = args.lr_star
+    if args.lrs is not None:
+        methods = args.methods or list(cfg.default_methods)
+        return [(m, lr) for lr in args.lrs for m in methods]
+    if args.augment is not None:
+        pairs = [(m, star * f) for f in cfg.augment_lr_factors for m in cfg.augment_methods]
+    elif cfg.lr_factors:
+        pairs = [(m, star * f) for f in cfg.lr_factors for m in cfg.default_methods]
+    elif cfg.lrs:
+        pairs = [(m, lr) for lr in cfg.lrs for m in cfg.default_methods]
+    else:
+        small = star / cfg.small_lr_divisor
+        pairs = [("baseline", star)] + [(m, small) for m in cfg.default_methods]
+    if args.methods:
+        kept = [(m, lr) for m, lr in pairs if m in args.methods]
+        missing = [m for m in args.methods if m not in {m for m, _ in kept}]
+        small = star / cfg.small_lr_divisor
+        pairs = kept + [(m, small) for m in missing]
+    seen, out = set(), []
+    for pair in pairs:
+        key = (pair[0], round(pair[1], 12))
+        if key not in seen:
+            seen.add(key)
+            out.append((pair[0], float(f"{pair[1]:.6g}")))
+    return out
+
+
+def _alphas(cfg: ExperimentConfig, args: argparse.Namespace, method: str) -> tuple[float, ...]:
+    if method == "baseline":
+        return (0.0,)
+    if args.alpha_grid:
+        return cfg.alpha_grid(method)
+    if method == "mixup":
+        return (args.mixup_beta if args.mixup_beta is not None else cfg.default_alpha("mixup"),)
+    if args.alpha is not None:
+        return (args.alpha,)
+    return (cfg.default_alpha(method),)
+
+
+def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]:
+    """Every run of this invocation (method × lr × α × seed × batch size × FP start)."""
+    cfg = cfg.with_overrides(alpha_center=args.alpha_center, gpx_center=args.gpx_center)
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    batch_sizes = args.batch_sizes or list(cfg.batch_sizes) or [args.batch_size]
+    starts = args.fp_start_epochs or list(cfg.fp_start_epochs)
+    augment = args.augment if args.augment is not None else cfg.augment
+    milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
+    base = RunSpec(
+        experiment=cfg.name, dataset=cfg.dataset, model=args.model, method="baseline", lr=0.1,
+        epochs=args.epochs, milestones=tuple(milestones), gamma=cfg.gamma,
+        weight_decay=args.weight_decay, momentum=cfg.momentum, batch_size=args.batch_size,
+        augment=augment, every=args.every, penalty_batch_size=args.penalty_batch_size,
+        fd_mode=args.fd_mode, label_noise=args.noise,
+        probe_size=args.probe_size or args.batch_size, trace_labels=args.trace_labels,
+        trace_every_steps=args.trace_every_steps, loss_threshold=args.loss_threshold,
+        bn_refresh_batches=args.bn_refresh_batches, eval_train=args.eval_train,
+        track_groups=cfg.track_groups or args.noise > 0,
+        group_probe_size=args.group_probe_size,
+    )
+    specs = []
+    for method, lr in _run_pairs(cfg, args):
+        method_starts = [s for s in starts if s <= args.epochs] if (
+            starts and method == "fp") else [1]
+        for bs, start, alpha, seed in itertools.product(
+            batch_sizes, method_starts, _alphas(cfg, args, method), seeds
+        ):
+            specs.append(replace(base, method=method, lr=lr, alpha=float(alpha), seed=seed,
+                                 batch_size=bs, fp_start_epoch=start,
+                                 probe_size=args.probe_size or base.probe_size))
+    return specs
+
+
+def _mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) -> list[dict]:
+    """One row per table cell (runs differing only in α and seed).
+
+    α is chosen by the mean (over seeds) best validation accuracy (never by test accuracy;
+    a cell with several α and no validation split raises ``ValueError``); the row reports
+    the mean ± std over seeds of the chosen α's metrics.
+    """
+    from benchmarks.common import harness
+
+    cells: dict[tuple, list[RunSpec]] = {}
+    for s in specs:
+        cells.setdefault(s.group_key, []).append(s)
+    rows = []
+    for cell in cells.values():
+        done = [summaries[s.name] for s in cell if s.name in summaries
+                and summaries[s.name].get("status") == "complete"]
+        if len(done) < len(cell):
+            continue
+        by_alpha: dict[float, list[dict]] = {}
+        for s in done:
+            by_alpha.setdefault(s["spec"]["alpha"], []).append(s)
+        if len(by_alpha) > 1:
+            means = [{"spec": {"alpha": a}, "name": f"alpha={a}",
+                      "best_val_acc": _mean_std([r["best_val_acc"] for r in runs])[0]}
+                     for a, runs in by_alpha.items()]
+            alpha = harness.select_best(means)["spec"]["alpha"]
+        else:
+            alpha = next(iter(by_alpha))
+        runs = by_alpha[alpha]
+        spec = runs[0]["spec"]
+        row: dict[str, Any] = {
+            "method": spec["method"], "lr": spec["lr"], "alpha": alpha,
+            "batch_size": spec["batch_size"], "fp_start_epoch": spec["fp_start_epoch"],
+            "augment": spec["augment"], "label_noise": spec["label_noise"],
+            "seeds": [r["spec"]["seed"] for r in runs],
+            "alphas_searched": sorted(by_alpha),
+            "val_acc_by_alpha": {str(a): _mean_std([r["best_val_acc"] for r in rs])[0]
+                                 for a, rs in sorted(by_alpha.items())},
+            "runs": [r["name"] for r in runs],
+        }
+        for key in ("best_val_acc", "test_acc_at_best_val", "final_test_acc", "max_trace",
+                    "tr_f_i", "sec_per_epoch", "images_per_s", "final_train_acc",
+                    "final_train_acc_clean", "final_train_acc_noisy"):
+            row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, std: Any = None) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.2f}" if isinstance(v, float) else str(v)
+    return s + (f" ± {std:.2f}" if std else "")
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`aggregate` rows."""
+    cols = [("method", "method"), ("lr", "lr"), ("alpha", "α"), ("best_val_acc", "best val"),
+            ("test_acc_at_best_val", "test@best val"), ("final_test_acc", "final test"),
+            ("max_trace", "max Tr(F)"), ("tr_f_i", "Tr(F_i)"), ("sec_per_epoch", "s/epoch")]
+    extra = [("batch_size", "batch"), ("fp_start_epoch", "FP from"),
+             ("final_train_acc_clean", "train clean"), ("final_train_acc_noisy", "train noisy")]
+    for key, head in extra:
+        if len({json.dumps(r.get(key)) for r in rows}) > 1 or (
+            key.startswith("final_train_acc_") and any(r.get(key) is not None for r in rows)
+        ):
+            cols.insert(3, (key, head))
+    lines = ["| " + " | ".join(h for _, h in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            if key in ("lr", "alpha"):
+                cells.append(f"{v:g}")
+            else:
+                cells.append(_fmt(v, r.get(f"{key}_std")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figure(cfg: ExperimentConfig, root: Path, rows: Sequence[dict[str, Any]],
+            summaries: dict[str, dict[str, Any]]) -> Path | None:
+    from benchmarks.common import plots
+
+    if not rows:
+        return None
+    if cfg.figure == "scatter":
+        chosen = [summaries[n] for r in rows for n in r["runs"]]
+        return plots.plot_trace_scatter(chosen, root / "figure.png", title=cfg.name)
+    dirs = [root / r["runs"][0] for r in rows]
+    return plots.plot_runs(dirs, root / "figure.png", title=cfg.name)
+
+
+def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, train every run, write results and the figure. Returns an exit code
+    (0 done, 3 stopped by ``--time-limit``: rerun the same command with ``--resume``).
+
+    torch and the harness are imported only here (after parsing), so ``--help`` is instant.
+    """
+    parser = build_parser(cfg)
+    args = parser.parse_args(argv)
+    _apply_quick(args, parser)
+    if args.penalty_batch_size is None and cfg.penalty_batch_size is not None:
+        args.penalty_batch_size = cfg.penalty_batch_size
+    specs = make_specs(cfg, args)
+    root = Path(args.out or Path("runs") / cfg.name)
+    print(f"{cfg.name}: {len(specs)} run(s) -> {root}")
+    for s in specs:
+        print(f"  {s.name}")
+    if args.dry_run:
+        return 0
+    if args.alpha_grid and args.val_size <= 0:
+        parser.error("--alpha-grid needs a validation split (--val-size > 0): α is never "
+                     "chosen on test accuracy")
+    import torch
+
+    from benchmarks.common import harness
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = harness.resolve_device(args.device)
+    data_root = args.data_root or os.environ.get("FISHER_OPTIM_DATA") or "data"
+    t0 = time.perf_counter()
+    data = harness.prepare_data(
+        cfg.dataset, data_root, val_size=args.val_size, train_subset=args.train_subset,
+        test_subset=args.test_subset, split_seed=args.split_seed, label_noise=args.noise,
+    ).to(device)
+    val_n = 0 if data.val is None else len(data.val)
+    print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on {device} "
+          f"({time.perf_counter() - t0:.1f}s)")
+    deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+    results = harness.run_many(specs, data, root, device=device, resume=args.resume,
+                               progress=not args.no_progress, deadline=deadline)
+    summaries = {s["name"]: s for s in results}
+    interrupted = any(s.get("status") != "complete" for s in results) or len(results) < len(
+        specs)
+    rows = aggregate(specs, summaries)
+    root.mkdir(parents=True, exist_ok=True)
+    harness._write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
+                                                "args": vars(args)})
+    table = results_table(rows)
+    (root / "results.md").write_text(table + "\n")
+    print(table)
+    if not args.no_plot and not interrupted:
+        fig = _figure(cfg, root, rows, summaries)
+        if fig is not None:
+            print(f"figure: {fig}")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    if interrupted:
+        print("stopped by --time-limit: rerun the same command with --resume to continue")
+        return 3
+    return 0

@@ -1,0 +1,248 @@
+"""Experiment and run configurations for the benchmark scripts.
+
+An :class:`ExperimentConfig` is what a script declares (the paper's setting: dataset, model,
+schedule, weight decay, the guessed η*, which methods and learning rates the table row uses).
+The command line (:mod:`benchmarks.common.cli`) turns it into a list of :class:`RunSpec` -
+one fully specified training run each - which :mod:`benchmarks.common.harness` trains.
+
+Conventions (all configurable from the command line):
+
+* Epochs are counted from 1; epoch 0 in the logs is the measurement at initialisation.
+* ``--epochs E`` shortens a run: LR milestones ``m`` (given for the paper's ``epochs``) become
+  ``max(1, round(m * E / epochs))`` (:func:`scale_milestones`), so a 30-epoch run of a
+  300-epoch setting decays at epochs 15 and 22 instead of 150 and 225.
+* η* (``lr_star``): the paper tunes it on a grid of 5 learning rates log-spaced in
+  [1e-2, 1] but does not report the chosen values; each script carries a guess (0.1 unless
+  noted), overridable with ``--lr-star`` or an explicit ``--lrs``. Table 1 uses η*/10
+  (η*/30 for TinyImageNet) and η*; Table 2 (``--augment``) uses η*.
+* α grid (``--alpha-grid``): 10 (TinyImageNet: 5) values log-spaced in ``[0.1 v, 10 v]``
+  with ``v = 0.01`` for FP, GP and GPr and ``v = gpx_center`` for GPx; a script may give
+  explicit grids instead (the label-noise experiment does). For ``mixup`` the "alpha" of a
+  run is the Beta(β, β) parameter β.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+#: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
+PENALTY_OF_METHOD: dict[str, str | None] = {
+    "baseline": None,
+    "mixup": None,
+    "fp": "fisher",
+    "gp": "gradient",
+    "gpr": "random_label",
+    "gpx": "input_gradient",
+}
+METHODS = tuple(PENALTY_OF_METHOD)
+#: Methods whose hyper-parameter ``alpha`` is tuned (mixup's is the Beta parameter β).
+TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
+#: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
+LOSS_THRESHOLDS = {"cifar10": 1.2, "cifar100": 3.5, "tinyimagenet": 3.5}
+AUGMENT_MODES = ("none", "flip", "standard")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment of the paper, as a script declares it.
+
+    Attributes mirror the paper's App. I.2 settings; ``default_*`` fields say what a plain
+    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings.
+    """
+
+    name: str
+    dataset: str
+    model: str
+    description: str = ""
+    epochs: int = 300
+    milestones: tuple[int, ...] = (150, 225)
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 128
+    lr_star: float = 0.1
+    #: Table 1's small learning rate is ``lr_star / small_lr_divisor`` (30 for TinyImageNet).
+    small_lr_divisor: float = 10.0
+    val_size: int = 5000
+    augment: str = "none"
+    #: Methods of a plain run: the baseline at η*, these at η*/``small_lr_divisor``...
+    default_methods: tuple[str, ...] = ("baseline", "fp", "gp", "gpr", "gpx")
+    #: ...unless learning rates are given as multiples of η* (every method at each)...
+    lr_factors: tuple[float, ...] = ()
+    #: Which runs ``--augment`` (Table 2) makes: η* with and without FP.
+    augment_methods: tuple[str, ...] = ("baseline", "fp")
+    augment_lr_factors: tuple[float, ...] = (1.0,)
+    alpha_center: float = 0.01
+    gpx_center: float = 100.0
+    alpha_grid_size: int = 10
+    #: Explicit α grids per method (override the log-spaced ones).
+    alpha_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: Single α per method when no grid is searched (default: the grid's center).
+    alpha_defaults: dict[str, float] = field(default_factory=dict)
+    every: int = 10
+    penalty_batch_size: int | None = None
+    fd_mode: str = "exact"
+    #: Re-estimate BatchNorm statistics with this many training batches before evaluating.
+    bn_refresh_batches: int = 0
+    label_noise: float = 0.0
+    #: FP switched on from these epochs (Fig. 3); empty: not a start-epoch experiment.
+    fp_start_epochs: tuple[int, ...] = ()
+    #: Batch sizes to sweep (Fig. 2); empty: just ``batch_size``.
+    batch_sizes: tuple[int, ...] = ()
+    #: ...or as absolute values (Fig. 2).
+    lrs: tuple[float, ...] = ()
+    loss_threshold: float | None = None
+    #: "curves" (val acc / Tr(F) vs epoch) or "scatter" (Tr(F_i) vs final test accuracy).
+    figure: str = "curves"
+    track_groups: bool = False
+    eval_train: bool = False
+
+    @property
+    def threshold(self) -> float:
+        """ε for Tr(F_i): ``loss_threshold`` or the paper's value for the dataset."""
+        if self.loss_threshold is not None:
+            return self.loss_threshold
+        return LOSS_THRESHOLDS.get(self.dataset, 1.2)
+
+    def default_alpha(self, method: str) -> float:
+        """The single α (β for mixup) of ``method`` when no grid is searched."""
+        if method in self.alpha_defaults:
+            return self.alpha_defaults[method]
+        if method == "mixup":
+            return 1.0
+        if method == "gpx":
+            return self.gpx_center
+        if method in PENALTY_OF_METHOD and PENALTY_OF_METHOD[method] is not None:
+            return self.alpha_center
+        return 0.0
+
+    def alpha_grid(self, method: str) -> tuple[float, ...]:
+        """The α values searched for ``method`` by ``--alpha-grid`` (``(0.0,)`` if untuned)."""
+        if method in self.alpha_grids:
+            return tuple(self.alpha_grids[method])
+        if method not in TUNED_METHODS:
+            return (0.0,)
+        center = self.default_alpha(method) if method == "mixup" else (
+            self.gpx_center if method == "gpx" else self.alpha_center
+        )
+        return log_grid(0.1 * center, 10.0 * center, self.alpha_grid_size)
+
+    def with_overrides(self, **kwargs: Any) -> ExperimentConfig:
+        """A copy with some fields replaced (unknown names raise ``TypeError``)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise TypeError(f"unknown ExperimentConfig fields: {sorted(unknown)}")
+        return replace(self, **kwargs)
+
+
+def log_grid(low: float, high: float, n: int) -> tuple[float, ...]:
+    """``n`` values log-spaced in ``[low, high]`` (rounded to 4 significant digits)."""
+    if n == 1:
+        return (float(f"{math.sqrt(low * high):.4g}"),)
+    step = (math.log10(high) - math.log10(low)) / (n - 1)
+    return tuple(float(f"{10 ** (math.log10(low) + i * step):.4g}") for i in range(n))
+
+
+def scale_milestones(milestones: tuple[int, ...] | list[int], full: int, epochs: int) -> list[int]:
+    """Milestones given for a ``full``-epoch run, scaled proportionally to ``epochs``.
+
+    ``max(1, round(m * epochs / full))``; milestones that land at or beyond ``epochs`` are
+    dropped (they would never fire), duplicates are merged.
+    """
+    if epochs == full:
+        return [m for m in milestones if m < epochs]
+    out = sorted({max(1, round(m * epochs / full)) for m in milestones})
+    return [m for m in out if m < epochs]
+
+
+def vgg_milestones(epochs: int = 300, start: int = 80, every: int = 40) -> tuple[int, ...]:
+    """The VGG-11 schedule: ×0.1 every ``every`` epochs from epoch ``start``."""
+    return tuple(range(start, epochs, every))
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one training run (saved in its ``config.json``)."""
+
+    experiment: str
+    dataset: str
+    model: str
+    method: str
+    lr: float
+    alpha: float = 0.0
+    seed: int = 0
+    epochs: int = 300
+    milestones: tuple[int, ...] = (150, 225)
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 128
+    augment: str = "none"
+    every: int = 10
+    penalty_batch_size: int | None = None
+    fd_mode: str = "exact"
+    fp_start_epoch: int = 1
+    label_noise: float = 0.0
+    probe_size: int = 128
+    trace_labels: str = "sample"
+    trace_every_steps: int = 0
+    loss_threshold: float = 1.2
+    bn_refresh_batches: int = 0
+    eval_batch_size: int = 500
+    eval_train: bool = False
+    track_groups: bool = False
+    group_probe_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.method not in PENALTY_OF_METHOD:
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
+        if self.trace_labels not in ("sample", "exact"):
+            raise ValueError(f"trace_labels must be 'sample' or 'exact', got {self.trace_labels!r}")
+        self.milestones = tuple(int(m) for m in self.milestones)
+
+    @property
+    def penalty(self) -> str | None:
+        """The FisherPenaltySGD penalty of this run's method (None: plain SGD / mixup)."""
+        return PENALTY_OF_METHOD[self.method]
+
+    @property
+    def name(self) -> str:
+        """Directory name: ``<method>_lr<lr>_a<alpha>_s<seed>`` plus variant suffixes."""
+        parts = [f"{self.method}", f"lr{self.lr:g}"]
+        if self.method != "baseline":
+            parts.append(f"a{self.alpha:g}")
+        parts.append(f"s{self.seed}")
+        if self.fp_start_epoch != 1:
+            parts.append(f"start{self.fp_start_epoch}")
+        if self.batch_size != 128:
+            parts.append(f"bs{self.batch_size}")
+        if self.augment != "none":
+            parts.append(f"aug-{self.augment}")
+        if self.label_noise:
+            parts.append(f"noise{self.label_noise:g}")
+        return "_".join(parts)
+
+    @property
+    def group_key(self) -> tuple[Any, ...]:
+        """Runs that differ only in ``alpha`` and ``seed`` share this key (one table cell)."""
+        d = asdict(self)
+        for k in ("alpha", "seed"):
+            d.pop(k)
+        return tuple(sorted((k, str(v)) for k, v in d.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,702 @@
+"""The one training loop behind every benchmark script, with logging, checkpoints and sweeps.
+
+:func:`train_run` trains one :class:`~benchmarks.common.config.RunSpec` on a
+:class:`DataBundle` and writes, in its run directory:
+
+* ``config.json`` - the run spec;
+* ``metrics.jsonl`` - one JSON object per epoch (epoch 0 = at initialisation): learning rate,
+  α, running train loss/accuracy, val/test loss/accuracy, ``trace`` (Tr(F) on the probe set),
+  ``trace_fb`` (Tr(F_B) on the probe's first batch, training mode), ``penalty_value`` (the
+  optimizer's last penalty, FP/GP/GPr/GPx), timings, and for label-noise runs the training
+  accuracy and gradient norms on clean and noisy examples;
+* ``trace.jsonl`` - with ``trace_every_steps > 0``: Tr(F) and the mean training loss of the
+  last window of steps, every that many steps;
+* ``summary.json`` - at the end (see :func:`summarize`);
+* ``checkpoint.pt`` - after every epoch, and mid-epoch when a time limit stops the run:
+  model, optimizer (with FisherPenaltySGD's cached penalty gradient and generator), scheduler,
+  every random state, the position in the epoch and the logs. Resuming from it gives
+  bitwise the same result as an uninterrupted run on CPU.
+
+Measurement choices:
+
+* Tr(F) is ``fisher_trace`` on the first ``probe_size`` training examples (default: the batch
+  size, 128, as in the paper's App. I.2), without augmentation, BatchNorm in eval mode, with
+  one label per example sampled from the model by a generator re-seeded identically at every
+  measurement (``trace_labels="sample"``, the paper's estimator); ``trace_labels="exact"``
+  sums over all classes instead (no sampling noise; C backward passes, cheap for CIFAR-10).
+* ``max_trace`` is taken over epochs ≥ 1 (Table 4 starts after epoch 1: Tr(F) is huge at
+  initialisation in BatchNorm networks) and over the intra-epoch measurements.
+* Tr(F_i) is Tr(F) at the first measurement whose training loss is below ε: the running
+  mean of the minibatch losses of the epoch (or of the window, with ``trace_every_steps``).
+* Model selection ("early stopping"): ``test_acc_at_best_val`` is the test accuracy at the
+  epoch of the best validation accuracy; α is chosen by the best validation accuracy
+  (:func:`select_best`) and never by test accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from benchmarks.common.config import RunSpec
+from benchmarks.common.data import ImageDataset, augment_batch, load_dataset, normalize
+from benchmarks.common.models import build_model
+from fisher_optim import FisherPenaltySGD
+
+__all__ = [
+    "TIME_KEYS",
+    "DataBundle",
+    "evaluate",
+    "load_summary",
+    "prepare_data",
+    "resolve_device",
+    "run_many",
+    "select_best",
+    "summarize",
+    "train_run",
+]
+
+#: Log fields that measure time (they differ between otherwise identical runs).
+TIME_KEYS = ("epoch_time", "train_time", "eval_time", "images_per_s", "wall_time")
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+TRACE = "trace.jsonl"
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataBundle:
+    """Train/validation/test sets (uint8, on the training device) for a run.
+
+    ``noisy`` marks the training examples whose label was changed by label noise
+    (``None`` without noise); ``clean_labels`` are the labels before the noise.
+    """
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset
+    noisy: Tensor | None = None
+    clean_labels: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        """Move every set (and masks) to ``device``."""
+        return DataBundle(
+            self.train.to(device),
+            None if self.val is None else self.val.to(device),
+            self.test.to(device),
+            None if self.noisy is None else self.noisy.to(device),
+            None if self.clean_labels is None else self.clean_labels.to(device),
+        )
+
+
+def prepare_data(
+    dataset: str | tuple[ImageDataset, ImageDataset],
+    data_root: str | os.PathLike | None = None,
+    *,
+    val_size: int = 5000,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    split_seed: int = 0,
+    label_noise: float = 0.0,
+) -> DataBundle:
+    """Load ``dataset`` and build the splits, in this order:
+
+    1. hold out ``val_size`` training examples for validation (seeded by ``split_seed``;
+       ``0``: no validation set, as for TinyImageNet);
+    2. keep a class-stratified ``train_subset`` of the rest (and ``test_subset`` of the test
+       set), for CPU budgets;
+    3. with ``label_noise > 0``, replace that fraction of the training *and* validation labels
+       by uniform random labels (so validation-based early stopping sees noisy labels, as a
+       practitioner would). The test set stays clean.
+
+    ``dataset`` is a name for :func:`~benchmarks.common.data.load_dataset` or an in-memory
+    ``(train, test)`` pair (tests).
+    """
+    if isinstance(dataset, str):
+        train, test = load_dataset(dataset, data_root)
+    else:
+        train, test = dataset
+    val = None
+    if val_size > 0:
+        train, val = train.split_validation(val_size, split_seed)
+    if train_subset is not None and train_subset < len(train):
+        train = train.subset(train_subset, split_seed)
+    if test_subset is not None and test_subset < len(test):
+        test = test.subset(test_subset, split_seed)
+    noisy = clean = None
+    if label_noise > 0:
+        clean = train.labels.clone()
+        train, _ = train.with_label_noise(label_noise, split_seed + 1)
+        noisy = train.labels != clean
+        if val is not None:
+            val, _ = val.with_label_noise(label_noise, split_seed + 2)
+    return DataBundle(train, val, test, noisy, clean)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _to_float(ds: ImageDataset, images: Tensor) -> Tensor:
+    return normalize(images, ds.mean, ds.std)
+
+
+def _augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    if mode == "none":
+        return images
+    return augment_batch(images, generator, crop=mode == "standard", flip=True)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation helpers
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, ds: ImageDataset, batch_size: int = 500
+) -> tuple[float, float, Tensor]:
+    """``(mean loss, accuracy in %, per-example correctness)`` of ``model`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, []
+    for start in range(0, len(ds), batch_size):
+        x = _to_float(ds, ds.images[start : start + batch_size])
+        y = ds.labels[start : start + batch_size]
+        out = model(x)
+        total += float(F.cross_entropy(out, y, reduction="sum"))
+        correct.append(out.argmax(1) == y)
+    model.train(was_training)
+    hits = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    n = max(len(ds), 1)
+    return total / n, 100.0 * float(hits.float().sum()) / n, hits
+
+
+@contextlib.contextmanager
+def refreshed_bn_stats(
+    model: nn.Module, batches: Callable[[], Iterator[Tensor]] | None
+) -> Iterator[None]:
+    """Evaluate with BatchNorm statistics re-estimated on ``batches`` (paper: 100 training
+    batches), then restore the training statistics bitwise. No-op if ``batches`` is None or
+    the model has no BatchNorm."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if batches is None or not bns:
+        yield
+        return
+    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
+    was_training = model.training
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the refresh batches
+        model.train()
+        with torch.no_grad():
+            for x in batches():
+                model(x)
+        model.train(was_training)
+        yield
+    finally:
+        model.train(was_training)
+        for m, (momentum, buffers) in zip(bns, saved):
+            m.momentum = momentum
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
+
+
+def _fisher_trace(model: nn.Module, x: Tensor, labels: str, seed: int) -> float:
+    from fisher_optim.curvature.fisher import fisher_trace
+
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    return float(fisher_trace(model, x, labels=labels, chunk_size=256, generator=g))
+
+
+def _minibatch_trace(model: nn.Module, x: Tensor, seed: int) -> float:
+    from fisher_optim.curvature.fisher import minibatch_fisher_trace
+
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    was_training = model.training
+    model.train()
+    try:
+        return float(minibatch_fisher_trace(model, x, generator=g))
+    finally:
+        model.train(was_training)
+
+
+def _group_stats(model: nn.Module, x: Tensor, y: Tensor, noisy: Tensor) -> dict[str, Any]:
+    """Per-example gradient norms and mean-gradient norms on clean vs noisy examples."""
+    from fisher_optim.curvature.per_example import (
+        group_gradient_stats,
+        per_example_grad_norms,
+    )
+
+    out: dict[str, Any] = {}
+    norms = per_example_grad_norms(model, x, y)
+    for name, mask in (("clean", ~noisy), ("noisy", noisy)):
+        out[f"grad_norm_{name}"] = float(norms[mask].mean()) if bool(mask.any()) else None
+    if bool(noisy.any()) and bool((~noisy).any()):
+        stats = group_gradient_stats(model, x, y, noisy)
+        out["mean_grad_norm_clean"] = stats["grad_norm"][False]
+        out["mean_grad_norm_noisy"] = stats["grad_norm"][True]
+        out["grad_cosine_clean_noisy"] = stats.get("cosine")
+    return out
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe number: NaN/Inf -> None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# Summary and selection
+# --------------------------------------------------------------------------------------
+
+
+def _tr_f_i(records: Sequence[dict[str, Any]], key: str, eps: float) -> tuple[Any, Any]:
+    for r in records:
+        loss = r.get(key)
+        if loss is not None and r.get("trace") is not None and loss < eps:
+            return r["trace"], r["epoch"]
+    return None, None
+
+
+def summarize(
+    spec: RunSpec, logs: list[dict[str, Any]], traces: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The run summary: accuracies, model selection on validation, Tr(F) statistics."""
+    trained = [r for r in logs if r["epoch"] >= 1]
+    last = trained[-1] if trained else logs[-1]
+    s: dict[str, Any] = {"name": spec.name, "spec": spec.to_dict(), "status": "complete",
+                         "epochs_done": len(trained)}
+    with_val = [r for r in trained if r.get("val_acc") is not None]
+    if with_val:
+        best = max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))
+        s.update(best_val_acc=best["val_acc"], best_val_epoch=best["epoch"],
+                 test_acc_at_best_val=best["test_acc"])
+    else:
+        s.update(best_val_acc=None, best_val_epoch=None, test_acc_at_best_val=None)
+    s.update(
+        final_test_acc=last.get("test_acc"), final_val_acc=last.get("val_acc"),
+        final_train_acc=last.get("train_acc"), final_train_loss=last.get("train_loss"),
+    )
+    points = [(r["trace"], r["epoch"]) for r in [*trained, *traces] if r.get("trace") is not None]
+    if points:
+        s["max_trace"], s["max_trace_epoch"] = max(points, key=lambda p: p[0])
+    else:
+        s["max_trace"] = s["max_trace_epoch"] = None
+    if traces:
+        s["tr_f_i"], s["tr_f_i_epoch"] = _tr_f_i(traces, "window_loss", spec.loss_threshold)
+    else:
+        s["tr_f_i"], s["tr_f_i_epoch"] = _tr_f_i(trained, "train_loss", spec.loss_threshold)
+    s["loss_threshold"] = spec.loss_threshold
+    times = [r["epoch_time"] for r in trained if r.get("epoch_time") is not None]
+    s["sec_per_epoch"] = sum(times) / len(times) if times else None
+    ips = [r["images_per_s"] for r in trained if r.get("images_per_s")]
+    s["images_per_s"] = sum(ips) / len(ips) if ips else None
+    s["train_time"] = sum(r.get("train_time") or 0.0 for r in trained)
+    for key in ("train_acc_clean", "train_acc_noisy", "train_eval_acc"):
+        if key in last:
+            s[f"final_{key}"] = last[key]
+    if "noisy_count" in last:
+        s["noisy_count"] = last["noisy_count"]
+    return s
+
+
+def load_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished run, or None."""
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def select_best(summaries: Sequence[dict[str, Any]], key: str = "best_val_acc") -> dict[str, Any]:
+    """The run with the highest validation accuracy (ties: the smaller α).
+
+    Raises ``ValueError`` if a run has no validation accuracy: α is never chosen on test.
+    """
+    if not summaries:
+        raise ValueError("no runs to select from")
+    missing = [s["name"] for s in summaries if s.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"runs {missing} have no {key}: selecting α needs a validation split "
+            "(--val-size > 0); it is never chosen on test accuracy"
+        )
+    return max(summaries, key=lambda s: (s[key], -s["spec"]["alpha"]))
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
+    kw = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
+    if spec.penalty is None:
+        return torch.optim.SGD(model.parameters(), **kw)
+    return FisherPenaltySGD(
+        model, torch.optim.SGD, alpha=spec.alpha, every=spec.every, mode=spec.fd_mode,
+        penalty=spec.penalty, penalty_batch_size=spec.penalty_batch_size,
+        seed=spec.seed + 10_007, **kw,
+    )
+
+
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _Run:
+    """State of one training run (kept in one object so it checkpoints as a whole)."""
+
+    def __init__(self, spec: RunSpec, data: DataBundle, out: Path, device: torch.device) -> None:
+        self.spec, self.data, self.out, self.device = spec, data, out, device
+        torch.manual_seed(spec.seed)
+        ds = data.train
+        self.model = build_model(spec.model, ds.num_classes).to(device)
+        self.opt = _build_optimizer(spec, self.model)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, list(spec.milestones), gamma=spec.gamma
+        )
+        self.gen = torch.Generator(device=device).manual_seed(spec.seed)
+        self.mix_rng = np.random.default_rng(spec.seed + 20_011)
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0
+        self.perm: Tensor | None = None
+        self.sums = {"loss": 0.0, "correct": 0.0, "count": 0, "win_loss": 0.0, "win_n": 0,
+                     "time": 0.0}
+        self.global_step = 0
+        self.logs: list[dict[str, Any]] = []
+        self.traces: list[dict[str, Any]] = []
+        n_probe = min(spec.probe_size, len(ds))
+        self.probe_x = _to_float(ds, ds.images[:n_probe])
+        self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
+
+    # ---------------------------------------------------------------- checkpoint
+    def state(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "gen": self.gen.get_state(),
+            "mix_rng": self.mix_rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "perm": self.perm,
+            "sums": dict(self.sums),
+            "global_step": self.global_step,
+            "logs": self.logs,
+            "traces": self.traces,
+        }
+
+    def save(self) -> None:
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load(self, path: Path) -> None:
+        st = torch.load(path, map_location=self.device, weights_only=False)
+        if st["spec"] != self.spec.to_dict():
+            raise ValueError(f"{path} belongs to a different run configuration")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.gen.set_state(st["gen"].cpu())
+        self.mix_rng.bit_generator.state = st["mix_rng"]
+        torch.set_rng_state(st["torch_rng"].cpu())
+        if st["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda_rng"]])
+        self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
+        self.perm = None if st["perm"] is None else st["perm"].to(self.device)
+        self.sums, self.global_step = dict(st["sums"]), st["global_step"]
+        self.logs, self.traces = st["logs"], st["traces"]
+
+    # ---------------------------------------------------------------- measurement
+    def _refresh_batches(self) -> Callable[[], Iterator[Tensor]] | None:
+        k = self.spec.bn_refresh_batches
+        if k <= 0:
+            return None
+        ds, bs = self.data.train, self.spec.batch_size
+
+        def batches() -> Iterator[Tensor]:
+            g = torch.Generator(device=self.device).manual_seed(self.spec.seed + 30_011)
+            perm = torch.randperm(len(ds), generator=g, device=self.device)
+            for i in range(min(k, math.ceil(len(ds) / bs))):
+                idx = perm[i * bs : (i + 1) * bs]
+                yield _to_float(ds, _augment(ds.images[idx], self.spec.augment, g))
+
+        return batches
+
+    def measure(self) -> dict[str, Any]:
+        spec, data, model = self.spec, self.data, self.model
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {}
+        with refreshed_bn_stats(model, self._refresh_batches()):
+            if data.val is not None:
+                rec["val_loss"], rec["val_acc"], _ = evaluate(model, data.val, spec.eval_batch_size)
+            else:
+                rec["val_loss"] = rec["val_acc"] = None
+            rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test, spec.eval_batch_size)
+            if spec.eval_train or data.noisy is not None:
+                loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
+                rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
+                if data.noisy is not None:
+                    noisy = data.noisy
+                    rec["noisy_count"] = int(noisy.sum())
+                    for name, mask in (("clean", ~noisy), ("noisy", noisy)):
+                        rec[f"train_acc_{name}"] = (
+                            100.0 * float(hits[mask].float().mean()) if bool(mask.any()) else None
+                        )
+        rec["trace"] = _finite(self.trace())
+        rec["trace_fb"] = _finite(
+            _minibatch_trace(model, self.probe_x[: spec.batch_size], spec.seed + 40_009)
+        )
+        pv = getattr(self.opt, "penalty_value", None)
+        rec["penalty_value"] = None if pv is None else _finite(float(pv))
+        rec["refreshes"] = getattr(self.opt, "refreshes", None)
+        if spec.track_groups and data.noisy is not None:
+            idx = self.group_idx
+            x = _to_float(data.train, data.train.images[idx])
+            rec.update(_group_stats(model, x, data.train.labels[idx], data.noisy[idx]))
+        rec["eval_time"] = time.perf_counter() - t0
+        return rec
+
+    def trace(self) -> float:
+        return _fisher_trace(self.model, self.probe_x, self.spec.trace_labels,
+                             self.spec.seed + 50_021)
+
+    # ---------------------------------------------------------------- training
+    def _set_alpha(self, epoch: int) -> None:
+        if self.spec.penalty is None:
+            return
+        alpha = self.spec.alpha if epoch >= self.spec.fp_start_epoch else 0.0
+        for group in self.opt.param_groups:
+            group["alpha"] = alpha
+
+    def _step(self, idx: Tensor) -> None:
+        spec, ds, model = self.spec, self.data.train, self.model
+        x = _to_float(ds, _augment(ds.images[idx], spec.augment, self.gen))
+        y = ds.labels[idx]
+        model.train()
+        if spec.method == "mixup":
+            lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
+            other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
+            other = other.to(x.device)
+            out = model(lam * x + (1 - lam) * x[other])
+            loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
+        else:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.penalty in ("gradient", "input_gradient"):
+            self.opt.set_targets(y)
+        self.opt.step()
+        lv = float(loss.detach())
+        b = len(idx)
+        self.sums["loss"] += lv * b
+        self.sums["correct"] += float((out.detach().argmax(1) == y).sum())
+        self.sums["count"] += b
+        self.sums["win_loss"] += lv
+        self.sums["win_n"] += 1
+        self.global_step += 1
+
+    def train(self, deadline: float | None, progress: bool, write: Callable[[], None]) -> bool:
+        """Train to the end; returns False if stopped early by ``deadline``."""
+        spec, ds = self.spec, self.data.train
+        n, bs = len(ds), spec.batch_size
+        steps = math.ceil(n / bs)
+        steps_per_epoch = steps
+        while self.epoch < spec.epochs:
+            e = self.epoch + 1
+            self._set_alpha(e)
+            if self.perm is None:
+                self.perm = torch.randperm(n, generator=self.gen, device=self.gen.device)
+                self.perm = self.perm.to(ds.images.device)
+                self.step_in_epoch = 0
+                self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
+            bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
+                            progress)
+            while self.step_in_epoch < steps:
+                t0 = time.perf_counter()
+                s = self.step_in_epoch
+                self._step(self.perm[s * bs : (s + 1) * bs])
+                self.step_in_epoch += 1
+                self.sums["time"] += time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.sums['loss'] / self.sums['count']:.3f}")
+                k = spec.trace_every_steps
+                if k > 0 and self.global_step % k == 0:
+                    self.traces.append({
+                        "step": self.global_step,
+                        "epoch": self.global_step / steps_per_epoch,
+                        "window_loss": self.sums["win_loss"] / max(self.sums["win_n"], 1),
+                        "trace": _finite(self.trace()),
+                    })
+                    self.sums["win_loss"], self.sums["win_n"] = 0.0, 0
+                if (deadline is not None and _clock() > deadline
+                        and self.step_in_epoch < steps):
+                    if bar is not None:
+                        bar.close()
+                    self.save()
+                    return False
+            if bar is not None:
+                bar.close()
+            train_time = self.sums["time"]
+            rec = {
+                "epoch": e,
+                "lr": self.opt.param_groups[0]["lr"],
+                "alpha": self.opt.param_groups[0].get("alpha", spec.alpha),
+                "train_loss": self.sums["loss"] / max(self.sums["count"], 1),
+                "train_acc": 100.0 * self.sums["correct"] / max(self.sums["count"], 1),
+                **self.measure(),
+                "train_time": train_time,
+                "images_per_s": self.sums["count"] / train_time if train_time > 0 else None,
+            }
+            rec["epoch_time"] = train_time + rec["eval_time"]
+            self.sched.step()
+            self.logs.append(rec)
+            self.epoch, self.perm, self.step_in_epoch = e, None, 0
+            self.save()
+            write()
+            if deadline is not None and _clock() > deadline and self.epoch < spec.epochs:
+                return False
+        return True
+
+
+def _clock() -> float:
+    """The clock deadlines are compared with (``time.monotonic``; patchable in tests)."""
+    return time.monotonic()
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_run(
+    spec: RunSpec,
+    data: DataBundle,
+    out_dir: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    deadline: float | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train one run and write its files in ``out_dir`` (see the module doc).
+
+    Args:
+        spec: the run.
+        data: its data (moved to ``device`` if it is not there).
+        resume: continue from ``out_dir/checkpoint.pt`` if present, and return the existing
+            summary if the run already finished; without it an existing run is restarted.
+        progress: a tqdm bar per epoch (only when stderr is a terminal).
+        deadline: a ``time.monotonic()`` value; past it the run checkpoints (even mid-epoch)
+            and returns ``{"status": "interrupted", ...}``: rerun with ``resume=True``.
+        log: where one line per epoch is printed (None: silent).
+
+    Returns:
+        The summary (also written to ``summary.json``), :func:`summarize`.
+    """
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        done = load_summary(out)
+        if done is not None and done.get("spec") == spec.to_dict():
+            return done
+    (out / SUMMARY).unlink(missing_ok=True)
+    if data.train.images.device != device:
+        data = data.to(device)
+    run = _Run(spec, data, out, device)
+    ckpt = out / CHECKPOINT
+    _write_json(out / "config.json", spec.to_dict())
+    if data.noisy is not None:
+        torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
+                    "labels": data.train.labels.cpu()}, out / "noise.pt")
+    if resume and ckpt.is_file():
+        run.load(ckpt)
+        if log:
+            log(f"[{spec.name}] resumed at epoch {run.epoch} step {run.step_in_epoch}")
+    if not run.logs:  # epoch 0: the measurement at initialisation
+        run.logs.append({"epoch": 0, "lr": spec.lr, "alpha": spec.alpha, "train_loss": None,
+                         "train_acc": None, **run.measure()})
+
+    def write() -> None:
+        _write_jsonl(out / METRICS, run.logs)
+        if run.traces:
+            _write_jsonl(out / TRACE, run.traces)
+        if log:
+            r = run.logs[-1]
+            val = "-" if r.get("val_acc") is None else f"{r['val_acc']:.2f}"
+            tr = "-" if r.get("trace") is None else f"{r['trace']:.3g}"
+            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} loss {r['train_loss']:.4f} "
+                f"train {r['train_acc']:.2f} val {val} test {r['test_acc']:.2f} Tr(F) {tr} "
+                f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
+
+    _write_jsonl(out / METRICS, run.logs)
+    finished = run.train(deadline, progress, write)
+    if not finished:
+        if log:
+            log(f"[{spec.name}] time limit: checkpointed at epoch {run.epoch} step "
+                f"{run.step_in_epoch}; rerun with --resume to continue")
+        return {"name": spec.name, "spec": spec.to_dict(), "status": "interrupted",
+                "epochs_done": run.epoch}
+    summary = summarize(spec, run.logs, run.traces)
+    _write_json(out / SUMMARY, summary)
+    return summary
+
+
+def run_many(
+    specs: Sequence[RunSpec],
+    data: DataBundle,
+    root: str | os.PathLike,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Train ``specs`` one after the other into ``root/<spec.name>``; stops at the first
+    interrupted run (time limit). Uses the module-level :func:`train_run` (patchable)."""
+    out = []
+    for spec in specs:
+        s = train_run(spec, data, Path(root) / spec.name, **kwargs)
+        out.append(s)
+        if s.get("status") != "complete":
+            break
+    return out

@@ -1,0 +1,221 @@
+"""Speed of Tr(F) with sampled labels: ghost norms vs. the per-example alternatives.
+
+Times, side by side in one process, with warm-up and interleaved repeats (median), on
+SimpleCNN and VGG-11 at CIFAR shape ``[n, 3, 32, 32]``:
+
+* ``loop``      - batch size 1, one forward+backward per example (the naive reference);
+* ``vmap``      - ``torch.func.vmap(grad)`` over examples, in chunks;
+* ``fisher_trace`` - :func:`fisher_optim.curvature.fisher_trace` (ghost norms, one batched
+  forward+backward per chunk, labels sampled inside);
+* ``backpack``  - BackPACK's ``BatchL2Grad`` (skipped with a note when not installed);
+* ``batched``   - one ordinary batched forward+backward of the summed loss (the floor).
+
+The per-example methods use the same sampled labels, so their Tr(F) values must agree to
+float precision; ``per_example_grad_norms`` (the same engine as ``fisher_trace``) is checked
+with those labels too. Run, e.g.::
+
+    OMP_NUM_THREADS=2 python benchmarks/curvature_speed.py --n 512 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _local_build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """SimpleCNN (Keras cifar10_cnn without dropout) or VGG-11 (no BN) for 32x32."""
+    if name == "simplecnn":
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 6 * 6, 128), nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )  # fmt: skip
+    if name == "vgg11":
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.ReLU(inplace=True)]
+                cin = int(v)
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, num_classes))
+    raise ValueError(f"unknown model {name!r}; valid names: simplecnn, vgg11")
+
+
+try:  # the shared definitions, when the repository's benchmarks package is there
+    build_model = importlib.import_module("benchmarks.common.models").build_model
+except ImportError:  # stand-alone copies of the two networks
+    build_model = _local_build_model
+
+# imported after the repository root is on sys.path
+sample_labels = importlib.import_module("fisher_optim._logits").sample_labels
+curvature = importlib.import_module("fisher_optim.curvature")
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def loop_trace(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Naive: one backward per example."""
+    total = 0.0
+    for i in range(len(x)):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, _params(model))
+        total += float(sum(g.square().sum() for g in grads))
+    return total / len(x)
+
+
+def vmap_trace(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 64) -> float:
+    """torch.func.vmap(grad) over examples, ``chunk`` at a time."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    total = 0.0
+    for s in range(0, len(x), chunk):
+        grads = per_example(params, x[s : s + chunk], y[s : s + chunk])
+        total += float(sum(g.flatten(1).square().sum() for g in grads.values()))
+    return total / len(x)
+
+
+def batched_backward(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """One ordinary batched forward+backward (no per-example information)."""
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), _params(model))
+    return float(sum(g.square().sum() for g in grads))
+
+
+def backpack_trace(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """BackPACK BatchL2Grad (per-example squared gradient norms)."""
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+
+    ext_model = extend(model)
+    loss = extend(nn.CrossEntropyLoss(reduction="sum"))(ext_model(x), y)
+    with backpack(BatchL2Grad()):
+        loss.backward()
+    total = float(sum(p.batch_l2.sum() for p in _params(model)))
+    model.zero_grad(set_to_none=True)
+    return total / len(x)
+
+
+def make_methods(
+    model: nn.Module, device: torch.device, chunk_size: int, has_backpack: bool
+) -> dict[str, Callable[[Tensor, Tensor], float]]:
+    """The timed methods, each ``(x, y) -> Tr(F)`` (``batched``: a squared norm)."""
+    gen = torch.Generator(device).manual_seed(1)
+    methods: dict[str, Callable[[Tensor, Tensor], float]] = {
+        "loop": lambda x, y: loop_trace(model, x, y),
+        "vmap": lambda x, y: vmap_trace(model, x, y),
+        "fisher_trace": lambda x, y: curvature.fisher_trace(
+            model, x, chunk_size=chunk_size, generator=gen
+        ),
+        "batched": lambda x, y: batched_backward(model, x, y),
+    }
+    if has_backpack:
+        methods["backpack"] = lambda x, y: backpack_trace(model, x, y)
+    return methods
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", nargs="+", default=["simplecnn", "vgg11"])
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=256, help="fisher_trace chunk_size")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    try:
+        import backpack  # noqa: F401
+
+        has_backpack = True
+    except ImportError:
+        has_backpack = False
+        print("note: BackPACK not installed (pip install backpack-for-pytorch); skipped")
+
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"n={args.n}, repeats={args.repeats} (median)")  # fmt: skip
+    results: dict = {"device": str(device), "n": args.n, "threads": torch.get_num_threads()}
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build_model(name).to(device).eval()
+        x = torch.randn(args.n, 3, 32, 32, device=device)
+        with torch.no_grad():
+            y = sample_labels(model(x), generator=torch.Generator(device).manual_seed(0))
+        methods = make_methods(model, device, args.chunk_size, has_backpack)
+        methods = {k: v for k, v in methods.items() if k not in args.skip}
+        # warm-up (the loop on a few examples only)
+        for key, fn in methods.items():
+            k = 8 if key == "loop" else args.n
+            fn(x[:k], y[:k])
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        values: dict[str, float] = {}
+        for _ in range(args.repeats):  # interleaved
+            for key, fn in methods.items():
+                sync()
+                t0 = time.perf_counter()
+                values[key] = fn(x, y)
+                sync()
+                times[key].append(time.perf_counter() - t0)
+        ghost = float(curvature.per_example_grad_norms(model, x, y, chunk_size=args.chunk_size)
+                      .double().square().mean())  # fmt: skip
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ref = med.get("batched")
+        print(f"\n{name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        print(f"{'method':>14} {'seconds':>9} {'x batched':>10} {'loop / it':>10} {'Tr(F)':>12}")
+        for key in methods:
+            rel = f"{med[key] / ref:10.2f}" if ref else f"{'-':>10}"
+            speedup = f"{med['loop'] / med[key]:10.1f}" if "loop" in med else f"{'-':>10}"
+            value = "" if key == "batched" else f"{values[key]:12.5g}"
+            print(f"{key:>14} {med[key]:9.3f} {rel} {speedup} {value}")
+        refs = {k: values[k] for k in ("loop", "vmap", "backpack") if k in values}
+        agree = {k: abs(v - ghost) / abs(v) for k, v in refs.items()}
+        print(f"ghost-norm Tr(F) with the same labels: {ghost:.6g}; relative difference to "
+              + ", ".join(f"{k} {d:.1e}" for k, d in agree.items()))  # fmt: skip
+        print("(fisher_trace draws its own labels: its value differs by sampling noise)")
+        results[name] = {
+            "seconds": med, "all_seconds": times, "values": values,
+            "ghost_same_labels": ghost, "relative_difference": agree,
+        }  # fmt: skip
+        if agree and max(agree.values()) > 1e-3:
+            print(f"WARNING: {name}: per-example methods disagree: {agree}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

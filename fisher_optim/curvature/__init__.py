@@ -1,0 +1,48 @@
+"""Curvature measurements: Tr(F), per-example gradient norms, Tr(H), λ_max(H).
+
+One concept per module:
+
+* :mod:`.fisher` - :func:`fisher_trace` (Tr(F), Jastrzebski et al. ICML 2021, Eq. 2) and
+  :func:`minibatch_fisher_trace` (Tr(F_B), what the Fisher penalty regularises);
+* :mod:`.per_example` - per-example gradient norms by ghost norms in one batched backward
+  (:func:`per_example_grad_norms`, :func:`per_example_sq_norms`) and the mean gradients of
+  groups of examples (:func:`group_gradient_stats`);
+* :mod:`.hutchinson` - :func:`hessian_trace`, by Hutchinson (1989) or Hutch++ (Meyer et al.
+  2021), and the matrix-free :func:`hutchinson` / :func:`hutchpp`;
+* :mod:`.eigenvalue` - :func:`top_hessian_eigenvalue` and :func:`power_iteration`.
+
+Every measurement leaves the model exactly as found: parameters, buffers, ``.grad`` and
+training flags.
+"""
+
+from ._hvp import DISTRIBUTIONS, HessianOperator, random_probe
+from .eigenvalue import EigenEstimate, power_iteration, top_hessian_eigenvalue
+from .fisher import LABEL_MODES, fisher_trace, minibatch_fisher_trace
+from .hutchinson import TRACE_METHODS, TraceEstimate, hessian_trace, hutchinson, hutchpp
+from .per_example import (
+    group_gradient_stats,
+    per_example_grad_norms,
+    per_example_sq_norms,
+    target_cotangents,
+)
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "LABEL_MODES",
+    "TRACE_METHODS",
+    "EigenEstimate",
+    "HessianOperator",
+    "TraceEstimate",
+    "fisher_trace",
+    "group_gradient_stats",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "minibatch_fisher_trace",
+    "per_example_grad_norms",
+    "per_example_sq_norms",
+    "power_iteration",
+    "random_probe",
+    "target_cotangents",
+    "top_hessian_eigenvalue",
+]

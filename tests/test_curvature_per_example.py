@@ -1,0 +1,297 @@
+"""Ghost-norm per-example gradient norms against a per-example loop, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_optim.curvature import (
+    group_gradient_stats,
+    per_example_grad_norms,
+    per_example_sq_norms,
+    target_cotangents,
+)
+from fisher_optim.curvature import per_example as pe
+
+from .conftest import small_cnn, tiny_mlp
+from .curvature_utils import (
+    assert_unchanged,
+    example_grad,
+    loop_sq_norms,
+    randomize_state,
+    snapshot,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+class Scale(nn.Module):
+    """A layer without a ghost-norm rule: handled by the vmap fallback."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.s.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class Zoo1d(nn.Module):
+    """Conv1d (groups, stride, reflect/'same' padding), GroupNorm, LayerNorm, sequence
+    Linear, BatchNorm1d, a layer called twice, a frozen weight, a fallback layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, stride=2, padding=2, padding_mode="reflect", groups=2)
+        self.gn = nn.GroupNorm(3, 6)
+        self.c2 = nn.Conv1d(6, 4, 2, padding="same", bias=False)
+        self.ln = nn.LayerNorm(4)
+        self.seq = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.scale = Scale(5)
+        self.twice = nn.Linear(5, 5)
+        self.frozen = nn.Linear(5, 5)
+        self.frozen.weight.requires_grad_(False)
+        self.head = nn.Linear(5 * 7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.c1(x)))  # [B, 6, 7]
+        h = torch.tanh(self.ln(self.c2(h).transpose(1, 2)))  # [B, 7, 4]
+        h = self.scale(self.bn(self.seq(h).transpose(1, 2)))  # [B, 5, 7]
+        h = self.frozen(torch.tanh(self.twice(torch.tanh(self.twice(h.transpose(1, 2))))))
+        return self.head(h.flatten(1))
+
+
+class Zoo2d(nn.Module):
+    """Conv2d with groups, stride, dilation, circular padding; even 'same' kernel;
+    in-place ReLU right after a conv; tied weights (one Parameter, two modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, padding_mode="circular")
+        self.c2 = nn.Conv2d(4, 6, 2, padding="same", groups=2)
+        self.c3 = nn.Conv2d(6, 6, 1)
+        self.tied_a, self.tied_b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.tied_b.weight = self.tied_a.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu_(self.c1(x))
+        h = torch.tanh(self.c3(torch.tanh(self.c2(h)))).mean((2, 3))
+        return self.head(torch.tanh(self.tied_b(torch.tanh(self.tied_a(h)))))
+
+
+class Wide(nn.Module):
+    """Convolutions with >= 16 input channels per group, where per-example gradients are
+    formed by the backend's grouped-convolution kernel (1-d and 2-d, groups, dilation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 6, 3, padding=2, stride=2, dilation=2, groups=2)
+        self.c3 = nn.Conv1d(16, 4, 3, padding=1, stride=2, bias=False)
+        self.head = nn.Linear(4 * 13, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.cat([torch.tanh(self.c2(h)).flatten(2), h[:, :10, :5, :5].flatten(2)], 1)
+        return self.head(torch.tanh(self.c3(h[:, :16])).flatten(1))
+
+
+class TinyLM(nn.Module):
+    """Token ids [B, T] -> {"logits": [B, T, V]}: Embedding, causal Conv1d, LayerNorm."""
+
+    def __init__(self, vocab: int = 4, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.mix = nn.Conv1d(d, d, 2, padding=1)
+        self.ln = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.mix(self.emb(ids).transpose(1, 2))[..., : ids.shape[1]].transpose(1, 2)
+        return {"logits": self.out(torch.tanh(self.ln(h)))}
+
+
+def lm_logits(out):
+    return out["logits"]
+
+
+CASES = {
+    "mlp": (lambda: tiny_mlp(), lambda n: torch.randn(n, 5).double(), 4, None),
+    "cnn_bn": (lambda: small_cnn(), lambda n: torch.randn(n, 3, 8, 8).double(), 5, None),
+    "zoo1d": (lambda: Zoo1d().double(), lambda n: torch.randn(n, 4, 12).double(), 3, None),
+    "zoo2d": (lambda: Zoo2d().double(), lambda n: torch.randn(n, 2, 9, 9).double(), 3, None),
+    "wide": (lambda: Wide().double(), lambda n: torch.randn(n, 2, 9, 9).double(), 3, None),
+    "lm": (lambda: TinyLM().double(), lambda n: torch.randint(0, 4, (n, 5)), 4, lm_logits),
+}
+
+
+def make_case(name: str, n: int = 7):
+    model_fn, x_fn, classes, output_fn = CASES[name]
+    model = randomize_state(model_fn())
+    x = x_fn(n)
+    shape = (n, 5) if name == "lm" else (n,)
+    return model, x, torch.randint(0, classes, shape), output_fn
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_norms_match_loop_and_leave_model_untouched(name):
+    model, x, y, output_fn = make_case(name)
+    if name == "lm":
+        y[0, :2] = -100  # ignored positions
+    model.train()
+    snap = snapshot(model)
+    norms = per_example_grad_norms(model, x, y, output_fn=output_fn, chunk_size=3)
+    assert_unchanged(model, snap)
+    expected = loop_sq_norms(model, x, y, output_fn).sqrt()
+    assert norms.dtype == torch.float64 and norms.shape == (len(x),)
+    torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "wide", "lm"])
+def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("fallback used")
+
+    monkeypatch.setattr(pe, "_vmap_sq_norms", fail)
+    model, x, y, output_fn = make_case(name)
+    norms = per_example_grad_norms(model, x, y, output_fn=output_fn)
+    torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y, output_fn))
+
+
+@pytest.mark.parametrize("name", ["wide", "zoo2d"])
+def test_small_memory_blocks(name, monkeypatch):
+    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", 1)  # one example per block
+    model, x, y, _ = make_case(name)
+    norms = per_example_grad_norms(model, x, y)
+    torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y))
+
+
+def test_grouped_conv_path_is_taken(monkeypatch):
+    calls = []
+    original = pe._grouped_conv_sq_norms
+    monkeypatch.setattr(
+        pe, "_grouped_conv_sq_norms", lambda *a: calls.append(a[0].shape) or original(*a)
+    )
+    model, x, y, _ = make_case("wide")
+    per_example_grad_norms(model, x, y)
+    assert len(calls) == 2  # c2 and c3 (c1 has 2 input channels: unfold)
+
+
+def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
+    calls = []
+    original = pe._vmap_sq_norms
+
+    def spy(model, inputs, gs, params, *args):
+        calls.append({id(p) for p in params})
+        return original(model, inputs, gs, params, *args)
+
+    monkeypatch.setattr(pe, "_vmap_sq_norms", spy)
+    model, x, y, _ = make_case("zoo1d")
+    per_example_grad_norms(model, x, y)
+    assert calls == [{id(model.scale.s), id(model.twice.weight), id(model.twice.bias)}]
+
+
+@pytest.mark.parametrize(
+    ("length", "k", "o"), [(1, 3, 4), (2, 30, 30), (50, 3, 2)], ids=["T1", "gram", "matmul"]
+)
+@pytest.mark.parametrize("block", [1 << 25, 1])
+def test_matmul_sq_norms_branches(length, k, o, block, monkeypatch):
+    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", block)
+    a = torch.randn(5, length, k, dtype=torch.float64)
+    g = torch.randn(5, length, o, dtype=torch.float64)
+    expected = torch.einsum("blo,blk->bok", g, a).square().sum((1, 2))
+    torch.testing.assert_close(pe._matmul_sq_norms(a, g), expected)
+
+
+def test_mapping_inputs():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_mlp()
+
+        def forward(self, pixels, shift):
+            return self.net(pixels + shift)
+
+    model = Keyword()
+    x = {"pixels": torch.randn(6, 5, dtype=torch.float64), "shift": torch.randn(6, 5).double()}
+    y = torch.randint(0, 4, (6,))
+    norms = per_example_grad_norms(model, x, y, chunk_size=4)
+    torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y))
+
+
+def test_engine_sums_several_cotangents():
+    model, x, y, _ = make_case("cnn_bn")
+    model.eval()
+    y2 = (y + 1) % 5
+
+    def both(logits):
+        return [*target_cotangents(y)(logits), *target_cotangents(y2)(logits)]
+
+    sq = per_example_sq_norms(model, x, both)
+    torch.testing.assert_close(sq, loop_sq_norms(model, x, y) + loop_sq_norms(model, x, y2))
+
+
+def test_frozen_model_gives_zeros():
+    model = tiny_mlp().requires_grad_(False)
+    norms = per_example_grad_norms(model, torch.randn(3, 5).double(), torch.tensor([0, 1, 2]))
+    assert torch.equal(norms, torch.zeros(3, dtype=torch.float64))
+
+
+def test_errors():
+    model, x, y, _ = make_case("cnn_bn")
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        per_example_sq_norms(model, x, target_cotangents(y))
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_example_grad_norms(model, x, y, chunk_size=0)
+    with pytest.raises(ValueError, match="targets"):
+        per_example_grad_norms(model, x, y[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        per_example_grad_norms(model, x, y.double())
+    no_stats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="batch statistics"):
+        per_example_grad_norms(no_stats, torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="groups"):
+        group_gradient_stats(model, x, y, torch.ones(len(x)))
+
+
+def brute_group_means(model, x, y, groups):
+    means = {}
+    model = model.eval()
+    for k in groups.unique().tolist():
+        idx = (groups == k).nonzero().flatten()
+        grads = [
+            example_grad(model, F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])) for i in idx
+        ]
+        means[k] = torch.stack(grads).mean(0)
+    return means
+
+
+@pytest.mark.parametrize("kind", ["bool", "ids"])
+def test_group_gradient_stats(kind):
+    model, x, y, _ = make_case("cnn_bn", n=9)
+    groups = torch.tensor([0, 1, 0, 0, 1, 2, 2, 0, 1])
+    groups = groups > 0 if kind == "bool" else groups
+    model.train()
+    snap = snapshot(model)
+    stats = group_gradient_stats(model, x, y, groups, chunk_size=4)
+    assert_unchanged(model, snap)
+    means = brute_group_means(copy.deepcopy(model), x, y, groups)
+    ids = list(means)
+    assert stats["group_ids"] == ids
+    assert stats["count"] == {k: int((groups == k).sum()) for k in ids}
+    for k in ids:
+        assert stats["grad_norm"][k] == pytest.approx(float(means[k].norm()), rel=1e-10)
+    for a, ka in enumerate(ids):
+        for b, kb in enumerate(ids):
+            cos = float(F.cosine_similarity(means[ka], means[kb], dim=0))
+            assert float(stats["cosine_matrix"][a, b]) == pytest.approx(cos, rel=1e-9)
+    assert ("cosine" in stats) == (len(ids) == 2)
+    if len(ids) == 2:
+        assert stats["cosine"] == pytest.approx(float(stats["cosine_matrix"][0, 1]))
