@@ -320,3 +320,15 @@ def test_script_configs(name):
     if name == "large_batch":
         assert all(s.batch_size == 1280 for s in default)
         assert all(s.penalty_batch_size == 128 and s.every == 1 for s in default)
+
+
+def test_explicit_alpha_grid_is_searched_for_penalties_only():
+    cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny")
+    parser = cli.build_parser(cfg)
+    args = parser.parse_args(
+        ["--methods", "baseline", "fp", "--lrs", "0.01", "--alpha-grid", "--alphas", "0.01", "0.1"]
+    )
+    specs = cli.make_specs(cfg, args)
+    assert sorted((s.method, s.alpha) for s in specs) == [
+        ("baseline", 0.0), ("fp", 0.01), ("fp", 0.1)
+    ]

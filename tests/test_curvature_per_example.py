@@ -295,3 +295,32 @@ def test_group_gradient_stats(kind):
     assert ("cosine" in stats) == (len(ids) == 2)
     if len(ids) == 2:
         assert stats["cosine"] == pytest.approx(float(stats["cosine_matrix"][0, 1]))
+
+
+def test_a_layer_fed_by_a_batch_sized_constant_is_not_mistaken_for_a_batch_layer():
+    """Position ids ``arange(T)`` with ``T == B`` have the batch's shape but no examples."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TinyLM(nn.Module):
+        def __init__(self, length: int) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(11, 8), nn.Embedding(length, 8)
+            self.mix, self.head = nn.Linear(8, 8), nn.Linear(8, 11)
+            self.table = nn.Parameter(torch.randn(length, 8))
+
+        def forward(self, t):
+            positions = self.pos(torch.arange(t.shape[1])) + self.mix(self.table)
+            return self.head(torch.tanh(self.tok(t) + positions))
+
+    torch.manual_seed(0)
+    n = 8
+    model = TinyLM(n).double()
+    tokens, targets = torch.randint(11, (n, n)), torch.randint(11, (n, n))
+    fast = per_example_grad_norms(model, tokens, targets)
+    loop = []
+    for i in range(n):
+        loss = F.cross_entropy(model(tokens[i : i + 1]).reshape(-1, 11), targets[i])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        loop.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    torch.testing.assert_close(fast, torch.stack(loop), rtol=1e-10, atol=1e-12)

@@ -64,6 +64,9 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
                    help="single α for every penalised method (default: per-method center)")
     g.add_argument("--alpha-grid", action="store_true",
                    help="search α on the paper's grid and choose it by validation accuracy")
+    g.add_argument("--alphas", nargs="+", type=float, default=None,
+                   help="with --alpha-grid: search these α (one grid for every penalised "
+                   "method) instead of the paper's 10 log-spaced values")
     g.add_argument("--alpha-center", type=float, default=cfg.alpha_center,
                    help="v of the α grid [0.1v, 10v] for FP, GP, GPr")
     g.add_argument("--gpx-center", type=float, default=cfg.gpx_center, help="v for GPx")
@@ -180,6 +183,8 @@ def _alphas(cfg: ExperimentConfig, args: argparse.Namespace, method: str) -> tup
     if method == "baseline":
         return (0.0,)
     if args.alpha_grid:
+        if args.alphas and method != "mixup":
+            return tuple(args.alphas)
         return cfg.alpha_grid(method)
     if method == "mixup":
         return (args.mixup_beta if args.mixup_beta is not None else cfg.default_alpha("mixup"),)

@@ -286,6 +286,63 @@ class _LayerState:
     version: int = 0
 
 
+def _input_leaves(inputs: Inputs) -> tuple[Inputs, list[Tensor], set[int]]:
+    """The batch with its float tensors as fresh leaves that require grad, those leaves, and
+    the storages of its other tensors (integer ids)."""
+    leaves: list[Tensor] = []
+    storages: set[int] = set()
+
+    def convert(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            leaf = t.detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf
+        storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    if isinstance(inputs, Tensor):
+        return convert(inputs), leaves, storages
+    return {k: convert(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}, leaves, storages
+
+
+class _ReachesInputs:
+    """Whether an autograd node's graph reaches one of the input leaves (memoised)."""
+
+    def __init__(self, leaves: list[Tensor]) -> None:
+        self.leaves = {id(t) for t in leaves}
+        self.memo: dict[Any, bool] = {}
+
+    def __call__(self, node: Any) -> bool:
+        if node is None:
+            return False
+        stack = [(node, False)]
+        while stack:  # post-order, iterative: deep networks exceed the recursion limit
+            current, expanded = stack.pop()
+            if current in self.memo and not expanded:
+                continue
+            variable = getattr(current, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                self.memo[current] = id(variable) in self.leaves
+                continue
+            children = [fn for fn, _ in current.next_functions if fn is not None]
+            if expanded:
+                self.memo[current] = any(self.memo[fn] for fn in children)
+            else:
+                self.memo[current] = False  # in progress (the graph has no cycles)
+                stack.append((current, True))
+                stack.extend((fn, False) for fn in children if fn not in self.memo)
+        return self.memo[node]
+
+
+def _derives_from_inputs(t: Tensor, reaches: _ReachesInputs, storages: set[int]) -> bool:
+    """Whether ``t`` is computed from the model's batch: its rows are then examples. A tensor
+    made inside the model (position ids, a parameter table) may have the batch's length by
+    chance; its layer then takes the always-correct vmap route."""
+    if t.is_floating_point():
+        return t.grad_fn is not None and reaches(t.grad_fn) or id(t) in reaches.leaves
+    return t.untyped_storage().data_ptr() in storages
+
+
 def per_example_sq_norms(
     model: nn.Module,
     inputs: Inputs,
@@ -327,7 +384,8 @@ def per_example_sq_norms(
     shared = {k for k, v in owners.items() if v > 1}
     layers = {m: _LayerState() for m in model.modules() if _has_rule(m, shared)}
     total = torch.zeros(n, dtype=torch.float64, device=model_device(model))
-    leaves: list[Tensor] = []
+    inputs, leaves, input_storages = _input_leaves(inputs)
+    reaches_input = _ReachesInputs(leaves)
 
     def pre_hook(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         # A layer fed by a tensor without history gets a leaf input, so that the backward
@@ -354,10 +412,13 @@ def per_example_sq_norms(
             or not isinstance(out, Tensor)
             or first.shape[:1] != (n,)
             or out.shape[:1] != (n,)
+            or not _derives_from_inputs(first, reaches_input, input_storages)
         ):
             st.ok = False
             return
         st.saved, st.version = first.detach(), first._version
+        if out.grad_fn is not None:  # the output's rows are examples too (ids -> embeddings)
+            reaches_input.memo[out.grad_fn] = True
         if out.requires_grad:
             out.register_hook(lambda g, m=m: grad_hook(m, g))
 
