@@ -225,7 +225,7 @@ class FisherNoiseSGD(GradientWrapper):
         if directions is None:
             return None
         out: list[Tensor | None] = []
-        for scale, group_dirs in zip(scales, self._group_slices(directions)):
+        for scale, group_dirs in zip(scales, self.group_slices(directions)):
             out.extend(None if d is None else d * scale for d in group_dirs)
         return out
 
@@ -430,13 +430,6 @@ class FisherNoiseSGD(GradientWrapper):
         ) % (2**62)
         return torch.Generator(device).manual_seed(mixed)
 
-    def _group_slices(self, flat: list[Any]) -> list[list[Any]]:
-        out, offset = [], 0
-        for group in self.param_groups:
-            out.append(flat[offset : offset + len(group["params"])])
-            offset += len(group["params"])
-        return out
-
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -456,19 +449,9 @@ class FisherNoiseSGD(GradientWrapper):
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._local_draws = extra["local_draws"]
-        cache = extra["cache"]
-        if cache is not None:
-            params = self.flat_params()
-            if len(cache) != len(params):
-                raise ValueError(
-                    f"the saved Fisher estimate has {len(cache)} entries but the optimizer has "
-                    f"{len(params)} parameters; load a state_dict of the same model"
-                )
-            cache = [
-                None if c is None else c.to(device=p.device, dtype=_acc_dtype(p.dtype))
-                for c, p in zip(cache, params)
-            ]
-        self._cache = cache
+        self._cache = self.load_per_param(
+            extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -110,7 +110,7 @@ class FisherPenaltySGD(GradientWrapper):
             self._refresh()
         if self._cache is None:
             return
-        for group, cached in zip(self.param_groups, self._group_slices(self._cache)):
+        for group, cached in zip(self.param_groups, self.group_slices(self._cache)):
             if group["alpha"] == 0:
                 continue
             pairs = [
@@ -160,13 +160,6 @@ class FisherPenaltySGD(GradientWrapper):
             cache[i] = None if g is None else g.detach()
         self._cache = cache
 
-    def _group_slices(self, flat: list[Any]) -> list[list[Any]]:
-        out, offset = [], 0
-        for group in self.param_groups:
-            out.append(flat[offset : offset + len(group["params"])])
-            offset += len(group["params"])
-        return out
-
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -182,13 +175,4 @@ class FisherPenaltySGD(GradientWrapper):
         self.penalty_value = extra["penalty_value"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
-        cache = extra["cache"]
-        if cache is not None:
-            params = self.flat_params()
-            if len(cache) != len(params):
-                raise ValueError(
-                    f"the saved penalty cache has {len(cache)} entries but the optimizer has "
-                    f"{len(params)} parameters; load a state_dict of the same model"
-                )
-            cache = [None if c is None else c.to(p) for c, p in zip(cache, params)]
-        self._cache = cache
+        self._cache = self.load_per_param(extra["cache"], "penalty cache", lambda p: p.dtype)

@@ -224,6 +224,31 @@ class GradientWrapper(torch.optim.Optimizer):
         """All parameters, in the order ``state_dict()`` numbers them."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    def group_slices(self, flat: list[Any]) -> list[list[Any]]:
+        """Cut a list aligned with :meth:`flat_params` into one list per param group."""
+        out, offset = [], 0
+        for group in self.param_groups:
+            out.append(flat[offset : offset + len(group["params"])])
+            offset += len(group["params"])
+        return out
+
+    def load_per_param(
+        self, saved: list[Tensor | None] | None, what: str, dtype: Callable[[Tensor], Any]
+    ) -> list[Tensor | None] | None:
+        """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
+        if saved is None:
+            return None
+        params = self.flat_params()
+        if len(saved) != len(params):
+            raise ValueError(
+                f"the saved {what} has {len(saved)} entries but the optimizer has "
+                f"{len(params)} parameters; load a state_dict of the same model"
+            )
+        return [
+            None if c is None else c.to(device=p.device, dtype=dtype(p))
+            for c, p in zip(saved, params)
+        ]
+
     def _extra_state(self) -> dict[str, Any]:
         return {
             "step_count": self.step_count,
