@@ -104,13 +104,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {}
     header = f"{'model':<14}{'variant':<16}{'ms/step':>10}{'ratio':>8}{'target':>8}"
-    print(f"device={device} batch={args.batch_size} window={args.window} rounds={args.rounds}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
+        f"window={args.window} rounds={args.rounds} torch={torch.__version__}"
+    )
     print(header)
     for name in args.models:
         times = time_model(name, device, args.batch_size, args.window, args.rounds, args.warmup)

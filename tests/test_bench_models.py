@@ -146,3 +146,37 @@ def test_bn_free_resnets_train(name: str) -> None:
 def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="simplecnn.*vgg11"):
         build_model("resnet18", 10)
+
+
+def _cifar_resnet_params(n: int, num_classes: int, shortcut: str = "A") -> int:
+    """conv3x3 (no bias) + BN per layer; option A shortcuts are parameter-free."""
+    bn = 2  # weight and bias per channel
+    total = conv(3, 16, bias=False) + bn * 16
+    cin = 16
+    for stage, cout in enumerate((16, 32, 64)):
+        for i in range(n):
+            total += conv(cin, cout, bias=False) + conv(cout, cout, bias=False) + 2 * bn * cout
+            if shortcut == "B" and stage > 0 and i == 0:
+                total += cin * cout + bn * cout
+            cin = cout
+    return total + linear(64, num_classes)
+
+
+def test_resnet44_param_count() -> None:
+    expected = _cifar_resnet_params(7, 10)
+    assert expected == 658_586  # He et al. (2016), Table 6: ResNet-44 has 0.66M parameters
+    model = build_model("resnet44", 10)
+    assert n_params(model) == expected
+    assert has_bn(model)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 43
+    assert n_params(build_model("resnet44_b", 10)) == _cifar_resnet_params(7, 10, "B")
+    assert n_params(build_model("resnet20", 10)) == _cifar_resnet_params(3, 10) == 269_722
+
+
+def test_vgg16_bn_param_count() -> None:
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    expected = sum(conv(a, b) + 2 * b for a, b in itertools.pairwise(widths)) + linear(512, 10)
+    model = build_model("vgg16_bn", 10)
+    assert n_params(model) == expected
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5

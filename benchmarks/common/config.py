@@ -19,6 +19,14 @@ Conventions (all configurable from the command line):
   with ``v = 0.01`` for FP, GP and GPr and ``v = gpx_center`` for GPx; a script may give
   explicit grids instead (the label-noise experiment does). For ``mixup`` the "alpha" of a
   run is the Beta(β, β) parameter β.
+* Large-batch noise experiments (Wen et al., AISTATS 2020; ``benchmarks/large_batch_noise.py``):
+  methods ``noise_trace``/``noise_diag``/``noise_full`` train with ``FisherNoiseSGD``
+  (``small_batch_size`` = M_S, ``noise_fisher``, ``noise_every``); ``ghost_batch_size > 0``
+  converts the BatchNorm layers of runs with a larger batch to Ghost BatchNorm; with
+  ``lr_scaling`` ("linear"/"sqrt") the learning rate of a run with batch size ``B`` is
+  ``lr · (B / lr_base_batch)`` (or its square root), capped at ``lr_cap``. Every new field
+  has a default that leaves the other experiments (and their run names / config.json)
+  exactly as before.
 """
 
 from __future__ import annotations
@@ -35,6 +43,15 @@ PENALTY_OF_METHOD: dict[str, str | None] = {
     "gp": "gradient",
     "gpr": "random_label",
     "gpx": "input_gradient",
+    "noise_trace": None,
+    "noise_diag": None,
+    "noise_full": None,
+}
+#: Large-batch noise methods (Wen et al., 2020): name -> FisherNoiseSGD ``covariance``.
+NOISE_OF_METHOD: dict[str, str] = {
+    "noise_trace": "trace",
+    "noise_diag": "diagonal",
+    "noise_full": "full",
 }
 METHODS = tuple(PENALTY_OF_METHOD)
 #: Methods whose hyper-parameter ``alpha`` is tuned (mixup's is the Beta parameter β).
@@ -42,6 +59,8 @@ TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
 LOSS_THRESHOLDS = {"cifar10": 1.2, "cifar100": 3.5, "tinyimagenet": 3.5}
 AUGMENT_MODES = ("none", "flip", "standard")
+LR_SCALINGS = ("none", "linear", "sqrt")
+NOISE_FISHERS = ("true", "empirical")
 
 
 @dataclass
@@ -98,6 +117,22 @@ class ExperimentConfig:
     figure: str = "curves"
     track_groups: bool = False
     eval_train: bool = False
+    #: Noise methods: M_S, the small batch whose gradient noise is imitated.
+    small_batch_size: int = 128
+    #: Noise methods: "empirical" (true labels, the paper) or "true" (sampled) Fisher.
+    noise_fisher: str = "empirical"
+    #: Noise methods: re-estimate the Fisher every N steps (1: every step, the paper).
+    noise_every: int = 1
+    #: Ghost BatchNorm virtual batch for runs with a larger batch (0: plain BatchNorm).
+    ghost_batch_size: int = 0
+    #: Scale each run's learning rate with its batch size ("none", "linear", "sqrt")...
+    lr_scaling: str = "none"
+    #: ...relative to this batch size...
+    lr_base_batch: int = 128
+    #: ...capped at this value (None: no cap).
+    lr_cap: float | None = None
+    #: Write ``train_curve.jsonl`` (loss / error of every update).
+    log_every_update: bool = False
 
     @property
     def threshold(self) -> float:
@@ -195,6 +230,12 @@ class RunSpec:
     eval_train: bool = False
     track_groups: bool = False
     group_probe_size: int = 1000
+    # Noise experiments (defaults: absent from to_dict(), so older runs keep their config).
+    small_batch_size: int = 128
+    noise_fisher: str = "empirical"
+    noise_every: int = 1
+    ghost_batch_size: int = 0
+    log_every_update: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:
@@ -203,7 +244,20 @@ class RunSpec:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
         if self.trace_labels not in ("sample", "exact"):
             raise ValueError(f"trace_labels must be 'sample' or 'exact', got {self.trace_labels!r}")
+        if self.noise_fisher not in NOISE_FISHERS:
+            raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
+                             f"got {self.noise_fisher!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
+
+    @property
+    def noise_covariance(self) -> str | None:
+        """The FisherNoiseSGD covariance of this run's method (None: not a noise method)."""
+        return NOISE_OF_METHOD.get(self.method)
+
+    @property
+    def ghost(self) -> bool:
+        """Whether this run converts its BatchNorm layers to Ghost BatchNorm."""
+        return 0 < self.ghost_batch_size < self.batch_size
 
     @property
     def penalty(self) -> str | None:
@@ -214,7 +268,7 @@ class RunSpec:
     def name(self) -> str:
         """Directory name: ``<method>_lr<lr>_a<alpha>_s<seed>`` plus variant suffixes."""
         parts = [f"{self.method}", f"lr{self.lr:g}"]
-        if self.method != "baseline":
+        if self.method != "baseline" and self.method not in NOISE_OF_METHOD:
             parts.append(f"a{self.alpha:g}")
         parts.append(f"s{self.seed}")
         if self.fp_start_epoch != 1:
@@ -225,6 +279,15 @@ class RunSpec:
             parts.append(f"aug-{self.augment}")
         if self.label_noise:
             parts.append(f"noise{self.label_noise:g}")
+        if self.noise_covariance is not None:
+            if self.small_batch_size != 128:
+                parts.append(f"ms{self.small_batch_size}")
+            if self.noise_fisher != "empirical":
+                parts.append(f"F{self.noise_fisher}")
+            if self.noise_every != 1:
+                parts.append(f"ev{self.noise_every}")
+        if self.ghost and self.ghost_batch_size != 128:
+            parts.append(f"gbn{self.ghost_batch_size}")
         return "_".join(parts)
 
     @property
@@ -239,6 +302,9 @@ class RunSpec:
         """JSON-ready dict."""
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        for key, default in _OPTIONAL_SPEC_FIELDS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -246,3 +312,15 @@ class RunSpec:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: RunSpec fields left out of ``to_dict()`` at their default (added for the noise
+#: experiments): the ``config.json`` / checkpoint spec of every other run stays as before,
+#: so ``--resume`` keeps recognising runs started by older code.
+_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
+    "small_batch_size": 128,
+    "noise_fisher": "empirical",
+    "noise_every": 1,
+    "ghost_batch_size": 0,
+    "log_every_update": False,
+}

@@ -14,6 +14,14 @@ Use :func:`build_model` with a name from :data:`MODELS`:
   initialisation (Zhang et al., 2019): scalar biases and multipliers, the last conv of
   each residual branch and the classifier initialised to zero, the first conv scaled by
   ``L ** -0.5`` (L = number of residual blocks).
+* ``resnet20``, ``resnet44`` - CIFAR ResNets (He et al., 2016, Sec. 4.2; 6n+2 layers, n=3/7,
+  widths 16/32/64) with BatchNorm (post-activation basic blocks, global average pooling,
+  ``Linear(64, C)``). Shortcuts "option A" (identity; zero-padded channels and stride-2
+  subsampling where the shape changes, parameter-free, as in He et al.'s CIFAR models:
+  ResNet-44 has 0.66M parameters) by default; ``resnet44_b`` uses "option B" (1x1 conv + BN
+  projections where the shape changes).
+* ``vgg16_bn`` - VGG-16 (configuration D) for 32x32 with BatchNorm after every conv, no
+  dropout, classifier ``Linear(512, C)`` (Wen et al.'s "VGG16" row of Table 2).
 * ``tiny`` (small CNN with one BatchNorm) and ``tiny_mlp`` - a few thousand parameters,
   for tests.
 
@@ -35,6 +43,7 @@ __all__ = [
     "DenseNet",
     "FixupResNet",
     "PreActResNet",
+    "ResNet",
     "build_model",
     "init_weights",
     "simple_cnn",
@@ -96,6 +105,8 @@ def simple_cnn(num_classes: int = 10) -> nn.Sequential:
 
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                    512, 512, 512, "M", 512, 512, 512, "M")
 
 
 def vgg(
@@ -274,6 +285,71 @@ class FixupResNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
+# CIFAR ResNet with BatchNorm (He et al., 2016)
+# --------------------------------------------------------------------------------------
+
+
+class _BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut), ReLU after the addition."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.extra = stride, cout - cin
+        self.proj: nn.Module | None = None
+        if shortcut == "B" and (stride != 1 or cin != cout):
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual block forward pass."""
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.proj is not None:
+            skip = self.proj(x)
+        elif self.stride != 1 or self.extra:  # option A: subsample, zero-pad the channels
+            skip = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra))
+        else:
+            skip = x
+        return F.relu(out + skip)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) with BatchNorm (He et al., 2016, Sec. 4.2), widths 16/32/64.
+
+    ``shortcut="A"``: parameter-free identity shortcuts (zero-padded channels, stride-2
+    subsampling) as in the paper's CIFAR experiments; ``"B"``: 1x1 conv + BN projections
+    where the shape changes.
+    """
+
+    def __init__(self, depth: int = 44, num_classes: int = 10, shortcut: str = "A") -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        n = (depth - 2) // 6
+        self.conv = _conv3x3(3, 16)
+        self.bn = nn.BatchNorm2d(16)
+        blocks: list[_BasicBlock] = []
+        cin = 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        out = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# --------------------------------------------------------------------------------------
 # DenseNet
 # --------------------------------------------------------------------------------------
 
@@ -350,6 +426,10 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet56_nobn": lambda c: FixupResNet(56, c),
     "tiny": tiny_cnn,
     "tiny_mlp": tiny_mlp,
+    "resnet20": lambda c: ResNet(20, c),
+    "resnet44": lambda c: ResNet(44, c),
+    "resnet44_b": lambda c: ResNet(44, c, shortcut="B"),
+    "vgg16_bn": lambda c: vgg(c, VGG16_CFG, batch_norm=True),
 }
 
 
