@@ -332,3 +332,15 @@ def test_explicit_alpha_grid_is_searched_for_penalties_only():
     assert sorted((s.method, s.alpha) for s in specs) == [
         ("baseline", 0.0), ("fp", 0.01), ("fp", 0.1)
     ]
+
+
+def test_dataset_switch_takes_the_data_sets_loss_threshold():
+    cfg = config.ExperimentConfig(name="x", dataset="cifar100", model="tiny")
+    parser = cli.build_parser(cfg)
+    args = parser.parse_args(["--dataset", "cifar10"])
+    switched = cli.apply_dataset(cfg, args)
+    assert switched.dataset == "cifar10" and args.loss_threshold == 1.2
+    assert all(s.dataset == "cifar10" for s in cli.make_specs(switched, args))
+    args = parser.parse_args(["--dataset", "cifar10", "--loss-threshold", "2.0"])
+    cli.apply_dataset(cfg, args)
+    assert args.loss_threshold == 2.0

@@ -10,6 +10,11 @@ A plain run reproduces the script's table row: the baseline at η* and every met
 * ``--augment``: Table 2 (standard augmentation; η* with and without FP);
 * ``--seeds 0 1 2``; ``--epochs E`` (milestones scaled, see :mod:`benchmarks.common.config`);
 * ``--train-subset N`` for CPU budgets; ``--quick`` for a smoke test of a few minutes.
+* large-batch noise (Wen et al., 2020): methods ``noise_trace``/``noise_diag``/``noise_full``
+  (FisherNoiseSGD) are made only for batch sizes above ``--small-batch-size`` (M_S);
+  ``--fisher``, ``--noise-every``, ``--ghost-batch-size``; per-batch-size learning rates by
+  ``--lr-scaling linear|sqrt`` (+ ``--lr-cap``) or explicitly by ``--batch-lrs`` (one per
+  ``--batch-sizes`` entry); ``--log-every-update`` writes ``train_curve.jsonl`` per run.
 
 Every run goes to ``OUT/<method>_lr<lr>_a<alpha>_s<seed>[...]`` (``OUT`` defaults to
 ``runs/<script>``); finished runs are skipped with ``--resume``, so a long sweep can be
@@ -33,7 +38,10 @@ from typing import Any
 
 from benchmarks.common.config import (
     AUGMENT_MODES,
+    LR_SCALINGS,
     METHODS,
+    NOISE_FISHERS,
+    NOISE_OF_METHOD,
     ExperimentConfig,
     RunSpec,
     scale_milestones,
@@ -88,6 +96,9 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=cfg.batch_size)
     g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
     g.add_argument("--model", default=cfg.model)
+    g.add_argument("--dataset", choices=("cifar10", "cifar100", "tinyimagenet"),
+                   default=cfg.dataset, help="train on another data set than the paper's "
+                   "setting (its loss threshold ε follows unless --loss-threshold is given)")
     g.add_argument("--every", type=int, default=cfg.every,
                    help="recompute the penalty gradient every N steps")
     g.add_argument("--penalty-batch-size", type=int, default=cfg.penalty_batch_size,
@@ -96,6 +107,34 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
                    help="how FisherPenaltySGD computes the penalty gradient")
     g.add_argument("--bn-refresh-batches", type=int, default=cfg.bn_refresh_batches,
                    help="re-estimate BatchNorm statistics on N train batches before evaluating")
+
+    g = p.add_argument_group("large-batch noise (Wen et al., AISTATS 2020)")
+    g.add_argument("--small-batch-size", type=int, default=cfg.small_batch_size,
+                   help="M_S: the small batch whose gradient noise the noise_* methods imitate "
+                   "(they run only at batch sizes above it)")
+    g.add_argument("--fisher", dest="noise_fisher", choices=NOISE_FISHERS,
+                   default=cfg.noise_fisher,
+                   help="noise_*: empirical Fisher (true labels, the paper) or true Fisher "
+                   "(labels sampled from the model)")
+    g.add_argument("--noise-every", type=int, default=cfg.noise_every,
+                   help="noise_trace/noise_diag: re-estimate the Fisher every N steps "
+                   "(1: every step, the paper; noise_full always uses 1)")
+    g.add_argument("--ghost-batch-size", type=int, default=cfg.ghost_batch_size,
+                   help="Ghost BatchNorm with this virtual batch for runs with a larger batch "
+                   "(0: plain BatchNorm)")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=cfg.lr_scaling,
+                   help="scale each run's learning rate by (B / --lr-base-batch) "
+                   "(linear) or its square root (sqrt), B the run's batch size")
+    g.add_argument("--lr-base-batch", type=int, default=cfg.lr_base_batch,
+                   help="batch size at which the learning rate is not scaled")
+    g.add_argument("--lr-cap", type=float, default=cfg.lr_cap,
+                   help="upper bound of the scaled learning rate")
+    g.add_argument("--batch-lrs", nargs="+", type=float, default=None,
+                   help="explicit learning rate per batch size (aligned with --batch-sizes; "
+                   "overrides --lrs/--lr-star and --lr-scaling)")
+    g.add_argument("--log-every-update", action=argparse.BooleanOptionalAction,
+                   default=cfg.log_every_update,
+                   help="write train_curve.jsonl: loss and error of every update's batch")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None,
@@ -180,7 +219,7 @@ def _run_pairs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[tuple[st
 
 
 def _alphas(cfg: ExperimentConfig, args: argparse.Namespace, method: str) -> tuple[float, ...]:
-    if method == "baseline":
+    if method == "baseline" or method in NOISE_OF_METHOD:
         return (0.0,)
     if args.alpha_grid:
         if args.alphas and method != "mixup":
@@ -213,6 +252,11 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         track_groups=cfg.track_groups or args.noise > 0,
         group_probe_size=args.group_probe_size,
     )
+    base = replace(base, **_noise_fields(cfg, args))
+    batch_lrs = getattr(args, "batch_lrs", None)
+    if batch_lrs is not None and len(batch_lrs) != len(batch_sizes):
+        raise ValueError(f"--batch-lrs needs one learning rate per batch size {batch_sizes}, "
+                         f"got {batch_lrs}")
     specs = []
     for method, lr in _run_pairs(cfg, args):
         method_starts = [s for s in starts if s <= args.epochs] if (
@@ -220,10 +264,36 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         for bs, start, alpha, seed in itertools.product(
             batch_sizes, method_starts, _alphas(cfg, args, method), seeds
         ):
-            specs.append(replace(base, method=method, lr=lr, alpha=float(alpha), seed=seed,
+            if method in NOISE_OF_METHOD and bs <= base.small_batch_size:
+                continue  # the noise imitates a smaller batch than the one trained on
+            if batch_lrs is not None:
+                run_lr = float(batch_lrs[batch_sizes.index(bs)])
+            else:
+                run_lr = _scaled_lr(lr, bs, args)
+            specs.append(replace(base, method=method, lr=run_lr, alpha=float(alpha), seed=seed,
                                  batch_size=bs, fp_start_epoch=start,
                                  probe_size=args.probe_size or base.probe_size))
     return specs
+
+
+def _noise_fields(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """RunSpec fields of the large-batch noise options (empty when none is set)."""
+    keys = {"small_batch_size": cfg.small_batch_size, "noise_fisher": cfg.noise_fisher,
+            "noise_every": cfg.noise_every, "ghost_batch_size": cfg.ghost_batch_size,
+            "log_every_update": cfg.log_every_update}
+    return {k: getattr(args, k, default) for k, default in keys.items()}
+
+
+def _scaled_lr(lr: float, batch_size: int, args: argparse.Namespace) -> float:
+    """``lr`` scaled to ``batch_size`` by ``--lr-scaling`` (capped at ``--lr-cap``)."""
+    scaling = getattr(args, "lr_scaling", "none")
+    if scaling == "none":
+        return lr
+    ratio = batch_size / args.lr_base_batch
+    out = lr * (ratio if scaling == "linear" else ratio ** 0.5)
+    if args.lr_cap is not None:
+        out = min(out, args.lr_cap)
+    return float(f"{out:.6g}")
 
 
 def _mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
@@ -277,6 +347,10 @@ def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) ->
                     "tr_f_i", "sec_per_epoch", "images_per_s", "final_train_acc",
                     "final_train_acc_clean", "final_train_acc_noisy"):
             row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in runs])
+        if spec["method"] in NOISE_OF_METHOD or spec.get("ghost_batch_size"):
+            errs = [None if r.get("final_train_acc") is None else 100.0 - r["final_train_acc"]
+                    for r in runs]
+            row["final_train_err"], row["final_train_err_std"] = _mean_std(errs)
         rows.append(row)
     return rows
 
@@ -300,6 +374,8 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
             key.startswith("final_train_acc_") and any(r.get(key) is not None for r in rows)
         ):
             cols.insert(3, (key, head))
+    if any("final_train_err" in r for r in rows):  # large-batch noise experiments
+        cols.insert(-3, ("final_train_err", "train err"))
     lines = ["| " + " | ".join(h for _, h in cols) + " |",
              "|" + "---|" * len(cols)]
     for r in rows:
@@ -327,6 +403,17 @@ def _figure(cfg: ExperimentConfig, root: Path, rows: Sequence[dict[str, Any]],
     return plots.plot_runs(dirs, root / "figure.png", title=cfg.name)
 
 
+def apply_dataset(cfg: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """The config for ``--dataset``; ε follows the data set unless ``--loss-threshold`` is set."""
+    if args.dataset == cfg.dataset:
+        return cfg
+    default_threshold = args.loss_threshold == cfg.threshold
+    cfg = cfg.with_overrides(dataset=args.dataset)
+    if default_threshold:
+        args.loss_threshold = cfg.threshold
+    return cfg
+
+
 def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train every run, write results and the figure. Returns an exit code
     (0 done, 3 stopped by ``--time-limit``: rerun the same command with ``--resume``).
@@ -335,6 +422,7 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser(cfg)
     args = parser.parse_args(argv)
+    cfg = apply_dataset(cfg, args)
     _apply_quick(args, parser)
     if args.penalty_batch_size is None and cfg.penalty_batch_size is not None:
         args.penalty_batch_size = cfg.penalty_batch_size
