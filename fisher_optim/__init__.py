@@ -9,6 +9,7 @@ from fisher_optim.engines import MODES, penalty_gradient
 from fisher_optim.fisher_noise_sgd import COVARIANCES, FISHERS, FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 from fisher_optim.ghost_batchnorm import GhostBatchNorm, convert_to_ghost_batchnorm
+from fisher_optim.monitor import FisherExplosionWarning, FisherMonitor
 from fisher_optim.penalty import PENALTIES, Batch, fisher_penalty
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "MODES",
     "PENALTIES",
     "Batch",
+    "FisherExplosionWarning",
+    "FisherMonitor",
     "FisherNoiseSGD",
     "FisherPenaltySGD",
     "GhostBatchNorm",

@@ -11,11 +11,23 @@
   accuracy and gradient norms on clean and noisy examples;
 * ``trace.jsonl`` - with ``trace_every_steps > 0``: Tr(F) and the mean training loss of the
   last window of steps, every that many steps;
+* ``train_curve.jsonl`` - with ``log_every_update``: one JSON object per update (``step``,
+  fractional ``epoch``, ``lr``, the batch's training ``loss`` and ``train_err`` in %, and for
+  noise methods ``noise_norm``), Wen et al.'s Fig. 3;
 * ``summary.json`` - at the end (see :func:`summarize`);
 * ``checkpoint.pt`` - after every epoch, and mid-epoch when a time limit stops the run:
   model, optimizer (with FisherPenaltySGD's cached penalty gradient and generator), scheduler,
   every random state, the position in the epoch and the logs. Resuming from it gives
   bitwise the same result as an uninterrupted run on CPU.
+
+Large-batch noise runs (methods ``noise_trace``/``noise_diag``/``noise_full``, Wen et al.,
+AISTATS 2020) train with ``FisherNoiseSGD`` (``small_batch_size``, ``noise_fisher`` - with
+``"empirical"`` the batch's true labels are given by ``set_targets`` -, ``noise_every``) and
+log ``noise_norm`` (last step), ``noise_norm_mean`` (mean over the epoch's steps),
+``fisher_trace`` (last estimate) and ``noise_refreshes`` per epoch; a final partial batch of
+at most ``small_batch_size`` examples is dropped for them (FisherNoiseSGD needs M_L > M_S).
+Runs with ``0 < ghost_batch_size < batch_size`` convert their BatchNorm layers to
+``GhostBatchNorm`` (``convert_to_ghost_batchnorm``) before training.
 
 Measurement choices:
 
@@ -56,6 +68,8 @@ from benchmarks.common.config import RunSpec
 from benchmarks.common.data import ImageDataset, augment_batch, load_dataset, normalize
 from benchmarks.common.models import build_model
 from fisher_optim import FisherPenaltySGD
+from fisher_optim.fisher_noise_sgd import FisherNoiseSGD
+from fisher_optim.ghost_batchnorm import convert_to_ghost_batchnorm
 
 __all__ = [
     "TIME_KEYS",
@@ -76,6 +90,7 @@ CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 TRACE = "trace.jsonl"
+TRAIN_CURVE = "train_curve.jsonl"
 
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +369,13 @@ def select_best(summaries: Sequence[dict[str, Any]], key: str = "best_val_acc") 
 
 def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     kw = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
+    if spec.noise_covariance is not None:
+        return FisherNoiseSGD(
+            model, torch.optim.SGD, small_batch_size=spec.small_batch_size,
+            covariance=spec.noise_covariance, fisher=spec.noise_fisher,
+            every=1 if spec.noise_covariance == "full" else spec.noise_every,
+            seed=spec.seed + 10_007, **kw,
+        )
     if spec.penalty is None:
         return torch.optim.SGD(model.parameters(), **kw)
     return FisherPenaltySGD(
@@ -383,6 +405,8 @@ class _Run:
         torch.manual_seed(spec.seed)
         ds = data.train
         self.model = build_model(spec.model, ds.num_classes).to(device)
+        if spec.ghost:
+            convert_to_ghost_batchnorm(self.model, spec.ghost_batch_size)
         self.opt = _build_optimizer(spec, self.model)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
@@ -397,6 +421,9 @@ class _Run:
         self.global_step = 0
         self.logs: list[dict[str, Any]] = []
         self.traces: list[dict[str, Any]] = []
+        #: Per-update records (``log_every_update``) and the epoch's noise norms (noise runs).
+        self.updates: list[dict[str, Any]] = []
+        self.noise_norms: list[float] = []
         n_probe = min(spec.probe_size, len(ds))
         self.probe_x = _to_float(ds, ds.images[:n_probe])
         self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
@@ -419,6 +446,8 @@ class _Run:
             "global_step": self.global_step,
             "logs": self.logs,
             "traces": self.traces,
+            **({"updates": self.updates} if self.spec.log_every_update else {}),
+            **({"noise_norms": self.noise_norms} if self.spec.noise_covariance else {}),
         }
 
     def save(self) -> None:
@@ -442,6 +471,8 @@ class _Run:
         self.perm = None if st["perm"] is None else st["perm"].to(self.device)
         self.sums, self.global_step = dict(st["sums"]), st["global_step"]
         self.logs, self.traces = st["logs"], st["traces"]
+        self.updates = list(st.get("updates", []))
+        self.noise_norms = list(st.get("noise_norms", []))
 
     # ---------------------------------------------------------------- measurement
     def _refresh_batches(self) -> Callable[[], Iterator[Tensor]] | None:
@@ -486,6 +517,14 @@ class _Run:
         pv = getattr(self.opt, "penalty_value", None)
         rec["penalty_value"] = None if pv is None else _finite(float(pv))
         rec["refreshes"] = getattr(self.opt, "refreshes", None)
+        if spec.noise_covariance is not None:
+            nn_ = getattr(self.opt, "noise_norm", None)
+            rec["noise_norm"] = None if nn_ is None else _finite(float(nn_))
+            norms = self.noise_norms
+            rec["noise_norm_mean"] = _finite(sum(norms) / len(norms)) if norms else None
+            ft = getattr(self.opt, "fisher_trace", None)
+            rec["fisher_trace"] = None if ft is None else _finite(float(ft))
+            rec["noise_refreshes"] = getattr(self.opt, "refreshes", None)
         if spec.track_groups and data.noisy is not None:
             idx = self.group_idx
             x = _to_float(data.train, data.train.images[idx])
@@ -523,21 +562,43 @@ class _Run:
         loss.backward()
         if spec.penalty in ("gradient", "input_gradient"):
             self.opt.set_targets(y)
+        if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
+            self.opt.set_targets(y)
+        lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         lv = float(loss.detach())
         b = len(idx)
+        hits = float((out.detach().argmax(1) == y).sum())
+        noise_norm = getattr(self.opt, "noise_norm", None)
+        if spec.noise_covariance is not None and noise_norm is not None:
+            self.noise_norms.append(float(noise_norm))
+        if spec.log_every_update:
+            rec: dict[str, Any] = {
+                "step": self.global_step + 1,
+                "epoch": self.epoch + (self.step_in_epoch + 1) / self._steps_per_epoch(),
+                "lr": lr, "loss": _finite(lv), "train_err": 100.0 * (1.0 - hits / b),
+            }
+            if spec.noise_covariance is not None:
+                rec["noise_norm"] = None if noise_norm is None else _finite(float(noise_norm))
+            self.updates.append(rec)
         self.sums["loss"] += lv * b
-        self.sums["correct"] += float((out.detach().argmax(1) == y).sum())
+        self.sums["correct"] += hits
         self.sums["count"] += b
         self.sums["win_loss"] += lv
         self.sums["win_n"] += 1
         self.global_step += 1
 
+    def _steps_per_epoch(self) -> int:
+        n, bs = len(self.data.train), self.spec.batch_size
+        if self.spec.noise_covariance is not None and 0 < n % bs <= self.spec.small_batch_size:
+            return n // bs  # FisherNoiseSGD needs M_L > M_S: drop the small final batch
+        return math.ceil(n / bs)
+
     def train(self, deadline: float | None, progress: bool, write: Callable[[], None]) -> bool:
         """Train to the end; returns False if stopped early by ``deadline``."""
         spec, ds = self.spec, self.data.train
         n, bs = len(ds), spec.batch_size
-        steps = math.ceil(n / bs)
+        steps = self._steps_per_epoch()
         steps_per_epoch = steps
         while self.epoch < spec.epochs:
             e = self.epoch + 1
@@ -547,6 +608,7 @@ class _Run:
                 self.perm = self.perm.to(ds.images.device)
                 self.step_in_epoch = 0
                 self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
+                self.noise_norms = []
             bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
                             progress)
             while self.step_in_epoch < steps:
@@ -664,6 +726,8 @@ def train_run(
         _write_jsonl(out / METRICS, run.logs)
         if run.traces:
             _write_jsonl(out / TRACE, run.traces)
+        if spec.log_every_update:
+            _write_jsonl(out / TRAIN_CURVE, run.updates)
         if log:
             r = run.logs[-1]
             val = "-" if r.get("val_acc") is None else f"{r['val_acc']:.2f}"
