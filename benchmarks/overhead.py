@@ -73,14 +73,21 @@ def sync(device: torch.device) -> None:
 
 
 def time_model(
-    name: str, device: torch.device, batch: int, window: int, rounds: int, warmup: int
+    name: str,
+    device: torch.device,
+    batch: int,
+    window: int,
+    rounds: int,
+    warmup: int,
+    variants: list[str],
 ) -> dict[str, float]:
-    """Median seconds per step of every variant on one model."""
+    """Median seconds per step of each variant (plain SGD always included) on one model."""
     torch.manual_seed(0)
     base = build_model(name, 10).to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(10, (batch,), device=device)
-    steps = {v: make_step(copy.deepcopy(base), kw, x, y) for v, kw in VARIANTS.items()}
+    names = ["sgd", *(v for v in variants if v != "sgd")]
+    steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y) for v in names}
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -100,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="what to time besides plain SGD (default: all)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
@@ -119,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(header)
     for name in args.models:
-        times = time_model(name, device, args.batch_size, args.window, args.rounds, args.warmup)
+        times = time_model(
+            name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants
+        )
         rows = {}
         for v, t in times.items():
             ratio = t / times["sgd"]
