@@ -80,6 +80,7 @@ def time_model(
     rounds: int,
     warmup: int,
     variants: list[str],
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per step of each variant (plain SGD always included) on one model."""
     torch.manual_seed(0)
@@ -95,11 +96,11 @@ def time_model(
     for _ in range(rounds):
         for v, step in steps.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(window):
                 step()
             sync(device)
-            samples[v].append((time.perf_counter() - start) / window)
+            samples[v].append((clock() - start) / window)
     return {v: statistics.median(s) for v, s in samples.items()}
 
 
@@ -116,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=("wall", "process"), default="wall",
+        help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
+        "shared machine do not inflate (CPU only; meaningful with --threads 1)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -125,13 +131,16 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     header = f"{'model':<14}{'variant':<16}{'ms/step':>10}{'ratio':>8}{'target':>8}"
     print(
-        f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
+        f"device={device} threads={torch.get_num_threads()} clock={args.clock} "
+        f"batch={args.batch_size} "
         f"window={args.window} rounds={args.rounds} torch={torch.__version__}"
     )
     print(header)
     for name in args.models:
+        clock = time.process_time if args.clock == "process" else time.perf_counter
         times = time_model(
-            name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants
+            name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants,
+            clock,
         )
         rows = {}
         for v, t in times.items():

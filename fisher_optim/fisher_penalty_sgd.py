@@ -9,6 +9,7 @@ optimizer's step (the paper recomputes every 10 steps).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -140,8 +141,10 @@ class FisherPenaltySGD(GradientWrapper):
         else:
             value = result.value
         present = [g for g in grads if g is not None]
-        check = torch.stack([value.float(), *(g.float().pow(2).sum() for g in present)]).sum()
-        finite, penalty_value = bool(torch.isfinite(check)), float(value)
+        norm_sum = torch.stack(torch._foreach_norm(present)).float().sum() if present else value
+        # one host sync per refresh: the penalty value, and whether every entry is finite
+        penalty_value, check = torch.stack([value.float(), norm_sum.float()]).tolist()
+        finite = math.isfinite(penalty_value) and math.isfinite(check)
         self.refreshes += 1
         if not finite:
             self.skipped_refreshes += 1
