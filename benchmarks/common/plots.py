@@ -90,6 +90,11 @@ def plot_runs(
     ax_acc.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def _save(fig: Any, out_png: str | os.PathLike) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,12 +124,7 @@ def plot_trace_scatter(
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
