@@ -16,17 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import main
-from benchmarks.common.config import ExperimentConfig
+from benchmarks.common.config import SIMPLECNN_CIFAR10, ExperimentConfig
 
 CONFIG = ExperimentConfig(
     name="cifar10_simplecnn",
-    dataset="cifar10",
-    model="simplecnn",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=(150, 225),
-    weight_decay=0.0,
-    lr_star=0.1,
+    **SIMPLECNN_CIFAR10,
 )
 
 if __name__ == "__main__":

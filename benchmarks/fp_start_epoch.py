@@ -10,17 +10,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import main
-from benchmarks.common.config import ExperimentConfig
+from benchmarks.common.config import SIMPLECNN_CIFAR10, ExperimentConfig
 
 CONFIG = ExperimentConfig(
     name="fp_start_epoch",
-    dataset="cifar10",
-    model="simplecnn",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=(150, 225),
-    weight_decay=0.0,
-    lr_star=0.1,
+    **SIMPLECNN_CIFAR10,
     default_methods=("baseline", "fp"),
     lr_factors=(0.1,),
     fp_start_epochs=(1, 2, 4, 8, 16, 32, 64, 128),

@@ -10,18 +10,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import main
-from benchmarks.common.config import ExperimentConfig
+from benchmarks.common.config import SIMPLECNN_CIFAR10, ExperimentConfig
 
 CONFIG = ExperimentConfig(
     name="large_batch",
-    dataset="cifar10",
-    model="simplecnn",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=(150, 225),
-    weight_decay=0.0,
+    **SIMPLECNN_CIFAR10,
     batch_size=1280,
-    lr_star=0.1,
     default_methods=("baseline", "fp"),
     lr_factors=(1.0, 0.5),
     every=1,

@@ -63,6 +63,18 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 NOISE_FISHERS = ("true", "empirical")
 
 
+#: The paper's SimpleCNN / CIFAR-10 setting (App. I.2), shared by the scripts that use it. The
+#: weight decay is not stated in the paper; η* is a guess (see the module docstring).
+SIMPLECNN_CIFAR10: dict[str, Any] = {
+    "dataset": "cifar10",
+    "model": "simplecnn",
+    "epochs": 300,
+    "milestones": (150, 225),
+    "weight_decay": 0.0,
+    "lr_star": 0.1,
+}
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment of the paper, as a script declares it.
