@@ -108,7 +108,7 @@ def finite_difference_penalty_gradient(
     value = squared_norm(direction).detach()
     norm = value.sqrt()
     if step is None:
-        step = default_fd_step(params)
+        step = _default_fd_step_tensor(params)  # on the device: no host sync per refresh
     scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     rng.restore()  # the second forward sees the same dropout masks as the first
@@ -133,10 +133,13 @@ def finite_difference_penalty_gradient(
 
 def default_fd_step(params: Sequence[Tensor]) -> float:
     """``DEFAULT_FD_STEP[dtype] * max(1, ||θ||)`` for the parameters' dtype."""
-    dtype = params[0].dtype
+    return float(_default_fd_step_tensor(params))
+
+
+def _default_fd_step_tensor(params: Sequence[Tensor]) -> Tensor:
     with torch.no_grad():
-        theta = float(squared_norm(params).sqrt())
-    return DEFAULT_FD_STEP.get(dtype, 1e-3) * max(1.0, theta)
+        theta = squared_norm(params).sqrt()
+    return DEFAULT_FD_STEP.get(params[0].dtype, 1e-3) * theta.clamp_min(1.0)
 
 
 def compute_penalty_gradient(

@@ -27,6 +27,18 @@ def small_cnn(dtype: torch.dtype = torch.float64, bn: bool = True) -> nn.Module:
     ).to(dtype)
 
 
+def seeded_mlp() -> nn.Module:
+    """A fixed-seed 6-16-5 tanh MLP (float32), the same every call."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def seeded_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``step`` of a fixed stream: 8 inputs of size 6 and targets in 0..4."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 6, generator=g), torch.randint(5, (8,), generator=g)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -15,22 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fisher_optim import FisherPenaltySGD, penalty_gradient
+
+from .conftest import seeded_batch as _batch
+from .conftest import seeded_mlp as _model
 
 SEED = 3
 BACKEND = "aot_eager"
 
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(8, 6, generator=g), torch.randint(5, (8,), generator=g)
 
 
 @pytest.fixture(autouse=True)
