@@ -207,6 +207,54 @@ def test_two_epochs_equal_one_plus_one(tmp_path, monkeypatch):
     assert all(torch.equal(v, cc["model"][k]) for k, v in ca["model"].items())
 
 
+def test_test_every_keeps_test_at_best_val_exact(tmp_path):
+    """``test_every=0`` evaluates test (and noisy-train) accuracy only at new best
+    validation accuracies and the last epoch; training and every measured number are those
+    of the run that evaluates every epoch."""
+    data = tiny_bundle(label_noise=0.25)
+    every = harness.train_run(tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25),
+                              data, tmp_path / "a", log=None)
+    spec = tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25, test_every=0)
+    assert spec.to_dict()["test_every"] == 0 and "test_every" not in tiny_spec().to_dict()
+    sparse = harness.train_run(spec, data, tmp_path / "b", log=None)
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
+    best = -1.0
+    for ra, rb in zip(a, b, strict=True):
+        new_best = rb["epoch"] == 0 or rb["val_acc"] > best
+        if rb["epoch"] >= 1:
+            best = max(best, rb["val_acc"])
+        if new_best or rb["epoch"] == spec.epochs:
+            assert rb["test_acc"] == ra["test_acc"]
+            assert rb["train_acc_noisy"] == ra["train_acc_noisy"]
+        else:
+            assert rb["test_acc"] is None and "train_acc_noisy" not in rb
+    assert any(r["test_acc"] is None for r in b)  # something was skipped
+    for key in ("best_val_epoch", "test_acc_at_best_val", "final_test_acc",
+                "final_train_acc_noisy", "max_trace"):
+        assert sparse[key] == every[key], key
+    with pytest.raises(ValueError, match="test_every"):
+        tiny_spec(test_every=-1)
+
+
+def test_divergence_stops_the_run(tmp_path):
+    """A non-finite training loss ends the run at once with status "diverged", and a grid
+    keeps going with the next run."""
+    data = tiny_bundle()
+    specs = [tiny_spec(lr=1e30, epochs=4), tiny_spec(lr=0.05, epochs=1)]
+    bad, good = harness.run_many(specs, data, tmp_path, log=None)
+    assert bad["status"] == "diverged" and bad["epochs_done"] == 1
+    logs = [json.loads(x) for x in (tmp_path / specs[0].name / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert logs[-1]["epoch"] == 1 and logs[-1]["diverged_at_step"] < 5
+    assert good["status"] == "complete"
+    rows = cli.aggregate(specs, {s["name"]: s for s in (bad, good)})
+    assert len(rows) == 2  # a diverged run is a finished table cell
+    again = harness.train_run(specs[0], data, tmp_path / specs[0].name, resume=True, log=None)
+    assert again["status"] == "diverged"  # --resume does not retrain it
+
+
 def test_label_noise_run(tmp_path):
     data = tiny_bundle(label_noise=0.5)
     assert data.noisy is not None and 0 < int(data.noisy.sum()) < len(data.train)

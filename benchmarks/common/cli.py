@@ -38,6 +38,7 @@ from typing import Any
 
 from benchmarks.common.config import (
     AUGMENT_MODES,
+    FINISHED,
     LR_SCALINGS,
     METHODS,
     NOISE_FISHERS,
@@ -158,6 +159,10 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
                    help="ε of Tr(F_i)")
     g.add_argument("--eval-train", action="store_true", default=cfg.eval_train,
                    help="also evaluate the whole training set every epoch (eval mode)")
+    g.add_argument("--test-every", type=int, default=1,
+                   help="evaluate test (and noisy-train) accuracy every N epochs, at the last "
+                        "epoch and at each new best validation accuracy; 0: only those two "
+                        "(test@best-val stays exact, runs get cheaper)")
     g.add_argument("--group-probe-size", type=int, default=1000,
                    help="examples for clean/noisy gradient norms (label-noise runs)")
 
@@ -250,7 +255,7 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         trace_every_steps=args.trace_every_steps, loss_threshold=args.loss_threshold,
         bn_refresh_batches=args.bn_refresh_batches, eval_train=args.eval_train,
         track_groups=cfg.track_groups or args.noise > 0,
-        group_probe_size=args.group_probe_size,
+        group_probe_size=args.group_probe_size, test_every=args.test_every,
     )
     base = replace(base, **_noise_fields(cfg, args))
     batch_lrs = getattr(args, "batch_lrs", None)
@@ -318,7 +323,7 @@ def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) ->
     rows = []
     for cell in cells.values():
         done = [summaries[s.name] for s in cell if s.name in summaries
-                and summaries[s.name].get("status") == "complete"]
+                and summaries[s.name].get("status") in FINISHED]
         if len(done) < len(cell):
             continue
         by_alpha: dict[float, list[dict]] = {}
@@ -456,7 +461,7 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     results = harness.run_many(specs, data, root, device=device, resume=args.resume,
                                progress=not args.no_progress, deadline=deadline)
     summaries = {s["name"]: s for s in results}
-    interrupted = any(s.get("status") != "complete" for s in results) or len(results) < len(
+    interrupted = any(s.get("status") not in FINISHED for s in results) or len(results) < len(
         specs)
     rows = aggregate(specs, summaries)
     root.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,8 @@ NOISE_OF_METHOD: dict[str, str] = {
     "noise_full": "full",
 }
 METHODS = tuple(PENALTY_OF_METHOD)
+#: Run statuses of a finished run (an "interrupted" one resumes with ``--resume``).
+FINISHED = ("complete", "diverged")
 #: Methods whose hyper-parameter ``alpha`` is tuned (mixup's is the Beta parameter β).
 TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
@@ -248,6 +250,10 @@ class RunSpec:
     noise_every: int = 1
     ghost_batch_size: int = 0
     log_every_update: bool = False
+    #: Evaluate the test set (and, with label noise, the training set) every N epochs, at
+    #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
+    #: 0: only the latter two. Validation accuracy is measured every epoch.
+    test_every: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:
@@ -259,6 +265,9 @@ class RunSpec:
         if self.noise_fisher not in NOISE_FISHERS:
             raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
                              f"got {self.noise_fisher!r}")
+        if self.test_every < 0:
+            raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
+                             f"accuracy and the last epoch), got {self.test_every}")
         self.milestones = tuple(int(m) for m in self.milestones)
 
     @property
@@ -326,7 +335,7 @@ class RunSpec:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-#: RunSpec fields left out of ``to_dict()`` at their default (added for the noise
+#: RunSpec fields left out of ``to_dict()`` at their default (added after the first
 #: experiments): the ``config.json`` / checkpoint spec of every other run stays as before,
 #: so ``--resume`` keeps recognising runs started by older code.
 _OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
@@ -335,4 +344,5 @@ _OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
     "noise_every": 1,
     "ghost_batch_size": 0,
     "log_every_update": False,
+    "test_every": 1,
 }

@@ -299,12 +299,17 @@ def _tr_f_i(records: Sequence[dict[str, Any]], key: str, eps: float) -> tuple[An
 
 
 def summarize(
-    spec: RunSpec, logs: list[dict[str, Any]], traces: list[dict[str, Any]]
+    spec: RunSpec, logs: list[dict[str, Any]], traces: list[dict[str, Any]],
+    status: str = "complete",
 ) -> dict[str, Any]:
-    """The run summary: accuracies, model selection on validation, Tr(F) statistics."""
+    """The run summary: accuracies, model selection on validation, Tr(F) statistics.
+
+    ``status`` is "complete" or "diverged" (see ``_Run.train``); a diverged run's best
+    validation epoch still selects among the epochs it finished (early stopping).
+    """
     trained = [r for r in logs if r["epoch"] >= 1]
     last = trained[-1] if trained else logs[-1]
-    s: dict[str, Any] = {"name": spec.name, "spec": spec.to_dict(), "status": "complete",
+    s: dict[str, Any] = {"name": spec.name, "spec": spec.to_dict(), "status": status,
                          "epochs_done": len(trained)}
     with_val = [r for r in trained if r.get("val_acc") is not None]
     if with_val:
@@ -490,7 +495,18 @@ class _Run:
 
         return batches
 
-    def measure(self) -> dict[str, Any]:
+    def _wants_test(self, epoch: int, val_acc: float | None, final: bool) -> bool:
+        """Whether epoch ``epoch`` evaluates the test (and noisy-train) set: see
+        ``RunSpec.test_every``."""
+        k = self.spec.test_every
+        if final or epoch == 0 or val_acc is None or (k > 0 and epoch % k == 0):
+            return True
+        best = max((r["val_acc"] for r in self.logs
+                    if r["epoch"] >= 1 and r.get("val_acc") is not None), default=None)
+        return best is None or val_acc > best
+
+    def measure(self, epoch: int = 0, final: bool = True) -> dict[str, Any]:
+        """The measurements logged after ``epoch`` (``final``: the run's last record)."""
         spec, data, model = self.spec, self.data, self.model
         t0 = time.perf_counter()
         rec: dict[str, Any] = {}
@@ -499,8 +515,12 @@ class _Run:
                 rec["val_loss"], rec["val_acc"], _ = evaluate(model, data.val, spec.eval_batch_size)
             else:
                 rec["val_loss"] = rec["val_acc"] = None
-            rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test, spec.eval_batch_size)
-            if spec.eval_train or data.noisy is not None:
+            if not self._wants_test(epoch, rec["val_acc"], final):
+                rec["test_loss"] = rec["test_acc"] = None
+            else:
+                rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test,
+                                                                spec.eval_batch_size)
+            if rec["test_acc"] is not None and (spec.eval_train or data.noisy is not None):
                 loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
                 rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
                 if data.noisy is not None:
@@ -544,7 +564,8 @@ class _Run:
         for group in self.opt.param_groups:
             group["alpha"] = alpha
 
-    def _step(self, idx: Tensor) -> None:
+    def _step(self, idx: Tensor) -> float:
+        """One training step on the examples ``idx``; returns its loss."""
         spec, ds, model = self.spec, self.data.train, self.model
         x = _to_float(ds, _augment(ds.images[idx], spec.augment, self.gen))
         y = ds.labels[idx]
@@ -587,6 +608,7 @@ class _Run:
         self.sums["win_loss"] += lv
         self.sums["win_n"] += 1
         self.global_step += 1
+        return lv
 
     def _steps_per_epoch(self) -> int:
         n, bs = len(self.data.train), self.spec.batch_size
@@ -594,8 +616,10 @@ class _Run:
             return n // bs  # FisherNoiseSGD needs M_L > M_S: drop the small final batch
         return math.ceil(n / bs)
 
-    def train(self, deadline: float | None, progress: bool, write: Callable[[], None]) -> bool:
-        """Train to the end; returns False if stopped early by ``deadline``."""
+    def train(self, deadline: float | None, progress: bool, write: Callable[[], None]) -> str:
+        """Train to the end. Returns the run's status: "complete", "interrupted" (stopped by
+        ``deadline``; resumable) or "diverged" (a non-finite training loss: the epoch is
+        logged up to that step and training stops, since the weights cannot recover)."""
         spec, ds = self.spec, self.data.train
         n, bs = len(ds), spec.batch_size
         steps = self._steps_per_epoch()
@@ -611,10 +635,11 @@ class _Run:
                 self.noise_norms = []
             bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
                             progress)
+            diverged = False
             while self.step_in_epoch < steps:
                 t0 = time.perf_counter()
                 s = self.step_in_epoch
-                self._step(self.perm[s * bs : (s + 1) * bs])
+                diverged = not math.isfinite(self._step(self.perm[s * bs : (s + 1) * bs]))
                 self.step_in_epoch += 1
                 self.sums["time"] += time.perf_counter() - t0
                 if bar is not None:
@@ -629,12 +654,14 @@ class _Run:
                         "trace": _finite(self.trace()),
                     })
                     self.sums["win_loss"], self.sums["win_n"] = 0.0, 0
+                if diverged:
+                    break
                 if (deadline is not None and _clock() > deadline
                         and self.step_in_epoch < steps):
                     if bar is not None:
                         bar.close()
                     self.save()
-                    return False
+                    return "interrupted"
             if bar is not None:
                 bar.close()
             train_time = self.sums["time"]
@@ -644,19 +671,27 @@ class _Run:
                 "alpha": self.opt.param_groups[0].get("alpha", spec.alpha),
                 "train_loss": self.sums["loss"] / max(self.sums["count"], 1),
                 "train_acc": 100.0 * self.sums["correct"] / max(self.sums["count"], 1),
-                **self.measure(),
+                **self.measure(e, final=diverged or e == spec.epochs),
                 "train_time": train_time,
                 "images_per_s": self.sums["count"] / train_time if train_time > 0 else None,
             }
             rec["epoch_time"] = train_time + rec["eval_time"]
+            if diverged:
+                rec["diverged_at_step"] = self.global_step
             self.sched.step()
             self.logs.append(rec)
             self.epoch, self.perm, self.step_in_epoch = e, None, 0
             self.save()
             write()
+            if diverged:
+                return "diverged"
             if deadline is not None and _clock() > deadline and self.epoch < spec.epochs:
-                return False
-        return True
+                return "interrupted"
+        return "complete"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _clock() -> float:
@@ -730,21 +765,24 @@ def train_run(
             _write_jsonl(out / TRAIN_CURVE, run.updates)
         if log:
             r = run.logs[-1]
-            val = "-" if r.get("val_acc") is None else f"{r['val_acc']:.2f}"
+            val = _pct(r.get("val_acc"))
             tr = "-" if r.get("trace") is None else f"{r['trace']:.3g}"
             log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} loss {r['train_loss']:.4f} "
-                f"train {r['train_acc']:.2f} val {val} test {r['test_acc']:.2f} Tr(F) {tr} "
+                f"train {r['train_acc']:.2f} val {val} test {_pct(r['test_acc'])} Tr(F) {tr} "
                 f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
 
     _write_jsonl(out / METRICS, run.logs)
-    finished = run.train(deadline, progress, write)
-    if not finished:
+    status = run.train(deadline, progress, write)
+    if status == "interrupted":
         if log:
             log(f"[{spec.name}] time limit: checkpointed at epoch {run.epoch} step "
                 f"{run.step_in_epoch}; rerun with --resume to continue")
         return {"name": spec.name, "spec": spec.to_dict(), "status": "interrupted",
                 "epochs_done": run.epoch}
-    summary = summarize(spec, run.logs, run.traces)
+    summary = summarize(spec, run.logs, run.traces, status)
+    if status == "diverged" and log:
+        log(f"[{spec.name}] diverged (non-finite training loss) at step "
+            f"{run.logs[-1]['diverged_at_step']}; stopped")
     _write_json(out / SUMMARY, summary)
     return summary
 
@@ -761,6 +799,6 @@ def run_many(
     for spec in specs:
         s = train_run(spec, data, Path(root) / spec.name, **kwargs)
         out.append(s)
-        if s.get("status") != "complete":
+        if s.get("status") == "interrupted":
             break
     return out
