@@ -382,6 +382,21 @@ def test_explicit_alpha_grid_is_searched_for_penalties_only():
     ]
 
 
+def test_explicit_milestones_replace_the_scaled_schedule():
+    cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny", epochs=300,
+                                  milestones=(80, 120, 160))
+    parser = cli.build_parser(cfg)
+    (scaled,) = cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--lrs", "0.1",
+                                                       "--methods", "baseline"]))
+    assert scaled.milestones == (8, 12, 16)
+    (given,) = cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--lrs", "0.1",
+                                                      "--methods", "baseline",
+                                                      "--milestones", "20", "15"]))
+    assert given.milestones == (15, 20)
+    with pytest.raises(ValueError, match="--milestones"):
+        cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--milestones", "30"]))
+
+
 def test_dataset_switch_takes_the_data_sets_loss_threshold():
     cfg = config.ExperimentConfig(name="x", dataset="cifar100", model="tiny")
     parser = cli.build_parser(cfg)

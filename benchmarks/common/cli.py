@@ -94,6 +94,9 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g = p.add_argument_group("training setting")
     g.add_argument("--epochs", type=int, default=cfg.epochs,
                    help=f"epochs (milestones {list(cfg.milestones)} scaled to it)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="LR x0.1 at these epochs of this run (default: the setting's, scaled "
+                        "to --epochs)")
     g.add_argument("--batch-size", type=int, default=cfg.batch_size)
     g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
     g.add_argument("--model", default=cfg.model)
@@ -244,7 +247,14 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
     batch_sizes = args.batch_sizes or list(cfg.batch_sizes) or [args.batch_size]
     starts = args.fp_start_epochs or list(cfg.fp_start_epochs)
     augment = args.augment if args.augment is not None else cfg.augment
-    milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
+    if args.milestones is not None:
+        bad = [m for m in args.milestones if not 0 < m < args.epochs]
+        if bad:
+            raise ValueError(f"--milestones must lie in 1..{args.epochs - 1} (--epochs "
+                             f"{args.epochs}), got {bad}")
+        milestones = sorted(set(args.milestones))
+    else:
+        milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
     base = RunSpec(
         experiment=cfg.name, dataset=cfg.dataset, model=args.model, method="baseline", lr=0.1,
         epochs=args.epochs, milestones=tuple(milestones), gamma=cfg.gamma,
