@@ -243,8 +243,10 @@ def test_divergence_stops_the_run(tmp_path):
     keeps going with the next run."""
     data = tiny_bundle()
     specs = [tiny_spec(lr=1e30, epochs=4), tiny_spec(lr=0.05, epochs=1)]
-    bad, good = harness.run_many(specs, data, tmp_path, log=None)
+    lines: list[str] = []
+    bad, good = harness.run_many(specs, data, tmp_path, log=lines.append)
     assert bad["status"] == "diverged" and bad["epochs_done"] == 1
+    assert any("diverged" in line for line in lines)
     logs = [json.loads(x) for x in (tmp_path / specs[0].name / "metrics.jsonl").read_text()
             .splitlines()]
     assert logs[-1]["epoch"] == 1 and logs[-1]["diverged_at_step"] < 5

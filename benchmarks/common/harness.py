@@ -669,7 +669,7 @@ class _Run:
                 "epoch": e,
                 "lr": self.opt.param_groups[0]["lr"],
                 "alpha": self.opt.param_groups[0].get("alpha", spec.alpha),
-                "train_loss": self.sums["loss"] / max(self.sums["count"], 1),
+                "train_loss": _finite(self.sums["loss"] / max(self.sums["count"], 1)),
                 "train_acc": 100.0 * self.sums["correct"] / max(self.sums["count"], 1),
                 **self.measure(e, final=diverged or e == spec.epochs),
                 "train_time": train_time,
@@ -690,8 +690,8 @@ class _Run:
         return "complete"
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def _clock() -> float:
@@ -765,10 +765,11 @@ def train_run(
             _write_jsonl(out / TRAIN_CURVE, run.updates)
         if log:
             r = run.logs[-1]
-            val = _pct(r.get("val_acc"))
+            val = _fmt(r.get("val_acc"))
             tr = "-" if r.get("trace") is None else f"{r['trace']:.3g}"
-            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} loss {r['train_loss']:.4f} "
-                f"train {r['train_acc']:.2f} val {val} test {_pct(r['test_acc'])} Tr(F) {tr} "
+            loss = _fmt(r["train_loss"], ".4f")
+            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} loss {loss} "
+                f"train {r['train_acc']:.2f} val {val} test {_fmt(r['test_acc'])} Tr(F) {tr} "
                 f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
 
     _write_jsonl(out / METRICS, run.logs)
