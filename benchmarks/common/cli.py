@@ -95,8 +95,8 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=cfg.epochs,
                    help=f"epochs (milestones {list(cfg.milestones)} scaled to it)")
     g.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="LR x0.1 at these epochs of this run (default: the setting's, scaled "
-                        "to --epochs)")
+                   help=f"multiply the LR by {cfg.gamma:g} at these epochs of this run "
+                        "(default: the setting's milestones, scaled to --epochs)")
     g.add_argument("--batch-size", type=int, default=cfg.batch_size)
     g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
     g.add_argument("--model", default=cfg.model)
