@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"window={args.window} rounds={args.rounds} torch={torch.__version__}"
     )
     print(header)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for name in args.models:
-        clock = time.process_time if args.clock == "process" else time.perf_counter
         times = time_model(
             name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants,
             clock,

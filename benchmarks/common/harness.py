@@ -515,11 +515,11 @@ class _Run:
                 rec["val_loss"], rec["val_acc"], _ = evaluate(model, data.val, spec.eval_batch_size)
             else:
                 rec["val_loss"] = rec["val_acc"] = None
-            if not self._wants_test(epoch, rec["val_acc"], final):
-                rec["test_loss"] = rec["test_acc"] = None
-            else:
+            if self._wants_test(epoch, rec["val_acc"], final):
                 rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test,
                                                                 spec.eval_batch_size)
+            else:
+                rec["test_loss"] = rec["test_acc"] = None
             if rec["test_acc"] is not None and (spec.eval_train or data.noisy is not None):
                 loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
                 rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
