@@ -238,6 +238,22 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
         tiny_spec(test_every=-1)
 
 
+def test_fp_start_epoch_trains_plain_sgd_before_it(tmp_path):
+    """``fp_start_epoch=2`` (``--fp-start-epochs 2``): epoch 1 is the baseline's epoch 1
+    bit for bit, and FP acts from epoch 2 on."""
+    data = tiny_bundle()
+    keys = ("train_loss", "train_acc", "val_acc", "val_loss", "trace")
+    logs = {}
+    for name, spec in {"sgd": tiny_spec(), "late": tiny_spec("fp", alpha=1.0, fp_start_epoch=2),
+                       "fp": tiny_spec("fp", alpha=1.0)}.items():
+        harness.train_run(spec, data, tmp_path / name, log=None)
+        logs[name] = [{k: r[k] for k in keys} for r in map(
+            json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+    assert logs["late"][:2] == logs["sgd"][:2]  # initialisation and epoch 1
+    assert logs["fp"][1] != logs["sgd"][1]  # FP from epoch 1 does change epoch 1
+    assert logs["late"][2] != logs["sgd"][2]
+
+
 def test_divergence_stops_the_run(tmp_path):
     """A non-finite training loss ends the run at once with status "diverged", and a grid
     keeps going with the next run."""
