@@ -425,3 +425,21 @@ def test_dataset_switch_takes_the_data_sets_loss_threshold():
     args = parser.parse_args(["--dataset", "cifar10", "--loss-threshold", "2.0"])
     cli.apply_dataset(cfg, args)
     assert args.loss_threshold == 2.0
+
+
+def test_init_option_reaches_the_model(tmp_path):
+    cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny")
+    parser = cli.build_parser(cfg)
+    (spec,) = cli.make_specs(cfg, parser.parse_args(["--lrs", "0.1", "--methods", "baseline",
+                                                     "--init", "glorot"]))
+    assert spec.init == "glorot" and spec.name.endswith("_init-glorot")
+    assert spec.to_dict()["init"] == "glorot" and "init" not in tiny_spec().to_dict()
+    with pytest.raises(ValueError, match="init"):
+        tiny_spec(init="xavier")
+    data = tiny_bundle()
+    traces = {}
+    for init in ("kaiming", "glorot"):
+        harness.train_run(tiny_spec(epochs=1, init=init), data, tmp_path / init, log=None)
+        first = json.loads((tmp_path / init / "metrics.jsonl").read_text().splitlines()[0])
+        traces[init] = first["trace"]  # Tr(F) at initialisation
+    assert traces["kaiming"] != traces["glorot"]

@@ -180,3 +180,33 @@ def test_vgg16_bn_param_count() -> None:
     assert n_params(model) == expected
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+
+
+def test_init_schemes() -> None:
+    """``init`` re-initialises every conv/linear layer: PyTorch's default is uniform in
+    ±1/sqrt(fan_in) (std 1/sqrt(3 fan_in)), Keras's Glorot-uniform has std
+    sqrt(2/(fan_in+fan_out)) and zero biases; "kaiming" is the model as built."""
+    torch.manual_seed(0)
+    ref = build_model("simplecnn")
+    torch.manual_seed(0)
+    same = build_model("simplecnn", init="kaiming")
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), same.parameters(),
+                                                  strict=True))
+    for init in ("torch", "glorot"):
+        model = build_model("simplecnn", init=init)
+        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert len(layers) == 6
+        for m in layers:
+            w = m.weight
+            fan_in = w[0].numel()
+            fan_out = w.shape[0] * w[0, 0].numel()
+            if init == "torch":
+                bound = fan_in ** -0.5
+                assert w.abs().max() <= bound and m.bias.abs().max() <= bound
+                want = (3 * fan_in) ** -0.5
+            else:
+                assert torch.count_nonzero(m.bias) == 0
+                want = (2 / (fan_in + fan_out)) ** 0.5
+            assert abs(w.std().item() / want - 1) < 0.15, (init, tuple(w.shape))
+    with pytest.raises(ValueError, match="kaiming, torch, glorot"):
+        build_model("simplecnn", init="xavier")

@@ -47,6 +47,7 @@ from benchmarks.common.config import (
     RunSpec,
     scale_milestones,
 )
+from benchmarks.common.models import INITS
 
 __all__ = ["QUICK", "aggregate", "build_parser", "main", "make_specs", "results_table"]
 
@@ -100,6 +101,10 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=cfg.batch_size)
     g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
     g.add_argument("--model", default=cfg.model)
+    g.add_argument("--init", choices=INITS, default="kaiming",
+                   help="initialisation of the conv and linear layers: kaiming (the models' "
+                   "own), torch (PyTorch's layer default) or glorot (Keras's default); the "
+                   "paper does not state its own, and the scale of Tr(F) depends on it")
     g.add_argument("--dataset", choices=("cifar10", "cifar100", "tinyimagenet"),
                    default=cfg.dataset, help="train on another data set than the paper's "
                    "setting (its loss threshold ε follows unless --loss-threshold is given)")
@@ -265,7 +270,7 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         trace_every_steps=args.trace_every_steps, loss_threshold=args.loss_threshold,
         bn_refresh_batches=args.bn_refresh_batches, eval_train=args.eval_train,
         track_groups=cfg.track_groups or args.noise > 0,
-        group_probe_size=args.group_probe_size, test_every=args.test_every,
+        group_probe_size=args.group_probe_size, test_every=args.test_every, init=args.init,
     )
     base = replace(base, **_noise_fields(cfg, args))
     batch_lrs = getattr(args, "batch_lrs", None)

@@ -35,6 +35,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from benchmarks.common.models import INITS
+
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
 PENALTY_OF_METHOD: dict[str, str | None] = {
     "baseline": None,
@@ -254,6 +256,8 @@ class RunSpec:
     #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
     #: 0: only the latter two. Validation accuracy is measured every epoch.
     test_every: int = 1
+    #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
+    init: str = "kaiming"
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:
@@ -265,6 +269,8 @@ class RunSpec:
         if self.noise_fisher not in NOISE_FISHERS:
             raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
                              f"got {self.noise_fisher!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.test_every < 0:
             raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
                              f"accuracy and the last epoch), got {self.test_every}")
@@ -300,6 +306,8 @@ class RunSpec:
             parts.append(f"aug-{self.augment}")
         if self.label_noise:
             parts.append(f"noise{self.label_noise:g}")
+        if self.init != "kaiming":
+            parts.append(f"init-{self.init}")
         if self.noise_covariance is not None:
             if self.small_batch_size != 128:
                 parts.append(f"ms{self.small_batch_size}")
@@ -345,4 +353,5 @@ _OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
     "ghost_batch_size": 0,
     "log_every_update": False,
     "test_every": 1,
+    "init": "kaiming",
 }

@@ -409,7 +409,7 @@ class _Run:
         self.spec, self.data, self.out, self.device = spec, data, out, device
         torch.manual_seed(spec.seed)
         ds = data.train
-        self.model = build_model(spec.model, ds.num_classes).to(device)
+        self.model = build_model(spec.model, ds.num_classes, spec.init).to(device)
         if spec.ghost:
             convert_to_ghost_batchnorm(self.model, spec.ghost_batch_size)
         self.opt = _build_optimizer(spec, self.model)
