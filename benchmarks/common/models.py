@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "INITS",
     "MODELS",
     "Bias2d",
     "DenseNet",
-    "INITS",
     "FixupResNet",
     "PreActResNet",
     "ResNet",
@@ -439,10 +439,10 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 
 
 #: Initialisation schemes of :func:`build_model`: ``"kaiming"`` keeps each model's own
-#: (above); ``"torch"`` resets every ``Conv2d``/``Linear`` to PyTorch's default (weights
-#: and biases uniform in ``±1/sqrt(fan_in)``);
-#: ``"glorot"`` is Keras's default: Glorot-uniform weights, zero biases. The last two replace
-#: a model's special scheme too (Fixup's and SkipInit's zero-initialised layers).
+#: (above); ``"torch"`` resets every ``Conv2d``/``Linear`` to PyTorch's default (weights and
+#: biases uniform in ``±1/sqrt(fan_in)``); ``"glorot"`` is Keras's default: Glorot-uniform
+#: weights, zero biases. The last two replace a model's special scheme too (Fixup's and
+#: SkipInit's zero-initialised layers).
 INITS = ("kaiming", "torch", "glorot")
 
 
