@@ -765,11 +765,10 @@ def train_run(
             _write_jsonl(out / TRAIN_CURVE, run.updates)
         if log:
             r = run.logs[-1]
-            val = _fmt(r.get("val_acc"))
-            tr = "-" if r.get("trace") is None else f"{r['trace']:.3g}"
-            loss = _fmt(r["train_loss"], ".4f")
-            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} loss {loss} "
-                f"train {r['train_acc']:.2f} val {val} test {_fmt(r['test_acc'])} Tr(F) {tr} "
+            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
+                f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
+                f"val {_fmt(r.get('val_acc'))} test {_fmt(r['test_acc'])} "
+                f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
                 f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
 
     _write_jsonl(out / METRICS, run.logs)

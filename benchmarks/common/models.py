@@ -458,8 +458,10 @@ def build_model(name: str, num_classes: int = 10, init: str = "kaiming") -> nn.M
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     model = factory(num_classes)
+    if init == "kaiming":
+        return model
     for m in model.modules():
-        if init == "kaiming" or not isinstance(m, (nn.Conv2d, nn.Linear)):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         if init == "torch":
             m.reset_parameters()
