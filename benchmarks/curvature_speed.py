@@ -8,7 +8,10 @@ SimpleCNN and VGG-11 at CIFAR shape ``[n, 3, 32, 32]``:
 * ``fisher_trace`` - :func:`fisher_optim.curvature.fisher_trace` (ghost norms, one batched
   forward+backward per chunk, labels sampled inside);
 * ``backpack``  - BackPACK's ``BatchL2Grad`` (skipped with a note when not installed);
-* ``batched``   - one ordinary batched forward+backward of the summed loss (the floor).
+* ``batched``   - one ordinary batched forward+backward of the summed loss (the floor);
+* ``lambda_K``  - with ``--covariance``: λ_K^1, the top eigenvalue of the gradient covariance
+  (:func:`fisher_optim.curvature.gradient_covariance_eigenvalues`, N×N Gram matrix of all n
+  examples; its value is not comparable with Tr(F)).
 
 The per-example methods use the same sampled labels, so their Tr(F) values must agree to
 float precision; ``per_example_grad_norms`` (the same engine as ``fisher_trace``) is checked
@@ -62,13 +65,17 @@ def _local_build_model(name: str, num_classes: int = 10) -> nn.Module:
 
 
 try:  # the shared definitions, when the repository's benchmarks package is there
-    build_model = importlib.import_module("benchmarks.common.models").build_model
+    _models = importlib.import_module("benchmarks.common.models")
+    build_model, MODEL_NAMES = _models.build_model, tuple(sorted(_models.MODELS))
 except ImportError:  # stand-alone copies of the two networks
-    build_model = _local_build_model
+    build_model, MODEL_NAMES = _local_build_model, ("simplecnn", "vgg11")
 
 # imported after the repository root is on sys.path
 sample_labels = importlib.import_module("fisher_optim._logits").sample_labels
 curvature = importlib.import_module("fisher_optim.curvature")
+_cli = importlib.import_module("fisher_optim._cli")
+#: The timed methods (``backpack`` only when BackPACK is installed).
+METHODS = ("loop", "vmap", "fisher_trace", "backpack", "batched")
 
 
 def _params(model: nn.Module) -> list[Tensor]:
@@ -123,7 +130,11 @@ def backpack_trace(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def make_methods(
-    model: nn.Module, device: torch.device, chunk_size: int, has_backpack: bool
+    model: nn.Module,
+    device: torch.device,
+    chunk_size: int,
+    has_backpack: bool,
+    covariance: bool = False,
 ) -> dict[str, Callable[[Tensor, Tensor], float]]:
     """The timed methods, each ``(x, y) -> Tr(F)`` (``batched``: a squared norm)."""
     gen = torch.Generator(device).manual_seed(1)
@@ -137,18 +148,42 @@ def make_methods(
     }
     if has_backpack:
         methods["backpack"] = lambda x, y: backpack_trace(model, x, y)
+    if covariance:
+        methods["lambda_K"] = lambda x, y: float(
+            curvature.gradient_covariance_eigenvalues(model, (x, y))[0]
+        )
     return methods
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every value is range-checked (a bad one is an argparse error)."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/curvature_speed.py", description=__doc__.split("\n")[0],
+        formatter_class=_cli.HelpFormatter,
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the models and data live")
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES,
+                        default=["simplecnn", "vgg11"], metavar="MODEL",
+                        help=f"networks, of: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--n", type=_cli.positive_int, default=512,
+                        help="examples of the random CIFAR-shaped batch Tr(F) is measured on")
+    parser.add_argument("--repeats", type=_cli.positive_int, default=3,
+                        help="interleaved timed repeats of each method; the median is reported")
+    parser.add_argument("--chunk-size", type=_cli.positive_int, default=256, metavar="N",
+                        help="chunk_size of fisher_trace and per_example_grad_norms")
+    parser.add_argument("--skip", nargs="*", choices=METHODS, default=[], metavar="METHOD",
+                        help=f"methods to leave out, of: {', '.join(METHODS)} (default: none)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the results to this JSON file (default: print only)")
+    parser.add_argument("--covariance", action="store_true",
+                        help="also time λ_K^1 (gradient_covariance_eigenvalues, the N×N Gram "
+                             "matrix of the n examples) next to fisher_trace (default: off)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--models", nargs="+", default=["simplecnn", "vgg11"])
-    parser.add_argument("--n", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=256, help="fisher_trace chunk_size")
-    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -175,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = torch.randn(args.n, 3, 32, 32, device=device)
         with torch.no_grad():
             y = sample_labels(model(x), generator=torch.Generator(device).manual_seed(0))
-        methods = make_methods(model, device, args.chunk_size, has_backpack)
+        methods = make_methods(model, device, args.chunk_size, has_backpack, args.covariance)
         methods = {k: v for k, v in methods.items() if k not in args.skip}
         # warm-up (the loop on a few examples only)
         for key, fn in methods.items():
@@ -201,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             speedup = f"{med['loop'] / med[key]:10.1f}" if "loop" in med else f"{'-':>10}"
             value = "" if key == "batched" else f"{values[key]:12.5g}"
             print(f"{key:>14} {med[key]:9.3f} {rel} {speedup} {value}")
+        if "lambda_K" in med and "fisher_trace" in med:
+            print(f"lambda_K / fisher_trace time: {med['lambda_K'] / med['fisher_trace']:.2f}")
         refs = {k: values[k] for k in ("loop", "vmap", "backpack") if k in values}
         agree = {k: abs(v - ghost) / abs(v) for k, v in refs.items()}
         print(f"ghost-norm Tr(F) with the same labels: {ghost:.6g}; relative difference to "

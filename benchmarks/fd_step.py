@@ -1,18 +1,25 @@
-"""How the finite-difference penalty gradient agrees with the exact one, against the step r.
+"""How far the finite-difference penalty gradient is from the exact one, against the step.
 
-For each network, dtype and seed (fresh initialisation and batch), computes the exact
-``∇ Tr(F_B)`` (double backprop) and the forward difference at ``r = c · max(1, ||θ||)`` for
-each relative step ``c``, with the same sampled labels, and prints the median and minimum
-cosine over seeds as a Markdown table (the default step is marked).
+For each network, parameter dtype and seed (fresh initialisation and batch) the reference is
+the exact ``∇ Tr(F_B) = 2 H g`` by double backprop **in float64** (same model, same sampled
+labels). The finite difference (forward: 2 gradients, central: 3 gradients) is computed in
+the given dtype at ``r = c · max(1, ||θ||)`` for each relative step ``c``. Printed as two
+Markdown tables, median (worst) over the seeds: the relative L2 error
+``||fd − exact|| / ||exact||`` and the cosine between the two. The library's default scheme
+and step are marked in bold.
 
-    python benchmarks/fd_step.py --seeds 5
+    taskset -c 1 python benchmarks/fd_step.py --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,14 +28,36 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fisher_optim import penalty_gradient  # noqa: E402
-from fisher_optim.engines import DEFAULT_FD_STEP  # noqa: E402
+from fisher_optim._logits import sample_labels  # noqa: E402
+from fisher_optim.engines import (  # noqa: E402
+    DEFAULT_FD_SCHEME,
+    DEFAULT_FD_STEP,
+    FD_SCHEMES,
+    exact_penalty_gradient,
+    finite_difference_penalty_gradient,
+)
+from fisher_optim.penalty import Batch, PenaltyObjective  # noqa: E402
 
-STEPS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+STEPS = (1e-2, 1e-3, 1e-4, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def smooth_mlp() -> nn.Module:
+    """Tanh and GELU: a loss that is smooth in θ."""
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)
+    )
+
+
+def relu_mlp() -> nn.Module:
+    """ReLU: a piecewise-smooth loss."""
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
 def smooth_cnn() -> nn.Module:
-    """Tanh/GELU, BatchNorm, average pooling: a loss that is smooth in θ."""
+    """Tanh/GELU, BatchNorm (batch statistics), average pooling: smooth in θ."""
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(), nn.AvgPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(), nn.AvgPool2d(2),
@@ -36,8 +65,16 @@ def smooth_cnn() -> nn.Module:
     )
 
 
+def tiny_smooth_cnn() -> nn.Module:
+    """The test suite's small CNN (8x8 inputs): conv-BN-tanh-avgpool-conv-GELU-linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 8, 3), nn.GELU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 5),
+    )
+
+
 def relu_cnn() -> nn.Module:
-    """ReLU and max pooling (SimpleCNN's layers at 16x16): piecewise-smooth loss."""
+    """ReLU and max pooling (SimpleCNN's layers at 16x16): piecewise smooth."""
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -45,53 +82,188 @@ def relu_cnn() -> nn.Module:
     )
 
 
-NETWORKS = {"smooth_cnn": smooth_cnn, "relu_cnn": relu_cnn}
+#: name -> (model factory, input shape of one example)
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "smooth_mlp": (smooth_mlp, (32,)),
+    "relu_mlp": (relu_mlp, (32,)),
+    "smooth_cnn": (smooth_cnn, (3, 16, 16)),
+    "tiny_smooth_cnn": (tiny_smooth_cnn, (3, 8, 8)),
+    "relu_cnn": (relu_cnn, (3, 16, 16)),
+}
 
 
-def cosines(net: str, dtype: torch.dtype, seed: int, batch: int) -> dict[float, float]:
+def flat(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).flatten().double()
+            for g, p in zip(grads, params)
+        ]
+    )
+
+
+def measure(
+    net: str, dtype: torch.dtype, seed: int, batch: int, steps: list[float], schemes: list[str]
+) -> dict[tuple[str, float], tuple[float, float]]:
+    """``{(scheme, c): (relative L2 error, cosine)}`` against the float64 exact gradient."""
+    make, shape = NETWORKS[net]
     torch.manual_seed(seed)
-    model = NETWORKS[net]().to(dtype)
-    x = torch.randn(batch, 3, 16, 16, dtype=dtype)
-    theta = float(torch.cat([p.detach().flatten() for p in model.parameters()]).double().norm())
+    ref_model = make().double()
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        labels = sample_labels(ref_model(x), generator=torch.Generator().manual_seed(seed))
 
-    def flat(mode: str, step: float | None = None) -> torch.Tensor:
-        grads = penalty_gradient(
-            model, x, mode=mode, fd_step=step, generator=torch.Generator().manual_seed(seed)
-        )
-        return torch.cat([g.flatten() for g in grads]).double()
+    def objective(model: nn.Module, inputs: torch.Tensor) -> PenaltyObjective:
+        obj = PenaltyObjective(model, Batch((inputs,)))
+        obj.labels = labels  # the same labels in every dtype and pass
+        return obj
 
-    exact = flat("exact")
-    return {
-        c: F.cosine_similarity(exact, flat("finite_difference", c * max(1.0, theta)), dim=0).item()
-        for c in STEPS
-    }
+    reference = exact_penalty_gradient(objective(ref_model, x))
+    exact = flat(reference.grads, list(ref_model.parameters()))
+    model = copy.deepcopy(ref_model).to(dtype)
+    params = list(model.parameters())
+    theta = float(torch.cat([p.detach().double().flatten() for p in params]).norm())
+    out = {}
+    for scheme in schemes:
+        for c in steps:
+            result = finite_difference_penalty_gradient(
+                objective(model, x.to(dtype)), c * max(1.0, theta), scheme
+            )
+            fd = flat(result.grads, params)
+            err = float((fd - exact).norm() / exact.norm())
+            cos = float(F.cosine_similarity(fd, exact, dim=0))
+            out[scheme, c] = (err if math.isfinite(err) else math.inf, cos)
+    return out
+
+
+def table(
+    title: str,
+    rows: dict[tuple[str, str, str], dict[float, list[float]]],
+    steps: list[float],
+    worst: Callable[[list[float]], float],
+    fmt: str,
+) -> list[str]:
+    lines = [
+        title,
+        "",
+        "| network | dtype | scheme | " + " | ".join(f"{c:g}" for c in steps) + " |",
+        "|" + "---|" * (len(steps) + 3),
+    ]
+    for (net, dname, scheme), cells in rows.items():
+        texts = []
+        for c in steps:
+            v = cells[c]
+            text = f"{statistics.median(v):{fmt}} ({worst(v):{fmt}})"
+            default = scheme == DEFAULT_FD_SCHEME and c == DEFAULT_FD_STEP[DTYPES[dname]]
+            texts.append(f"**{text}**" if default else text)
+        lines.append(f"| {net} | {dname} | {scheme} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {value}")
+    return value
+
+
+def relative_step(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"a relative step must be in (0, 1), got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    def names(values: tuple[str, ...] | list[str]) -> str:
+        return " ".join(values)
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Prints relative error and cosine tables.",
+    )
+    parser.add_argument(
+        "--seeds", type=positive_int, default=5,
+        help="number of seeds (fresh initialisation, batch and labels each); the tables show "
+        "the median and the worst over them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32,
+        help="examples per batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=relative_step, nargs="+", default=list(STEPS), metavar="C",
+        help="relative steps c, each in (0, 1); the step is r = c * max(1, ||θ||) "
+        f"(default: {' '.join(f'{c:g}' for c in STEPS)})",
+    )
+    parser.add_argument(
+        "--schemes", nargs="+", choices=FD_SCHEMES, default=list(FD_SCHEMES),
+        help="difference schemes: forward (2 gradients), central (3 gradients) "
+        f"(default: {names(FD_SCHEMES)})",
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+        help="parameter dtypes of the finite difference; the reference is always the float64 "
+        f"exact gradient (default: {names(list(DTYPES))})",
+    )
+    parser.add_argument(
+        "--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS),
+        help="smooth (tanh/GELU, average pooling) and ReLU/max-pool MLPs and CNNs "
+        f"(default: {names(list(NETWORKS))})",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1,
+        help="torch intra-op threads (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, metavar="FILE",
+        help="also write the tables (Markdown) to FILE (default: print only)",
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    header = "| network | dtype | " + " | ".join(f"{c:g}" for c in STEPS) + " |"
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    errors: dict[tuple[str, str, str], dict[float, list[float]]] = {}
+    cosines: dict[tuple[str, str, str], dict[float, list[float]]] = {}
+    for net in args.networks:
+        for dname in args.dtypes:
+            runs = [
+                measure(net, DTYPES[dname], s, args.batch_size, args.steps, args.schemes)
+                for s in range(args.seeds)
+            ]
+            for scheme in args.schemes:
+                key = (net, dname, scheme)
+                errors[key] = {c: [r[scheme, c][0] for r in runs] for c in args.steps}
+                cosines[key] = {c: [r[scheme, c][1] for r in runs] for c in args.steps}
+    setting = (
+        f"median (worst) over {args.seeds} seeds, batch {args.batch_size}; columns: relative "
+        "step c, r = c·max(1, ‖θ‖); **bold** = the library's default scheme and step."
+    )
     lines = [
-        f"Cosine between the two modes, median (min) over {args.seeds} seeds, batch "
-        f"{args.batch_size}; columns: relative step c, r = c·max(1, ‖θ‖); **bold** = default.",
+        *table(f"Relative L2 error against the float64 exact gradient, {setting}",
+               errors, args.steps, max, ".2e"),
         "",
-        header,
-        "|" + "---|" * (len(STEPS) + 2),
+        *table(f"Cosine to the float64 exact gradient, {setting}",
+               cosines, args.steps, min, ".4f"),
     ]
-    for net in NETWORKS:
-        for dtype in (torch.float32, torch.float64):
-            runs = [cosines(net, dtype, s, args.batch_size) for s in range(args.seeds)]
-            cells = []
-            for c in STEPS:
-                values = [r[c] for r in runs]
-                cell = f"{statistics.median(values):.4f} ({min(values):.4f})"
-                cells.append(f"**{cell}**" if c == DEFAULT_FD_STEP[dtype] else cell)
-            lines.append(f"| {net} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    return table
+    command = " ".join(["python benchmarks/fd_step.py", *(sys.argv[1:] if argv is None else argv)])
+    lines += [
+        "",
+        f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} thread(s), "
+        f"{time.perf_counter() - start:.0f} s).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

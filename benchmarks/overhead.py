@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -28,14 +29,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
+from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
 
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
     "sgd": None,
     "fp_fd_k10": {"mode": "finite_difference", "every": 10},
     "fp_exact_k10": {"mode": "exact", "every": 10},
+    # the spike safeguard off (the paper's FP exactly): what the safeguard costs
+    "fp_fd_k10_noguard": {"mode": "finite_difference", "every": 10, "spike_factor": None},
+    "fp_exact_k10_noguard": {"mode": "exact", "every": 10, "spike_factor": None},
     "fp_fd_k1": {"mode": "finite_difference", "every": 1},
     "fp_exact_k1": {"mode": "exact", "every": 1},
     "gp_exact_k10": {"mode": "exact", "every": 10, "penalty": "gradient"},
@@ -104,26 +109,59 @@ def time_model(
     return {v: statistics.median(s) for v, s in samples.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-        help="what to time besides plain SGD (default: all)",
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every value is range-checked (a bad one is an argparse error)."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--device", type=_device, default=None,
+        help="cpu, cuda or cuda:INDEX (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
+        metavar="MODEL",
+        help=f"networks to time, of: {', '.join(sorted(MODELS))}",
+    )
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=None, metavar="VARIANT",
+        help=f"what to time besides plain SGD, of: {', '.join(v for v in VARIANTS if v != 'sgd')}"
+        " (default: all)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="batch size of the random CIFAR-shaped batch")
+    parser.add_argument("--window", type=positive_int, default=10, metavar="STEPS",
+                        help="steps per timed window")
+    parser.add_argument("--rounds", type=positive_int, default=5,
+                        help="interleaved rounds; the median window is reported")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, metavar="STEPS",
+                        help="untimed steps of each variant before the rounds")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--clock", choices=("wall", "process"), default="wall",
         help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
         "shared machine do not inflate (CPU only; meaningful with --threads 1)",
     )
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the results to this JSON file (default: print only)")
+    return parser
+
+
+def _device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:INDEX, got {text!r}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.variants is None:
+        args.variants = list(VARIANTS)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

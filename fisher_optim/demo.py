@@ -28,6 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fisher_optim._cli import (
+    HelpFormatter,
+    integer,
+    momentum,
+    open_fraction,
+    positive_float,
+    positive_int,
+)
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 
 
@@ -133,32 +141,43 @@ def train(
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line; every value is checked here (an invalid one is an argparse
+    error, never a traceback or a run that silently does something else)."""
     p = argparse.ArgumentParser(
         prog="python -m fisher_optim.demo",
         description="Plain SGD vs FisherPenaltySGD on sklearn's digits; prints accuracy and Tr(F).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--lr", type=float, default=0.01, help="the small learning rate (default 0.01)")
-    p.add_argument("--large-lr", type=float, default=0.05, help="reference SGD run's learning rate")
-    p.add_argument(
-        "--alpha", type=float, nargs="+", default=[0.1, 0.3],
-        help="Fisher penalty weights, one FP run each (default 0.1 0.3)",
-    )
-    p.add_argument(
-        "--every", type=int, default=1,
-        help="penalty refresh period in steps (default 1: cheap for this small MLP; the paper "
-        "uses 10 on CIFAR, where a stale penalty gradient with α ≥ 0.3 can diverge here)",
-    )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--width", type=int, default=128, help="hidden units per layer")
-    p.add_argument("--probe", type=int, default=256, help="training examples Tr(F) is measured on")
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--print-every", type=int, default=5, help="print progress every N epochs")
-    return p.parse_args(argv)
+    p.add_argument("--lr", type=positive_float, default=0.01,
+                   help="the small learning rate, shared by the small-LR SGD run and the FP runs")
+    p.add_argument("--large-lr", type=positive_float, default=0.05,
+                   help="learning rate of the reference SGD run")
+    p.add_argument("--alpha", type=positive_float, nargs="+", default=[0.1, 0.3],
+                   help="Fisher penalty weights α > 0, one FP run each")
+    p.add_argument("--every", type=positive_int, metavar="N", default=1,
+                   help="penalty refresh period in steps (1: cheap for this small MLP; the "
+                   "paper uses 10 on CIFAR, where a stale penalty gradient with α ≥ 0.3 can "
+                   "diverge here)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs of each run")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="mini-batch size")
+    p.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum, in [0, 1)")
+    p.add_argument("--width", type=positive_int, default=128, help="hidden units per layer")
+    p.add_argument("--probe", type=positive_int, metavar="N", default=256,
+                   help="Tr(F) is measured on the first N training examples (all of them "
+                   "when N exceeds the training set)")
+    p.add_argument("--test-fraction", type=open_fraction, default=0.3,
+                   help="fraction of the 1,797 digits held out for testing, in (0, 1)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0,
+                   help="seed of the initialisation, the mini-batch order and the split")
+    p.add_argument("--threads", type=positive_int, metavar="N", default=1, help="torch CPU threads")
+    p.add_argument("--print-every", type=positive_int, metavar="N", default=5,
+                   help="print progress every N epochs (and after the first and last)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

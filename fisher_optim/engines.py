@@ -15,49 +15,70 @@ with the *same* labels (and the same dropout masks); the parameters are then res
 For the input-gradient penalty (GPx, ``g = ∇_x L``) the inputs are shifted instead of θ and
 ``∇_θ P ≈ 2 ||g|| (∇_θ L(x + r v) − ∇_θ L(x)) / r``.
 
-The forward difference has truncation error ``O(r)`` and rounding error ``O(ε ||∇L|| / r)``.
-The default step is ``r = DEFAULT_FD_STEP[dtype] * max(1, ||θ||)``: a fixed fraction of the
-weights' norm (1e-6 in float32, 1e-7 in float64), chosen by measuring the cosine between the two
-modes over relative steps 1e-2 … 1e-8 (``benchmarks/fd_step.py``; the table is in the docs'
-science page). On a small CNN with smooth activations (tanh, GELU, BatchNorm, average pooling)
-the default step gives a cosine of 0.9995 (worst of 5 seeds 0.9992) in float32 and 1.0000 in
-float64.
+Choosing the scheme and the step (``benchmarks/fd_step.py``; the table, with the command, is
+``docs/fd_step_measured.md``, rendered in the docs' science page). The error of the quotient
+has three sources:
 
-Kinks: on ReLU / max-pool networks the loss gradient is only piecewise smooth. The exact mode
-returns the Hessian of the current linear region (ReLU'' = 0), which is the true gradient of P
-almost everywhere; the difference quotient also sees every unit that changes sign within ``r``,
-so it estimates the gradient of P smoothed at scale ``r``. The two then disagree unless ``r`` is
-below the distance to the nearest kink, which in float32 is often not resolvable: on a small
-ReLU / max-pool CNN the default float32 step gives a median cosine of 0.9999 over 5 seeds but
-0.02 at worst (float64: 1.0000 on all 5). Use the
-exact mode when you need ``2 H g`` to the last digit; the finite difference is the cheaper
-regulariser the FP paper's slides describe.
+* truncation: ``O(r)`` for the forward difference, ``O(r²)`` for the central one
+  ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r`` (three gradients, ≈ 3x);
+* rounding: ``O(ε ||∇L|| / r)``, ε the machine epsilon (about 6e-8 in float32);
+* kinks: on ReLU / max-pool networks the gradient jumps where a unit changes sign. The exact
+  mode returns the Hessian of the current linear region (ReLU'' = 0), the true gradient of P
+  almost everywhere; a quotient whose step crosses a kink adds the jump divided by ``r``. The
+  chance of a crossing grows with ``r`` (and with the number of units), so large steps fail.
 
-Finite-difference passes run in the parameters' precision even under ``torch.autocast``: a
-difference of two half-precision gradients is rounding noise.
+Measured against the float64 exact gradient (relative L2 error, median and worst of 5 seeds,
+batch 32; smooth = tanh/GELU/average pooling, MLPs and CNNs): in float32 the smooth networks
+want a large step (forward at relative step 1e-4: 0.06–0.14%; central at 1e-3: 0.003–0.007%),
+but at such steps the ReLU networks are far off (forward at 1e-4: the ReLU/max-pool CNN by
+171%, median; at 1e-3 both ReLU nets by 58%–480%, cosine down to 0.18), and at 1e-5 and 3e-6
+one ReLU-CNN seed in five still crosses a kink (errors of 12x–40x). At 1e-6 every ReLU run
+stayed within 4%; there the forward difference's error is rounding: 2–4% on the ReLU nets,
+4–12% on the smooth ones (cosine ≥ 0.992). At a step limited by kinks the central
+difference gains nothing per pass: ``r/2`` central has the forward's rounding error and kink
+exposure at ``r`` and costs 3 gradients instead of 2. So the default is the **forward**
+difference (≈ 2x a gradient) at
+
+    r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-6 in float32, 1e-8 in float64
+
+(float64: relative error ≤ 1.6e-7 on all measured networks). In float32 the finite difference
+is therefore a few-percent approximation of ``2 H g`` (19% on the tiny tanh CNN of the docs'
+example, almost all of it rounding in the two gradients): use the exact mode when you need it
+to the last digit. On a network known to be smooth, ``fd_step=1e-4 * max(1, ||θ||)`` brings the
+forward difference to about 0.1%.
+
+Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no
+step lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks. The passes run in the
+parameters' precision even under ``torch.autocast`` (autocast is switched off inside), so
+training under autocast with float32 parameters works, with float32 differences. ``fd_step``
+must be a finite number > 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn
+from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import trainable_parameters
+from fisher_optim._targets import TargetMask
 from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
 
 MODES = ("exact", "finite_difference")
+#: Difference schemes of the finite-difference engine (see the module docstring).
+FD_SCHEMES = ("forward", "central")
+#: The scheme ``mode="finite_difference"`` uses.
+DEFAULT_FD_SCHEME = "forward"
 
 #: Relative finite-difference step per parameter dtype (times ``max(1, ||θ||)``).
 DEFAULT_FD_STEP = {
-    torch.float64: 1e-7,
+    torch.float64: 1e-8,
     torch.float32: 1e-6,
-    torch.bfloat16: 1e-2,
-    torch.float16: 1e-3,
 }
 
 
@@ -65,6 +86,32 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def check_fd_step(fd_step: float | None) -> float | None:
+    """``fd_step`` must be None (the default step) or a finite number > 0."""
+    if fd_step is None:
+        return None
+    if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)):
+        raise TypeError(f"fd_step must be a number > 0 or None, got {fd_step!r}")
+    if not math.isfinite(fd_step) or fd_step <= 0:
+        raise ValueError(
+            f"fd_step must be a finite number > 0 or None (the default step), got {fd_step!r}"
+        )
+    return float(fd_step)
+
+
+def check_fd_dtypes(params: Sequence[Tensor]) -> None:
+    """Refuse parameters the finite difference cannot resolve (anything but float32/64)."""
+    bad = sorted({str(p.dtype) for p in params if p.dtype not in DEFAULT_FD_STEP})
+    if bad:
+        raise TypeError(
+            f"mode='finite_difference' needs float32 or float64 parameters, got {', '.join(bad)}: "
+            "in half precision the difference of two gradients is rounding noise (its "
+            "machine epsilon leaves no step between rounding and truncation error). Use "
+            "mode='exact', or keep float32 parameters and train under torch.autocast (the "
+            "difference passes then run in float32)"
+        )
 
 
 @dataclass
@@ -93,41 +140,56 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
 
 
 def finite_difference_penalty_gradient(
-    objective: PenaltyObjective, step: float | None = None
+    objective: PenaltyObjective, step: float | None = None, scheme: str = DEFAULT_FD_SCHEME
 ) -> PenaltyGradient:
-    """``∇_θ ||∇L||²`` by a forward difference of two gradients along ``∇L`` (see module)."""
+    """``∇_θ ||∇L||²`` by a difference of gradients along ``∇L`` (see the module docstring).
+
+    ``scheme="forward"``: ``(∇L(θ + r v) − ∇L(θ)) / r``, two gradients; ``"central"``:
+    ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r``, three. Every pass runs in the parameters' precision
+    (autocast off) and sees the dropout masks of the first.
+    """
+    if scheme not in FD_SCHEMES:
+        raise ValueError(f"scheme must be one of {FD_SCHEMES}, got {scheme!r}")
+    step = check_fd_step(step)
     params = objective.params
+    check_fd_dtypes(params)
     shift_inputs = objective.inputs is not None
     rng = _RngState(params[0].device)
 
-    loss = objective.loss()
-    wrt = objective.wrt() if shift_inputs else []
-    both = torch.autograd.grad(loss, [*wrt, *params], allow_unused=True)
-    grads_at = list(both[len(wrt) :])
-    direction = list(both[: len(wrt)]) if shift_inputs else grads_at
-    value = squared_norm(direction).detach()
-    norm = value.sqrt()
-    if step is None:
-        step = _default_fd_step_tensor(params)  # on the device: no host sync per refresh
-    scale = step / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    with _no_autocast(params[0].device):
+        loss = objective.loss()
+        wrt = objective.wrt() if shift_inputs else []
+        both = torch.autograd.grad(loss, [*wrt, *params], allow_unused=True)
+        grads_at = list(both[len(wrt) :])
+        direction = list(both[: len(wrt)]) if shift_inputs else grads_at
+        value = squared_norm(direction).detach()
+        norm = value.sqrt()
+        r: Tensor | float = _default_fd_step_tensor(params) if step is None else step
+        scale = r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
-    rng.restore()  # the second forward sees the same dropout masks as the first
-    if shift_inputs:
-        shifted_loss = objective.loss(input_shift=direction[0] * scale)
-        grads_shifted = torch.autograd.grad(shifted_loss, params, allow_unused=True)
-    else:
-        present = [i for i, t in enumerate(grads_at) if t is not None]
-        moved = [params[i] for i in present]
-        saved = [p.detach().clone() for p in moved]
-        with torch.no_grad():
-            torch._foreach_add_(moved, torch._foreach_mul([grads_at[i] for i in present], scale))
-        try:
-            grads_shifted = torch.autograd.grad(objective.loss(), params, allow_unused=True)
-        finally:
+        def grads_shifted(sign: float) -> list[Tensor | None]:
+            rng.restore()  # every pass sees the same dropout masks as the first
+            if shift_inputs:
+                shifted = objective.loss(input_shift=direction[0] * (sign * scale))
+                return list(torch.autograd.grad(shifted, params, allow_unused=True))
+            present = [i for i, t in enumerate(grads_at) if t is not None]
+            moved = [params[i] for i in present]
+            saved = [p.detach().clone() for p in moved]
             with torch.no_grad():
-                torch._foreach_copy_(moved, saved)
-    factor = 2 * norm / step
-    grads = [_difference(a, b, factor) for a, b in zip(grads_at, grads_shifted)]
+                shift = torch._foreach_mul([grads_at[i] for i in present], sign * scale)
+                torch._foreach_add_(moved, shift)
+            try:
+                return list(torch.autograd.grad(objective.loss(), params, allow_unused=True))
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(moved, saved)
+
+        if scheme == "forward":
+            ahead, behind, span = grads_shifted(1.0), grads_at, r
+        else:
+            ahead, behind, span = grads_shifted(1.0), grads_shifted(-1.0), 2 * r
+    factor = 2 * norm / span
+    grads = [_difference(b, a, factor) for b, a in zip(behind, ahead)]
     return PenaltyGradient(grads, value)
 
 
@@ -137,9 +199,10 @@ def default_fd_step(params: Sequence[Tensor]) -> float:
 
 
 def _default_fd_step_tensor(params: Sequence[Tensor]) -> Tensor:
+    check_fd_dtypes(params)
     with torch.no_grad():
         theta = squared_norm(params).sqrt()
-    return DEFAULT_FD_STEP.get(params[0].dtype, 1e-3) * theta.clamp_min(1.0)
+    return DEFAULT_FD_STEP[params[0].dtype] * theta.clamp_min(1.0)
 
 
 def compute_penalty_gradient(
@@ -163,12 +226,17 @@ def penalty_gradient(
     generator: torch.Generator | None = None,
     fd_step: float | None = None,
     params: Sequence[Tensor] | None = None,
+    likelihood: str | Likelihood = "categorical",
+    target_mask: TargetMask | None = None,
+    penalty_scale: str = "batch",
 ) -> list[Tensor | None]:
     """``∇_θ P`` for ``P = fisher_penalty(model, inputs, ...)``, one tensor per parameter.
 
     ``params`` defaults to the model's trainable parameters; an entry is None where ``P`` does
-    not depend on that parameter. Nothing is written to ``.grad`` and BatchNorm running
-    statistics are left as they were.
+    not depend on that parameter. ``likelihood``, ``loss_fn``, ``target_mask``,
+    ``penalty_scale``: as in
+    :func:`~fisher_optim.penalty.fisher_penalty`. Nothing is written to ``.grad`` and
+    BatchNorm running statistics are left as they were.
 
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -181,13 +249,16 @@ def penalty_gradient(
     ...          torch.cat([t.flatten() for t in fd]), dim=0) > 0.9999)
     True
     """
+    check_mode(mode)
+    check_fd_step(fd_step)
     batch = inputs if isinstance(inputs, Batch) else Batch((inputs,), {}, targets)
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
     objective = PenaltyObjective(
         model, batch, penalty=penalty,
         params=trainable_parameters(model) if params is None else params,
-        output_fn=output_fn, loss_fn=loss_fn, generator=generator,
+        output_fn=output_fn, loss_fn=loss_fn, generator=generator, likelihood=likelihood,
+        target_mask=target_mask, penalty_scale=penalty_scale,
     )
     with torch.enable_grad():
         return compute_penalty_gradient(objective, mode, fd_step).grads
@@ -200,6 +271,11 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
     except ImportError:  # torch < 2.3: no fused CPU attention either
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Autocast off on ``device``'s type, so that the difference runs in full precision."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _difference(at: Tensor | None, shifted: Tensor | None, factor: Tensor) -> Tensor | None:

@@ -25,6 +25,9 @@ optimizer's step (``n`` has zero mean, so the sign convention does not matter). 
 ``fisher="true"`` the labels ``y_i ~ p_θ(y|x_i)`` are sampled from the model (the Fisher proper,
 no targets needed); with ``fisher="empirical"`` they are the true targets (the paper's empirical
 Fisher; call :meth:`~fisher_optim.wrapper.GradientWrapper.set_targets` before each step).
+Targets equal to ``-100`` (``ignore_index`` of ``F.cross_entropy`` and of Hugging Face losses)
+are excluded alike by every covariance mode: ``ℓ_i`` is the mean cross-entropy over example
+``i``'s rows that have a target, and an example without any has ``g_i = 0``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn, as_logits, sample_labels
+from fisher_optim._as_found import left_as_found, substituted_parameters
+from fisher_optim._logits import (
+    OutputFn,
+    as_logits,
+    check_cross_entropy_outputs,
+    pick_logits,
+    sample_labels,
+)
 from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
+from fisher_optim._targets import IGNORE_INDEX, TargetMask, target_rows
 from fisher_optim.penalty import Batch
 from fisher_optim.wrapper import GradientWrapper
 
@@ -79,7 +90,14 @@ class FisherNoiseSGD(GradientWrapper):
             per-example gradients for every draw, so it accepts only ``every=1``.
         estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
             scale still uses the whole batch's ``M_L``).
-        output_fn: maps the model's output to logits ``[..., C]``.
+        output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
+            that carry ``.logits``, as Hugging Face models' do).
+        target_mask: which rows of the logits have a target, for models other than Hugging
+            Face ones (automatic there: padding, ``-100`` labels, the causal shift); a function
+            called like the model returning a boolean tensor shaped like the logits without
+            their class dimension (see :mod:`fisher_optim._targets`). With ``fisher="true"``,
+            rows without a target get no sampled label (as a ``-100`` target); with
+            ``"empirical"`` the targets' own ``-100`` entries decide.
         seed: seed of the noise generator (default: derived from ``torch.initial_seed()``;
             nothing is drawn from torch's global generator).
 
@@ -131,6 +149,7 @@ class FisherNoiseSGD(GradientWrapper):
         estimate_batch_size: int | None = None,
         output_fn: OutputFn | None = None,
         seed: int | None = None,
+        target_mask: TargetMask | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not _is_int(small_batch_size) or small_batch_size < 1:
@@ -157,6 +176,12 @@ class FisherNoiseSGD(GradientWrapper):
         self.every = every
         self.estimate_batch_size = estimate_batch_size
         self.output_fn = output_fn
+        if target_mask is not None and not callable(target_mask):
+            raise TypeError(
+                f"target_mask must be a function called like the model, got "
+                f"{type(target_mask).__name__}"
+            )
+        self.target_mask = target_mask
         super().__init__(
             model, base_optimizer, {"small_batch_size": int(small_batch_size)}, base_kwargs, seed
         )
@@ -246,7 +271,7 @@ class FisherNoiseSGD(GradientWrapper):
                 f"(Tr F = {float(trace)}); it was dropped and no noise is added until the next "
                 f"estimate ({self.skipped_refreshes} dropped so far). Training continues.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=7,
             )
             return
         self.fisher_trace = float(trace)
@@ -262,10 +287,12 @@ class FisherNoiseSGD(GradientWrapper):
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
         """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``, by chunked ``vmap(grad)``."""
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
 
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        names = _param_names(module, params)
+        _check_params_of(module, params)
+        keys = [id(p) for p in params]
+        whole = batch
         batch = batch.head(self.estimate_batch_size)
         n = _num_examples(batch)
         rebuild, batched = _split_batch(batch, n)
@@ -273,31 +300,52 @@ class FisherNoiseSGD(GradientWrapper):
         output_fn = self.output_fn
 
         def example_loss(
-            theta: dict[str, Tensor], tensors: tuple[Tensor, ...], y: Tensor
+            theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], y: Tensor
         ) -> Tensor:
             args, kwargs = rebuild(tuple(t.unsqueeze(0) for t in tensors))
-            logits = as_logits(functional_call(module, theta, args, kwargs), output_fn)
-            return F.cross_entropy(_upcast(logits), y)  # mean over the example's rows
+            # substituted by identity: a module registered twice is restored exactly
+            with substituted_parameters(module, dict(zip(keys, theta))):
+                out = module(*args, **kwargs)
+            return example_cross_entropy(_upcast(as_logits(out, output_fn)), y)
+
+        def run(tensors: tuple[Tensor, ...]) -> Any:
+            args, kwargs = rebuild(tensors)
+            return module(*args, **kwargs)
 
         per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
-        theta = {name: p.detach() for name, p in zip(names, params)}
+        theta = tuple(p.detach() for p in params)
         sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
         generator = self._local_generator(params[0].device) if targets is None else None
-        with eval_mode(module), self.own_pass(autocast=False), _fork_rng(params[0].device):
+        with (
+            eval_mode(module),
+            left_as_found(module),  # buffers a forward changes (a call counter), flags
+            self.own_pass(autocast=False),
+            _fork_rng(params[0].device),
+        ):
+            layout = _layout(batch)  # checked once per input layout: a forward's cost
+            checked = self.__dict__.setdefault("_checked_layouts", set())
+            if layout not in checked:
+                _check_examples_split(module, whole, run, batched, output_fn)
+                checked.add(layout)
             for start in range(0, n, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
                 chunk = tuple(t[start:stop] for t in batched)
                 if targets is None:
                     with torch.no_grad():
                         args, kwargs = rebuild(chunk)
-                        logits = as_logits(module(*args, **kwargs), output_fn)
+                        shaped = pick_logits(module(*args, **kwargs), output_fn)
+                        logits = shaped.reshape(-1, shaped.shape[-1])
                     labels = sample_labels(_finite(logits), "sample", generator)
-                    labels = labels.view(stop - start, -1)
+                    has_target = target_rows(module, args, kwargs, shaped.shape, self.target_mask)
+                    labels = _drop_rows(labels, has_target).view(stop - start, -1)
                 else:
                     labels = targets[start:stop]
-                grads = per_example(theta, chunk, labels)
-                for s, name in zip(sums, names):
-                    s.add_(grads[name].to(s.dtype).pow(2).sum(0))
+                try:
+                    grads = per_example(theta, chunk, labels)
+                except Exception:  # noqa: BLE001 - not vmap-able: one example at a time
+                    grads = _loop_grads(run, chunk, labels, params, output_fn)
+                for s, d in zip(sums, grads):
+                    s.add_(d.to(s.dtype).pow(2).sum(0))
         return [s / n for s in sums]
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
@@ -338,7 +386,8 @@ class FisherNoiseSGD(GradientWrapper):
         targets = self._target_rows(batch, n)
         device = wrt[0].device
         with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module), _fork_rng(device):
-            logits = _upcast(as_logits(self.module(*batch.args, **batch.kwargs), self.output_fn))
+            shaped = pick_logits(self.module(*batch.args, **batch.kwargs), self.output_fn)
+            logits = _upcast(shaped.reshape(-1, shaped.shape[-1]))
         rows, classes = logits.shape
         if rows % n:
             raise ValueError(f"the model gave {rows} rows of logits for {n} examples")
@@ -348,11 +397,19 @@ class FisherNoiseSGD(GradientWrapper):
         if targets is None:
             probs = torch.softmax(_finite(logits.detach()), dim=-1)
             labels = torch.multinomial(probs, k, replacement=True, generator=generator).T
+            has_target = target_rows(
+                self.module, batch.args, batch.kwargs, shaped.shape, self.target_mask
+            )
+            labels = _drop_rows(labels, has_target)
         else:
             labels = targets.reshape(1, rows).to(logits.device).expand(k, rows)
+        valid = labels != IGNORE_INDEX  # ℓ_i: the mean over example i's rows with a target
+        count = valid.reshape(k, n, per).sum(-1).clamp_min(1).to(logits.dtype)
         z = torch.randn((k, n), generator=generator, device=logits.device, dtype=logits.dtype)
-        weights = (-z / (math.sqrt(n) * per)).repeat_interleave(per, dim=1)  # d(Σ z ℓ/√M)/d log p
-        cotangent = F.one_hot(labels, classes).to(logits.dtype) * weights.unsqueeze(-1)
+        # d(Σ_i z_i ℓ_i / √M) / d log p, row by row
+        weights = (-z / (math.sqrt(n) * count)).repeat_interleave(per, dim=1)
+        onehot = F.one_hot(torch.where(valid, labels, 0), classes).to(logits.dtype)
+        cotangent = onehot * (weights * valid.to(logits.dtype)).unsqueeze(-1)
         if draws is None:
             cotangent = cotangent[0]
         grads = torch.autograd.grad(
@@ -376,7 +433,7 @@ class FisherNoiseSGD(GradientWrapper):
                 f"dropped and no parameter was changed by it ({self.skipped_refreshes} dropped so "
                 "far). Training continues.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=8,
             )
             return None
         self.fisher_trace = float(sq) / k
@@ -487,12 +544,99 @@ def _split_batch(batch: Batch, n: int) -> tuple[Rebuild, tuple[Tensor, ...]]:
     return rebuild, tuple(values[i] for i in slots)
 
 
-def _param_names(module: nn.Module, params: list[Tensor]) -> list[str]:
-    names = {id(p): name for name, p in module.named_parameters()}
-    missing = [tuple(p.shape) for p in params if id(p) not in names]
+def _drop_rows(labels: Tensor, has_target: Tensor | None) -> Tensor:
+    """Sampled ``labels`` (``[..., rows]``) set to ``IGNORE_INDEX`` where a row has no target
+    (:func:`fisher_optim._targets.target_rows`), so that ``ℓ_i`` leaves them out."""
+    if has_target is None:
+        return labels
+    keep = has_target.reshape(-1).to(labels.device)
+    return labels.masked_fill(~keep, IGNORE_INDEX)
+
+
+def _layout(batch: Batch) -> tuple[Any, ...]:
+    """Shapes and dtypes of a call's tensor inputs (and the places of the others)."""
+    return tuple(
+        (k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
+        for k, v in [*enumerate(batch.args), *batch.kwargs.items()]
+    )
+
+
+def _check_examples_split(
+    module: nn.Module,
+    batch: Batch,
+    run: Callable[[tuple[Tensor, ...]], Any],
+    batched: tuple[Tensor, ...],
+    output_fn: OutputFn | None,
+) -> None:
+    """Raise unless the model on the first example alone, its inputs cut as the per-example
+    pass cuts them (every tensor whose first dimension is ``M``, after
+    ``estimate_batch_size``), reproduces the first example's logits in the batch the model
+    was trained on. A tensor shared by all examples whose first dimension happens to be
+    ``M`` (a ``[T, T]`` mask with ``T == M``) would otherwise be cut as if it held
+    examples, silently."""
+    with torch.no_grad():
+        whole = pick_logits(module(*batch.args, **batch.kwargs), output_fn)
+        alone = pick_logits(run(tuple(t[:1] for t in batched)), output_fn)
+    first = whole[:1]
+    if not bool(torch.isfinite(first).all()):
+        return  # nothing to compare: the estimate is non-finite and will be dropped
+    if first.shape == alone.shape:
+        tol = torch.finfo(_upcast(first).dtype).eps ** 0.5
+        scale = float(first.abs().max()) if first.numel() else 0.0
+        if torch.allclose(first, alone, rtol=tol, atol=tol * scale, equal_nan=True):
+            return
+    raise ValueError(
+        "FisherNoiseSGD: the model run on the first example alone does not reproduce that "
+        "example's output in the batch, so the per-example gradients would be wrong. The "
+        "per-example pass treats every tensor input whose first dimension is the batch size "
+        f"({batch.first_tensor().shape[0]}) as holding the examples; pass inputs shared by "
+        "all examples (e.g. a [T, T] mask) through the model itself (an attribute or "
+        "functools.partial), and make sure examples do not interact in eval mode"
+    )
+
+
+def _loop_grads(
+    call: Callable[[tuple[Tensor, ...]], Any],
+    tensors: tuple[Tensor, ...],
+    labels: Tensor,
+    params: list[Tensor],
+    output_fn: OutputFn | None,
+) -> list[Tensor]:
+    """Per-example gradients ``[M, *p.shape]`` of :func:`example_cross_entropy`, one example
+    at a time: for models ``vmap`` cannot run (data-dependent control flow, as in the
+    attention-mask code of Hugging Face models). ``call`` runs the model on the tensors."""
+    rows = []
+    with torch.enable_grad():
+        for i in range(labels.shape[0]):
+            out = call(tuple(t[i : i + 1] for t in tensors))
+            loss = example_cross_entropy(_upcast(as_logits(out, output_fn)), labels[i])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return [torch.stack(col) for col in zip(*rows)]
+
+
+def _check_params_of(module: nn.Module, params: list[Tensor]) -> None:
+    known = {id(p) for p in module.parameters()}
+    missing = [tuple(p.shape) for p in params if id(p) not in known]
     if missing:
         raise ValueError(f"parameters of shapes {missing} are not parameters of the model")
-    return [names[id(p)] for p in params]
+
+
+def example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``ℓ_i``: the mean cross-entropy over one example's rows ``[R, C]`` whose label is not
+    ``IGNORE_INDEX`` (-100, as ``F.cross_entropy`` ignores it); 0 when no row has one (an
+    example without a target has no gradient, rather than a NaN one).
+
+    >>> logits = torch.zeros(3, 4)
+    >>> round(float(example_cross_entropy(logits, torch.tensor([1, -100, 2]))), 4)
+    1.3863
+    >>> float(example_cross_entropy(logits, torch.tensor([-100, -100, -100])))
+    0.0
+    """
+    valid = labels != IGNORE_INDEX
+    check_cross_entropy_outputs(logits, "FisherNoiseSGD(fisher='empirical')")
+    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+    return (losses * valid.to(losses.dtype)).sum() / valid.sum().clamp_min(1)
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

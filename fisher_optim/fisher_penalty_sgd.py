@@ -16,10 +16,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn
-from fisher_optim.engines import check_mode, compute_penalty_gradient
-from fisher_optim.penalty import LossFn, PenaltyObjective, check_penalty
+from fisher_optim._logits import Likelihood, OutputFn
+from fisher_optim._targets import TargetMask
+from fisher_optim.engines import (
+    check_fd_dtypes,
+    check_fd_step,
+    check_mode,
+    compute_penalty_gradient,
+)
+from fisher_optim.penalty import (
+    LossFn,
+    PenaltyObjective,
+    check_likelihood,
+    check_penalty,
+    check_penalty_scale,
+)
+from fisher_optim.safeguard import SpikeGuard
 from fisher_optim.wrapper import GradientWrapper
+
+#: The param-group key of the penalty weight α (used by no ``torch.optim`` optimizer).
+WEIGHT_KEY = "penalty_weight"
 
 
 class FisherPenaltySGD(GradientWrapper):
@@ -34,8 +50,14 @@ class FisherPenaltySGD(GradientWrapper):
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()``
             (or on ``params=`` given in ``base_kwargs``) with ``base_kwargs``; or an optimizer
             instance, which is wrapped as it is.
-        alpha: the penalty weight α ≥ 0 (stored in every param group as ``"alpha"``, so it
-            can be scheduled per group). ``alpha=0`` reproduces the base optimizer bit for bit.
+        alpha: the penalty weight α ≥ 0, a finite number. It is stored in every param group
+            under the key ``"penalty_weight"`` (:data:`WEIGHT_KEY`; no ``torch.optim``
+            optimizer uses it), so it can differ per group (``{"params": ...,
+            "penalty_weight": 0.0}``) or be scheduled (``group["penalty_weight"] = 0.1``).
+            ``alpha=0`` reproduces the base optimizer bit for bit. A base optimizer with an
+            ``alpha`` of its own (``RMSprop``, ``ASGD``) keeps it; to set it, pass an instance:
+            ``FisherPenaltySGD(model, torch.optim.RMSprop(model.parameters(), alpha=0.9),
+            alpha=0.01)``.
         every: recompute the penalty gradient every ``every`` steps and reuse it in between.
         mode: ``"exact"`` (double backprop, ≈3x a gradient) or ``"finite_difference"``
             (two gradients, ≈2x; see :mod:`fisher_optim.engines`).
@@ -43,16 +65,53 @@ class FisherPenaltySGD(GradientWrapper):
             ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels). The
             last two need the targets: call :meth:`set_targets` before each ``step()``.
         output_fn: maps the model's output to logits ``[..., C]``; rows of flattened logits
-            each get their own sampled label (a language model's ``[B, T, V]``).
-        loss_fn: the loss of ``"gradient"``/``"input_gradient"`` (default cross-entropy).
+            each get their own sampled label (a language model's ``[B, T, V]``). Not needed
+            for outputs that carry ``.logits`` (Hugging Face ``ModelOutput``, dataclasses,
+            dicts with ``"logits"``).
+        target_mask: which rows of the logits have a target, for models other than Hugging
+            Face ones (where padding, ``-100`` labels and the causal shift are handled
+            automatically): a function called like the model, ``target_mask(*args,
+            **kwargs)``, returning a boolean tensor shaped like the logits without their class
+            dimension (or None: every row). Rows without a target get no label and do not
+            enter ``Tr(F_B)``. See :mod:`fisher_optim._targets`.
+        penalty_scale: ``"batch"`` (default): penalise ``Tr(F_B)`` as the paper does, which
+            shrinks as 1/N with the number N of target rows (1/T for a language model);
+            ``"per_row"``: penalise ``N · Tr(F_B)``, an unbiased estimate of the mean per-row
+            Fisher trace, so that ``alpha`` carries across batch sizes and sequence lengths
+            (derivation: :class:`~fisher_optim.penalty.PenaltyObjective`). ``"fisher"`` only.
+        max_grad_norm: clip the *full* gradient (loss gradient plus ``alpha`` times the
+            penalty gradient) to this norm just before the base step, as
+            ``torch.nn.utils.clip_grad_norm_`` would; the pre-clipping norm is kept in
+            ``grad_norm``. Use it *instead of* clipping in the training loop (which sees only
+            the loss gradient): see the integration guide for Trainer and Lightning.
+        loss_fn: the loss of ``"gradient"``/``"input_gradient"``, called as
+            ``loss_fn(output, targets)`` with the model's output (after ``output_fn``) and the
+            targets exactly as given (default: the likelihood's negative log-likelihood,
+            cross-entropy for ``"categorical"``).
+        likelihood: the model's predictive distribution ``p_θ(y|x)`` the labels ŷ are drawn
+            from: ``"categorical"`` (default, the paper's: softmax over ≥ 2 classes),
+            ``"bernoulli"`` (one logit per binary label, e.g. a ``[B, 1]`` binary classifier)
+            or ``"gaussian"`` (regression, ŷ ~ N(f(x), σ²), σ = 1;
+            ``fisher_optim.Gaussian(sigma=...)`` otherwise). A one-output model with
+            ``"categorical"`` raises (its Tr(F_B) would be identically 0). See
+            :mod:`fisher_optim._logits`.
         penalty_batch_size: use only the first N examples of the batch for the penalty.
         fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
         seed: seed of the label-sampling generator (default: derived from
             ``torch.initial_seed()``, so seeding torch seeds it; nothing is drawn from
             torch's global generator).
+        spike_factor: the spike safeguard (:mod:`fisher_optim.safeguard`): a refreshed
+            penalty gradient whose norm exceeds ``spike_factor`` times the median norm of the
+            last ``spike_window`` refreshes is scaled down to that bound and used for one step
+            only (the next step refreshes again). Below the bound nothing changes. ``None``
+            turns it off: the paper's algorithm exactly.
+        spike_window: how many recent refreshes the median is taken over.
 
     Attributes users log: ``penalty_value`` (the last ``Tr(F_B)``, a float, or None),
-    ``refreshes`` (penalty gradients computed), ``skipped_refreshes`` (dropped as NaN/Inf).
+    ``penalty_grad_norm`` (``||∇ Tr(F_B)||`` of the last refresh, before any spike scaling),
+    ``refreshes`` (penalty gradients computed), ``skipped_refreshes`` (dropped as NaN/Inf),
+    ``spikes`` (refreshes the safeguard scaled down and used once),
+    ``grad_norm`` (with ``max_grad_norm``: the full gradient's norm before clipping).
 
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -80,16 +139,20 @@ class FisherPenaltySGD(GradientWrapper):
         penalty_batch_size: int | None = None,
         fd_step: float | None = None,
         seed: int | None = None,
+        target_mask: TargetMask | None = None,
+        penalty_scale: str = "batch",
+        max_grad_norm: float | None = None,
+        likelihood: str | Likelihood = "categorical",
+        spike_factor: float | None = 4.0,
+        spike_window: int = 20,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(alpha, (int, float)) or alpha < 0:
-            raise ValueError(f"alpha must be a number ≥ 0, got {alpha!r}")
+        check_weight(alpha, "alpha")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
         if penalty_batch_size is not None and penalty_batch_size < 1:
             raise ValueError(f"penalty_batch_size must be ≥ 1 or None, got {penalty_batch_size}")
-        if fd_step is not None and fd_step <= 0:
-            raise ValueError(f"fd_step must be > 0 or None, got {fd_step}")
+        check_fd_step(fd_step)
         self.every = every
         self.mode = check_mode(mode)
         self.penalty = check_penalty(penalty)
@@ -97,22 +160,68 @@ class FisherPenaltySGD(GradientWrapper):
         self.loss_fn = loss_fn
         self.penalty_batch_size = penalty_batch_size
         self.fd_step = fd_step
-        super().__init__(model, base_optimizer, {"alpha": float(alpha)}, base_kwargs, seed)
+        if target_mask is not None and not callable(target_mask):
+            raise TypeError(
+                f"target_mask must be a function called like the model, got "
+                f"{type(target_mask).__name__}"
+            )
+        self.target_mask = target_mask
+        self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
+        self.likelihood = check_likelihood(likelihood, self.penalty)
+        self.guard = (
+            None if spike_factor is None
+            else SpikeGuard(spike_factor, spike_window, min(5, spike_window))
+        )
+        super().__init__(
+            model, base_optimizer, {WEIGHT_KEY: float(alpha)}, base_kwargs, seed, max_grad_norm
+        )
+        _check_group_keys(self.base_optimizer)
+        if self.mode == "finite_difference":
+            check_fd_dtypes([p for p in self.flat_params() if p.requires_grad])
         if mode == "exact" and hasattr(self.module, "_orig_mod"):
             self.module = self.module._orig_mod  # double backward needs the eager module
         self.penalty_value: float | None = None
         self.refreshes = 0
         self.skipped_refreshes = 0
         self._cache: list[Tensor | None] | None = None
+        self._cache_step: int | None = None  # the step whose batch the cache was computed on
+        self._refresh_next = False  # the cache is a spike's: used for one step only
+        #: ``||∇P||`` of the last accepted refresh (before any spike scaling), or None.
+        self.penalty_grad_norm: float | None = None
+
+    @property
+    def spikes(self) -> int:
+        """Refreshes the spike safeguard scaled down and used for one step only."""
+        return 0 if self.guard is None else self.guard.spikes
 
     # ----------------------------------------------------------------- step
+    def _weights(self) -> list[float]:
+        """Every group's penalty weight, validated (they may be changed between steps)."""
+        return [
+            check_weight(g[WEIGHT_KEY], f"param_groups[{i}][{WEIGHT_KEY!r}]")
+            for i, g in enumerate(self.param_groups)
+        ]
+
+    def _refresh_due(self, weights: list[float]) -> bool:
+        """Every ``every`` steps while some weight is positive; and at once when a weight turns
+        positive with no cache of the current cycle (it was 0 when the last refresh was due),
+        so that a gradient computed more than ``every`` steps ago is never applied."""
+        if not any(w > 0 for w in weights):
+            return False
+        if self.step_count % self.every == 0 or self._refresh_next:
+            return True
+        return self._cache_step is None or self.step_count - self._cache_step >= self.every
+
     def _before_base_step(self) -> None:
-        if self.step_count % self.every == 0 and any(g["alpha"] > 0 for g in self.param_groups):
+        weights = self._weights()
+        if self._refresh_due(weights):
             self._refresh()
+        elif self.step_count % self.every == 0:  # all weights 0: the old cache goes stale
+            self._cache, self._cache_step = None, None
         if self._cache is None:
             return
-        for group, cached in zip(self.param_groups, self.group_slices(self._cache)):
-            if group["alpha"] == 0:
+        for group, weight, cached in zip(self.param_groups, weights, self.group_slices(self._cache)):
+            if weight == 0:
                 continue
             pairs = [
                 (p.grad, c) for p, c in zip(group["params"], cached)
@@ -120,7 +229,7 @@ class FisherPenaltySGD(GradientWrapper):
             ]
             if pairs:
                 grads, penalty_grads = zip(*pairs)
-                torch._foreach_add_(list(grads), list(penalty_grads), alpha=group["alpha"])
+                torch._foreach_add_(list(grads), list(penalty_grads), alpha=weight)
 
     def _refresh(self) -> None:
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
@@ -131,6 +240,8 @@ class FisherPenaltySGD(GradientWrapper):
             self.module, batch, penalty=self.penalty,
             params=[params[i] for i in trainable], output_fn=self.output_fn,
             loss_fn=self.loss_fn, generator=self.generator(self._batch_device()),
+            target_mask=self.target_mask, penalty_scale=self.penalty_scale,
+            likelihood=self.likelihood,
         )
         with self.own_pass(autocast=self.mode == "exact"):
             result = compute_penalty_gradient(objective, self.mode, self.fd_step)
@@ -141,11 +252,15 @@ class FisherPenaltySGD(GradientWrapper):
         else:
             value = result.value
         present = [g for g in grads if g is not None]
-        norm_sum = torch.stack(torch._foreach_norm(present)).float().sum() if present else value
+        norms = torch.stack(torch._foreach_norm(present)).float() if present else value[None]
         # one host sync per refresh: the penalty value, and whether every entry is finite
-        penalty_value, check = torch.stack([value.float(), norm_sum.float()]).tolist()
+        penalty_value, check, grad_norm = torch.stack(
+            [value.float(), norms.sum(), norms.norm()]
+        ).tolist()
         finite = math.isfinite(penalty_value) and math.isfinite(check)
         self.refreshes += 1
+        self._cache_step = self.step_count
+        self._refresh_next = False
         if not finite:
             self.skipped_refreshes += 1
             self._cache = None
@@ -154,10 +269,26 @@ class FisherPenaltySGD(GradientWrapper):
                 f"(penalty value {penalty_value}); it was dropped and no parameter was changed by "
                 f"it ({self.skipped_refreshes} dropped so far). Training continues.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=7,
             )
             return
         self.penalty_value = penalty_value
+        self.penalty_grad_norm = grad_norm
+        scale = 1.0 if self.guard is None else self.guard.check(grad_norm)
+        if scale < 1.0:
+            torch._foreach_mul_(present, scale)
+            self._refresh_next = True
+            if self.guard.spikes == 1:
+                warnings.warn(
+                    f"FisherPenaltySGD: the penalty gradient at step {self.step_count} (norm "
+                    f"{grad_norm:.4g}, Tr(F_B) {penalty_value:.4g}) is over "
+                    f"{self.guard.factor:g}x the median norm of the recent refreshes (a "
+                    f"spike): it was scaled by {scale:.3g} and is used "
+                    "for this step only. Further spikes are counted in `opt.spikes` without "
+                    "a warning (spike_factor=None turns the safeguard off).",
+                    RuntimeWarning,
+                    stacklevel=7,
+                )
         cache: list[Tensor | None] = [None] * len(params)
         for i, g in zip(trainable, grads):
             cache[i] = None if g is None else g.detach()
@@ -171,6 +302,10 @@ class FisherPenaltySGD(GradientWrapper):
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
             "cache": self._cache,
+            "cache_step": self._cache_step,
+            "refresh_next": self._refresh_next,
+            "penalty_grad_norm": self.penalty_grad_norm,
+            "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
@@ -179,3 +314,37 @@ class FisherPenaltySGD(GradientWrapper):
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._cache = self.load_per_param(extra["cache"], "penalty cache", lambda p: p.dtype)
+        self._cache_step = extra.get("cache_step", self._cache_step)
+        self._refresh_next = extra.get("refresh_next", False)
+        self.penalty_grad_norm = extra.get("penalty_grad_norm")
+        if self.guard is not None and extra.get("guard") is not None:
+            self.guard.load_state_dict(extra["guard"])
+
+
+def check_weight(value: Any, name: str) -> float:
+    """``value`` as a float if it is a finite real number ≥ 0, else a ``ValueError``/``TypeError``
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a real number ≥ 0 (the penalty weight), got "
+            f"{type(value).__name__} {value!r}; set it to a float such as 0.01"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number ≥ 0 (the penalty weight), got {value!r}; "
+            "use 0 to switch the penalty off"
+        )
+    return float(value)
+
+
+def _check_group_keys(base: torch.optim.Optimizer) -> None:
+    """A param group that sets ``"alpha"`` for a base optimizer without such a
+    hyperparameter almost surely meant the penalty weight: say where it lives."""
+    if "alpha" in base.defaults:
+        return
+    for i, group in enumerate(base.param_groups):
+        if "alpha" in group:
+            raise ValueError(
+                f"param_groups[{i}] sets 'alpha', which {type(base).__name__} does not use; "
+                f"the penalty weight of a group is set with the key {WEIGHT_KEY!r}"
+            )

@@ -9,6 +9,11 @@ a threshold ε (CIFAR-10: ε=1.2, CIFAR-100: ε=3.5).
 :class:`FisherMonitor` measures Tr(F) (:func:`fisher_optim.curvature.fisher_trace`) on a
 fixed probe set every few steps, keeps the history, the peak and the early value, warns
 when Tr(F) explodes, and logs rows to a callable, a CSV or a JSON-lines file.
+
+:class:`CurvatureMonitor` tracks, on the same schedule and with the same logging, any of
+the quantities of the break-even point and the edge of stability (Jastrzebski et al., ICLR
+2020; Cohen et al., ICLR 2021): Tr(F), Tr(K) and λ_K^1 of the gradient covariance K,
+λ_H^1 and ``λ_H^1·η/2`` (≥ 1 beyond the edge of stability of gradient descent).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ._logits import OutputFn
 from .curvature._data import check_choice, check_positive_int, iter_batches
+from .curvature.covariance import gradient_covariance
+from .curvature.eigenvalue import hessian_eigenvalues
 from .curvature.fisher import LABEL_MODES, fisher_trace
 
-__all__ = ["FisherExplosionWarning", "FisherMonitor"]
+__all__ = ["CURVATURE_QUANTITIES", "CurvatureMonitor", "FisherExplosionWarning", "FisherMonitor"]
 
 LOG_SUFFIXES = (".csv", ".jsonl")
 FIELDS = ("step", "trace", "loss", "time", "duration", "exploding")
@@ -105,10 +112,7 @@ class FisherMonitor:
         for name, value in (("threshold", threshold), ("growth_factor", growth_factor)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
-        if log is not None and not callable(log) and Path(log).suffix not in LOG_SUFFIXES:
-            raise ValueError(
-                f"log must be a callable or a path ending in one of {LOG_SUFFIXES}, got {log!r}"
-            )
+        _check_log(log)
         self.model, self.every, self.labels = model, every, labels
         self.output_fn, self.chunk_size = output_fn, chunk_size
         self.threshold, self.growth_factor = threshold, growth_factor
@@ -227,19 +231,224 @@ class FisherMonitor:
             )
 
     def _write(self, row: dict[str, Any]) -> None:
-        if self.log is None:
-            return
-        if callable(self.log):
-            self.log(dict(row))
-            return
-        path = Path(self.log)
-        if path.suffix == ".jsonl":
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            return
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _write_row(self.log, row, FIELDS)
+
+
+def _check_log(log: Any) -> None:
+    if log is not None and not callable(log) and Path(log).suffix not in LOG_SUFFIXES:
+        raise ValueError(
+            f"log must be a callable or a path ending in one of {LOG_SUFFIXES}, got {log!r}"
+        )
+
+
+def _write_row(
+    log: Callable[[dict[str, Any]], Any] | str | os.PathLike[str] | None,
+    row: dict[str, Any],
+    fields: tuple[str, ...],
+) -> None:
+    """Pass ``row`` to a callable, or append it to a ``.jsonl`` or ``.csv`` file."""
+    if log is None:
+        return
+    if callable(log):
+        log(dict(row))
+        return
+    path = Path(log)
+    if path.suffix == ".jsonl":
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+#: What :class:`CurvatureMonitor` can track (the keys of its rows).
+CURVATURE_QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")
+
+
+class CurvatureMonitor:
+    """Track Tr(F), Tr(K), λ_K^1, λ_H^1 and ``λ_H^1·η/2`` on a fixed probe set in training.
+
+    The quantities of the break-even point (Jastrzebski et al., "The Break-Even Point on
+    Optimization Trajectories of Deep Neural Networks", ICLR 2020) and of the edge of
+    stability (Cohen et al., ICLR 2021), by name (:data:`CURVATURE_QUANTITIES`):
+
+    * ``"trace_F"``: Tr(F) (:func:`~fisher_optim.curvature.fisher_trace`, sampled labels);
+    * ``"trace_K"``, ``"lambda_K"``: the trace and top eigenvalue of the covariance K of
+      the per-example gradients with the true labels
+      (:func:`~fisher_optim.curvature.gradient_covariance`, normalised by 1/N);
+    * ``"lambda_H"``: the largest Hessian eigenvalue of the mean loss on the probe set
+      (:func:`~fisher_optim.curvature.hessian_eigenvalues`, Lanczos);
+    * ``"lambda_H_eta_over_2"``: ``λ_H^1·η/2``, which gradient descent keeps near 1 at
+      the edge of stability (above 1 it is unstable on a quadratic). Needs ``lr``.
+
+    Args:
+        model: the network being trained.
+        probe: the fixed probe set: an ``(x, y)`` batch or a list of them (the true
+            targets are needed for K and H; Tr(F) ignores them).
+        quantities: which to track (any of :data:`CURVATURE_QUANTITIES`).
+        every: measure on every ``every``-th call of :meth:`step`.
+        top_k: with ``top_k > 1`` rows also hold ``"lambda_K_top"`` / ``"lambda_H_top"``,
+            the ``top_k`` largest eigenvalues (lists, descending) - for the conditioning
+            proxy ``λ^k/λ^1`` - and ``"lambda_H_top_residuals"``.
+        labels: Tr(F)'s labels, ``"sample"`` or ``"exact"`` (as for :class:`FisherMonitor`).
+        lr: the learning rate η for ``"lambda_H_eta_over_2"``: a number, or the optimizer,
+            whose first param group's ``"lr"`` is read at each measurement (schedules).
+        hessian_probe: the probe set for H, when it should be smaller than ``probe``
+            (Lanczos costs ``lanczos_iters`` Hessian-vector products); default ``probe``.
+        lanczos_iters, lanczos_tol: passed to
+            :func:`~fisher_optim.curvature.hessian_eigenvalues` as ``iters``/``tol``; rows
+            hold ``"lambda_H_residual"`` (of λ_H^1) and ``"lambda_H_converged"`` (all
+            ``top_k`` residuals ≤ tol·λ_H^1).
+        output_fn, log, seed, generator: as for :class:`FisherMonitor`.
+
+    A row is ``{"step", "loss", "time", "duration"}`` plus the quantities. Measuring leaves
+    the model exactly as found (parameters, buffers, ``.grad``, modes).
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> monitor = CurvatureMonitor(net, (x, y), ["trace_K", "lambda_K", "lambda_H"], every=2)
+    >>> rows = [monitor.step() for _ in range(4)]
+    >>> [r["step"] for r in monitor.history], rows[1]["lambda_K"] <= rows[1]["trace_K"]
+    ([2, 4], True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any,
+        quantities: Any = ("trace_F", "trace_K", "lambda_K", "lambda_H"),
+        *,
+        every: int = 1,
+        top_k: int = 1,
+        labels: str = "sample",
+        lr: float | torch.optim.Optimizer | None = None,
+        hessian_probe: Any = None,
+        lanczos_iters: int = 100,
+        lanczos_tol: float = 1e-4,
+        output_fn: OutputFn | None = None,
+        log: Callable[[dict[str, Any]], Any] | str | os.PathLike[str] | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(quantities, str):
+            quantities = (quantities,)
+        quantities = tuple(quantities)
+        if not quantities:
+            raise ValueError(f"quantities must name at least one of {CURVATURE_QUANTITIES}")
+        for q in quantities:
+            check_choice("quantities", q, CURVATURE_QUANTITIES)
+        check_positive_int("every", every)
+        check_positive_int("top_k", top_k)
+        check_choice("labels", labels, LABEL_MODES)
+        check_positive_int("lanczos_iters", lanczos_iters)
+        if "lambda_H_eta_over_2" in quantities and lr is None:
+            raise ValueError(
+                "lambda_H_eta_over_2 needs the learning rate: pass lr=<float> or lr=optimizer"
+            )
+        if lr is not None and not isinstance(lr, torch.optim.Optimizer) and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+        ):
+            raise ValueError(f"lr must be a positive number or an optimizer, got {lr!r}")
+        _check_log(log)
+        self.model, self.quantities, self.every, self.top_k = model, quantities, every, top_k
+        self.lr, self.output_fn, self.log, self.labels = lr, output_fn, log, labels
+        self.lanczos_iters, self.lanczos_tol = lanczos_iters, lanczos_tol
+        self.generator = generator if generator is not None else torch.Generator()
+        if generator is None:
+            self.generator.manual_seed(seed)
+        self.probe = list(iter_batches(probe))
+        if not self.probe:
+            raise ValueError("the probe set holds no batches")
+        needs_targets = any(q != "trace_F" for q in quantities)
+        if needs_targets and any(y is None for _, y in self.probe):
+            raise ValueError(
+                f"{[q for q in quantities if q != 'trace_F']} need the true targets: "
+                "pass the probe set as (x, y) batches"
+            )
+        self.hessian_probe = (
+            self.probe if hessian_probe is None else list(iter_batches(hessian_probe))
+        )
+        extra: list[str] = []
+        if "lambda_K" in quantities and top_k > 1:
+            extra.append("lambda_K_top")
+        if "lambda_H" in quantities and top_k > 1:
+            extra += ["lambda_H_top", "lambda_H_top_residuals"]
+        if "lambda_H" in quantities or "lambda_H_eta_over_2" in quantities:
+            extra += ["lambda_H_residual", "lambda_H_converged"]
+        self.fields = ("step", "loss", "time", "duration", *quantities, *extra)
+        self.history: list[dict[str, Any]] = []
+        self.num_calls = 0
+        self._pending_loss: float | None = None
+        self._start = time.perf_counter()
+
+    def _current_lr(self) -> float:
+        if isinstance(self.lr, torch.optim.Optimizer):
+            return float(self.lr.param_groups[0]["lr"])
+        assert self.lr is not None
+        return float(self.lr)
+
+    def measure(self, step: int | None = None, loss: float | Tensor | None = None) -> dict:
+        """Measure the tracked quantities now, record and log the row, and return it."""
+        begin = time.perf_counter()
+        row: dict[str, Any] = {"step": self.num_calls if step is None else step,
+                               "loss": _as_float(loss), "time": begin - self._start}
+        qs = self.quantities
+        if "trace_F" in qs:
+            row["trace_F"] = fisher_trace(
+                self.model, [x for x, _ in self.probe], labels=self.labels,
+                output_fn=self.output_fn, generator=self.generator,
+            )  # fmt: skip
+        if "trace_K" in qs or "lambda_K" in qs:
+            cov = gradient_covariance(self.model, self.probe, k=self.top_k,
+                                      output_fn=self.output_fn)  # fmt: skip
+            if "trace_K" in qs:
+                row["trace_K"] = cov.trace
+            if "lambda_K" in qs:
+                row["lambda_K"] = float(cov.eigenvalues[0])
+                if self.top_k > 1:
+                    row["lambda_K_top"] = cov.eigenvalues.tolist()
+        if "lambda_H" in qs or "lambda_H_eta_over_2" in qs:
+            spec = hessian_eigenvalues(
+                self.model, self.hessian_probe, k=self.top_k, iters=self.lanczos_iters,
+                tol=self.lanczos_tol, output_fn=self.output_fn, generator=self.generator,
+            )  # fmt: skip
+            top = float(spec.eigenvalues[0])
+            if "lambda_H" in qs:
+                row["lambda_H"] = top
+                if self.top_k > 1:
+                    row["lambda_H_top"] = spec.eigenvalues.tolist()
+                    row["lambda_H_top_residuals"] = spec.residuals.tolist()
+            if "lambda_H_eta_over_2" in qs:
+                row["lambda_H_eta_over_2"] = top * self._current_lr() / 2
+            row["lambda_H_residual"] = float(spec.residuals[0])
+            row["lambda_H_converged"] = spec.converged
+        row["duration"] = time.perf_counter() - begin
+        self.history.append(row)
+        _write_row(self.log, row, self.fields)
+        return row
+
+    def observe_loss(self, loss: float | Tensor) -> None:
+        """Pass the training loss of the coming step (for :meth:`attach`-ed monitors)."""
+        self._pending_loss = _as_float(loss)
+
+    def step(
+        self, loss: float | Tensor | None = None, step: int | None = None
+    ) -> dict[str, Any] | None:
+        """Count one training step; measure if it is due. Returns the row or ``None``."""
+        self.num_calls += 1
+        loss_value = _as_float(loss) if loss is not None else self._pending_loss
+        self._pending_loss = None
+        if self.num_calls % self.every:
+            return None
+        return self.measure(step=step, loss=loss_value)
+
+    __call__ = step
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call :meth:`step` after every ``optimizer.step()``; ``.remove()`` the handle to stop."""
+        return optimizer.register_step_post_hook(lambda *_: self.step())

@@ -5,11 +5,19 @@ Every penalty here is the squared norm of a gradient of a *surrogate loss* ``L``
 ================== ====================================== ======================= ===========
 ``penalty``         surrogate loss ``L``                   gradient taken w.r.t.   paper name
 ================== ====================================== ======================= ===========
-``"fisher"``        mean CE(f(x), ŷ), ŷ ~ softmax(f(x))     parameters θ            FP
-``"random_label"``  mean CE(f(x), ŷ), ŷ uniform             parameters θ            GPr
-``"gradient"``      mean loss_fn(f(x), y), true targets     parameters θ            GP
-``"input_gradient"`` mean loss_fn(f(x), y), true targets    inputs x                GPx
+``"fisher"``        mean −log p(ŷ|f(x)), ŷ ~ p(·|f(x))      parameters θ            FP
+``"random_label"``  mean −log p(ŷ|f(x)), ŷ uniform          parameters θ            GPr
+``"gradient"``      loss_fn(f(x), y), true targets          parameters θ            GP
+``"input_gradient"`` loss_fn(f(x), y), true targets         inputs x                GPx
 ================== ====================================== ======================= ===========
+
+``p`` is the ``likelihood``: ``"categorical"`` (the default and the paper's: softmax,
+``−log p = CE``), ``"bernoulli"`` (independent binary labels, one logit each) or
+``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim._logits`. A model with
+one output needs ``"bernoulli"`` or ``"gaussian"``: a softmax over one class makes the penalty
+identically 0, so the categorical likelihood refuses it. ``loss_fn`` (GP, GPx) gets the model's
+output (after ``output_fn``) and the targets as they are, like the training loss; without
+``loss_fn`` it is the likelihood's mean negative log-likelihood over the rows.
 
 so ``P = ||∇ L||²``. For ``"fisher"`` this is ``Tr(F_B) = ||(1/B) Σ_i ∇_θ ℓ(x_i, ŷ_i)||²``, the
 term the FP paper adds to the loss (Jastrzebski et al., ICML 2021, Eq. 3/5). The labels are
@@ -27,18 +35,28 @@ the same function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn, as_logits, sample_labels
+from fisher_optim._logits import (
+    Likelihood,
+    OutputFn,
+    as_logits,
+    get_likelihood,
+    model_output,
+    pick_logits,
+)
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
+from fisher_optim._targets import TargetMask, target_rows
 
 PENALTIES = ("fisher", "random_label", "gradient", "input_gradient")
+#: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
+PENALTY_SCALES = ("batch", "per_row")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -46,6 +64,33 @@ def check_penalty(penalty: str) -> str:
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
     return penalty
+
+
+def check_penalty_scale(penalty_scale: str, penalty: str) -> str:
+    """Validate ``penalty_scale``; ``"per_row"`` is derived for ``penalty="fisher"`` only."""
+    if penalty_scale not in PENALTY_SCALES:
+        raise ValueError(f"penalty_scale must be one of {PENALTY_SCALES}, got {penalty_scale!r}")
+    if penalty_scale == "per_row" and penalty != "fisher":
+        raise ValueError(
+            f"penalty_scale='per_row' is derived for penalty='fisher' (labels sampled from the "
+            f"model have zero-mean gradients, so N·Tr(F_B) does not depend on N); with "
+            f"penalty={penalty!r} the mean gradient does not vanish and N·P grows with N. Use "
+            "penalty_scale='batch'"
+        )
+    return penalty_scale
+
+
+def check_likelihood(likelihood: str | Likelihood, penalty: str = "fisher") -> Likelihood:
+    """The :class:`~fisher_optim._logits.Likelihood` named by ``likelihood``, checked against
+    ``penalty`` (``"random_label"`` has no meaning for real-valued, Gaussian labels)."""
+    lik = get_likelihood(likelihood)
+    if check_penalty(penalty) == "random_label" and not lik.uniform_labels:
+        raise ValueError(
+            f"penalty='random_label' draws labels uniformly over the label set; the labels "
+            f"of {lik!r} are real numbers, which have no uniform distribution. Use "
+            "penalty='fisher' (labels from the model) or penalty='gradient' (true targets)"
+        )
+    return lik
 
 
 def needs_targets(penalty: str) -> bool:
@@ -90,6 +135,26 @@ class PenaltyObjective:
     returns ``L``. The first call draws the labels (for ``"fisher"`` from the logits of that
     very forward); later calls, e.g. at shifted parameters or shifted inputs, reuse them.
     ``wrt()`` gives the tensors whose gradient norm is penalized.
+
+    Rows without a target (:mod:`fisher_optim._targets`: padding, ``-100`` labels, the last
+    position of a causal LM; or ``target_mask``) get no label and do not enter ``L``, which is
+    the mean over the ``N`` rows that have one. With true targets (GP, GPx) ``loss_fn`` sees
+    every row and its own ``ignore_index`` decides.
+
+    ``penalty_scale="per_row"`` penalises ``N · Tr(F_B)`` instead of ``Tr(F_B)`` (``L`` is
+    multiplied by ``√N``). Why: with labels ŷ_n ~ p_θ(·|x_n) drawn independently per row, each
+    row's gradient ``g_n = ∇_θ CE(f_n, ŷ_n)`` has zero mean over its label (the expected score
+    vanishes), so the cross terms of ``||(1/N) Σ_n g_n||²`` vanish in expectation and
+
+        E_ŷ[Tr(F_B)] = (1/N²) Σ_n E||g_n||² = (1/N) · (1/N) Σ_n Tr(F_n),
+
+    ``F_n`` the Fisher of row ``n``. ``Tr(F_B)`` thus shrinks as ``1/N`` (as ``1/T`` for a
+    language model at fixed batch size), while ``N · Tr(F_B)`` is an unbiased estimate of the
+    mean per-row trace ``(1/N) Σ_n Tr(F_n)``, whose scale does not depend on ``B`` or ``T``:
+    an ``alpha`` tuned at one batch size or sequence length carries over. ``alpha`` of
+    ``"per_row"`` equals ``alpha`` of ``"batch"`` divided by ``N`` at the ``N`` it was tuned at.
+    (The paper's ``E[Tr(F_B)] = Tr(F)/N + ||E g||²`` has ``E g = 0`` here; with uniform or true
+    labels ``E g ≠ 0``, so the option is offered for ``penalty="fisher"`` only.)
     """
 
     def __init__(
@@ -102,8 +167,15 @@ class PenaltyObjective:
         output_fn: OutputFn | None = None,
         loss_fn: LossFn | None = None,
         generator: torch.Generator | None = None,
+        target_mask: TargetMask | None = None,
+        penalty_scale: str = "batch",
+        likelihood: str | Likelihood = "categorical",
     ) -> None:
         self.penalty = check_penalty(penalty)
+        self.likelihood = check_likelihood(likelihood, penalty)
+        self.penalty_scale = check_penalty_scale(penalty_scale, penalty)
+        self.target_mask = target_mask
+        self.rows: Tensor | None = None  # flat boolean mask of the rows with a target
         if needs_targets(penalty) and batch.targets is None:
             raise ValueError(
                 f"penalty={penalty!r} uses the true targets; pass targets=... "
@@ -113,11 +185,10 @@ class PenaltyObjective:
         self.batch = batch
         self.params = list(trainable_parameters(model) if params is None else params)
         self.output_fn = output_fn
-        self.loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        self.loss_fn = loss_fn
         self.generator = generator
         self.labels: Tensor | None = None
-        targets = batch.targets if needs_targets(penalty) else None
-        self.targets = None if targets is None else targets.reshape(-1)
+        self.targets = batch.targets if needs_targets(penalty) else None
         self.inputs: Tensor | None = None
         if penalty == "input_gradient":
             x = batch.first_tensor()
@@ -137,13 +208,32 @@ class PenaltyObjective:
             return self.model(*args, **kwargs)
 
     def loss(self, input_shift: Tensor | None = None) -> Tensor:
-        logits = as_logits(self._call(input_shift), self.output_fn)
+        output = self._call(input_shift)
         if self.targets is not None:
-            return self.loss_fn(logits, self.targets)
+            if self.loss_fn is not None:  # the user's loss sees output and targets as they are
+                return self.loss_fn(model_output(output, self.output_fn), self.targets)
+            logits = as_logits(output, self.output_fn)  # the likelihood's NLL, on rows
+            self.likelihood.check_outputs(logits)
+            return self.likelihood.nll(logits, self.likelihood.as_targets(self.targets, logits))
+        shaped = pick_logits(output, self.output_fn)
+        logits = shaped.reshape(-1, shaped.shape[-1])
+        if self.labels is None:  # first call: decide the rows, then draw their labels
+            rows = target_rows(
+                self.model, self.batch.args, self.batch.kwargs, shaped.shape, self.target_mask
+            )
+            self.rows = None if rows is None else rows.reshape(-1).to(logits.device)
+        if self.rows is not None:
+            logits = logits[self.rows]
         if self.labels is None:
-            kind = "sample" if self.penalty == "fisher" else "uniform"
-            self.labels = sample_labels(logits, kind, self.generator)
-        return F.cross_entropy(_upcast(logits), self.labels)
+            self.likelihood.check_outputs(logits)
+            uniform = self.penalty == "random_label"
+            draw = self.likelihood.sample_uniform if uniform else self.likelihood.sample
+            self.labels = draw(logits, self.generator)
+        n = logits.shape[0]
+        if n == 0:  # no row has a target: no penalty (zero gradient, not NaN)
+            return _upcast(logits).sum() * 0.0
+        loss = self.likelihood.nll(logits, self.labels)
+        return loss * math.sqrt(n) if self.penalty_scale == "per_row" else loss
 
 
 def _replace_first_tensor(
@@ -182,6 +272,9 @@ def fisher_penalty(
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
     params: Sequence[Tensor] | None = None,
+    target_mask: TargetMask | None = None,
+    penalty_scale: str = "batch",
+    likelihood: str | Likelihood = "categorical",
 ) -> Tensor:
     """The penalty ``P = ||∇ L||²`` as a differentiable scalar, to add to a loss.
 
@@ -189,13 +282,24 @@ def fisher_penalty(
     ŷ_i ~ p_θ(y|x_i) (FP paper, Eq. 3). ``loss + alpha * fisher_penalty(model, x)`` followed by
     ``backward()`` differentiates it exactly (double backprop). ``inputs`` is the model's input
     tensor, or a :class:`Batch` for models called with several arguments.
+
+    Only rows with a target enter ``L`` (automatic for Hugging Face models; ``target_mask``
+    for any other model, see :mod:`fisher_optim._targets`); ``penalty_scale="per_row"``
+    returns ``N · Tr(F_B)`` (see :class:`PenaltyObjective`).
+
+    ``likelihood`` is the model's predictive distribution ``p_θ(y|x)``: ``"categorical"``
+    (softmax, needs ≥ 2 outputs), ``"bernoulli"`` (one logit per binary label) or
+    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim._logits`.
+    ``loss_fn`` (GP, GPx) receives the model output (after ``output_fn``) and ``targets``
+    exactly as given; without it, the likelihood's negative log-likelihood is used.
     """
     batch = inputs if isinstance(inputs, Batch) else Batch((inputs,), {}, targets)
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
     objective = PenaltyObjective(
         model, batch, penalty=penalty, params=params, output_fn=output_fn,
-        loss_fn=loss_fn, generator=generator,
+        loss_fn=loss_fn, generator=generator, target_mask=target_mask,
+        penalty_scale=penalty_scale, likelihood=likelihood,
     )
     wrt = objective.wrt()
     grads = torch.autograd.grad(objective.loss(), wrt, create_graph=True, allow_unused=True)

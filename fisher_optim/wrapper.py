@@ -42,6 +42,7 @@ class GradientWrapper(torch.optim.Optimizer):
         defaults: dict[str, Any],
         base_kwargs: dict[str, Any],
         seed: int | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -50,6 +51,7 @@ class GradientWrapper(torch.optim.Optimizer):
             )
         base = _build_base(model, base_optimizer, base_kwargs)
         _check_params_in_model(model, base)
+        _check_no_key_collision(type(self).__name__, base, defaults)
         self._own_defaults = dict(defaults)
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
@@ -66,6 +68,9 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets: Tensor | None = None
         self._in_own_pass = False
         self._warned_not_ddp = False
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        #: ``||∇||`` of the full gradient before clipping (a 0-dim tensor), when clipping.
+        self.grad_norm: Tensor | None = None
         self._hook = model.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True)
 
     # ----------------------------------------------------------------- sharing the base
@@ -135,7 +140,12 @@ class GradientWrapper(torch.optim.Optimizer):
 
     def own_pass(self, autocast: bool = True) -> _OwnPass:
         """Context for the wrapper's own forwards: not captured; under training's autocast
-        (if it had one) when ``autocast`` is true, in full precision otherwise."""
+        (if it had one) when ``autocast`` is true, in full precision otherwise.
+
+        Its random draws (dropout masks) come from a private stream seeded by ``seed`` and
+        the step count, and torch's global random state is restored on exit, so a run with
+        the wrapper draws exactly the data order and dropout masks of a run without it.
+        """
         return _OwnPass(self, autocast)
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -164,6 +174,7 @@ class GradientWrapper(torch.optim.Optimizer):
             if not done:
                 with torch.enable_grad():
                     self._before_base_step()
+                self._clip()
                 done = True
 
         if closure is None:
@@ -182,6 +193,21 @@ class GradientWrapper(torch.optim.Optimizer):
         self._batch = None
         self._targets = None
         return loss
+
+    def _clip(self) -> None:
+        """Clip the full gradient (the loss's plus what :meth:`_before_base_step` added) to
+        ``max_grad_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would.
+
+        Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
+        ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
+        bounds the gradient the base optimizer applies. Gradients are unscaled here (a
+        ``GradScaler`` unscales before calling ``step``).
+        """
+        if self.max_grad_norm is None:
+            return
+        params = [p for p in self.flat_params() if p.grad is not None]
+        if params:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
@@ -284,10 +310,20 @@ class _CaptureHook:
 
 
 class _OwnPass:
-    """Marks the wrapper's own forwards (not captured) and reapplies training's autocast."""
+    """Marks the wrapper's own forwards (not captured), reapplies training's autocast and
+    runs them on a private random stream (torch's global state is restored on exit)."""
 
     def __init__(self, wrapper: GradientWrapper, autocast: bool) -> None:
         self.wrapper = wrapper
+        device = wrapper._batch_device()
+        self.cuda_index = device.index if device.type == "cuda" else None
+        if self.cuda_index is None and device.type == "cuda":
+            self.cuda_index = torch.cuda.current_device()
+        self.rng = torch.random.fork_rng(
+            devices=[] if self.cuda_index is None else [self.cuda_index]
+        )
+        # a distinct, reproducible stream per step (resumes identically from a checkpoint)
+        self.rng_seed = (wrapper.seed * 1_000_003 + wrapper.step_count) % (2**63)
         state = wrapper._autocast
         if state is None:
             self.autocast = None
@@ -297,6 +333,10 @@ class _OwnPass:
             self.autocast = torch.autocast(state[0], enabled=False)
 
     def __enter__(self) -> None:
+        self.rng.__enter__()
+        torch.default_generator.manual_seed(self.rng_seed)
+        if self.cuda_index is not None:
+            torch.cuda.default_generators[self.cuda_index].manual_seed(self.rng_seed)
         self.wrapper._in_own_pass = True
         if self.autocast is not None:
             self.autocast.__enter__()
@@ -305,6 +345,24 @@ class _OwnPass:
         if self.autocast is not None:
             self.autocast.__exit__(*exc)
         self.wrapper._in_own_pass = False
+        self.rng.__exit__(*exc)
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm``: None (no clipping) or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"max_grad_norm must be a number (clip the full gradient to that norm) or None, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0 (clip the full gradient to that norm) "
+            f"or None (no clipping), got {value!r}"
+        )
+    return float(value)
 
 
 def _build_base(
@@ -327,6 +385,19 @@ def _build_base(
         "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
         f"optimizer instance, got {base_optimizer!r}"
     )
+
+
+def _check_no_key_collision(
+    name: str, base: torch.optim.Optimizer, defaults: dict[str, Any]
+) -> None:
+    """The wrapper's own param-group keys must be keys the base optimizer does not use."""
+    clash = sorted(set(defaults) & set(base.defaults))
+    if clash:
+        raise ValueError(
+            f"{name} stores {clash} in every param group, but {type(base).__name__} already "
+            f"uses that key for its own hyperparameter; the two would overwrite each other. "
+            "Please report this base optimizer to fisher_optim."
+        )
 
 
 def _check_params_in_model(model: nn.Module, base: torch.optim.Optimizer) -> None:

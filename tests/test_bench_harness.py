@@ -118,7 +118,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
                           "--probe-size", "8", "--methods", "baseline", "fp", "--lrs", "0.05",
                           "--no-progress"])
     assert code == 0
-    for name in ("baseline_lr0.05_s0_bs16", "fp_lr0.05_a0.01_s0_bs16"):
+    for name in ("baseline_lr0.05_s0_bs16", "fp_lr0.05_a0.01_s0_bs16_guard4"):
         run = out / name
         logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in logs] == [0, 1, 2]
@@ -130,14 +130,14 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
             assert key in s
         assert s["best_val_acc"] is not None and s["max_trace"] > 0
         assert (run / "checkpoint.pt").is_file()
-    fp_logs = (out / "fp_lr0.05_a0.01_s0_bs16" / "metrics.jsonl").read_text().splitlines()
+    fp_logs = (out / "fp_lr0.05_a0.01_s0_bs16_guard4" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(fp_logs[-1])["penalty_value"] is not None
     res = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in res["rows"]} == {"baseline", "fp"}
     assert (out / "figure.png").stat().st_size > 1000
     assert (out / "results.md").read_text().startswith("| method")
     # the plots CLI
-    assert plots.main([str(out / "baseline_lr0.05_s0_bs16"), str(out / "fp_lr0.05_a0.01_s0_bs16"),
+    assert plots.main([str(out / "baseline_lr0.05_s0_bs16"), str(out / "fp_lr0.05_a0.01_s0_bs16_guard4"),
                        "-o", str(tmp_path / "fig.png")]) == 0
     assert (tmp_path / "fig.png").is_file()
     assert plots.main([str(out / "baseline_lr0.05_s0_bs16"), "--scatter",
@@ -168,7 +168,7 @@ def test_resume_is_bitwise(tmp_path, method):
         a = [json.loads(x) for x in (tmp_path / "a" / f).read_text().splitlines()]
         b = [json.loads(x) for x in (tmp_path / "b" / f).read_text().splitlines()]
         assert _strip_times(a) == _strip_times(b)
-    drop = {"sec_per_epoch", "images_per_s", "train_time"}
+    drop = {"sec_per_epoch", "images_per_s", "train_time", "overhead"}
     assert {k: v for k, v in straight.items() if k not in drop} == {
         k: v for k, v in s.items() if k not in drop}
     ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
@@ -208,9 +208,9 @@ def test_two_epochs_equal_one_plus_one(tmp_path, monkeypatch):
 
 
 def test_test_every_keeps_test_at_best_val_exact(tmp_path):
-    """``test_every=0`` evaluates test (and noisy-train) accuracy only at new best
-    validation accuracies and the last epoch; training and every measured number are those
-    of the run that evaluates every epoch."""
+    """``test_every=0`` evaluates test (and noisy-train) accuracy at the last epoch, and the
+    test accuracy once more at the end on the kept best-validation weights; training and
+    every measured number are those of the run that evaluates every epoch."""
     data = tiny_bundle(label_noise=0.25)
     every = harness.train_run(tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25),
                               data, tmp_path / "a", log=None)
@@ -220,14 +220,12 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
     a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
-    best = -1.0
     for ra, rb in zip(a, b, strict=True):
-        new_best = rb["epoch"] == 0 or rb["val_acc"] > best
-        if rb["epoch"] >= 1:
-            best = max(best, rb["val_acc"])
-        if new_best or rb["epoch"] == spec.epochs:
+        if rb["epoch"] in (0, spec.epochs):
             assert rb["test_acc"] == ra["test_acc"]
             assert rb["train_acc_noisy"] == ra["train_acc_noisy"]
+        elif rb["epoch"] == sparse["best_val_epoch"]:
+            assert rb["test_acc"] == ra["test_acc"]
         else:
             assert rb["test_acc"] is None and "train_acc_noisy" not in rb
     assert any(r["test_acc"] is None for r in b)  # something was skipped
@@ -236,6 +234,39 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
         assert sparse[key] == every[key], key
     with pytest.raises(ValueError, match="test_every"):
         tiny_spec(test_every=-1)
+
+
+def test_val_every_measures_every_nth_epoch_and_the_last(tmp_path):
+    data = tiny_bundle()
+    every = harness.train_run(tiny_spec("fp", epochs=5, milestones=(4,)), data,
+                              tmp_path / "a", log=None)
+    spec = tiny_spec("fp", epochs=5, milestones=(4,), val_every=2)
+    sparse = harness.train_run(spec, data, tmp_path / "b", log=None)
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["epoch"] for r in b if "val_acc" in r] == [0, 2, 4, 5]
+    for rb in b:
+        if "val_acc" in rb:
+            ra = a[rb["epoch"]]
+            assert (rb["val_acc"], rb["trace"]) == (ra["val_acc"], ra["trace"])
+    assert sparse["final_test_acc"] == every["final_test_acc"]
+    with pytest.raises(ValueError, match="val_every"):
+        tiny_spec(val_every=0)
+
+
+def test_fp_runs_log_every_refresh_and_the_spike_factor(tmp_path):
+    spec = tiny_spec("fp", epochs=2, spike_factor=4.0)
+    assert spec.name.endswith("guard4") and "guard" not in tiny_spec("fp").name
+    assert "spike_factor" not in tiny_spec("fp").to_dict()  # older runs: safeguard off
+    summary = harness.train_run(spec, tiny_bundle(), tmp_path / "a", log=None)
+    logs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    refreshes = [json.loads(x) for x in (tmp_path / "a" / "refreshes.jsonl").read_text().splitlines()]
+    assert summary["status"] == "complete"
+    assert summary["overhead"] > 0 and all(r["wall_time"] >= r["train_time"] for r in logs[1:])
+    assert len(refreshes) == logs[-1]["refreshes"] > 0 and logs[-1]["spikes"] == 0
+    assert all(r["value"] > 0 and r["grad_norm"] > 0 and r["scale"] == 1.0 for r in refreshes)
+    assert [r["step"] for r in refreshes] == sorted(r["step"] for r in refreshes)
 
 
 def test_fp_start_epoch_trains_plain_sgd_before_it(tmp_path):
@@ -398,6 +429,25 @@ def test_explicit_alpha_grid_is_searched_for_penalties_only():
     assert sorted((s.method, s.alpha) for s in specs) == [
         ("baseline", 0.0), ("fp", 0.01), ("fp", 0.1)
     ]
+
+
+def test_spike_factor_and_val_every_reach_the_specs():
+    cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny")
+    parser = cli.build_parser(cfg)
+
+    def specs(*argv):
+        return {s.method: s for s in cli.make_specs(
+            cfg, parser.parse_args(["--methods", "baseline", "fp", "--lrs", "0.01", *argv]))}
+
+    default = specs()
+    assert default["fp"].spike_factor == 4.0 and default["fp"].name.endswith("guard4")
+    assert "guard" not in default["baseline"].name
+    off = specs("--spike-factor", "none", "--val-every", "3", "--milestones")
+    assert off["fp"].spike_factor is None and "guard" not in off["fp"].name
+    assert off["fp"].val_every == 3 and off["fp"].milestones == ()  # bare flag: constant LR
+    for bad in ("1", "0.5", "nan", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--spike-factor", bad])
 
 
 def test_explicit_milestones_replace_the_scaled_schedule():

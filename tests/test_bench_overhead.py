@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,9 +32,35 @@ def test_overhead_times_variants_side_by_side(tmp_path):
     assert json.loads(out.read_text())["results"]["tiny"].keys() == rows.keys()
 
 
-def test_fd_step_table_marks_the_default_step():
+def test_fd_step_tables_mark_the_default_scheme_and_step(tmp_path):
     fd_step = load("fd_step")
-    table = fd_step.main(["--seeds", "1", "--batch-size", "4"])
-    lines = [line for line in table.splitlines() if line.startswith("| ") and "network" not in line]
-    assert len(lines) == 4  # two networks x two dtypes
-    assert all(line.count("**") == 2 for line in lines)  # the default step of each dtype
+    out = tmp_path / "fd.md"
+    table = fd_step.main(
+        ["--seeds", "1", "--batch-size", "4", "--networks", "smooth_mlp", "relu_cnn",
+         "--steps", "1e-4", "1e-6", "1e-8", "--output", str(out)]
+    )
+    assert out.read_text() == table + "\n"
+    assert "Relative L2 error" in table and "Cosine" in table and "Produced by `python" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "network" not in line]
+    assert len(rows) == 2 * 2 * 2 * 2  # two tables x networks x dtypes x schemes
+    default = [r for r in rows if "| forward |" in r]
+    assert all(r.count("**") == 2 for r in default)  # the default step of each dtype
+    assert all("**" not in r for r in rows if "| central |" in r)
+
+
+def test_fd_step_rejects_invalid_options(capsys):
+    fd_step = load("fd_step")
+    for bad in (["--seeds", "0"], ["--steps", "0"], ["--steps", "1.5"], ["--steps", "nan"],
+                ["--steps", "-1e-3"], ["--schemes", "backward"], ["--dtypes", "float16"],
+                ["--networks", "resnet"], ["--batch-size", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            fd_step.main(bad)
+        assert exc.value.code == 2
+        assert "error: argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fd_step.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--seeds", "--batch-size", "--steps", "--schemes", "--dtypes", "--networks",
+                   "--threads", "--output"):
+        assert option in text
+    assert text.count("(default:") == 8

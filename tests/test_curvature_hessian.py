@@ -131,8 +131,8 @@ def test_top_eigenvalue_matches_eigvalsh(mlp_data):
     )
     assert_unchanged(model, snap)
     eig = torch.linalg.eigvalsh(full_hessian(model, x, y))
-    largest = float(eig[eig.abs().argmax()])
-    assert lam == pytest.approx(largest, rel=1e-6)
+    # the algebraically largest eigenvalue (λ_H^1), with a convergence report
+    assert lam.converged and lam.eigenvalue == pytest.approx(float(eig[-1]), rel=1e-6)
 
 
 def test_power_iteration_finds_largest_magnitude():
@@ -156,3 +156,14 @@ def test_bad_arguments(mlp_data):
         hessian_trace(model, x)
     with pytest.raises(ValueError, match="iters"):
         top_hessian_eigenvalue(model, (x, y), iters=0)
+
+
+def test_one_output_model_with_the_default_cross_entropy_raises():
+    """Cross-entropy over one class is identically 0, so would be its Hessian: refuse."""
+    model = torch.nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3).double(), torch.randn(8, 1).double()
+    for measure in (hessian_trace, top_hessian_eigenvalue):
+        with pytest.raises(ValueError, match="identically 0.*loss_fn="):
+            measure(model, (x, y))
+        with pytest.raises(ValueError, match="identically 0"):
+            measure(model, (x, torch.zeros(8).long()))

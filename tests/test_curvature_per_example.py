@@ -158,7 +158,7 @@ def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("fallback used")
 
-    monkeypatch.setattr(pe, "_vmap_sq_norms", fail)
+    monkeypatch.setattr(pe, "per_example_fallback_grads", fail)
     model, x, y, output_fn = make_case(name)
     norms = per_example_grad_norms(model, x, y, output_fn=output_fn)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y, output_fn))
@@ -185,13 +185,13 @@ def test_grouped_conv_path_is_taken(monkeypatch):
 
 def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
     calls = []
-    original = pe._vmap_sq_norms
+    original = pe.per_example_fallback_grads
 
-    def spy(model, inputs, gs, params, *args):
+    def spy(model, inputs, g3, params, *args):
         calls.append({id(p) for p in params})
-        return original(model, inputs, gs, params, *args)
+        return original(model, inputs, g3, params, *args)
 
-    monkeypatch.setattr(pe, "_vmap_sq_norms", spy)
+    monkeypatch.setattr(pe, "per_example_fallback_grads", spy)
     model, x, y, _ = make_case("zoo1d")
     per_example_grad_norms(model, x, y)
     assert calls == [{id(model.scale.s), id(model.twice.weight), id(model.twice.bias)}]
@@ -324,3 +324,24 @@ def test_a_layer_fed_by_a_batch_sized_constant_is_not_mistaken_for_a_batch_layer
         grads = torch.autograd.grad(loss, list(model.parameters()))
         loop.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
     torch.testing.assert_close(fast, torch.stack(loop), rtol=1e-10, atol=1e-12)
+
+
+def test_one_output_model_with_targets_raises_instead_of_zero_norms():
+    """Cross-entropy over one output is identically 0: every per-example gradient of it would
+    be 0, silently. The norms with targets, the group statistics and FisherNoiseSGD's
+    empirical Fisher refuse it."""
+    from fisher_optim import FisherNoiseSGD
+    from fisher_optim.curvature import group_gradient_stats, per_example_grad_norms
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="one output"):
+        per_example_grad_norms(model, x, targets=y)
+    with pytest.raises(ValueError, match="one output"):
+        group_gradient_stats(model, x, y, torch.tensor([True, False] * 3))
+    opt = FisherNoiseSGD(model, small_batch_size=2, fisher="empirical", lr=0.1)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.set_targets(y)
+    with pytest.raises(ValueError, match="one output"):
+        opt.step()

@@ -356,3 +356,203 @@ def test_estimate_batch_size_uses_first_examples() -> None:
     g = _per_example_grads(_mlp(), x[:3], y[:3])
     torch.testing.assert_close(torch.cat([c.reshape(-1) for c in opt._cache]), g.pow(2).mean(0))
     assert opt._scales(opt.current_batch()) == [math.sqrt(SCALE2)]  # M_L is still the batch
+
+
+# ----------------------------------------------------------------- ignore_index (-100)
+def _masked_per_example_grads(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``[N, d]``: ∇_θ of the mean CE over example i's rows with a target (0 if none)."""
+    params = list(model.parameters())
+    rows = []
+    for xi, yi in zip(x, y):
+        logits = model(xi[None]).reshape(-1, 3)
+        keep = yi.reshape(-1) != -100
+        if not bool(keep.any()):
+            rows.append(torch.zeros(sum(p.numel() for p in params), dtype=D))
+            continue
+        loss = F.cross_entropy(logits[keep], yi.reshape(-1)[keep], reduction="sum") / keep.sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def _ignore_setup(covariance: str) -> tuple[nn.Module, FisherNoiseSGD, Tensor]:
+    """A sequence model ([N, T, 3] logits) whose targets hold -100: at some positions, and at
+    every position of example 2. Returns the brute-force empirical Fisher ``(1/N) G^T G``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N, 4, 2, generator=g, dtype=D), torch.randint(3, (N, 4), generator=g)
+    y[0, 1], y[1, 0], y[1, 3], y[2] = -100, -100, -100, -100
+    grads = _masked_per_example_grads(copy.deepcopy(model), x, y)
+    opt = FisherNoiseSGD(
+        model, lr=LR, small_batch_size=M_S, covariance=covariance, fisher="empirical", seed=3
+    )
+    model(x)
+    opt.set_targets(y)
+    return model, opt, grads.T @ grads / N
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "trace", "full"])
+def test_ignore_index_targets_are_excluded_by_every_covariance(covariance: str) -> None:
+    """Item 10 of issue 14: ``"full"`` crashed on -100 (``one_hot``); every mode now uses the
+    same g_i (rows with -100 excluded, an example without targets contributing 0)."""
+    _model, opt, fisher = _ignore_setup(covariance)
+    batch = opt.current_batch()
+    if covariance == "full":
+        noise = _flat(opt._sample_noise(batch, draws=DRAWS), DRAWS)
+        _check_moments(noise, SCALE2 * fisher, rel_frobenius=0.05)
+        return
+    opt._refresh(batch)
+    assert opt.fisher_trace == pytest.approx(float(fisher.trace()), rel=1e-10)
+    if covariance == "diagonal":
+        estimate = torch.cat([c.reshape(-1) for c in opt._cache])
+        torch.testing.assert_close(estimate, fisher.diagonal(), rtol=1e-10, atol=1e-14)
+
+
+def test_ignore_index_real_steps_run_in_every_mode() -> None:
+    for covariance in ("diagonal", "trace", "full"):
+        model, opt, _ = _ignore_setup(covariance)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert opt.noise_norm is not None and math.isfinite(opt.noise_norm)
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------- shared modules
+@pytest.mark.parametrize("layout", ["sequential", "module_list"])
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_module_registered_twice_is_left_intact(layout: str, covariance: str) -> None:
+    """Item 9 of issue 14: the vmap pass left functorch wrappers in place of a shared block's
+    Parameters (SGD stopped moving it, deepcopy failed, step 2 raised)."""
+
+    class Stack(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([block] * 2)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            for b in self.blocks:
+                x = torch.tanh(b(x))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    block = nn.Linear(3, 3)
+    model = (nn.Sequential(block, nn.Tanh(), block, nn.Tanh(), nn.Linear(3, 3))
+             if layout == "sequential" else Stack(block)).to(D)
+    params = list(model.parameters())
+    x, y = _batch()
+    fisher_diag = (_per_example_grads(copy.deepcopy(model), x, y) ** 2).mean(0)
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance=covariance,
+                         fisher="empirical", seed=0)
+    w0 = block.weight.detach().clone()
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.set_targets(y)
+        if step == 0 and covariance == "diagonal":
+            opt._refresh(opt.current_batch())
+            estimate = torch.cat([c.reshape(-1) for c in opt._cache])
+            torch.testing.assert_close(estimate, fisher_diag, rtol=1e-10, atol=1e-14)
+        opt.step()
+    now = list(model.parameters())
+    assert len(now) == len(params) and all(a is b for a, b in zip(now, params))
+    assert all(type(p) is nn.Parameter for p in now)
+    assert not torch.equal(block.weight.detach(), w0)
+    copy.deepcopy(model)
+
+
+def test_model_that_vmap_cannot_run_takes_one_example_at_a_time() -> None:
+    """Data-dependent control flow (as in Hugging Face mask code) fails inside vmap; the
+    estimate then loops over the examples, and is still exact."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if bool(torch.isnan(x).any()):  # data-dependent, as HF's "is the mask all ones"
+                x = torch.nan_to_num(x)
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Branchy().to(D)
+    x, y = _batch()
+    grads = _per_example_grads(copy.deepcopy(model), x, y)
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0)
+    model(x)
+    opt.set_targets(y)
+    opt._refresh(opt.current_batch())
+    estimate = torch.cat([c.reshape(-1) for c in opt._cache])
+    torch.testing.assert_close(estimate, (grads**2).mean(0), rtol=1e-10, atol=1e-14)
+
+
+def test_shared_input_with_the_batch_size_as_first_dimension_is_an_error() -> None:
+    """A ``[M, M]`` matrix shared by all examples looks like a per-example input; cutting it
+    per example would silently change the model: refused with a clear error."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor, mix: Tensor) -> Tensor:
+            return self.lin(x) + mix.sum(0)[:3]  # mix is [M, M] and shared
+
+    torch.manual_seed(0)
+    model = Mixed().to(D)
+    x, y = _batch()
+    mix = torch.randn(N, N, dtype=D)
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0)
+    model(x, mix)
+    opt.set_targets(y)
+    with pytest.raises(ValueError, match="first example alone"):
+        opt._refresh(opt.current_batch())
+
+
+def test_estimate_leaves_buffers_changed_by_the_forward_as_they_were() -> None:
+    """A module that counts its calls in a buffer: only the training forwards count."""
+
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            return self.lin(x)
+
+    model = Counter().to(D)
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="true", seed=0)
+    x, y = _batch()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert int(model.calls) == 2 and opt.refreshes == 2
+
+
+def test_shared_input_cut_by_estimate_batch_size_is_an_error() -> None:
+    """The same with ``estimate_batch_size``: the cut is checked against the training batch."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor, mix: Tensor) -> Tensor:
+            return self.lin(x) + mix.sum(0)[:3]
+
+    torch.manual_seed(0)
+    model = Mixed().to(D)
+    x, y = _batch()
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0,
+                         estimate_batch_size=4)
+    model(x, torch.randn(N, N, dtype=D))
+    opt.set_targets(y)
+    with pytest.raises(ValueError, match="first example alone"):
+        opt._refresh(opt.current_batch())

@@ -33,10 +33,22 @@ def train(model, opt, data, targets_to_opt=False):
 
 BASES = [
     (torch.optim.SGD, {"lr": 0.1}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}),
     (torch.optim.Adam, {"lr": 1e-2}),
     (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    (torch.optim.Adamax, {"lr": 1e-2}),
+    (torch.optim.NAdam, {"lr": 1e-2}),
+    (torch.optim.RAdam, {"lr": 1e-2}),
+    (torch.optim.RMSprop, {"lr": 1e-3}),  # has its own "alpha" (smoothing constant)
+    (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "momentum": 0.5}),
+    (torch.optim.Adagrad, {"lr": 1e-2}),
+    (torch.optim.Adadelta, {"lr": 1.0}),
+    (torch.optim.ASGD, {"lr": 1e-2}),  # has its own "alpha" (decay power)
+    (torch.optim.Rprop, {"lr": 1e-2}),
 ]
+if hasattr(torch.optim, "Adafactor"):
+    BASES.append((torch.optim.Adafactor, {"lr": 1e-2}))
 
 
 @pytest.mark.parametrize(("base", "kwargs"), BASES)
@@ -44,7 +56,11 @@ def test_alpha_zero_is_the_base_optimizer_bitwise(base, kwargs):
     data = batches(6, torch.float32, shape=(3, 8, 8), classes=5)
     model = small_cnn(torch.float32)
     reference = copy.deepcopy(model)
-    train(model, FisherPenaltySGD(model, base, alpha=0.0, every=1, **kwargs), data)
+    if "alpha" in kwargs:  # the base's own "alpha": build the base, then wrap the instance
+        opt = FisherPenaltySGD(model, base(model.parameters(), **kwargs), alpha=0.0, every=1)
+    else:
+        opt = FisherPenaltySGD(model, base, alpha=0.0, every=1, **kwargs)
+    train(model, opt, data)
     train(reference, base(reference.parameters(), **kwargs), data)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
@@ -102,19 +118,19 @@ def test_wraps_instance_and_class_and_lr_scheduler_reaches_base():
     assert base.param_groups[0]["lr"] == 0.5
     opt2 = FisherPenaltySGD(model, torch.optim.Adam, alpha=0.1, lr=3e-4, betas=(0.8, 0.9))
     assert isinstance(opt2.base_optimizer, torch.optim.Adam)
-    assert opt2.param_groups[0]["betas"] == (0.8, 0.9) and opt2.param_groups[0]["alpha"] == 0.1
+    assert opt2.param_groups[0]["betas"] == (0.8, 0.9) and opt2.param_groups[0]["penalty_weight"] == 0.1
 
 
 def test_param_groups_and_frozen_parameters():
     model = tiny_mlp()
     model[0].bias.requires_grad_(False)
     groups = [
-        {"params": [model[0].weight], "alpha": 0.0},
+        {"params": [model[0].weight], "penalty_weight": 0.0},
         {"params": list(model[2].parameters()), "lr": 0.01},
     ]
     opt = FisherPenaltySGD(model, alpha=0.2, lr=0.1, params=groups)
     train(model, opt, batches(2))
-    assert [g["alpha"] for g in opt.param_groups] == [0.0, 0.2]
+    assert [g["penalty_weight"] for g in opt.param_groups] == [0.0, 0.2]
     assert model[0].bias.grad is None
 
 
@@ -242,6 +258,8 @@ def test_step_without_a_forward_explains_itself():
         ({"alpha": 0.1, "penalty": "hessian"}, ValueError, "'fisher', 'random_label'"),
         ({"alpha": 0.1, "penalty_batch_size": 0}, ValueError, "penalty_batch_size"),
         ({"alpha": 0.1, "fd_step": 0.0}, ValueError, "fd_step"),
+        ({"alpha": 0.1, "fd_step": float("nan")}, ValueError, "fd_step"),
+        ({"alpha": 0.1, "fd_step": float("inf")}, ValueError, "fd_step"),
         ({"alpha": 0.1, "base_optimizer": "sgd"}, TypeError, "torch.optim.Optimizer"),
     ],
 )
@@ -291,3 +309,193 @@ def test_deepcopy_of_the_model_neither_copies_nor_feeds_the_optimizer():
     ema(torch.randn(3, 5, dtype=torch.float64))  # not captured: the batch stays x
     assert opt.current_batch().args[0] is x
     opt.step()
+
+
+# ----------------------------------------------------------------- the penalty weight's key
+@pytest.mark.parametrize("base", [torch.optim.RMSprop, torch.optim.ASGD])
+def test_penalty_weight_does_not_touch_a_base_hyperparameter_named_alpha(base):
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, base, alpha=0.3, lr=1e-3, every=1)
+    own_alpha = base(tiny_mlp().parameters(), lr=1e-3).defaults["alpha"]
+    assert opt.param_groups[0]["alpha"] == own_alpha
+    assert opt.param_groups[0][fps.WEIGHT_KEY] == 0.3
+    opt.param_groups[0][fps.WEIGHT_KEY] = 0.0  # scheduling the weight leaves the base alone
+    train(model, opt, batches(2))
+    assert opt.param_groups[0]["alpha"] == own_alpha and opt.refreshes == 0
+
+
+def test_a_base_optimizer_that_uses_the_weight_key_raises():
+    class Clashing(torch.optim.SGD):
+        def __init__(self, params, lr=0.1, penalty_weight=1.0):
+            torch.optim.Optimizer.__init__(
+                self, params, {"lr": lr, "penalty_weight": penalty_weight, "momentum": 0,
+                               "dampening": 0, "weight_decay": 0, "nesterov": False,
+                               "maximize": False, "foreach": None, "differentiable": False,
+                               "fused": None})
+
+    with pytest.raises(ValueError, match="penalty_weight"):
+        FisherPenaltySGD(tiny_mlp(), Clashing, alpha=0.1)
+
+
+def test_a_group_alpha_for_a_base_without_one_points_to_the_weight_key():
+    model = tiny_mlp()
+    groups = [{"params": list(model.parameters()), "alpha": 0.0}]
+    with pytest.raises(ValueError, match="param_groups\\[0\\].*penalty_weight"):
+        FisherPenaltySGD(model, alpha=0.1, lr=0.1, params=groups)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "error"),
+    [(float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError),
+     ("0.1", TypeError), (True, TypeError), (None, TypeError), (torch.tensor(0.1), TypeError)],
+)
+def test_invalid_alpha_is_rejected_at_construction(alpha, error):
+    with pytest.raises(error, match="alpha"):
+        FisherPenaltySGD(tiny_mlp(), alpha=alpha, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("weight", "error"),
+    [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+     ("0.1", TypeError)],
+)
+def test_invalid_group_weight_set_at_run_time_raises_naming_the_group(weight, error):
+    model = tiny_mlp()
+    groups = [{"params": [model[0].weight]}, {"params": [model[0].bias, *model[2].parameters()]}]
+    opt = FisherPenaltySGD(model, alpha=0.1, lr=0.1, params=groups)
+    train(model, opt, batches(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[1][fps.WEIGHT_KEY] = weight
+    with pytest.raises(error, match=r"param_groups\[1\]\['penalty_weight'\]"):
+        train(model, opt, batches(1, seed=1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------- a stale cache is never applied
+def _gp_penalty_gradient(model, x, y):
+    """Brute force in float64: ∇_θ ||∇_θ CE(f(x), y)||² by two plain autograd calls."""
+    params = list(model.parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    return torch.autograd.grad(sum((t * t).sum() for t in g), params)
+
+
+def test_a_weight_raised_after_a_zero_weight_refresh_recomputes_on_the_current_batch():
+    model = tiny_mlp()
+    lr, alpha, every = 0.1, 0.5, 5
+    opt = FisherPenaltySGD(model, alpha=alpha, lr=lr, every=every, penalty="gradient")
+    data = batches(9)
+    for step, (x, y) in enumerate(data):
+        if step == 5:  # a refresh is due with every weight 0: the step-0 cache goes stale
+            opt.param_groups[0][fps.WEIGHT_KEY] = 0.0
+        if step == 7:
+            opt.param_groups[0][fps.WEIGHT_KEY] = alpha
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        loss_grads = [p.grad.clone() for p in model.parameters()]
+        opt.set_targets(y)
+        opt.step()
+        if step == 7:
+            expected = _gp_penalty_gradient(copy.deepcopy(model_at(before, model)), x, y)
+            for b, p, g, e in zip(before, model.parameters(), loss_grads, expected):
+                applied = (b - p.detach()) / lr
+                torch.testing.assert_close(applied, g + alpha * e, rtol=1e-9, atol=1e-12)
+    assert opt.refreshes == 2  # steps 0 and 7; none at 5
+
+
+def model_at(values, model):
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, v in zip(clone.parameters(), values):
+            p.copy_(v)
+    return clone
+
+
+# ----------------------------------------------------------------- torch's random stream
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_dropout_penalty_leaves_the_global_random_stream_as_the_baseline_draws_it(mode):
+    def run(make_opt):
+        torch.manual_seed(123)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 4))
+        opt = make_opt(model)
+        order = []
+        for _ in range(4):
+            x = torch.randn(8, 5)
+            y = torch.randint(4, (8,))
+            order.append(torch.randperm(8))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return order, torch.get_rng_state()
+
+    base_order, base_state = run(lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    fp_order, fp_state = run(lambda m: FisherPenaltySGD(m, alpha=0.1, lr=0.1, every=1, mode=mode))
+    assert all(torch.equal(a, b) for a, b in zip(base_order, fp_order))
+    assert torch.equal(base_state, fp_state)
+
+
+# ------------------------------------------------- likelihood= (issue 14, item 3)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_one_output_model_with_a_chosen_likelihood_applies_its_penalty(likelihood):
+    """One step equals SGD on grad L + α ∇Tr(F_B) of the functional penalty with the same
+    likelihood and seed (itself checked against brute force in test_engines/test_penalty)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.5, every=1, seed=3, likelihood=likelihood)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    pg = penalty_gradient(ref, x, likelihood=likelihood, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(F.mse_loss(ref(x), y), list(ref.parameters()))
+    for p, q, g, h in zip(model.parameters(), ref.parameters(), grads, pg):
+        torch.testing.assert_close(p, q - 0.1 * (g + 0.5 * h), rtol=1e-12, atol=1e-14)
+
+
+def test_likelihood_is_validated_and_one_output_categorical_raises():
+    model = nn.Sequential(nn.Linear(5, 1)).double()
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        FisherPenaltySGD(model, lr=0.1, alpha=0.1, likelihood="poisson")
+    with pytest.raises(ValueError, match="no uniform distribution"):
+        FisherPenaltySGD(model, lr=0.1, alpha=0.1, penalty="random_label", likelihood="gaussian")
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1)
+    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match="identically 0.*likelihood='bernoulli'"):
+        opt.step()
+
+
+def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradient():
+    """GP with loss_fn=F.mse_loss, [B, 1] outputs and targets (issue 14, item 4): the step
+    adds α · 2 H g of mse(f(x), y) itself (explicit Hessian), not of a broadcast [B, B] loss."""
+    from torch.func import functional_call, grad, hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(t):
+        chunks = t.split([s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return F.mse_loss(functional_call(model, params, (x,)), y)
+
+    g = grad(loss)(theta)
+    expected = theta - 0.1 * (g + 0.5 * 2 * hessian(loss)(theta) @ g)
+    opt = FisherPenaltySGD(
+        model, lr=0.1, alpha=0.5, every=1, penalty="gradient", loss_fn=F.mse_loss
+    )
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.set_targets(y)
+    opt.step()
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_finite_difference_refuses_half_precision_parameters_at_construction():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        FisherPenaltySGD(tiny_mlp(torch.float16), alpha=0.1, lr=0.1, mode="finite_difference")

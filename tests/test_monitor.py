@@ -10,10 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from fisher_optim.curvature import fisher_trace
-from fisher_optim.monitor import FisherExplosionWarning, FisherMonitor
+from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, FisherMonitor
 
 from .conftest import small_cnn, tiny_mlp
-from .curvature_utils import assert_unchanged, randomize_state, snapshot
+from .curvature_utils import (
+    assert_unchanged,
+    full_hessian,
+    loop_exact_fisher,
+    randomize_state,
+    snapshot,
+)
+from .test_curvature_covariance import brute_covariance
 
 
 @pytest.fixture
@@ -138,3 +145,70 @@ def test_bad_arguments():
         FisherMonitor(model, x, threshold=-1.0)
     with pytest.raises(ValueError, match="no batches"):
         FisherMonitor(model, [])
+
+
+# ------------------------------------------------------------------ CurvatureMonitor
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_curvature_monitor_matches_brute_force_and_leaves_model_untouched(setup):
+    model, x, y = setup
+    model.train()
+    snap = snapshot(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    quantities = ["trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2"]
+    monitor = CurvatureMonitor(
+        model, (x, y), quantities, every=2, top_k=2, labels="exact", lr=optimizer,
+        lanczos_iters=200, lanczos_tol=1e-11,
+    )  # fmt: skip
+    assert monitor.step() is None
+    row = monitor.step(loss=1.5)
+    assert_unchanged(model, snap)
+    trace, eigenvalues = brute_covariance(model, x, y)
+    hessian = torch.linalg.eigvalsh(full_hessian(model, x, y)).flip(0)
+    assert row["step"] == 2 and row["loss"] == 1.5
+    assert row["trace_F"] == pytest.approx(loop_exact_fisher(model, x), rel=1e-10)
+    assert row["trace_K"] == pytest.approx(trace, rel=1e-10)
+    assert row["lambda_K"] == pytest.approx(float(eigenvalues[0]), rel=1e-8)
+    assert row["lambda_K_top"] == pytest.approx(eigenvalues[:2].tolist(), rel=1e-8)
+    assert row["lambda_H"] == pytest.approx(float(hessian[0]), rel=1e-8)
+    assert row["lambda_H_top"] == pytest.approx(hessian[:2].tolist(), rel=1e-8)
+    assert row["lambda_H_converged"] and row["lambda_H_residual"] < 1e-9
+    assert row["lambda_H_eta_over_2"] == pytest.approx(float(hessian[0]) * 0.2 / 2, rel=1e-8)
+    optimizer.param_groups[0]["lr"] = 0.05  # a schedule: η is read at each measurement
+    row = monitor.measure()
+    assert row["lambda_H_eta_over_2"] == pytest.approx(float(hessian[0]) * 0.05 / 2, rel=1e-8)
+    assert [r["step"] for r in monitor.history] == [2, 2]
+
+
+def test_curvature_monitor_logs_and_attaches(setup, tmp_path):
+    model, x, y = setup
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = CurvatureMonitor(model, (x, y), ["trace_K", "lambda_H"], every=2, top_k=2,
+                               lanczos_iters=20, log=tmp_path / "curv.csv")  # fmt: skip
+    handle = monitor.attach(optimizer)
+    for _ in range(4):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    handle.remove()
+    with open(tmp_path / "curv.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert float(rows[1]["trace_K"]) == pytest.approx(monitor.history[1]["trace_K"])
+    assert "lambda_H_top" in rows[0] and "trace_F" not in rows[0]
+
+
+def test_curvature_monitor_bad_arguments(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match=r"quantities must be one of \('trace_F'"):
+        CurvatureMonitor(model, (x, y), ["lambda_max"])
+    with pytest.raises(ValueError, match="needs the learning rate"):
+        CurvatureMonitor(model, (x, y), ["lambda_H_eta_over_2"])
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        CurvatureMonitor(model, (x, y), ["lambda_H_eta_over_2"], lr=-0.1)
+    with pytest.raises(ValueError, match="need the true targets"):
+        CurvatureMonitor(model, x, ["trace_F", "lambda_K"])
+    CurvatureMonitor(model, x, "trace_F")  # Tr(F) alone needs no targets
+    with pytest.raises(ValueError, match="top_k"):
+        CurvatureMonitor(model, (x, y), top_k=0)

@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -47,7 +49,15 @@ from benchmarks.common.config import (
     RunSpec,
     scale_milestones,
 )
-from benchmarks.common.models import INITS
+from benchmarks.common.models import INITS, MODELS
+from fisher_optim._cli import (
+    HelpFormatter,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["QUICK", "aggregate", "build_parser", "main", "make_specs", "results_table"]
 
@@ -57,50 +67,75 @@ QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
 
 
 def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
-    """The argument parser of a script with config ``cfg`` (defaults shown in ``--help``)."""
+    """The argument parser of a script with config ``cfg``.
+
+    ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
+    every value is range-checked here, so a bad one is an argparse error naming the option.
+    """
     p = argparse.ArgumentParser(
         prog=f"benchmarks/{cfg.name}.py",
         description=cfg.description or cfg.name,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("what to run")
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                   help=f"methods (default: {' '.join(cfg.default_methods)})")
-    g.add_argument("--lrs", nargs="+", type=float, default=None,
-                   help="learning rates (default: the table's η* and η*/div)")
-    g.add_argument("--lr-star", type=float, default=cfg.lr_star,
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
+                   help=f"training methods, of: {', '.join(METHODS)} (default: "
+                   f"{' '.join(cfg.default_methods)}, each at the table's learning rate)")
+    g.add_argument("--lrs", nargs="+", type=positive_float, default=None, metavar="LR",
+                   help="learning rates, each crossed with every method (default: "
+                   f"{_default_lrs_text(cfg)})")
+    g.add_argument("--lr-star", type=positive_float, default=cfg.lr_star,
                    help="η*, the paper's tuned large learning rate (a guess; see config)")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="single α for every penalised method (default: per-method center)")
+    g.add_argument("--alpha", type=nonnegative_float, default=None,
+                   help="single α for every penalised method (default: "
+                   f"{_default_alphas_text(cfg)})")
     g.add_argument("--alpha-grid", action="store_true",
                    help="search α on the paper's grid and choose it by validation accuracy")
-    g.add_argument("--alphas", nargs="+", type=float, default=None,
+    g.add_argument("--alphas", nargs="+", type=nonnegative_float, default=None, metavar="ALPHA",
                    help="with --alpha-grid: search these α (one grid for every penalised "
-                   "method) instead of the paper's 10 log-spaced values")
-    g.add_argument("--alpha-center", type=float, default=cfg.alpha_center,
+                   "method; default: the paper's 10 log-spaced values per method)")
+    g.add_argument("--alpha-center", type=positive_float, default=cfg.alpha_center,
                    help="v of the α grid [0.1v, 10v] for FP, GP, GPr")
-    g.add_argument("--gpx-center", type=float, default=cfg.gpx_center, help="v for GPx")
-    g.add_argument("--mixup-beta", type=float, default=None, help="mixup's Beta(β, β) parameter")
-    g.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: --seed)")
-    g.add_argument("--seed", type=int, default=0, help="seed of a single-seed run")
+    g.add_argument("--gpx-center", type=positive_float, default=cfg.gpx_center,
+                   help="v of the α grid [0.1v, 10v] for GPx")
+    g.add_argument("--mixup-beta", type=positive_float, default=None,
+                   help="mixup's Beta(β, β) parameter (default: "
+                   f"{cfg.default_alpha('mixup'):g})")
+    g.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, metavar="SEED",
+                   help="seeds, one run each (default: --seed)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a single-seed run")
     g.add_argument("--augment", nargs="?", const="standard", default=None, choices=AUGMENT_MODES,
-                   help="augmentation (bare flag: crop+flip, Table 2 runs: η* with/without FP)")
-    g.add_argument("--noise", type=float, default=cfg.label_noise,
-                   help="fraction of training labels replaced by random labels")
-    g.add_argument("--fp-start-epochs", nargs="+", type=int, default=None,
-                   help="switch FP on at these epochs (Fig. 3)")
-    g.add_argument("--batch-sizes", nargs="+", type=int, default=None,
-                   help="sweep batch sizes (default: --batch-size)")
+                   help="augmentation (standard: random crop + flip; the bare flag means "
+                   "standard); giving it makes Table 2's runs: "
+                   f"{_augment_runs_text(cfg)} (default: {cfg.augment}, the plain run's "
+                   "methods)")
+    g.add_argument("--noise", type=fraction, default=cfg.label_noise,
+                   help="fraction of training labels replaced by random labels, in [0, 1]")
+    g.add_argument("--fp-start-epochs", nargs="+", type=positive_int, default=None,
+                   metavar="EPOCH",
+                   help="switch FP on at these epochs, one run each (Fig. 3; default: "
+                   + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
+                      else "from the first epoch") + ")")
+    g.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None, metavar="B",
+                   help="sweep batch sizes, one run each (default: "
+                   + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes
+                      else "--batch-size") + ")")
 
     g = p.add_argument_group("training setting")
-    g.add_argument("--epochs", type=int, default=cfg.epochs,
-                   help=f"epochs (milestones {list(cfg.milestones)} scaled to it)")
-    g.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help=f"multiply the LR by {cfg.gamma:g} at these epochs of this run "
-                        "(default: the setting's milestones, scaled to --epochs)")
-    g.add_argument("--batch-size", type=int, default=cfg.batch_size)
-    g.add_argument("--weight-decay", type=float, default=cfg.weight_decay)
-    g.add_argument("--model", default=cfg.model)
+    g.add_argument("--epochs", type=positive_int, default=cfg.epochs,
+                   help=f"epochs; the setting's LR milestones {list(cfg.milestones)} (for "
+                   f"{cfg.epochs} epochs) are scaled to it")
+    g.add_argument("--milestones", type=positive_int, nargs="*", default=None, metavar="EPOCH",
+                   help=f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each in "
+                   "1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
+                   "milestones, scaled to --epochs)")
+    g.add_argument("--batch-size", type=positive_int, default=cfg.batch_size,
+                   help="mini-batch size")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=cfg.weight_decay,
+                   help="L2 weight decay of SGD")
+    g.add_argument("--model", choices=sorted(MODELS), default=cfg.model, metavar="MODEL",
+                   help=f"network, of: {', '.join(sorted(MODELS))} (see "
+                   "benchmarks/common/models.py)")
     g.add_argument("--init", choices=INITS, default="kaiming",
                    help="initialisation of the conv and linear layers: kaiming (the models' "
                    "own), torch (PyTorch's layer default) or glorot (Keras's default); the "
@@ -108,39 +143,45 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=("cifar10", "cifar100", "tinyimagenet"),
                    default=cfg.dataset, help="train on another data set than the paper's "
                    "setting (its loss threshold ε follows unless --loss-threshold is given)")
-    g.add_argument("--every", type=int, default=cfg.every,
+    g.add_argument("--every", type=positive_int, default=cfg.every, metavar="N",
                    help="recompute the penalty gradient every N steps")
-    g.add_argument("--penalty-batch-size", type=int, default=cfg.penalty_batch_size,
-                   help="compute the penalty on the first N examples of the batch")
+    g.add_argument("--penalty-batch-size", type=positive_int, default=cfg.penalty_batch_size,
+                   metavar="N",
+                   help="compute the penalty on the first N examples of the batch"
+                   + ("" if cfg.penalty_batch_size is not None
+                      else " (default: the whole batch)"))
     g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default=cfg.fd_mode,
                    help="how FisherPenaltySGD computes the penalty gradient")
-    g.add_argument("--bn-refresh-batches", type=int, default=cfg.bn_refresh_batches,
-                   help="re-estimate BatchNorm statistics on N train batches before evaluating")
+    g.add_argument("--bn-refresh-batches", type=nonnegative_int, default=cfg.bn_refresh_batches,
+                   metavar="N",
+                   help="re-estimate BatchNorm statistics on N train batches before evaluating "
+                   "(0: keep the running statistics)")
 
     g = p.add_argument_group("large-batch noise (Wen et al., AISTATS 2020)")
-    g.add_argument("--small-batch-size", type=int, default=cfg.small_batch_size,
+    g.add_argument("--small-batch-size", type=positive_int, default=cfg.small_batch_size,
                    help="M_S: the small batch whose gradient noise the noise_* methods imitate "
                    "(they run only at batch sizes above it)")
     g.add_argument("--fisher", dest="noise_fisher", choices=NOISE_FISHERS,
                    default=cfg.noise_fisher,
                    help="noise_*: empirical Fisher (true labels, the paper) or true Fisher "
                    "(labels sampled from the model)")
-    g.add_argument("--noise-every", type=int, default=cfg.noise_every,
+    g.add_argument("--noise-every", type=positive_int, default=cfg.noise_every, metavar="N",
                    help="noise_trace/noise_diag: re-estimate the Fisher every N steps "
                    "(1: every step, the paper; noise_full always uses 1)")
-    g.add_argument("--ghost-batch-size", type=int, default=cfg.ghost_batch_size,
+    g.add_argument("--ghost-batch-size", type=nonnegative_int, default=cfg.ghost_batch_size,
                    help="Ghost BatchNorm with this virtual batch for runs with a larger batch "
                    "(0: plain BatchNorm)")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=cfg.lr_scaling,
                    help="scale each run's learning rate by (B / --lr-base-batch) "
                    "(linear) or its square root (sqrt), B the run's batch size")
-    g.add_argument("--lr-base-batch", type=int, default=cfg.lr_base_batch,
+    g.add_argument("--lr-base-batch", type=positive_int, default=cfg.lr_base_batch,
                    help="batch size at which the learning rate is not scaled")
-    g.add_argument("--lr-cap", type=float, default=cfg.lr_cap,
-                   help="upper bound of the scaled learning rate")
-    g.add_argument("--batch-lrs", nargs="+", type=float, default=None,
+    g.add_argument("--lr-cap", type=positive_float, default=cfg.lr_cap,
+                   help="upper bound of the scaled learning rate"
+                   + ("" if cfg.lr_cap is not None else " (default: no cap)"))
+    g.add_argument("--batch-lrs", nargs="+", type=positive_float, default=None, metavar="LR",
                    help="explicit learning rate per batch size (aligned with --batch-sizes; "
-                   "overrides --lrs/--lr-star and --lr-scaling)")
+                   "overrides --lrs/--lr-star and --lr-scaling; default: not used)")
     g.add_argument("--log-every-update", action=argparse.BooleanOptionalAction,
                    default=cfg.log_every_update,
                    help="write train_curve.jsonl: loss and error of every update's batch")
@@ -148,47 +189,90 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None,
                    help="dataset directory/archive (default: $FISHER_OPTIM_DATA or ./data)")
-    g.add_argument("--train-subset", type=int, default=None,
-                   help="use N training examples (after holding out validation)")
-    g.add_argument("--val-size", type=int, default=cfg.val_size,
+    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                   help="use N training examples (after holding out validation; default: all)")
+    g.add_argument("--val-size", type=nonnegative_int, default=cfg.val_size,
                    help="validation examples held out of the training set (0: none)")
-    g.add_argument("--test-subset", type=int, default=None, help="evaluate on N test examples")
-    g.add_argument("--split-seed", type=int, default=0,
+    g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
+                   help="evaluate on N test examples (default: all)")
+    g.add_argument("--split-seed", type=nonnegative_int, default=0,
                    help="seed of the validation split, subsets and label noise")
 
     g = p.add_argument_group("measurements")
-    g.add_argument("--probe-size", type=int, default=None,
+    g.add_argument("--probe-size", type=positive_int, default=None, metavar="N",
                    help="Tr(F) on the first N training examples (default: the batch size)")
     g.add_argument("--trace-labels", choices=("sample", "exact"), default="sample",
                    help="Tr(F) with sampled labels (fixed generator) or summed over classes")
-    g.add_argument("--trace-every-steps", type=int, default=0,
+    g.add_argument("--trace-every-steps", type=nonnegative_int, default=0, metavar="N",
                    help="also measure Tr(F) every N steps (finer Tr(F_i)); 0: per epoch")
-    g.add_argument("--loss-threshold", type=float, default=cfg.threshold,
-                   help="ε of Tr(F_i)")
+    g.add_argument("--loss-threshold", type=positive_float, default=cfg.threshold,
+                   help="ε of Tr(F_i): the Tr(F) of the first measurement whose training "
+                   "loss is below ε")
     g.add_argument("--eval-train", action="store_true", default=cfg.eval_train,
-                   help="also evaluate the whole training set every epoch (eval mode)")
-    g.add_argument("--test-every", type=int, default=1,
+                   help="also evaluate the whole training set every epoch (eval mode)"
+                   + (" (default: on in this setting)" if cfg.eval_train else ""))
+    g.add_argument("--test-every", type=nonnegative_int, default=1, metavar="N",
                    help="evaluate test (and noisy-train) accuracy every N epochs, at the last "
-                        "epoch and at each new best validation accuracy; 0: only those two "
-                        "(test@best-val stays exact, runs get cheaper)")
-    g.add_argument("--group-probe-size", type=int, default=1000,
+                        "epoch and at each new best validation accuracy; 0: at the last epoch, "
+                        "plus once at the end on the kept best-validation weights (the same "
+                        "test@best-val, one test pass per run)")
+    g.add_argument("--val-every", type=positive_int, default=1, metavar="N",
+                   help="measure validation accuracy and the epoch's Tr(F) every N epochs and "
+                        "at the last epoch (model selection sees only those epochs)")
+    g.add_argument("--spike-factor", type=_spike_factor, default=4.0, metavar="F",
+                   help="FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over "
+                        "this many times the running median norm is scaled down to that bound "
+                        "and used for one step only; 'none' turns it off (the paper's FP)")
+    g.add_argument("--group-probe-size", type=positive_int, default=1000, metavar="N",
                    help="examples for clean/noisy gradient norms (label-noise runs)")
 
     g = p.add_argument_group("running")
     g.add_argument("--out", default=None, help=f"output root (default: runs/{cfg.name})")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--device", type=_device, default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:INDEX")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
     g.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their checkpoints, skip finished ones")
-    g.add_argument("--time-limit", type=float, default=None,
-                   help="minutes; checkpoint and stop once exceeded (resume with --resume)")
+    g.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                   help="checkpoint and stop once exceeded (resume with --resume; "
+                   "default: no limit)")
     g.add_argument("--quick", action="store_true",
                    help="CPU smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plot", action="store_true", help="do not draw the figure")
     g.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     return p
+
+
+def _default_lrs_text(cfg: ExperimentConfig) -> str:
+    """What a plain run's learning rates are (mirrors :func:`_run_pairs`)."""
+    if cfg.lr_factors:
+        return "every method at " + ", ".join(
+            "η*" if f == 1 else f"{f:g}·η*" for f in cfg.lr_factors)
+    if cfg.lrs:
+        return "every method at " + " ".join(f"{lr:g}" for lr in cfg.lrs)
+    return f"the table's: baseline at η*, the others at η*/{cfg.small_lr_divisor:g}"
+
+
+def _default_alphas_text(cfg: ExperimentConfig) -> str:
+    methods = [m for m in dict.fromkeys((*cfg.default_methods, *cfg.augment_methods))
+               if m not in ("baseline", "mixup") and m not in NOISE_OF_METHOD]
+    if not methods:
+        return "none of this setting's methods is penalised"
+    return "each method's own: " + ", ".join(f"{m} {cfg.default_alpha(m):g}" for m in methods)
+
+
+def _augment_runs_text(cfg: ExperimentConfig) -> str:
+    lrs = ", ".join("η*" if f == 1 else f"{f:g}·η*" for f in cfg.augment_lr_factors)
+    return f"{' '.join(cfg.augment_methods)} at {lrs}"
+
+
+def _device(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
+    return text
 
 
 def _apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -271,6 +355,7 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         bn_refresh_batches=args.bn_refresh_batches, eval_train=args.eval_train,
         track_groups=cfg.track_groups or args.noise > 0,
         group_probe_size=args.group_probe_size, test_every=args.test_every, init=args.init,
+        val_every=args.val_every, spike_factor=args.spike_factor,
     )
     base = replace(base, **_noise_fields(cfg, args))
     batch_lrs = getattr(args, "batch_lrs", None)
@@ -446,7 +531,10 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     _apply_quick(args, parser)
     if args.penalty_batch_size is None and cfg.penalty_batch_size is not None:
         args.penalty_batch_size = cfg.penalty_batch_size
-    specs = make_specs(cfg, args)
+    try:
+        specs = make_specs(cfg, args)
+    except ValueError as e:  # options that are valid alone but not together
+        parser.error(str(e))
     root = Path(args.out or Path("runs") / cfg.name)
     print(f"{cfg.name}: {len(specs)} run(s) -> {root}")
     for s in specs:
@@ -494,3 +582,16 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
         print("stopped by --time-limit: rerun the same command with --resume to continue")
         return 3
     return 0
+
+
+def _spike_factor(text: str) -> float | None:
+    """``--spike-factor``: a number > 1, or "none"."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 1):
+        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {text!r}")
+    return value

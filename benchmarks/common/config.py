@@ -254,8 +254,16 @@ class RunSpec:
     log_every_update: bool = False
     #: Evaluate the test set (and, with label noise, the training set) every N epochs, at
     #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
-    #: 0: only the latter two. Validation accuracy is measured every epoch.
+    #: 0: at the last epoch only, and once more at the end on a copy of the weights of the
+    #: best validation epoch (kept in memory and in the checkpoint): the same numbers, with
+    #: one test pass instead of one per new best.
     test_every: int = 1
+    #: Measure validation accuracy and the epoch's Tr(F) probe every N epochs (and at the
+    #: last epoch); 1: every epoch. Model selection sees only the measured epochs.
+    val_every: int = 1
+    #: FisherPenaltySGD's spike safeguard factor (None: off, the paper's algorithm; runs
+    #: made before the safeguard existed read as None).
+    spike_factor: float | None = None
     #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
     init: str = "kaiming"
 
@@ -274,6 +282,8 @@ class RunSpec:
         if self.test_every < 0:
             raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
                              f"accuracy and the last epoch), got {self.test_every}")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         self.milestones = tuple(int(m) for m in self.milestones)
 
     @property
@@ -308,6 +318,8 @@ class RunSpec:
             parts.append(f"noise{self.label_noise:g}")
         if self.init != "kaiming":
             parts.append(f"init-{self.init}")
+        if self.spike_factor is not None and self.penalty is not None:
+            parts.append(f"guard{self.spike_factor:g}")
         if self.noise_covariance is not None:
             if self.small_batch_size != 128:
                 parts.append(f"ms{self.small_batch_size}")
@@ -354,4 +366,6 @@ _OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
     "log_every_update": False,
     "test_every": 1,
     "init": "kaiming",
+    "val_every": 1,
+    "spike_factor": None,
 }

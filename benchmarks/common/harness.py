@@ -69,6 +69,7 @@ from benchmarks.common.data import ImageDataset, augment_batch, load_dataset, no
 from benchmarks.common.models import build_model
 from fisher_optim import FisherPenaltySGD
 from fisher_optim.fisher_noise_sgd import FisherNoiseSGD
+from fisher_optim.fisher_penalty_sgd import WEIGHT_KEY
 from fisher_optim.ghost_batchnorm import convert_to_ghost_batchnorm
 
 __all__ = [
@@ -337,6 +338,10 @@ def summarize(
     ips = [r["images_per_s"] for r in trained if r.get("images_per_s")]
     s["images_per_s"] = sum(ips) / len(ips) if ips else None
     s["train_time"] = sum(r.get("train_time") or 0.0 for r in trained)
+    walls = [r["wall_time"] for r in trained if r.get("wall_time") is not None]
+    #: (wall time − time in training steps) / time in training steps, over the run's epochs
+    s["overhead"] = (sum(walls) / s["train_time"] - 1.0
+                     if walls and len(walls) == len(trained) and s["train_time"] > 0 else None)
     for key in ("train_acc_clean", "train_acc_noisy", "train_eval_acc"):
         if key in last:
             s[f"final_{key}"] = last[key]
@@ -386,7 +391,7 @@ def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     return FisherPenaltySGD(
         model, torch.optim.SGD, alpha=spec.alpha, every=spec.every, mode=spec.fd_mode,
         penalty=spec.penalty, penalty_batch_size=spec.penalty_batch_size,
-        seed=spec.seed + 10_007, **kw,
+        seed=spec.seed + 10_007, spike_factor=spec.spike_factor, **kw,
     )
 
 
@@ -422,7 +427,7 @@ class _Run:
         self.step_in_epoch = 0
         self.perm: Tensor | None = None
         self.sums = {"loss": 0.0, "correct": 0.0, "count": 0, "win_loss": 0.0, "win_n": 0,
-                     "time": 0.0}
+                     "time": 0.0, "wall": 0.0}
         self.global_step = 0
         self.logs: list[dict[str, Any]] = []
         self.traces: list[dict[str, Any]] = []
@@ -432,6 +437,10 @@ class _Run:
         n_probe = min(spec.probe_size, len(ds))
         self.probe_x = _to_float(ds, ds.images[:n_probe])
         self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
+        #: One record per FisherPenaltySGD refresh (``refreshes.jsonl``).
+        self.refresh_log: list[dict[str, Any]] = []
+        #: ``(epoch, weights)`` of the best validation epoch so far (``test_every=0``).
+        self.best_state: tuple[int, dict[str, Tensor]] | None = None
 
     # ---------------------------------------------------------------- checkpoint
     def state(self) -> dict[str, Any]:
@@ -451,6 +460,8 @@ class _Run:
             "global_step": self.global_step,
             "logs": self.logs,
             "traces": self.traces,
+            "best_state": self.best_state,
+            "refresh_log": self.refresh_log,
             **({"updates": self.updates} if self.spec.log_every_update else {}),
             **({"noise_norms": self.noise_norms} if self.spec.noise_covariance else {}),
         }
@@ -476,6 +487,8 @@ class _Run:
         self.perm = None if st["perm"] is None else st["perm"].to(self.device)
         self.sums, self.global_step = dict(st["sums"]), st["global_step"]
         self.logs, self.traces = st["logs"], st["traces"]
+        self.best_state = st.get("best_state")
+        self.refresh_log = list(st.get("refresh_log", []))
         self.updates = list(st.get("updates", []))
         self.noise_norms = list(st.get("noise_norms", []))
 
@@ -495,21 +508,45 @@ class _Run:
 
         return batches
 
+    def _new_best(self, val_acc: float | None) -> bool:
+        best = max((r["val_acc"] for r in self.logs
+                    if r["epoch"] >= 1 and r.get("val_acc") is not None), default=None)
+        return val_acc is not None and (best is None or val_acc > best)
+
     def _wants_test(self, epoch: int, val_acc: float | None, final: bool) -> bool:
         """Whether epoch ``epoch`` evaluates the test (and noisy-train) set: see
         ``RunSpec.test_every``."""
         k = self.spec.test_every
         if final or epoch == 0 or val_acc is None or (k > 0 and epoch % k == 0):
             return True
-        best = max((r["val_acc"] for r in self.logs
-                    if r["epoch"] >= 1 and r.get("val_acc") is not None), default=None)
-        return best is None or val_acc > best
+        return k > 0 and self._new_best(val_acc)
+
+    def _wants_val(self, epoch: int, final: bool) -> bool:
+        """Whether epoch ``epoch`` measures validation accuracy and Tr(F) (``val_every``)."""
+        return final or epoch == 0 or epoch % self.spec.val_every == 0
+
+    def test_best(self) -> None:
+        """With ``test_every=0``: evaluate the kept best-validation weights on the test set
+        and write the result into that epoch's record (test@best-val, as if measured then)."""
+        if self.best_state is None:
+            return
+        epoch, state = self.best_state
+        rec = next(r for r in self.logs if r["epoch"] == epoch)
+        if rec.get("test_acc") is None:
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(state)
+            rec["test_loss"], rec["test_acc"], _ = evaluate(self.model, self.data.test,
+                                                            self.spec.eval_batch_size)
+            self.model.load_state_dict(current)
+        self.best_state = None
 
     def measure(self, epoch: int = 0, final: bool = True) -> dict[str, Any]:
         """The measurements logged after ``epoch`` (``final``: the run's last record)."""
         spec, data, model = self.spec, self.data, self.model
         t0 = time.perf_counter()
         rec: dict[str, Any] = {}
+        if not self._wants_val(epoch, final):
+            return {"eval_time": time.perf_counter() - t0}
         with refreshed_bn_stats(model, self._refresh_batches()):
             if data.val is not None:
                 rec["val_loss"], rec["val_acc"], _ = evaluate(model, data.val, spec.eval_batch_size)
@@ -520,6 +557,9 @@ class _Run:
                                                                 spec.eval_batch_size)
             else:
                 rec["test_loss"] = rec["test_acc"] = None
+            if spec.test_every == 0 and epoch >= 1 and self._new_best(rec["val_acc"]):
+                self.best_state = (epoch, {k: v.detach().clone()
+                                           for k, v in model.state_dict().items()})
             if rec["test_acc"] is not None and (spec.eval_train or data.noisy is not None):
                 loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
                 rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
@@ -537,6 +577,7 @@ class _Run:
         pv = getattr(self.opt, "penalty_value", None)
         rec["penalty_value"] = None if pv is None else _finite(float(pv))
         rec["refreshes"] = getattr(self.opt, "refreshes", None)
+        rec["spikes"] = getattr(self.opt, "spikes", None)
         if spec.noise_covariance is not None:
             nn_ = getattr(self.opt, "noise_norm", None)
             rec["noise_norm"] = None if nn_ is None else _finite(float(nn_))
@@ -562,7 +603,7 @@ class _Run:
             return
         alpha = self.spec.alpha if epoch >= self.spec.fp_start_epoch else 0.0
         for group in self.opt.param_groups:
-            group["alpha"] = alpha
+            group[WEIGHT_KEY] = alpha
 
     def _step(self, idx: Tensor) -> float:
         """One training step on the examples ``idx``; returns its loss."""
@@ -586,7 +627,10 @@ class _Run:
         if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
             self.opt.set_targets(y)
         lr = self.opt.param_groups[0]["lr"]
+        refreshes = self.opt.refreshes if isinstance(self.opt, FisherPenaltySGD) else None
         self.opt.step()
+        if refreshes is not None and self.opt.refreshes != refreshes:
+            self._log_refresh()
         lv = float(loss.detach())
         b = len(idx)
         hits = float((out.detach().argmax(1) == y).sum())
@@ -609,6 +653,20 @@ class _Run:
         self.sums["win_n"] += 1
         self.global_step += 1
         return lv
+
+    def _log_refresh(self) -> None:
+        """One record per penalty refresh: its Tr(F_B), ``||∇P||`` and the safeguard's call."""
+        opt = self.opt
+        guard = getattr(opt, "guard", None)
+        self.refresh_log.append({
+            "step": self.global_step,
+            "epoch": self.epoch + self.step_in_epoch / self._steps_per_epoch(),
+            "value": _finite(opt.penalty_value) if opt.penalty_value is not None else None,
+            "grad_norm": (None if opt.penalty_grad_norm is None
+                          else _finite(opt.penalty_grad_norm)),
+            "skipped": opt.skipped_refreshes,
+            "scale": None if guard is None else guard.last_scale,
+        })
 
     def _steps_per_epoch(self) -> int:
         n, bs = len(self.data.train), self.spec.batch_size
@@ -633,6 +691,7 @@ class _Run:
                 self.step_in_epoch = 0
                 self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
                 self.noise_norms = []
+            wall0 = time.perf_counter() - self.sums.get("wall", 0.0)
             bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
                             progress)
             diverged = False
@@ -660,6 +719,7 @@ class _Run:
                         and self.step_in_epoch < steps):
                     if bar is not None:
                         bar.close()
+                    self.sums["wall"] = time.perf_counter() - wall0
                     self.save()
                     return "interrupted"
             if bar is not None:
@@ -668,7 +728,7 @@ class _Run:
             rec = {
                 "epoch": e,
                 "lr": self.opt.param_groups[0]["lr"],
-                "alpha": self.opt.param_groups[0].get("alpha", spec.alpha),
+                "alpha": self.opt.param_groups[0].get(WEIGHT_KEY, spec.alpha),
                 "train_loss": _finite(self.sums["loss"] / max(self.sums["count"], 1)),
                 "train_acc": 100.0 * self.sums["correct"] / max(self.sums["count"], 1),
                 **self.measure(e, final=diverged or e == spec.epochs),
@@ -676,6 +736,8 @@ class _Run:
                 "images_per_s": self.sums["count"] / train_time if train_time > 0 else None,
             }
             rec["epoch_time"] = train_time + rec["eval_time"]
+            # everything the epoch took (steps, Tr(F) probes, evaluation), for the overhead
+            rec["wall_time"] = time.perf_counter() - wall0
             if diverged:
                 rec["diverged_at_step"] = self.global_step
             self.sched.step()
@@ -761,13 +823,15 @@ def train_run(
         _write_jsonl(out / METRICS, run.logs)
         if run.traces:
             _write_jsonl(out / TRACE, run.traces)
+        if run.refresh_log:
+            _write_jsonl(out / "refreshes.jsonl", run.refresh_log)
         if spec.log_every_update:
             _write_jsonl(out / TRAIN_CURVE, run.updates)
         if log:
             r = run.logs[-1]
             log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
                 f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
-                f"val {_fmt(r.get('val_acc'))} test {_fmt(r['test_acc'])} "
+                f"val {_fmt(r.get('val_acc'))} test {_fmt(r.get('test_acc'))} "
                 f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
                 f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
 
@@ -779,6 +843,8 @@ def train_run(
                 f"{run.step_in_epoch}; rerun with --resume to continue")
         return {"name": spec.name, "spec": spec.to_dict(), "status": "interrupted",
                 "epochs_done": run.epoch}
+    run.test_best()
+    _write_jsonl(out / METRICS, run.logs)
     summary = summarize(spec, run.logs, run.traces, status)
     if status == "diverged" and log:
         log(f"[{spec.name}] diverged (non-finite training loss) at step "

@@ -9,14 +9,33 @@ One concept per module:
   groups of examples (:func:`group_gradient_stats`);
 * :mod:`.hutchinson` - :func:`hessian_trace`, by Hutchinson (1989) or Hutch++ (Meyer et al.
   2021), and the matrix-free :func:`hutchinson` / :func:`hutchpp`;
-* :mod:`.eigenvalue` - :func:`top_hessian_eigenvalue` and :func:`power_iteration`.
+* :mod:`.eigenvalue` - :func:`top_hessian_eigenvalue` (λ_H^1, the largest), the top-k
+  :func:`hessian_eigenvalues` (Lanczos, with residuals and a convergence flag), and
+  :func:`lanczos` / :func:`power_iteration`;
+* :mod:`.covariance` - the gradient covariance K (Jastrzebski et al. ICLR 2020):
+  :func:`gradient_covariance_trace`, :func:`gradient_covariance_eigenvalues` from the
+  N×N Gram matrix of per-example gradients (:func:`per_example_gradient_gram`).
 
 Every measurement leaves the model exactly as found: parameters, buffers, ``.grad`` and
 training flags.
 """
 
 from ._hvp import DISTRIBUTIONS, HessianOperator, random_probe
-from .eigenvalue import EigenEstimate, power_iteration, top_hessian_eigenvalue
+from .covariance import (
+    GradientCovariance,
+    gradient_covariance,
+    gradient_covariance_eigenvalues,
+    gradient_covariance_trace,
+    per_example_gradient_gram,
+)
+from .eigenvalue import (
+    EigenEstimate,
+    EigenSpectrum,
+    hessian_eigenvalues,
+    lanczos,
+    power_iteration,
+    top_hessian_eigenvalue,
+)
 from .fisher import LABEL_MODES, fisher_trace, minibatch_fisher_trace
 from .hutchinson import TRACE_METHODS, TraceEstimate, hessian_trace, hutchinson, hutchpp
 from .per_example import (
@@ -31,15 +50,23 @@ __all__ = [
     "LABEL_MODES",
     "TRACE_METHODS",
     "EigenEstimate",
+    "EigenSpectrum",
+    "GradientCovariance",
     "HessianOperator",
     "TraceEstimate",
     "fisher_trace",
+    "gradient_covariance",
+    "gradient_covariance_eigenvalues",
+    "gradient_covariance_trace",
     "group_gradient_stats",
+    "hessian_eigenvalues",
     "hessian_trace",
     "hutchinson",
     "hutchpp",
+    "lanczos",
     "minibatch_fisher_trace",
     "per_example_grad_norms",
+    "per_example_gradient_gram",
     "per_example_sq_norms",
     "power_iteration",
     "random_probe",

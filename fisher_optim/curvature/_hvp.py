@@ -4,25 +4,40 @@
 ``torch.autograd.grad(..., create_graph=True)``; ``.grad`` is never touched. The loss is
 the mean over all examples, ``L = Σ_b n_b L_b / Σ_b n_b`` for batches ``b`` of ``n_b``
 examples, each ``L_b = loss_fn(output_b, y_b)`` a mean over its batch.
+
+With the default ``loss_fn=F.cross_entropy`` and integer targets, ``L_b`` is the mean
+cross-entropy over the logit rows that have a target: logits ``[..., C]`` are taken as rows
+(a language model's ``[B, T, V]`` included), rows whose target is ``-100`` are ignored, and
+for a Hugging Face model the conventions of :mod:`fisher_optim._targets` apply (padding
+excluded; a causal LM's targets are its ``labels`` shifted by one, as its own loss does).
+The targets may come with the batch: ``(x, y)``, a :class:`fisher_optim.Batch` with
+``targets``, or a Hugging Face batch dict carrying ``"labels"``. Attention runs on the
+math kernel of scaled-dot-product attention (the fused kernels have no double backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._logits import OutputFn
+from .._as_found import left_as_found
+from .._logits import OutputFn, pick_logits
 from .._modules import trainable_parameters
+from ..engines import _math_attention
 from ._data import (
     Inputs,
     batch_size,
     call_model,
     check_choice,
+    is_single_batch,
     iter_batches,
+    labels_of,
     model_device,
+    row_targets,
     to_device,
 )
 
@@ -84,21 +99,40 @@ class HessianOperator:
             raise ValueError("the model has no trainable parameters")
         self.dim = sum(p.numel() for p in self.params)
         self.device, self.dtype = model_device(model), self.params[0].dtype
-        self._single = isinstance(data, (Tensor, Mapping, tuple))
+        self._single = is_single_batch(data)
         self._cached: tuple[list[Tensor | None], int] | None = None
         self.num_matvecs = 0
 
     def _batches(self) -> Iterator[tuple[Inputs, Tensor]]:
         for x, y in iter_batches(self.data):
+            y = labels_of(x) if y is None else y
             if y is None:
-                raise ValueError("Hessian measurements need batches (x, y) with targets")
+                raise ValueError(
+                    "Hessian measurements need targets: batches (x, y), a Batch with "
+                    "targets, or a mapping with 'labels' (a Hugging Face batch)"
+                )
             yield to_device(x, self.device), to_device(y, self.device)
 
     def _gradient(self, x: Inputs, y: Tensor) -> list[Tensor | None]:
-        out = call_model(self.model, x)
-        out = out if self.output_fn is None else self.output_fn(out)
-        loss = self.loss_fn(out, y)
-        return list(torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True))
+        with _math_attention(), left_as_found(self.model):
+            out = call_model(self.model, x)
+            if self.loss_fn is F.cross_entropy and pick_logits(out, self.output_fn).shape[-1] == 1:
+                raise ValueError(
+                    "the model has one output and loss_fn is the default cross-entropy, a "
+                    "softmax over one class: the loss and its Hessian are identically 0. Pass "
+                    "the loss of a one-output model, e.g. loss_fn=F.binary_cross_entropy_with_"
+                    "logits (binary, one logit) or loss_fn=F.mse_loss (regression)"
+                )
+            if self.loss_fn is F.cross_entropy and not y.is_floating_point():
+                logits = pick_logits(out, self.output_fn)
+                targets = row_targets(self.model, x, y, tuple(logits.shape[:-1]))
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            else:
+                out = out if self.output_fn is None else self.output_fn(out)
+                loss = self.loss_fn(out, y)
+            return list(
+                torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            )
 
     def _hvp(self, grads: list[Tensor | None], v: Tensor, keep: bool) -> Tensor:
         pairs = [(g, u) for g, u in zip(grads, self._split(v), strict=True) if g is not None]

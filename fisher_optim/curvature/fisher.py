@@ -12,20 +12,30 @@ Fisher penalty adds to the loss, is the squared norm of the mean gradient:
     Tr(F_B) = ||(1/N) Σ_i ∇_θ ℓ(x_i, ŷ_i)||².
 
 For ``[B, T, C]`` logits (a sequence model) every position draws its own label and an
-example's loss is the mean cross-entropy over its positions.
+example's loss is the mean cross-entropy over its positions that have a target: for a
+Hugging Face model, positions that are padding (``attention_mask`` 0), labelled ``-100``,
+or the last position of a causal language model (no next token) take no part
+(:mod:`fisher_optim._targets`); other models use every position.
+
+``likelihood=`` chooses ``p_θ(y|x)`` (:mod:`fisher_optim._logits`): ``"categorical"``
+(softmax, the default), ``"bernoulli"`` (one logit per binary label) or ``"gaussian"``
+(regression, ``N(f(x), σ²)``, whose Fisher is ``J^T J / σ²``). With one output per row the
+categorical likelihood raises: a softmax over one class has Tr(F) identically 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._logits import OutputFn, as_logits, sample_labels
+from .._as_found import left_as_found
+from .._logits import Categorical, Likelihood, OutputFn, as_logits, get_likelihood
 from .._modules import eval_mode, frozen_batchnorm_stats, trainable_parameters
+from .._targets import TargetMask
 from ._data import (
     Inputs,
     batch_size,
@@ -36,6 +46,7 @@ from ._data import (
     iter_chunks,
     model_device,
     slice_batch,
+    target_row_mask,
     to_device,
 )
 from .per_example import CotangentFn, per_example_sq_norms
@@ -45,41 +56,70 @@ __all__ = ["LABEL_MODES", "fisher_trace", "minibatch_fisher_trace"]
 LABEL_MODES = ("sample", "exact")
 
 
-def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``ŷ ~ softmax(logits)`` per row, using ``generator`` on whatever device it lives."""
-    if generator is not None and generator.device != logits.device:
-        return sample_labels(logits.detach().to(generator.device), generator=generator).to(
-            logits.device
-        )
-    return sample_labels(logits, generator=generator)
+def _draw(
+    logits: Tensor, generator: torch.Generator | None, likelihood: Likelihood | None = None
+) -> Tensor:
+    """``ŷ ~ p_θ(·|logits)`` per row (softmax by default), using ``generator`` on whatever
+    device it lives."""
+    return (likelihood or Categorical()).sample(logits, generator)
 
 
-def _sampled_cotangents(generator: torch.Generator | None) -> CotangentFn:
-    """One cotangent ``(softmax - onehot(ŷ)) / R`` with one ŷ drawn per row."""
+RowMask = Callable[[int, int], Tensor | None]
+"""``(n, rows) -> [n, rows]`` bool: which logit rows have a target (None: all)."""
+
+
+def _row_weights(logits: Tensor, row_mask: RowMask | None) -> Tensor:
+    """``[n, R]``: ``1/R_i`` at the ``R_i`` rows of example ``i`` that have a target, else 0
+    (``ℓ_i`` is the mean over those rows; see :func:`..._data.target_row_mask`)."""
+    n, rows = logits.shape[:2]
+    mask = None if row_mask is None else row_mask(n, rows)
+    valid = (
+        torch.ones(n, rows, dtype=logits.dtype, device=logits.device)
+        if mask is None
+        else mask.to(device=logits.device, dtype=logits.dtype)
+    )
+    return valid / valid.sum(1, keepdim=True).clamp_min(1)
+
+
+def _sampled_cotangents(
+    generator: torch.Generator | None, likelihood: Likelihood, row_mask: RowMask | None = None
+) -> CotangentFn:
+    """One cotangent ``s(z, ŷ) / R_i`` (the score, ``softmax - onehot(ŷ)`` for the
+    categorical likelihood) with one ŷ drawn per row; 0 at rows without a target."""
 
     def make(logits: Tensor) -> Iterable[Tensor]:
         n, rows, c = logits.shape
-        y = _draw(logits.reshape(-1, c), generator).reshape(n, rows)
-        probs = torch.softmax(logits, -1)
-        return [(probs - F.one_hot(y, c).to(probs.dtype)) / rows]
+        flat = logits.reshape(-1, c)
+        likelihood.check_outputs(flat)
+        y = _draw(flat, generator, likelihood)
+        weights = _row_weights(logits, row_mask).unsqueeze(-1)
+        return [likelihood.score(flat, y).reshape(n, rows, c) * weights]
 
     return make
 
 
-def _exact_cotangents(logits: Tensor) -> Iterable[Tensor]:
-    """``sqrt(p_c) (p - e_c) / R`` at one row ``r`` at a time, for every row and class.
+def _exact_cotangents(likelihood: Likelihood, row_mask: RowMask | None = None) -> CotangentFn:
+    """``u_k / R_i`` at one row ``r`` at a time, for every row and factor ``u_k`` of the
+    likelihood's Fisher ``E_ŷ[s s^T] = Σ_k u_k u_k^T`` (categorical: ``sqrt(p_k) (p - e_k)``);
+    rows without a target get 0 (skipped when no example has one there).
 
-    ``E_ŷ ||J^T (p - e_ŷ)||² = Σ_c p_c ||J^T (p - e_c)||²``, and with one label per row the
-    cross terms between rows vanish because the score has zero mean, ``E_ŷ (p - e_ŷ) = 0``.
+    ``E_ŷ ||J^T s||² = Σ_k ||J^T u_k||²``, and with one label per row the cross terms between
+    rows vanish because the score has zero mean, ``E_ŷ s = 0``.
     """
-    rows, c = logits.shape[1:]
-    probs = torch.softmax(logits, -1)
-    eye = torch.eye(c, dtype=probs.dtype, device=probs.device)
-    for r in range(rows):
-        for k in range(c):
-            g = torch.zeros_like(probs)
-            g[:, r] = probs[:, r, k].sqrt().unsqueeze(-1) * (probs[:, r] - eye[k]) / rows
-            yield g
+
+    def make(logits: Tensor) -> Iterable[Tensor]:
+        rows = logits.shape[1]
+        likelihood.check_outputs(logits)
+        weights = _row_weights(logits, row_mask)
+        for r in range(rows):
+            if not bool((weights[:, r] > 0).any()):
+                continue
+            for u in likelihood.fisher_factors(logits[:, r]):
+                g = torch.zeros_like(logits)
+                g[:, r] = u * weights[:, r : r + 1]
+                yield g
+
+    return make
 
 
 def fisher_trace(
@@ -90,6 +130,8 @@ def fisher_trace(
     output_fn: OutputFn | None = None,
     chunk_size: int = 256,
     generator: torch.Generator | None = None,
+    likelihood: str | Likelihood = "categorical",
+    target_mask: TargetMask | None = None,
 ) -> float:
     """Tr(F), the trace of the Fisher information matrix over ``data`` (paper Eq. 2).
 
@@ -104,7 +146,10 @@ def fisher_trace(
       per class (and per position for sequences), so for few classes only.
 
     ``data`` is a batch of inputs or an iterable of batches (a ``DataLoader`` yielding
-    ``(x, y)`` or ``x``); targets are ignored. Memory is bounded by ``chunk_size``
+    ``(x, y)`` or ``x``, Hugging Face batch dicts, :class:`fisher_optim.Batch`); targets
+    are ignored. Rows without a target take no part (see the module doc); ``target_mask``
+    (called like the model, returning a boolean row mask, see :mod:`fisher_optim._targets`)
+    says which rows have one for any other model. Memory is bounded by ``chunk_size``
     examples. The model is evaluated in eval mode (BatchNorm with running statistics,
     no dropout) and left exactly as found: parameters, buffers, ``.grad``, training flags.
 
@@ -119,7 +164,7 @@ def fisher_trace(
     """
     check_choice("labels", labels, LABEL_MODES)
     check_positive_int("chunk_size", chunk_size)
-    cotangents = _sampled_cotangents(generator) if labels == "sample" else _exact_cotangents
+    lik = get_likelihood(likelihood)
     device = model_device(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -128,6 +173,12 @@ def fisher_trace(
             x = to_device(x, device)
             for start, stop in iter_chunks(x, chunk_size):
                 chunk = slice_batch(x, start, stop)
+                row_mask = partial(target_row_mask, model, chunk, target_mask=target_mask)
+                cotangents = (
+                    _sampled_cotangents(generator, lik, row_mask)
+                    if labels == "sample"
+                    else _exact_cotangents(lik, row_mask)
+                )
                 sq = per_example_sq_norms(model, chunk, cotangents, output_fn=output_fn)
                 total += sq.sum(dtype=torch.float64)
                 count += stop - start
@@ -142,8 +193,10 @@ def minibatch_fisher_trace(
     *,
     output_fn: OutputFn | None = None,
     generator: torch.Generator | None = None,
+    likelihood: str | Likelihood = "categorical",
+    target_mask: TargetMask | None = None,
 ) -> float:
-    """Tr(F_B) = ||(1/N) Σ_i ∇_θ ℓ(x_i, ŷ_i)||², ŷ_i ~ softmax(logits_i), for one batch.
+    """Tr(F_B) = ||(1/N) Σ_i ∇_θ ℓ(x_i, ŷ_i)||², ŷ_i ~ p_θ(·|x_i), for one batch.
 
     The quantity the Fisher penalty regularises (Jastrzebski et al., ICML 2021, Sec. 3).
     Averaged over the labels it is ``Tr(F)/N`` on this batch of ``N`` examples (the cross
@@ -160,11 +213,19 @@ def minibatch_fisher_trace(
     """
     params = trainable_parameters(model)
     inputs = to_device(inputs, model_device(model))
-    if batch_size(inputs) == 0:
+    n = batch_size(inputs)
+    if n == 0:
         raise ValueError("inputs hold no examples")
-    with torch.enable_grad(), frozen_batchnorm_stats(model):
+    with torch.enable_grad(), left_as_found(model), frozen_batchnorm_stats(model):
         logits = as_logits(call_model(model, inputs), output_fn)
-        loss = F.cross_entropy(logits, _draw(logits, generator))
+        lik = get_likelihood(likelihood)
+        lik.check_outputs(logits)
+        labels = _draw(logits, generator, lik)
+        mask = target_row_mask(model, inputs, n, logits.shape[0] // n, target_mask)
+        if mask is not None:  # rows without a target take no part in the mean
+            keep = mask.reshape(-1).to(logits.device)
+            logits, labels = logits[keep], labels[keep]
+        loss = lik.nll(logits, labels)
         if not params or not loss.requires_grad:
             return 0.0
         grads = torch.autograd.grad(loss, params, allow_unused=True)

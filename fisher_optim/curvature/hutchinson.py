@@ -137,8 +137,11 @@ def hessian_trace(
     """Estimate ``Tr(H)``, ``H = ∇²_θ L``, of the mean loss over ``data``.
 
     ``L = mean over examples of loss_fn(output_fn(model(x)), y)`` for batches ``(x, y)``
-    of ``data`` (a tuple ``(x, y)`` or an iterable of them, e.g. a ``DataLoader``); θ are
-    the trainable parameters. ``num_probes`` Hessian-vector products by double backprop,
+    of ``data`` (a tuple ``(x, y)``, a :class:`fisher_optim.Batch` with targets, a Hugging
+    Face batch dict carrying ``"labels"``, or an iterable of them, e.g. a ``DataLoader``);
+    θ are the trainable parameters. With the default loss the logits are taken row by row
+    and rows without a target are left out, as the model's own loss does (see
+    :mod:`fisher_optim.curvature._hvp`). ``num_probes`` Hessian-vector products by double backprop,
     combined by Hutchinson (1989) or Hutch++ (Meyer et al. 2021). The model is evaluated in
     eval mode, so BatchNorm uses its running statistics (a fixed, per-example function
     whose Hessian is well defined) and dropout is off; it is left exactly as found,

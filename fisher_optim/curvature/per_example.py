@@ -23,13 +23,24 @@ one ordinary forward+backward; ``.grad`` is never touched.
 Covered exactly: ``Linear``, ``Conv1d``/``Conv2d`` (any stride, dilation, groups and
 padding mode, by unfolding), ``Embedding`` (summing gradients of repeated tokens),
 ``BatchNorm`` in eval mode (running statistics), ``LayerNorm`` and ``GroupNorm`` (their
-affine parameters). Every other trainable parameter (a module of another type, a module
-called twice, parameters shared between modules, a layer that does not see the batch
-in dimension 0) is handled by ``torch.func.vmap(grad)`` over single examples. A
-parameter that a parent module uses directly, outside its own module's forward (for
-instance a weight tied by ``F.linear(h, emb.weight)``), is not seen by the hooks:
-such models need the plain ``vmap`` route (tie weights by sharing the ``Parameter``
-between modules instead, which is detected).
+affine parameters). Which layers a rule may take is *established*, never guessed from
+shapes: a forward of the first example alone (the probe) records each layer's input shape
+and, under a ``TorchFunctionMode``, every use of its parameters. A rule takes a layer only
+when the layer is called once, its parameters are used exactly once and only inside its own
+forward (a weight tied by ``F.linear(h, emb.weight)``, or used again by a parent, is not),
+and the dimension holding the examples is known: the one dimension that has ``B`` entries
+in the batch and 1 in the probe, with slice 0 equal to the probe's input. So a Linear or
+LayerNorm fed ``[T, B, D]`` (``nn.TransformerEncoderLayer`` with ``batch_first=False``) is
+taken with the examples in dimension 1, also when ``T == B``; a convolution over frames
+folded into its batch dimension is not taken. Every other trainable parameter (a module of
+another type, a module called twice or registered twice, parameters shared between
+modules or used outside their module) goes per example: by ``torch.func.vmap(grad)`` over
+single examples, with the parameters substituted by identity
+(:func:`fisher_optim._as_found.substituted_parameters`), or, for a model that ``vmap``
+cannot run (data-dependent control flow, as in Hugging Face attention-mask code), one
+example at a time. The model is left exactly as found
+(:func:`fisher_optim._as_found.left_as_found`): the same ``Parameter`` objects, buffers,
+flags and ``.grad``.
 
 BatchNorm must normalise with running statistics (eval mode): with batch statistics
 examples interact and per-example gradients are not defined. The public functions here
@@ -38,7 +49,7 @@ evaluate the model in eval mode and restore every module's flag afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,16 +57,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .._logits import OutputFn, as_logits
+from .._as_found import left_as_found, substituted_parameters
+from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
 from .._modules import eval_mode, trainable_parameters
+from .._targets import TargetMask
 from ._data import (
+    CallBatch,
     Inputs,
     batch_size,
     call_model,
     check_positive_int,
     iter_chunks,
+    labels_of,
     model_device,
+    model_inputs,
+    row_targets,
+    rows_shape,
     slice_batch,
     to_device,
 )
@@ -262,10 +282,13 @@ def _uses_batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
 
 
-def _has_rule(m: nn.Module, shared: set[int]) -> bool:
-    """Whether ``m``'s own trainable parameters are all covered by a ghost-norm rule."""
+def _has_rule(
+    m: nn.Module, shared: set[int], types: Container[type[nn.Module]] | None = None
+) -> bool:
+    """Whether ``m``'s own trainable parameters are all covered by a ghost-norm rule
+    (of ``types``, default :data:`_RULES`) and none is registered in another module too."""
     own = [(name, p) for name, p in m.named_parameters(recurse=False) if p.requires_grad]
-    if type(m) not in _RULES or not own:
+    if type(m) not in (_RULES if types is None else types) or not own:
         return False
     if any(name not in ("weight", "bias") or id(p) in shared for name, p in own):
         return False
@@ -273,8 +296,27 @@ def _has_rule(m: nn.Module, shared: set[int]) -> bool:
     return not (embedding and (m.max_norm is not None or m.scale_grad_by_freq))
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """``id``s of the parameters registered in more than one module (tied weights)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {k for k, v in owners.items() if v > 1}
+
+
+def _check_no_batch_statistics(model: nn.Module) -> None:
+    bad = [name for name, m in model.named_modules() if _uses_batch_statistics(m)]
+    if bad:
+        raise ValueError(
+            f"BatchNorm layers {bad} normalise with batch statistics, so per-example "
+            "gradients are not defined; evaluate the model in eval mode with running "
+            "statistics (fisher_optim._modules.eval_mode)"
+        )
+
+
 # --------------------------------------------------------------------------------------
-# The engine
+# Which layers the rules may take: the batch dimension and the parameter uses, by a probe
 # --------------------------------------------------------------------------------------
 
 
@@ -284,6 +326,125 @@ class _LayerState:
     ok: bool = True
     saved: Tensor | None = None
     version: int = 0
+    #: the dimension of the layer's input (and output) that indexes the examples
+    batch_dim: int = 0
+    #: the one-example probe: calls, whether its parameters were used once and only by
+    #: the layer itself, its (detached) first input and its output's shape
+    probe_calls: int = 0
+    probe_ok: bool = False
+    probe_input: Tensor | None = None
+    probe_output_shape: tuple[int, ...] | None = None
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Records the innermost running module at every differentiable use (a torch call
+    whose result requires grad) of the watched parameters."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.stack: list[nn.Module] = []
+        self.uses: dict[int, list[nn.Module | None]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = tree_leaves((args, kwargs))
+        hits = {id(a) for a in leaves if isinstance(a, Tensor) and id(a) in self.watched}
+        if hits and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
+            where = self.stack[-1] if self.stack else None
+            for k in hits:
+                self.uses.setdefault(k, []).append(where)
+        return out
+
+
+def _probe(model: nn.Module, inputs: Inputs, layers: dict[nn.Module, _LayerState]) -> None:
+    """Run the first example alone and record, per layer, its first input, its output's
+    shape, and whether each of its trainable parameters is used exactly once, by the layer
+    itself (a weight also used elsewhere, e.g. tied by ``F.linear(h, emb.weight)``, is not).
+
+    Comparing a layer's shapes here with those in the batched forward tells which
+    dimension holds the examples (the one that is ``n`` there and 1 here), whatever the
+    layout (``[T, B, D]`` of a ``batch_first=False`` transformer included, also when
+    ``T == B``); comparing the values checks that its first slice is this example.
+    """
+    watched = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    uses = _ParameterUses(watched)
+
+    def push(m: nn.Module, args: Any) -> None:
+        uses.stack.append(m)
+
+    def pop(m: nn.Module, args: Any, out: Any) -> None:
+        if uses.stack:
+            uses.stack.pop()
+
+    def record(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        st = layers[m]
+        st.probe_calls += 1
+        first = args[0] if args else None
+        if isinstance(first, Tensor) and isinstance(out, Tensor):
+            st.probe_input, st.probe_output_shape = first.detach().clone(), tuple(out.shape)
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(push))
+        handles.append(m.register_forward_hook(pop, always_call=True))
+    for m in layers:
+        handles.append(m.register_forward_hook(record))
+    try:
+        with torch.enable_grad(), uses:
+            call_model(model, slice_batch(inputs, 0, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    for m, st in layers.items():
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        st.probe_ok = st.probe_calls == 1 and all(uses.uses.get(id(p)) == [m] for p in own)
+
+
+def _batch_dims(shape: tuple[int, ...], probe_shape: tuple[int, ...] | None, n: int) -> list[int]:
+    """The dimensions that may index the ``n`` examples of a tensor of ``shape`` that had
+    ``probe_shape`` for one example: the one dimension that is ``n`` here and 1 there
+    (for ``n == 1``, every dimension of size 1)."""
+    if probe_shape is None or len(shape) != len(probe_shape):
+        return []
+    if n == 1:
+        return [d for d, s in enumerate(shape) if s == 1] if shape == probe_shape else []
+    diffs = [d for d, (s, p) in enumerate(zip(shape, probe_shape, strict=True)) if s != p]
+    if len(diffs) == 1 and shape[diffs[0]] == n and probe_shape[diffs[0]] == 1:
+        return diffs
+    return []
+
+
+def _batch_dim_limit(m: nn.Module, ndim: int) -> int:
+    """The examples must sit in a dimension below this one for the rule of ``m``: the
+    dimensions a layer mixes (features, channels, normalised dims) cannot hold them, and
+    a convolution or batch/group norm takes its own dimension 0 as the batch."""
+    if isinstance(m, nn.Linear):
+        return ndim - 1
+    if isinstance(m, nn.LayerNorm):
+        return ndim - len(m.normalized_shape)
+    if isinstance(m, nn.Embedding):
+        return ndim
+    return 1
+
+
+def _same_example(t: Tensor, probe: Tensor, dim: int) -> bool:
+    """Whether slice 0 of ``t`` along ``dim`` is ``probe`` (up to rounding)."""
+    a = t.detach().narrow(dim, 0, 1)
+    if a.shape != probe.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, probe)
+    tol = torch.finfo(a.dtype).eps ** 0.5
+    finite = torch.nan_to_num(a.abs(), nan=0.0, posinf=0.0)  # a diverged model: NaN/Inf
+    scale = float(finite.max()) if a.numel() else 0.0
+    return torch.allclose(a, probe.to(a.dtype), rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------
 
 
 def _input_leaves(inputs: Inputs) -> tuple[Inputs, list[Tensor], set[int]]:
@@ -302,7 +463,14 @@ def _input_leaves(inputs: Inputs) -> tuple[Inputs, list[Tensor], set[int]]:
 
     if isinstance(inputs, Tensor):
         return convert(inputs), leaves, storages
-    return {k: convert(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}, leaves, storages
+
+    def maybe(v: Any) -> Any:
+        return convert(v) if isinstance(v, Tensor) else v
+
+    if isinstance(inputs, CallBatch):
+        args = tuple(maybe(a) for a in inputs.args)
+        return CallBatch(args, {k: maybe(v) for k, v in inputs.kwargs.items()}), leaves, storages
+    return {k: maybe(v) for k, v in inputs.items()}, leaves, storages
 
 
 class _ReachesInputs:
@@ -343,47 +511,50 @@ def _derives_from_inputs(t: Tensor, reaches: _ReachesInputs, storages: set[int])
     return t.untyped_storage().data_ptr() in storages
 
 
-def per_example_sq_norms(
+LayerFn = Callable[[nn.Module, Tensor, Tensor], None]
+"""``(layer, input, output gradient)``, both with the examples in dimension 0."""
+
+
+def ghost_backward(
     model: nn.Module,
     inputs: Inputs,
     cotangents: CotangentFn,
+    on_layer: LayerFn,
     *,
     output_fn: OutputFn | None = None,
-    fallback_chunk_size: int = 32,
-) -> Tensor:
-    """``Σ_k ||J_i^T G_k,i||²`` for each example ``i``: the engine behind the norms here.
+    layer_types: Container[type[nn.Module]] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One forward and one backward per cotangent, handing each covered layer's input and
+    output gradient to ``on_layer`` (examples in dimension 0); the shared core of the ghost
+    norms and of the per-example Gram matrix (:mod:`.covariance`).
 
-    ``J_i = ∂ logits_i / ∂θ`` (θ = trainable parameters, logits of example ``i`` as ``R``
-    rows of ``as_logits``) and ``G_1, G_2, ...`` are the cotangents ``[B, R, C]`` that
-    ``cotangents(logits)`` yields for the detached logits ``[B, R, C]``. With
-    ``G = ∂ℓ/∂logits`` this is the squared norm of the per-example gradient ``∇_θ ℓ_i``.
-    One forward, one backward per cotangent (see the module doc for the method). The model
-    is run in the mode it is in; BatchNorm must use running statistics.
-
-    >>> torch.manual_seed(0) and None
-    >>> net = nn.Linear(3, 2)
-    >>> x = torch.randn(4, 3)
-    >>> sq = per_example_sq_norms(net, x, lambda logits: [torch.ones_like(logits)])
-    >>> bool(torch.allclose(sq, 2 * (x.square().sum(1) + 1)))
-    True
+    A layer of a type in ``layer_types`` (default: those with a norm rule) is *covered*
+    when the layer is called once, its parameters are its own, used once and only by it
+    (see :func:`_probe`), its input is computed from the batch, and the dimension holding
+    the examples is known (see :func:`_batch_dims`). Returns the cotangents ``[N·R, C]``
+    (flat like the logits) and the trainable parameters outside the covered layers that
+    the cotangents reach: the caller takes those per example
+    (:func:`per_example_fallback_grads`). The model runs in the mode it is in.
     """
-    check_positive_int("fallback_chunk_size", fallback_chunk_size)
-    bad = [name for name, m in model.named_modules() if _uses_batch_statistics(m)]
-    if bad:
-        raise ValueError(
-            f"BatchNorm layers {bad} normalise with batch statistics, so per-example "
-            "gradients are not defined; evaluate the model in eval mode with running "
-            "statistics (fisher_optim._modules.eval_mode)"
-        )
+    with left_as_found(model):
+        return _ghost_backward(model, inputs, cotangents, on_layer, output_fn, layer_types)
+
+
+def _ghost_backward(
+    model: nn.Module,
+    inputs: Inputs,
+    cotangents: CotangentFn,
+    on_layer: LayerFn,
+    output_fn: OutputFn | None,
+    layer_types: Container[type[nn.Module]] | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    _check_no_batch_statistics(model)
     params = trainable_parameters(model)
     n = batch_size(inputs)
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    shared = {k for k, v in owners.items() if v > 1}
-    layers = {m: _LayerState() for m in model.modules() if _has_rule(m, shared)}
-    total = torch.zeros(n, dtype=torch.float64, device=model_device(model))
+    shared = _shared_parameters(model)
+    layers = {m: _LayerState() for m in model.modules() if _has_rule(m, shared, layer_types)}
+    if layers and n > 0:
+        _probe(model, inputs, layers)
     inputs, leaves, input_storages = _input_leaves(inputs)
     reaches_input = _ReachesInputs(leaves)
 
@@ -408,14 +579,25 @@ def per_example_sq_norms(
         first = args[0] if args else None
         if (
             st.calls > 1
+            or not st.probe_ok
+            or st.probe_input is None
             or not isinstance(first, Tensor)
             or not isinstance(out, Tensor)
-            or first.shape[:1] != (n,)
-            or out.shape[:1] != (n,)
             or not _derives_from_inputs(first, reaches_input, input_storages)
         ):
             st.ok = False
             return
+        limit = _batch_dim_limit(m, first.dim())
+        out_dims = _batch_dims(tuple(out.shape), st.probe_output_shape, n)
+        dims = [
+            d
+            for d in _batch_dims(tuple(first.shape), tuple(st.probe_input.shape), n)
+            if d < limit and d in out_dims
+        ]
+        if not dims or not _same_example(first, st.probe_input, dims[0]):
+            st.ok = False
+            return
+        st.batch_dim = dims[0]
         st.saved, st.version = first.detach(), first._version
         if out.grad_fn is not None:  # the output's rows are examples too (ids -> embeddings)
             reaches_input.memo[out.grad_fn] = True
@@ -431,16 +613,21 @@ def per_example_sq_norms(
                 f"the input of {type(m).__name__} was modified in place after its forward; "
                 "per-example gradient norms need it unchanged"
             )
-        total.add_(_RULES[type(m)](m, st.saved, g.detach()).to(total.dtype))
+        a, g = st.saved, g.detach()
+        if st.batch_dim:
+            a, g = a.movedim(st.batch_dim, 0), g.movedim(st.batch_dim, 0)
+        on_layer(m, a, g)
 
     handles = []
     for m in layers:
         handles.append(m.register_forward_pre_hook(pre_hook))
         handles.append(m.register_forward_hook(fwd_hook))
+    used: list[Tensor] = []
+    gs: list[Tensor] = []
     try:
         with torch.enable_grad():
             logits = as_logits(call_model(model, inputs), output_fn)
-            if logits.shape[0] % n:
+            if n == 0 or logits.shape[0] % n:
                 raise ValueError(
                     f"{logits.shape[0]} logit rows for {n} examples: each example must "
                     "own the same number of rows (the batch must be dimension 0)"
@@ -462,7 +649,6 @@ def per_example_sq_norms(
                 if p.requires_grad
             ]
             targets = leaves + embeddings + others
-            used: list[Tensor] = []
             if logits.requires_grad and targets:
                 for k, g in enumerate(gs):
                     grads = torch.autograd.grad(
@@ -477,47 +663,124 @@ def per_example_sq_norms(
         for h in handles:
             h.remove()
         for st in layers.values():
-            st.saved = None
-    if used:
-        total += _vmap_sq_norms(model, inputs, gs, used, output_fn, fallback_chunk_size)
+            st.saved = st.probe_input = None
+    return gs, used
+
+
+def per_example_sq_norms(
+    model: nn.Module,
+    inputs: Inputs,
+    cotangents: CotangentFn,
+    *,
+    output_fn: OutputFn | None = None,
+    fallback_chunk_size: int = 32,
+) -> Tensor:
+    """``Σ_k ||J_i^T G_k,i||²`` for each example ``i``: the engine behind the norms here.
+
+    ``J_i = ∂ logits_i / ∂θ`` (θ = trainable parameters, logits of example ``i`` as ``R``
+    rows of ``as_logits``) and ``G_1, G_2, ...`` are the cotangents ``[B, R, C]`` that
+    ``cotangents(logits)`` yields for the detached logits ``[B, R, C]``. With
+    ``G = ∂ℓ/∂logits`` this is the squared norm of the per-example gradient ``∇_θ ℓ_i``.
+    One forward of the first example alone (the probe), one batched forward, one backward
+    per cotangent (see the module doc for the method). The model is run in the mode it is
+    in; BatchNorm must use running statistics. The model is left as found.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> x = torch.randn(4, 3)
+    >>> sq = per_example_sq_norms(net, x, lambda logits: [torch.ones_like(logits)])
+    >>> bool(torch.allclose(sq, 2 * (x.square().sum(1) + 1)))
+    True
+    """
+    check_positive_int("fallback_chunk_size", fallback_chunk_size)
+    params = trainable_parameters(model)
+    n = batch_size(inputs)
+    total = torch.zeros(n, dtype=torch.float64, device=model_device(model))
+
+    def on_layer(m: nn.Module, a: Tensor, g: Tensor) -> None:
+        total.add_(_RULES[type(m)](m, a, g).to(total.dtype))
+
+    with left_as_found(model):
+        gs, used = ghost_backward(model, inputs, cotangents, on_layer, output_fn=output_fn)
+        gs3 = [g.reshape(n, -1, g.shape[-1]) for g in gs] if used else []
+        for start, stop in iter_chunks(inputs, fallback_chunk_size):
+            for g3 in gs3:
+                grads = per_example_fallback_grads(model, inputs, g3, used, output_fn, start, stop)
+                total[start:stop] += _sq_norms(grads).to(total.dtype)
     dtype = params[0].dtype if params else torch.get_default_dtype()
     return total.to(dtype)
 
 
-def _vmap_sq_norms(
+def per_example_fallback_grads(
     model: nn.Module,
     inputs: Inputs,
-    gs: list[Tensor],
+    g3: Tensor,
     params: list[Tensor],
     output_fn: OutputFn | None,
-    chunk_size: int,
+    start: int,
+    stop: int,
 ) -> Tensor:
-    """Per-example squared norms of ``J_i^T G_i`` restricted to ``params``, by vmap."""
-    from torch.func import functional_call, grad, vmap
+    """``J_i^T G_i`` restricted to ``params``, flat ``[stop - start, Σ numel]``, for the
+    examples ``start:stop``, ``g3`` the cotangent ``[N, R, C]``.
 
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    subset = {names[id(p)]: p.detach() for p in params}
-    n = batch_size(inputs)
-    gs3 = [g.reshape(n, -1, g.shape[-1]) for g in gs]
+    By ``torch.func.vmap(grad)`` over single examples, the parameters substituted by
+    identity (:func:`fisher_optim._as_found.substituted_parameters`, so a model with
+    a module registered twice is left exactly as found); a model that ``vmap`` cannot run
+    (data-dependent control flow, as in the attention-mask code of Hugging Face models)
+    is run one example at a time instead. Exact either way.
+    """
+    x = slice_batch(inputs, start, stop)
+    g = g3[start:stop]
+    try:
+        return _vmap_grads(model, x, g, params, output_fn)
+    except Exception:  # noqa: BLE001 - the loop below reruns the model and re-raises its errors
+        return _loop_grads(model, x, g, params, output_fn)
 
-    def surrogate(theta: dict[str, Tensor], x: Inputs, g: Tensor) -> Tensor:
-        if isinstance(x, Tensor):
-            out = functional_call(model, theta, (x.unsqueeze(0),))
-        else:
-            out = functional_call(model, theta, (), {k: v.unsqueeze(0) for k, v in x.items()})
-        return (as_logits(out, output_fn) * g).sum()
 
-    per_example = vmap(grad(surrogate), in_dims=(None, 0, 0))
-    result = []
+def _vmap_grads(
+    model: nn.Module, x: Inputs, g: Tensor, params: list[Tensor], output_fn: OutputFn | None
+) -> Tensor:
+    from torch.func import grad, vmap
+
+    keys = [id(p) for p in params]
+    flat, spec = tree_flatten(model_inputs(x))
+    slots = [i for i, v in enumerate(flat) if isinstance(v, Tensor)]
+
+    def surrogate(theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], gi: Tensor) -> Tensor:
+        leaves = list(flat)
+        for i, t in zip(slots, tensors, strict=True):
+            leaves[i] = t.unsqueeze(0)
+        args, kwargs = tree_unflatten(leaves, spec)
+        with substituted_parameters(model, dict(zip(keys, theta, strict=True))):
+            out = model(*args, **kwargs)
+        return (as_logits(out, output_fn) * gi).sum()
+
+    theta = tuple(p.detach() for p in params)
+    tensors = tuple(flat[i] for i in slots)
     with torch.no_grad():
-        for start, stop in iter_chunks(inputs, chunk_size):
-            x = slice_batch(inputs, start, stop)
-            acc = torch.zeros(stop - start, dtype=torch.float64, device=gs[0].device)
-            for g in gs3:
-                for d in per_example(subset, x, g[start:stop]).values():
-                    acc += d.flatten(1).square().sum(1).to(acc.dtype)
-            result.append(acc)
-    return torch.cat(result)
+        grads = vmap(grad(surrogate), in_dims=(None, 0, 0))(theta, tensors, g)
+    return torch.cat([d.flatten(1) for d in grads], 1)
+
+
+def _loop_grads(
+    model: nn.Module, x: Inputs, g: Tensor, params: list[Tensor], output_fn: OutputFn | None
+) -> Tensor:
+    rows = []
+    with torch.enable_grad():
+        for i in range(g.shape[0]):
+            logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
+            grads = torch.autograd.grad(
+                logits, params, g[i].reshape(logits.shape), allow_unused=True
+            )
+            rows.append(
+                torch.cat(
+                    [
+                        (d if d is not None else torch.zeros_like(p)).flatten()
+                        for d, p in zip(grads, params, strict=True)
+                    ]
+                )
+            )
+    return torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -542,6 +805,7 @@ def target_cotangents(targets: Tensor, ignore_index: int = -100) -> CotangentFn:
             )
         y = targets.reshape(n, rows).to(logits.device)
         valid = y != ignore_index
+        check_cross_entropy_outputs(logits, "the per-example gradient with targets")
         onehot = F.one_hot(torch.where(valid, y, 0), logits.shape[-1]).to(logits.dtype)
         weight = valid.to(logits.dtype) / valid.sum(1, keepdim=True).clamp_min(1)
         return [(torch.softmax(logits, -1) - onehot) * weight.unsqueeze(-1)]
@@ -549,21 +813,41 @@ def target_cotangents(targets: Tensor, ignore_index: int = -100) -> CotangentFn:
     return make
 
 
+def _row_target_cotangents(
+    model: nn.Module, x: Inputs, targets: Tensor, target_mask: TargetMask | None = None
+) -> CotangentFn:
+    """:func:`target_cotangents` of the targets matched to the logit rows
+    (:func:`~._data.row_targets`: a Hugging Face causal LM's shift, padding excluded)."""
+
+    def make(logits: Tensor) -> Iterable[Tensor]:
+        n, rows = logits.shape[:2]
+        y = row_targets(model, x, targets, rows_shape(model, n, rows), target_mask)
+        return target_cotangents(y)(logits)
+
+    return make
+
+
 def per_example_grad_norms(
     model: nn.Module,
     inputs: Inputs,
-    targets: Tensor,
+    targets: Tensor | None = None,
     *,
     output_fn: OutputFn | None = None,
     chunk_size: int = 256,
+    target_mask: TargetMask | None = None,
 ) -> Tensor:
     """``||∇_θ ℓ(x_i, y_i)||`` for every example, with the true targets ``y_i``.
 
     ``ℓ`` is the cross-entropy of example ``i`` alone (the mean over its rows for
-    ``[B, T, C]`` logits, rows with target -100 ignored), θ the trainable parameters. The
-    model is evaluated in eval mode (BatchNorm with running statistics) and left exactly as
-    found; ``.grad`` is not touched. Computed by ghost norms (see the module doc): one
-    batched forward+backward per chunk of ``chunk_size`` examples.
+    ``[B, T, C]`` logits, rows with target -100 ignored), θ the trainable parameters.
+    ``targets`` default to those the batch carries (a Hugging Face dict's ``"labels"``, a
+    :class:`fisher_optim.Batch`'s ``targets``); for a Hugging Face model its conventions
+    apply (:mod:`fisher_optim._targets`: padding excluded, a causal LM's ``labels``
+    shifted by one, as its own loss does); ``target_mask`` (called like the model, a
+    boolean row mask) excludes rows for any other model. The model is evaluated in eval
+    mode (BatchNorm with running statistics) and left exactly as found; ``.grad`` is not
+    touched. Computed by ghost norms (see the module doc): one batched forward+backward
+    per chunk of ``chunk_size`` examples.
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -575,6 +859,12 @@ def per_example_grad_norms(
     """
     check_positive_int("chunk_size", chunk_size)
     device = model_device(model)
+    targets = labels_of(inputs) if targets is None else targets
+    if targets is None:
+        raise ValueError(
+            "per_example_grad_norms needs the true targets: pass targets=..., or a batch "
+            "that carries them (a mapping with 'labels', a Batch with targets)"
+        )
     inputs, targets = to_device(inputs, device), targets.to(device)
     n = batch_size(inputs)
     if targets.shape[:1] != (n,):
@@ -583,7 +873,7 @@ def per_example_grad_norms(
     with eval_mode(model):
         for start, stop in iter_chunks(inputs, chunk_size):
             x = slice_batch(inputs, start, stop)
-            cot = target_cotangents(targets[start:stop])
+            cot = _row_target_cotangents(model, x, targets[start:stop], target_mask)
             out.append(per_example_sq_norms(model, x, cot, output_fn=output_fn))
     return torch.cat(out).clamp_min(0).sqrt()
 
@@ -627,10 +917,13 @@ def group_gradient_stats(
     counts = {k: int((groups == k).sum()) for k in ids}
     params = trainable_parameters(model)
     sums = [[torch.zeros_like(p) for p in params] for _ in ids]
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), left_as_found(model), torch.enable_grad():
         for start, stop in iter_chunks(inputs, chunk_size):
-            logits = as_logits(call_model(model, slice_batch(inputs, start, stop)), output_fn)
-            y = targets[start:stop].reshape(-1)
+            chunk = slice_batch(inputs, start, stop)
+            logits = as_logits(call_model(model, chunk), output_fn)
+            shape = rows_shape(model, stop - start, logits.shape[0] // (stop - start))
+            y = row_targets(model, chunk, targets[start:stop], shape).reshape(-1)
+            check_cross_entropy_outputs(logits, "group_gradient_stats")
             losses = F.cross_entropy(logits, y, reduction="none").reshape(stop - start, -1)
             valid = (y != -100).reshape(stop - start, -1).to(losses.dtype)
             per_example = (losses * valid).sum(1) / valid.sum(1).clamp_min(1)

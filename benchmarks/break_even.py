@@ -1,0 +1,582 @@
+"""The break-even point and the edge of stability: λ_K^1, λ_H^1, Tr(K), Tr(F) along training.
+
+Jastrzebski et al., "The Break-Even Point on Optimization Trajectories of Deep Neural
+Networks", ICLR 2020, conjecture that after the break-even point early in training the
+SGD trajectory depends on the learning rate η and the batch size B as follows:
+
+* (variance reduction) the maximum attained λ_H^1 (largest Hessian eigenvalue) and λ_K^1
+  (largest eigenvalue of the gradient covariance K) are smaller for a larger η or a
+  smaller B;
+* (pre-conditioning) the conditioning of K and H, measured by ``λ^k/λ^1`` with ``λ^k`` the
+  smallest of the top-k eigenvalues, is better (larger) for a larger η or a smaller B.
+
+Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+Stability", ICLR 2021: under full-batch gradient descent λ_H^1 rises to about ``2/η`` and
+hovers there.
+
+What this script runs (SimpleCNN on real CIFAR-10, the first epochs on a class-stratified
+training subset, plain SGD):
+
+1. for each setting ``LR:BATCH`` (default 0.1:128, 0.01:128, 0.1:512) and seed, SGD for
+   ``--epochs`` epochs; every ``--measure-every-examples`` training examples it measures,
+   with :class:`fisher_optim.CurvatureMonitor` on fixed probe sets of training examples,
+   the top-k eigenvalues of K and H (k = ``--top-k``), Tr(K), Tr(F) and ``λ_H^1·η/2``, and
+   records the running training accuracy and loss of the mini-batches since the last
+   measurement;
+2. full-batch gradient descent on ``--gd-subset`` images at ``--gd-lr``, recording λ_H^1 of
+   the full-batch loss against ``2/η``.
+
+It writes one JSON file per run into ``--out``, then ``summary.json``, ``break_even.png``
+(each quantity against steps or epochs, one line per setting, mean over seeds) and
+``edge_of_stability.png``, and prints the tables of ``docs/break-even.md``. Runs can be cut by
+``--time-limit`` and continued with ``--resume`` (finished runs are kept). Example (about
+30 minutes on one CPU core)::
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/break_even.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.data import (  # noqa: E402
+    DATASETS,
+    ImageDataset,
+    default_cache_dir,
+    default_data_root,
+    load_dataset,
+)
+from benchmarks.common.harness import resolve_device  # noqa: E402
+from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
+from benchmarks.common.plots import _save  # noqa: E402
+from fisher_optim import CurvatureMonitor  # noqa: E402
+from fisher_optim._cli import (  # noqa: E402
+    HelpFormatter,
+    momentum,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from fisher_optim.curvature import hessian_eigenvalues  # noqa: E402
+
+QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")
+
+
+class TimeLimitReached(Exception):
+    """The ``--time-limit`` passed; rerun with ``--resume``."""
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def _setting(text: str) -> tuple[float, int]:
+    """``"LR:BATCH"`` -> ``(lr, batch)``."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"a setting is LR:BATCH (e.g. 0.1:128), got {text!r}")
+    return positive_float(parts[0]), positive_int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every option has one default, stated in its help)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="image data set")
+    p.add_argument("--data-root", type=Path, default=default_data_root(),
+                   help="where the data set lies (any layout benchmarks/common/data.py reads)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="cache of decoded images")
+    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn", help="network")
+    p.add_argument("--init", choices=INITS, default="kaiming",
+                   help="initialisation of conv/linear layers (benchmarks/common/models.py)")
+    p.add_argument("--settings", type=_setting, nargs="*",
+                   default=[(0.1, 128), (0.01, 128), (0.1, 512)],
+                   help="SGD settings LR:BATCH; the first is the reference that the others "
+                        "are compared with (larger LR or smaller batch first); none: only "
+                        "the gradient-descent run")
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2],
+                   help="seeds (initialisation and data order)")
+    p.add_argument("--train-subset", type=positive_int, default=2560,
+                   help="training examples (class-stratified, the same for every run)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="SGD epochs per run")
+    p.add_argument("--momentum", type=momentum, default=0.0, help="SGD momentum (plain SGD: 0)")
+    p.add_argument("--measure-every-examples", type=positive_int, default=2048,
+                   help="measure every this many training examples (rounded to steps)")
+    p.add_argument("--probe-size", type=positive_int, default=128,
+                   help="probe examples for K and Tr(F) (training examples)")
+    p.add_argument("--hessian-probe-size", type=positive_int, default=64,
+                   help="probe examples for the Hessian (the first of the probe set)")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="top eigenvalues of K and H; conditioning proxy λ^k/λ^1")
+    p.add_argument("--lanczos-iters", type=positive_int, default=15,
+                   help="Lanczos steps (Hessian-vector products) per Hessian measurement")
+    p.add_argument("--lanczos-tol", type=positive_float, default=1e-2,
+                   help="relative residual tolerance ||Hv - λv|| <= tol·λ_1 (reported)")
+    p.add_argument("--gd-subset", type=nonnegative_int, default=256,
+                   help="images for the full-batch gradient-descent run (0: skip it)")
+    p.add_argument("--gd-lr", type=positive_float, default=0.02,
+                   help="learning rate of the full-batch gradient-descent run")
+    p.add_argument("--gd-steps", type=positive_int, default=100, help="gradient-descent steps")
+    p.add_argument("--gd-measure-every", type=positive_int, default=5,
+                   help="measure λ_H^1 every this many gradient-descent steps")
+    p.add_argument("--x-axis", choices=("steps", "epochs"), default="steps",
+                   help="x axis of the figure")
+    p.add_argument("--out", type=Path, default=Path("runs/break_even"),
+                   help="output folder (run JSON files, summary, figures)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="device (auto: CUDA if available)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--time-limit", type=positive_float, default=None,
+                   help="stop after this many seconds (unfinished runs are dropped); "
+                        "continue with --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs found in --out and run the others")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the arguments (invalid combinations are argparse errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.hessian_probe_size > args.probe_size:
+        parser.error("--hessian-probe-size must be at most --probe-size")
+    if args.probe_size > args.train_subset:
+        parser.error("--probe-size must be at most --train-subset")
+    if args.top_k > args.probe_size:
+        parser.error("--top-k must be at most --probe-size")
+    if not args.settings and args.gd_subset == 0:
+        parser.error("nothing to run: give --settings or a --gd-subset > 0")
+    if len(set(args.settings)) != len(args.settings):
+        parser.error("--settings must be distinct")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds must be distinct")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return args
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+
+
+def _tensors(ds: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole (small) data set as normalised float inputs and targets on ``device``."""
+    x, y = next(iter(ds.loader(len(ds), shuffle=False, device=device)))
+    return x, y
+
+
+class _Clock:
+    def __init__(self, limit: float | None) -> None:
+        self.start, self.limit = time.perf_counter(), limit
+
+    def check(self) -> None:
+        if self.limit is not None and time.perf_counter() - self.start > self.limit:
+            raise TimeLimitReached
+
+
+def sgd_run(
+    args: argparse.Namespace,
+    train: ImageDataset,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    lr: float,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    clock: _Clock,
+) -> dict[str, Any]:
+    """SGD at ``(lr, batch)`` from seed ``seed``; the records of every measurement."""
+    torch.manual_seed(seed)
+    model = build_model(args.model, train.num_classes, init=args.init).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
+    hx, hy = probe[0][: args.hessian_probe_size], probe[1][: args.hessian_probe_size]
+    monitor = CurvatureMonitor(
+        model, probe, QUANTITIES, top_k=args.top_k, lr=opt, hessian_probe=(hx, hy),
+        lanczos_iters=args.lanczos_iters, lanczos_tol=args.lanczos_tol, seed=seed,
+    )  # fmt: skip
+    loader = train.loader(batch, seed=seed, device=device)
+    every = max(1, round(args.measure_every_examples / batch))
+    steps_per_epoch = len(loader)
+    records: list[dict[str, Any]] = []
+    hits = seen = 0
+    loss_sum = 0.0
+    step = 0
+    diverged = False
+
+    def record() -> None:
+        nonlocal hits, seen, loss_sum
+        row = monitor.measure(step=step)
+        row.update(
+            epoch=step / steps_per_epoch,
+            examples=step * batch,
+            train_acc=100.0 * hits / seen if seen else None,
+            train_loss=loss_sum / seen if seen else None,
+        )
+        records.append(row)
+        hits = seen = 0
+        loss_sum = 0.0
+
+    record()
+    for _ in range(args.epochs):
+        for x, y in loader:
+            clock.check()
+            model.train()
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            hits += int((out.argmax(1) == y).sum())
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            if step % every == 0:
+                record()
+        if diverged:
+            break
+    if step % every and not diverged:
+        record()
+    return {"lr": lr, "batch_size": batch, "seed": seed, "steps": step,
+            "steps_per_epoch": steps_per_epoch, "diverged": diverged, "records": records}
+
+
+def gd_run(
+    args: argparse.Namespace,
+    data: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+    clock: _Clock,
+) -> dict[str, Any]:
+    """Full-batch gradient descent at ``--gd-lr``: λ_H^1 of the full-batch loss vs ``2/η``."""
+    torch.manual_seed(args.seeds[0])
+    model = build_model(args.model, num_classes, init=args.init).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.gd_lr)
+    x, y = data
+    records: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(args.seeds[0])
+    for step in range(args.gd_steps + 1):
+        clock.check()
+        model.train()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if step % args.gd_measure_every == 0 or step == args.gd_steps:
+            spec = hessian_eigenvalues(model, (x, y), k=1, iters=args.lanczos_iters,
+                                       tol=args.lanczos_tol, generator=gen)  # fmt: skip
+            records.append({
+                "step": step, "loss": float(loss.detach()),
+                "train_acc": 100.0 * float((out.argmax(1) == y).float().mean()),
+                "lambda_H": float(spec.eigenvalues[0]),
+                "lambda_H_residual": float(spec.residuals[0]),
+                "lambda_H_converged": spec.converged,
+            })  # fmt: skip
+        if step == args.gd_steps or not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"lr": args.gd_lr, "num_examples": len(y), "two_over_lr": 2 / args.gd_lr,
+            "records": records}
+
+
+# --------------------------------------------------------------------------------------
+# Summary and figures
+# --------------------------------------------------------------------------------------
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _ratio(row: dict[str, Any], key: str) -> float | None:
+    top = row.get(f"{key}_top")
+    return top[-1] / top[0] if top and top[0] > 0 else None
+
+
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """Per run: maxima of λ_K^1, λ_H^1, Tr(K), Tr(F) over the measurements after the
+    initialisation (step 0, the same for every setting of a seed, is left out), and the
+    conditioning λ^k/λ^1 (mean over the second half of the measurements)."""
+    recs = run["records"][1:] or run["records"]
+    late = recs[len(recs) // 2 :]
+    out: dict[str, Any] = {
+        "max_lambda_K": max(r["lambda_K"] for r in recs),
+        "max_lambda_H": max(r["lambda_H"] for r in recs),
+        "max_trace_K": max(r["trace_K"] for r in recs),
+        "max_trace_F": max(r["trace_F"] for r in recs),
+        "final_train_acc": recs[-1]["train_acc"],
+        "diverged": run["diverged"],
+        "lambda_H_converged_fraction": statistics.fmean(
+            float(r["lambda_H_converged"]) for r in recs
+        ),
+        # residual of the k-th Ritz pair relative to λ_H^1: how far λ_H^k can be trusted
+        "lambda_H_k_relative_residual": statistics.median(
+            r["lambda_H_top_residuals"][-1] / r["lambda_H"]
+            for r in recs if r.get("lambda_H_top_residuals")
+        ) if any(r.get("lambda_H_top_residuals") for r in recs) else None,
+        "lambda_H_1_relative_residual": statistics.median(
+            r["lambda_H_residual"] / r["lambda_H"] for r in recs
+        ),
+    }
+    for key in ("lambda_K", "lambda_H"):
+        ratios = [_ratio(r, key) for r in late]
+        ratios = [v for v in ratios if v is not None]
+        out[f"conditioning_{key}"] = statistics.fmean(ratios) if ratios else None
+    return out
+
+
+def summarize(settings: list[tuple[float, int]], runs: dict[tuple[float, int, int], dict],
+              gd: dict[str, Any] | None, top_k: int) -> dict[str, Any]:
+    """Mean ± sd over seeds per setting, and the conjectures' verdicts (reference: the first
+    setting, against each other setting with a smaller η or a larger batch)."""
+    per_setting = []
+    for lr, batch in settings:
+        summaries = [run_summary(r) for (a, b, _), r in sorted(runs.items()) if (a, b) == (lr, batch)]
+        if not summaries:
+            continue
+        row: dict[str, Any] = {"lr": lr, "batch_size": batch, "seeds": len(summaries)}
+        for key in summaries[0]:
+            if key == "diverged":
+                row["diverged"] = sum(s["diverged"] for s in summaries)
+                continue
+            row[key] = _mean_sd([s[key] for s in summaries])
+        per_setting.append(row)
+    verdicts = []
+    if per_setting:
+        ref = per_setting[0]
+        for other in per_setting[1:]:
+            favoured = other["lr"] < ref["lr"] or other["batch_size"] > ref["batch_size"]
+            if not favoured:
+                continue
+            v = {"reference": (ref["lr"], ref["batch_size"]),
+                 "other": (other["lr"], other["batch_size"])}
+            for key in ("max_lambda_K", "max_lambda_H"):
+                v[f"variance_reduction_{key}"] = ref[key][0] < other[key][0]
+            for key in ("conditioning_lambda_K", "conditioning_lambda_H"):
+                v[f"preconditioning_{key}"] = ref[key][0] > other[key][0]
+            verdicts.append(v)
+    summary: dict[str, Any] = {"top_k": top_k, "settings": per_setting, "verdicts": verdicts}
+    if gd is not None:
+        lam = [r["lambda_H"] for r in gd["records"]]
+        half = lam[len(lam) // 2 :]
+        summary["gd"] = {
+            "lr": gd["lr"], "two_over_lr": gd["two_over_lr"], "num_examples": gd["num_examples"],
+            "lambda_H_start": lam[0], "lambda_H_max": max(lam),
+            "lambda_H_second_half_mean": statistics.fmean(half),
+            "ratio_to_two_over_lr_second_half": statistics.fmean(half) / gd["two_over_lr"],
+        }  # fmt: skip
+    return summary
+
+
+def _fmt(pair: tuple[float, float], spec: str = ".4g") -> str:
+    mean, sd = pair
+    return f"{mean:{spec}} ± {sd:{spec}}"
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """The Markdown tables of the summary."""
+    k = summary["top_k"]
+    lines = [
+        f"| η | batch | seeds | max λ_K^1 | max λ_H^1 | max Tr(K) | max Tr(F) | "
+        f"λ_K^{k}/λ_K^1 | λ_H^{k}/λ_H^1 | train acc (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary["settings"]:
+        lines.append(
+            f"| {s['lr']:g} | {s['batch_size']} | {s['seeds']} | {_fmt(s['max_lambda_K'])} | "
+            f"{_fmt(s['max_lambda_H'])} | {_fmt(s['max_trace_K'])} | {_fmt(s['max_trace_F'])} | "
+            f"{_fmt(s['conditioning_lambda_K'], '.3f')} | "
+            f"{_fmt(s['conditioning_lambda_H'], '.3f')} | {_fmt(s['final_train_acc'], '.1f')} |"
+        )
+    lines += ["", f"| η | batch | λ_H^1 residual / λ_H^1 | λ_H^{k} residual / λ_H^1 | "
+              "measurements with all top-k residuals ≤ tol·λ_H^1 |", "|---|---|---|---|---|"]
+    for s in summary["settings"]:
+        lines.append(
+            f"| {s['lr']:g} | {s['batch_size']} | {s['lambda_H_1_relative_residual'][0]:.1e} | "
+            f"{s['lambda_H_k_relative_residual'][0]:.2g} | "
+            f"{100 * s['lambda_H_converged_fraction'][0]:.0f}% |"
+        )
+    lines += ["", "| reference vs other | variance reduction λ_K | variance reduction λ_H | "
+              "pre-conditioning K | pre-conditioning H |", "|---|---|---|---|---|"]
+    yes = {True: "holds", False: "does not hold"}
+    for v in summary["verdicts"]:
+        (a, b), (c, d) = v["reference"], v["other"]
+        lines.append(
+            f"| η={a:g}, B={b} vs η={c:g}, B={d} | {yes[v['variance_reduction_max_lambda_K']]} | "
+            f"{yes[v['variance_reduction_max_lambda_H']]} | "
+            f"{yes[v['preconditioning_conditioning_lambda_K']]} | "
+            f"{yes[v['preconditioning_conditioning_lambda_H']]} |"
+        )
+    gd = summary.get("gd")
+    if gd:
+        lines += [
+            "",
+            f"Full-batch GD, η = {gd['lr']:g} (2/η = {gd['two_over_lr']:g}), "
+            f"{gd['num_examples']} images: λ_H^1 {gd['lambda_H_start']:.4g} at the start, "
+            f"max {gd['lambda_H_max']:.4g}, mean over the second half "
+            f"{gd['lambda_H_second_half_mean']:.4g} = "
+            f"{gd['ratio_to_two_over_lr_second_half']:.2f} × 2/η.",
+        ]
+    return "\n".join(lines)
+
+
+def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
+            gd: dict[str, Any] | None) -> list[Path]:
+    """``break_even.png`` (each quantity vs steps/epochs, one line per setting, mean over
+    seeds) and ``edge_of_stability.png``."""
+    import matplotlib.pyplot as plt
+
+    k = args.top_k
+    panels = [
+        ("lambda_K", "λ_K^1"), ("lambda_H", "λ_H^1"), ("trace_K", "Tr(K)"),
+        ("trace_F", "Tr(F)"), ("cond_K", f"λ_K^{k}/λ_K^1"), ("cond_H", f"λ_H^{k}/λ_H^1"),
+        ("train_acc", "training accuracy (%)"), ("lambda_H_eta_over_2", "λ_H^1·η/2"),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for lr, batch in args.settings:
+        seeds = [r for (a, b, _), r in sorted(runs.items()) if (a, b) == (lr, batch)]
+        if not seeds:
+            continue
+        length = min(len(r["records"]) for r in seeds)
+        xkey = "step" if args.x_axis == "steps" else "epoch"
+        xs = [seeds[0]["records"][i][xkey] for i in range(length)]
+        for ax, (key, title) in zip(axes.flat, panels, strict=True):
+            ys = []
+            for i in range(length):
+                vals = []
+                for r in seeds:
+                    row = r["records"][i]
+                    v = (_ratio(row, "lambda_K") if key == "cond_K" else
+                         _ratio(row, "lambda_H") if key == "cond_H" else row.get(key))
+                    if v is not None:
+                        vals.append(v)
+                ys.append(statistics.fmean(vals) if vals else float("nan"))
+            ax.plot(xs, ys, marker=".", label=f"η={lr:g}, B={batch}")
+            ax.set_title(title)
+    for ax in axes.flat:
+        ax.set_xlabel(args.x_axis)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
+                 f"mean over seeds {args.seeds}")
+    paths = [_save(fig, args.out / "break_even.png")]
+    if gd is not None:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        steps = [r["step"] for r in gd["records"]]
+        ax1.plot(steps, [r["lambda_H"] for r in gd["records"]], marker=".", label="λ_H^1")
+        ax1.axhline(gd["two_over_lr"], color="k", ls="--", label="2/η")
+        ax1.set(xlabel="gradient-descent step", title=f"full-batch GD, η={gd['lr']:g}")
+        ax1.legend()
+        ax2.plot(steps, [r["loss"] for r in gd["records"]], marker=".")
+        ax2.set(xlabel="gradient-descent step", title="training loss")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        paths.append(_save(fig, args.out / "edge_of_stability.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def _run_path(out: Path, lr: float, batch: int, seed: int) -> Path:
+    return out / f"sgd_lr{lr:g}_bs{batch}_seed{seed}.json"
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"out", "resume", "time_limit", "threads", "x_axis", "device", "data_root",
+            "cache_dir", "settings", "seeds"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in skip}
+
+
+def _load(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("config") == config else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the benchmark; 0 when complete, 3 when the time limit stopped it
+    (then the summary and figures cover the finished runs)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    clock = _Clock(args.time_limit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = _config(args)
+    train, _ = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir)
+    train = train.subset(args.train_subset, seed=0)
+    probe = _tensors(train.subset(args.probe_size, seed=1), device)
+    runs: dict[tuple[float, int, int], dict] = {}
+    gd = None
+    print(f"{args.model} on {args.dataset}: {len(train)} training examples, probe "
+          f"{args.probe_size} (Hessian {args.hessian_probe_size}), top-{args.top_k}")
+    try:
+        if args.gd_subset > 0:  # first: the one run that every summary shows
+            path = args.out / f"gd_lr{args.gd_lr:g}_n{args.gd_subset}.json"
+            saved = _load(path, config) if args.resume else None
+            if saved is None:
+                begin = time.perf_counter()
+                data = _tensors(train.subset(min(args.gd_subset, len(train)), seed=2), device)
+                saved = {"config": config,
+                         "run": gd_run(args, data, train.num_classes, device, clock)}
+                path.write_text(json.dumps(saved))
+                print(f"full-batch GD: {time.perf_counter() - begin:.0f} s", flush=True)
+            gd = saved["run"]
+        for seed in args.seeds:
+            for lr, batch in args.settings:
+                path = _run_path(args.out, lr, batch, seed)
+                saved = _load(path, config) if args.resume else None
+                if saved is None:
+                    begin = time.perf_counter()
+                    saved = {"config": config,
+                             "run": sgd_run(args, train, probe, lr, batch, seed, device, clock)}
+                    path.write_text(json.dumps(saved))
+                    last = saved["run"]["records"][-1]
+                    print(f"η={lr:g} B={batch} seed={seed}: {saved['run']['steps']} steps, "
+                          f"{time.perf_counter() - begin:.0f} s; last λ_K^1 "
+                          f"{last['lambda_K']:.4g}, λ_H^1 {last['lambda_H']:.4g}, "
+                          f"train acc {last['train_acc']}", flush=True)
+                runs[(lr, batch, seed)] = saved["run"]
+        complete = True
+    except TimeLimitReached:
+        print(f"time limit of {args.time_limit:g} s reached after {len(runs)} finished runs; "
+              "rerun with --resume to continue (the summary below covers the finished runs)")
+        complete = False
+    if runs or gd is not None:
+        summary = summarize(args.settings, runs, gd, args.top_k)
+        summary["complete"] = complete
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        for p in figures(args, runs, gd):
+            print(f"wrote {p}")
+        print(tables(summary))
+    return 0 if complete else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""What the FP spikes are: analyse the per-refresh log of benchmark runs (issue: FP collapse).
+
+Every FP run of the benchmark harness writes ``refreshes.jsonl``: one record per penalty
+refresh with ``Tr(F_B)`` (``value``), ``||∇ Tr(F_B)||`` (``grad_norm``) and the spike
+safeguard's scale. For each run directory given, this prints:
+
+* the distribution of ``r_t = ||∇P_t|| / median(||∇P|| over the previous 20 refreshes)`` —
+  the statistic :class:`fisher_optim.SpikeGuard` thresholds — and how many refreshes each
+  ``spike_factor`` would flag;
+* the same ratio for the penalty value ``Tr(F_B)``;
+* the collapses (an epoch whose training accuracy is more than 10 points below the previous
+  epoch's) and the largest ``r_t`` in the epoch before each;
+* with ``--top N``, the N largest spikes (step, epoch, value, norm, ratios).
+
+    python benchmarks/fp_spikes.py runs/cifar10_simplecnn/fp_lr0.003_a0.01_s0_init-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+
+FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def running_ratios(values: Sequence[float | None], window: int) -> list[float | None]:
+    """``v_t / median(v_{t-window} .. v_{t-1})`` (None until ``window // 4`` values are known)."""
+    out: list[float | None] = []
+    seen: list[float] = []
+    for v in values:
+        recent = seen[-window:]
+        if v is None or len(recent) < max(1, window // 4) or statistics.median(recent) <= 0:
+            out.append(None)
+        else:
+            out.append(v / statistics.median(recent))
+        if v is not None:
+            seen.append(v)
+    return out
+
+
+def collapses(metrics: Sequence[dict[str, Any]], drop: float = 10.0) -> list[int]:
+    """Epochs whose training accuracy fell more than ``drop`` points below the previous one."""
+    accs = [(r["epoch"], r.get("train_acc")) for r in metrics if r["epoch"] >= 1]
+    return [e for (_, a0), (e, a1) in zip(accs, accs[1:])
+            if a0 is not None and a1 is not None and a1 < a0 - drop]
+
+
+def analyse(run: Path, window: int, top: int) -> str:
+    refreshes = _jsonl(run / "refreshes.jsonl")
+    metrics = _jsonl(run / "metrics.jsonl")
+    norms = [r["grad_norm"] for r in refreshes]
+    r_norm = running_ratios(norms, window)
+    r_value = running_ratios([r["value"] for r in refreshes], window)
+    known = [x for x in r_norm if x is not None]
+    lines = [f"## {run.name}: {len(refreshes)} refreshes, {len(metrics) - 1} epochs"]
+    if known:
+        qs = statistics.quantiles(known, n=100)
+        lines.append(f"||∇P|| / running median: median {statistics.median(known):.2f}, "
+                     f"p90 {qs[89]:.2f}, p99 {qs[98]:.2f}, max {max(known):.2f}")
+    lines.append("| spike_factor | refreshes flagged (norm) | share | flagged by Tr(F_B) ratio "
+                 "at factor² |")
+    lines.append("|---|---|---|---|")
+    for f in FACTORS:
+        n = sum(1 for x in known if x > f)
+        nv = sum(1 for x in r_value if x is not None and x > f * f)
+        lines.append(f"| {f:g} | {n} | {100.0 * n / max(len(known), 1):.2f}% | {nv} |")
+    guard = [r for r in refreshes if r.get("scale") is not None and r["scale"] < 1.0]
+    if guard:
+        lines.append(f"safeguard on in this run: {len(guard)} refreshes scaled down")
+    falls = collapses(metrics)
+    lines.append(f"collapses (train acc -10 points in one epoch): {falls or 'none'}")
+    for e in falls:
+        before = [x for r, x in zip(refreshes, r_norm) if x is not None and e - 1 <= r["epoch"] < e]
+        if before:
+            lines.append(f"  epoch {e}: largest ||∇P|| ratio during it: {max(before):.2f}")
+    if top:
+        ranked = sorted((x, i) for i, x in enumerate(r_norm) if x is not None)[-top:]
+        lines.append("| step | epoch | Tr(F_B) | ||∇P|| | norm ratio | value ratio |")
+        lines.append("|---|---|---|---|---|---|")
+        for x, i in reversed(ranked):
+            r = refreshes[i]
+            vr = r_value[i]
+            lines.append(f"| {r['step']} | {r['epoch']:.2f} | {r['value']:.4g} | "
+                         f"{r['grad_norm']:.4g} | {x:.2f} | "
+                         f"{'-' if vr is None else format(vr, '.2f')} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="*", type=Path,
+                   help="run directories, each with refreshes.jsonl and metrics.jsonl "
+                        "(default: every FP run under runs/<script>/)")
+    p.add_argument("--window", type=positive_int, default=20, metavar="N",
+                   help="refreshes the running median is taken over (the safeguard's "
+                        "spike_window)")
+    p.add_argument("--top", type=nonnegative_int, default=5, metavar="N",
+                   help="list the N largest spikes of each run (0: none)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runs = args.runs or sorted(p.parent for p in Path("runs").glob("*/*/refreshes.jsonl"))
+    if not runs:
+        print("no FP run found under runs/: pass run directories", file=sys.stderr)
+        return 2
+    for run in runs:
+        if not (run / "refreshes.jsonl").is_file():
+            print(f"{run}: no refreshes.jsonl (not an FP run of the harness?)", file=sys.stderr)
+            return 2
+        print(analyse(run, args.window, args.top))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

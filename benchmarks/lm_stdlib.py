@@ -1,0 +1,415 @@
+"""A byte-level causal language model on the Python standard library's sources, with and
+without the Fisher penalty.
+
+The corpus (:mod:`benchmarks.common.text`) is every top-level ``*.py`` file of this Python's
+standard library, split by file (every ``--val-every-file``-th file, in name order, is
+validation). Each method trains the same :class:`~benchmarks.common.text.ByteTransformerLM`
+from the same initialisation (``--seed``) on the same sequence of batches (a generator seeded
+by ``--seed``): ``baseline`` with the base optimizer alone, ``fp`` with ``FisherPenaltySGD``
+wrapping the same base optimizer (one run per ``--alphas`` value). Every ``--eval-every`` steps it records the validation loss
+(mean next-byte cross-entropy, nats), perplexity ``exp(loss)``, bits per byte and Tr(F) on a
+fixed probe of training windows (``fisher_trace``, one label per position sampled from the
+model by a generator re-seeded identically at every measurement).
+
+Writes ``OUT/<method>_s<seed>/metrics.jsonl`` and ``summary.json`` per run, and
+``OUT/results.json``, ``OUT/results.md`` and ``OUT/figure.png``. ``--time-limit MINUTES``
+checkpoints and stops (exit code 3); rerun the same command with ``--resume`` to continue
+(on CPU the result is bitwise that of an uninterrupted run).
+
+    python benchmarks/lm_stdlib.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NAME = "lm_stdlib"
+METHODS = ("baseline", "fp")
+OPTIMIZERS = ("adamw", "sgd")
+CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.jsonl", "summary.json"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every default shown by ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{NAME}.py",
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="baseline: the base optimizer; fp: FisherPenaltySGD around it")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the data order and the penalty's labels")
+    g.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="base optimizer: AdamW (betas 0.9, 0.99) or SGD with momentum 0.9")
+    g.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
+                   help="weight decay of the base optimizer")
+    g.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1],
+                   help="fp: the penalty weight α, one fp run per value")
+    g.add_argument("--every", type=_positive_int, default=10,
+                   help="fp: recompute the penalty gradient every N steps")
+    g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default="exact",
+                   help="fp: how the penalty gradient is computed")
+    g.add_argument("--spike-factor", type=_positive_float, default=None,
+                   help="fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose "
+                   "Tr(F_B) exceeds this many times the recent median); default: off, the "
+                   "paper's algorithm")
+
+    g = p.add_argument_group("model (ByteTransformerLM)")
+    g.add_argument("--context", type=_positive_int, default=64, help="bytes per sequence")
+    g.add_argument("--dim", type=_positive_int, default=128, help="embedding width")
+    g.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks")
+    g.add_argument("--heads", type=_positive_int, default=4, help="attention heads (divide --dim)")
+
+    g = p.add_argument_group("data and measurements")
+    g.add_argument("--val-every-file", type=int, default=10,
+                   help="every N-th stdlib file (name order) is validation (N ≥ 2)")
+    g.add_argument("--max-bytes", type=_positive_int, default=None,
+                   help="cut the training and the validation text at N bytes each (default: "
+                   "all of it)")
+    g.add_argument("--eval-every", type=_positive_int, default=100,
+                   help="measure validation loss and Tr(F) every N steps (and at steps 0 and "
+                   "--steps)")
+    g.add_argument("--val-windows", type=_positive_int, default=256,
+                   help="validation windows, evenly spaced over the validation text")
+    g.add_argument("--probe-size", type=_positive_int, default=64,
+                   help="Tr(F) probe: this many training windows, evenly spaced")
+
+    g = p.add_argument_group("running")
+    g.add_argument("--out", default=f"runs/{NAME}", help="output folder")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--time-limit", type=_positive_float, default=None,
+                   help="minutes; checkpoint and stop once exceeded (exit code 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs from their checkpoints, skip finished ones")
+    g.add_argument("--no-plot", action="store_true", help="do not write figure.png")
+    return p
+
+
+# ------------------------------------------------------------------------------ training
+def _run_config(args: argparse.Namespace, method: str, alpha: float = 0.0) -> dict[str, Any]:
+    """What determines a run's numbers (a checkpoint of another configuration is refused)."""
+    keys = ("seed", "steps", "batch_size", "optimizer", "lr", "weight_decay", "context", "dim",
+            "layers", "heads", "val_every_file", "max_bytes", "eval_every", "val_windows",
+            "probe_size")
+    config = {"method": method, **{k: getattr(args, k) for k in keys}}
+    if method == "fp":
+        config.update(alpha=alpha, every=args.every, fd_mode=args.fd_mode,
+                      spike_factor=args.spike_factor)
+    return config
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """``baseline_s<seed>`` or ``fp_a<alpha>_s<seed>``."""
+    alpha = f"_a{config['alpha']:g}" if config["method"] == "fp" else ""
+    return f"{config['method']}{alpha}_s{config['seed']}"
+
+
+def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
+    import torch
+
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW, {"lr": args.lr, "betas": (0.9, 0.99),
+                                   "weight_decay": args.weight_decay}
+    return torch.optim.SGD, {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
+
+
+def _clock() -> float:
+    """The clock ``--time-limit`` is measured with (``time.monotonic``; patchable in tests)."""
+    return time.monotonic()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class LMRun:
+    """One training run: model, optimizer, data generator, logs (checkpointed as a whole)."""
+
+    def __init__(self, config: dict[str, Any], corpus: Any, out: Path) -> None:
+        import torch
+
+        from benchmarks.common.text import ByteTransformerLM
+        from fisher_optim import FisherPenaltySGD
+
+        self.config, self.corpus, self.out = config, corpus, out
+        torch.manual_seed(config["seed"])
+        self.model = ByteTransformerLM(config["context"], config["dim"], config["layers"],
+                                       config["heads"])
+        base, kwargs = _base_optimizer(argparse.Namespace(**config))
+        if config["method"] == "fp":
+            self.opt = FisherPenaltySGD(self.model, base, alpha=config["alpha"],
+                                        every=config["every"], mode=config["fd_mode"],
+                                        spike_factor=config["spike_factor"],
+                                        seed=config["seed"], **kwargs)
+        else:
+            self.opt = base(self.model.parameters(), **kwargs)
+        self.data_gen = torch.Generator().manual_seed(config["seed"])
+        self.val = corpus.val_windows(config["val_windows"], config["context"])
+        self.probe = corpus.probe_windows(config["probe_size"], config["context"])[:, :-1]
+        self.step = 0
+        self.window = {"loss": 0.0, "count": 0, "time": 0.0}
+        self.logs: list[dict[str, Any]] = []
+
+    def state(self) -> dict[str, Any]:
+        import torch
+
+        return {"config": self.config, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "data_gen": self.data_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "step": self.step,
+                "window": dict(self.window), "logs": self.logs}
+
+    def save(self) -> None:
+        import torch
+
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load(self) -> None:
+        import torch
+
+        st = torch.load(self.out / CHECKPOINT, weights_only=False)
+        if st["config"] != self.config:
+            raise ValueError(f"{self.out / CHECKPOINT} belongs to another configuration: "
+                             f"{st['config']} (remove it or drop --resume)")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.data_gen.set_state(st["data_gen"])
+        torch.set_rng_state(st["torch_rng"])
+        self.step, self.window, self.logs = st["step"], dict(st["window"]), st["logs"]
+
+    def val_loss(self) -> float:
+        """Mean next-byte cross-entropy (nats) over every position of the validation windows."""
+        import torch
+        import torch.nn.functional as F
+
+        total, count = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for chunk in self.val.split(64):
+                logits = self.model(chunk[:, :-1])
+                total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
+                                               reduction="sum"))
+                count += chunk[:, 1:].numel()
+        self.model.train(was_training)
+        return total / count
+
+    def measure(self) -> dict[str, Any]:
+        import torch
+
+        from fisher_optim.curvature import fisher_trace
+        from fisher_optim.integrations.tracking import optimizer_metrics
+
+        loss = self.val_loss()
+        trace = fisher_trace(self.model, self.probe, labels="sample",
+                             generator=torch.Generator().manual_seed(0))
+        w = self.window
+        row = {
+            "step": self.step,
+            "train_loss": w["loss"] / w["count"] if w["count"] else None,
+            "val_loss": loss,
+            "val_ppl": math.exp(loss),
+            "val_bpb": loss / math.log(2),
+            "trace": trace,
+            "train_time": w["time"],
+        }
+        row.update(optimizer_metrics([self.opt], prefix=""))  # FisherPenaltySGD's counters
+        self.window = {"loss": 0.0, "count": 0, "time": 0.0}
+        return row
+
+    def train(self, deadline: float | None) -> str:
+        """Train to ``config["steps"]``; ``"complete"``, ``"diverged"`` or ``"interrupted"``."""
+        import torch.nn.functional as F
+
+        cfg = self.config
+        if not self.logs:
+            self.logs.append(self.measure())
+        self.model.train()
+        while self.step < cfg["steps"]:
+            if deadline is not None and _clock() > deadline:
+                self.save()
+                return "interrupted"
+            begin = time.perf_counter()
+            batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
+            self.opt.zero_grad()
+            logits = self.model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            value = loss.item()
+            self.window["loss"] += value
+            self.window["count"] += 1
+            self.window["time"] += time.perf_counter() - begin
+            if not math.isfinite(value):
+                self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
+                return "diverged"
+            if self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
+                self.logs.append(self.measure())
+                r = self.logs[-1]
+                print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
+                      f"{r['train_loss']:.4f} val {r['val_loss']:.4f} (ppl {r['val_ppl']:.3f}) "
+                      f"Tr(F) {r['trace']:.4g}", flush=True)
+                (self.out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in self.logs))
+        return "complete"
+
+
+def run_one(config: dict[str, Any], corpus: Any, out: Path, *, resume: bool,
+            deadline: float | None) -> dict[str, Any]:
+    """Train one run into ``out`` and return its summary (or ``{"status": "interrupted"}``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / SUMMARY).is_file():
+        done = json.loads((out / SUMMARY).read_text())
+        if done.get("config") == config:
+            return done
+    (out / SUMMARY).unlink(missing_ok=True)
+    run = LMRun(config, corpus, out)
+    if resume and (out / CHECKPOINT).is_file():
+        run.load()
+        print(f"[{config['method']}] resumed at step {run.step}")
+    status = run.train(deadline)
+    (out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in run.logs))
+    if status == "interrupted":
+        print(f"[{config['method']}] time limit: checkpointed at step {run.step}")
+        return {"status": "interrupted", "config": config}
+    rows = [r for r in run.logs if "val_loss" in r]
+    best = min(rows, key=lambda r: r["val_loss"])
+    summary = {
+        "status": status, "config": config, "final": rows[-1],
+        "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
+        "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
+        "train_seconds": sum(r["train_time"] for r in rows),
+    }
+    _write_json(out / SUMMARY, summary)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------ report
+def results_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per run, final and best validation numbers and Tr(F)."""
+    lines = ["| method | final val loss | final val ppl | best val loss (step) | final Tr(F) | "
+             "max Tr(F) | train s (wall) |", "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        f = s["final"]
+        lines.append(f"| {run_name(s['config'])} | {f['val_loss']:.4f} | {f['val_ppl']:.3f} | "
+                     f"{s['best_val_loss']:.4f} ({s['best_step']}) | {f['trace']:.4g} | "
+                     f"{s['max_trace']:.4g} | {s['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path) -> Path:
+    """Validation loss and Tr(F) against steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common.plots import _save
+
+    fig, (ax_loss, ax_tr) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir, label in zip(run_dirs, labels):
+        rows = [json.loads(x) for x in (run_dir / METRICS).read_text().splitlines()]
+        rows = [r for r in rows if "val_loss" in r]
+        steps = [r["step"] for r in rows]
+        ax_loss.plot(steps, [r["val_loss"] for r in rows], marker=".", label=label)
+        ax_tr.plot(steps, [r["trace"] for r in rows], marker=".", label=label)
+    ax_loss.set(xlabel="step", ylabel="validation loss (nats / byte)")
+    ax_tr.set(xlabel="step", ylabel="Tr(F) on the probe windows", yscale="log")
+    for ax in (ax_loss, ax_tr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out_png)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train every method, write the results and the figure. Exit code 0, or 3 when
+    ``--time-limit`` stopped it (rerun with ``--resume``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.val_every_file < 2:
+        parser.error(f"--val-every-file must be ≥ 2, got {args.val_every_file}")
+    if args.dim % args.heads:
+        parser.error(f"--heads ({args.heads}) must divide --dim ({args.dim})")
+    import torch
+
+    from benchmarks.common.text import load_stdlib_corpus
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    deadline = _clock() + 60 * args.time_limit if args.time_limit else None
+    corpus = load_stdlib_corpus(args.val_every_file, args.max_bytes)
+    info = corpus.describe()
+    print(f"corpus: {info['train_files']} train files ({info['train_bytes']} bytes), "
+          f"{info['val_files']} validation files ({info['val_bytes']} bytes) from "
+          f"{info['source']} (Python {info['python']})")
+    root = Path(args.out)
+    summaries = []
+    configs = [_run_config(args, "baseline")] if "baseline" in args.methods else []
+    if "fp" in args.methods:
+        configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
+    for config in configs:
+        summary = run_one(config, corpus, root / run_name(config), resume=args.resume,
+                          deadline=deadline)
+        if summary["status"] == "interrupted":
+            print("stopped by --time-limit: rerun the same command with --resume to continue")
+            return 3
+        summaries.append(summary)
+    table = results_table(summaries)
+    _write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
+                                        "runs": summaries})
+    (root / "results.md").write_text(table + "\n")
+    print(table)
+    if not args.no_plot:
+        dirs = [root / run_name(s["config"]) for s in summaries]
+        labels = [s["config"]["method"] if s["config"]["method"] == "baseline"
+                  else f"fp (α={s['config']['alpha']:g}, every={s['config']['every']})"
+                  for s in summaries]
+        print(f"figure: {plot(dirs, labels, root / 'figure.png')}")
+    print(f"total {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Callbacks for training frameworks, imported on demand (the library needs only torch and numpy).
+
+* :mod:`fisher_optim.integrations.lightning`: :class:`~fisher_optim.integrations.lightning.FisherLightningCallback`,
+  a Lightning ``Callback`` (needs ``lightning`` or ``pytorch_lightning``);
+* :mod:`fisher_optim.integrations.transformers`: :class:`~fisher_optim.integrations.transformers.FisherTrainerCallback`,
+  a ``transformers.TrainerCallback`` (needs ``transformers``).
+
+Both measure Tr(F) on a fixed probe set with :class:`~fisher_optim.monitor.FisherMonitor`
+(which issues :class:`~fisher_optim.monitor.FisherExplosionWarning`), read the optimizer's
+counters (:data:`~fisher_optim.integrations.tracking.OPTIMIZER_STATS`) and hand everything to
+the trainer's own loggers, under the prefix ``"fisher/"``. Nothing here is imported by
+``import fisher_optim``; importing a submodule without its framework raises an ``ImportError``
+that says what to install.
+"""

@@ -1,0 +1,152 @@
+"""A ``transformers.TrainerCallback`` that logs Tr(F) and the Fisher optimizers' counters.
+
+Jastrzebski et al., "Catastrophic Fisher Explosion", ICML 2021: Tr(F) (Eq. 2) measured on a
+fixed probe set early in training predicts generalisation; the Fisher penalty keeps it down.
+:class:`FisherTrainerCallback` measures it every ``every`` optimizer steps with
+:class:`~fisher_optim.monitor.FisherMonitor` (which warns with
+:class:`~fisher_optim.monitor.FisherExplosionWarning`) and puts it, with the optimizer's
+counters (:data:`~fisher_optim.integrations.tracking.OPTIMIZER_STATS`), into the ``logs`` of
+the ``Trainer``, so that ``trainer.state.log_history`` and every reporting integration
+(``report_to``: TensorBoard, W&B, ...) see it.
+
+Requires ``transformers``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from fisher_optim._logits import OutputFn
+from fisher_optim.integrations.tracking import FisherTracking, optimizer_metrics
+
+try:
+    from transformers import DefaultFlowCallback, TrainerCallback
+except ImportError as err:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "fisher_optim.integrations.transformers needs Hugging Face transformers: "
+        "pip install transformers; fisher_optim itself does not"
+    ) from err
+
+__all__ = ["FisherTrainerCallback"]
+
+#: Log rows of evaluation and prediction, which get no Fisher metrics.
+EVAL_PREFIXES = ("eval_", "test_")
+
+
+def _reports(args: Any) -> bool:
+    """Whether the Trainer's arguments send logs to a reporting integration."""
+    report_to = getattr(args, "report_to", None)
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    return bool(report_to) and list(report_to) != ["none"]
+
+
+class FisherTrainerCallback(TrainerCallback):
+    """Log Tr(F) on a fixed probe set and the optimizer's Fisher counters through the Trainer.
+
+    Args:
+        probe: the fixed probe inputs, as the model takes them: a dict of tensors
+            (``{"input_ids": ..., "attention_mask": ...}``), a tensor, or a list of batches.
+        every: measure Tr(F) every ``every`` optimizer steps (``state.global_step`` = every,
+            2·every, ...).
+        output_fn: the logits from the model's output; for a Hugging Face model
+            ``lambda out: out.logits``.
+        labels, chunk_size, threshold, growth_factor, loss_threshold, seed, prefix: see
+            :class:`~fisher_optim.integrations.tracking.FisherTracking`.
+
+    Install it with :meth:`attach` (``FisherTrainerCallback(probe).attach(trainer)``), which
+    puts it ahead of the reporting callbacks: ``Trainer(callbacks=[...])`` and
+    ``trainer.add_callback`` put it *after* them, so ``report_to`` integrations would be
+    called before it adds its metrics (``log_history`` would still have them; a warning says
+    so when ``report_to`` is set).
+
+    At a measurement step it asks the Trainer to log (``control.should_log = True``) and adds
+    to that row ``fisher/trace`` (Tr(F), eval mode, the model left exactly as found),
+    ``fisher/duration`` (seconds), ``fisher/exploding`` (1 once the explosion warning fired)
+    and, at the first training loss below ``loss_threshold``, ``fisher/early_trace``. Every
+    training log row also gets the optimizer's counters (``fisher/penalty_value``,
+    ``fisher/refreshes``, ``fisher/skipped_refreshes``, ...). The training loss the monitor
+    records is the last logged ``loss`` (the Trainer's mean over its logging window).
+    """
+
+    def __init__(
+        self,
+        probe: Any,
+        *,
+        every: int = 100,
+        output_fn: OutputFn | None = None,
+        labels: str = "sample",
+        chunk_size: int = 256,
+        threshold: float | None = None,
+        growth_factor: float | None = None,
+        loss_threshold: float | None = None,
+        seed: int = 0,
+        prefix: str = "fisher/",
+    ) -> None:
+        self.tracking = FisherTracking(
+            probe, every=every, labels=labels, output_fn=output_fn, chunk_size=chunk_size,
+            threshold=threshold, growth_factor=growth_factor, loss_threshold=loss_threshold,
+            seed=seed, prefix=prefix,
+        )
+        self._pending: dict[str, float] = {}
+        self._last_loss: float | None = None
+        self._attached = False
+        self._warned = False
+
+    @property
+    def monitor(self) -> Any:
+        """The :class:`~fisher_optim.monitor.FisherMonitor` of the current training (or None)."""
+        return self.tracking.monitor
+
+    def attach(self, trainer: Any) -> FisherTrainerCallback:
+        """Add this callback to ``trainer`` right after its ``DefaultFlowCallback``, ahead of
+        the reporting integrations; returns ``self``."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        index = next((i + 1 for i, cb in enumerate(callbacks)
+                      if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(index, self)
+        self._attached = True
+        return self
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        if model is None:
+            raise RuntimeError("FisherTrainerCallback needs the Trainer's model")
+        self.tracking.bind(model)
+        self._pending, self._last_loss = {}, None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        metrics = self.tracking.step(state.global_step, self._last_loss)
+        if metrics:
+            self._pending = metrics
+            control.should_log = True
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               optimizer: Any = None, **kwargs: Any) -> None:
+        if logs is None or any(k.startswith(EVAL_PREFIXES) for k in logs):
+            return
+        if isinstance(logs.get("loss"), (int, float)):
+            self._last_loss = float(logs["loss"])
+        metrics = {**self._pending}
+        if optimizer is not None:
+            metrics.update(optimizer_metrics([optimizer], self.tracking.prefix))
+        self._pending = {}
+        if not metrics:
+            return
+        row = state.log_history[-1] if state.log_history else None
+        if row is not None and all(row.get(k) is v or row.get(k) == v for k, v in logs.items()):
+            row.update(metrics)  # the Trainer appended a copy of logs before calling us
+        logs.update(metrics)
+        if not self._attached and not self._warned and _reports(args):
+            self._warned = True
+            warnings.warn(
+                "FisherTrainerCallback was added after the Trainer's reporting callbacks "
+                f"(report_to={args.report_to!r}), which therefore log without the fisher/ "
+                "metrics; install it with FisherTrainerCallback(...).attach(trainer)",
+                UserWarning,
+                stacklevel=2,
+            )

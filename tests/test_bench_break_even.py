@@ -1,0 +1,66 @@
+"""Smoke test of benchmarks/break_even.py on tiny generated CIFAR-10-format data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_bench_data import make_cifar10
+from .test_bench_overhead import load
+
+TINY = ["--model", "tiny", "--settings", "0.1:16", "0.01:16", "0.1:32", "--seeds", "0", "1",
+        "--train-subset", "64", "--epochs", "1", "--measure-every-examples", "32",
+        "--probe-size", "16", "--hessian-probe-size", "8", "--top-k", "2",
+        "--lanczos-iters", "4", "--gd-subset", "16", "--gd-steps", "2",
+        "--gd-measure-every", "1"]  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_cifar10(tmp_path / "data", per_batch=16)
+    return ["--data-root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
+
+
+def test_runs_summarizes_and_plots(tmp_path, data):
+    break_even = load("break_even")
+    out = tmp_path / "out"
+    assert break_even.main([*TINY, *data, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["lr"], s["batch_size"]) for s in summary["settings"]] == [
+        (0.1, 16), (0.01, 16), (0.1, 32)
+    ]
+    assert all(s["seeds"] == 2 for s in summary["settings"])
+    assert [v["other"] for v in summary["verdicts"]] == [[0.01, 16], [0.1, 32]]
+    assert summary["gd"]["two_over_lr"] == pytest.approx(2 / 0.02)
+    assert (out / "break_even.png").is_file() and (out / "edge_of_stability.png").is_file()
+    run = json.loads((out / "sgd_lr0.1_bs16_seed0.json").read_text())["run"]
+    assert [r["step"] for r in run["records"]] == [0, 2, 4]
+    assert len(run["records"][1]["lambda_K_top"]) == 2 and run["records"][1]["train_acc"] >= 0
+
+
+def test_time_limit_then_resume(tmp_path, data, capsys):
+    break_even = load("break_even")
+    out = tmp_path / "out"
+    args = [*TINY, *data, "--out", str(out), "--seeds", "0", "--gd-subset", "0",
+            "--settings", "0.1:16", "0.01:16"]
+    assert break_even.main([*args, "--time-limit", "1e-9"]) == 3
+    assert "--resume" in capsys.readouterr().out
+    assert break_even.main(args) == 0
+    first = (out / "sgd_lr0.1_bs16_seed0.json").read_text()
+    assert break_even.main([*args, "--resume"]) == 0  # nothing rerun
+    assert (out / "sgd_lr0.1_bs16_seed0.json").read_text() == first
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--settings", "0.1"], ["--settings", "0.1:0"], ["--top-k", "0"], ["--momentum", "1.5"],
+     ["--gd-lr", "-1"], ["--hessian-probe-size", "200"], ["--x-axis", "time"],
+     ["--settings", "0.1:16", "0.1:16"], ["--settings", "--gd-subset", "0"],
+     ["--seeds", "-1"]],
+)
+def test_invalid_options_are_argparse_errors(bad, capsys):
+    break_even = load("break_even")
+    with pytest.raises(SystemExit) as err:
+        break_even.parse_args(bad)
+    assert err.value.code == 2 and "error" in capsys.readouterr().err

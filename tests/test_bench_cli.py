@@ -1,0 +1,172 @@
+"""benchmarks/common/cli.py and the command line of every benchmarks/*.py script: --help
+states one true default per option and explains each; an invalid value is an argparse error
+(exit code 2, naming the option), never a traceback or a silent run. Parsers only: no
+training, no data."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from .test_cli import assert_help_complete, assert_rejected
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+cli = importlib.import_module("benchmarks.common.cli")
+
+#: Scripts being written or rewritten by others at the time of writing (issue 13): each joins
+#: the checks once its parser uses fisher_optim._cli's types and HelpFormatter and is exposed
+#: as ``build_parser()``. A new script not listed here is checked at once.
+PENDING = {"fd_step", "break_even", "lm_penalty_scale", "lm_stdlib"}
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                 if p.stem != "__init__" and p.stem not in PENDING)
+_loaded: dict[str, ModuleType] = {}
+
+
+def _script(name: str) -> ModuleType:
+    if name not in _loaded:
+        spec = importlib.util.spec_from_file_location(f"_bench_cli_{name}",
+                                                      ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _loaded[name] = module
+    return _loaded[name]
+
+
+def parser_of(name: str) -> argparse.ArgumentParser:
+    """The parser a script's ``--help`` prints: the shared one for an experiment script
+    (it declares ``CONFIG``), else the script's own ``build_parser()``."""
+    module = _script(name)
+    if hasattr(module, "CONFIG"):
+        return cli.build_parser(module.CONFIG)
+    assert hasattr(module, "build_parser"), f"benchmarks/{name}.py: no build_parser()"
+    return module.build_parser()
+
+
+EXPERIMENTS = [n for n in SCRIPTS if hasattr(_script(n), "CONFIG")]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_is_complete(name):
+    assert_help_complete(parser_of(name))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_defaults_parse_and_every_number_has_a_range(name, capsys):
+    parser = parser_of(name)
+    if not any(a.required for a in parser._actions):
+        parser.parse_args([])  # the defaults are valid values
+    for action in parser._actions:
+        option = action.option_strings[0] if action.option_strings else action.dest
+        # plain int/float accept -1 and nan: a number option states its range by its type
+        assert action.type not in (int, float), f"{name} {option}: use a fisher_optim._cli type"
+        if action.option_strings and (callable(action.type) and action.type not in (str, Path)
+                                      or action.choices):
+            assert_rejected(parser, [option, "not-a-value"], option, capsys)
+
+
+#: (argv, the option the error names) for the shared experiment command line.
+INVALID = [
+    (["--lrs", "0.1", "0"], "--lrs"),
+    (["--lrs", "-0.1"], "--lrs"),
+    (["--lr-star", "0"], "--lr-star"),
+    (["--lr-star", "nan"], "--lr-star"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--alphas", "0.1", "-0.1"], "--alphas"),
+    (["--alpha-center", "0"], "--alpha-center"),
+    (["--gpx-center", "-100"], "--gpx-center"),
+    (["--mixup-beta", "0"], "--mixup-beta"),
+    (["--seeds", "0", "-1"], "--seeds"),
+    (["--seeds"], "--seeds"),
+    (["--seed", "-3"], "--seed"),
+    (["--noise", "1.5"], "--noise"),
+    (["--noise", "-0.1"], "--noise"),
+    (["--fp-start-epochs", "0"], "--fp-start-epochs"),
+    (["--batch-sizes", "128", "0"], "--batch-sizes"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "-5"], "--epochs"),
+    (["--milestones", "0"], "--milestones"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--weight-decay", "-1e-4"], "--weight-decay"),
+    (["--model", "resnet1000"], "--model"),
+    (["--every", "0"], "--every"),
+    (["--penalty-batch-size", "0"], "--penalty-batch-size"),
+    (["--bn-refresh-batches", "-1"], "--bn-refresh-batches"),
+    (["--small-batch-size", "0"], "--small-batch-size"),
+    (["--noise-every", "0"], "--noise-every"),
+    (["--ghost-batch-size", "-1"], "--ghost-batch-size"),
+    (["--lr-base-batch", "0"], "--lr-base-batch"),
+    (["--lr-cap", "0"], "--lr-cap"),
+    (["--batch-lrs", "0.1", "-0.8"], "--batch-lrs"),
+    (["--train-subset", "0"], "--train-subset"),
+    (["--val-size", "-1"], "--val-size"),
+    (["--test-subset", "0"], "--test-subset"),
+    (["--split-seed", "-1"], "--split-seed"),
+    (["--probe-size", "0"], "--probe-size"),
+    (["--trace-every-steps", "-1"], "--trace-every-steps"),
+    (["--loss-threshold", "0"], "--loss-threshold"),
+    (["--test-every", "-1"], "--test-every"),
+    (["--group-probe-size", "0"], "--group-probe-size"),
+    (["--device", "gpu"], "--device"),
+    (["--threads", "0"], "--threads"),
+    (["--time-limit", "0"], "--time-limit"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option"), INVALID, ids=[a[0][0] + "=" + " ".join(a[0][1:])
+                                                          for a in INVALID])
+def test_invalid_values_are_argparse_errors(argv, option, capsys):
+    assert_rejected(parser_of("cifar10_simplecnn"), argv, option, capsys)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--epochs", "10", "--milestones", "10"], "--milestones must lie in 1..9"),
+    (["--batch-sizes", "128", "256", "--batch-lrs", "0.1"], "--batch-lrs needs one"),
+])
+def test_options_valid_alone_but_not_together_are_argparse_errors(argv, message, capsys):
+    cfg = _script("cifar10_simplecnn").CONFIG
+    with pytest.raises(SystemExit) as exc:
+        cli.main(cfg, [*argv, "--dry-run"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bare_milestones_flag_keeps_the_learning_rate_constant():
+    cfg = _script("cifar10_simplecnn").CONFIG
+    parser = cli.build_parser(cfg)
+    assert "the bare flag keeps the LR constant" in " ".join(parser.format_help().split())
+    constant = cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--milestones"]))
+    assert {s.milestones for s in constant} == {()}
+    scaled = cli.make_specs(cfg, parser.parse_args(["--epochs", "30"]))
+    assert {s.milestones for s in scaled} == {(15, 22)}  # (150, 225) of 300 epochs, scaled
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_help_shows_the_settings_own_defaults(name):
+    cfg = _script(name).CONFIG
+    text = " ".join(parser_of(name).format_help().split())
+    assert f"(default: {' '.join(cfg.default_methods)}, each at" in text
+    assert f"mini-batch size (default: {cfg.batch_size})" in text
+    assert f"(default: {cfg.epochs})" in text and f"(default: {cfg.model})" in text
+
+
+def test_overhead_and_curvature_speed_refuse_bad_values(capsys):
+    overhead, speed = parser_of("overhead"), parser_of("curvature_speed")
+    for argv, option in [(["--rounds", "0"], "--rounds"), (["--window", "0"], "--window"),
+                         (["--warmup", "-1"], "--warmup"), (["--device", "tpu"], "--device"),
+                         (["--models", "nope"], "--models"), (["--variants", "sgd2"],
+                                                              "--variants")]:
+        assert_rejected(overhead, argv, option, capsys)
+    for argv, option in [(["--n", "0"], "--n"), (["--repeats", "0"], "--repeats"),
+                         (["--chunk-size", "0"], "--chunk-size"), (["--skip", "lop"], "--skip")]:
+        assert_rejected(speed, argv, option, capsys)
+    assert overhead.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    assert speed.parse_args(["--skip", "loop", "backpack"]).skip == ["loop", "backpack"]

@@ -1,0 +1,83 @@
+"""benchmarks/lm_stdlib.py on a tiny setting: both methods from the same initialisation and
+data order, the logged numbers, the figure, --time-limit/--resume bitwise, bad options."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "4", "--context", "16", "--dim",
+        "16", "--layers", "1", "--heads", "2", "--max-bytes", "20000", "--val-windows", "8",
+        "--probe-size", "4", "--alphas", "0.5", "--every", "2", "--threads", "1"]
+TIME_KEYS = ("train_time",)
+
+
+@pytest.fixture(scope="module")
+def lm_stdlib():
+    spec = importlib.util.spec_from_file_location("lm_stdlib", ROOT / "benchmarks" / "lm_stdlib.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lm_stdlib"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def test_tiny_run_same_start_and_data_order(lm_stdlib, tmp_path: Path) -> None:
+    out = tmp_path / "lm"
+    assert lm_stdlib.main([*TINY, "--eval-every", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [lm_stdlib.run_name(r["config"]) for r in results["runs"]]
+    assert names == ["baseline_s0", "fp_a0.5_s0"]
+    assert results["corpus"]["val_files"] >= 1 and results["corpus"]["train_bytes"] == 20000
+    base, fp = _metrics(out / names[0]), _metrics(out / names[1])
+    assert [r["step"] for r in base] == [r["step"] for r in fp] == [0, 1, 2, 3, 4]
+    for row in base + fp:
+        assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-12)
+        assert row["val_bpb"] == pytest.approx(row["val_loss"] / math.log(2), rel=1e-12)
+        assert row["trace"] > 0
+    # same initialisation, same first batch: identical until the penalty changes the weights
+    assert base[0]["val_loss"] == fp[0]["val_loss"] and base[0]["trace"] == fp[0]["trace"]
+    assert base[1]["train_loss"] == fp[1]["train_loss"]  # step 1's batch, before any update
+    assert base[2]["val_loss"] != fp[2]["val_loss"]
+    assert [r["refreshes"] for r in fp] == [0, 1, 1, 2, 2] and "refreshes" not in base[0]
+    assert fp[-1]["penalty_value"] > 0
+    assert (out / "figure.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| baseline_s0 |" in table and "| fp_a0.5_s0 |" in table
+
+
+def test_time_limit_and_resume_are_bitwise(lm_stdlib, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [*TINY, "--methods", "fp", "--no-plot"]
+    assert lm_stdlib.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(lm_stdlib, "_clock", lambda: 20.0 * next(ticks))  # 1/3 minute a call
+    split = str(tmp_path / "split")
+    assert lm_stdlib.main([*args, "--out", split, "--time-limit", "1"]) == 3
+    assert (tmp_path / "split" / "fp_a0.5_s0" / "checkpoint.pt").is_file()
+    monkeypatch.undo()
+    assert lm_stdlib.main([*args, "--out", split, "--resume"]) == 0
+    whole, resumed = tmp_path / "whole" / "fp_a0.5_s0", tmp_path / "split" / "fp_a0.5_s0"
+    assert _metrics(resumed) == _metrics(whole)
+    assert not (resumed / "checkpoint.pt").exists()
+    assert lm_stdlib.main([*args, "--out", split, "--resume"]) == 0  # finished: skipped
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--heads", "3"], ["--val-every-file", "1"],
+                                 ["--alphas", "-1"], ["--optimizer", "lion"]])
+def test_bad_options_are_argparse_errors(lm_stdlib, bad: list[str],
+                                         capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as err:
+        lm_stdlib.main([*TINY, *bad])
+    assert err.value.code == 2
+    assert "error" in capsys.readouterr().err

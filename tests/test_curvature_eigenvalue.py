@@ -1,0 +1,114 @@
+"""Top Hessian eigenvalues (Lanczos) against the dense float64 Hessian; convergence reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fisher_optim.curvature import (
+    hessian_eigenvalues,
+    lanczos,
+    power_iteration,
+    top_hessian_eigenvalue,
+)
+
+from .conftest import small_cnn, tiny_mlp
+from .curvature_utils import assert_unchanged, full_hessian, randomize_state, snapshot
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+class Quadratic(nn.Module):
+    """Outputs its parameter θ; with :func:`quadratic_loss` the Hessian is ``a``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(dim, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.theta.expand(x.shape[0], -1)
+
+
+def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * eigenvalues) @ q.T
+
+
+def quadratic_case(eigenvalues):
+    a = matrix_with_spectrum(torch.tensor(eigenvalues, dtype=torch.float64))
+
+    def loss(out, y):
+        return 0.5 * out[0] @ a @ out[0]
+
+    return Quadratic(len(eigenvalues)), (torch.zeros(1, 1), torch.zeros(1)), loss
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_top_k_hessian_eigenvalues_match_dense_hessian(name):
+    model = randomize_state(tiny_mlp() if name == "mlp" else small_cnn())
+    n = 12
+    x = torch.randn(n, 5).double() if name == "mlp" else torch.randn(n, 3, 8, 8).double()
+    y = torch.randint(0, 4, (n,))
+    model.train()
+    snap = snapshot(model)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    spec = hessian_eigenvalues(
+        model, loader, k=3, iters=400, tol=1e-11, generator=torch.Generator().manual_seed(0)
+    )
+    assert_unchanged(model, snap)
+    eig = torch.linalg.eigvalsh(full_hessian(model, x, y)).flip(0)
+    torch.testing.assert_close(spec.eigenvalues, eig[:3], rtol=1e-8, atol=0)
+    assert spec.converged and bool((spec.residuals <= 1e-10 * eig.abs().max()).all())
+    top = top_hessian_eigenvalue(
+        model, (x, y), iters=400, tol=1e-11, generator=torch.Generator().manual_seed(1)
+    )
+    assert top.eigenvalue == pytest.approx(float(eig[0]), rel=1e-8) and top.converged
+    assert_unchanged(model, snap)
+
+
+def test_issue_14_12_largest_not_largest_magnitude_and_convergence_is_reported():
+    """Eigenvalues (3, -2.97, ...): the old power iteration returned 2.9706, 'converged'."""
+    spectrum = [3.0, -2.97] + torch.linspace(-1, 1, 30).tolist()
+    model, data, loss = quadratic_case(spectrum)
+    est = top_hessian_eigenvalue(model, data, loss_fn=loss)  # defaults
+    assert est.converged and est.residual <= 1e-4 * 3.0
+    assert est.eigenvalue == pytest.approx(3.0, rel=1e-6)
+    # the largest of a Hessian whose most negative eigenvalue dominates in magnitude
+    model, data, loss = quadratic_case([1.0, -5.0] + [0.1] * 10)
+    assert top_hessian_eigenvalue(model, data, loss_fn=loss).eigenvalue == pytest.approx(1.0)
+    # power iteration (largest magnitude) now says that it did not converge, and why
+    a = matrix_with_spectrum(torch.tensor(spectrum, dtype=torch.float64))
+    est = power_iteration(lambda v: a @ v, len(spectrum), generator=torch.Generator())
+    assert not est.converged and est.residual > 1e-4 * abs(est.eigenvalue)
+    assert abs(est.residual - float((a @ est.eigenvector - est.eigenvalue * est.eigenvector)
+                                    .norm())) < 1e-12  # fmt: skip
+
+
+def test_not_converged_is_flagged_and_warned():
+    model, data, loss = quadratic_case(torch.linspace(1, 2, 60).tolist())
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        est = top_hessian_eigenvalue(model, data, loss_fn=loss, iters=3)
+    assert not est.converged and est.iterations == 3 and est.residual > 1e-4 * 2
+    spec = hessian_eigenvalues(model, data, k=2, loss_fn=loss, iters=3)
+    assert not spec.converged and spec.residuals.shape == (2,)
+
+
+def test_lanczos_exact_on_invariant_subspace_and_arguments():
+    a = torch.diag(torch.tensor([5.0, 2.0, 2.0, -7.0], dtype=torch.float64))
+    spec = lanczos(lambda v: a @ v, 4, k=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(spec.eigenvalues, torch.tensor([5.0, 2.0], dtype=torch.float64))
+    assert spec.converged and spec.eigenvectors.shape == (4, 2)
+    with pytest.raises(ValueError, match="k must be at most"):
+        lanczos(lambda v: a @ v, 4, k=5)
+    with pytest.raises(ValueError, match="tol must be"):
+        lanczos(lambda v: a @ v, 4, tol=-1.0)
+    with pytest.raises(ValueError, match="iters"):
+        hessian_eigenvalues(nn.Linear(2, 2), (torch.randn(3, 2), torch.tensor([0, 1, 0])),
+                            iters=0)  # fmt: skip
+    with pytest.raises(ValueError, match="targets"):
+        hessian_eigenvalues(nn.Linear(2, 2), torch.randn(3, 2), loss_fn=F.cross_entropy)
