@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the data set lies (any layout benchmarks/common/data.py reads)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="cache of decoded images")
-    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn", help="network")
+    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn", help="the network (benchmarks/common/models.py)")
     p.add_argument("--init", choices=INITS, default="kaiming",
                    help="initialisation of conv/linear layers (benchmarks/common/models.py)")
     p.add_argument("--settings", type=_setting, nargs="*",
@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="device (auto: CUDA if available)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
-    p.add_argument("--time-limit", type=positive_float, default=None,
-                   help="stop after this many seconds (unfinished runs are dropped); "
-                        "continue with --resume")
+    p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                   help="stop once this many minutes have passed (as every benchmark script; "
+                        "the unfinished run is dropped); continue with --resume "
+                        "(default: no limit)")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs found in --out and run the others")
     return p
@@ -185,7 +186,8 @@ def _tensors(ds: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torc
 
 class _Clock:
     def __init__(self, limit: float | None) -> None:
-        self.start, self.limit = time.perf_counter(), limit
+        self.start = time.perf_counter()
+        self.limit = None if limit is None else 60.0 * limit  # minutes -> seconds
 
     def check(self) -> None:
         if self.limit is not None and time.perf_counter() - self.start > self.limit:
@@ -478,7 +480,8 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
     for ax in axes.flat:
         ax.set_xlabel(args.x_axis)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    if axes.flat[0].lines:
+        axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
                  f"mean over seeds {args.seeds}")
     paths = [_save(fig, args.out / "break_even.png")]
@@ -565,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[(lr, batch, seed)] = saved["run"]
         complete = True
     except TimeLimitReached:
-        print(f"time limit of {args.time_limit:g} s reached after {len(runs)} finished runs; "
+        print(f"time limit of {args.time_limit:g} min reached after {len(runs)} finished runs; "
               "rerun with --resume to continue (the summary below covers the finished runs)")
         complete = False
     if runs or gd is not None:

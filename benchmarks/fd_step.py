@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fisher_optim._cli import HelpFormatter, open_fraction, positive_int  # noqa: E402
 from fisher_optim._logits import sample_labels  # noqa: E402
 from fisher_optim.engines import (  # noqa: E402
     DEFAULT_FD_SCHEME,
@@ -159,75 +160,48 @@ def table(
     return lines
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {value}")
-    return value
-
-
-def relative_step(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise argparse.ArgumentTypeError(f"a relative step must be in (0, 1), got {text}")
-    return value
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    def names(values: tuple[str, ...] | list[str]) -> str:
-        return " ".join(values)
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every value is range-checked (a bad one is an argparse error)."""
     parser = argparse.ArgumentParser(
+        prog="benchmarks/fd_step.py",
         description=__doc__.split("\n\n")[0] + " Prints relative error and cosine tables.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--seeds", type=positive_int, default=5,
         help="number of seeds (fresh initialisation, batch and labels each); the tables show "
-        "the median and the worst over them (default: %(default)s)",
+        "the median and the worst over them",
     )
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="examples per batch")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=32,
-        help="examples per batch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--steps", type=relative_step, nargs="+", default=list(STEPS), metavar="C",
-        help="relative steps c, each in (0, 1); the step is r = c * max(1, ||θ||) "
-        f"(default: {' '.join(f'{c:g}' for c in STEPS)})",
+        "--steps", type=open_fraction, nargs="+", default=list(STEPS), metavar="C",
+        help="relative steps c, each in (0, 1); the step is r = c * max(1, ||θ||)",
     )
     parser.add_argument(
         "--schemes", nargs="+", choices=FD_SCHEMES, default=list(FD_SCHEMES),
-        help="difference schemes: forward (2 gradients), central (3 gradients) "
-        f"(default: {names(FD_SCHEMES)})",
+        help="difference schemes: forward (2 gradients), central (3 gradients)",
     )
     parser.add_argument(
         "--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
         help="parameter dtypes of the finite difference; the reference is always the float64 "
-        f"exact gradient (default: {names(list(DTYPES))})",
+        "exact gradient",
     )
     parser.add_argument(
         "--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS),
-        help="smooth (tanh/GELU, average pooling) and ReLU/max-pool MLPs and CNNs "
-        f"(default: {names(list(NETWORKS))})",
+        help="smooth (tanh/GELU, average pooling) and ReLU/max-pool MLPs and CNNs",
     )
-    parser.add_argument(
-        "--threads", type=positive_int, default=1,
-        help="torch intra-op threads (default: %(default)s)",
-    )
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch intra-op threads")
     parser.add_argument(
         "--output", type=Path, default=None, metavar="FILE",
         help="also write the tables (Markdown) to FILE (default: print only)",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     errors: dict[tuple[str, str, str], dict[float, list[float]]] = {}

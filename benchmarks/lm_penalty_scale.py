@@ -13,15 +13,32 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=50, help="batches (each one label draw)")
-    parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
+from fisher_optim._cli import HelpFormatter, integer, positive_int  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every value is range-checked (a bad one is an argparse error)."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/lm_penalty_scale.py", description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--draws", type=integer(2), default=50, metavar="N",
+                        help="batches per sequence length T, each with one label draw; at "
+                        "least 2 (the standard error needs two)")
+    parser.add_argument("--batch", type=positive_int, default=4, metavar="B",
+                        help="sequences per batch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     import transformers
 

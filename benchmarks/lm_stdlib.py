@@ -33,31 +33,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fisher_optim._cli import (  # noqa: E402
+    HelpFormatter,
+    integer,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    real,
+)
+
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.jsonl", "summary.json"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,57 +54,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"benchmarks/{NAME}.py",
         description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="baseline: the base optimizer; fp: FisherPenaltySGD around it")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of the initialisation, the data order and the penalty's labels")
-    g.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step")
+    g.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="base optimizer: AdamW (betas 0.9, 0.99) or SGD with momentum 0.9")
-    g.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
-    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
                    help="weight decay of the base optimizer")
-    g.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1],
+    g.add_argument("--alphas", nargs="+", type=positive_float, default=[0.1],
                    help="fp: the penalty weight α, one fp run per value")
-    g.add_argument("--every", type=_positive_int, default=10,
+    g.add_argument("--every", type=positive_int, default=10,
                    help="fp: recompute the penalty gradient every N steps")
     g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default="exact",
                    help="fp: how the penalty gradient is computed")
-    g.add_argument("--spike-factor", type=_positive_float, default=None,
+    g.add_argument("--spike-factor", type=real(1.0, low_open=True), default=None,
                    help="fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose "
-                   "Tr(F_B) exceeds this many times the recent median); default: off, the "
-                   "paper's algorithm")
+                   "Tr(F_B) exceeds this many times the recent median), a number > 1 "
+                   "(default: off, the paper's algorithm)")
 
     g = p.add_argument_group("model (ByteTransformerLM)")
-    g.add_argument("--context", type=_positive_int, default=64, help="bytes per sequence")
-    g.add_argument("--dim", type=_positive_int, default=128, help="embedding width")
-    g.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks")
-    g.add_argument("--heads", type=_positive_int, default=4, help="attention heads (divide --dim)")
+    g.add_argument("--context", type=positive_int, default=64, help="bytes per sequence")
+    g.add_argument("--dim", type=positive_int, default=128, help="embedding width")
+    g.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
+    g.add_argument("--heads", type=positive_int, default=4, help="attention heads (divide --dim)")
 
     g = p.add_argument_group("data and measurements")
-    g.add_argument("--val-every-file", type=int, default=10,
+    g.add_argument("--val-every-file", type=integer(2), default=10,
                    help="every N-th stdlib file (name order) is validation (N ≥ 2)")
-    g.add_argument("--max-bytes", type=_positive_int, default=None,
+    g.add_argument("--max-bytes", type=positive_int, default=None,
                    help="cut the training and the validation text at N bytes each (default: "
                    "all of it)")
-    g.add_argument("--eval-every", type=_positive_int, default=100,
+    g.add_argument("--eval-every", type=positive_int, default=100,
                    help="measure validation loss and Tr(F) every N steps (and at steps 0 and "
                    "--steps)")
-    g.add_argument("--val-windows", type=_positive_int, default=256,
+    g.add_argument("--val-windows", type=positive_int, default=256,
                    help="validation windows, evenly spaced over the validation text")
-    g.add_argument("--probe-size", type=_positive_int, default=64,
+    g.add_argument("--probe-size", type=positive_int, default=64,
                    help="Tr(F) probe: this many training windows, evenly spaced")
 
     g = p.add_argument_group("running")
     g.add_argument("--out", default=f"runs/{NAME}", help="output folder")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--time-limit", type=_positive_float, default=None,
-                   help="minutes; checkpoint and stop once exceeded (exit code 3)")
+    g.add_argument("--time-limit", type=positive_float, default=None,
+                   help="minutes; once exceeded, checkpoint and stop with exit code 3 "
+                   "(default: no limit)")
     g.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their checkpoints, skip finished ones")
     g.add_argument("--no-plot", action="store_true", help="do not write figure.png")
@@ -367,8 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--time-limit`` stopped it (rerun with ``--resume``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.val_every_file < 2:
-        parser.error(f"--val-every-file must be ≥ 2, got {args.val_every_file}")
     if args.dim % args.heads:
         parser.error(f"--heads ({args.heads}) must divide --dim ({args.dim})")
     import torch

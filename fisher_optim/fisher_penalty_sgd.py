@@ -4,7 +4,8 @@ The objective is ``L(θ) + α · Tr(F_B)`` with ``Tr(F_B) = ||(1/B) Σ_i ∇_θ 
 ``ŷ_i ~ p_θ(y|x_i)`` (Jastrzebski et al., "Catastrophic Fisher Explosion", ICML 2021, Eq. 3).
 Every ``every`` steps the penalty gradient ``∇_θ Tr(F_B) = 2 H_ŷ g_ŷ`` is recomputed on the
 current batch and cached; every step adds ``α · cached`` to ``p.grad`` and takes the base
-optimizer's step (the paper recomputes every 10 steps).
+optimizer's step (the paper recomputes every 10 steps). A refreshed gradient far larger than
+the recent ones is bounded and used once (:mod:`fisher_optim.safeguard`, on by default).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class FisherPenaltySGD(GradientWrapper):
             penalty gradient whose norm exceeds ``spike_factor`` times the median norm of the
             last ``spike_window`` refreshes is scaled down to that bound and used for one step
             only (the next step refreshes again). Below the bound nothing changes. ``None``
-            turns it off: the paper's algorithm exactly.
+            turns it off: the paper's algorithm exactly. It guards reuse, so with ``every=1``
+            (every step's gradient is fresh and exact) it never acts.
         spike_window: how many recent refreshes the median is taken over.
 
     Attributes users log: ``penalty_value`` (the last ``Tr(F_B)``, a float, or None),
@@ -168,10 +170,12 @@ class FisherPenaltySGD(GradientWrapper):
         self.target_mask = target_mask
         self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
-        self.guard = (
+        guard = (
             None if spike_factor is None
             else SpikeGuard(spike_factor, spike_window, min(5, spike_window))
         )
+        # with every=1 no gradient is reused: each step's is exact and nothing is guarded
+        self.guard = guard if every > 1 else None
         super().__init__(
             model, base_optimizer, {WEIGHT_KEY: float(alpha)}, base_kwargs, seed, max_grad_norm
         )

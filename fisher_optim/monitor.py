@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._logits import OutputFn
+from ._logits import Likelihood, OutputFn, get_likelihood
+from ._targets import TargetMask
 from .curvature._data import check_choice, check_positive_int, iter_batches
 from .curvature.covariance import gradient_covariance
 from .curvature.eigenvalue import hessian_eigenvalues
@@ -64,7 +65,10 @@ class FisherMonitor:
         every: measure on every ``every``-th call of :meth:`step` (calls ``every``,
             ``2*every``, ...); :meth:`measure` measures at any time.
         labels: ``"sample"`` (one label per example, unbiased and fast) or ``"exact"``.
-        output_fn, chunk_size: passed to :func:`~fisher_optim.curvature.fisher_trace`.
+        output_fn, chunk_size, likelihood, target_mask: passed to
+            :func:`~fisher_optim.curvature.fisher_trace` (a one-output model needs
+            ``likelihood="bernoulli"`` or ``"gaussian"``; ``target_mask`` selects the rows
+            with a target of a model that is not a Hugging Face one).
         threshold: warn once Tr(F) exceeds this value.
         growth_factor: warn once Tr(F) exceeds ``growth_factor`` times its first measured
             value.
@@ -99,6 +103,8 @@ class FisherMonitor:
         labels: str = "sample",
         output_fn: OutputFn | None = None,
         chunk_size: int = 256,
+        likelihood: str | Likelihood = "categorical",
+        target_mask: TargetMask | None = None,
         threshold: float | None = None,
         growth_factor: float | None = None,
         loss_threshold: float | None = None,
@@ -115,6 +121,8 @@ class FisherMonitor:
         _check_log(log)
         self.model, self.every, self.labels = model, every, labels
         self.output_fn, self.chunk_size = output_fn, chunk_size
+        self.likelihood = get_likelihood(likelihood)
+        self.target_mask = target_mask
         self.threshold, self.growth_factor = threshold, growth_factor
         self.loss_threshold = loss_threshold
         self.log = log
@@ -147,6 +155,8 @@ class FisherMonitor:
             output_fn=self.output_fn,
             chunk_size=self.chunk_size,
             generator=self.generator,
+            likelihood=self.likelihood,
+            target_mask=self.target_mask,
         )
         end = time.perf_counter()
         step = self.num_calls if step is None else step
@@ -303,7 +313,8 @@ class CurvatureMonitor:
             :func:`~fisher_optim.curvature.hessian_eigenvalues` as ``iters``/``tol``; rows
             hold ``"lambda_H_residual"`` (of λ_H^1) and ``"lambda_H_converged"`` (all
             ``top_k`` residuals ≤ tol·λ_H^1).
-        output_fn, log, seed, generator: as for :class:`FisherMonitor`.
+        output_fn, log, seed, generator: as for :class:`FisherMonitor`; ``likelihood`` and
+            ``target_mask`` too, for ``trace_F`` (K and H use the true targets).
 
     A row is ``{"step", "loss", "time", "duration"}`` plus the quantities. Measuring leaves
     the model exactly as found (parameters, buffers, ``.grad``, modes).
@@ -331,6 +342,8 @@ class CurvatureMonitor:
         lanczos_iters: int = 100,
         lanczos_tol: float = 1e-4,
         output_fn: OutputFn | None = None,
+        likelihood: str | Likelihood = "categorical",
+        target_mask: TargetMask | None = None,
         log: Callable[[dict[str, Any]], Any] | str | os.PathLike[str] | None = None,
         seed: int = 0,
         generator: torch.Generator | None = None,
@@ -357,6 +370,7 @@ class CurvatureMonitor:
         _check_log(log)
         self.model, self.quantities, self.every, self.top_k = model, quantities, every, top_k
         self.lr, self.output_fn, self.log, self.labels = lr, output_fn, log, labels
+        self.likelihood, self.target_mask = get_likelihood(likelihood), target_mask
         self.lanczos_iters, self.lanczos_tol = lanczos_iters, lanczos_tol
         self.generator = generator if generator is not None else torch.Generator()
         if generator is None:
@@ -402,6 +416,7 @@ class CurvatureMonitor:
             row["trace_F"] = fisher_trace(
                 self.model, [x for x, _ in self.probe], labels=self.labels,
                 output_fn=self.output_fn, generator=self.generator,
+                likelihood=self.likelihood, target_mask=self.target_mask,
             )  # fmt: skip
         if "trace_K" in qs or "lambda_K" in qs:
             cov = gradient_covariance(self.model, self.probe, k=self.top_k,

@@ -207,7 +207,7 @@ def test_target_mask_excludes_rows_of_any_model():
     the kept rows, one example at a time."""
     model, ids = TinyLM(vocab=3).double(), torch.randint(1, 3, (4, 3))
     ids[0, 1] = ids[2, 0] = 0
-    ids[3] = 0  # no target at all: contributes 0, still counts as an example
+    ids[3] = 0  # no target at all: takes no part, not even in the count of examples
 
     def target_mask(t):
         return t != 0
@@ -225,4 +225,4 @@ def test_target_mask_excludes_rows_of_any_model():
             weight = float(probs[torch.arange(len(keep)), labels].prod())
             loss = F.cross_entropy(lm_logits(ref(ids[i : i + 1]))[0, keep], labels)
             total += weight * float(example_grad(ref, loss).square().sum())
-    assert exact == pytest.approx(total / len(ids), rel=1e-10)
+    assert exact == pytest.approx(total / (len(ids) - 1), rel=1e-10)

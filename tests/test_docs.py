@@ -27,7 +27,9 @@ TESTED_PAGES = (
     "getting-started.md",
     "guides/language-models.md",
     "guides/fisher-noise.md",
+    "guides/trainer-callbacks.md",
     "science.md",
+    "break-even.md",
 )
 
 #: Seconds one page's blocks may take together (they use tiny models and data).

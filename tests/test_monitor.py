@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fisher_optim.curvature import fisher_trace
 from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, FisherMonitor
@@ -212,3 +213,29 @@ def test_curvature_monitor_bad_arguments(setup):
     CurvatureMonitor(model, x, "trace_F")  # Tr(F) alone needs no targets
     with pytest.raises(ValueError, match="top_k"):
         CurvatureMonitor(model, (x, y), top_k=0)
+
+
+def test_monitors_pass_likelihood_and_target_mask_to_the_fisher_trace():
+    """A one-output model through the Bernoulli likelihood, on the rows a mask keeps: Tr(F) by
+    brute force, Σ_y p(y) ||∇ log p(y|x_i)||² over the kept examples (float64)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    keep = torch.tensor([True, True, False, True, False, True])
+    params = list(net.parameters())
+    total = 0.0
+    for i in torch.nonzero(keep).flatten():
+        z = net(x[i : i + 1]).squeeze()
+        p1 = torch.sigmoid(z)
+        for y, prob in ((1.0, p1), (0.0, 1 - p1)):
+            nll = F.binary_cross_entropy_with_logits(
+                z, torch.tensor(y, dtype=torch.float64))
+            g = torch.autograd.grad(nll, params, retain_graph=True)
+            total += float(prob) * float(sum((t * t).sum() for t in g))
+    want = total / int(keep.sum())
+    kwargs = {"labels": "exact", "likelihood": "bernoulli", "target_mask": lambda x: keep}
+    assert FisherMonitor(net, x, **kwargs).measure()["trace"] == pytest.approx(want, rel=1e-10)
+    row = CurvatureMonitor(net, x, quantities=("trace_F",), **kwargs).measure()
+    assert row["trace_F"] == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError, match="likelihood"):
+        FisherMonitor(net, x, labels="exact").measure()

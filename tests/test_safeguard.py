@@ -153,3 +153,13 @@ def _model_at(values):
         for p, v in zip(model.parameters(), values):
             p.copy_(v)
     return model
+
+
+def test_with_every_one_nothing_is_reused_and_nothing_is_guarded():
+    data = _stream(12)
+    kwargs = {"lr": 0.05, "alpha": 0.5, "every": 1, "spike_at": 8}
+    on_model, on, _ = _run(data, spike_factor=4.0, **kwargs)
+    off_model, off, _ = _run(data, spike_factor=None, **kwargs)
+    assert on.spikes == 0 and on.refreshes == off.refreshes == 12
+    for a, b in zip(on_model.parameters(), off_model.parameters()):
+        assert torch.equal(a, b)

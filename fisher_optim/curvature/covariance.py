@@ -67,6 +67,7 @@ from .per_example import (
     CotangentFn,
     _row_target_cotangents,
     _unfold,
+    conv_operands,
     ghost_backward,
     per_example_fallback_grads,
 )
@@ -156,17 +157,7 @@ def _conv_weight_block(
 ) -> tuple[int, BlockFn]:
     """The dimension and a block function of a convolution's per-example weight gradients."""
     groups = m.groups
-    kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
-    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        padding = m.padding
-    else:  # pad as the module's forward does ('same' may be asymmetric)
-        pad = list(m._reversed_padding_repeated_twice)
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        a, padding = (F.pad(a, pad, mode=mode) if any(pad) else a), (0,) * len(kernel)
-    if isinstance(m, nn.Conv1d):  # a 1-d convolution is a 2-d one of height 1
-        a, g = a.unsqueeze(2), g.unsqueeze(2)
-        kernel, dilation = (1, *kernel), (1, *dilation)
-        stride, padding = (1, *stride), (0, *padding)
+    a, g, kernel, dilation, stride, padding = conv_operands(m, a, g)
     c, cout_all = a.shape[1], g.shape[1]
     cin, cout = c // groups, cout_all // groups
     k, length = cin * kernel[0] * kernel[1], g.shape[2] * g.shape[3]

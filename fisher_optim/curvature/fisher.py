@@ -26,7 +26,6 @@ categorical likelihood raises: a softmax over one class has Tr(F) identically 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import torch
@@ -66,6 +65,19 @@ def _draw(
 
 RowMask = Callable[[int, int], Tensor | None]
 """``(n, rows) -> [n, rows]`` bool: which logit rows have a target (None: all)."""
+
+
+def _recording_row_mask(
+    model: nn.Module, x: Inputs, target_mask: TargetMask | None, seen: list[Tensor | None]
+) -> RowMask:
+    """The row mask of ``model(x)``'s logits (see ``target_row_mask``), appended to ``seen``
+    each time it is asked for, so that the caller can count the examples with a target."""
+
+    def row_mask(n: int, rows: int) -> Tensor | None:
+        seen.append(target_row_mask(model, x, n, rows, target_mask=target_mask))
+        return seen[-1]
+
+    return row_mask
 
 
 def _row_weights(logits: Tensor, row_mask: RowMask | None) -> Tensor:
@@ -147,7 +159,8 @@ def fisher_trace(
 
     ``data`` is a batch of inputs or an iterable of batches (a ``DataLoader`` yielding
     ``(x, y)`` or ``x``, Hugging Face batch dicts, :class:`fisher_optim.Batch`); targets
-    are ignored. Rows without a target take no part (see the module doc); ``target_mask``
+    are ignored. Rows without a target take no part (see the module doc), and N counts the
+    examples with at least one row with a target; ``target_mask``
     (called like the model, returning a boolean row mask, see :mod:`fisher_optim._targets`)
     says which rows have one for any other model. Memory is bounded by ``chunk_size``
     examples. The model is evaluated in eval mode (BatchNorm with running statistics,
@@ -173,7 +186,8 @@ def fisher_trace(
             x = to_device(x, device)
             for start, stop in iter_chunks(x, chunk_size):
                 chunk = slice_batch(x, start, stop)
-                row_mask = partial(target_row_mask, model, chunk, target_mask=target_mask)
+                masks: list[Tensor | None] = []
+                row_mask = _recording_row_mask(model, chunk, target_mask, masks)
                 cotangents = (
                     _sampled_cotangents(generator, lik, row_mask)
                     if labels == "sample"
@@ -181,9 +195,11 @@ def fisher_trace(
                 )
                 sq = per_example_sq_norms(model, chunk, cotangents, output_fn=output_fn)
                 total += sq.sum(dtype=torch.float64)
-                count += stop - start
+                # an example none of whose rows has a target takes no part in the mean
+                mask = masks[-1] if masks else None
+                count += stop - start if mask is None else int(mask.any(dim=1).sum())
     if count == 0:
-        raise ValueError("data holds no examples")
+        raise ValueError("data holds no examples (with a target)")
     return float(total) / count
 
 

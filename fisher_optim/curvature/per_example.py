@@ -185,21 +185,32 @@ def _grouped_conv_sq_norms(
     return torch.cat(out)
 
 
+def conv_operands(
+    m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A convolution's input ``a`` and output gradient ``g`` as a 2-d convolution's, with its
+    ``(kernel, dilation, stride, padding)``: padding other than symmetric zeros is applied to
+    ``a`` as the module's forward does ('same' may be asymmetric), and a 1-d convolution is a
+    2-d one of height 1."""
+    kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
+    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        padding = m.padding  # symmetric zero padding: left to the kernels
+    else:
+        pad = list(m._reversed_padding_repeated_twice)
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a, padding = (F.pad(a, pad, mode=mode) if any(pad) else a), (0,) * len(kernel)
+    if isinstance(m, nn.Conv1d):
+        a, g = a.unsqueeze(2), g.unsqueeze(2)
+        kernel, dilation = (1, *kernel), (1, *dilation)
+        stride, padding = (1, *stride), (0, *padding)
+    return a, g, kernel, dilation, stride, padding
+
+
 def _conv_rule(m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
     n, groups = a.shape[0], m.groups
     out = g.new_zeros(n)
     if m.weight.requires_grad:
-        kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
-        if m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            padding = m.padding  # symmetric zero padding: left to the kernels below
-        else:  # pad as the module's forward does ('same' may be asymmetric)
-            pad = list(m._reversed_padding_repeated_twice)
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            a, padding = (F.pad(a, pad, mode=mode) if any(pad) else a), (0,) * len(kernel)
-        if isinstance(m, nn.Conv1d):  # a 1-d convolution is a 2-d one of height 1
-            a, g = a.unsqueeze(2), g.unsqueeze(2)
-            kernel, dilation = (1, *kernel), (1, *dilation)
-            stride, padding = (1, *stride), (0, *padding)
+        a, g, kernel, dilation, stride, padding = conv_operands(m, a, g)
         cin, cout = a.shape[1] // groups, g.shape[1] // groups
         k, length = cin * kernel[0] * kernel[1], g.shape[2] * g.shape[3]
         if cin >= 16 and cout * k <= length * (cout + k):
