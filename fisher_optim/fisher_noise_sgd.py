@@ -319,8 +319,7 @@ class FisherNoiseSGD(GradientWrapper):
         with (
             eval_mode(module),
             left_as_found(module),  # buffers a forward changes (a call counter), flags
-            self.own_pass(autocast=False),
-            _fork_rng(params[0].device),
+            self.own_pass(autocast=False),  # also restores torch's random state
         ):
             layout = _layout(batch)  # checked once per input layout: a forward's cost
             checked = self.__dict__.setdefault("_checked_layouts", set())
@@ -385,7 +384,7 @@ class FisherNoiseSGD(GradientWrapper):
         n = _num_examples(batch)
         targets = self._target_rows(batch, n)
         device = wrt[0].device
-        with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module), _fork_rng(device):
+        with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
             shaped = pick_logits(self.module(*batch.args, **batch.kwargs), self.output_fn)
             logits = _upcast(shaped.reshape(-1, shaped.shape[-1]))
         rows, classes = logits.shape
@@ -656,10 +655,3 @@ def _finite(logits: Tensor) -> Tensor:
     arbitrary labels (its NaN estimate is then dropped) instead of failing in multinomial."""
     return torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
 
-
-def _fork_rng(device: torch.device) -> Any:
-    """Restore torch's global random state afterwards (the pass may run dropout)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if (
-        device.type == "cuda"
-    ) else []
-    return torch.random.fork_rng(devices=devices)
