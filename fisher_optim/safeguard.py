@@ -2,11 +2,12 @@ r"""When a refreshed penalty gradient is trusted: the spike safeguard of FisherP
 
 The paper's FP recomputes ``∇_θ Tr(F_B) = 2 H_ŷ g_ŷ`` every ``k`` steps and adds the same
 ``α ∇_θ Tr(F_B)`` for the next ``k`` steps (Jastrzebski et al., ICML 2021, Sec. 4). A refresh
-that lands on a spike of ``P = Tr(F_B)`` (the squared norm of the mean of ``B`` zero-mean
-per-example score vectors, a heavy-tailed, chi-square-like quantity, or a batch in a sharp
-region) yields one huge gradient that momentum then carries for ``k`` steps. Measured in the
-CPU-budget SimpleCNN runs, such refreshes precede the collapses of FP runs (see the docs'
-measured results).
+that lands on a spike of ``P = Tr(F_B)`` yields one huge gradient that momentum then carries
+for ``k`` steps. ``P`` is the squared norm of the mean of ``B`` zero-mean per-example score
+vectors, so ``E[P] ≈ Tr(F)/B``: a short batch (the last of an epoch) has a far larger one, and
+so does a batch in a sharp region. In the CPU-budget SimpleCNN runs, refreshes on the epoch's
+16-image last batch preceded every collapse of the paper's FP (see the docs' measured
+results).
 
 The rule, on the norm of what is applied. Let ``m`` be the median of ``||∇P||`` over the
 last ``window`` accepted refreshes (known once ``min_history`` of them are). A refresh with
