@@ -55,7 +55,37 @@ def _as_float(value: float | Tensor | None) -> float | None:
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
 
 
-class FisherMonitor:
+class _StepSchedule:
+    """What both monitors share: counting training steps, the pending training loss, and
+    hooking onto an optimizer. Subclasses set ``num_calls``, ``_pending_loss`` and define
+    ``step``."""
+
+    num_calls: int
+    _pending_loss: float | None
+
+    def observe_loss(self, loss: float | Tensor) -> None:
+        """Pass the training loss of the coming step (for :meth:`attach`-ed monitors)."""
+        self._pending_loss = _as_float(loss)
+
+    def _count_step(self, loss: float | Tensor | None) -> float | None:
+        """Count one call of ``step``; the loss it carries (or the pending one)."""
+        self.num_calls += 1
+        value = _as_float(loss) if loss is not None else self._pending_loss
+        self._pending_loss = None
+        return value
+
+    def step(self, loss: float | Tensor | None = None, step: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, loss: float | Tensor | None = None, step: int | None = None) -> Any:
+        return self.step(loss, step)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call :meth:`step` after every ``optimizer.step()``; ``.remove()`` the handle to stop."""
+        return optimizer.register_step_post_hook(lambda *_: self.step())
+
+
+class FisherMonitor(_StepSchedule):
     """Measure Tr(F) on a fixed probe set during training.
 
     Args:
@@ -177,10 +207,6 @@ class FisherMonitor:
         self._write(row)
         return row
 
-    def observe_loss(self, loss: float | Tensor) -> None:
-        """Pass the training loss of the coming step (for :meth:`attach`-ed monitors)."""
-        self._pending_loss = _as_float(loss)
-
     def step(
         self, loss: float | Tensor | None = None, step: int | None = None
     ) -> dict[str, Any] | None:
@@ -190,9 +216,7 @@ class FisherMonitor:
         :meth:`observe_loss`). ``step``: the step number to record (default: the number of
         calls so far). Returns the new row, or ``None`` when nothing was measured.
         """
-        self.num_calls += 1
-        loss_value = _as_float(loss) if loss is not None else self._pending_loss
-        self._pending_loss = None
+        loss_value = self._count_step(loss)
         early = (
             self.early_value is None
             and self.loss_threshold is not None
@@ -206,11 +230,6 @@ class FisherMonitor:
             self.early_value, self.early_step = row["trace"], row["step"]
         return row
 
-    __call__ = step
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Call :meth:`step` after every ``optimizer.step()``; ``.remove()`` the handle to stop."""
-        return optimizer.register_step_post_hook(lambda *_: self.step())
 
     # ----------------------------------------------------------------------------------
 
@@ -279,7 +298,7 @@ def _write_row(
 CURVATURE_QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")
 
 
-class CurvatureMonitor:
+class CurvatureMonitor(_StepSchedule):
     """Track Tr(F), Tr(K), λ_K^1, λ_H^1 and ``λ_H^1·η/2`` on a fixed probe set in training.
 
     The quantities of the break-even point (Jastrzebski et al., "The Break-Even Point on
@@ -447,23 +466,12 @@ class CurvatureMonitor:
         _write_row(self.log, row, self.fields)
         return row
 
-    def observe_loss(self, loss: float | Tensor) -> None:
-        """Pass the training loss of the coming step (for :meth:`attach`-ed monitors)."""
-        self._pending_loss = _as_float(loss)
-
     def step(
         self, loss: float | Tensor | None = None, step: int | None = None
     ) -> dict[str, Any] | None:
         """Count one training step; measure if it is due. Returns the row or ``None``."""
-        self.num_calls += 1
-        loss_value = _as_float(loss) if loss is not None else self._pending_loss
-        self._pending_loss = None
+        loss_value = self._count_step(loss)
         if self.num_calls % self.every:
             return None
         return self.measure(step=step, loss=loss_value)
 
-    __call__ = step
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Call :meth:`step` after every ``optimizer.step()``; ``.remove()`` the handle to stop."""
-        return optimizer.register_step_post_hook(lambda *_: self.step())
