@@ -178,6 +178,38 @@ def test_resume_is_bitwise(tmp_path, method):
     assert ca["epoch"] == cb["epoch"] == 2
 
 
+@pytest.mark.parametrize("method", ["baseline", "fp"])
+def test_extend_lengthens_a_finished_run_to_the_run_it_would_have_been(tmp_path, method):
+    """2 constant-LR epochs, then --extend to 4 epochs with ×0.1 at 3 == 4 epochs straight."""
+    data = tiny_bundle()
+    long = tiny_spec(method, epochs=4, milestones=(3,), trace_every_steps=4)
+    short = tiny_spec(method, epochs=2, milestones=(), trace_every_steps=4)
+    harness.train_run(long, data, tmp_path / "a", log=None)
+    harness.train_run(short, data, tmp_path / "b", log=None)
+    with pytest.raises(ValueError, match="--extend"):
+        harness.train_run(long, data, tmp_path / "b", resume=True, log=None)
+    s = harness.train_run(long, data, tmp_path / "b", extend=True, log=None)
+    assert s["status"] == "complete" and s["spec"] == long.to_dict()
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    assert [r["lr"] for r in ca["logs"][1:]] == [r["lr"] for r in cb["logs"][1:]]
+    train_keys = ("train_loss", "train_acc", "lr", "alpha")
+    assert [{k: r.get(k) for k in train_keys} for r in ca["logs"]] == [
+        {k: r.get(k) for k in train_keys} for r in cb["logs"]]
+
+
+def test_schedule_change_error_names_what_forbids_extending():
+    old = tiny_spec(epochs=4, milestones=(2,)).to_dict()
+    err = harness.schedule_change_error
+    assert err(old, tiny_spec(epochs=8, milestones=(2, 6)).to_dict(), 4) is None
+    assert "milestones [2]" in err(old, tiny_spec(epochs=8, milestones=(3,)).to_dict(), 4)
+    assert err(old, tiny_spec(epochs=8, milestones=(3,)).to_dict(), 1) is None
+    assert "more than --epochs 3" in err(old, tiny_spec(epochs=3, milestones=(2,)).to_dict(), 4)
+    assert "differs in lr" in err(old, tiny_spec(epochs=8, milestones=(2,), lr=0.1).to_dict(), 4)
+
+
 def test_two_epochs_equal_one_plus_one(tmp_path, monkeypatch):
     """The brief's literal check: 2 epochs straight vs 1 epoch, then resume for the second."""
     spec = tiny_spec("fp")

@@ -234,6 +234,10 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice)")
     g.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their checkpoints, skip finished ones")
+    g.add_argument("--extend", action="store_true",
+                   help="as --resume, and lengthen runs trained on a shorter schedule: a run "
+                   "whose checkpoint differs only in --epochs/--milestones, with the same "
+                   "milestones over the epochs it has done, continues on the new schedule")
     g.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
                    help="checkpoint and stop once exceeded (resume with --resume; "
                    "default: no limit)")
@@ -562,7 +566,7 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
           f"({time.perf_counter() - t0:.1f}s)")
     deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
     results = harness.run_many(specs, data, root, device=device, resume=args.resume,
-                               progress=not args.no_progress, deadline=deadline)
+                               extend=args.extend, progress=not args.no_progress, deadline=deadline)
     summaries = {s["name"]: s for s in results}
     interrupted = any(s.get("status") not in FINISHED for s in results) or len(results) < len(
         specs)

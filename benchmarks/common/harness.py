@@ -53,6 +53,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,29 @@ def summarize(
     return s
 
 
+def schedule_change_error(old: dict[str, Any], new: dict[str, Any], epochs_done: int) -> str | None:
+    """Why a run checkpointed after ``epochs_done`` epochs of spec ``old`` cannot continue
+    as spec ``new`` (``--extend``), or None if it can.
+
+    It can when the specs differ only in ``epochs`` and ``milestones``, ``new`` has at least
+    ``epochs_done`` epochs, and both schedules gave the same learning rate to every epoch
+    done (the same milestones up to ``epochs_done``): the continued run is then the run
+    ``new`` would have been, step for step.
+    """
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    other = [k for k in changed if k not in ("epochs", "milestones")]
+    if other:
+        return f"it differs in {', '.join(other)}"
+    if new["epochs"] < epochs_done:
+        return f"it has already trained {epochs_done} epochs, more than --epochs {new['epochs']}"
+    past_old = sorted(m for m in old["milestones"] if m <= epochs_done)
+    past_new = sorted(m for m in new["milestones"] if m <= epochs_done)
+    if past_old != past_new:
+        return (f"its first {epochs_done} epochs ran with LR milestones {past_old}, the new "
+                f"schedule has {past_new} there")
+    return None
+
+
 def load_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``summary.json`` of a finished run, or None."""
     path = Path(run_dir) / SUMMARY
@@ -471,13 +495,18 @@ class _Run:
         torch.save(self.state(), tmp)
         os.replace(tmp, self.out / CHECKPOINT)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, extend: bool = False) -> None:
         st = torch.load(path, map_location=self.device, weights_only=False)
         if st["spec"] != self.spec.to_dict():
-            raise ValueError(f"{path} belongs to a different run configuration")
+            why = schedule_change_error(st["spec"], self.spec.to_dict(), st["epoch"])
+            if why is None and not extend:
+                why = "only its schedule differs: continue it on the new one with --extend"
+            if why is not None:
+                raise ValueError(f"{path} belongs to a different run configuration ({why})")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
+        self.sched.milestones = Counter(self.spec.milestones)  # the new schedule (--extend)
         self.gen.set_state(st["gen"].cpu())
         self.mix_rng.bit_generator.state = st["mix_rng"]
         torch.set_rng_state(st["torch_rng"].cpu())
@@ -776,6 +805,7 @@ def train_run(
     *,
     device: torch.device | str = "cpu",
     resume: bool = False,
+    extend: bool = False,
     progress: bool = True,
     deadline: float | None = None,
     log: Callable[[str], None] | None = print,
@@ -787,6 +817,9 @@ def train_run(
         data: its data (moved to ``device`` if it is not there).
         resume: continue from ``out_dir/checkpoint.pt`` if present, and return the existing
             summary if the run already finished; without it an existing run is restarted.
+        extend: as ``resume``, and a checkpoint whose spec differs only in its schedule
+            (``epochs``, ``milestones``; see :func:`schedule_change_error`) continues on
+            ``spec``'s, finished or not: a run is lengthened without retraining its epochs.
         progress: a tqdm bar per epoch (only when stderr is a terminal).
         deadline: a ``time.monotonic()`` value; past it the run checkpoints (even mid-epoch)
             and returns ``{"status": "interrupted", ...}``: rerun with ``resume=True``.
@@ -798,6 +831,7 @@ def train_run(
     device = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume = resume or extend
     if resume:
         done = load_summary(out)
         if done is not None and done.get("spec") == spec.to_dict():
@@ -812,7 +846,7 @@ def train_run(
         torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
                     "labels": data.train.labels.cpu()}, out / "noise.pt")
     if resume and ckpt.is_file():
-        run.load(ckpt)
+        run.load(ckpt, extend=extend)
         if log:
             log(f"[{spec.name}] resumed at epoch {run.epoch} step {run.step_in_epoch}")
     if not run.logs:  # epoch 0: the measurement at initialisation
