@@ -12,6 +12,10 @@ safeguard's scale. For each run directory given, this prints:
   epoch's) and the largest ``r_t`` in the epoch before each;
 * with ``--top N``, the N largest spikes (step, epoch, value, norm, ratios).
 
+``--schedule N [N ...]`` needs no run: for training sets of N examples it prints which
+epochs end with a refresh on the short last batch (the spikes' main source, docs/measured.md)
+and how much larger ``E[Tr(F_B)] ≈ Tr(F)/b`` is there than on a full batch.
+
     python benchmarks/fp_spikes.py runs/cifar10_simplecnn/fp_lr0.003_a0.01_s0_init-torch
 """
 
@@ -56,6 +60,32 @@ def collapses(metrics: Sequence[dict[str, Any]], drop: float = 10.0) -> list[int
     accs = [(r["epoch"], r.get("train_acc")) for r in metrics if r["epoch"] >= 1]
     return [e for (_, a0), (e, a1) in zip(accs, accs[1:])
             if a0 is not None and a1 is not None and a1 < a0 - drop]
+
+
+def short_batch_refreshes(n_train: int, batch_size: int, every: int, epochs: int) -> list[int]:
+    """The epochs (1-based) whose short last batch is a refresh step of FisherPenaltySGD.
+
+    The optimizer refreshes at global steps t ≡ 0 (mod ``every``), counted from 0 over
+    ``ceil(n_train / batch_size)`` steps per epoch, without dropping the last batch. Empty
+    when ``batch_size`` divides ``n_train`` (no short batch).
+    """
+    steps = -(-n_train // batch_size)
+    if n_train % batch_size == 0:
+        return []
+    return [e for e in range(1, epochs + 1) if (steps * e - 1) % every == 0]
+
+
+def schedule_report(sizes: Sequence[int], batch_size: int, every: int, epochs: int) -> str:
+    """Markdown table of :func:`short_batch_refreshes` for each training-set size."""
+    lines = ["| training examples | steps/epoch | last batch | E[Tr(F_B)] there / full batch "
+             f"| epochs (of {epochs}) ending on a refresh |", "|---|---|---|---|---|"]
+    for n in sizes:
+        last = n % batch_size or batch_size
+        hits = short_batch_refreshes(n, batch_size, every, epochs)
+        shown = ", ".join(map(str, hits[:5])) + (", ..." if len(hits) > 5 else "")
+        lines.append(f"| {n} | {-(-n // batch_size)} | {last} | {batch_size / last:.1f} | "
+                     f"{len(hits)}{f' ({shown})' if hits else ''} |")
+    return "\n".join(lines)
 
 
 def analyse(run: Path, window: int, top: int) -> str:
@@ -110,11 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "spike_window)")
     p.add_argument("--top", type=nonnegative_int, default=5, metavar="N",
                    help="list the N largest spikes of each run (0: none)")
+    p.add_argument("--schedule", nargs="+", type=positive_int, default=None, metavar="N",
+                   help="instead of analysing runs: for training sets of N examples, the "
+                        "epochs that end with a refresh on the short last batch (default: "
+                        "analyse runs)")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
+                   help="with --schedule: the training batch size")
+    p.add_argument("--every", type=positive_int, default=10, metavar="K",
+                   help="with --schedule: FisherPenaltySGD's refresh interval")
+    p.add_argument("--epochs", type=positive_int, default=300, metavar="E",
+                   help="with --schedule: epochs of training")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.schedule:
+        print(schedule_report(args.schedule, args.batch_size, args.every, args.epochs))
+        return 0
     runs = args.runs or sorted(p.parent for p in Path("runs").glob("*/*/refreshes.jsonl"))
     if not runs:
         print("no FP run found under runs/: pass run directories", file=sys.stderr)

@@ -43,3 +43,23 @@ def test_report_on_a_written_run(tmp_path, capsys):
     assert "8 refreshes" in out and "collapses (train acc -10 points in one epoch): [2]" in out
     assert "| 4 | 1 |" in out  # factor 4 flags the one spike (8 / median 1.05)
     assert fp_spikes.main([str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("n,b,k", [(10000, 128, 10), (45000, 128, 10), (100000, 128, 10),
+                                   (1000, 100, 10), (50, 8, 3), (37, 5, 4)])
+def test_short_batch_refreshes_against_a_simulated_step_counter(n, b, k):
+    epochs = 40
+    expected, t = [], 0
+    for e in range(1, epochs + 1):
+        for start in range(0, n, b):
+            if t % k == 0 and n - start < b:  # a refresh on the short batch
+                expected.append(e)
+            t += 1
+    assert fp_spikes.short_batch_refreshes(n, b, k, epochs) == expected
+
+
+def test_schedule_report_names_the_papers_sizes(capsys):
+    assert fp_spikes.main(["--schedule", "10000", "45000", "--epochs", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "| 10000 | 79 | 16 | 8.0 | 6 (9, 19, 29, 39, 49, ...) |" in out
+    assert "| 45000 | 352 | 72 | 1.8 | 0 |" in out
