@@ -357,8 +357,9 @@ def schedule_change_error(old: dict[str, Any], new: dict[str, Any], epochs_done:
 
     It can when the specs differ only in ``epochs`` and ``milestones``, ``new`` has at least
     ``epochs_done`` epochs, and both schedules gave the same learning rate to every epoch
-    done (the same milestones up to ``epochs_done``): the continued run is then the run
-    ``new`` would have been, step for step.
+    done (the same milestones up to ``epochs_done``): the continued run then trains step for
+    step as ``new`` would have. (A finished run keeps the evaluation of its old last epoch,
+    which model selection also sees.)
     """
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     other = [k for k in changed if k not in ("epochs", "milestones")]
