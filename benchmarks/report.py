@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.fp_spikes import collapses  # noqa: E402
 from fisher_optim._cli import HelpFormatter  # noqa: E402
 
-#: (summary key, column head) of the per-arm table.
+#: (summary key, column head, format of the value) of the per-arm table.
 COLUMNS = (
-    ("best_val_acc", "best val"),
-    ("test_acc_at_best_val", "test@best val"),
-    ("final_test_acc", "final test"),
-    ("final_train_acc", "final train"),
-    ("max_trace", "peak Tr(F)"),
-    ("tr_f_i", "Tr(F_i)"),
-    ("overhead", "overhead"),
+    ("best_val_acc", "best val", "{:.2f}"),
+    ("test_acc_at_best_val", "test@best val", "{:.2f}"),
+    ("final_test_acc", "final test", "{:.2f}"),
+    ("final_train_acc", "final train", "{:.2f}"),
+    ("max_trace", "peak Tr(F)", "{:.0f}"),
+    ("tr_f_i", "Tr(F_i)", "{:.0f}"),
+    ("overhead", "overhead", "{:.1%}"),
 )
 
 
@@ -155,18 +155,17 @@ def paired_differences(
 
 def arm_table(arms: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per arm, mean ± sd over its seeds, and its collapse count."""
-    head = ["arm", "seeds", *(h for _, h in COLUMNS), "collapses"]
+    head = ["arm", "seeds", *(h for _, h, _ in COLUMNS), "collapses"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in arms.items():
         cells = [label, ",".join(str(r["spec"]["seed"]) for r in runs)]
-        for key, _ in COLUMNS:
+        for key, _, fmt in COLUMNS:
             m, sd = mean_sd([r.get(key) for r in runs])
-            scale = 100.0 if key == "overhead" else 1.0
-            digits = 0 if key in ("max_trace", "tr_f_i") else (1 if key == "overhead" else 2)
-            unit = "%" if key == "overhead" else ""
-            cells.append("-" if m is None else
-                         f"{m * scale:.{digits}f}{unit}" + ("" if len(runs) < 2 or sd is None
-                                                            else f" ± {sd * scale:.{digits}f}"))
+            if m is None:
+                cells.append("-")
+            else:
+                spread = f" ± {fmt.format(sd)}" if len(runs) > 1 else ""
+                cells.append(fmt.format(m) + spread)
         counts = [len(collapses(r["metrics"])) for r in runs]
         cells.append(f"{sum(counts)} ({'/'.join(map(str, counts))})")
         lines.append("| " + " | ".join(cells) + " |")
