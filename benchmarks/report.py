@@ -218,9 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.spearman:
         points = [(r["tr_f_i"], r["final_test_acc"]) for r in runs
                   if r.get("tr_f_i") is not None and r.get("final_test_acc") is not None]
-        if len(points) < 2:
+        try:
+            rho = spearman(*zip(*points)) if len(points) > 1 else None
+        except ValueError as err:
+            parser.error(f"--spearman: {err}")
+        if rho is None:
             parser.error("--spearman needs two runs or more with Tr(F_i) and a final test")
-        rho = spearman(*zip(*points))
         print(f"\nSpearman ρ(Tr(F_i), final test accuracy) = {rho:+.3f} over {len(points)} runs")
     if args.scatter or args.curves:
         from benchmarks.common import plots
@@ -228,8 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.scatter:
             print(plots.plot_trace_scatter(runs, args.scatter))
         if args.curves:
-            firsts = list(arms.values())
-            print(plots.plot_runs([rs[0]["dir"] for rs in firsts], args.curves,
+            print(plots.plot_runs([rs[0]["dir"] for rs in arms.values()], args.curves,
                                   labels=list(arms)))
     return 0
 

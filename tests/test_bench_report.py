@@ -111,6 +111,11 @@ def test_main_end_to_end_and_errors(tmp_path, capsys):
     assert "no arm 'fp/lr0.01/a0'; the arms are: baseline/lr0.01/a0, baseline/lr0.1/a0" in err
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing")])
+    _write_run(tmp_path / "flat", _spec(seed=0), 50.0)
+    _write_run(tmp_path / "flat", _spec(seed=1), 50.0)  # equal Tr(F_i): ρ undefined
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "flat"), "--spearman"])
+    assert "undefined" in capsys.readouterr().err
 
 
 def test_same_label_for_different_arms_and_duplicate_seeds_raise(tmp_path):
