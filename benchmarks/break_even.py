@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the data set lies (any layout benchmarks/common/data.py reads)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="cache of decoded images")
-    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn", help="the network (benchmarks/common/models.py)")
+    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn",
+                   help="the network (benchmarks/common/models.py)")
     p.add_argument("--init", choices=INITS, default="kaiming",
                    help="initialisation of conv/linear layers (benchmarks/common/models.py)")
     p.add_argument("--settings", type=_setting, nargs="*",

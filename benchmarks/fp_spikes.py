@@ -36,7 +36,8 @@ from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # no
 FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (``metrics.jsonl``, ``refreshes.jsonl``)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -89,8 +90,8 @@ def schedule_report(sizes: Sequence[int], batch_size: int, every: int, epochs: i
 
 
 def analyse(run: Path, window: int, top: int) -> str:
-    refreshes = _jsonl(run / "refreshes.jsonl")
-    metrics = _jsonl(run / "metrics.jsonl")
+    refreshes = read_jsonl(run / "refreshes.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
     norms = [r["grad_norm"] for r in refreshes]
     r_norm = running_ratios(norms, window)
     r_value = running_ratios([r["value"] for r in refreshes], window)

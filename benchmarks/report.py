@@ -32,7 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.fp_spikes import collapses  # noqa: E402
+from benchmarks.common.cli import mean_std  # noqa: E402
+from benchmarks.fp_spikes import collapses, read_jsonl  # noqa: E402
 from fisher_optim._cli import HelpFormatter  # noqa: E402
 
 #: (summary key, column head, format of the value) of the per-arm table.
@@ -62,8 +63,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         for d in dirs:
             summary = json.loads((d / "summary.json").read_text())
             metrics = d / "metrics.jsonl"
-            summary["metrics"] = ([json.loads(line) for line in metrics.read_text().splitlines()
-                                   if line.strip()] if metrics.is_file() else [])
+            summary["metrics"] = read_jsonl(metrics) if metrics.is_file() else []
             summary["dir"] = str(d)
             runs.append(summary)
     return runs
@@ -104,14 +104,6 @@ def group_arms(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
             raise ValueError(f"arm {label!r} holds seed(s) twice: {sorted(seeds)}")
         arms[label] = sorted(members, key=lambda r: r["spec"]["seed"])
     return arms
-
-
-def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the known values (sd 0.0 for one value)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:
@@ -160,7 +152,7 @@ def arm_table(arms: dict[str, list[dict[str, Any]]]) -> str:
     for label, runs in arms.items():
         cells = [label, ",".join(str(r["spec"]["seed"]) for r in runs)]
         for key, _, fmt in COLUMNS:
-            m, sd = mean_sd([r.get(key) for r in runs])
+            m, sd = mean_std([r.get(key) for r in runs])
             if m is None:
                 cells.append("-")
             else:
@@ -211,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(arm_table(arms))
     for a, b, runs_a, runs_b in pairs:
         diffs = paired_differences(runs_a, runs_b)
-        m, sd = mean_sd(list(diffs.values()))
+        m, sd = mean_std(list(diffs.values()))
         per_seed = ", ".join(f"seed {s}: {d:+.2f}" for s, d in sorted(diffs.items()))
         summary = "no common seed" if m is None else f"mean {m:+.2f} ± {sd:.2f}"
         print(f"\n{a} − {b}, test@best val: {per_seed} ({summary})")

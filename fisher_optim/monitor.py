@@ -230,7 +230,6 @@ class FisherMonitor(_StepSchedule):
             self.early_value, self.early_step = row["trace"], row["step"]
         return row
 
-
     # ----------------------------------------------------------------------------------
 
     def _check_explosion(self, trace: float, step: int) -> None:

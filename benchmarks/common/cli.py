@@ -405,7 +405,9 @@ def _scaled_lr(lr: float, batch_size: int, args: argparse.Namespace) -> float:
     return float(f"{out:.6g}")
 
 
-def _mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
+def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the known (not None) values; sd 0.0 for one
+    value, (None, None) for none."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
@@ -435,7 +437,7 @@ def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) ->
             by_alpha.setdefault(s["spec"]["alpha"], []).append(s)
         if len(by_alpha) > 1:
             means = [{"spec": {"alpha": a}, "name": f"alpha={a}",
-                      "best_val_acc": _mean_std([r["best_val_acc"] for r in runs])[0]}
+                      "best_val_acc": mean_std([r["best_val_acc"] for r in runs])[0]}
                      for a, runs in by_alpha.items()]
             alpha = harness.select_best(means)["spec"]["alpha"]
         else:
@@ -448,18 +450,18 @@ def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) ->
             "augment": spec["augment"], "label_noise": spec["label_noise"],
             "seeds": [r["spec"]["seed"] for r in runs],
             "alphas_searched": sorted(by_alpha),
-            "val_acc_by_alpha": {str(a): _mean_std([r["best_val_acc"] for r in rs])[0]
+            "val_acc_by_alpha": {str(a): mean_std([r["best_val_acc"] for r in rs])[0]
                                  for a, rs in sorted(by_alpha.items())},
             "runs": [r["name"] for r in runs],
         }
         for key in ("best_val_acc", "test_acc_at_best_val", "final_test_acc", "max_trace",
                     "tr_f_i", "sec_per_epoch", "images_per_s", "final_train_acc",
                     "final_train_acc_clean", "final_train_acc_noisy"):
-            row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in runs])
+            row[key], row[f"{key}_std"] = mean_std([r.get(key) for r in runs])
         if spec["method"] in NOISE_OF_METHOD or spec.get("ghost_batch_size"):
             errs = [None if r.get("final_train_acc") is None else 100.0 - r["final_train_acc"]
                     for r in runs]
-            row["final_train_err"], row["final_train_err_std"] = _mean_std(errs)
+            row["final_train_err"], row["final_train_err_std"] = mean_std(errs)
         rows.append(row)
     return rows
 
