@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import mean_std  # noqa: E402
+from benchmarks.common.config import PENALTY_OF_METHOD  # noqa: E402
 from benchmarks.fp_spikes import collapses, read_jsonl  # noqa: E402
 from fisher_optim._cli import HelpFormatter  # noqa: E402
 
@@ -69,15 +70,22 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
+#: Spec fields that only act on penalised methods: a baseline's value of them is noise.
+PENALTY_ONLY = ("spike_factor", "guard_early")
+
+
 def _arm_key(spec: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True)
+    """The spec without its seed (and, for a method without a penalty, without
+    :data:`PENALTY_ONLY`): the runs of one arm share it."""
+    drop = {"seed"} | (set() if PENALTY_OF_METHOD.get(spec["method"]) else set(PENALTY_ONLY))
+    return json.dumps({k: v for k, v in spec.items() if k not in drop}, sort_keys=True)
 
 
 def arm_label(spec: dict[str, Any], with_epochs: bool = False) -> str:
     """``method/lr<η>/a<α>[/guard<F>][/e<epochs>]`` (see the module docstring)."""
     label = f"{spec['method']}/lr{spec['lr']:g}/a{spec['alpha']:g}"
     if spec.get("spike_factor") is not None and spec["method"] != "baseline":
-        label += f"/guard{spec['spike_factor']:g}"
+        label += f"/guard{spec['spike_factor']:g}" + ("e" if spec.get("guard_early") else "")
     if with_epochs:
         label += f"/e{spec['epochs']}"
     return label

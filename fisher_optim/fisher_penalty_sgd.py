@@ -108,11 +108,17 @@ class FisherPenaltySGD(GradientWrapper):
             turns it off: the paper's algorithm exactly. It guards reuse, so with ``every=1``
             (every step's gradient is fresh and exact) it never acts.
         spike_window: how many recent refreshes the median is taken over.
+        guard_early: also guard the first ``min(5, spike_window)`` refreshes, which have no
+            median to be judged by: each is used for one step only (the first steps refresh
+            every step). Off by default, so that ordinary runs keep the paper's schedule; turn
+            it on when the penalty gradient at initialisation is huge (VGG-11 without
+            BatchNorm: see :mod:`fisher_optim.safeguard`).
 
     Attributes users log: ``penalty_value`` (the last ``Tr(F_B)``, a float, or None),
     ``penalty_grad_norm`` (``||∇ Tr(F_B)||`` of the last refresh, before any spike scaling),
     ``refreshes`` (penalty gradients computed), ``skipped_refreshes`` (dropped as NaN/Inf),
-    ``spikes`` (refreshes the safeguard scaled down and used once),
+    ``spikes`` (refreshes the safeguard scaled down and used once), ``unjudged_refreshes``
+    (with ``guard_early``: the first refreshes, used once),
     ``grad_norm`` (with ``max_grad_norm``: the full gradient's norm before clipping).
 
     >>> _ = torch.manual_seed(0)
@@ -147,6 +153,7 @@ class FisherPenaltySGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         spike_factor: float | None = 4.0,
         spike_window: int = 20,
+        guard_early: bool = False,
         **base_kwargs: Any,
     ) -> None:
         check_weight(alpha, "alpha")
@@ -170,9 +177,13 @@ class FisherPenaltySGD(GradientWrapper):
         self.target_mask = target_mask
         self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
+        if not isinstance(guard_early, bool):
+            raise TypeError(f"guard_early must be True or False, got {guard_early!r}")
+        if guard_early and spike_factor is None:
+            raise ValueError("guard_early=True needs the safeguard: give a spike_factor, not None")
         guard = (
             None if spike_factor is None
-            else SpikeGuard(spike_factor, spike_window, min(5, spike_window))
+            else SpikeGuard(spike_factor, spike_window, min(5, spike_window), early=guard_early)
         )
         # with every=1 no gradient is reused: each step's is exact and nothing is guarded
         self.guard = guard if every > 1 else None
@@ -189,7 +200,7 @@ class FisherPenaltySGD(GradientWrapper):
         self.skipped_refreshes = 0
         self._cache: list[Tensor | None] | None = None
         self._cache_step: int | None = None  # the step whose batch the cache was computed on
-        self._refresh_next = False  # the cache is a spike's: used for one step only
+        self._refresh_next = False  # the cache is used for one step only (spike or unjudged)
         #: ``||∇P||`` of the last accepted refresh (before any spike scaling), or None.
         self.penalty_grad_norm: float | None = None
 
@@ -197,6 +208,12 @@ class FisherPenaltySGD(GradientWrapper):
     def spikes(self) -> int:
         """Refreshes the spike safeguard scaled down and used for one step only."""
         return 0 if self.guard is None else self.guard.spikes
+
+    @property
+    def unjudged_refreshes(self) -> int | None:
+        """With ``guard_early``: the first refreshes (no median yet), each used for one step
+        only (else None)."""
+        return self.guard.unjudged if self.guard is not None and self.guard.early else None
 
     # ----------------------------------------------------------------- step
     def _weights(self) -> list[float]:
@@ -278,10 +295,12 @@ class FisherPenaltySGD(GradientWrapper):
             return
         self.penalty_value = penalty_value
         self.penalty_grad_norm = grad_norm
-        scale = 1.0 if self.guard is None else self.guard.check(grad_norm)
+        scale = 1.0
+        if self.guard is not None:
+            scale = self.guard.check(grad_norm)
+            self._refresh_next = not self.guard.reusable
         if scale < 1.0:
             torch._foreach_mul_(present, scale)
-            self._refresh_next = True
             if self.guard.spikes == 1:
                 warnings.warn(
                     f"FisherPenaltySGD: the penalty gradient at step {self.step_count} (norm "

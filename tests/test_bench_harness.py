@@ -480,6 +480,11 @@ def test_spike_factor_and_val_every_reach_the_specs():
     for bad in ("1", "0.5", "nan", "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--spike-factor", bad])
+    early = specs("--guard-early")
+    assert early["fp"].guard_early and early["fp"].name.endswith("guard4e")
+    assert "guard_early" not in default["fp"].to_dict()  # older runs: off
+    with pytest.raises(ValueError, match="guard-early"):
+        specs("--guard-early", "--spike-factor", "none")
 
 
 def test_explicit_milestones_replace_the_scaled_schedule():

@@ -130,6 +130,18 @@ def test_same_label_for_different_arms_and_duplicate_seeds_raise(tmp_path):
         report.group_arms(report.load_runs([tmp_path / "x", tmp_path / "z"]))
 
 
+def test_a_baselines_safeguard_settings_do_not_split_its_arm(tmp_path):
+    """The safeguard acts only on a penalty: baselines run with and without it are one arm,
+    FP runs are two."""
+    _write_run(tmp_path, _spec(seed=0, spike_factor=None), 50.0)
+    _write_run(tmp_path, _spec(seed=1, spike_factor=4.0), 52.0)
+    arms = report.group_arms(report.load_runs([tmp_path]))
+    assert [len(runs) for runs in arms.values()] == [2]
+    _write_run(tmp_path / "fp", _spec("fp", alpha=0.01, seed=0, spike_factor=None), 55.0)
+    _write_run(tmp_path / "fp", _spec("fp", alpha=0.01, seed=0, spike_factor=4.0), 56.0)
+    assert len(report.group_arms(report.load_runs([tmp_path / "fp"]))) == 2
+
+
 def test_epochs_join_the_label_when_schedules_differ(tmp_path):
     _write_run(tmp_path, _spec(epochs=60), 50.0)
     _write_run(tmp_path / "long", _spec(epochs=100), 51.0)

@@ -54,6 +54,17 @@ def test_optimizer_metrics_through_wrappers_and_several_optimizers() -> None:
                     "fisher/refreshes_2": 0.0, "fisher/skipped_refreshes_2": 0.0}
 
 
+def test_early_guard_decisions_are_logged_only_when_the_early_guard_is_on() -> None:
+    model = seeded_mlp()
+    assert "fisher/unjudged_refreshes" not in optimizer_metrics([_trained_fp()])
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=10, guard_early=True)
+    x, y = seeded_batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    metrics = optimizer_metrics([opt])
+    assert metrics["fisher/unjudged_refreshes"] == opt.unjudged_refreshes == 1
+
+
 def test_clipped_gradient_norm_is_read_from_a_tensor() -> None:
     model = seeded_mlp()
     opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1, max_grad_norm=0.01)

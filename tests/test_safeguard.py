@@ -46,6 +46,24 @@ def test_guard_rejects_invalid_settings(kwargs):
         SpikeGuard(**kwargs)
 
 
+def test_an_early_guard_uses_each_of_the_first_values_once():
+    guard = SpikeGuard(factor=4.0, window=4, min_history=2, early=True)
+    assert guard.check(900.0) == 1.0 and not guard.reusable
+    assert guard.check(1.0) == 1.0 and not guard.reusable
+    assert guard.unjudged == 2 and guard.spikes == 0
+    assert guard.check(300.0) == 1.0 and guard.reusable  # median 450.5: judged, not a spike
+    assert guard.check(1e4) < 1.0 and not guard.reusable and guard.unjudged == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"guard_early": 1}, TypeError), ({"guard_early": True, "spike_factor": None}, ValueError)],
+)
+def test_optimizer_rejects_an_invalid_guard_early(kwargs, error):
+    with pytest.raises(error, match="guard_early"):
+        FisherPenaltySGD(tiny_mlp(), alpha=0.1, lr=0.1, **kwargs)
+
+
 def test_optimizer_rejects_an_invalid_spike_factor():
     with pytest.raises(ValueError, match="spike factor"):
         FisherPenaltySGD(tiny_mlp(), alpha=0.1, lr=0.1, spike_factor=0.5)
@@ -69,14 +87,15 @@ def _stream(n, seed=0):
             for _ in range(n)]
 
 
-def _run(data, spike_factor, lr=0.05, alpha=0.5, every=5, spike_at=None):
+def _run(data, spike_factor, lr=0.05, alpha=0.5, every=5, spike_at=None, guard_early=False):
     """Train on ``data``; at step ``spike_at`` the penalty sees a batch built to make it
     explode (the inputs times 300: in a ReLU net the gradients grow with the inputs' scale),
     while the loss gradient is the ordinary batch's."""
     torch.manual_seed(0)
     model = tiny_mlp(act=nn.ReLU)
     opt = FisherPenaltySGD(model, alpha=alpha, lr=lr, momentum=0.9, every=every,
-                           penalty="gradient", spike_factor=spike_factor, spike_window=20)
+                           penalty="gradient", spike_factor=spike_factor, spike_window=20,
+                           guard_early=guard_early)
     records = []
     for step, (x, y) in enumerate(data):
         before = [p.detach().clone() for p in model.parameters()]
@@ -145,6 +164,59 @@ def test_a_planted_spike_is_scaled_used_once_and_the_update_stays_bounded():
     )
     assert moved(rec_on) < 10 * typical
     assert moved(rec_off) > 100 * moved(rec_on)
+
+
+WARMUP = 5  # min(5, spike_window)
+
+
+def _brute_force_run(data, refresh_steps, lr=0.05, alpha=0.5):
+    """SGD with momentum 0.9 on g_L + α ∇P, ∇P (GP, float64) recomputed at ``refresh_steps``."""
+    torch.manual_seed(0)
+    model = tiny_mlp(act=nn.ReLU)
+    params = list(model.parameters())
+    bufs, cached = [None] * len(params), None
+    for step, (x, y) in enumerate(data):
+        if step in refresh_steps:
+            cached = _gp_value_and_gradient(model, x, y)[1]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for i, (p, g, c) in enumerate(zip(params, grads, cached)):
+                d = g + alpha * c
+                bufs[i] = d.clone() if bufs[i] is None else 0.9 * bufs[i] + d
+                p -= lr * bufs[i]
+    return model
+
+
+def test_guard_early_refreshes_the_first_steps_then_follows_the_paper():
+    data = _stream(40)
+    model, opt, _ = _run(data, spike_factor=4.0, guard_early=True)
+    assert opt.unjudged_refreshes == WARMUP and opt.spikes == 0
+    assert opt.refreshes == WARMUP + 7  # steps 0-4, then 5, 10, ..., 35
+    expected = _brute_force_run(data, set(range(WARMUP)) | set(range(0, 40, 5)))
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    _, paper, _ = _run(data, spike_factor=4.0)
+    assert paper.unjudged_refreshes is None and paper.refreshes == 8
+
+
+def test_guard_early_uses_a_huge_first_refresh_once_instead_of_reusing_it():
+    """The step-0 penalty (planted ×300 spike, no median yet) is applied for step 0 only."""
+    every = 5
+    data = _stream(every)
+    kwargs = {"lr": 0.05, "alpha": 0.5, "every": every, "spike_at": 0}
+    _, early, rec_early = _run(data, spike_factor=4.0, guard_early=True, **kwargs)
+    _, late, rec_late = _run(data, spike_factor=4.0, **kwargs)
+    assert late.refreshes == 1 and early.refreshes == every and early.spikes == 0
+    for a, b in zip(rec_early[0][1], rec_late[0][1]):  # step 0 is the paper's step
+        assert torch.equal(a, b)
+
+    def moved(records):
+        return math.sqrt(sum(float((e - s).pow(2).sum())
+                             for s, e in zip(records[0][0], records[-1][1])))
+
+    # reused through momentum 0.9 for 5 steps, one gradient moves (1 + 1.9 + 2.71 + 3.44 +
+    # 4.10) / 4.10 = 3.2 times as far as used once
+    assert moved(rec_late) > 3 * moved(rec_early)
 
 
 def _model_at(values):

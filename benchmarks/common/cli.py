@@ -223,6 +223,9 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
                    help="FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over "
                         "this many times the running median norm is scaled down to that bound "
                         "and used for one step only; 'none' turns it off (the paper's FP)")
+    g.add_argument("--guard-early", action="store_true",
+                   help="FisherPenaltySGD(guard_early=True): the first 5 refreshes, before a "
+                        "median exists, are each used for one step only")
     g.add_argument("--group-probe-size", type=positive_int, default=1000, metavar="N",
                    help="examples for clean/noisy gradient norms (label-noise runs)")
 
@@ -360,6 +363,7 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         track_groups=cfg.track_groups or args.noise > 0,
         group_probe_size=args.group_probe_size, test_every=args.test_every, init=args.init,
         val_every=args.val_every, spike_factor=args.spike_factor,
+        guard_early=args.guard_early,
     )
     base = replace(base, **_noise_fields(cfg, args))
     batch_lrs = getattr(args, "batch_lrs", None)

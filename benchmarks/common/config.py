@@ -264,6 +264,8 @@ class RunSpec:
     #: FisherPenaltySGD's spike safeguard factor (None: off, the paper's algorithm; runs
     #: made before the safeguard existed read as None).
     spike_factor: float | None = None
+    #: FisherPenaltySGD's ``guard_early``: the first refreshes (no median yet) are used once.
+    guard_early: bool = False
     #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
     init: str = "kaiming"
 
@@ -274,6 +276,8 @@ class RunSpec:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
         if self.trace_labels not in ("sample", "exact"):
             raise ValueError(f"trace_labels must be 'sample' or 'exact', got {self.trace_labels!r}")
+        if self.guard_early and self.spike_factor is None:
+            raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
         if self.noise_fisher not in NOISE_FISHERS:
             raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
                              f"got {self.noise_fisher!r}")
@@ -319,7 +323,7 @@ class RunSpec:
         if self.init != "kaiming":
             parts.append(f"init-{self.init}")
         if self.spike_factor is not None and self.penalty is not None:
-            parts.append(f"guard{self.spike_factor:g}")
+            parts.append(f"guard{self.spike_factor:g}" + ("e" if self.guard_early else ""))
         if self.noise_covariance is not None:
             if self.small_batch_size != 128:
                 parts.append(f"ms{self.small_batch_size}")
@@ -368,4 +372,5 @@ _OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
     "init": "kaiming",
     "val_every": 1,
     "spike_factor": None,
+    "guard_early": False,
 }

@@ -416,7 +416,8 @@ def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     return FisherPenaltySGD(
         model, torch.optim.SGD, alpha=spec.alpha, every=spec.every, mode=spec.fd_mode,
         penalty=spec.penalty, penalty_batch_size=spec.penalty_batch_size,
-        seed=spec.seed + 10_007, spike_factor=spec.spike_factor, **kw,
+        seed=spec.seed + 10_007, spike_factor=spec.spike_factor,
+        guard_early=spec.guard_early, **kw,
     )
 
 

@@ -39,14 +39,16 @@ __all__ = ["OPTIMIZER_STATS", "ROW_SKIP", "FisherTracking", "optimizer_metrics"]
 
 #: Optimizer attribute → logged name (after the prefix). FisherPenaltySGD: the last penalty
 #: Tr(F_B) and the norm of its gradient, the penalty gradients computed, those dropped as
-#: NaN/Inf and those the spike safeguard scaled down, and with ``max_grad_norm`` the full
-#: gradient's norm before clipping; FisherNoiseSGD: the last noise norm and its Tr(F) estimate.
+#: NaN/Inf, those the spike safeguard scaled down and (with ``guard_early``) the early ones it
+#: used once, and with ``max_grad_norm`` the full gradient's norm before clipping;
+#: FisherNoiseSGD: the last noise norm and its Tr(F) estimate.
 OPTIMIZER_STATS: dict[str, str] = {
     "penalty_value": "penalty_value",
     "penalty_grad_norm": "penalty_grad_norm",
     "refreshes": "refreshes",
     "skipped_refreshes": "skipped_refreshes",
     "spikes": "spikes",
+    "unjudged_refreshes": "unjudged_refreshes",
     "grad_norm": "grad_norm",
     "noise_norm": "noise_norm",
     "fisher_trace": "noise_fisher_trace",
