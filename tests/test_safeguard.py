@@ -53,6 +53,9 @@ def test_an_early_guard_uses_each_of_the_first_values_once():
     assert guard.unjudged == 2 and guard.spikes == 0
     assert guard.check(300.0) == 1.0 and guard.reusable  # median 450.5: judged, not a spike
     assert guard.check(1e4) < 1.0 and not guard.reusable and guard.unjudged == 2
+    other = SpikeGuard(factor=4.0, window=4, min_history=2, early=True)
+    other.load_state_dict(copy.deepcopy(guard.state_dict()))
+    assert other.unjudged == 2 and other.spikes == 1 and list(other.history) == list(guard.history)
 
 
 @pytest.mark.parametrize(
