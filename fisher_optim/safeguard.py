@@ -84,12 +84,17 @@ class SpikeGuard:
         self.history: deque[float] = deque(maxlen=window)
         #: Refreshes flagged as spikes so far.
         self.spikes = 0
-        #: With ``early``: values checked before ``min_history`` were known (used once).
-        self.unjudged = 0
         #: Whether the last checked gradient may be reused (False: unjudged or a spike).
         self.reusable = False
         #: The scale applied to the last refresh's gradient (1.0: untouched).
         self.last_scale = 1.0
+
+    @property
+    def unjudged(self) -> int:
+        """With ``early``: values checked before ``min_history`` were known (each used once).
+        Every check adds one value to the history, and the window holds at least
+        ``min_history``, so they are the first ``min(len(history), min_history)``."""
+        return min(len(self.history), self.min_history) if self.early else 0
 
     def threshold(self) -> float | None:
         """``factor`` times the median of the recent values, or None while too few are known."""
@@ -108,7 +113,6 @@ class SpikeGuard:
         """
         unjudged = self.early and len(self.history) < self.min_history
         limit = self.threshold()
-        self.unjudged += unjudged
         self.reusable = not unjudged and (limit is None or value <= limit)
         if limit is None or value <= limit:
             self.history.append(value)
@@ -121,12 +125,9 @@ class SpikeGuard:
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "spikes": self.spikes,
-                "unjudged": self.unjudged, "last_scale": self.last_scale,
-                "reusable": self.reusable}
+                "last_scale": self.last_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state["history"], maxlen=self.window)
         self.spikes = int(state["spikes"])
         self.last_scale = float(state["last_scale"])
-        self.unjudged = int(state.get("unjudged", 0))
-        self.reusable = bool(state.get("reusable", True))
