@@ -12,6 +12,11 @@ safeguard's scale. For each run directory given, this prints:
   epoch's) and the largest ``r_t`` in the epoch before each;
 * with ``--top N``, the N largest spikes (step, epoch, value, norm, ratios).
 
+``--pull E [E ...]`` instead compares penalties across runs: for each run, the median over the
+refreshes of epoch E (``E ≤ epoch < E + 1``) of ``α · ||∇P||``, the penalty's pull on the
+parameters, with α and the method read from the run's ``config.json``. Matching the pulls of
+FP and of GP/GPr/GPx early in training is how their α ranges are set (docs/measured.md).
+
 ``--schedule N [N ...]`` needs no run: for training sets of N examples it prints which
 epochs end with a refresh on the short last batch (the spikes' main source, docs/measured.md)
 and how much larger ``E[Tr(F_B)] ≈ Tr(F)/b`` is there than on a full batch.
@@ -130,6 +135,23 @@ def analyse(run: Path, window: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def pull_report(runs: Sequence[Path], epochs: Sequence[int]) -> str:
+    """Markdown table: per run, the median ``α · ||∇P||`` over the refreshes of each epoch."""
+    lines = ["| run | method | α | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "|---|---|---|" + "---|" * len(epochs)]
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        alpha = config["alpha"]
+        refreshes = read_jsonl(run / "refreshes.jsonl")
+        cells = []
+        for e in epochs:
+            norms = [r["grad_norm"] for r in refreshes
+                     if e <= r["epoch"] < e + 1 and r.get("grad_norm") is not None]
+            cells.append(f"{alpha * statistics.median(norms):.3g}" if norms else "-")
+        lines.append(f"| {run.name} | {config['method']} | {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -145,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of analysing runs: for training sets of N examples, the "
                         "epochs that end with a refresh on the short last batch (default: "
                         "analyse runs)")
+    p.add_argument("--pull", nargs="+", type=nonnegative_int, default=None, metavar="E",
+                   help="instead of the spike statistics: the median α·||∇P|| over the "
+                        "refreshes of each epoch E, per run (needs the runs' config.json)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
                    help="with --schedule: the training batch size")
     p.add_argument("--every", type=positive_int, default=10, metavar="K",
@@ -167,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (run / "refreshes.jsonl").is_file():
             print(f"{run}: no refreshes.jsonl (not an FP run of the harness?)", file=sys.stderr)
             return 2
+    if args.pull:
+        print(pull_report(runs, args.pull))
+        return 0
+    for run in runs:
         print(analyse(run, args.window, args.top))
         print()
     return 0

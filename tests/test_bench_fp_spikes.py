@@ -63,3 +63,23 @@ def test_schedule_report_names_the_papers_sizes(capsys):
     out = capsys.readouterr().out
     assert "| 10000 | 79 | 16 | 8.0 | 6 (9, 19, 29, 39, 49, ...) |" in out
     assert "| 45000 | 352 | 72 | 1.8 | 0 |" in out
+
+
+def test_pull_is_alpha_times_the_median_norm_of_each_epoch(tmp_path, capsys):
+    runs = []
+    for name, method, alpha, norms in [("fp_run", "fp", 0.01, [1.0, 3.0, 2.0, 10.0, 30.0]),
+                                       ("gpx_run", "gpx", 1000.0, [1e-5, 2e-5, 9e-5, 4e-5, 5e-5])]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"method": method, "alpha": alpha}))
+        # epochs 0, 0.3, 0.6 (epoch 0), 1.0, 1.3 (epoch 1)
+        (run / "refreshes.jsonl").write_text("".join(
+            json.dumps({"step": i, "epoch": [0, 0.3, 0.6, 1.0, 1.3][i], "value": 1.0,
+                        "grad_norm": n, "scale": 1.0}) + "\n" for i, n in enumerate(norms)))
+        runs.append(str(run))
+    assert fp_spikes.main([*runs, "--pull", "0", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    # fp: 0.01 · median(1, 3, 2) = 0.02; 0.01 · median(10, 30) = 0.2; no refresh in epoch 2
+    assert "| fp_run | fp | 0.01 | 0.02 | 0.2 | - |" in out
+    # gpx: 1000 · median(1e-5, 2e-5, 9e-5) = 0.02; 1000 · median(4e-5, 5e-5) = 0.045
+    assert "| gpx_run | gpx | 1000 | 0.02 | 0.045 | - |" in out
