@@ -54,6 +54,16 @@ def test_input_gradient_penalty_is_input_gradient_norm():
     torch.testing.assert_close(value, gx.pow(2).sum(), rtol=1e-12, atol=0)
 
 
+def test_input_gradient_penalty_is_per_example_norms_over_b_squared():
+    """docs/science.md: ||∇_x L||² = B⁻² Σ_i ||∇_{x_i} ℓ(x_i, y_i)||² for the batch-mean L."""
+    model, x, y = tiny_mlp(), torch.randn(16, 5, dtype=torch.float64), torch.randint(4, (16,))
+    per_example = [grad(lambda inp, t=t: F.cross_entropy(model(inp[None]), t[None]))(xi)
+                   for xi, t in zip(x, y)]
+    expected = sum(g.pow(2).sum() for g in per_example) / 16**2
+    value = fisher_penalty(model, x, penalty="input_gradient", targets=y)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+
+
 def test_penalty_is_differentiable_and_leaves_batchnorm_stats():
     model = small_cnn()
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
