@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "analyse runs)")
     p.add_argument("--pull", nargs="+", type=nonnegative_int, default=None, metavar="E",
                    help="instead of the spike statistics: the median α·||∇P|| over the "
-                        "refreshes of each epoch E, per run (needs the runs' config.json)")
+                        "refreshes of each epoch E, per run (needs the runs' config.json; default: the spike "
+                        "statistics)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
                    help="with --schedule: the training batch size")
     p.add_argument("--every", type=positive_int, default=10, metavar="K",
