@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "epochs that end with a refresh on the short last batch (default: "
                         "analyse runs)")
     p.add_argument("--pull", nargs="+", type=nonnegative_int, default=None, metavar="E",
-                   help="instead of the spike statistics: the median α·||∇P|| over the "
-                        "refreshes of each epoch E, per run (needs the runs' config.json; default: the spike "
+                   help="per run, the median α·||∇P|| over the refreshes of each epoch E, "
+                        "from its config.json and refreshes.jsonl (default: the spike "
                         "statistics)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
                    help="with --schedule: the training batch size")
