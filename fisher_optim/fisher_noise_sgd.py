@@ -52,6 +52,7 @@ from fisher_optim._logits import (
 )
 from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
 from fisher_optim._targets import IGNORE_INDEX, TargetMask, target_rows
+from fisher_optim.curvature.examples import check_first_example
 from fisher_optim.penalty import Batch
 from fisher_optim.wrapper import GradientWrapper
 
@@ -576,22 +577,7 @@ def _check_examples_split(
     with torch.no_grad():
         whole = pick_logits(module(*batch.args, **batch.kwargs), output_fn)
         alone = pick_logits(run(tuple(t[:1] for t in batched)), output_fn)
-    first = whole[:1]
-    if not bool(torch.isfinite(first).all()):
-        return  # nothing to compare: the estimate is non-finite and will be dropped
-    if first.shape == alone.shape:
-        tol = torch.finfo(_upcast(first).dtype).eps ** 0.5
-        scale = float(first.abs().max()) if first.numel() else 0.0
-        if torch.allclose(first, alone, rtol=tol, atol=tol * scale, equal_nan=True):
-            return
-    raise ValueError(
-        "FisherNoiseSGD: the model run on the first example alone does not reproduce that "
-        "example's output in the batch, so the per-example gradients would be wrong. The "
-        "per-example pass treats every tensor input whose first dimension is the batch size "
-        f"({batch.first_tensor().shape[0]}) as holding the examples; pass inputs shared by "
-        "all examples (e.g. a [T, T] mask) through the model itself (an attribute or "
-        "functools.partial), and make sure examples do not interact in eval mode"
-    )
+    check_first_example(_upcast(whole[:1]), _upcast(alone), whole.shape[0], "FisherNoiseSGD")
 
 
 def _loop_grads(

@@ -5,7 +5,9 @@ such tensors (keyword arguments of the model, as for Hugging Face models), or a
 :class:`fisher_optim.Batch` (positional and keyword arguments). Every tensor of a mapping
 or a ``Batch`` holds the examples in its first dimension (other values, such as
 ``use_cache=False``, are passed as they are); a tensor that does not is an error, never
-guessed about. *Data* is one batch or an iterable of batches:
+guessed about, and one shared by all examples whose first dimension happens to equal the
+batch size is caught by the first-example check (:mod:`.examples`): pass such tensors
+through the model. *Data* is one batch or an iterable of batches:
 
 * a tensor or a mapping: one batch of inputs, without targets (a mapping's ``"labels"``,
   as Hugging Face batches carry them, serve as the targets of the Hessian measurements);

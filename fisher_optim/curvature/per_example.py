@@ -79,6 +79,7 @@ from ._data import (
     slice_batch,
     to_device,
 )
+from .examples import check_first_example, same_values
 
 __all__ = [
     "CotangentFn",
@@ -369,10 +370,11 @@ class _ParameterUses(TorchFunctionMode):
         return out
 
 
-def _probe(model: nn.Module, inputs: Inputs, layers: dict[nn.Module, _LayerState]) -> None:
+def _probe(model: nn.Module, inputs: Inputs, layers: dict[nn.Module, _LayerState]) -> Any:
     """Run the first example alone and record, per layer, its first input, its output's
     shape, and whether each of its trainable parameters is used exactly once, by the layer
     itself (a weight also used elsewhere, e.g. tied by ``F.linear(h, emb.weight)``, is not).
+    Returns the model's output (checked against the batch's first example by the caller).
 
     Comparing a layer's shapes here with those in the batched forward tells which
     dimension holds the examples (the one that is ``n`` there and 1 here), whatever the
@@ -404,13 +406,14 @@ def _probe(model: nn.Module, inputs: Inputs, layers: dict[nn.Module, _LayerState
         handles.append(m.register_forward_hook(record))
     try:
         with torch.enable_grad(), uses:
-            call_model(model, slice_batch(inputs, 0, 1))
+            out = call_model(model, slice_batch(inputs, 0, 1))
     finally:
         for h in handles:
             h.remove()
     for m, st in layers.items():
         own = [p for p in m.parameters(recurse=False) if p.requires_grad]
         st.probe_ok = st.probe_calls == 1 and all(uses.uses.get(id(p)) == [m] for p in own)
+    return out
 
 
 def _batch_dims(shape: tuple[int, ...], probe_shape: tuple[int, ...] | None, n: int) -> list[int]:
@@ -442,15 +445,7 @@ def _batch_dim_limit(m: nn.Module, ndim: int) -> int:
 
 def _same_example(t: Tensor, probe: Tensor, dim: int) -> bool:
     """Whether slice 0 of ``t`` along ``dim`` is ``probe`` (up to rounding)."""
-    a = t.detach().narrow(dim, 0, 1)
-    if a.shape != probe.shape:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, probe)
-    tol = torch.finfo(a.dtype).eps ** 0.5
-    finite = torch.nan_to_num(a.abs(), nan=0.0, posinf=0.0)  # a diverged model: NaN/Inf
-    scale = float(finite.max()) if a.numel() else 0.0
-    return torch.allclose(a, probe.to(a.dtype), rtol=tol, atol=tol * scale, equal_nan=True)
+    return same_values(t.detach().narrow(dim, 0, 1), probe)
 
 
 # --------------------------------------------------------------------------------------
@@ -564,8 +559,7 @@ def _ghost_backward(
     n = batch_size(inputs)
     shared = _shared_parameters(model)
     layers = {m: _LayerState() for m in model.modules() if _has_rule(m, shared, layer_types)}
-    if layers and n > 0:
-        _probe(model, inputs, layers)
+    alone = _probe(model, inputs, layers) if n > 0 else None
     inputs, leaves, input_storages = _input_leaves(inputs)
     reaches_input = _ReachesInputs(leaves)
 
@@ -644,6 +638,9 @@ def _ghost_backward(
                     "own the same number of rows (the batch must be dimension 0)"
                 )
             logits3 = logits.detach().reshape(n, -1, logits.shape[-1])
+            check_first_example(
+                logits3[0], as_logits(alone, output_fn).detach(), n, "per-example gradients"
+            )
             gs = [g.reshape(logits.shape) for g in cotangents(logits3)]
             covered = {
                 id(p)
@@ -929,9 +926,13 @@ def group_gradient_stats(
     params = trainable_parameters(model)
     sums = [[torch.zeros_like(p) for p in params] for _ in ids]
     with eval_mode(model), left_as_found(model), torch.enable_grad():
+        alone = as_logits(call_model(model, slice_batch(inputs, 0, 1)), output_fn)
         for start, stop in iter_chunks(inputs, chunk_size):
             chunk = slice_batch(inputs, start, stop)
             logits = as_logits(call_model(model, chunk), output_fn)
+            if start == 0:
+                first = logits[: logits.shape[0] // stop]
+                check_first_example(first, alone, n, "group_gradient_stats")
             shape = rows_shape(model, stop - start, logits.shape[0] // (stop - start))
             y = row_targets(model, chunk, targets[start:stop], shape).reshape(-1)
             check_cross_entropy_outputs(logits, "group_gradient_stats")
