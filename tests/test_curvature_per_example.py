@@ -11,6 +11,7 @@ from torch import nn
 
 from fisher_optim.curvature import (
     group_gradient_stats,
+    layers,
     per_example_grad_norms,
     per_example_sq_norms,
     target_cotangents,
@@ -159,7 +160,7 @@ def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("fallback used")
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", fail)
+    monkeypatch.setattr(pe, "cotangent_grads", fail)
     model, x, y, output_fn = make_case(name)
     norms = per_example_grad_norms(model, x, y, output_fn=output_fn)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y, output_fn))
@@ -167,7 +168,7 @@ def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["wide", "zoo2d"])
 def test_small_memory_blocks(name, monkeypatch):
-    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", 1)  # one example per block
+    monkeypatch.setattr(layers, "MAX_BLOCK_ELEMENTS", 1)  # one example per block
     model, x, y, _ = make_case(name)
     norms = per_example_grad_norms(model, x, y)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y))
@@ -175,9 +176,9 @@ def test_small_memory_blocks(name, monkeypatch):
 
 def test_grouped_conv_path_is_taken(monkeypatch):
     calls = []
-    original = pe._grouped_conv_sq_norms
+    original = layers._grouped_conv_sq_norms
     monkeypatch.setattr(
-        pe, "_grouped_conv_sq_norms", lambda *a: calls.append(a[0].shape) or original(*a)
+        layers, "_grouped_conv_sq_norms", lambda *a: calls.append(a[0].shape) or original(*a)
     )
     model, x, y, _ = make_case("wide")
     per_example_grad_norms(model, x, y)
@@ -186,13 +187,13 @@ def test_grouped_conv_path_is_taken(monkeypatch):
 
 def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
     calls = []
-    original = pe.per_example_fallback_grads
+    original = pe.cotangent_grads
 
     def spy(model, inputs, g3, params, *args):
         calls.append({id(p) for p in params})
         return original(model, inputs, g3, params, *args)
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", spy)
+    monkeypatch.setattr(pe, "cotangent_grads", spy)
     model, x, y, _ = make_case("zoo1d")
     per_example_grad_norms(model, x, y)
     assert calls == [{id(model.scale.s), id(model.twice.weight), id(model.twice.bias)}]
@@ -203,11 +204,11 @@ def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
 )
 @pytest.mark.parametrize("block", [1 << 25, 1])
 def test_matmul_sq_norms_branches(length, k, o, block, monkeypatch):
-    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(layers, "MAX_BLOCK_ELEMENTS", block)
     a = torch.randn(5, length, k, dtype=torch.float64)
     g = torch.randn(5, length, o, dtype=torch.float64)
     expected = torch.einsum("blo,blk->bok", g, a).square().sum((1, 2))
-    torch.testing.assert_close(pe._matmul_sq_norms(a, g), expected)
+    torch.testing.assert_close(layers.matmul_sq_norms(a, g), expected)
 
 
 def test_mapping_inputs():

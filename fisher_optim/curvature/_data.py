@@ -19,7 +19,7 @@ through the model. *Data* is one batch or an iterable of batches:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,25 +27,34 @@ from torch import Tensor, nn
 
 from .._modules import unwrap
 from .._targets import IGNORE_INDEX, TargetMask, is_causal_lm, is_hugging_face, target_rows
-from ..penalty import Batch as CallBatch
+from ..batch import Batch as CallBatch
+from ..batch import cut_examples
+from ..validate import check_choice, check_positive_int
+
+__all__ = [
+    "CallBatch",
+    "Inputs",
+    "InputsAndTargets",
+    "batch_size",
+    "call_model",
+    "check_choice",
+    "check_positive_int",
+    "is_single_batch",
+    "iter_batches",
+    "iter_chunks",
+    "labels_of",
+    "model_device",
+    "model_inputs",
+    "num_examples",
+    "slice_batch",
+    "to_device",
+]
 
 Inputs = Tensor | Mapping[str, Any] | CallBatch
-Batch = tuple[Inputs, Tensor | None]
+InputsAndTargets = tuple[Inputs, Tensor | None]
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming the valid choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is an ``int`` >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _split(batch: Any) -> Batch:
+def _split(batch: Any) -> InputsAndTargets:
     if isinstance(batch, CallBatch):
         return CallBatch(batch.args, batch.kwargs), batch.targets
     if isinstance(batch, (Tensor, Mapping)):
@@ -58,7 +67,7 @@ def _split(batch: Any) -> Batch:
     )
 
 
-def iter_batches(data: Any) -> Iterator[Batch]:
+def iter_batches(data: Any) -> Iterator[InputsAndTargets]:
     """Yield ``(inputs, targets or None)`` for each batch of ``data`` (see module doc).
 
     >>> [(x.shape[0], y) for x, y in iter_batches(torch.zeros(4, 2))]
@@ -124,21 +133,27 @@ def batch_size(x: Inputs) -> int:
     return n
 
 
+def num_examples(x: Inputs) -> int:
+    """The number of examples of a batch of inputs: the first dimension of its first tensor
+    (:meth:`fisher_optim.Batch.num_examples`; :func:`batch_size` also checks the others)."""
+    if isinstance(x, Tensor):
+        if x.dim() == 0:
+            raise ValueError("the inputs are a 0-dimensional tensor: no batch dimension")
+        return x.shape[0]
+    if isinstance(x, CallBatch):
+        return x.num_examples()
+    return CallBatch((), dict(x)).num_examples()
+
+
 def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
-    """Examples ``start:stop`` of a batch (every tensor in it is cut; see the module)."""
+    """Examples ``start:stop`` of a batch, by the one slicing rule of
+    :func:`fisher_optim.batch.cut_examples` (see the module)."""
     if isinstance(x, Tensor):
         return x[start:stop]
-
-    def cut(v: Any) -> Any:
-        return v[start:stop] if isinstance(v, Tensor) else v
-
     if isinstance(x, CallBatch):
-        return CallBatch(
-            tuple(cut(a) for a in x.args),
-            {k: cut(v) for k, v in x.kwargs.items()},
-            None if x.targets is None else cut(x.targets),
-        )
-    return {k: cut(v) for k, v in x.items()}
+        return x.slice(start, stop)
+    n = num_examples(x)
+    return {k: cut_examples(v, n, start, stop) for k, v in x.items()}
 
 
 def iter_chunks(x: Inputs, chunk_size: int) -> Iterator[tuple[int, int]]:

@@ -14,10 +14,30 @@ catches examples that interact (BatchNorm with batch statistics, a model that mi
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["SHARED_INPUT_HINT", "check_first_example", "same_values"]
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._as_found import substituted_parameters
+from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
+from .._targets import IGNORE_INDEX
+from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
+
+__all__ = [
+    "SHARED_INPUT_HINT",
+    "ExampleLoss",
+    "check_first_example",
+    "example_cross_entropy",
+    "example_grads",
+    "same_values",
+]
+
+ExampleLoss = Callable[[Tensor, Tensor], Tensor]
+"""``(logits [R, C] of one example, its entry of the per-example extra) -> scalar loss``."""
 
 SHARED_INPUT_HINT = (
     "every tensor input whose first dimension is the batch size is taken as holding the "
@@ -61,3 +81,105 @@ def check_first_example(first: Tensor, alone: Tensor, n: int, who: str) -> None:
         f"example's output in the batch of {n} (shapes {tuple(alone.shape)} and "
         f"{tuple(first.shape)}), so per-example gradients would be wrong: " + SHARED_INPUT_HINT
     )
+
+
+def example_cross_entropy(logits: Tensor, labels: Tensor, who: str = "the cross-entropy") -> Tensor:
+    """``ℓ_i``: the mean cross-entropy over each example's rows ``[..., R, C]`` whose label
+    (``[..., R]``) is not ``IGNORE_INDEX`` (-100, as ``F.cross_entropy`` ignores it); 0 when
+    no row has one (an example without a target has no gradient, rather than a NaN one).
+    ``who`` names the caller in the error for a one-output model.
+
+    >>> logits = torch.zeros(3, 4)
+    >>> round(float(example_cross_entropy(logits, torch.tensor([1, -100, 2]))), 4)
+    1.3863
+    >>> float(example_cross_entropy(logits, torch.tensor([-100, -100, -100])))
+    0.0
+    """
+    valid = labels != IGNORE_INDEX
+    check_cross_entropy_outputs(logits, who)
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        torch.where(valid, labels, 0).reshape(-1),
+        reduction="none",
+    ).reshape(labels.shape)
+    return (losses * valid.to(losses.dtype)).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def example_grads(
+    model: nn.Module,
+    x: Inputs,
+    extra: Tensor,
+    params: list[Tensor],
+    loss: ExampleLoss,
+    output_fn: OutputFn | None = None,
+) -> list[Tensor]:
+    """``∇_params loss(logits_i, extra[i])`` for every example ``i`` of ``x``: one tensor
+    ``[n, *p.shape]`` per parameter (zeros where the loss does not reach it), ``logits_i``
+    the rows ``[R, C]`` of ``as_logits(model(x_i))``.
+
+    By ``torch.func.vmap(grad)`` over single examples (the tensors of ``x`` whose first
+    dimension is the batch size, see :func:`._data.slice_batch`), the parameters
+    substituted by identity (:func:`fisher_optim._as_found.substituted_parameters`, so a
+    model with a module registered twice is left exactly as found); a model that ``vmap``
+    cannot run (data-dependent control flow, as in the attention-mask code of Hugging Face
+    models) is run one example at a time instead. Exact either way.
+    """
+    try:
+        return _vmap_grads(model, x, extra, params, loss, output_fn)
+    except Exception:  # noqa: BLE001 - the loop below reruns the model and re-raises its errors
+        return _loop_grads(model, x, extra, params, loss, output_fn)
+
+
+def _vmap_grads(
+    model: nn.Module,
+    x: Inputs,
+    extra: Tensor,
+    params: list[Tensor],
+    loss: ExampleLoss,
+    output_fn: OutputFn | None,
+) -> list[Tensor]:
+    from torch.func import grad, vmap
+
+    keys = [id(p) for p in params]
+    n = num_examples(x)
+    flat, spec = tree_flatten(model_inputs(x))
+    slots = [
+        i for i, v in enumerate(flat) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n
+    ]
+
+    def surrogate(theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], e: Tensor) -> Tensor:
+        leaves = list(flat)
+        for i, t in zip(slots, tensors, strict=True):
+            leaves[i] = t.unsqueeze(0)
+        args, kwargs = tree_unflatten(leaves, spec)
+        with substituted_parameters(model, dict(zip(keys, theta, strict=True))):
+            out = model(*args, **kwargs)
+        return loss(as_logits(out, output_fn), e)
+
+    theta = tuple(p.detach() for p in params)
+    tensors = tuple(flat[i] for i in slots)
+    with torch.no_grad():
+        return list(vmap(grad(surrogate), in_dims=(None, 0, 0))(theta, tensors, extra))
+
+
+def _loop_grads(
+    model: nn.Module,
+    x: Inputs,
+    extra: Tensor,
+    params: list[Tensor],
+    loss: ExampleLoss,
+    output_fn: OutputFn | None,
+) -> list[Tensor]:
+    rows = []
+    with torch.enable_grad():
+        for i in range(extra.shape[0]):
+            logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
+            grads = torch.autograd.grad(loss(logits, extra[i]), params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)])
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
+
+
+def run_first_example(model: nn.Module, x: Inputs, output_fn: OutputFn | None = None) -> Any:
+    """``as_logits(model(x_0))``: the model on the first example alone, as every
+    per-example pass cuts it (:func:`._data.slice_batch`)."""
+    return as_logits(call_model(model, slice_batch(x, 0, 1)), output_fn)
