@@ -19,12 +19,24 @@ raises otherwise (:func:`fisher_optim.curvature.examples.check_first_example`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Batch", "cut_examples"]
+__all__ = [
+    "Batch",
+    "Inputs",
+    "InputsAndTargets",
+    "call_model",
+    "cut_examples",
+    "is_single_batch",
+    "iter_batches",
+    "model_inputs",
+    "num_examples",
+    "slice_batch",
+]
 
 
 def cut_examples(value: Any, n: int, start: int, stop: int) -> Any:
@@ -69,3 +81,86 @@ class Batch:
     def head(self, n: int | None) -> Batch:
         """The first ``n`` examples (the whole batch for None): :meth:`slice`."""
         return self if n is None else self.slice(0, n)
+
+
+Inputs = Tensor | Mapping[str, Any] | Batch
+"""A batch of inputs: a tensor (examples in dimension 0), a mapping of keyword arguments
+(a Hugging Face batch), or a :class:`Batch`."""
+InputsAndTargets = tuple[Inputs, Tensor | None]
+
+
+def model_inputs(x: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of the model call on ``x``."""
+    if isinstance(x, Tensor):
+        return (x,), {}
+    if isinstance(x, Batch):
+        return tuple(x.args), dict(x.kwargs)
+    return (), dict(x)
+
+
+def call_model(model: nn.Module, x: Inputs) -> Any:
+    """``model(x)``, ``model(**x)`` for a mapping, ``model(*args, **kwargs)`` for a ``Batch``."""
+    args, kwargs = model_inputs(x)
+    return model(*args, **kwargs)
+
+
+def num_examples(x: Inputs) -> int:
+    """The number of examples of a batch of inputs: the first dimension of its first tensor
+    (:meth:`Batch.num_examples`; ``curvature._data.batch_size`` also checks the others)."""
+    if isinstance(x, Tensor):
+        if x.dim() == 0:
+            raise ValueError("the inputs are a 0-dimensional tensor: no batch dimension")
+        return x.shape[0]
+    if isinstance(x, Batch):
+        return x.num_examples()
+    return Batch((), dict(x)).num_examples()
+
+
+def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of a batch, by the one slicing rule of
+    :func:`cut_examples` (see the module)."""
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    if isinstance(x, Batch):
+        return x.slice(start, stop)
+    n = num_examples(x)
+    return {k: cut_examples(v, n, start, stop) for k, v in x.items()}
+
+
+def _split(batch: Any) -> InputsAndTargets:
+    if isinstance(batch, Batch):
+        return Batch(batch.args, batch.kwargs), batch.targets
+    if isinstance(batch, (Tensor, Mapping)):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        "a batch must be a tensor, a mapping of tensors, or a tuple/list (inputs, targets, "
+        f"...); got {type(batch).__name__}"
+    )
+
+
+def iter_batches(data: Any) -> Iterator[InputsAndTargets]:
+    """Yield ``(inputs, targets or None)`` for each batch of ``data`` (see module doc).
+
+    >>> import torch
+    >>> [(x.shape[0], y) for x, y in iter_batches(torch.zeros(4, 2))]
+    [(4, None)]
+    >>> len(list(iter_batches([(torch.zeros(3, 2), torch.zeros(3))] * 2)))
+    2
+    """
+    if is_single_batch(data):
+        yield _split(data)
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a tensor, a mapping, a tuple (x, y) or an iterable of batches; "
+            f"got {type(data).__name__}"
+        )
+    for batch in data:
+        yield _split(batch)
+
+
+def is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch (rather than an iterable of batches)."""
+    return isinstance(data, (Tensor, Mapping, tuple, Batch))

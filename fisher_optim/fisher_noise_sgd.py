@@ -48,10 +48,9 @@ from fisher_optim._logits import (
     sample_labels,
 )
 from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
-from fisher_optim._targets import IGNORE_INDEX, TargetMask, target_rows
-from fisher_optim.batch import Batch
+from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
+from fisher_optim.batch import Batch, call_model
 from fisher_optim.curvature import examples
-from fisher_optim.curvature._data import call_model
 from fisher_optim.curvature.examples import check_first_example, example_grads
 from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper
@@ -329,7 +328,7 @@ class FisherNoiseSGD(GradientWrapper):
             logits = shaped.reshape(-1, shaped.shape[-1])
         labels = sample_labels(_finite(logits), "sample", generator)
         has_target = target_rows(module, chunk.args, chunk.kwargs, shaped.shape, self.target_mask)
-        return _drop_rows(labels, has_target)
+        return drop_untargeted(labels, has_target)
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
@@ -383,7 +382,7 @@ class FisherNoiseSGD(GradientWrapper):
             has_target = target_rows(
                 self.module, batch.args, batch.kwargs, shaped.shape, self.target_mask
             )
-            labels = _drop_rows(labels, has_target)
+            labels = drop_untargeted(labels, has_target)
         else:
             labels = targets.reshape(1, rows).to(logits.device).expand(k, rows)
         valid = labels != IGNORE_INDEX  # ℓ_i: the mean over example i's rows with a target
@@ -492,15 +491,6 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
         )
-
-
-def _drop_rows(labels: Tensor, has_target: Tensor | None) -> Tensor:
-    """Sampled ``labels`` (``[..., rows]``) set to ``IGNORE_INDEX`` where a row has no target
-    (:func:`fisher_optim._targets.target_rows`), so that ``ℓ_i`` leaves them out."""
-    if has_target is None:
-        return labels
-    keep = has_target.reshape(-1).to(labels.device)
-    return labels.masked_fill(~keep, IGNORE_INDEX)
 
 
 def _layout(batch: Batch) -> tuple[Any, ...]:
