@@ -176,9 +176,11 @@ def test_small_memory_blocks(name, monkeypatch):
 
 def test_grouped_conv_path_is_taken(monkeypatch):
     calls = []
-    original = layers._grouped_conv_sq_norms
+    original = layers.ConvGeometry.grouped_grads
     monkeypatch.setattr(
-        layers, "_grouped_conv_sq_norms", lambda *a: calls.append(a[0].shape) or original(*a)
+        layers.ConvGeometry,
+        "grouped_grads",
+        lambda self, a, g: calls.append(a.shape) or original(self, a, g),
     )
     model, x, y, _ = make_case("wide")
     per_example_grad_norms(model, x, y)

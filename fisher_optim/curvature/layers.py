@@ -30,7 +30,7 @@ methods give the norms and the Gram matrix (the normalisation layers need only
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,13 +160,52 @@ def unfold(
     return view.reshape(n, c * kh * kw, ho * wo)
 
 
+class ConvGeometry(NamedTuple):
+    """A 2-d convolution's ``kernel``, ``dilation``, ``stride``, symmetric zero ``padding``
+    and ``groups``: what the per-example weight gradients of a convolution need."""
+
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    groups: int
+
+    def sizes(self, a: Tensor, g: Tensor) -> tuple[int, int, int, int]:
+        """``(C_in/G, C_out/G, C_in/G·k, L)`` for input ``a`` and output gradient ``g``."""
+        cin, cout = a.shape[1] // self.groups, g.shape[1] // self.groups
+        return cin, cout, cin * self.kernel[0] * self.kernel[1], g.shape[2] * g.shape[3]
+
+    def columns(self, a: Tensor) -> Tensor:
+        """The unfolded input ``[B, C_in·k, L]`` (padded as the convolution pads)."""
+        (ph, pw) = self.padding
+        if ph or pw:
+            a = F.pad(a, [pw, pw, ph, ph])
+        return unfold(a, self.kernel, self.dilation, self.stride)
+
+    def grouped_grads(self, a: Tensor, g: Tensor) -> Tensor:
+        """Per-example weight gradients ``[B, C_out·C_in/G·k]`` as the weight gradient of
+        one grouped convolution with the examples stacked as groups (Rochette et al. 2019):
+        the backend's fastest kernel for it."""
+        b, c = a.shape[:2]
+        o = g.shape[1]
+        per_example = torch.nn.grad.conv2d_weight(
+            a.reshape(1, b * c, *a.shape[2:]),
+            (b * o, c // self.groups, *self.kernel),
+            g.reshape(1, b * o, *g.shape[2:]),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=b * self.groups,
+        )
+        return per_example.reshape(b, -1)
+
+
 def conv_operands(
     m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor
-) -> tuple[Tensor, Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+) -> tuple[Tensor, Tensor, ConvGeometry]:
     """A convolution's input ``a`` and output gradient ``g`` as a 2-d convolution's, with its
-    ``(kernel, dilation, stride, padding)``: padding other than symmetric zeros is applied to
-    ``a`` as the module's forward does ('same' may be asymmetric), and a 1-d convolution is a
-    2-d one of height 1."""
+    geometry: padding other than symmetric zeros is applied to ``a`` as the module's forward
+    does ('same' may be asymmetric), and a 1-d convolution is a 2-d one of height 1."""
     kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
     if m.padding_mode == "zeros" and not isinstance(m.padding, str):
         padding = m.padding  # symmetric zero padding: left to the kernels
@@ -178,57 +217,7 @@ def conv_operands(
         a, g = a.unsqueeze(2), g.unsqueeze(2)
         kernel, dilation = (1, *kernel), (1, *dilation)
         stride, padding = (1, *stride), (0, *padding)
-    return a, g, kernel, dilation, stride, padding
-
-
-def grouped_conv_grads(
-    a: Tensor,
-    g: Tensor,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    groups: int,
-) -> Tensor:
-    """Per-example conv weight gradients ``[B, O·C/G·k]`` as the weight gradient of one
-    grouped convolution with the examples stacked as groups (Rochette et al. 2019)."""
-    b, c = a.shape[:2]
-    o = g.shape[1]
-    per_example = torch.nn.grad.conv2d_weight(
-        a.reshape(1, b * c, *a.shape[2:]),
-        (b * o, c // groups, *kernel),
-        g.reshape(1, b * o, *g.shape[2:]),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=b * groups,
-    )
-    return per_example.reshape(b, -1)
-
-
-def _grouped_conv_sq_norms(
-    a: Tensor,
-    g: Tensor,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    groups: int,
-) -> Tensor:
-    """:func:`grouped_conv_grads`' squared norms, in blocks of bounded memory."""
-    n, c = a.shape[:2]
-    o = g.shape[1]
-    step = max(1, MAX_BLOCK_ELEMENTS // (o * (c // groups) * kernel[0] * kernel[1]))
-    return torch.cat(
-        [
-            sq_norms(
-                grouped_conv_grads(
-                    a[s : s + step], g[s : s + step], kernel, dilation, stride, padding, groups
-                )
-            )
-            for s in range(0, n, step)
-        ]
-    )
+    return a, g, ConvGeometry(kernel, dilation, stride, padding, m.groups)  # type: ignore[arg-type]
 
 
 class LayerRule:
@@ -293,58 +282,51 @@ class ConvRule(LayerRule):
     def sq_norms(self, m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
         out = g.new_zeros(a.shape[0])
         if _trains(m.weight):
-            out = out + self._weight_sq_norms(m, a, g)
+            out = out + self._weight_sq_norms(*conv_operands(m, a, g))
         if _trains(m.bias):
             out = out + sq_norms(g.flatten(2).sum(2))
         return out
 
     @staticmethod
-    def _weight_sq_norms(m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-        n, groups = a.shape[0], m.groups
-        a, g, kernel, dilation, stride, padding = conv_operands(m, a, g)
-        cin, cout = a.shape[1] // groups, g.shape[1] // groups
-        k, length = cin * kernel[0] * kernel[1], g.shape[2] * g.shape[3]
+    def _weight_sq_norms(a: Tensor, g: Tensor, geo: ConvGeometry) -> Tensor:
+        n, groups = a.shape[0], geo.groups
+        cin, cout, k, length = geo.sizes(a, g)
         if cin >= 16 and cout * k <= length * (cout + k):
             # per-example gradients are the cheaper form and the backend forms them fastest
-            return _grouped_conv_sq_norms(a, g, kernel, dilation, stride, padding, groups)
-        if any(padding):
-            a = F.pad(a, [padding[1], padding[1], padding[0], padding[0]])
-        cols = unfold(a, kernel, dilation, stride)  # [B, Cin*k, L]
-        cols = cols.reshape(n * groups, k, length).transpose(1, 2)  # [B*G, L, Cin/G*k]
+            step = max(1, MAX_BLOCK_ELEMENTS // (groups * cout * k))
+            return torch.cat(
+                [
+                    sq_norms(geo.grouped_grads(a[s : s + step], g[s : s + step]))
+                    for s in range(0, n, step)
+                ]
+            )
+        cols = geo.columns(a).reshape(n * groups, k, length).transpose(1, 2)  # [B*G, L, k]
         gg = g.reshape(n * groups, cout, length).transpose(1, 2)  # [B*G, L, Cout/G]
         return matmul_sq_norms(cols, gg).reshape(n, groups).sum(1)
 
     def gram(self, m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor, out: Tensor) -> None:
         if _trains(m.weight):
-            dim, block = self._weight_block(m, a, g)
+            dim, block = self._weight_block(*conv_operands(m, a, g))
             dense_gram(a.shape[0], dim, block, out)
         if _trains(m.bias):
             _add_outer(g.flatten(2).sum(2), out)
 
     @staticmethod
-    def _weight_block(m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> tuple[int, BlockFn]:
+    def _weight_block(a: Tensor, g: Tensor, geo: ConvGeometry) -> tuple[int, BlockFn]:
         """The dimension and a block function of the per-example weight gradients."""
-        groups = m.groups
-        a, g, kernel, dilation, stride, padding = conv_operands(m, a, g)
-        cin, cout = a.shape[1] // groups, g.shape[1] // groups
-        k, length = cin * kernel[0] * kernel[1], g.shape[2] * g.shape[3]
-        dim = groups * cout * k
-        if cin >= 16:  # the backend's grouped-convolution weight gradient
-
-            def grouped(s: int, e: int) -> Tensor:
-                return grouped_conv_grads(a[s:e], g[s:e], kernel, dilation, stride, padding, groups)
-
-            return dim, grouped
+        cin, cout, k, length = geo.sizes(a, g)
+        groups = geo.groups
 
         def unfolded(s: int, e: int) -> Tensor:
-            ab, b = a[s:e], e - s
-            if any(padding):
-                ab = F.pad(ab, [padding[1], padding[1], padding[0], padding[0]])
-            cols = unfold(ab, kernel, dilation, stride).reshape(b * groups, k, length)
+            b = e - s
+            cols = geo.columns(a[s:e]).reshape(b * groups, k, length)
             gg = g[s:e].reshape(b * groups, cout, length)
             return torch.bmm(gg, cols.transpose(1, 2)).reshape(b, -1)
 
-        return dim, unfolded
+        def grouped(s: int, e: int) -> Tensor:  # the backend's grouped-convolution kernel
+            return geo.grouped_grads(a[s:e], g[s:e])
+
+        return groups * cout * k, grouped if cin >= 16 else unfolded
 
 
 class EmbeddingRule(LayerRule):
