@@ -15,7 +15,6 @@ catches examples that interact (BatchNorm with batch statistics, a model that mi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +126,14 @@ def example_grads(
     try:
         return _vmap_grads(model, x, extra, params, loss, output_fn)
     except Exception:  # noqa: BLE001 - the loop below reruns the model and re-raises its errors
-        return _loop_grads(model, x, extra, params, loss, output_fn)
+        pass
+    rows = []
+    with torch.enable_grad():
+        for i in range(extra.shape[0]):
+            logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
+            grads = torch.autograd.grad(loss(logits, extra[i]), params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)])
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
 
 
 def _vmap_grads(
@@ -160,26 +166,3 @@ def _vmap_grads(
     tensors = tuple(flat[i] for i in slots)
     with torch.no_grad():
         return list(vmap(grad(surrogate), in_dims=(None, 0, 0))(theta, tensors, extra))
-
-
-def _loop_grads(
-    model: nn.Module,
-    x: Inputs,
-    extra: Tensor,
-    params: list[Tensor],
-    loss: ExampleLoss,
-    output_fn: OutputFn | None,
-) -> list[Tensor]:
-    rows = []
-    with torch.enable_grad():
-        for i in range(extra.shape[0]):
-            logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
-            grads = torch.autograd.grad(loss(logits, extra[i]), params, allow_unused=True)
-            rows.append([torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)])
-    return [torch.stack(col) for col in zip(*rows, strict=True)]
-
-
-def run_first_example(model: nn.Module, x: Inputs, output_fn: OutputFn | None = None) -> Any:
-    """``as_logits(model(x_0))``: the model on the first example alone, as every
-    per-example pass cuts it (:func:`._data.slice_batch`)."""
-    return as_logits(call_model(model, slice_batch(x, 0, 1)), output_fn)
