@@ -31,6 +31,7 @@ __all__ = [
     "InputsAndTargets",
     "call_model",
     "cut_examples",
+    "holds_examples",
     "is_single_batch",
     "iter_batches",
     "model_inputs",
@@ -39,12 +40,16 @@ __all__ = [
 ]
 
 
+def holds_examples(value: Any, n: int) -> bool:
+    """Whether ``value`` is a tensor whose first dimension is the number of examples ``n``:
+    the one rule by which a batch is cut."""
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
+
+
 def cut_examples(value: Any, n: int, start: int, stop: int) -> Any:
-    """``value[start:stop]`` if ``value`` is a tensor holding ``n`` examples in its first
-    dimension, else ``value`` unchanged: the one slicing rule of a batch."""
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[start:stop]
-    return value
+    """``value[start:stop]`` if it holds the ``n`` examples (:func:`holds_examples`), else
+    ``value`` unchanged."""
+    return value[start:stop] if holds_examples(value, n) else value
 
 
 @dataclass

@@ -313,7 +313,9 @@ class FisherNoiseSGD(GradientWrapper):
                     labels = self._sampled_labels(module, chunk, generator).view(stop - start, -1)
                 else:
                     labels = targets[start:stop]
-                grads = example_grads(module, chunk, labels, params, _example_loss, self.output_fn)
+                grads = example_grads(
+                    module, batch, labels, params, _example_loss, self.output_fn, start
+                )
                 for s, d in zip(sums, grads):
                     s.add_(d.to(s.dtype).pow(2).sum(0))
         return [s / n for s in sums]

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._as_found import substituted_parameters
 from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
 from .._targets import IGNORE_INDEX
+from ..batch import holds_examples
 from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
 
 __all__ = [
@@ -111,27 +112,30 @@ def example_grads(
     params: list[Tensor],
     loss: ExampleLoss,
     output_fn: OutputFn | None = None,
+    start: int = 0,
 ) -> list[Tensor]:
-    """``∇_params loss(logits_i, extra[i])`` for every example ``i`` of ``x``: one tensor
-    ``[n, *p.shape]`` per parameter (zeros where the loss does not reach it), ``logits_i``
-    the rows ``[R, C]`` of ``as_logits(model(x_i))``.
+    """``∇_params loss(logits_i, extra[i - start])`` for the examples ``i`` in
+    ``start : start + len(extra)`` of the batch ``x``: one tensor ``[len(extra), *p.shape]``
+    per parameter (zeros where the loss does not reach it), ``logits_i`` the rows
+    ``[R, C]`` of ``as_logits(model(x_i))``.
 
-    By ``torch.func.vmap(grad)`` over single examples (the tensors of ``x`` whose first
-    dimension is the batch size, see :func:`._data.slice_batch`), the parameters
-    substituted by identity (:func:`fisher_optim._as_found.substituted_parameters`, so a
-    model with a module registered twice is left exactly as found); a model that ``vmap``
-    cannot run (data-dependent control flow, as in the attention-mask code of Hugging Face
-    models) is run one example at a time instead. Exact either way.
+    The examples are cut by the one slicing rule (:func:`fisher_optim.batch.cut_examples`,
+    decided on the whole batch ``x``). By ``torch.func.vmap(grad)`` over single examples,
+    the parameters substituted by identity
+    (:func:`fisher_optim._as_found.substituted_parameters`, so a model with a module
+    registered twice is left exactly as found); a model that ``vmap`` cannot run
+    (data-dependent control flow, as in the attention-mask code of Hugging Face models) is
+    run one example at a time instead. Exact either way.
     """
     try:
-        return _vmap_grads(model, x, extra, params, loss, output_fn)
+        return _vmap_grads(model, x, extra, params, loss, output_fn, start)
     except Exception:  # noqa: BLE001 - the loop below reruns the model and re-raises its errors
         pass
     rows = []
     with torch.enable_grad():
-        for i in range(extra.shape[0]):
+        for i, e in enumerate(extra, start):
             logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
-            grads = torch.autograd.grad(loss(logits, extra[i]), params, allow_unused=True)
+            grads = torch.autograd.grad(loss(logits, e), params, allow_unused=True)
             rows.append([torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)])
     return [torch.stack(col) for col in zip(*rows, strict=True)]
 
@@ -143,15 +147,14 @@ def _vmap_grads(
     params: list[Tensor],
     loss: ExampleLoss,
     output_fn: OutputFn | None,
+    start: int,
 ) -> list[Tensor]:
     from torch.func import grad, vmap
 
     keys = [id(p) for p in params]
-    n = num_examples(x)
+    n, stop = num_examples(x), start + extra.shape[0]
     flat, spec = tree_flatten(model_inputs(x))
-    slots = [
-        i for i, v in enumerate(flat) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n
-    ]
+    slots = [i for i, v in enumerate(flat) if holds_examples(v, n)]
 
     def surrogate(theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], e: Tensor) -> Tensor:
         leaves = list(flat)
@@ -163,6 +166,6 @@ def _vmap_grads(
         return loss(as_logits(out, output_fn), e)
 
     theta = tuple(p.detach() for p in params)
-    tensors = tuple(flat[i] for i in slots)
+    tensors = tuple(flat[i][start:stop] for i in slots)
     with torch.no_grad():
         return list(vmap(grad(surrogate), in_dims=(None, 0, 0))(theta, tensors, extra))

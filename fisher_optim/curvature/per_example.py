@@ -128,9 +128,7 @@ def cotangent_grads(
     """``J_i^T G_i`` restricted to ``params``, flat ``[stop - start, Σ numel]``, for the
     examples ``start:stop``, ``g3`` the cotangent ``[N, R, C]``: the parameters the ghost
     pass leaves to the caller, per example (:func:`.examples.example_grads`)."""
-    grads = example_grads(
-        model, slice_batch(inputs, start, stop), g3[start:stop], params, _contract, output_fn
-    )
+    grads = example_grads(model, inputs, g3[start:stop], params, _contract, output_fn, start)
     return torch.cat([d.flatten(1) for d in grads], 1)
 
 
