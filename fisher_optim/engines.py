@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fisher_optim._as_found import parameter_values_kept
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import trainable_parameters
 from fisher_optim._targets import TargetMask
@@ -208,10 +209,19 @@ def _default_fd_step_tensor(params: Sequence[Tensor]) -> Tensor:
 def compute_penalty_gradient(
     objective: PenaltyObjective, mode: str = "exact", fd_step: float | None = None
 ) -> PenaltyGradient:
-    """Dispatch to the engine named by ``mode`` (one of :data:`MODES`)."""
-    if check_mode(mode) == "exact":
-        return exact_penalty_gradient(objective)
-    return finite_difference_penalty_gradient(objective, fd_step)
+    """Dispatch to the engine named by ``mode`` (one of :data:`MODES`).
+
+    The penalty's passes leave the parameters' values as found: rows that an
+    ``nn.Embedding(max_norm=...)`` renormalises in these forwards are written back
+    (:func:`~fisher_optim._as_found.parameter_values_kept`), so that a step changes the
+    parameters by the base optimizer's update only. (The training forward, the user's,
+    still renormalises the rows of its batch, as without the penalty.)
+    """
+    # check=False: the finite-difference engine moves the parameters and restores them itself
+    with parameter_values_kept(objective.model, check=False):
+        if check_mode(mode) == "exact":
+            return exact_penalty_gradient(objective)
+        return finite_difference_penalty_gradient(objective, fd_step)
 
 
 def penalty_gradient(
