@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fisher_optim.curvature import (
     hessian_eigenvalues,
+    is_converged,
     lanczos,
     power_iteration,
     top_hessian_eigenvalue,
@@ -112,3 +113,47 @@ def test_lanczos_exact_on_invariant_subspace_and_arguments():
                             iters=0)  # fmt: skip
     with pytest.raises(ValueError, match="targets"):
         hessian_eigenvalues(nn.Linear(2, 2), torch.randn(3, 2), loss_fn=F.cross_entropy)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_issue_27_3_converged_means_residual_within_tol_of_its_own_eigenvalue(seed):
+    """A spectrum dominated by a large negative eigenvalue: the old test, ``tol · max|θ|``,
+    passed λ_H^1 and λ_H^2 at 7-49x the promised residual. Every pair reported converged
+    (``hessian_eigenvalues``, ``top_hessian_eigenvalue``, ``lanczos``, ``power_iteration``)
+    has the brute-force residual ``||A v - λ v|| ≤ tol · |λ|``."""
+    spectrum = [1.0, 0.8, 0.7, -40.0] + torch.linspace(-0.5, 0.5, 40).tolist()
+    model, data, loss = quadratic_case(spectrum)
+    a = matrix_with_spectrum(torch.tensor(spectrum, dtype=torch.float64))
+
+    def within(values, vectors, tol):
+        residuals = (a @ vectors - vectors * values).norm(dim=0)
+        return bool((residuals <= tol * values.abs()).all())
+
+    for tol in (1e-4, 1e-6):
+        for k in (1, 2, 3):
+            gen = torch.Generator().manual_seed(seed)
+            spec = hessian_eigenvalues(model, data, k, loss_fn=loss, tol=tol, generator=gen)
+            assert spec.converged and within(spec.eigenvalues, spec.eigenvectors, tol)
+            torch.testing.assert_close(
+                spec.eigenvalues, torch.tensor(spectrum[:k], dtype=torch.float64), rtol=tol,
+                atol=0,
+            )  # fmt: skip
+            spec = lanczos(lambda v: a @ v, len(spectrum), k, tol=tol, generator=gen)
+            assert spec.converged and within(spec.eigenvalues, spec.eigenvectors, tol)
+        est = top_hessian_eigenvalue(
+            model, data, loss_fn=loss, tol=tol, generator=torch.Generator().manual_seed(seed)
+        )
+        value = torch.tensor([est.eigenvalue], dtype=torch.float64)
+        assert est.converged and within(value, est.eigenvector[:, None], tol)
+        est = power_iteration(
+            lambda v: a @ v, len(spectrum), iters=500, tol=tol,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        value = torch.tensor([est.eigenvalue], dtype=torch.float64)
+        assert est.converged and within(value, est.eigenvector[:, None], tol)
+
+
+def test_is_converged_is_relative_to_each_pairs_own_eigenvalue():
+    assert is_converged(torch.tensor([0.5e-4, 1e-3]), torch.tensor([1.0, -40.0]), 1e-4)
+    assert not is_converged(torch.tensor([2e-4, 1e-3]), torch.tensor([1.0, -40.0]), 1e-4)
+    assert is_converged(0.0, 0.0, 1e-4) and not is_converged(1e-30, 0.0, 1e-4)

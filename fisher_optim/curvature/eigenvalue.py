@@ -11,8 +11,10 @@ Which eigenvalue: :func:`top_hessian_eigenvalue` and :func:`hessian_eigenvalues`
 *algebraically largest* eigenvalues ``λ_1 ≥ λ_2 ≥ ...`` (not the largest magnitude: a
 Hessian with eigenvalues 3 and -2.97 has ``λ_H^1 = 3``), by Lanczos. Every estimate
 reports its residual ``||H v - λ v||`` (computed with one extra Hessian-vector product per
-eigenvalue) and whether it is below ``tol · max|λ|``; :func:`power_iteration` remains for
-the eigenvalue of largest magnitude.
+eigenvalue) and whether it converged, by the one criterion of :func:`is_converged`: every
+reported pair has ``||H v_i - λ_i v_i|| ≤ tol · |λ_i|``, relative to *its own* eigenvalue
+(not to the largest magnitude, which a large negative eigenvalue would dominate);
+:func:`power_iteration` remains for the eigenvalue of largest magnitude.
 """
 
 from __future__ import annotations
@@ -33,15 +35,37 @@ __all__ = [
     "EigenEstimate",
     "EigenSpectrum",
     "hessian_eigenvalues",
+    "is_converged",
     "lanczos",
     "power_iteration",
     "top_hessian_eigenvalue",
 ]
 
 
+def is_converged(residuals: Tensor | float, eigenvalues: Tensor | float, tol: float) -> bool:
+    """The convergence criterion of every eigenvalue estimate in fisher_optim: each pair's
+    residual is at most ``tol`` times the magnitude of its own eigenvalue,
+
+        ``||A v_i - λ_i v_i|| ≤ tol · |λ_i|``  for every ``i``
+
+    (Golub & Van Loan, Sec. 7.1: then ``λ_i`` is an eigenvalue of a matrix within relative
+    distance ``tol`` of ``A``, and, ``A`` symmetric, within ``tol · |λ_i|`` of an eigenvalue
+    of ``A``). An eigenvalue 0 converges only with a zero residual.
+
+    >>> is_converged(torch.tensor([1e-5, 1e-3]), torch.tensor([1.0, -100.0]), 1e-4)
+    True
+    >>> is_converged(torch.tensor([1e-3]), torch.tensor([1.0]), 1e-4)  # even if |λ_2| = 100
+    False
+    """
+    r = torch.as_tensor(residuals, dtype=torch.float64)
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64, device=r.device)
+    return bool((r <= tol * lam.abs()).all())
+
+
 class EigenEstimate(NamedTuple):
     """One eigenvalue, its unit eigenvector, the matrix-vector products used, whether it
-    converged, and its residual ``||A v - λ v||`` (``converged``: residual ≤ tol·|λ|)."""
+    converged, and its residual ``||A v - λ v||`` (``converged``: residual ≤ tol·|λ|,
+    :func:`is_converged`)."""
 
     eigenvalue: float
     eigenvector: Tensor
@@ -52,9 +76,9 @@ class EigenEstimate(NamedTuple):
 
 class EigenSpectrum(NamedTuple):
     """The ``k`` largest eigenvalues (descending, float64), unit eigenvectors ``[dim, k]``,
-    residuals ``||A v_i - λ_i v_i||`` ``[k]``, whether all are ≤ ``tol · max|λ|``, and the
-    number of Lanczos steps (each one matrix-vector product; ``k`` more for the
-    residuals)."""
+    residuals ``||A v_i - λ_i v_i||`` ``[k]``, whether every pair converged (each residual
+    ≤ ``tol · |λ_i|``, its own eigenvalue: :func:`is_converged`), and the number of Lanczos
+    steps (each one matrix-vector product; ``k`` more for the residuals)."""
 
     eigenvalues: Tensor
     eigenvectors: Tensor
@@ -81,7 +105,8 @@ def power_iteration(
     """Power iteration ``v ← A v / ||A v||`` for the eigenvalue of largest *magnitude*.
 
     The estimate is the Rayleigh quotient ``λ = v^T A v``; it stops once the residual
-    ``||A v - λ v|| ≤ tol · |λ|`` (``converged=True``) or after ``iters`` products
+    ``||A v - λ v|| ≤ tol · |λ|`` (:func:`is_converged`; ``converged=True``) or after
+    ``iters`` products
     (``converged=False``). For a symmetric ``A`` it converges to the eigenvalue of largest
     ``|λ|`` at the rate ``|λ_2/λ_1|`` per step - slowly when two eigenvalues of opposite
     sign have nearly the same magnitude (then the residual stays large and the result says
@@ -102,7 +127,7 @@ def power_iteration(
         w = matvec(v).to(v.dtype)
         eigenvalue = float(torch.dot(v, w))
         residual = float((w - eigenvalue * v).norm())
-        if residual <= tol * abs(eigenvalue) or float(w.norm()) == 0.0:
+        if is_converged(residual, eigenvalue, tol) or float(w.norm()) == 0.0:
             return EigenEstimate(eigenvalue, v, it, True, residual)
         if it == iters:  # the estimate and residual belong to this v
             break
@@ -127,10 +152,11 @@ def lanczos(
     Builds an orthonormal Krylov basis ``Q`` (each new vector orthogonalised against all
     previous ones, twice) and the tridiagonal ``T = Q^T A Q``; the Ritz values, the
     eigenvalues of ``T``, approximate the extreme eigenvalues of ``A``. It stops when the
-    Ritz residual estimates ``β_m |s_{m,i}|`` of the top ``k`` are ≤ ``tol · max|θ|``, when
+    Ritz residual estimates ``β_m |s_{m,i}|`` of the top ``k`` are ≤ ``tol · |θ_i|``, when
     the Krylov space is invariant (then exact), or after ``iters`` steps (``iters`` is
     capped at ``dim``). The reported residuals ``||A y_i - θ_i y_i||`` are then computed
-    with ``k`` more products, and ``converged`` is whether all are ≤ ``tol · max|θ|``.
+    with ``k`` more products, and ``converged`` is whether every one is ≤ ``tol · |θ_i|``
+    (:func:`is_converged`, the criterion of every estimate here).
     Memory: ``dim × iters`` numbers for the basis.
 
     >>> a = torch.diag(torch.tensor([3.0, -2.97, 1.0, 0.5], dtype=torch.float64))
@@ -169,7 +195,7 @@ def lanczos(
         invariant = beta <= 1e-12 * max(scale, 1e-300) or m == dim
         if m >= k:
             estimates = beta * s[-1, :k].abs()
-            if invariant or bool((estimates <= tol * scale).all()):
+            if invariant or is_converged(estimates, theta[:k], tol):
                 break
         elif invariant:  # fewer than k directions reachable from this start vector
             break
@@ -188,8 +214,7 @@ def lanczos(
             for i in range(kk)
         ]
     )
-    scale = float(theta.abs().max())
-    converged = kk == k and bool((residuals <= tol * scale).all())
+    converged = kk == k and is_converged(residuals, theta[:kk], tol)
     return EigenSpectrum(theta[:kk].clone(), ritz, residuals, converged, m)
 
 
@@ -209,7 +234,8 @@ def hessian_eigenvalues(
 
     Hessian-vector products by double backprop over batches ``(x, y)`` of ``data`` (a
     batch or an iterable, such as a ``DataLoader``), at most ``iters`` Lanczos steps,
-    relative tolerance ``tol`` on the residuals ``||H v - λ v|| ≤ tol · max|λ|``. The basis
+    relative tolerance ``tol`` on the residuals: ``converged`` when every
+    ``||H v_i - λ_i v_i|| ≤ tol · |λ_i|`` (:func:`is_converged`). The basis
     is kept in the parameters' dtype. Eval mode (BatchNorm with running statistics); the
     model is left exactly as found, ``.grad`` included. Compare ``λ_H^1`` with ``2/η``.
 
@@ -249,7 +275,7 @@ def top_hessian_eigenvalue(
     :func:`hessian_eigenvalues` with ``k=1`` (Lanczos, not the power iteration: with
     eigenvalues 3 and -2.97 it returns 3). Returns an :class:`EigenEstimate`: the value in
     ``.eigenvalue``, ``.converged`` (residual ``||H v - λ v|| ≤ tol · |λ|`` within ``iters``
-    steps) and ``.residual``; a :class:`RuntimeWarning` is issued when it did not
+    steps, :func:`is_converged`) and ``.residual``; a :class:`RuntimeWarning` is issued when it did not
     converge. Compare with ``2/η`` (edge of stability). Eval mode; the model is left
     exactly as found, ``.grad`` included.
 
