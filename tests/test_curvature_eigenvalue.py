@@ -157,3 +157,90 @@ def test_is_converged_is_relative_to_each_pairs_own_eigenvalue():
     assert is_converged(torch.tensor([0.5e-4, 1e-3]), torch.tensor([1.0, -40.0]), 1e-4)
     assert not is_converged(torch.tensor([2e-4, 1e-3]), torch.tensor([1.0, -40.0]), 1e-4)
     assert is_converged(0.0, 0.0, 1e-4) and not is_converged(1e-30, 0.0, 1e-4)
+
+
+def _zero_softmax_regression(d: int = 6, classes: int = 4, n: int = 32):
+    """``nn.Linear(d, C)`` at zero: ``H = E[x̃ x̃^T] ⊗ (I - 11^T/C)/C`` (x̃ = (x, 1)), every
+    eigenvalue of the first factor repeated ``C - 1`` times."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(d, classes).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model, x, y
+
+
+def _dense_hessian_spectrum(model: nn.Module, x, y) -> torch.Tensor:
+    """Eigenvalues (descending) of the Hessian by ``torch.autograd.functional.hessian``."""
+    w, b = (p.detach().clone() for p in model.parameters())
+
+    def loss(w, b):
+        return F.cross_entropy(F.linear(x, w, b), y)
+
+    blocks = torch.autograd.functional.hessian(loss, (w, b))
+    sizes = [w.numel(), b.numel()]
+    dense = torch.cat(
+        [torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(2)], 1)
+         for i in range(2)]
+    )  # fmt: skip
+    return torch.linalg.eigvalsh(dense).flip(0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("seed", range(3))
+def test_issue_27_2_repeated_hessian_eigenvalues_are_found(k, seed):
+    """Zero-initialised softmax regression: top-2 was reported [0.618, 0.535] against the
+    dense [0.618, 0.618], with ``converged=True``."""
+    model, x, y = _zero_softmax_regression()
+    eig = _dense_hessian_spectrum(model, x, y)
+    assert float(eig[0] - eig[2]) < 1e-12 < float(eig[2] - eig[3])  # λ_1 threefold
+    spec = hessian_eigenvalues(
+        model, (x, y), k, tol=1e-8, generator=torch.Generator().manual_seed(seed)
+    )
+    assert spec.converged
+    torch.testing.assert_close(spec.eigenvalues, eig[:k], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        [5.0, 5.0, 5.0, 3.0, 3.0, 1.0, -2.0, -9.0],  # an eigenvalue 3x, one 2x
+        [4.0] * 6 + [1.0] * 6 + [-6.0] * 4,  # three distinct: invariant after 3 steps
+        [2.0, 1.0, 1.0, 1.0, 1.0, -3.0] + torch.linspace(-1, 0.5, 30).tolist(),
+    ],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_issue_27_2_lanczos_finds_known_multiplicities(spectrum, seed):
+    a = matrix_with_spectrum(torch.tensor(spectrum, dtype=torch.float64), seed=seed)
+    expected = torch.tensor(sorted(spectrum, reverse=True), dtype=torch.float64)
+    for k in range(2, 8):
+        spec = lanczos(
+            lambda v: a @ v, len(spectrum), k, tol=1e-10,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        assert spec.converged, k
+        torch.testing.assert_close(spec.eigenvalues, expected[:k], rtol=1e-9, atol=1e-9)
+        v = spec.eigenvectors
+        torch.testing.assert_close(v.T @ v, torch.eye(k, dtype=torch.float64), atol=1e-8, rtol=0)
+        residuals = (a @ v - v * spec.eigenvalues).norm(dim=0)
+        assert bool((residuals <= 1e-10 * spec.eigenvalues.abs()).all())
+
+
+def test_issue_27_2_cannot_tell_is_not_converged_and_warned():
+    """Too few steps for the deflated restart to exclude a repeated eigenvalue: the answer
+    says so (converged=False, a warning), although its residuals pass; with more steps the
+    search ends and it converges."""
+    spectrum = [3.0, 3.0, 2.0] + torch.linspace(-1, 1, 60).tolist()
+    a = matrix_with_spectrum(torch.tensor(spectrum, dtype=torch.float64))
+
+    def run(iters):
+        gen = torch.Generator().manual_seed(2)
+        return lanczos(lambda v: a @ v, len(spectrum), 2, iters=iters, tol=1e-4, generator=gen)
+
+    with pytest.warns(RuntimeWarning, match="repeated eigenvalue"):
+        spec = run(11)
+    assert not spec.converged and is_converged(spec.residuals, spec.eigenvalues, 1e-4)
+    spec = run(30)
+    assert spec.converged
+    torch.testing.assert_close(spec.eigenvalues, torch.tensor([3.0, 3.0], dtype=torch.float64))
