@@ -116,11 +116,11 @@ def renormalised_on_copies(model: nn.Module) -> contextlib.AbstractContextManage
 
 
 @contextlib.contextmanager
-def left_as_found(model: nn.Module) -> Iterator[None]:
+def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
     """Restore, on exit, every module's train/eval flag, ``Parameter`` objects and buffers
     (objects and values), every parameter's ``requires_grad`` and ``.grad``, and the values
-    of the parameters a forward renormalises in place; raise if a forward changed another
-    parameter in place (:func:`parameter_values_kept`).
+    of the parameters a forward renormalises in place; with ``check``, raise if a forward
+    changed another parameter in place (:func:`parameter_values_kept`).
 
     >>> import torch
     >>> bn = nn.BatchNorm1d(2)
@@ -138,7 +138,7 @@ def left_as_found(model: nn.Module) -> Iterator[None]:
     ]
     grads = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        with parameter_values_kept(model):
+        with parameter_values_kept(model, check=check):
             yield
     finally:
         for m, flag, own, bufs in zip(modules, flags, params, buffers, strict=True):

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._as_found import parameter_values_kept
+from fisher_optim._as_found import left_as_found
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import trainable_parameters
 from fisher_optim._targets import TargetMask
@@ -211,14 +211,17 @@ def compute_penalty_gradient(
 ) -> PenaltyGradient:
     """Dispatch to the engine named by ``mode`` (one of :data:`MODES`).
 
-    The penalty's passes leave the parameters' values as found: rows that an
-    ``nn.Embedding(max_norm=...)`` renormalises in these forwards are written back
-    (:func:`~fisher_optim._as_found.parameter_values_kept`), so that a step changes the
-    parameters by the base optimizer's update only. (The training forward, the user's,
-    still renormalises the rows of its batch, as without the penalty.)
+    The penalty's passes leave the model as found
+    (:func:`~fisher_optim._as_found.left_as_found`): rows that an
+    ``nn.Embedding(max_norm=...)`` renormalises in these forwards are written back, and
+    buffers that a training-mode forward updates (``spectral_norm``'s power-iteration
+    vectors) are restored, as BatchNorm's running statistics are never updated here. A
+    step thus changes the parameters by the base optimizer's update only, and leaves the
+    rest of the model's state as the user's training forward left it, as without the
+    penalty.
     """
     # check=False: the finite-difference engine moves the parameters and restores them itself
-    with parameter_values_kept(objective.model, check=False):
+    with left_as_found(objective.model, check=False):
         if check_mode(mode) == "exact":
             return exact_penalty_gradient(objective)
         return finite_difference_penalty_gradient(objective, fd_step)

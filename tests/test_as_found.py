@@ -202,6 +202,56 @@ def test_penalty_step_changes_parameters_by_the_update_only(mode: str) -> None:
         torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=1e-14)
 
 
+def _normed(kind: str) -> nn.Module:
+    """A head whose first layer is reparametrised: ``spectral_norm`` (old and new API: a
+    training-mode forward updates its power-iteration buffers in place) or ``weight_norm``."""
+    from torch.nn.utils import parametrizations
+
+    wrap = {
+        "spectral_norm": nn.utils.spectral_norm,
+        "parametrizations.spectral_norm": parametrizations.spectral_norm,
+        "weight_norm": nn.utils.weight_norm,
+        "parametrizations.weight_norm": parametrizations.weight_norm,
+    }[kind]
+    torch.manual_seed(0)
+    return nn.Sequential(wrap(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, CLASSES)).double()
+
+
+NORMED = ["spectral_norm", "parametrizations.spectral_norm", "weight_norm",
+          "parametrizations.weight_norm"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MEASUREMENTS))
+@pytest.mark.parametrize("kind", NORMED)
+def test_measurement_leaves_reparametrised_layers_as_found(name: str, kind: str) -> None:
+    model = randomize_state(_normed(kind)).train()
+    x = torch.randn(B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(CLASSES, (B,), generator=torch.Generator().manual_seed(2))
+    params, snap = list(model.parameters()), snapshot(model)
+    MEASUREMENTS[name](model, x, y)
+    assert_unchanged(model, snap)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "parametrizations.spectral_norm"])
+def test_penalty_pass_leaves_power_iteration_buffers_as_training_left_them(
+    mode: str, kind: str
+) -> None:
+    """The training forward advances spectral_norm's power iteration (once per forward, as
+    without the penalty); the penalty's own forwards do not."""
+    model = _normed(kind).train()
+    x = torch.randn(B, 4, dtype=torch.float64)
+    y = torch.randint(CLASSES, (B,))
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.5, mode=mode)
+    F.cross_entropy(model(x), y).backward()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    opt.step()
+    assert opt.refreshes == 1
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
 class Clamping(nn.Module):
     """A forward that clamps its own weight in place: nothing fisher_optim knows to undo."""
 
