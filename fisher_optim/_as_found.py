@@ -45,6 +45,10 @@ __all__ = [
 #: Modules whose forward rescales rows of their ``weight`` in place when ``max_norm`` is set.
 RENORMALISING = (nn.Embedding, nn.EmbeddingBag)
 
+#: ``id``s of the parameters whose values an enclosing :func:`parameter_values_kept` block
+#: will write back.
+_KEPT: set[int] = set()
+
 
 def renormalising_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights that a forward of ``model`` may change in place: those of the
@@ -67,6 +71,10 @@ def parameter_values_kept(model: nn.Module, *, check: bool = True) -> Iterator[N
     ``check=False`` (for code that moves parameters and restores them itself, as the
     finite-difference penalty engine does).
 
+    In nested blocks only the outermost writes back: all the forwards of one measurement
+    (its passes are nested blocks) see the rows as the first renormalised them, which is
+    how the training forward leaves them.
+
     >>> emb = nn.Embedding(3, 2, max_norm=1.0)
     >>> with torch.no_grad():
     ...     _ = emb.weight.fill_(5.0)
@@ -75,13 +83,16 @@ def parameter_values_kept(model: nn.Module, *, check: bool = True) -> Iterator[N
     >>> emb.weight[0].tolist()
     [5.0, 5.0]
     """
-    kept = [(p, p.detach().clone()) for p in renormalising_parameters(model)]
-    skip = {id(p) for p, _ in kept}
+    renormalising = renormalising_parameters(model)
+    kept = [(p, p.detach().clone()) for p in renormalising if id(p) not in _KEPT]
+    skip = {id(p) for p in renormalising}
     others = [(name, p) for name, p in model.named_parameters() if id(p) not in skip]
     versions = [(name, p, p._version) for name, p in others] if check else []
+    _KEPT.update(id(p) for p, _ in kept)
     try:
         yield
     finally:
+        _KEPT.difference_update(id(p) for p, _ in kept)
         with torch.no_grad():
             for p, value in kept:
                 if not torch.equal(p, value):
