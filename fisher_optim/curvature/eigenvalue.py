@@ -48,9 +48,9 @@ def is_converged(residuals: Tensor | float, eigenvalues: Tensor | float, tol: fl
 
         ``||A v_i - λ_i v_i|| ≤ tol · |λ_i|``  for every ``i``
 
-    (Golub & Van Loan, Sec. 7.1: then ``λ_i`` is an eigenvalue of a matrix within relative
-    distance ``tol`` of ``A``, and, ``A`` symmetric, within ``tol · |λ_i|`` of an eigenvalue
-    of ``A``). An eigenvalue 0 converges only with a zero residual.
+    (for a unit ``v_i``, ``λ_i`` is then an exact eigenvalue of ``A + E`` with
+    ``||E|| ≤ tol · |λ_i|`` and, ``A`` symmetric, within ``tol · |λ_i|`` of an eigenvalue of
+    ``A``: Golub & Van Loan, Sec. 8.1). An eigenvalue 0 converges only with a zero residual.
 
     >>> is_converged(torch.tensor([1e-5, 1e-3]), torch.tensor([1.0, -100.0]), 1e-4)
     True
@@ -112,11 +112,10 @@ def power_iteration(
 
     The estimate is the Rayleigh quotient ``λ = v^T A v``; it stops once the residual
     ``||A v - λ v|| ≤ tol · |λ|`` (:func:`is_converged`; ``converged=True``) or after
-    ``iters`` products
-    (``converged=False``). For a symmetric ``A`` it converges to the eigenvalue of largest
-    ``|λ|`` at the rate ``|λ_2/λ_1|`` per step - slowly when two eigenvalues of opposite
-    sign have nearly the same magnitude (then the residual stays large and the result says
-    so). For the algebraically largest eigenvalue use :func:`lanczos`.
+    ``iters`` products (``converged=False``). For a symmetric ``A`` it converges to the
+    eigenvalue of largest ``|λ|`` at the rate ``|λ_2/λ_1|`` per step - slowly when two
+    eigenvalues of opposite sign have nearly the same magnitude (then the residual stays
+    large and the result says so). For the algebraically largest eigenvalue use :func:`lanczos`.
 
     >>> a = torch.diag(torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64))
     >>> est = power_iteration(lambda v: a @ v, 3, iters=200, tol=1e-10,
@@ -133,7 +132,7 @@ def power_iteration(
         w = matvec(v).to(v.dtype)
         eigenvalue = float(torch.dot(v, w))
         residual = float((w - eigenvalue * v).norm())
-        if is_converged(residual, eigenvalue, tol) or float(w.norm()) == 0.0:
+        if is_converged(residual, eigenvalue, tol):  # also A v = 0: λ = 0, residual 0
             return EigenEstimate(eigenvalue, v, it, True, residual)
         if it == iters:  # the estimate and residual belong to this v
             break
@@ -143,9 +142,9 @@ def power_iteration(
 
 class _Run(NamedTuple):
     """One Lanczos run: its top Ritz values (float64, descending) and unit Ritz vectors
-    ``[dim, j]``, which of them converged (by their residual estimates; all, when the
-    Krylov space is invariant), whether it stopped by a rule (not for want of steps), and
-    with nothing left above the bar, and its number of steps."""
+    ``[dim, j]``; which of them converged (by their residual estimates; all, when the
+    Krylov space is invariant); ``complete``: it stopped by one of its rules, not for want
+    of steps; ``nothing_above``: it found nothing above the ``k``-th; its number of steps."""
 
     values: Tensor
     vectors: Tensor
@@ -383,8 +382,8 @@ def top_hessian_eigenvalue(
     :func:`hessian_eigenvalues` with ``k=1`` (Lanczos, not the power iteration: with
     eigenvalues 3 and -2.97 it returns 3). Returns an :class:`EigenEstimate`: the value in
     ``.eigenvalue``, ``.converged`` (residual ``||H v - λ v|| ≤ tol · |λ|`` within ``iters``
-    steps, :func:`is_converged`) and ``.residual``; a :class:`RuntimeWarning` is issued when it did not
-    converge. Compare with ``2/η`` (edge of stability). Eval mode; the model is left
+    steps, :func:`is_converged`) and ``.residual``; a :class:`RuntimeWarning` is issued when
+    it did not converge. Compare with ``2/η`` (edge of stability). Eval mode; the model is left
     exactly as found, ``.grad`` included.
 
     >>> torch.manual_seed(0) and None
