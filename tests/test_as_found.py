@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim import CurvatureMonitor, FisherMonitor, FisherPenaltySGD, penalty_gradient
+from fisher_optim import (
+    CurvatureMonitor,
+    FisherMonitor,
+    FisherNoiseSGD,
+    FisherPenaltySGD,
+    penalty_gradient,
+)
 from fisher_optim._as_found import left_as_found
 from fisher_optim.curvature import (
     HessianOperator,
@@ -308,6 +314,26 @@ def test_an_in_place_change_that_cannot_be_undone_raises() -> None:
         per_example_grad_norms(model, x, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(RuntimeError, match=r"lin\.weight.*in place"), left_as_found(model):
         model(x)
+
+
+@pytest.mark.parametrize("optimizer", ["penalty_exact", "penalty_fd", "noise"])
+def test_training_with_a_forward_that_changes_parameters_in_place_is_unchanged(
+    optimizer: str,
+) -> None:
+    """The optimizers' own passes are training: a forward that clamps its weight may, as
+    without them (no error); the step is the base optimizer's on the clamped weight."""
+    model = Clamping()
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    if optimizer == "noise":
+        opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2, seed=0)
+        opt.set_targets(y)
+    else:
+        mode = "exact" if optimizer == "penalty_exact" else "finite_difference"
+        opt = FisherPenaltySGD(model, lr=0.1, alpha=0.5, mode=mode)
+    F.cross_entropy(model(x), y).backward()
+    clamped = model.lin.weight.detach().clone()
+    opt.step()
+    assert bool(clamped.abs().max() <= 0.1) and not torch.equal(model.lin.weight, clamped)
 
 
 def test_an_exception_inside_is_not_masked() -> None:
