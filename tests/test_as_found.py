@@ -4,10 +4,13 @@ rows they look up, in place (issue 27, defect 4).
 
 Every public measurement is run on a model whose embedding rows have norms above
 ``max_norm``; afterwards its parameters, buffers, ``.grad`` (bitwise), ``requires_grad`` and
-train/eval flags are those it had. A forward that changes a parameter in place in a way
-fisher_optim cannot undo raises. Training is left as it is: the user's forward still
-renormalises, and FisherPenaltySGD's step changes the parameters by the base optimizer's
-update only (its penalty pass leaves them as found).
+train/eval flags are those it had, and the value measured is that of the renormalised
+model. The same on ``spectral_norm`` / ``weight_norm`` layers in training mode (in-place
+updates of power-iteration buffers). A forward that changes a parameter in place in a way
+fisher_optim cannot undo makes a measurement raise. Training is left as it is: the user's
+forward still renormalises, FisherPenaltySGD's step changes the parameters by the base
+optimizer's update only (its penalty pass leaves the model as found), and the optimizers'
+own passes do not raise on a forward that clamps its weight.
 """
 
 from __future__ import annotations
