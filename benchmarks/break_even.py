@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanczos-iters", type=positive_int, default=15,
                    help="Lanczos steps (Hessian-vector products) per Hessian measurement")
     p.add_argument("--lanczos-tol", type=positive_float, default=1e-2,
-                   help="relative residual tolerance ||Hv - λv|| <= tol·λ_1 (reported)")
+                   help="relative residual tolerance: converged when every reported "
+                        "||Hv_i - λ_i v_i|| <= tol·|λ_i| (reported)")
     p.add_argument("--gd-subset", type=nonnegative_int, default=256,
                    help="images for the full-batch gradient-descent run (0: skip it)")
     p.add_argument("--gd-lr", type=positive_float, default=0.02,
@@ -414,7 +415,7 @@ def tables(summary: dict[str, Any]) -> str:
             f"{_fmt(s['conditioning_lambda_H'], '.3f')} | {_fmt(s['final_train_acc'], '.1f')} |"
         )
     lines += ["", f"| η | batch | λ_H^1 residual / λ_H^1 | λ_H^{k} residual / λ_H^1 | "
-              "measurements with all top-k residuals ≤ tol·λ_H^1 |", "|---|---|---|---|---|"]
+              "measurements with every top-k residual ≤ tol·|λ_H^i| |", "|---|---|---|---|---|"]
     for s in summary["settings"]:
         lines.append(
             f"| {s['lr']:g} | {s['batch_size']} | {s['lambda_H_1_relative_residual'][0]:.1e} | "

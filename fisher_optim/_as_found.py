@@ -1,9 +1,19 @@
 """Leaving a model exactly as found: after a measurement, and around a functional call.
 
-A measurement must leave the model as it found it: the same ``Parameter`` objects, the same
-buffers (bitwise), the same ``requires_grad`` flags, ``.grad`` and train/eval flags.
-:func:`left_as_found` restores all of them, whatever the forwards in between did (a
-module that counts its calls in a buffer, an exception halfway).
+A measurement must leave the model as it found it: the same ``Parameter`` objects with the
+same values, the same buffers (bitwise), the same ``requires_grad`` flags, ``.grad`` and
+train/eval flags. :func:`left_as_found` restores all of them, whatever the forwards in
+between did (a module that counts its calls in a buffer, an exception halfway).
+
+Parameter values: a forward may change a parameter in place. ``nn.Embedding`` and
+``nn.EmbeddingBag`` with ``max_norm`` rescale the rows they look up (``embedding_renorm_``);
+these weights (:func:`renormalising_parameters`) are copied on entry and written back on exit
+(:func:`parameter_values_kept`), so a measurement sees the rows renormalised, as the
+training forward would use them, and leaves them as found. Any other in-place change of a
+parameter (one that bumps its version counter: a forward that clamps its weight, say) cannot
+be undone without a copy of every parameter, and raises a ``RuntimeError`` naming the
+parameter. (Parametrizations - ``nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``
+- change no parameter in place: their power-iteration vectors are buffers, restored above.)
 
 ``torch.func`` transforms (``vmap(grad(f))``) need the model as a function of its
 parameters. ``torch.func.functional_call`` does this by attribute path; on a model that
@@ -24,13 +34,104 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["left_as_found", "substituted_parameters"]
+__all__ = [
+    "left_as_found",
+    "parameter_values_kept",
+    "renormalised_on_copies",
+    "renormalising_parameters",
+    "substituted_parameters",
+]
+
+#: Modules whose forward rescales rows of their ``weight`` in place when ``max_norm`` is set.
+RENORMALISING = (nn.Embedding, nn.EmbeddingBag)
+
+#: ``id``s of the parameters whose values an enclosing :func:`parameter_values_kept` block
+#: will write back.
+_KEPT: set[int] = set()
+
+
+def renormalising_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights that a forward of ``model`` may change in place: those of the
+    :data:`RENORMALISING` modules with ``max_norm`` set (each parameter once)."""
+    found: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, RENORMALISING) and m.max_norm is not None:
+            w = m._parameters.get("weight")
+            if w is not None:
+                found.setdefault(id(w), w)
+    return list(found.values())
 
 
 @contextlib.contextmanager
-def left_as_found(model: nn.Module) -> Iterator[None]:
+def parameter_values_kept(model: nn.Module, *, check: bool = True) -> Iterator[None]:
+    """Write back, on exit, the values of the :func:`renormalising_parameters` (when a forward
+    changed them); with ``check``, then raise a ``RuntimeError`` if a forward changed any
+    other parameter in place (its version counter moved), which cannot be undone. The check
+    is skipped when the block raises (its exception is not masked), and with
+    ``check=False`` (for code that moves parameters and restores them itself, as the
+    finite-difference penalty engine does).
+
+    In nested blocks only the outermost writes back: all the forwards of one measurement
+    (its passes are nested blocks) see the rows as the first renormalised them, which is
+    how the training forward leaves them.
+
+    >>> emb = nn.Embedding(3, 2, max_norm=1.0)
+    >>> with torch.no_grad():
+    ...     _ = emb.weight.fill_(5.0)
+    >>> with parameter_values_kept(emb):
+    ...     _ = emb(torch.tensor([0]))  # renormalises row 0 in place
+    >>> emb.weight[0].tolist()
+    [5.0, 5.0]
+    """
+    renormalising = renormalising_parameters(model)
+    kept = [(p, p.detach().clone()) for p in renormalising if id(p) not in _KEPT]
+    skip = {id(p) for p in renormalising}
+    others = [(name, p) for name, p in model.named_parameters() if id(p) not in skip]
+    versions = [(name, p, p._version) for name, p in others] if check else []
+    _KEPT.update(id(p) for p, _ in kept)
+    try:
+        yield
+    finally:
+        _KEPT.difference_update(id(p) for p, _ in kept)
+        with torch.no_grad():
+            for p, value in kept:
+                if not torch.equal(p, value):
+                    p.copy_(value)
+    changed = [name for name, p, version in versions if p._version != version]
+    if changed:
+        raise RuntimeError(
+            f"the model changed parameter(s) {changed} in place during a forward that "
+            "fisher_optim ran for a measurement, and this cannot be undone: a measurement "
+            "must leave the model as found. Move the in-place update out of forward() "
+            "(e.g. into the training loop, after optimizer.step())"
+        )
+
+
+def renormalised_on_copies(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within the block the :func:`renormalising_parameters` read as differentiable copies
+    (``p.clone()``, gradients flow to ``p``): a forward renormalises the copies, never the
+    parameters. For a graph that outlives the block (the Hessian operator reuses one), where
+    writing the values back after the forward would invalidate the tensors it saved.
+
+    >>> emb = nn.Embedding(3, 2, max_norm=1.0)
+    >>> with torch.no_grad():
+    ...     _ = emb.weight.fill_(5.0)
+    >>> with renormalised_on_copies(emb):
+    ...     out = emb(torch.tensor([0]))
+    >>> out.norm().item() <= 1.0, emb.weight[0].tolist()
+    (True, [5.0, 5.0])
+    """
+    return substituted_parameters(
+        model, {id(p): p.clone() for p in renormalising_parameters(model)}
+    )
+
+
+@contextlib.contextmanager
+def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
     """Restore, on exit, every module's train/eval flag, ``Parameter`` objects and buffers
-    (objects and values), and every parameter's ``requires_grad`` and ``.grad``.
+    (objects and values), every parameter's ``requires_grad`` and ``.grad``, and the values
+    of the parameters a forward renormalises in place; with ``check``, raise if a forward
+    changed another parameter in place (:func:`parameter_values_kept`).
 
     >>> import torch
     >>> bn = nn.BatchNorm1d(2)
@@ -48,7 +149,8 @@ def left_as_found(model: nn.Module) -> Iterator[None]:
     ]
     grads = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        yield
+        with parameter_values_kept(model, check=check):
+            yield
     finally:
         for m, flag, own, bufs in zip(modules, flags, params, buffers, strict=True):
             m.training = flag

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fisher_optim._as_found import left_as_found
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import math_attention as _math_attention
 from fisher_optim._modules import trainable_parameters
@@ -209,10 +210,22 @@ def _default_fd_step_tensor(params: Sequence[Tensor]) -> Tensor:
 def compute_penalty_gradient(
     objective: PenaltyObjective, mode: str = "exact", fd_step: float | None = None
 ) -> PenaltyGradient:
-    """Dispatch to the engine named by ``mode`` (one of :data:`MODES`)."""
-    if check_mode(mode) == "exact":
-        return exact_penalty_gradient(objective)
-    return finite_difference_penalty_gradient(objective, fd_step)
+    """Dispatch to the engine named by ``mode`` (one of :data:`MODES`).
+
+    The penalty's passes leave the model as found
+    (:func:`~fisher_optim._as_found.left_as_found`): rows that an
+    ``nn.Embedding(max_norm=...)`` renormalises in these forwards are written back, and
+    buffers that a training-mode forward updates (``spectral_norm``'s power-iteration
+    vectors) are restored, as BatchNorm's running statistics are never updated here. A
+    step thus changes the parameters by the base optimizer's update only, and leaves the
+    rest of the model's state as the user's training forward left it, as without the
+    penalty.
+    """
+    # check=False: the finite-difference engine moves the parameters and restores them itself
+    with left_as_found(objective.model, check=False):
+        if check_mode(mode) == "exact":
+            return exact_penalty_gradient(objective)
+        return finite_difference_penalty_gradient(objective, fd_step)
 
 
 def penalty_gradient(

@@ -298,7 +298,9 @@ class FisherNoiseSGD(GradientWrapper):
         generator = self._local_generator(params[0].device) if targets is None else None
         with (
             eval_mode(module),
-            left_as_found(module),  # buffers a forward changes (a call counter), flags
+            # buffers a forward changes (a call counter), flags, renormalised embedding rows;
+            # check=False: a training forward that changes a parameter in place may do so
+            left_as_found(module, check=False),
             self.own_pass(autocast=False),  # also restores torch's random state
         ):
             layout = _layout(batch)  # checked once per input layout: a forward's cost

@@ -331,8 +331,9 @@ class CurvatureMonitor(_StepSchedule):
             (Lanczos costs ``lanczos_iters`` Hessian-vector products); default ``probe``.
         lanczos_iters, lanczos_tol: passed to
             :func:`~fisher_optim.curvature.hessian_eigenvalues` as ``iters``/``tol``; rows
-            hold ``"lambda_H_residual"`` (of λ_H^1) and ``"lambda_H_converged"`` (all
-            ``top_k`` residuals ≤ tol·λ_H^1).
+            hold ``"lambda_H_residual"`` (of λ_H^1) and ``"lambda_H_converged"`` (every
+            one of the ``top_k`` residuals ≤ tol·|λ_H^i|, its own eigenvalue:
+            :func:`~fisher_optim.curvature.is_converged`).
         output_fn, log, seed, generator: as for :class:`FisherMonitor`; ``likelihood`` and
             ``target_mask`` too, for ``trace_F`` (K and H use the true targets).
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._as_found import left_as_found
+from .._as_found import left_as_found, renormalised_on_copies
 from .._logits import OutputFn, pick_logits
 from .._modules import math_attention, trainable_parameters
 from ._data import (
@@ -113,7 +113,7 @@ class HessianOperator:
             yield to_device(x, self.device), to_device(y, self.device)
 
     def _gradient(self, x: Inputs, y: Tensor) -> list[Tensor | None]:
-        with math_attention(), left_as_found(self.model):
+        with math_attention(), left_as_found(self.model), renormalised_on_copies(self.model):
             out = call_model(self.model, x)
             if self.loss_fn is F.cross_entropy and pick_logits(out, self.output_fn).shape[-1] == 1:
                 raise ValueError(

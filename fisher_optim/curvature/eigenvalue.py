@@ -11,8 +11,10 @@ Which eigenvalue: :func:`top_hessian_eigenvalue` and :func:`hessian_eigenvalues`
 *algebraically largest* eigenvalues ``λ_1 ≥ λ_2 ≥ ...`` (not the largest magnitude: a
 Hessian with eigenvalues 3 and -2.97 has ``λ_H^1 = 3``), by Lanczos. Every estimate
 reports its residual ``||H v - λ v||`` (computed with one extra Hessian-vector product per
-eigenvalue) and whether it is below ``tol · max|λ|``; :func:`power_iteration` remains for
-the eigenvalue of largest magnitude.
+eigenvalue) and whether it converged, by the one criterion of :func:`is_converged`: every
+reported pair has ``||H v_i - λ_i v_i|| ≤ tol · |λ_i|``, relative to *its own* eigenvalue
+(not to the largest magnitude, which a large negative eigenvalue would dominate);
+:func:`power_iteration` remains for the eigenvalue of largest magnitude.
 """
 
 from __future__ import annotations
@@ -33,15 +35,42 @@ __all__ = [
     "EigenEstimate",
     "EigenSpectrum",
     "hessian_eigenvalues",
+    "is_converged",
     "lanczos",
     "power_iteration",
     "top_hessian_eigenvalue",
 ]
 
 
+def is_converged(residuals: Tensor | float, eigenvalues: Tensor | float, tol: float) -> bool:
+    """The convergence criterion of every eigenvalue estimate in fisher_optim: each pair's
+    residual is at most ``tol`` times the magnitude of its own eigenvalue,
+
+        ``||A v_i - λ_i v_i|| ≤ tol · |λ_i|``  for every ``i``
+
+    (for a unit ``v_i``, ``λ_i`` is then an exact eigenvalue of ``A + E`` with
+    ``||E|| ≤ tol · |λ_i|`` and, ``A`` symmetric, within ``tol · |λ_i|`` of an eigenvalue of
+    ``A``: Golub & Van Loan, Sec. 8.1). An eigenvalue 0 converges only with a zero residual.
+
+    >>> is_converged(torch.tensor([1e-5, 1e-3]), torch.tensor([1.0, -100.0]), 1e-4)
+    True
+    >>> is_converged(torch.tensor([1e-3]), torch.tensor([1.0]), 1e-4)  # even if |λ_2| = 100
+    False
+    """
+    return bool(_converged_mask(residuals, eigenvalues, tol).all())
+
+
+def _converged_mask(residuals: Tensor | float, eigenvalues: Tensor | float, tol: float) -> Tensor:
+    """:func:`is_converged` pair by pair (the one place its inequality is written)."""
+    r = torch.as_tensor(residuals, dtype=torch.float64)
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64, device=r.device)
+    return r <= tol * lam.abs()
+
+
 class EigenEstimate(NamedTuple):
     """One eigenvalue, its unit eigenvector, the matrix-vector products used, whether it
-    converged, and its residual ``||A v - λ v||`` (``converged``: residual ≤ tol·|λ|)."""
+    converged, and its residual ``||A v - λ v||`` (``converged``: residual ≤ tol·|λ|,
+    :func:`is_converged`)."""
 
     eigenvalue: float
     eigenvector: Tensor
@@ -52,9 +81,10 @@ class EigenEstimate(NamedTuple):
 
 class EigenSpectrum(NamedTuple):
     """The ``k`` largest eigenvalues (descending, float64), unit eigenvectors ``[dim, k]``,
-    residuals ``||A v_i - λ_i v_i||`` ``[k]``, whether all are ≤ ``tol · max|λ|``, and the
-    number of Lanczos steps (each one matrix-vector product; ``k`` more for the
-    residuals)."""
+    residuals ``||A v_i - λ_i v_i||`` ``[k]``, whether every pair converged (each residual
+    ≤ ``tol · |λ_i|``, its own eigenvalue: :func:`is_converged`, and no repeated eigenvalue
+    missed: :func:`lanczos`), and the number of Lanczos steps over all restarts (each one
+    matrix-vector product; ``k`` more for the residuals)."""
 
     eigenvalues: Tensor
     eigenvectors: Tensor
@@ -81,11 +111,11 @@ def power_iteration(
     """Power iteration ``v ← A v / ||A v||`` for the eigenvalue of largest *magnitude*.
 
     The estimate is the Rayleigh quotient ``λ = v^T A v``; it stops once the residual
-    ``||A v - λ v|| ≤ tol · |λ|`` (``converged=True``) or after ``iters`` products
-    (``converged=False``). For a symmetric ``A`` it converges to the eigenvalue of largest
-    ``|λ|`` at the rate ``|λ_2/λ_1|`` per step - slowly when two eigenvalues of opposite
-    sign have nearly the same magnitude (then the residual stays large and the result says
-    so). For the algebraically largest eigenvalue use :func:`lanczos`.
+    ``||A v - λ v|| ≤ tol · |λ|`` (:func:`is_converged`; ``converged=True``) or after
+    ``iters`` products (``converged=False``). For a symmetric ``A`` it converges to the
+    eigenvalue of largest ``|λ|`` at the rate ``|λ_2/λ_1|`` per step - slowly when two
+    eigenvalues of opposite sign have nearly the same magnitude (then the residual stays
+    large and the result says so). For the algebraically largest eigenvalue use :func:`lanczos`.
 
     >>> a = torch.diag(torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64))
     >>> est = power_iteration(lambda v: a @ v, 3, iters=200, tol=1e-10,
@@ -102,12 +132,90 @@ def power_iteration(
         w = matvec(v).to(v.dtype)
         eigenvalue = float(torch.dot(v, w))
         residual = float((w - eigenvalue * v).norm())
-        if residual <= tol * abs(eigenvalue) or float(w.norm()) == 0.0:
+        if is_converged(residual, eigenvalue, tol):  # also A v = 0: λ = 0, residual 0
             return EigenEstimate(eigenvalue, v, it, True, residual)
         if it == iters:  # the estimate and residual belong to this v
             break
         v = w / w.norm()
     return EigenEstimate(eigenvalue, v, iters, False, residual)
+
+
+class _Run(NamedTuple):
+    """One Lanczos run: its top Ritz values (float64, descending) and unit Ritz vectors
+    ``[dim, j]``; which of them converged (by their residual estimates; all, when the
+    Krylov space is invariant); ``complete``: it stopped by one of its rules, not for want
+    of steps; ``nothing_above``: it found nothing above the ``k``-th; its number of steps."""
+
+    values: Tensor
+    vectors: Tensor
+    converged: Tensor
+    complete: bool
+    nothing_above: bool
+    steps: int
+
+
+def _lanczos_run(
+    matvec: MatVec,
+    start: Tensor,
+    locked: Tensor,
+    k: int,
+    steps: int,
+    tol: float,
+    kth: float | None,
+) -> _Run:
+    """Lanczos with full reorthogonalisation on ``A`` deflated by the orthonormal columns of
+    ``locked`` (each new vector orthogonalised against the basis and them, twice).
+
+    Stops when the top ``k`` Ritz pairs have converged by their estimates
+    ``β_m |s_{m,i}|``; given the ``k``-th eigenvalue found so far, when the Ritz pairs above
+    the bar ``kth + tol·|kth|`` have converged, or when the top one lies at or below the bar
+    with its estimate ≤ ``tol·|kth|`` (the precision asked of the ``k``-th: nothing is left
+    above it); when the Krylov space is invariant (then the Ritz pairs are exact: also after
+    as many steps as the deflated space has dimensions); or after ``steps`` steps.
+    """
+    dim, dtype = start.shape[0], start.dtype
+    room = dim - locked.shape[1]
+    q = start - locked @ (locked.T @ start)
+    q = q / q.norm()
+    basis = torch.empty(steps, dim, dtype=dtype, device=q.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for m in range(1, steps + 1):
+        basis[m - 1] = q
+        w = matvec(q).to(dtype=dtype, device=q.device)
+        alphas.append(float(torch.dot(q, w)))
+        q_basis = basis[:m]
+        for _ in range(2):  # full reorthogonalisation ("twice is enough"), and deflation
+            w = w - q_basis.T @ (q_basis @ w)
+            w = w - locked @ (locked.T @ w)
+        beta = float(w.norm())
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(t)
+        theta, s = theta.flip(0), s.flip(1)
+        invariant = beta <= 1e-12 * max(float(theta.abs().max()), 1e-300) or m == room
+        estimates = torch.zeros_like(theta) if invariant else beta * s[-1].abs()
+        converged = _converged_mask(estimates, theta, tol)
+        above, nothing_above = 0, False
+        if kth is not None:
+            above = min(int((theta > kth + tol * abs(kth)).sum()), k)
+            nothing_above = above == 0 and bool(_converged_mask(estimates[0], kth, tol))
+        complete = (
+            invariant
+            or nothing_above
+            or (above > 0 and bool(converged[:above].all()))
+            or (m >= k and bool(converged[:k].all()))
+        )
+        if complete or m == steps:
+            break
+        betas.append(beta)
+        q = w / beta
+    j = min(k, m)
+    vectors = basis[:m].T @ s[:, :j].to(dtype=dtype, device=basis.device)
+    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    return _Run(theta[:j], vectors, converged[:j], complete, nothing_above, m)
 
 
 def lanczos(
@@ -122,21 +230,43 @@ def lanczos(
     dtype: torch.dtype = torch.float64,
 ) -> EigenSpectrum:
     """The ``k`` algebraically largest eigenvalues of a symmetric ``A``, by Lanczos with full
-    reorthogonalisation (Golub & Van Loan, *Matrix Computations*, Sec. 10.1-10.3).
+    reorthogonalisation (Golub & Van Loan, *Matrix Computations*, Sec. 10.1-10.3), restarted
+    with deflation so that repeated eigenvalues are found (Saad, *Numerical Methods for
+    Large Eigenvalue Problems*, 2nd ed., Sec. 4.2 and 5.3: explicit restarts, locking).
 
-    Builds an orthonormal Krylov basis ``Q`` (each new vector orthogonalised against all
-    previous ones, twice) and the tridiagonal ``T = Q^T A Q``; the Ritz values, the
+    A run builds an orthonormal Krylov basis ``Q`` (each new vector orthogonalised against
+    all previous ones, twice) and the tridiagonal ``T = Q^T A Q``; the Ritz values, the
     eigenvalues of ``T``, approximate the extreme eigenvalues of ``A``. It stops when the
-    Ritz residual estimates ``β_m |s_{m,i}|`` of the top ``k`` are ≤ ``tol · max|θ|``, when
+    Ritz residual estimates ``β_m |s_{m,i}|`` of the top ``k`` are ≤ ``tol · |θ_i|``, when
     the Krylov space is invariant (then exact), or after ``iters`` steps (``iters`` is
-    capped at ``dim``). The reported residuals ``||A y_i - θ_i y_i||`` are then computed
-    with ``k`` more products, and ``converged`` is whether all are ≤ ``tol · max|θ|``.
-    Memory: ``dim × iters`` numbers for the basis.
+    capped at ``dim``).
+
+    A Krylov space holds one direction of each eigenspace only: an eigenvalue of
+    multiplicity ``r > 1`` shows once. So for ``k ≥ 2`` the converged top ``k`` are locked
+    and Lanczos restarts from a fresh random vector, orthogonal to them, on ``A`` deflated
+    by them. A restart's Ritz values above the ``k``-th found (by more than ``tol``
+    relatively) are missed eigenvalues (repeated ones): they are locked once converged, and
+    the search goes on. It ends when a restart's largest Ritz value has settled at or below
+    the ``k``-th (residual estimate ≤ ``tol`` times the ``k``-th) - without a repeated
+    eigenvalue, after one restart that converges ``λ_{k+1}``. At most ``k`` restarts of at
+    most ``iters`` steps each. If a run's steps run out first, there is no further restart
+    and a missed repeated eigenvalue cannot be excluded: ``converged`` is False, and a
+    :class:`RuntimeWarning` says so when the residuals alone would pass.
+
+    The reported residuals ``||A y_i - θ_i y_i||`` are computed with ``k`` more products,
+    and ``converged`` is whether every one is ≤ ``tol · |θ_i|`` (:func:`is_converged`, the
+    criterion of every estimate here) and the search for repeated eigenvalues ended.
+    ``iterations`` counts the steps of all runs. Memory: ``dim × iters`` numbers for the
+    basis of one run.
 
     >>> a = torch.diag(torch.tensor([3.0, -2.97, 1.0, 0.5], dtype=torch.float64))
     >>> spec = lanczos(lambda v: a @ v, 4, k=2, generator=torch.Generator().manual_seed(0))
     >>> [round(x, 6) for x in spec.eigenvalues.tolist()], spec.converged
     ([3.0, 1.0], True)
+    >>> a = torch.diag(torch.tensor([2.0, 2.0, 1.0, 0.0], dtype=torch.float64))  # 2 twice
+    >>> spec = lanczos(lambda v: a @ v, 4, k=2, generator=torch.Generator().manual_seed(0))
+    >>> [round(x, 6) for x in spec.eigenvalues.tolist()], spec.converged
+    ([2.0, 2.0], True)
     """
     check_positive_int("k", k)
     check_positive_int("iters", iters)
@@ -144,53 +274,55 @@ def lanczos(
     if k > dim:
         raise ValueError(f"k must be at most the dimension {dim}, got {k}")
     steps = min(max(iters, k), dim)
-    q = random_probe(dim, distribution="gaussian", generator=generator, device=device, dtype=dtype)
-    q = q / q.norm()
-    basis = torch.empty(steps, dim, dtype=dtype, device=q.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta = s = None
-    m = 0
-    for m in range(1, steps + 1):
-        basis[m - 1] = q
-        w = matvec(q).to(dtype=dtype, device=q.device)
-        alphas.append(float(torch.dot(q, w)))
-        q_basis = basis[:m]
-        for _ in range(2):  # full reorthogonalisation ("twice is enough")
-            w = w - q_basis.T @ (q_basis @ w)
-        beta = float(w.norm())
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(t)
-        theta, s = theta.flip(0), s.flip(1)
-        scale = float(theta.abs().max())
-        invariant = beta <= 1e-12 * max(scale, 1e-300) or m == dim
-        if m >= k:
-            estimates = beta * s[-1, :k].abs()
-            if invariant or bool((estimates <= tol * scale).all()):
-                break
-        elif invariant:  # fewer than k directions reachable from this start vector
+
+    def joined(values: Tensor, vectors: Tensor, run: _Run, which: Tensor) -> tuple[Tensor, Tensor]:
+        """The top ``k`` of the pairs so far and the ``which`` Ritz pairs of ``run``."""
+        both = torch.cat([values, run.values[which]])
+        order = both.argsort(descending=True)[:k]
+        cols = torch.cat([vectors, run.vectors[:, which.to(run.vectors.device)]], 1)
+        return both[order], cols[:, order.to(cols.device)]
+
+    values = torch.empty(0, dtype=torch.float64)  # the locked pairs, descending
+    vectors = torch.empty(dim, 0, dtype=dtype, device=device)
+    searched, total = k == 1, 0
+    for _ in range(k + 1):  # each restart locks a missed eigenvalue or ends the search
+        start = random_probe(
+            dim, distribution="gaussian", generator=generator, device=device, dtype=dtype
+        )
+        vectors = vectors.to(start.device)
+        room = dim - vectors.shape[1]
+        if room == 0:
+            searched = True
             break
-        betas.append(beta)
-        q = w / beta
-    assert theta is not None and s is not None
-    kk = min(k, m)
-    ritz = basis[:m].T @ s[:, :kk].to(dtype=dtype, device=basis.device)
-    ritz = ritz / ritz.norm(dim=0, keepdim=True)
+        kth = float(values[k - 1]) if len(values) == k else None
+        run = _lanczos_run(matvec, start, vectors, k, min(steps, room), tol, kth)
+        total += run.steps
+        if run.nothing_above:
+            searched = True
+            break
+        values, vectors = joined(values, vectors, run, run.converged)
+        if k == 1 or not run.complete:  # nothing to search for; or out of steps
+            if len(values) < k:  # the steps ran out: the unconverged Ritz pairs too
+                values, vectors = joined(values, vectors, run, ~run.converged)
+            break
     residuals = torch.stack(
         [
-            (matvec(ritz[:, i]).to(dtype=dtype, device=ritz.device) - theta[i] * ritz[:, i])
-            .norm()
-            .double()
-            .cpu()
-            for i in range(kk)
+            (matvec(vectors[:, i]).to(dtype=dtype, device=vectors.device)
+             - values[i] * vectors[:, i]).norm().double().cpu()
+            for i in range(len(values))
         ]
-    )
-    scale = float(theta.abs().max())
-    converged = kk == k and bool((residuals <= tol * scale).all())
-    return EigenSpectrum(theta[:kk].clone(), ritz, residuals, converged, m)
+    )  # fmt: skip
+    within = len(values) == k and is_converged(residuals, values, tol)
+    if within and not searched:
+        warnings.warn(
+            f"lanczos: the top {k} eigenvalues have converged residuals, but the {iters} "
+            "steps per run ran out before a deflated restart could exclude a missed "
+            f"repeated eigenvalue above λ_{k} = {float(values[-1]):.6g}; reported as not "
+            "converged: raise iters",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return EigenSpectrum(values, vectors, residuals, within and searched, total)
 
 
 def hessian_eigenvalues(
@@ -209,7 +341,8 @@ def hessian_eigenvalues(
 
     Hessian-vector products by double backprop over batches ``(x, y)`` of ``data`` (a
     batch or an iterable, such as a ``DataLoader``), at most ``iters`` Lanczos steps,
-    relative tolerance ``tol`` on the residuals ``||H v - λ v|| ≤ tol · max|λ|``. The basis
+    relative tolerance ``tol`` on the residuals: ``converged`` when every
+    ``||H v_i - λ_i v_i|| ≤ tol · |λ_i|`` (:func:`is_converged`). The basis
     is kept in the parameters' dtype. Eval mode (BatchNorm with running statistics); the
     model is left exactly as found, ``.grad`` included. Compare ``λ_H^1`` with ``2/η``.
 
@@ -249,8 +382,8 @@ def top_hessian_eigenvalue(
     :func:`hessian_eigenvalues` with ``k=1`` (Lanczos, not the power iteration: with
     eigenvalues 3 and -2.97 it returns 3). Returns an :class:`EigenEstimate`: the value in
     ``.eigenvalue``, ``.converged`` (residual ``||H v - λ v|| ≤ tol · |λ|`` within ``iters``
-    steps) and ``.residual``; a :class:`RuntimeWarning` is issued when it did not
-    converge. Compare with ``2/η`` (edge of stability). Eval mode; the model is left
+    steps, :func:`is_converged`) and ``.residual``; a :class:`RuntimeWarning` is issued when
+    it did not converge. Compare with ``2/η`` (edge of stability). Eval mode; the model is left
     exactly as found, ``.grad`` included.
 
     >>> torch.manual_seed(0) and None
