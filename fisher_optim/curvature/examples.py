@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._as_found import substituted_parameters
+from .._as_found import left_as_found, renormalising_parameters, substituted_parameters
 from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
 from .._targets import IGNORE_INDEX
 from ..batch import holds_examples
@@ -31,6 +31,7 @@ __all__ = [
     "SHARED_INPUT_HINT",
     "ExampleLoss",
     "check_first_example",
+    "renormalise_first",
     "example_cross_entropy",
     "example_grads",
     "same_values",
@@ -81,6 +82,18 @@ def check_first_example(first: Tensor, alone: Tensor, n: int, who: str) -> None:
         f"example's output in the batch of {n} (shapes {tuple(alone.shape)} and "
         f"{tuple(first.shape)}), so per-example gradients would be wrong: " + SHARED_INPUT_HINT
     )
+
+
+def renormalise_first(model: nn.Module, inputs: Inputs) -> None:
+    """Run the whole batch once, without gradients, when a forward of ``model`` rescales
+    embedding rows in place (``max_norm``, :func:`~fisher_optim._as_found.renormalising_parameters`):
+    the rows the batch renormalises are then renormalised before the first example runs
+    alone, as that example's output in the batch sees them (a head tied to the embedding
+    reads every row). The caller's ``left_as_found`` writes the rows back; the buffers this
+    forward changes (a power iteration's vectors, running statistics) are restored at once."""
+    if renormalising_parameters(model):
+        with torch.no_grad(), left_as_found(model):
+            call_model(model, inputs)
 
 
 def example_cross_entropy(logits: Tensor, labels: Tensor, who: str = "the cross-entropy") -> Tensor:

@@ -37,7 +37,7 @@ from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import trainable_parameters
 from ._data import CallBatch, Inputs, batch_size, call_model, slice_batch
-from .examples import check_first_example, same_values
+from .examples import check_first_example, renormalise_first, same_values
 from .layers import LayerRule, rule_for
 
 __all__ = ["CotangentFn", "LayerFn", "ghost_backward"]
@@ -408,7 +408,9 @@ def ghost_backward(
             rule = rule_for(m, shared)
             if rule is not None:
                 layers[m] = _LayerState(rule)
-        alone = _probe(model, inputs, layers) if n > 0 else None
+        renormalise_first(model, inputs)
+        with left_as_found(model):  # the batch's forward starts from the same buffers
+            alone = _probe(model, inputs, layers) if n > 0 else None
         inputs, leaves, storages = _input_leaves(inputs)
         hooks = _BatchedHooks(layers, n, leaves, storages, on_layer)
         handles = hooks.attach()

@@ -57,7 +57,12 @@ from ._data import (
     slice_batch,
     to_device,
 )
-from .examples import check_first_example, example_cross_entropy, example_grads
+from .examples import (
+    check_first_example,
+    example_cross_entropy,
+    example_grads,
+    renormalise_first,
+)
 from .ghost import CotangentFn, ghost_backward
 from .layers import LayerRule, sq_norms
 
@@ -272,6 +277,7 @@ def group_gradient_stats(
     params = trainable_parameters(model)
     sums = [[torch.zeros_like(p) for p in params] for _ in ids]
     with eval_mode(model), left_as_found(model), torch.enable_grad():
+        renormalise_first(model, inputs)
         alone = as_logits(call_model(model, slice_batch(inputs, 0, 1)), output_fn)
         for start, stop in iter_chunks(inputs, chunk_size):
             chunk = slice_batch(inputs, start, stop)
