@@ -38,9 +38,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import runner
 from benchmarks.common.config import (
     AUGMENT_MODES,
-    FINISHED,
     LR_SCALINGS,
     METHODS,
     NOISE_FISHERS,
@@ -50,6 +50,7 @@ from benchmarks.common.config import (
     scale_milestones,
 )
 from benchmarks.common.models import INITS, MODELS
+from benchmarks.common.runner import FINISHED
 from fisher_optim._cli import (
     HelpFormatter,
     fraction,
@@ -570,7 +571,7 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     val_n = 0 if data.val is None else len(data.val)
     print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on {device} "
           f"({time.perf_counter() - t0:.1f}s)")
-    deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+    deadline = runner.deadline_after(args.time_limit)
     results = harness.run_many(specs, data, root, device=device, resume=args.resume,
                                extend=args.extend, progress=not args.no_progress, deadline=deadline)
     summaries = {s["name"]: s for s in results}
@@ -578,8 +579,8 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
         specs)
     rows = aggregate(specs, summaries)
     root.mkdir(parents=True, exist_ok=True)
-    harness._write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
-                                                "args": vars(args)})
+    runner.write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
+                                              "args": vars(args)})
     table = results_table(rows)
     (root / "results.md").write_text(table + "\n")
     print(table)
@@ -589,8 +590,8 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
             print(f"figure: {fig}")
     print(f"total {time.perf_counter() - t0:.1f}s")
     if interrupted:
-        print("stopped by --time-limit: rerun the same command with --resume to continue")
-        return 3
+        print(runner.STOPPED)
+        return runner.EXIT_INTERRUPTED
     return 0
 
 

@@ -56,8 +56,6 @@ NOISE_OF_METHOD: dict[str, str] = {
     "noise_full": "full",
 }
 METHODS = tuple(PENALTY_OF_METHOD)
-#: Run statuses of a finished run (an "interrupted" one resumes with ``--resume``).
-FINISHED = ("complete", "diverged")
 #: Methods whose hyper-parameter ``alpha`` is tuned (mixup's is the Beta parameter β).
 TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
