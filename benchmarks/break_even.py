@@ -61,7 +61,7 @@ from benchmarks.common.data import (  # noqa: E402
 )
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
-from benchmarks.common.plots import _save  # noqa: E402
+from benchmarks.common.plots import save_figure  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
@@ -485,7 +485,7 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
                  f"mean over seeds {args.seeds}")
-    paths = [_save(fig, args.out / "break_even.png")]
+    paths = [save_figure(fig, args.out / "break_even.png")]
     if gd is not None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         steps = [r["step"] for r in gd["records"]]
@@ -497,7 +497,7 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
         ax2.set(xlabel="gradient-descent step", title="training loss")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        paths.append(_save(fig, args.out / "edge_of_stability.png"))
+        paths.append(save_figure(fig, args.out / "edge_of_stability.png"))
     return paths
 
 

@@ -22,17 +22,17 @@ checkpoints and stops (exit code 3); rerun the same command with ``--resume`` to
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import runner  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
     integer,
@@ -46,7 +46,7 @@ from fisher_optim._cli import (  # noqa: E402
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")
 OPTIMIZERS = ("adamw", "sgd")
-CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.jsonl", "summary.json"
+METRICS = "metrics.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,19 +140,9 @@ def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     return torch.optim.SGD, {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
 
 
-def _clock() -> float:
-    """The clock ``--time-limit`` is measured with (``time.monotonic``; patchable in tests)."""
-    return time.monotonic()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class LMRun:
-    """One training run: model, optimizer, data generator, logs (checkpointed as a whole)."""
+    """One training run: model, optimizer, data generator, logs (checkpointed as a whole), a
+    :class:`~benchmarks.common.runner.Trainable`."""
 
     def __init__(self, config: dict[str, Any], corpus: Any, out: Path) -> None:
         import torch
@@ -179,33 +169,27 @@ class LMRun:
         self.window = {"loss": 0.0, "count": 0, "time": 0.0}
         self.logs: list[dict[str, Any]] = []
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         import torch
 
-        return {"config": self.config, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "data_gen": self.data_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "step": self.step,
-                "window": dict(self.window), "logs": self.logs}
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "data_gen": self.data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "window": dict(self.window), "logs": self.logs}
 
-    def save(self) -> None:
+    def load_state_dict(self, st: dict[str, Any]) -> None:
         import torch
 
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
-
-    def load(self) -> None:
-        import torch
-
-        st = torch.load(self.out / CHECKPOINT, weights_only=False)
-        if st["config"] != self.config:
-            raise ValueError(f"{self.out / CHECKPOINT} belongs to another configuration: "
-                             f"{st['config']} (remove it or drop --resume)")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.data_gen.set_state(st["data_gen"])
         torch.set_rng_state(st["torch_rng"])
         self.step, self.window, self.logs = st["step"], dict(st["window"]), st["logs"]
+
+    def resume_error(self, saved: dict[str, Any]) -> str:
+        return f"it was made with {saved['config']}"
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
 
     def val_loss(self) -> float:
         """Mean next-byte cross-entropy (nats) over every position of the validation windows."""
@@ -247,8 +231,15 @@ class LMRun:
         self.window = {"loss": 0.0, "count": 0, "time": 0.0}
         return row
 
-    def train(self, deadline: float | None) -> str:
-        """Train to ``config["steps"]``; ``"complete"``, ``"diverged"`` or ``"interrupted"``."""
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        """Train to ``config["steps"]``; ``"complete"``, ``"diverged"`` or ``"interrupted"``
+        (the checkpoint is the runner's, at the end)."""
+        try:
+            return self._train(deadline)
+        finally:
+            runner.write_jsonl(self.out / METRICS, self.logs)
+
+    def _train(self, deadline: float | None) -> str:
         import torch.nn.functional as F
 
         cfg = self.config
@@ -256,9 +247,8 @@ class LMRun:
             self.logs.append(self.measure())
         self.model.train()
         while self.step < cfg["steps"]:
-            if deadline is not None and _clock() > deadline:
-                self.save()
-                return "interrupted"
+            if runner.past(deadline):
+                return INTERRUPTED
             begin = time.perf_counter()
             batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
             self.opt.zero_grad()
@@ -271,48 +261,36 @@ class LMRun:
             self.window["loss"] += value
             self.window["count"] += 1
             self.window["time"] += time.perf_counter() - begin
-            if not math.isfinite(value):
+            if runner.diverged(value):
                 self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
-                return "diverged"
+                return DIVERGED
             if self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
                 self.logs.append(self.measure())
                 r = self.logs[-1]
                 print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
                       f"{r['train_loss']:.4f} val {r['val_loss']:.4f} (ppl {r['val_ppl']:.3f}) "
                       f"Tr(F) {r['trace']:.4g}", flush=True)
-                (self.out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in self.logs))
-        return "complete"
+                runner.write_jsonl(self.out / METRICS, self.logs)
+        return COMPLETE
+
+    def summary(self, status: str) -> dict[str, Any]:
+        rows = [r for r in self.logs if "val_loss" in r]
+        best = min(rows, key=lambda r: r["val_loss"])
+        return {
+            "status": status, "config": self.config, "final": rows[-1],
+            "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
+            "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
+            "train_seconds": sum(r["train_time"] for r in rows),
+        }
 
 
 def run_one(config: dict[str, Any], corpus: Any, out: Path, *, resume: bool,
             deadline: float | None) -> dict[str, Any]:
-    """Train one run into ``out`` and return its summary (or ``{"status": "interrupted"}``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / SUMMARY).is_file():
-        done = json.loads((out / SUMMARY).read_text())
-        if done.get("config") == config:
-            return done
-    (out / SUMMARY).unlink(missing_ok=True)
-    run = LMRun(config, corpus, out)
-    if resume and (out / CHECKPOINT).is_file():
-        run.load()
-        print(f"[{config['method']}] resumed at step {run.step}")
-    status = run.train(deadline)
-    (out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in run.logs))
-    if status == "interrupted":
-        print(f"[{config['method']}] time limit: checkpointed at step {run.step}")
-        return {"status": "interrupted", "config": config}
-    rows = [r for r in run.logs if "val_loss" in r]
-    best = min(rows, key=lambda r: r["val_loss"])
-    summary = {
-        "status": status, "config": config, "final": rows[-1],
-        "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
-        "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
-        "train_seconds": sum(r["train_time"] for r in rows),
-    }
-    _write_json(out / SUMMARY, summary)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return summary
+    """Train one run into ``out`` (:func:`benchmarks.common.runner.execute`) and return its
+    summary, or ``{"status": "interrupted", ...}``."""
+    return runner.execute(runner.RunFolder(out, config), lambda: LMRun(config, corpus, out),
+                          resume=resume, deadline=deadline, keep_checkpoint=False,
+                          name=config["method"])
 
 
 # ------------------------------------------------------------------------------ report
@@ -335,12 +313,11 @@ def plot(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common.plots import _save
+    from benchmarks.common.plots import save_figure
 
     fig, (ax_loss, ax_tr) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
-        rows = [json.loads(x) for x in (run_dir / METRICS).read_text().splitlines()]
-        rows = [r for r in rows if "val_loss" in r]
+        rows = [r for r in runner.read_jsonl(run_dir / METRICS) if "val_loss" in r]
         steps = [r["step"] for r in rows]
         ax_loss.plot(steps, [r["val_loss"] for r in rows], marker=".", label=label)
         ax_tr.plot(steps, [r["trace"] for r in rows], marker=".", label=label)
@@ -349,7 +326,7 @@ def plot(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path) -> Path
     for ax in (ax_loss, ax_tr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,26 +343,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    deadline = _clock() + 60 * args.time_limit if args.time_limit else None
+    deadline = runner.deadline_after(args.time_limit)
     corpus = load_stdlib_corpus(args.val_every_file, args.max_bytes)
     info = corpus.describe()
     print(f"corpus: {info['train_files']} train files ({info['train_bytes']} bytes), "
           f"{info['val_files']} validation files ({info['val_bytes']} bytes) from "
           f"{info['source']} (Python {info['python']})")
     root = Path(args.out)
-    summaries = []
     configs = [_run_config(args, "baseline")] if "baseline" in args.methods else []
     if "fp" in args.methods:
         configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
-    for config in configs:
-        summary = run_one(config, corpus, root / run_name(config), resume=args.resume,
-                          deadline=deadline)
-        if summary["status"] == "interrupted":
-            print("stopped by --time-limit: rerun the same command with --resume to continue")
-            return 3
-        summaries.append(summary)
+    summaries, complete = runner.sweep(
+        lambda config=config: run_one(config, corpus, root / run_name(config),
+                                      resume=args.resume, deadline=deadline)
+        for config in configs
+    )
+    if not complete:
+        print(runner.STOPPED)
+        return runner.EXIT_INTERRUPTED
     table = results_table(summaries)
-    _write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
+    runner.write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
                                         "runs": summaries})
     (root / "results.md").write_text(table + "\n")
     print(table)
