@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
 from benchmarks.common.models import INITS
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
@@ -60,7 +61,6 @@ METHODS = tuple(PENALTY_OF_METHOD)
 TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
 LOSS_THRESHOLDS = {"cifar10": 1.2, "cifar100": 3.5, "tinyimagenet": 3.5}
-AUGMENT_MODES = ("none", "flip", "standard")
 LR_SCALINGS = ("none", "linear", "sqrt")
 NOISE_FISHERS = ("true", "empirical")
 

@@ -66,7 +66,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from benchmarks.common import runner
 from benchmarks.common.config import RunSpec
-from benchmarks.common.data import ImageDataset, augment_batch, load_dataset, normalize
+from benchmarks.common.data import ImageDataset, load_dataset, shuffled_order
 from benchmarks.common.models import build_model
 from benchmarks.common.runner import (
     COMPLETE,
@@ -183,16 +183,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _to_float(ds: ImageDataset, images: Tensor) -> Tensor:
-    return normalize(images, ds.mean, ds.std)
-
-
-def _augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
-    if mode == "none":
-        return images
-    return augment_batch(images, generator, crop=mode == "standard", flip=True)
-
-
 # --------------------------------------------------------------------------------------
 # Evaluation helpers
 # --------------------------------------------------------------------------------------
@@ -207,7 +197,7 @@ def evaluate(
     model.eval()
     total, correct = 0.0, []
     for start in range(0, len(ds), batch_size):
-        x = _to_float(ds, ds.images[start : start + batch_size])
+        x = ds.batch(slice(start, start + batch_size))
         y = ds.labels[start : start + batch_size]
         out = model(x)
         total += float(F.cross_entropy(out, y, reduction="sum"))
@@ -455,7 +445,7 @@ class _Run:
         self.updates: list[dict[str, Any]] = []
         self.noise_norms: list[float] = []
         n_probe = min(spec.probe_size, len(ds))
-        self.probe_x = _to_float(ds, ds.images[:n_probe])
+        self.probe_x = ds.batch(slice(0, n_probe))
         self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
         #: One record per FisherPenaltySGD refresh (``refreshes.jsonl``).
         self.refresh_log: list[dict[str, Any]] = []
@@ -522,10 +512,10 @@ class _Run:
 
         def batches() -> Iterator[Tensor]:
             g = torch.Generator(device=self.device).manual_seed(self.spec.seed + 30_011)
-            perm = torch.randperm(len(ds), generator=g, device=self.device)
+            perm = shuffled_order(len(ds), g)
             for i in range(min(k, math.ceil(len(ds) / bs))):
                 idx = perm[i * bs : (i + 1) * bs]
-                yield _to_float(ds, _augment(ds.images[idx], self.spec.augment, g))
+                yield ds.batch(idx, self.spec.augment, g)
 
         return batches
 
@@ -609,7 +599,7 @@ class _Run:
             rec["noise_refreshes"] = getattr(self.opt, "refreshes", None)
         if spec.track_groups and data.noisy is not None:
             idx = self.group_idx
-            x = _to_float(data.train, data.train.images[idx])
+            x = data.train.batch(idx)
             rec.update(_group_stats(model, x, data.train.labels[idx], data.noisy[idx]))
         rec["eval_time"] = time.perf_counter() - t0
         return rec
@@ -629,7 +619,7 @@ class _Run:
     def _step(self, idx: Tensor) -> float:
         """One training step on the examples ``idx``; returns its loss."""
         spec, ds, model = self.spec, self.data.train, self.model
-        x = _to_float(ds, _augment(ds.images[idx], spec.augment, self.gen))
+        x = ds.batch(idx, spec.augment, self.gen)
         y = ds.labels[idx]
         model.train()
         if spec.method == "mixup":
@@ -712,8 +702,7 @@ class _Run:
             e = self.epoch + 1
             self._set_alpha(e)
             if self.perm is None:
-                self.perm = torch.randperm(n, generator=self.gen, device=self.gen.device)
-                self.perm = self.perm.to(ds.images.device)
+                self.perm = shuffled_order(n, self.gen, ds.images.device)
                 self.step_in_epoch = 0
                 self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
                 self.noise_norms = []
