@@ -170,19 +170,17 @@ class LMRun:
         self.logs: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        import torch
 
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "data_gen": self.data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "data_gen": self.data_gen.get_state(), **runner.random_state(),
                 "step": self.step, "window": dict(self.window), "logs": self.logs}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        import torch
 
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.data_gen.set_state(st["data_gen"])
-        torch.set_rng_state(st["torch_rng"])
+        runner.set_random_state(st)
         self.step, self.window, self.logs = st["step"], dict(st["window"]), st["logs"]
 
     def resume_error(self, saved: dict[str, Any]) -> str:

@@ -460,8 +460,7 @@ class _Run:
             "sched": self.sched.state_dict(),
             "gen": self.gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **runner.random_state(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "perm": self.perm,
@@ -491,9 +490,7 @@ class _Run:
         self.sched.milestones = Counter(self.spec.milestones)  # the new schedule (--extend)
         self.gen.set_state(st["gen"].cpu())
         self.mix_rng.bit_generator.state = st["mix_rng"]
-        torch.set_rng_state(st["torch_rng"].cpu())
-        if st["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda_rng"]])
+        runner.set_random_state(st)
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.perm = None if st["perm"] is None else st["perm"].to(self.device)
         self.sums, self.global_step = dict(st["sums"]), st["global_step"]

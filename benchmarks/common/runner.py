@@ -45,7 +45,9 @@ __all__ = [
     "execute",
     "load_summary",
     "past",
+    "random_state",
     "read_jsonl",
+    "set_random_state",
     "sweep",
     "write_json",
     "write_jsonl",
@@ -104,31 +106,58 @@ def diverged(loss: float) -> bool:
     return not math.isfinite(loss)
 
 
+def random_state() -> dict[str, Any]:
+    """torch's global random states (CPU and CUDA), for a checkpoint."""
+    import torch
+
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Restore :func:`random_state` (a checkpoint without CUDA states leaves them alone)."""
+    import torch
+
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
 # ------------------------------------------------------------------------------ a run
 class RunFolder:
     """The folder of one run whose numbers are determined by ``config`` (a JSON-ready dict).
 
-    ``key`` is the name under which ``summary.json`` and ``checkpoint.pt`` record the
-    configuration (``"spec"`` for the image experiments, ``"config"`` elsewhere).
+    ``key`` is the name under which the summary and the checkpoint record the configuration
+    (``"spec"`` for the image experiments, ``"config"`` elsewhere). With ``stem``, several
+    runs share the folder: the run's summary is ``<stem>.json`` and its checkpoint
+    ``<stem>.pt`` (and the summary is where its configuration is recorded), else they are
+    ``summary.json``, ``checkpoint.pt`` and ``config.json``.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], key: str = "config"):
-        self.path, self.config, self.key = Path(path), config, key
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], key: str = "config",
+                 stem: str | None = None):
+        self.path, self.config, self.key, self.stem = Path(path), config, key, stem
         self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT
+        return self.path / (CHECKPOINT if self.stem is None else f"{self.stem}.pt")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / (SUMMARY if self.stem is None else f"{self.stem}.json")
 
     def finished(self) -> dict[str, Any] | None:
         """The summary of this run if it finished with this configuration, else None."""
-        done = load_summary(self.path)
+        path = self.summary_path
+        done = json.loads(path.read_text()) if path.is_file() else None
         return done if done is not None and done.get(self.key) == self.config else None
 
     def start(self) -> None:
         """Forget a previous summary and record the configuration."""
-        (self.path / SUMMARY).unlink(missing_ok=True)
-        write_json(self.path / CONFIG, self.config)
+        self.summary_path.unlink(missing_ok=True)
+        if self.stem is None:
+            write_json(self.path / CONFIG, self.config)
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json(self.path / name, obj)
@@ -230,7 +259,7 @@ def execute(
         return {"name": name, folder.key: folder.config, "status": INTERRUPTED,
                 **run.position()}
     summary = run.summary(status)
-    folder.write_json(SUMMARY, summary)
+    write_json(folder.summary_path, summary)
     if not keep_checkpoint:
         folder.checkpoint_path.unlink(missing_ok=True)
     return summary
