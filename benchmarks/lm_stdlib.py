@@ -19,19 +19,21 @@ checkpoints and stops (exit code 3); rerun the same command with ``--resume`` to
     python benchmarks/lm_stdlib.py --threads 1
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
@@ -49,6 +51,61 @@ OPTIMIZERS = ("adamw", "sgd")
 METRICS = "metrics.jsonl"
 
 
+_WHAT, _MODEL, _DATA = "what to run", "model (ByteTransformerLM)", "data and measurements"
+
+
+@dataclass
+class LMOptions:
+    """The command line: one field per option. ``run``-tagged options determine every run's
+    numbers, ``fp``-tagged ones those of the fp runs (a checkpoint of another configuration
+    is refused)."""
+
+    methods: list[str] = option(list(METHODS), "baseline: the base optimizer; fp: "
+                                "FisherPenaltySGD around it", nargs="+", choices=METHODS,
+                                group=_WHAT)
+    seed: int = option(0, "seed of the initialisation, the data order and the penalty's labels",
+                       type=nonnegative_int, group=_WHAT, tags=("run",))
+    steps: int = option(1500, "optimizer steps", type=positive_int, group=_WHAT, tags=("run",))
+    batch_size: int = option(32, "sequences per step", type=positive_int, group=_WHAT,
+                             tags=("run",))
+    optimizer: str = option("adamw", "base optimizer: AdamW (betas 0.9, 0.99) or SGD with "
+                            "momentum 0.9", choices=OPTIMIZERS, group=_WHAT, tags=("run",))
+    lr: float = option(1e-3, "learning rate", type=positive_float, group=_WHAT, tags=("run",))
+    weight_decay: float = option(0.0, "weight decay of the base optimizer",
+                                 type=nonnegative_float, group=_WHAT, tags=("run",))
+    alphas: list[float] = option([0.1], "fp: the penalty weight α, one fp run per value",
+                                 nargs="+", type=positive_float, group=_WHAT)
+    every: int = option(10, "fp: recompute the penalty gradient every N steps",
+                        type=positive_int, group=_WHAT, tags=("fp",))
+    fd_mode: str = option("exact", "fp: how the penalty gradient is computed",
+                          choices=("exact", "finite_difference"), group=_WHAT, tags=("fp",))
+    spike_factor: float | None = option(
+        None, "fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose Tr(F_B) "
+        "exceeds this many times the recent median), a number > 1 (default: off, the paper's "
+        "algorithm)", type=real(1.0, low_open=True), group=_WHAT, tags=("fp",))
+
+    context: int = option(64, "bytes per sequence", type=positive_int, group=_MODEL,
+                          tags=("run",))
+    dim: int = option(128, "embedding width", type=positive_int, group=_MODEL, tags=("run",))
+    layers: int = option(2, "transformer blocks", type=positive_int, group=_MODEL,
+                         tags=("run",))
+    heads: int = option(4, "attention heads (divide --dim)", type=positive_int, group=_MODEL,
+                        tags=("run",))
+
+    val_every_file: int = option(10, "every N-th stdlib file (name order) is validation "
+                                 "(N ≥ 2)", type=integer(2), group=_DATA, tags=("run",))
+    max_bytes: int | None = option(None, "cut the training and the validation text at N bytes "
+                                   "each (default: all of it)", type=positive_int, group=_DATA,
+                                   tags=("run",))
+    eval_every: int = option(100, "measure validation loss and Tr(F) every N steps (and at "
+                             "steps 0 and --steps)", type=positive_int, group=_DATA,
+                             tags=("run",))
+    val_windows: int = option(256, "validation windows, evenly spaced over the validation "
+                              "text", type=positive_int, group=_DATA, tags=("run",))
+    probe_size: int = option(64, "Tr(F) probe: this many training windows, evenly spaced",
+                             type=positive_int, group=_DATA, tags=("run",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every default shown by ``--help``)."""
     p = argparse.ArgumentParser(
@@ -56,72 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=HelpFormatter,
     )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="baseline: the base optimizer; fp: FisherPenaltySGD around it")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seed of the initialisation, the data order and the penalty's labels")
-    g.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="base optimizer: AdamW (betas 0.9, 0.99) or SGD with momentum 0.9")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
-                   help="weight decay of the base optimizer")
-    g.add_argument("--alphas", nargs="+", type=positive_float, default=[0.1],
-                   help="fp: the penalty weight α, one fp run per value")
-    g.add_argument("--every", type=positive_int, default=10,
-                   help="fp: recompute the penalty gradient every N steps")
-    g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default="exact",
-                   help="fp: how the penalty gradient is computed")
-    g.add_argument("--spike-factor", type=real(1.0, low_open=True), default=None,
-                   help="fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose "
-                   "Tr(F_B) exceeds this many times the recent median), a number > 1 "
-                   "(default: off, the paper's algorithm)")
-
-    g = p.add_argument_group("model (ByteTransformerLM)")
-    g.add_argument("--context", type=positive_int, default=64, help="bytes per sequence")
-    g.add_argument("--dim", type=positive_int, default=128, help="embedding width")
-    g.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
-    g.add_argument("--heads", type=positive_int, default=4, help="attention heads (divide --dim)")
-
-    g = p.add_argument_group("data and measurements")
-    g.add_argument("--val-every-file", type=integer(2), default=10,
-                   help="every N-th stdlib file (name order) is validation (N ≥ 2)")
-    g.add_argument("--max-bytes", type=positive_int, default=None,
-                   help="cut the training and the validation text at N bytes each (default: "
-                   "all of it)")
-    g.add_argument("--eval-every", type=positive_int, default=100,
-                   help="measure validation loss and Tr(F) every N steps (and at steps 0 and "
-                   "--steps)")
-    g.add_argument("--val-windows", type=positive_int, default=256,
-                   help="validation windows, evenly spaced over the validation text")
-    g.add_argument("--probe-size", type=positive_int, default=64,
-                   help="Tr(F) probe: this many training windows, evenly spaced")
-
-    g = p.add_argument_group("running")
-    g.add_argument("--out", default=f"runs/{NAME}", help="output folder")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--time-limit", type=positive_float, default=None,
-                   help="minutes; once exceeded, checkpoint and stop with exit code 3 "
-                   "(default: no limit)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue interrupted runs from their checkpoints, skip finished ones")
-    g.add_argument("--no-plot", action="store_true", help="do not write figure.png")
+    add_options(p, LMOptions, runner.RunningOptions, defaults={"out": f"runs/{NAME}"})
     return p
 
 
 # ------------------------------------------------------------------------------ training
 def _run_config(args: argparse.Namespace, method: str, alpha: float = 0.0) -> dict[str, Any]:
     """What determines a run's numbers (a checkpoint of another configuration is refused)."""
-    keys = ("seed", "steps", "batch_size", "optimizer", "lr", "weight_decay", "context", "dim",
-            "layers", "heads", "val_every_file", "max_bytes", "eval_every", "val_windows",
-            "probe_size")
-    config = {"method": method, **{k: getattr(args, k) for k in keys}}
+    config = {"method": method, **{k: getattr(args, k) for k in tagged(LMOptions, "run")}}
     if method == "fp":
-        config.update(alpha=alpha, every=args.every, fd_mode=args.fd_mode,
-                      spike_factor=args.spike_factor)
+        config.update(alpha=alpha, **{k: getattr(args, k) for k in tagged(LMOptions, "fp")})
     return config
 
 

@@ -27,8 +27,12 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from benchmarks.common.options import option
+from fisher_optim._cli import positive_float, positive_int
 
 __all__ = [
     "COMPLETE",
@@ -38,6 +42,7 @@ __all__ = [
     "INTERRUPTED",
     "STOPPED",
     "RunFolder",
+    "RunningOptions",
     "Trainable",
     "clock",
     "deadline_after",
@@ -61,6 +66,25 @@ EXIT_INTERRUPTED = 3
 #: What such a command prints last.
 STOPPED = "stopped by --time-limit: rerun the same command with --resume to continue"
 CHECKPOINT, SUMMARY, CONFIG = "checkpoint.pt", "summary.json", "config.json"
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass
+class RunningOptions:
+    """The command-line options of running a script's runs, shared by every script (a
+    script sets its own ``out`` default)."""
+
+    out: str = option("runs", "output folder", group="running")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)",
+                                 type=positive_int, metavar="N", group="running")
+    time_limit: float | None = option(
+        None, "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
+        f"{EXIT_INTERRUPTED}; the same command with --resume continues it (default: no limit)",
+        type=positive_float, metavar="MINUTES", group="running")
+    resume: bool = option(False, "continue interrupted runs from their checkpoints, skip "
+                          "finished ones", action="store_true", group="running")
+    no_plot: bool = option(False, "do not draw the figure", action="store_true",
+                           group="running")
 
 
 # ------------------------------------------------------------------------------ files
