@@ -36,14 +36,15 @@ CPU). Example (about 30 minutes on one CPU core)::
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/break_even.py --threads 1
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from benchmarks.common.data import (  # noqa: E402
 )
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
 from benchmarks.common.plots import save_figure  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
@@ -91,65 +93,66 @@ def _setting(text: str) -> tuple[float, int]:
     return positive_float(parts[0]), positive_int(parts[1])
 
 
+@dataclass
+class BreakEvenOptions:
+    """The command line: one field per option (every option has one default, stated in its
+    help); the ``run``-tagged ones determine the runs' numbers (a saved run made with other
+    values is not reused by --resume)."""
+
+    dataset: str = option("cifar10", "image data set", choices=DATASETS, tags=("run",))
+    data_root: Path = option(default_factory=default_data_root, type=Path,
+                             help="where the data set lies (any layout "
+                             "benchmarks/common/data.py reads)")
+    cache_dir: Path = option(default_factory=default_cache_dir, type=Path,
+                             help="cache of decoded images")
+    model: str = option("simplecnn", "the network (benchmarks/common/models.py)",
+                        choices=sorted(MODELS), tags=("run",))
+    init: str = option("kaiming", "initialisation of conv/linear layers "
+                       "(benchmarks/common/models.py)", choices=INITS, tags=("run",))
+    settings: list[tuple[float, int]] = option(
+        [(0.1, 128), (0.01, 128), (0.1, 512)], "SGD settings LR:BATCH; the first is the "
+        "reference that the others are compared with (larger LR or smaller batch first); "
+        "none: only the gradient-descent run", type=_setting, nargs="*")
+    seeds: list[int] = option([0, 1, 2], "seeds (initialisation and data order)",
+                              type=nonnegative_int, nargs="+")
+    train_subset: int = option(2560, "training examples (class-stratified, the same for every "
+                               "run)", type=positive_int, tags=("run",))
+    epochs: int = option(8, "SGD epochs per run", type=positive_int, tags=("run",))
+    momentum: float = option(0.0, "SGD momentum (plain SGD: 0)", type=momentum,
+                             tags=("run",))
+    measure_every_examples: int = option(2048, "measure every this many training examples "
+                                         "(rounded to steps)", type=positive_int,
+                                         tags=("run",))
+    probe_size: int = option(128, "probe examples for K and Tr(F) (training examples)",
+                             type=positive_int, tags=("run",))
+    hessian_probe_size: int = option(64, "probe examples for the Hessian (the first of the "
+                                     "probe set)", type=positive_int, tags=("run",))
+    top_k: int = option(5, "top eigenvalues of K and H; conditioning proxy λ^k/λ^1",
+                        type=positive_int, tags=("run",))
+    lanczos_iters: int = option(15, "Lanczos steps (Hessian-vector products) per Hessian "
+                                "measurement", type=positive_int, tags=("run",))
+    lanczos_tol: float = option(1e-2, "relative residual tolerance ||Hv - λv|| <= tol·λ_1 "
+                                "(reported)", type=positive_float, tags=("run",))
+    gd_subset: int = option(256, "images for the full-batch gradient-descent run (0: skip it)",
+                            type=nonnegative_int, tags=("run",))
+    gd_lr: float = option(0.02, "learning rate of the full-batch gradient-descent run",
+                          type=positive_float, tags=("run",))
+    gd_steps: int = option(100, "gradient-descent steps", type=positive_int, tags=("run",))
+    gd_measure_every: int = option(5, "measure λ_H^1 every this many gradient-descent steps",
+                                   type=positive_int, tags=("run",))
+    x_axis: str = option("steps", "x axis of the figure", choices=("steps", "epochs"))
+    device: str = option("cpu", "device (auto: CUDA if available)",
+                         choices=("auto", "cpu", "cuda"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every option has one default, stated in its help)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="image data set")
-    p.add_argument("--data-root", type=Path, default=default_data_root(),
-                   help="where the data set lies (any layout benchmarks/common/data.py reads)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="cache of decoded images")
-    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn",
-                   help="the network (benchmarks/common/models.py)")
-    p.add_argument("--init", choices=INITS, default="kaiming",
-                   help="initialisation of conv/linear layers (benchmarks/common/models.py)")
-    p.add_argument("--settings", type=_setting, nargs="*",
-                   default=[(0.1, 128), (0.01, 128), (0.1, 512)],
-                   help="SGD settings LR:BATCH; the first is the reference that the others "
-                        "are compared with (larger LR or smaller batch first); none: only "
-                        "the gradient-descent run")
-    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2],
-                   help="seeds (initialisation and data order)")
-    p.add_argument("--train-subset", type=positive_int, default=2560,
-                   help="training examples (class-stratified, the same for every run)")
-    p.add_argument("--epochs", type=positive_int, default=8, help="SGD epochs per run")
-    p.add_argument("--momentum", type=momentum, default=0.0, help="SGD momentum (plain SGD: 0)")
-    p.add_argument("--measure-every-examples", type=positive_int, default=2048,
-                   help="measure every this many training examples (rounded to steps)")
-    p.add_argument("--probe-size", type=positive_int, default=128,
-                   help="probe examples for K and Tr(F) (training examples)")
-    p.add_argument("--hessian-probe-size", type=positive_int, default=64,
-                   help="probe examples for the Hessian (the first of the probe set)")
-    p.add_argument("--top-k", type=positive_int, default=5,
-                   help="top eigenvalues of K and H; conditioning proxy λ^k/λ^1")
-    p.add_argument("--lanczos-iters", type=positive_int, default=15,
-                   help="Lanczos steps (Hessian-vector products) per Hessian measurement")
-    p.add_argument("--lanczos-tol", type=positive_float, default=1e-2,
-                   help="relative residual tolerance ||Hv - λv|| <= tol·λ_1 (reported)")
-    p.add_argument("--gd-subset", type=nonnegative_int, default=256,
-                   help="images for the full-batch gradient-descent run (0: skip it)")
-    p.add_argument("--gd-lr", type=positive_float, default=0.02,
-                   help="learning rate of the full-batch gradient-descent run")
-    p.add_argument("--gd-steps", type=positive_int, default=100, help="gradient-descent steps")
-    p.add_argument("--gd-measure-every", type=positive_int, default=5,
-                   help="measure λ_H^1 every this many gradient-descent steps")
-    p.add_argument("--x-axis", choices=("steps", "epochs"), default="steps",
-                   help="x axis of the figure")
-    p.add_argument("--out", type=Path, default=Path("runs/break_even"),
-                   help="output folder (run JSON files, summary, figures)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="device (auto: CUDA if available)")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
-    p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
-                   help="once this many minutes have passed, checkpoint the unfinished run "
-                        "and stop (as every benchmark script); continue with --resume "
-                        "(default: no limit)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the finished runs found in --out, continue an interrupted one "
-                        "from its checkpoint and run the others")
+    add_options(p, BreakEvenOptions, runner.RunningOptions,
+                defaults={"out": Path("runs/break_even"), "threads": 1})
     return p
 
 
@@ -157,6 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the arguments (invalid combinations are argparse errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.out = Path(args.out)
     if args.hessian_probe_size > args.probe_size:
         parser.error("--hessian-probe-size must be at most --probe-size")
     if args.probe_size > args.train_subset:
@@ -561,10 +565,8 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"out", "resume", "time_limit", "threads", "x_axis", "device", "data_root",
-            "cache_dir", "settings", "seeds"}
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in skip}
+    """What determines a run's numbers (the ``run``-tagged options)."""
+    return {k: getattr(args, k) for k in tagged(BreakEvenOptions, "run")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -614,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarize(args.settings, runs, gd, args.top_k)
         summary["complete"] = complete
         runner.write_json(args.out / "summary.json", summary)
-        for p in figures(args, runs, gd):
+        for p in [] if args.no_plot else figures(args, runs, gd):
             print(f"wrote {p}")
         print(tables(summary))
     return 0 if complete else runner.EXIT_INTERRUPTED

@@ -38,6 +38,7 @@ def option(
     group: str | None = None,
     default_factory: Callable[[], Any] | None = None,
     tags: tuple[str, ...] = (),
+    unset: str | None = None,
     **argparse_kwargs: Any,
 ) -> Any:
     """A dataclass field that is also a command-line option.
@@ -51,10 +52,12 @@ def option(
         default_factory: instead of ``default``, a function computing it.
         tags: what the option is, for the script (e.g. ``("run",)``: it determines a run's
             numbers); see :func:`tagged`.
+        unset: what leaving the option out means when its default is None (``--help``
+            says ``(default: <unset>)``; a default set by a script is shown instead).
         argparse_kwargs: ``type``, ``choices``, ``nargs``, ``metavar``, ``action``,
             ``const`` as for ``ArgumentParser.add_argument``.
     """
-    metadata = {"help": help, "flag": flag, "group": group, "tags": tags,
+    metadata = {"help": help, "flag": flag, "group": group, "tags": tags, "unset": unset,
                 "argparse": argparse_kwargs}
     if default_factory is None and isinstance(default, list):
         default_factory, default = (lambda d=tuple(default): list(d)), _MISSING
@@ -109,6 +112,8 @@ def add_options(
             text = meta["help"](context) if callable(meta["help"]) else meta["help"]
             flag = meta["flag"] or "--" + f.name.replace("_", "-")
             default = defaults[f.name] if f.name in defaults else _default(f)
+            if default is None and meta["unset"] is not None:
+                text = f"{text} (default: {meta['unset']})"
             target.add_argument(flag, dest=f.name, default=default, help=text,
                                 **meta["argparse"])
     return groups

@@ -75,11 +75,11 @@ class RunningOptions:
     script sets its own ``out`` default)."""
 
     out: str = option("runs", "output folder", group="running")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)",
+    threads: int | None = option(None, "torch CPU threads", unset="torch's choice",
                                  type=positive_int, metavar="N", group="running")
     time_limit: float | None = option(
         None, "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
-        f"{EXIT_INTERRUPTED}; the same command with --resume continues it (default: no limit)",
+        f"{EXIT_INTERRUPTED}; the same command with --resume continues it", unset="no limit",
         type=positive_float, metavar="MINUTES", group="running")
     resume: bool = option(False, "continue interrupted runs from their checkpoints, skip "
                           "finished ones", action="store_true", group="running")
