@@ -6,6 +6,7 @@ training, no data."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -201,3 +202,24 @@ def test_every_run_spec_option_reaches_the_runs():
         args = parser.parse_args(argv)
         spec = cli.make_specs(cli.apply_dataset(cfg, args), args)[0]
         assert getattr(spec, name) == getattr(args, name) != parser.get_default(name), name
+
+
+def test_a_settings_field_is_the_default_of_the_option_of_its_name():
+    """ExperimentConfig's fields named after an option set that option's default in the
+    setting; left at their own defaults they agree with the option's (no drift)."""
+    options = importlib.import_module("benchmarks.common.options")
+    config = importlib.import_module("benchmarks.common.config")
+    declared = {f.name: f for cls in (cli.SweepOptions, config.RunSpec)
+                for f in options.option_fields(cls)}
+    plain = config.ExperimentConfig(name="plain", dataset="cifar10", model="tiny")
+    shared = [f.name for f in dataclasses.fields(plain) if f.name in declared
+              and f.name not in options.tagged(cli.SweepOptions, "resolved")]
+    assert {"epochs", "batch_size", "small_batch_size", "lr_star", "val_size"} <= set(shared)
+    for name in shared:
+        if name not in ("dataset", "model", "loss_threshold"):  # required / per data set
+            assert declared[name].default == getattr(plain, name), name
+    lb = _script("large_batch_noise").CONFIG
+    parser = cli.build_parser(lb)
+    for name in shared:
+        value = lb.threshold if name == "loss_threshold" else getattr(lb, name)
+        assert parser.get_default(name) == value, name
