@@ -40,8 +40,12 @@ from benchmarks.common import runner
 from benchmarks.common.config import (
     AUGMENT_MODES,
     LR_SCALINGS,
+    MEASURE,
     METHODS,
+    NOISE,
     NOISE_OF_METHOD,
+    SETTING,
+    WHAT,
     ExperimentConfig,
     RunSpec,
     scale_milestones,
@@ -56,7 +60,8 @@ from fisher_optim._cli import (
     positive_int,
 )
 
-__all__ = ["QUICK", "aggregate", "build_parser", "main", "make_specs", "results_table"]
+__all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
+           "make_specs", "results_table"]
 
 #: What ``--quick`` sets (unless given explicitly).
 QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
@@ -93,9 +98,7 @@ def _device(text: str) -> str:
     return text
 
 
-_WHAT, _SETTING, _NOISE, _DATA, _RUNNING = (
-    "what to run", "training setting", "large-batch noise (Wen et al., AISTATS 2020)", "data",
-    "running")
+_DATA = "data"
 
 
 @dataclass
@@ -109,62 +112,62 @@ class SweepOptions:
     methods: list[str] | None = option(
         None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
         f"{' '.join(cfg.default_methods)}, each at the table's learning rate)", nargs="+",
-        choices=METHODS, metavar="METHOD", group=_WHAT)
+        choices=METHODS, metavar="METHOD", group=WHAT)
     lrs: list[float] | None = option(
         None, lambda cfg: "learning rates, each crossed with every method (default: "
         f"{_default_lrs_text(cfg)})", nargs="+", type=positive_float, metavar="LR",
-        group=_WHAT, tags=("resolved",))
+        group=WHAT, tags=("resolved",))
     lr_star: float = option(0.1, "η*, the paper's tuned large learning rate (a guess; see "
-                            "config)", type=positive_float, group=_WHAT)
+                            "config)", type=positive_float, group=WHAT)
     alpha: float | None = option(None, lambda cfg: "single α for every penalised method "
                                  f"(default: {_default_alphas_text(cfg)})",
-                                 type=nonnegative_float, group=_WHAT)
+                                 type=nonnegative_float, group=WHAT)
     alpha_grid: bool = option(False, "search α on the paper's grid and choose it by validation "
-                              "accuracy", action="store_true", group=_WHAT)
+                              "accuracy", action="store_true", group=WHAT)
     alphas: list[float] | None = option(
         None, "with --alpha-grid: search these α (one grid for every penalised method; "
         "default: the paper's 10 log-spaced values per method)", nargs="+",
-        type=nonnegative_float, metavar="ALPHA", group=_WHAT)
+        type=nonnegative_float, metavar="ALPHA", group=WHAT)
     alpha_center: float = option(0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr",
-                                 type=positive_float, group=_WHAT)
+                                 type=positive_float, group=WHAT)
     gpx_center: float = option(100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float,
-                               group=_WHAT)
+                               group=WHAT)
     mixup_beta: float | None = option(None, lambda cfg: "mixup's Beta(β, β) parameter (default: "
                                       f"{cfg.default_alpha('mixup'):g})", type=positive_float,
-                                      group=_WHAT)
+                                      group=WHAT)
     seeds: list[int] | None = option(None, "seeds, one run each (default: --seed)", nargs="+",
-                                     type=nonnegative_int, metavar="SEED", group=_WHAT)
-    seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=_WHAT)
+                                     type=nonnegative_int, metavar="SEED", group=WHAT)
+    seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=WHAT)
     augment: str | None = option(
         None, lambda cfg: "augmentation (standard: random crop + flip; the bare flag means "
         f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
         f"{cfg.augment}, the plain run's methods)", nargs="?", const="standard",
-        choices=AUGMENT_MODES, group=_WHAT, tags=("resolved",))
+        choices=AUGMENT_MODES, group=WHAT, tags=("resolved",))
     fp_start_epochs: list[int] | None = option(
         None, lambda cfg: "switch FP on at these epochs, one run each (Fig. 3; default: "
         + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
            else "from the first epoch") + ")", nargs="+", type=positive_int, metavar="EPOCH",
-        group=_WHAT, tags=("resolved",))
+        group=WHAT, tags=("resolved",))
     batch_sizes: list[int] | None = option(
         None, lambda cfg: "sweep batch sizes, one run each (default: "
         + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size") + ")",
-        nargs="+", type=positive_int, metavar="B", group=_WHAT, tags=("resolved",))
+        nargs="+", type=positive_int, metavar="B", group=WHAT, tags=("resolved",))
     milestones: list[int] | None = option(
         None, lambda cfg: f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
         "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
         "milestones, scaled to --epochs)", nargs="*", type=positive_int, metavar="EPOCH",
-        group=_SETTING, tags=("resolved",))
+        group=SETTING, tags=("resolved",))
     lr_scaling: str = option("none", "scale each run's learning rate by (B / --lr-base-batch) "
                              "(linear) or its square root (sqrt), B the run's batch size",
-                             choices=LR_SCALINGS, group=_NOISE)
+                             choices=LR_SCALINGS, group=NOISE)
     lr_base_batch: int = option(128, "batch size at which the learning rate is not scaled",
-                                type=positive_int, group=_NOISE)
+                                type=positive_int, group=NOISE)
     lr_cap: float | None = option(None, "upper bound of the scaled learning rate",
-                                  unset="no cap", type=positive_float, group=_NOISE)
+                                  unset="no cap", type=positive_float, group=NOISE)
     batch_lrs: list[float] | None = option(
         None, "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
         "--lrs/--lr-star and --lr-scaling; default: not used)", nargs="+",
-        type=positive_float, metavar="LR", group=_NOISE)
+        type=positive_float, metavar="LR", group=NOISE)
     data_root: str | None = option(None, "dataset directory/archive",
                                    unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
                                    group=_DATA)
@@ -178,17 +181,17 @@ class SweepOptions:
     split_seed: int = option(0, "seed of the validation split, subsets and label noise",
                              type=nonnegative_int, group=_DATA)
     device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
-                         "cuda:INDEX", type=_device, group=_RUNNING)
+                         "cuda:INDEX", type=_device, group=runner.RUNNING)
     extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
                           "schedule: a run whose checkpoint differs only in "
                           "--epochs/--milestones, with the same milestones over the epochs it "
                           "has done, continues on the new schedule", action="store_true",
-                          group=_RUNNING)
+                          group=runner.RUNNING)
     quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
                                                                for k, v in QUICK.items()),
-                         action="store_true", group=_RUNNING)
-    no_progress: bool = option(False, "no progress bars", action="store_true", group=_RUNNING)
-    dry_run: bool = option(False, "list the runs and exit", action="store_true", group=_RUNNING)
+                         action="store_true", group=runner.RUNNING)
+    no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
+    dry_run: bool = option(False, "list the runs and exit", action="store_true", group=runner.RUNNING)
 
 
 #: Command-line defaults that differ from the RunSpec field's default (which is what a
@@ -216,7 +219,7 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     defaults.update(CLI_DEFAULTS, loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
     add_options(p, *classes, defaults=defaults, context=cfg,
                 groups={title: p.add_argument_group(title) for title in
-                        (_WHAT, _SETTING, _NOISE, _DATA, "measurements", _RUNNING)})
+                        (WHAT, SETTING, NOISE, _DATA, MEASURE, runner.RUNNING)})
     return p
 
 

@@ -91,7 +91,10 @@ class ExperimentConfig:
     """One experiment of the paper, as a script declares it.
 
     Attributes mirror the paper's App. I.2 settings; ``default_*`` fields say what a plain
-    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings.
+    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings. A
+    field named after a command-line option (a :class:`RunSpec` or
+    :class:`~benchmarks.common.cli.SweepOptions` field: ``epochs``, ``batch_size``, ...) is
+    that option's default in this setting.
     """
 
     name: str
@@ -221,8 +224,9 @@ def vgg_milestones(epochs: int = 300, start: int = 80, every: int = 40) -> tuple
     return tuple(range(start, epochs, every))
 
 
-_SETTING, _NOISE, _MEASURE = ("training setting", "large-batch noise (Wen et al., AISTATS 2020)",
-                              "measurements")
+#: The ``--help`` sections of the experiments' options.
+WHAT, SETTING, NOISE, MEASURE = ("what to run", "training setting",
+                                 "large-batch noise (Wen et al., AISTATS 2020)", "measurements")
 
 
 def spike_factor_value(text: str) -> float | None:
@@ -249,74 +253,74 @@ class RunSpec:
     experiment: str
     dataset: str = option(help="train on another data set than the paper's setting (its loss "
                           "threshold ε follows unless --loss-threshold is given)",
-                          choices=("cifar10", "cifar100", "tinyimagenet"), group=_SETTING)
+                          choices=("cifar10", "cifar100", "tinyimagenet"), group=SETTING)
     model: str = option(help=f"network, of: {', '.join(sorted(MODELS))} (see "
                         "benchmarks/common/models.py)", choices=sorted(MODELS), metavar="MODEL",
-                        group=_SETTING)
+                        group=SETTING)
     method: str
     lr: float
     alpha: float = 0.0
     seed: int = 0
     epochs: int = option(300, lambda cfg: f"epochs; the setting's LR milestones "
                          f"{list(cfg.milestones)} (for {cfg.epochs} epochs) are scaled to it",
-                         type=positive_int, group=_SETTING)
+                         type=positive_int, group=SETTING)
     milestones: tuple[int, ...] = (150, 225)
     gamma: float = 0.1
     weight_decay: float = option(0.0, "L2 weight decay of SGD", type=nonnegative_float,
-                                 group=_SETTING)
+                                 group=SETTING)
     momentum: float = 0.9
-    batch_size: int = option(128, "mini-batch size", type=positive_int, group=_SETTING)
+    batch_size: int = option(128, "mini-batch size", type=positive_int, group=SETTING)
     augment: str = "none"
     every: int = option(10, "recompute the penalty gradient every N steps", type=positive_int,
-                        metavar="N", group=_SETTING)
+                        metavar="N", group=SETTING)
     penalty_batch_size: int | None = option(
         None, "compute the penalty on the first N examples of the batch",
-        unset="the whole batch", type=positive_int, metavar="N", group=_SETTING)
+        unset="the whole batch", type=positive_int, metavar="N", group=SETTING)
     fd_mode: str = option("exact", "how FisherPenaltySGD computes the penalty gradient",
-                          choices=("exact", "finite_difference"), group=_SETTING)
+                          choices=("exact", "finite_difference"), group=SETTING)
     fp_start_epoch: int = 1
     label_noise: float = option(0.0, "fraction of training labels replaced by random labels, "
                                 "in [0, 1]", flag="--noise", type=fraction, metavar="FRACTION",
-                                group="what to run")
+                                group=WHAT)
     probe_size: int = option(128, "Tr(F) on the first N training examples",
                              unset="the batch size", type=positive_int, metavar="N",
-                             group=_MEASURE)
+                             group=MEASURE)
     trace_labels: str = option("sample", "Tr(F) with sampled labels (fixed generator) or "
                                "summed over classes", choices=("sample", "exact"),
-                               group=_MEASURE)
+                               group=MEASURE)
     trace_every_steps: int = option(0, "also measure Tr(F) every N steps (finer Tr(F_i)); 0: "
                                     "per epoch", type=nonnegative_int, metavar="N",
-                                    group=_MEASURE)
+                                    group=MEASURE)
     loss_threshold: float = option(1.2, "ε of Tr(F_i): the Tr(F) of the first measurement "
                                    "whose training loss is below ε", type=positive_float,
-                                   group=_MEASURE)
+                                   group=MEASURE)
     bn_refresh_batches: int = option(0, "re-estimate BatchNorm statistics on N train batches "
                                      "before evaluating (0: keep the running statistics)",
-                                     type=nonnegative_int, metavar="N", group=_SETTING)
+                                     type=nonnegative_int, metavar="N", group=SETTING)
     eval_batch_size: int = 500
     eval_train: bool = option(False, lambda cfg: "also evaluate the whole training set every "
                               "epoch (eval mode)" + (" (default: on in this setting)"
                                                      if cfg.eval_train else ""),
-                              action="store_true", group=_MEASURE)
+                              action="store_true", group=MEASURE)
     track_groups: bool = False
     group_probe_size: int = option(1000, "examples for clean/noisy gradient norms (label-noise "
-                                   "runs)", type=positive_int, metavar="N", group=_MEASURE)
+                                   "runs)", type=positive_int, metavar="N", group=MEASURE)
     # Noise experiments (defaults: absent from to_dict(), so older runs keep their config).
     small_batch_size: int = option(128, "M_S: the small batch whose gradient noise the noise_* "
                                    "methods imitate (they run only at batch sizes above it)",
-                                   type=positive_int, group=_NOISE)
+                                   type=positive_int, group=NOISE)
     noise_fisher: str = option("empirical", "noise_*: empirical Fisher (true labels, the paper) "
                                "or true Fisher (labels sampled from the model)",
-                               flag="--fisher", choices=NOISE_FISHERS, group=_NOISE)
+                               flag="--fisher", choices=NOISE_FISHERS, group=NOISE)
     noise_every: int = option(1, "noise_trace/noise_diag: re-estimate the Fisher every N steps "
                               "(1: every step, the paper; noise_full always uses 1)",
-                              type=positive_int, metavar="N", group=_NOISE)
+                              type=positive_int, metavar="N", group=NOISE)
     ghost_batch_size: int = option(0, "Ghost BatchNorm with this virtual batch for runs with a "
                                    "larger batch (0: plain BatchNorm)", type=nonnegative_int,
-                                   group=_NOISE)
+                                   group=NOISE)
     log_every_update: bool = option(False, "write train_curve.jsonl: loss and error of every "
                                     "update's batch", action=argparse.BooleanOptionalAction,
-                                    group=_NOISE)
+                                    group=NOISE)
     #: Evaluate the test set (and, with label noise, the training set) every N epochs, at
     #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
     #: 0: at the last epoch only, and once more at the end on a copy of the weights of the
@@ -326,28 +330,28 @@ class RunSpec:
                              "the last epoch and at each new best validation accuracy; 0: at "
                              "the last epoch, plus once at the end on the kept best-validation "
                              "weights (the same test@best-val, one test pass per run)",
-                             type=nonnegative_int, metavar="N", group=_MEASURE)
+                             type=nonnegative_int, metavar="N", group=MEASURE)
     #: Measure validation accuracy and the epoch's Tr(F) probe every N epochs (and at the
     #: last epoch); 1: every epoch. Model selection sees only the measured epochs.
     val_every: int = option(1, "measure validation accuracy and the epoch's Tr(F) every N "
                             "epochs and at the last epoch (model selection sees only those "
-                            "epochs)", type=positive_int, metavar="N", group=_MEASURE)
+                            "epochs)", type=positive_int, metavar="N", group=MEASURE)
     #: FisherPenaltySGD's spike safeguard factor (None: off, the paper's algorithm; runs
     #: made before the safeguard existed read as None; the command line's default is 4).
     spike_factor: float | None = option(
         None, "FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over this many "
         "times the running median norm is scaled down to that bound and used for one step "
         "only; 'none' turns it off (the paper's FP)", type=spike_factor_value, metavar="F",
-        group=_MEASURE)
+        group=MEASURE)
     #: FisherPenaltySGD's ``guard_early``: the first refreshes (no median yet) are used once.
     guard_early: bool = option(False, "FisherPenaltySGD(guard_early=True): the first 5 "
                                "refreshes, before a median exists, are each used for one step "
-                               "only", action="store_true", group=_MEASURE)
+                               "only", action="store_true", group=MEASURE)
     #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
     init: str = option("kaiming", "initialisation of the conv and linear layers: kaiming (the "
                        "models' own), torch (PyTorch's layer default) or glorot (Keras's "
                        "default); the paper does not state its own, and the scale of Tr(F) "
-                       "depends on it", choices=INITS, group=_SETTING)
+                       "depends on it", choices=INITS, group=SETTING)
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:

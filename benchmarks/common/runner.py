@@ -66,6 +66,8 @@ EXIT_INTERRUPTED = 3
 #: What such a command prints last.
 STOPPED = "stopped by --time-limit: rerun the same command with --resume to continue"
 CHECKPOINT, SUMMARY, CONFIG = "checkpoint.pt", "summary.json", "config.json"
+#: The ``--help`` section of :class:`RunningOptions`.
+RUNNING = "running"
 
 
 # ------------------------------------------------------------------------------ options
@@ -74,17 +76,17 @@ class RunningOptions:
     """The command-line options of running a script's runs, shared by every script (a
     script sets its own ``out`` default)."""
 
-    out: str = option("runs", "output folder", group="running")
+    out: str = option("runs", "output folder", group=RUNNING)
     threads: int | None = option(None, "torch CPU threads", unset="torch's choice",
-                                 type=positive_int, metavar="N", group="running")
+                                 type=positive_int, metavar="N", group=RUNNING)
     time_limit: float | None = option(
         None, "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
         f"{EXIT_INTERRUPTED}; the same command with --resume continues it", unset="no limit",
-        type=positive_float, metavar="MINUTES", group="running")
+        type=positive_float, metavar="MINUTES", group=RUNNING)
     resume: bool = option(False, "continue interrupted runs from their checkpoints, skip "
-                          "finished ones", action="store_true", group="running")
+                          "finished ones", action="store_true", group=RUNNING)
     no_plot: bool = option(False, "do not draw the figure", action="store_true",
-                           group="running")
+                           group=RUNNING)
 
 
 # ------------------------------------------------------------------------------ files
