@@ -175,8 +175,7 @@ class RunFolder:
 
     def finished(self) -> dict[str, Any] | None:
         """The summary of this run if it finished with this configuration, else None."""
-        path = self.summary_path
-        done = json.loads(path.read_text()) if path.is_file() else None
+        done = _read_json(self.summary_path)
         return done if done is not None and done.get(self.key) == self.config else None
 
     def start(self) -> None:
@@ -209,7 +208,10 @@ class RunFolder:
 
 def load_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``summary.json`` of a finished run, or None."""
-    path = Path(run_dir) / SUMMARY
+    return _read_json(Path(run_dir) / SUMMARY)
+
+
+def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -253,8 +255,7 @@ def execute(
 
     Returns its summary (also in ``summary.json``), or ``{"status": "interrupted", key:
     config, "name": name, **run.position()}`` when ``deadline`` stopped it (its checkpoint
-    is saved). With
-    ``keep_checkpoint=False`` a finished run's checkpoint is removed.
+    is saved). With ``keep_checkpoint=False`` a finished run's checkpoint is removed.
     """
     name = name or folder.path.name
     say = log or (lambda _: None)
