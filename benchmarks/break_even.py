@@ -588,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = runner.execute(runner.RunFolder(args.out, config, stem=stem), start,
                              resume=args.resume, deadline=deadline, keep_checkpoint=False,
                              name=stem)
-        if out["status"] in runner.FINISHED:
+        if out.get("status") != runner.INTERRUPTED:  # (older versions saved none)
             print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}",
                   flush=True)
         return out
@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda: SGDRun(args, config, train, probe, lr, batch, seed, device))))
     results, complete = runner.sweep(job for _, job in jobs)
     finished = {key: out["run"] for (key, _), out in zip(jobs, results)
-                if out["status"] in runner.FINISHED}
+                if out.get("status") != runner.INTERRUPTED}
     gd = finished.pop(None, None)
     runs: dict[tuple[float, int, int], dict] = finished  # type: ignore[assignment]
     if not complete:

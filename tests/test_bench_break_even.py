@@ -53,6 +53,11 @@ def test_time_limit_then_resume(tmp_path, data, capsys):
     first = (out / "sgd_lr0.1_bs16_seed0.json").read_text()
     assert break_even.main([*args, "--resume"]) == 0  # nothing rerun
     assert (out / "sgd_lr0.1_bs16_seed0.json").read_text() == first
+    old = json.loads(first)
+    del old["status"]  # as saved before the runs had a status
+    (out / "sgd_lr0.1_bs16_seed0.json").write_text(json.dumps(old))
+    assert break_even.main([*args, "--resume"]) == 0  # still reused
+    assert json.loads((out / "sgd_lr0.1_bs16_seed0.json").read_text()) == old
 
 
 @pytest.mark.parametrize(
