@@ -36,12 +36,14 @@ from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # no
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
     "sgd": None,
-    "fp_fd_k10": {"mode": "finite_difference", "every": 10},
+    "fp_fd_k10": {"mode": "finite_difference", "fd_scheme": "forward", "every": 10},
     "fp_exact_k10": {"mode": "exact", "every": 10},
     # the spike safeguard off (the paper's FP exactly): what the safeguard costs
-    "fp_fd_k10_noguard": {"mode": "finite_difference", "every": 10, "spike_factor": None},
+    "fp_fd_k10_noguard": {
+        "mode": "finite_difference", "fd_scheme": "forward", "every": 10, "spike_factor": None
+    },
     "fp_exact_k10_noguard": {"mode": "exact", "every": 10, "spike_factor": None},
-    "fp_fd_k1": {"mode": "finite_difference", "every": 1},
+    "fp_fd_k1": {"mode": "finite_difference", "fd_scheme": "forward", "every": 1},
     "fp_exact_k1": {"mode": "exact", "every": 1},
     "gp_exact_k10": {"mode": "exact", "every": 10, "penalty": "gradient"},
     "gpr_exact_k10": {"mode": "exact", "every": 10, "penalty": "random_label"},
