@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fisher_optim._fsdp import EXACT_UNSUPPORTED, compute_dtypes, global_norms, is_fsdp
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
 from fisher_optim.engines import (
     check_fd_dtypes,
+    check_fd_scheme,
     check_fd_step,
     check_mode,
     compute_penalty_gradient,
@@ -98,6 +100,9 @@ class FisherPenaltySGD(GradientWrapper):
             :mod:`fisher_optim._logits`.
         penalty_batch_size: use only the first N examples of the batch for the penalty.
         fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
+        fd_scheme: ``"forward"`` (2 gradients), ``"central"`` or ``"guarded"`` (3 gradients);
+            None: the dtype's default (``"guarded"`` in float32, ``"forward"`` in float64;
+            see :mod:`fisher_optim.engines`).
         seed: seed of the label-sampling generator (default: derived from
             ``torch.initial_seed()``, so seeding torch seeds it; nothing is drawn from
             torch's global generator).
@@ -146,6 +151,7 @@ class FisherPenaltySGD(GradientWrapper):
         loss_fn: LossFn | None = None,
         penalty_batch_size: int | None = None,
         fd_step: float | None = None,
+        fd_scheme: str | None = None,
         seed: int | None = None,
         target_mask: TargetMask | None = None,
         penalty_scale: str = "batch",
@@ -169,6 +175,7 @@ class FisherPenaltySGD(GradientWrapper):
         self.loss_fn = loss_fn
         self.penalty_batch_size = penalty_batch_size
         self.fd_step = fd_step
+        self.fd_scheme = check_fd_scheme(fd_scheme)
         if target_mask is not None and not callable(target_mask):
             raise TypeError(
                 f"target_mask must be a function called like the model, got "
@@ -191,8 +198,14 @@ class FisherPenaltySGD(GradientWrapper):
             model, base_optimizer, {WEIGHT_KEY: float(alpha)}, base_kwargs, seed, max_grad_norm
         )
         _check_group_keys(self.base_optimizer)
+        sharded = self._sharded = is_fsdp(self.module)
+        if self.mode == "exact" and sharded:
+            raise ValueError(EXACT_UNSUPPORTED)
         if self.mode == "finite_difference":
-            check_fd_dtypes([p for p in self.flat_params() if p.requires_grad])
+            check_fd_dtypes(
+                [p for p in self.flat_params() if p.requires_grad],
+                compute_dtypes(self.module) if sharded else (),
+            )
         if mode == "exact" and hasattr(self.module, "_orig_mod"):
             self.module = self.module._orig_mod  # double backward needs the eager module
         self.penalty_value: float | None = None
@@ -265,7 +278,7 @@ class FisherPenaltySGD(GradientWrapper):
             likelihood=self.likelihood,
         )
         with self.own_pass(autocast=self.mode == "exact"):
-            result = compute_penalty_gradient(objective, self.mode, self.fd_step)
+            result = compute_penalty_gradient(objective, self.mode, self.fd_step, self.fd_scheme)
         grads = result.grads
         if self._process_group() is not None:  # every rank adds the same mean gradient
             grads = [torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)]
@@ -273,7 +286,7 @@ class FisherPenaltySGD(GradientWrapper):
         else:
             value = result.value
         present = [g for g in grads if g is not None]
-        norms = torch.stack(torch._foreach_norm(present)).float() if present else value[None]
+        norms = global_norms(present).float() if present else value[None]
         # one host sync per refresh: the penalty value, and whether every entry is finite
         penalty_value, check, grad_norm = torch.stack(
             [value.float(), norms.sum(), norms.norm()]
@@ -316,6 +329,11 @@ class FisherPenaltySGD(GradientWrapper):
         for i, g in zip(trainable, grads):
             cache[i] = None if g is None else g.detach()
         self._cache = cache
+
+    def _process_group(self) -> Any | None:
+        """None under FSDP2: its backward already averages the gradients over the ranks, so
+        the penalty gradient is that of the global batch on every rank."""
+        return None if self._sharded else super()._process_group()
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:

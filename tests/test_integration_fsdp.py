@@ -1,0 +1,200 @@
+"""FSDP2 (``fully_shard``) on CPU (gloo, two processes): the finite-difference penalty.
+
+Each rank holds a shard of every parameter; the penalty gradient is taken from two sharded
+backwards (:mod:`fisher_optim._fsdp`), so it is the penalty of the *global* batch. The
+reference is the same finite difference on the unsharded model and the whole batch, with the
+labels each rank drew for its rows. All the scenarios run inside one
+``torch.multiprocessing.spawn`` (module-scoped fixture).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_optim import FisherPenaltySGD
+from fisher_optim.engines import finite_difference_penalty_gradient
+from fisher_optim.penalty import Batch, PenaltyObjective
+
+WORLD = 2
+LOCAL_BATCH = 6
+STEPS = 4
+SEED = 1234
+LR, ALPHA, EVERY = 0.1, 0.5, 2
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available() and hasattr(fsdp, "fully_shard")),
+    reason="torch.distributed with gloo and FSDP2 (fully_shard) is not available",
+)
+
+
+def _model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)  # the last layer's 3 rows split unevenly (2 + 1) over the ranks
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)
+    ).to(dtype)
+
+
+def _sharded(dtype: torch.dtype = torch.float64, **kwargs: Any) -> nn.Module:
+    """fully_shard per Linear block, then the root."""
+    model = _model(dtype)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fsdp.fully_shard(layer, **kwargs)
+    return fsdp.fully_shard(model, **kwargs)
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * LOCAL_BATCH, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(3, (WORLD * LOCAL_BATCH,), generator=g)
+
+
+def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    for step in steps:
+        x, y = _global_batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(_shard(x, rank)), _shard(y, rank)).backward()
+        opt.step()
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _optimizer(model: nn.Module, **kwargs: Any) -> FisherPenaltySGD:
+    return FisherPenaltySGD(
+        model, lr=LR, alpha=ALPHA, every=EVERY, seed=SEED, mode="finite_difference", **kwargs
+    )
+
+
+def _resume(rank: int) -> dict[str, Any]:
+    """Train 4 steps straight, or 2 steps, checkpoint (model and optimizer state dicts of
+    DTensors), rebuild, load and train 2 more: bitwise the same."""
+    kw = dict(momentum=0.9, spike_factor=1.5, spike_window=2)
+    model = _sharded()
+    opt = _optimizer(model, **kw)
+    _train(model, opt, rank, range(2))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, rank, range(2, STEPS))
+    straight = _full(model), opt.refreshes, opt.spikes, opt.penalty_value
+
+    model2 = _sharded()
+    opt2 = _optimizer(model2, **kw)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _train(model2, opt2, rank, range(2, STEPS))
+    resumed = _full(model2), opt2.refreshes, opt2.spikes, opt2.penalty_value
+    return {"straight": straight, "resumed": resumed}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results: dict[str, Any] = {}
+        model = _sharded()
+        opt = _optimizer(model)
+        _train(model, opt, rank, range(STEPS))
+        results["fd"] = {
+            "params": _full(model),
+            "refreshes": opt.refreshes,
+            "value": opt.penalty_value,
+            "grad_dtype": type(opt._cache[0]).__name__,
+        }
+        try:
+            FisherPenaltySGD(_sharded(), lr=LR, alpha=ALPHA, mode="exact")
+        except ValueError as e:
+            results["exact_error"] = str(e)
+        try:
+            mp_policy = fsdp.MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+            _optimizer(_sharded(torch.float32, mp_policy=mp_policy))
+        except TypeError as e:
+            results["bf16_error"] = str(e)
+        results["resume"] = _resume(rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = str(Path(tmp) / "init")
+        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _reference(alpha: float = ALPHA) -> list[torch.Tensor]:
+    """θ ← θ − lr (∇L + α ∇P), P the penalty of the whole batch, every 2 steps, in one
+    process: the unsharded model, each rank's rows labelled by that rank's generator."""
+    model = _model()
+    params = list(model.parameters())
+    generators = [torch.Generator().manual_seed(SEED) for _ in range(WORLD)]
+    cache = None
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        if step % EVERY == 0:
+            labels = []
+            for r in range(WORLD):
+                local = PenaltyObjective(model, Batch((_shard(x, r),)), generator=generators[r])
+                local.loss()  # draws this rank's labels from its logits
+                labels.append(local.labels)
+            whole = PenaltyObjective(model, Batch((x,)))
+            whole.labels = torch.cat(labels)
+            cache = finite_difference_penalty_gradient(whole).grads
+        with torch.no_grad():
+            for p, g, h in zip(params, grads, cache):
+                p -= LR * (g + alpha * h)
+    return [p.detach() for p in params]
+
+
+def test_sharded_update_equals_the_unsharded_one(ranks: list[dict]) -> None:
+    expected, unpenalised = _reference(), _reference(alpha=0.0)
+    # the penalty moves the parameters far more than the tolerance below
+    assert max(float((p - q).abs().max()) for p, q in zip(expected, unpenalised)) > 1e-4
+    for rank in ranks:
+        got = rank["fd"]["params"]
+        assert rank["fd"]["refreshes"] == STEPS // EVERY and rank["fd"]["grad_dtype"] == "DTensor"
+        # the ranks sum their shards' norms in another order than one process does; the
+        # float64 difference (step 1e-8 ||θ||) turns last-bit differences into ~1e-9
+        for p, q in zip(got, expected):
+            torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+    for p, q in zip(ranks[0]["fd"]["params"], ranks[1]["fd"]["params"]):
+        assert torch.equal(p, q)
+
+
+def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "mode='finite_difference'" in rank["exact_error"]
+        assert "FSDP2" in rank["exact_error"]
+
+
+def test_bf16_mixed_precision_is_refused(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "MixedPrecisionPolicy(param_dtype=torch.bfloat16)" in rank["bf16_error"]
+
+
+def test_resume_is_bitwise(ranks: list[dict]) -> None:
+    for rank in ranks:
+        straight, resumed = rank["resume"]["straight"], rank["resume"]["resumed"]
+        assert straight[1:] == resumed[1:]
+        assert all(torch.equal(p, q) for p, q in zip(straight[0], resumed[0]))
