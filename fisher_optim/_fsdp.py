@@ -34,6 +34,11 @@ EXACT_UNSUPPORTED = (
     "would be missing. Use mode='finite_difference', which takes two sharded backwards"
 )
 
+INPUT_GRADIENT_UNSUPPORTED = (
+    "penalty='input_gradient' is not supported on an FSDP2-sharded model (the input gradient "
+    "of the global batch is split over the ranks); use another penalty"
+)
+
 
 def is_sharded(params: Iterable[Tensor]) -> bool:
     """Whether any of ``params`` is a ``DTensor`` (an FSDP2 / tensor-parallel parameter)."""
@@ -113,6 +118,11 @@ class ShardedPasses:
             )
             for g, p in zip(grads, self.params)
         ]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor``; any other tensor as it is."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def global_norms(tensors: Sequence[Tensor]) -> Tensor:

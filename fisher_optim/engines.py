@@ -73,7 +73,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._fsdp import EXACT_UNSUPPORTED, ShardedPasses, compute_dtypes, is_sharded
+from fisher_optim._fsdp import (
+    EXACT_UNSUPPORTED,
+    INPUT_GRADIENT_UNSUPPORTED,
+    ShardedPasses,
+    compute_dtypes,
+    is_sharded,
+)
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import trainable_parameters
 from fisher_optim._targets import TargetMask
@@ -192,10 +198,7 @@ def finite_difference_penalty_gradient(
     if isinstance(passes, ShardedPasses):
         check_fd_dtypes(params, compute_dtypes(objective.model))
     if shift_inputs and isinstance(passes, ShardedPasses):
-        raise ValueError(
-            "penalty='input_gradient' is not supported on an FSDP2-sharded model (the input "
-            "gradient of the global batch is split over the ranks); use another penalty"
-        )
+        raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
     rng = _RngState(params[0].device)
     tensors = passes.tensors()
 

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._fsdp import EXACT_UNSUPPORTED, compute_dtypes, global_norms, is_fsdp
+from fisher_optim._fsdp import (
+    EXACT_UNSUPPORTED,
+    INPUT_GRADIENT_UNSUPPORTED,
+    compute_dtypes,
+    global_norms,
+    is_fsdp,
+)
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
 from fisher_optim.engines import (
@@ -201,6 +207,8 @@ class FisherPenaltySGD(GradientWrapper):
         sharded = self._sharded = is_fsdp(self.module)
         if self.mode == "exact" and sharded:
             raise ValueError(EXACT_UNSUPPORTED)
+        if self.penalty == "input_gradient" and sharded:
+            raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
         if self.mode == "finite_difference":
             check_fd_dtypes(
                 [p for p in self.flat_params() if p.requires_grad],
@@ -342,19 +350,31 @@ class FisherPenaltySGD(GradientWrapper):
             "penalty_value": self.penalty_value,
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
-            "cache": self._cache,
+            "cache": self._checkpoint_cache(),
+            "has_cache": self._cache is not None,
             "cache_step": self._cache_step,
             "refresh_next": self._refresh_next,
             "penalty_grad_norm": self.penalty_grad_norm,
             "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
+    def _checkpoint_cache(self) -> list[Tensor | None]:
+        """The cache with a tensor for every trainable parameter (zeros where there is none,
+        which add nothing): ``torch.distributed.checkpoint`` loads into a template of the
+        same structure, so a fresh optimizer's state dict must already hold them."""
+        cache = self._cache or [None] * len(self.flat_params())
+        return [
+            c if c is not None or not p.requires_grad else torch.zeros_like(p)
+            for c, p in zip(cache, self.flat_params())
+        ]
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self.penalty_value = extra["penalty_value"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
-        self._cache = self.load_per_param(extra["cache"], "penalty cache", lambda p: p.dtype)
+        cache = extra["cache"] if extra.get("has_cache", True) else None
+        self._cache = self.load_per_param(cache, "penalty cache", lambda p: p.dtype)
         self._cache_step = extra.get("cache_step", self._cache_step)
         self._refresh_next = extra.get("refresh_next", False)
         self.penalty_grad_norm = extra.get("penalty_grad_norm")

@@ -84,23 +84,66 @@ def _optimizer(model: nn.Module, **kwargs: Any) -> FisherPenaltySGD:
 
 
 def _resume(rank: int) -> dict[str, Any]:
-    """Train 4 steps straight, or 2 steps, checkpoint (model and optimizer state dicts of
-    DTensors), rebuild, load and train 2 more: bitwise the same."""
-    kw = dict(momentum=0.9, spike_factor=1.5, spike_window=2)
+    """Train 8 steps straight, or 4 steps, checkpoint (model and optimizer state dicts of
+    DTensors), rebuild, load and train 4 more: bitwise the same, safeguard included (a
+    tight spike factor and guard_early make it act)."""
+    kw = dict(momentum=0.9, spike_factor=1.05, spike_window=2, guard_early=True)
     model = _sharded()
     opt = _optimizer(model, **kw)
-    _train(model, opt, rank, range(2))
+    _train(model, opt, rank, range(4))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _train(model, opt, rank, range(2, STEPS))
-    straight = _full(model), opt.refreshes, opt.spikes, opt.penalty_value
+    _train(model, opt, rank, range(4, 8))
+    straight = _full(model), opt.refreshes, opt.spikes, opt.unjudged_refreshes, opt.penalty_value
 
     model2 = _sharded()
     opt2 = _optimizer(model2, **kw)
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
-    _train(model2, opt2, rank, range(2, STEPS))
-    resumed = _full(model2), opt2.refreshes, opt2.spikes, opt2.penalty_value
+    _train(model2, opt2, rank, range(4, 8))
+    resumed = (
+        _full(model2),
+        opt2.refreshes,
+        opt2.spikes,
+        opt2.unjudged_refreshes,
+        opt2.penalty_value,
+    )
     return {"straight": straight, "resumed": resumed}
+
+
+def _checkpoint_api(rank: int) -> dict[str, Any]:
+    """The same resume through torch.distributed.checkpoint.state_dict: get/set_model_ and
+    get/set_optimizer_state_dict (sharded DTensor state dicts), written with dcp.save and
+    read back with dcp.load; the get on a fresh optimizer changes nothing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    kw = dict(momentum=0.9)
+    model = _sharded()
+    opt = _optimizer(model, **kw)
+    get_state_dict(model, opt)  # initialises the empty state: must not count as a step
+    fresh = opt.step_count, opt.refreshes, opt.param_groups[0]["lr"]
+    _train(model, opt, rank, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sharded_cache = type(optim_sd["param_groups"][0]["fisher_optim"]["cache"][0]).__name__
+    path = os.environ["FSDP_TEST_CHECKPOINT"]
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    _train(model, opt, rank, range(3, STEPS + 1))
+    straight = _full(model), opt.refreshes, opt.step_count
+
+    model2 = _sharded()
+    opt2 = _optimizer(model2, **kw)
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _train(model2, opt2, rank, range(3, STEPS + 1))
+    resumed = _full(model2), opt2.refreshes, opt2.step_count
+    return {
+        "fresh": fresh,
+        "sharded_cache": sharded_cache,
+        "straight": straight,
+        "resumed": resumed,
+    }
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -122,6 +165,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         except ValueError as e:
             results["exact_error"] = str(e)
         try:
+            _optimizer(_sharded(), penalty="input_gradient")
+        except ValueError as e:
+            results["gpx_error"] = str(e)
+        try:
             mp_policy = fsdp.MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
@@ -129,6 +176,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         except TypeError as e:
             results["bf16_error"] = str(e)
         results["resume"] = _resume(rank)
+        results["dcp"] = _checkpoint_api(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -138,6 +186,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = str(Path(tmp) / "init")
+        os.environ["FSDP_TEST_CHECKPOINT"] = str(Path(tmp) / "checkpoint")
         mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -188,6 +237,11 @@ def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> No
         assert "FSDP2" in rank["exact_error"]
 
 
+def test_input_gradient_penalty_is_refused(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "penalty='input_gradient' is not supported" in rank["gpx_error"]
+
+
 def test_bf16_mixed_precision_is_refused(ranks: list[dict]) -> None:
     for rank in ranks:
         assert "MixedPrecisionPolicy(param_dtype=torch.bfloat16)" in rank["bf16_error"]
@@ -197,4 +251,16 @@ def test_resume_is_bitwise(ranks: list[dict]) -> None:
     for rank in ranks:
         straight, resumed = rank["resume"]["straight"], rank["resume"]["resumed"]
         assert straight[1:] == resumed[1:]
+        assert straight[1] > 8 // EVERY  # the safeguard added refreshes
+        assert all(torch.equal(p, q) for p, q in zip(straight[0], resumed[0]))
+    assert ranks[0]["resume"]["straight"][1:] == ranks[1]["resume"]["straight"][1:]
+
+
+def test_distributed_checkpoint_state_dict_resumes_bitwise(ranks: list[dict]) -> None:
+    for rank in ranks:
+        result = rank["dcp"]
+        assert result["fresh"] == (0, 0, LR)  # the state-initialising get was not a step
+        assert result["sharded_cache"] == "DTensor"
+        straight, resumed = result["straight"], result["resumed"]
+        assert straight[1:] == resumed[1:] == (3, STEPS + 1)
         assert all(torch.equal(p, q) for p, q in zip(straight[0], resumed[0]))
