@@ -263,7 +263,8 @@ def _guarded(
     total: Callable[[Tensor], Tensor],
 ) -> list[Tensor | None]:
     """``factor`` times ``ahead − behind`` where the halves ``ahead − at`` and ``at − behind``
-    agree, else twice the half of smaller norm (decided on device: no host sync)."""
+    agree, else twice the half of smaller norm (decided on device: no host sync). The halves
+    are formed in place, in the buffers of ``ahead`` and ``at`` (which are not used again)."""
     keep = [i for i, t in enumerate(zip(at, ahead, behind)) if any(u is not None for u in t)]
     out: list[Tensor | None] = [None] * len(at)
     if not keep:
@@ -273,22 +274,26 @@ def _guarded(
         like = [next(u for u in (at[i], ahead[i], behind[i]) if u is not None) for i in keep]
         return [torch.zeros_like(u) if ts[i] is None else ts[i] for i, u in zip(keep, like)]
 
-    a, b, c = dense(at), dense(ahead), dense(behind)
-    plus = torch._foreach_sub(b, a)
-    minus = torch._foreach_sub(a, c)
-    gap = torch._foreach_sub(plus, minus)
-    sums = total(torch.stack([squared_norm(plus), squared_norm(minus), squared_norm(gap)]))
+    plus, minus, behind_ = dense(ahead), dense(at), dense(behind)
+    torch._foreach_sub_(plus, minus)  # ahead − at
+    torch._foreach_sub_(minus, behind_)  # at − behind
+    gap = sum(_upcast_sq(p - m) for p, m in zip(plus, minus))
+    sums = total(torch.stack([squared_norm(plus), squared_norm(minus), gap]))
     n_plus, n_minus, n_gap = sums.sqrt().unbind()
     agree = n_gap <= GUARD_TOLERANCE * torch.minimum(n_plus, n_minus)
     w_plus = torch.where(agree, 1.0, torch.where(n_plus <= n_minus, 2.0, 0.0)) * factor
     w_minus = 2 * factor - w_plus  # central: 1 and 1; one-sided: 2 and 0
-    combined = torch._foreach_add(
-        torch._foreach_mul(plus, w_plus.to(plus[0].dtype)),
-        torch._foreach_mul(minus, w_minus.to(minus[0].dtype)),
-    )
-    for i, g in zip(keep, combined):
+    torch._foreach_mul_(plus, w_plus.to(plus[0].dtype))
+    torch._foreach_mul_(minus, w_minus.to(minus[0].dtype))
+    torch._foreach_add_(plus, minus)
+    for i, g in zip(keep, plus):
         out[i] = g
     return out
+
+
+def _upcast_sq(t: Tensor) -> Tensor:
+    """``||t||²`` accumulated in at least float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum()
 
 
 class LocalPasses:
