@@ -96,17 +96,30 @@ def time_model(
     y = torch.randint(10, (batch,), device=device)
     names = ["sgd", *(v for v in variants if v != "sgd")]
     steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y) for v in names}
+    return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    window: int,
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
+    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples: dict[str, list[float]] = {v: [] for v in steps}
     for _ in range(rounds):
         for v, step in steps.items():
-            sync(device)
+            sync()
             start = clock()
             for _ in range(window):
                 step()
-            sync(device)
+            sync()
             samples[v].append((clock() - start) / window)
     return {v: statistics.median(s) for v, s in samples.items()}
 
