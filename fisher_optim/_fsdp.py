@@ -24,14 +24,15 @@ from torch import Tensor, nn
 
 try:
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch without FSDP2 / DTensor
-    FSDPModule = DTensor = None  # type: ignore[assignment,misc]
+    FSDPModule = DTensor = Shard = None  # type: ignore[assignment,misc]
 
 EXACT_UNSUPPORTED = (
     "mode='exact' (double backprop) does not pass FSDP2's all-gather/reduce-scatter hooks: "
     "the sharded parameters are not in the graph of the gradient, so their penalty gradient "
-    "would be missing. Use mode='finite_difference', which takes two sharded backwards"
+    "would be missing. Use mode='finite_difference', which takes two or three sharded "
+    "backwards"
 )
 
 INPUT_GRADIENT_UNSUPPORTED = (
@@ -80,7 +81,8 @@ class ShardedPasses:
                 "whole model with fully_shard (the root module last)"
             )
         meshes = {p.device_mesh for p in params}
-        if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        sharded = all(isinstance(pl, Shard) for p in params for pl in p.placements)
+        if len(meshes) != 1 or next(iter(meshes)).ndim != 1 or not sharded:
             raise ValueError(
                 "the finite difference under FSDP2 supports parameters sharded over one 1-D "
                 "device mesh (fully_shard's default); HSDP or tensor parallelism is not "

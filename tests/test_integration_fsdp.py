@@ -10,21 +10,20 @@ labels each rank drew for its rows. All the scenarios run inside one
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from fisher_optim import FisherPenaltySGD
 from fisher_optim.engines import finite_difference_penalty_gradient
 from fisher_optim.penalty import Batch, PenaltyObjective
+
+from .distributed_utils import run_on_ranks
 
 WORLD = 2
 LOCAL_BATCH = 6
@@ -110,7 +109,7 @@ def _resume(rank: int) -> dict[str, Any]:
     return {"straight": straight, "resumed": resumed}
 
 
-def _checkpoint_api(rank: int) -> dict[str, Any]:
+def _checkpoint_api(rank: int, path: str) -> dict[str, Any]:
     """The same resume through torch.distributed.checkpoint.state_dict: get/set_model_ and
     get/set_optimizer_state_dict (sharded DTensor state dicts), written with dcp.save and
     read back with dcp.load; the get on a fresh optimizer changes nothing."""
@@ -125,7 +124,6 @@ def _checkpoint_api(rank: int) -> dict[str, Any]:
     _train(model, opt, rank, range(3))
     model_sd, optim_sd = get_state_dict(model, opt)
     sharded_cache = type(optim_sd["param_groups"][0]["fisher_optim"]["cache"][0]).__name__
-    path = os.environ["FSDP_TEST_CHECKPOINT"]
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     _train(model, opt, rank, range(3, STEPS + 1))
     straight = _full(model), opt.refreshes, opt.step_count
@@ -146,49 +144,46 @@ def _checkpoint_api(rank: int) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    model = _sharded()
+    opt = _optimizer(model)
+    _train(model, opt, rank, range(STEPS))
+    results["fd"] = {
+        "params": _full(model),
+        "refreshes": opt.refreshes,
+        "value": opt.penalty_value,
+        "grad_dtype": type(opt._cache[0]).__name__,
+    }
     try:
-        results: dict[str, Any] = {}
-        model = _sharded()
-        opt = _optimizer(model)
-        _train(model, opt, rank, range(STEPS))
-        results["fd"] = {
-            "params": _full(model),
-            "refreshes": opt.refreshes,
-            "value": opt.penalty_value,
-            "grad_dtype": type(opt._cache[0]).__name__,
-        }
-        try:
-            FisherPenaltySGD(_sharded(), lr=LR, alpha=ALPHA, mode="exact")
-        except ValueError as e:
-            results["exact_error"] = str(e)
-        try:
-            _optimizer(_sharded(), penalty="input_gradient")
-        except ValueError as e:
-            results["gpx_error"] = str(e)
-        try:
-            mp_policy = fsdp.MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-            )
-            _optimizer(_sharded(torch.float32, mp_policy=mp_policy))
-        except TypeError as e:
-            results["bf16_error"] = str(e)
-        results["resume"] = _resume(rank)
-        results["dcp"] = _checkpoint_api(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        FisherPenaltySGD(_sharded(), lr=LR, alpha=ALPHA, mode="exact")
+    except ValueError as e:
+        results["exact_error"] = str(e)
+    try:
+        _optimizer(_sharded(), penalty="input_gradient")
+    except ValueError as e:
+        results["gpx_error"] = str(e)
+    try:
+        from fisher_optim import FisherNoiseSGD
+
+        FisherNoiseSGD(_sharded(), lr=LR, small_batch_size=2)
+    except ValueError as e:
+        results["noise_error"] = str(e)
+    try:
+        mp_policy = fsdp.MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+        _optimizer(_sharded(torch.float32, mp_policy=mp_policy))
+    except TypeError as e:
+        results["bf16_error"] = str(e)
+    results["resume"] = _resume(rank)
+    results["dcp"] = _checkpoint_api(rank, str(Path(work_dir) / "checkpoint"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "init")
-        os.environ["FSDP_TEST_CHECKPOINT"] = str(Path(tmp) / "checkpoint")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD)
 
 
 def _reference(alpha: float = ALPHA) -> list[torch.Tensor]:
@@ -237,9 +232,10 @@ def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> No
         assert "FSDP2" in rank["exact_error"]
 
 
-def test_input_gradient_penalty_is_refused(ranks: list[dict]) -> None:
+def test_input_gradient_penalty_and_fisher_noise_are_refused(ranks: list[dict]) -> None:
     for rank in ranks:
         assert "penalty='input_gradient' is not supported" in rank["gpx_error"]
+        assert "FisherNoiseSGD does not support FSDP2" in rank["noise_error"]
 
 
 def test_bf16_mixed_precision_is_refused(ranks: list[dict]) -> None:
