@@ -10,6 +10,7 @@ labels each rank drew for its rows. All the scenarios run inside one
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,23 @@ def _model(dtype: torch.dtype = torch.float64) -> nn.Module:
     ).to(dtype)
 
 
-def _sharded(dtype: torch.dtype = torch.float64, **kwargs: Any) -> nn.Module:
-    """fully_shard per Linear block, then the root."""
-    model = _model(dtype)
+def _lora_model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """LoRA adapters on a frozen base (tests/test_integration_lora.py)."""
+    from .test_integration_lora import LoRALinear
+
+    torch.manual_seed(0)
+    return nn.Sequential(LoRALinear(nn.Linear(5, 8)), nn.Tanh(), LoRALinear(nn.Linear(8, 3))).to(
+        dtype
+    )
+
+
+def _sharded(
+    dtype: torch.dtype = torch.float64, make: Callable[..., nn.Module] = _model, **kwargs: Any
+) -> nn.Module:
+    """fully_shard per block (the model's direct children with parameters), then the root."""
+    model = make(dtype)
     for layer in model:
-        if isinstance(layer, nn.Linear):
+        if any(True for _ in layer.parameters()):
             fsdp.fully_shard(layer, **kwargs)
     return fsdp.fully_shard(model, **kwargs)
 
@@ -149,6 +162,13 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
     model = _sharded()
     opt = _optimizer(model)
     _train(model, opt, rank, range(STEPS))
+    lora = _sharded(make=_lora_model)
+    lora_opt = _optimizer(lora)
+    _train(lora, lora_opt, rank, range(STEPS))
+    results["lora"] = {
+        "params": _full(lora),
+        "frozen_grads": [p.grad is None for p in lora.parameters() if not p.requires_grad],
+    }
     results["fd"] = {
         "params": _full(model),
         "refreshes": opt.refreshes,
@@ -186,11 +206,12 @@ def ranks() -> list[dict]:
     return run_on_ranks(_scenarios, WORLD)
 
 
-def _reference(alpha: float = ALPHA) -> list[torch.Tensor]:
+def _reference(alpha: float = ALPHA, make: Callable[..., nn.Module] = _model) -> list[torch.Tensor]:
     """θ ← θ − lr (∇L + α ∇P), P the penalty of the whole batch, every 2 steps, in one
-    process: the unsharded model, each rank's rows labelled by that rank's generator."""
-    model = _model()
-    params = list(model.parameters())
+    process: the unsharded model, each rank's rows labelled by that rank's generator (only
+    the trainable parameters move and are penalised)."""
+    model = make(torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
     generators = [torch.Generator().manual_seed(SEED) for _ in range(WORLD)]
     cache = None
     for step in range(STEPS):
@@ -208,7 +229,7 @@ def _reference(alpha: float = ALPHA) -> list[torch.Tensor]:
         with torch.no_grad():
             for p, g, h in zip(params, grads, cache):
                 p -= LR * (g + alpha * h)
-    return [p.detach() for p in params]
+    return [p.detach() for p in model.parameters()]
 
 
 def test_sharded_update_equals_the_unsharded_one(ranks: list[dict]) -> None:
@@ -224,6 +245,19 @@ def test_sharded_update_equals_the_unsharded_one(ranks: list[dict]) -> None:
             torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
     for p, q in zip(ranks[0]["fd"]["params"], ranks[1]["fd"]["params"]):
         assert torch.equal(p, q)
+
+
+def test_lora_on_fsdp2_penalises_only_the_adapters(ranks: list[dict]) -> None:
+    """Sharded adapters on a sharded frozen base: the update equals the unsharded one, the
+    base is bitwise unchanged and gets no gradient."""
+    expected = _reference(make=_lora_model)
+    initial = list(_lora_model().parameters())
+    for rank in ranks:
+        got = rank["lora"]["params"]
+        assert all(rank["lora"]["frozen_grads"]) and len(rank["lora"]["frozen_grads"]) == 4
+        for p, q, p0 in zip(got, expected, initial):
+            torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+            assert torch.equal(p, p0) == (not p0.requires_grad)
 
 
 def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> None:
