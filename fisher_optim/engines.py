@@ -38,29 +38,29 @@ that rounding is in evaluating the two float32 gradients, not in storing ``θ + 
 the difference in float64 would not help; a larger step is the only lever, and kinks cap it.
 
 The float32 default is therefore the **guarded** central difference at ``c = 1e-5``: it takes
-``D+ = ∇L(θ + r v) − ∇L(θ)`` and ``D− = ∇L(θ) − ∇L(θ − r v)``; where they agree
-(``||D+ − D−|| ≤ 0.1 · min(||D+||, ||D−||)``, :data:`GUARD_TOLERANCE`) it uses their mean,
-the central difference (truncation ``O(r²)``, half the forward's rounding); where they do not,
-a kink was crossed on one side (it adds ``jump / r`` to that side only), and the side of
-smaller norm is used. The choice is made on device (no host sync). Worst error over the 5
-networks x 5 seeds: 0.63% (smooth) and 0.19% (ReLU/max-pool), cosine ≥ 0.99998 (1.04% on the
-tanh CNN without BatchNorm of the docs' example); the plain
-central difference at the same step crosses kinks in 3 of 5 ReLU-CNN seeds (6x). It costs
-three gradients per refresh (≈ 3x a gradient, like the exact mode, but it needs no double
-backward, so it runs where that cannot: FSDP2, fused attention kernels);
-``fd_scheme="forward"`` keeps two gradients (≈ 2x) at the forward difference's accuracy.
-float64 is unchanged: forward at ``c = 1e-8`` (≤ 1.6e-7). Both kinds of error bound are
-measurements on these networks: a much larger ReLU network crosses more kinks per step.
+``D+ = ∇L(θ + r v) − ∇L(θ)`` and ``D− = ∇L(θ) − ∇L(θ − r v)``; where they agree (``||D+ − D−||
+≤ 0.1 · min(||D+||, ||D−||)``, :data:`GUARD_TOLERANCE`) it uses their mean, the central
+difference (truncation ``O(r²)``, half the forward's rounding); where they do not, a kink was
+crossed on one side (it adds ``jump / r`` to that side only), and the side of smaller norm is
+used. The choice is made on device (no host sync). Worst error over the 5 networks x 5 seeds:
+0.63% (smooth) and 0.19% (ReLU/max-pool), cosine 1.0000 to four digits (1.04% on the tanh CNN
+without BatchNorm of the docs' example); the plain central difference at the same step crosses
+kinks in 3 of 5 ReLU-CNN seeds (6x). It costs three gradients per refresh (≈ 3x a gradient,
+like the exact mode, but it needs no double backward, so it runs where that cannot: FSDP2,
+fused attention kernels); ``fd_scheme="forward"`` keeps two gradients (≈ 2x) at the forward
+difference's accuracy. float64 is unchanged: forward at ``c = 1e-8`` (≤ 1.6e-7). Both kinds of
+error bound are measurements on these networks: a much larger ReLU network crosses more kinks
+per step.
 
     r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-5 in float32, 1e-8 in float64
 
-Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no
-step lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks (measured in bfloat16:
-the central difference at its best step, 3e-2, is 2–4% off on the smooth nets and 15–74% on
-the ReLU ones; at 1e-5 the shift is rounded away entirely). The passes run in the
-parameters' precision even under ``torch.autocast`` (autocast is switched off inside), so
-training under autocast with float32 parameters works, with float32 differences. ``fd_step``
-must be a finite number > 0.
+Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no step
+lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks (measured in bfloat16: the
+central difference at its best step, 3e-2, is 2–4% off on the smooth nets (median; worst 5%)
+and 15–74% on the ReLU ones (worst 92%); at 1e-5 the shift is rounded away entirely). The
+passes run in the parameters' precision even under ``torch.autocast`` (autocast is switched off
+inside), so training under autocast with float32 parameters works, with float32 differences.
+``fd_step`` must be a finite number > 0.
 """
 
 from __future__ import annotations
