@@ -29,21 +29,22 @@ training subset, plain SGD):
 It writes one JSON file per run into ``--out``, then ``summary.json``, ``break_even.png``
 (each quantity against steps or epochs, one line per setting, mean over seeds) and
 ``edge_of_stability.png``, and prints the tables of ``docs/break-even.md``. Runs can be cut by
-``--time-limit`` and continued with ``--resume`` (finished runs are kept). Example (about
-30 minutes on one CPU core)::
+``--time-limit`` (the unfinished run is checkpointed, even mid-epoch) and continued with
+``--resume`` (finished runs are kept; the result is bitwise that of an uninterrupted run on
+CPU). Example (about 30 minutes on one CPU core)::
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/break_even.py --threads 1
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import runner  # noqa: E402
 from benchmarks.common.data import (  # noqa: E402
     DATASETS,
     ImageDataset,
     default_cache_dir,
     default_data_root,
     load_dataset,
+    shuffled_order,
 )
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
-from benchmarks.common.plots import _save  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
+from benchmarks.common.plots import save_figure  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
@@ -73,10 +78,6 @@ from fisher_optim._cli import (  # noqa: E402
 from fisher_optim.curvature import hessian_eigenvalues  # noqa: E402
 
 QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")
-
-
-class TimeLimitReached(Exception):
-    """The ``--time-limit`` passed; rerun with ``--resume``."""
 
 
 # --------------------------------------------------------------------------------------
@@ -92,65 +93,67 @@ def _setting(text: str) -> tuple[float, int]:
     return positive_float(parts[0]), positive_int(parts[1])
 
 
+@dataclass
+class BreakEvenOptions:
+    """The command line: one field per option (every option has one default, stated in its
+    help); the ``run``-tagged ones determine the runs' numbers (a saved run made with other
+    values is not reused by --resume)."""
+
+    dataset: str = option("cifar10", "image data set", choices=DATASETS, tags=("run",))
+    data_root: Path = option(default_factory=default_data_root, type=Path,
+                             help="where the data set lies (any layout "
+                             "benchmarks/common/data.py reads)")
+    cache_dir: Path = option(default_factory=default_cache_dir, type=Path,
+                             help="cache of decoded images")
+    model: str = option("simplecnn", "the network (benchmarks/common/models.py)",
+                        choices=sorted(MODELS), tags=("run",))
+    init: str = option("kaiming", "initialisation of conv/linear layers "
+                       "(benchmarks/common/models.py)", choices=INITS, tags=("run",))
+    settings: list[tuple[float, int]] = option(
+        [(0.1, 128), (0.01, 128), (0.1, 512)], "SGD settings LR:BATCH; the first is the "
+        "reference that the others are compared with (larger LR or smaller batch first); "
+        "none: only the gradient-descent run", type=_setting, nargs="*")
+    seeds: list[int] = option([0, 1, 2], "seeds (initialisation and data order)",
+                              type=nonnegative_int, nargs="+")
+    train_subset: int = option(2560, "training examples (class-stratified, the same for every "
+                               "run)", type=positive_int, tags=("run",))
+    epochs: int = option(8, "SGD epochs per run", type=positive_int, tags=("run",))
+    momentum: float = option(0.0, "SGD momentum (plain SGD: 0)", type=momentum,
+                             tags=("run",))
+    measure_every_examples: int = option(2048, "measure every this many training examples "
+                                         "(rounded to steps)", type=positive_int,
+                                         tags=("run",))
+    probe_size: int = option(128, "probe examples for K and Tr(F) (training examples)",
+                             type=positive_int, tags=("run",))
+    hessian_probe_size: int = option(64, "probe examples for the Hessian (the first of the "
+                                     "probe set)", type=positive_int, tags=("run",))
+    top_k: int = option(5, "top eigenvalues of K and H; conditioning proxy λ^k/λ^1",
+                        type=positive_int, tags=("run",))
+    lanczos_iters: int = option(15, "Lanczos steps (Hessian-vector products) per Hessian "
+                                "measurement", type=positive_int, tags=("run",))
+    lanczos_tol: float = option(1e-2, "relative residual tolerance: converged when every "
+                                "reported ||Hv_i - λ_i v_i|| <= tol·|λ_i| (reported)",
+                                type=positive_float, tags=("run",))
+    gd_subset: int = option(256, "images for the full-batch gradient-descent run (0: skip it)",
+                            type=nonnegative_int, tags=("run",))
+    gd_lr: float = option(0.02, "learning rate of the full-batch gradient-descent run",
+                          type=positive_float, tags=("run",))
+    gd_steps: int = option(100, "gradient-descent steps", type=positive_int, tags=("run",))
+    gd_measure_every: int = option(5, "measure λ_H^1 every this many gradient-descent steps",
+                                   type=positive_int, tags=("run",))
+    x_axis: str = option("steps", "x axis of the figure", choices=("steps", "epochs"))
+    device: str = option("cpu", "device (auto: CUDA if available)",
+                         choices=("auto", "cpu", "cuda"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every option has one default, stated in its help)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="image data set")
-    p.add_argument("--data-root", type=Path, default=default_data_root(),
-                   help="where the data set lies (any layout benchmarks/common/data.py reads)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="cache of decoded images")
-    p.add_argument("--model", choices=sorted(MODELS), default="simplecnn",
-                   help="the network (benchmarks/common/models.py)")
-    p.add_argument("--init", choices=INITS, default="kaiming",
-                   help="initialisation of conv/linear layers (benchmarks/common/models.py)")
-    p.add_argument("--settings", type=_setting, nargs="*",
-                   default=[(0.1, 128), (0.01, 128), (0.1, 512)],
-                   help="SGD settings LR:BATCH; the first is the reference that the others "
-                        "are compared with (larger LR or smaller batch first); none: only "
-                        "the gradient-descent run")
-    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2],
-                   help="seeds (initialisation and data order)")
-    p.add_argument("--train-subset", type=positive_int, default=2560,
-                   help="training examples (class-stratified, the same for every run)")
-    p.add_argument("--epochs", type=positive_int, default=8, help="SGD epochs per run")
-    p.add_argument("--momentum", type=momentum, default=0.0, help="SGD momentum (plain SGD: 0)")
-    p.add_argument("--measure-every-examples", type=positive_int, default=2048,
-                   help="measure every this many training examples (rounded to steps)")
-    p.add_argument("--probe-size", type=positive_int, default=128,
-                   help="probe examples for K and Tr(F) (training examples)")
-    p.add_argument("--hessian-probe-size", type=positive_int, default=64,
-                   help="probe examples for the Hessian (the first of the probe set)")
-    p.add_argument("--top-k", type=positive_int, default=5,
-                   help="top eigenvalues of K and H; conditioning proxy λ^k/λ^1")
-    p.add_argument("--lanczos-iters", type=positive_int, default=15,
-                   help="Lanczos steps (Hessian-vector products) per Hessian measurement")
-    p.add_argument("--lanczos-tol", type=positive_float, default=1e-2,
-                   help="relative residual tolerance: converged when every reported "
-                        "||Hv_i - λ_i v_i|| <= tol·|λ_i| (reported)")
-    p.add_argument("--gd-subset", type=nonnegative_int, default=256,
-                   help="images for the full-batch gradient-descent run (0: skip it)")
-    p.add_argument("--gd-lr", type=positive_float, default=0.02,
-                   help="learning rate of the full-batch gradient-descent run")
-    p.add_argument("--gd-steps", type=positive_int, default=100, help="gradient-descent steps")
-    p.add_argument("--gd-measure-every", type=positive_int, default=5,
-                   help="measure λ_H^1 every this many gradient-descent steps")
-    p.add_argument("--x-axis", choices=("steps", "epochs"), default="steps",
-                   help="x axis of the figure")
-    p.add_argument("--out", type=Path, default=Path("runs/break_even"),
-                   help="output folder (run JSON files, summary, figures)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="device (auto: CUDA if available)")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
-    p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
-                   help="stop once this many minutes have passed (as every benchmark script; "
-                        "the unfinished run is dropped); continue with --resume "
-                        "(default: no limit)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the finished runs found in --out and run the others")
+    add_options(p, BreakEvenOptions, runner.RunningOptions,
+                defaults={"out": Path("runs/break_even"), "threads": 1})
     return p
 
 
@@ -158,6 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the arguments (invalid combinations are argparse errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.out = Path(args.out)
     if args.hessian_probe_size > args.probe_size:
         parser.error("--hessian-probe-size must be at most --probe-size")
     if args.probe_size > args.train_subset:
@@ -182,124 +186,178 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _tensors(ds: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole (small) data set as normalised float inputs and targets on ``device``."""
-    x, y = next(iter(ds.loader(len(ds), shuffle=False, device=device)))
-    return x, y
+    ds = ds.to(device)
+    return ds.batch(slice(None)), ds.labels
 
 
-class _Clock:
-    def __init__(self, limit: float | None) -> None:
-        self.start = time.perf_counter()
-        self.limit = None if limit is None else 60.0 * limit  # minutes -> seconds
+class SGDRun:
+    """SGD at ``(lr, batch)`` from seed ``seed``: the records of every measurement (a
+    :class:`~benchmarks.common.runner.Trainable`: it checkpoints and resumes mid-epoch)."""
 
-    def check(self) -> None:
-        if self.limit is not None and time.perf_counter() - self.start > self.limit:
-            raise TimeLimitReached
+    def __init__(self, args: argparse.Namespace, config: dict[str, Any], train: ImageDataset,
+                 probe: tuple[torch.Tensor, torch.Tensor], lr: float, batch: int, seed: int,
+                 device: torch.device) -> None:
+        self.args, self.config, self.lr, self.batch, self.seed = args, config, lr, batch, seed
+        self.train_set = train.to(device)
+        torch.manual_seed(seed)
+        self.model = build_model(args.model, train.num_classes, init=args.init).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=args.momentum)
+        hx, hy = probe[0][: args.hessian_probe_size], probe[1][: args.hessian_probe_size]
+        self.labels_gen = torch.Generator().manual_seed(seed)
+        self.monitor = CurvatureMonitor(
+            self.model, probe, QUANTITIES, top_k=args.top_k, lr=self.opt,
+            hessian_probe=(hx, hy), lanczos_iters=args.lanczos_iters,
+            lanczos_tol=args.lanczos_tol, generator=self.labels_gen,
+        )  # fmt: skip
+        self.order_gen = torch.Generator(device=device).manual_seed(seed)
+        self.every = max(1, round(args.measure_every_examples / batch))
+        self.steps_per_epoch = -(-len(train) // batch)
+        self.epoch = self.step_in_epoch = self.step = 0
+        self.perm: torch.Tensor | None = None
+        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
+        self.records: list[dict[str, Any]] = []
+        self.diverged = False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "labels_gen": self.labels_gen.get_state(),
+                "order_gen": self.order_gen.get_state(), **runner.random_state(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                "perm": self.perm, "window": dict(self.window), "records": self.records}
 
-def sgd_run(
-    args: argparse.Namespace,
-    train: ImageDataset,
-    probe: tuple[torch.Tensor, torch.Tensor],
-    lr: float,
-    batch: int,
-    seed: int,
-    device: torch.device,
-    clock: _Clock,
-) -> dict[str, Any]:
-    """SGD at ``(lr, batch)`` from seed ``seed``; the records of every measurement."""
-    torch.manual_seed(seed)
-    model = build_model(args.model, train.num_classes, init=args.init).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
-    hx, hy = probe[0][: args.hessian_probe_size], probe[1][: args.hessian_probe_size]
-    monitor = CurvatureMonitor(
-        model, probe, QUANTITIES, top_k=args.top_k, lr=opt, hessian_probe=(hx, hy),
-        lanczos_iters=args.lanczos_iters, lanczos_tol=args.lanczos_tol, seed=seed,
-    )  # fmt: skip
-    loader = train.loader(batch, seed=seed, device=device)
-    every = max(1, round(args.measure_every_examples / batch))
-    steps_per_epoch = len(loader)
-    records: list[dict[str, Any]] = []
-    hits = seen = 0
-    loss_sum = 0.0
-    step = 0
-    diverged = False
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.labels_gen.set_state(st["labels_gen"])
+        self.order_gen.set_state(st["order_gen"].cpu())
+        runner.set_random_state(st)
+        self.epoch, self.step_in_epoch, self.step = st["epoch"], st["step_in_epoch"], st["step"]
+        self.perm = st["perm"]
+        self.window, self.records = dict(st["window"]), st["records"]
 
-    def record() -> None:
-        nonlocal hits, seen, loss_sum
-        row = monitor.measure(step=step)
+    def resume_error(self, saved: dict[str, Any]) -> str:
+        return "it was made with other options"
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def record(self) -> None:
+        w = self.window
+        row = self.monitor.measure(step=self.step)
         row.update(
-            epoch=step / steps_per_epoch,
-            examples=step * batch,
-            train_acc=100.0 * hits / seen if seen else None,
-            train_loss=loss_sum / seen if seen else None,
+            epoch=self.step / self.steps_per_epoch,
+            examples=self.step * self.batch,
+            train_acc=100.0 * w["hits"] / w["seen"] if w["seen"] else None,
+            train_loss=w["loss"] / w["seen"] if w["seen"] else None,
         )
-        records.append(row)
-        hits = seen = 0
-        loss_sum = 0.0
+        self.records.append(row)
+        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
 
-    record()
-    for _ in range(args.epochs):
-        for x, y in loader:
-            clock.check()
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        ds, model, bs = self.train_set, self.model, self.batch
+        if not self.records:
+            self.record()
+        while self.epoch < self.args.epochs:
+            if self.perm is None:
+                self.perm = shuffled_order(len(ds), self.order_gen, ds.images.device)
+            while self.step_in_epoch < self.steps_per_epoch:
+                if runner.past(deadline):
+                    return INTERRUPTED
+                idx = self.perm[self.step_in_epoch * bs : (self.step_in_epoch + 1) * bs]
+                x, y = ds.batch(idx), ds.labels[idx]
+                model.train()
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                value = float(loss.detach())
+                if runner.diverged(value):
+                    self.diverged = True
+                    return DIVERGED
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.step += 1
+                self.step_in_epoch += 1
+                self.window["hits"] += int((out.argmax(1) == y).sum())
+                self.window["seen"] += len(y)
+                self.window["loss"] += value * len(y)
+                if self.step % self.every == 0:
+                    self.record()
+            self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+        if self.step % self.every:
+            self.record()
+        return COMPLETE
+
+    def summary(self, status: str) -> dict[str, Any]:
+        run = {"lr": self.lr, "batch_size": self.batch, "seed": self.seed, "steps": self.step,
+               "steps_per_epoch": self.steps_per_epoch, "diverged": self.diverged,
+               "records": self.records}
+        return {"status": status, "config": self.config, "run": run}
+
+
+class GDRun:
+    """Full-batch gradient descent at ``--gd-lr``: λ_H^1 of the full-batch loss vs ``2/η``
+    (a :class:`~benchmarks.common.runner.Trainable`)."""
+
+    def __init__(self, args: argparse.Namespace, config: dict[str, Any],
+                 data: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                 device: torch.device) -> None:
+        self.args, self.config, self.data = args, config, data
+        torch.manual_seed(args.seeds[0])
+        self.model = build_model(args.model, num_classes, init=args.init).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.gd_lr)
+        self.gen = torch.Generator().manual_seed(args.seeds[0])
+        self.step = 0
+        self.records: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state(), **runner.random_state(), "step": self.step,
+                "records": self.records}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.gen.set_state(st["gen"])
+        runner.set_random_state(st)
+        self.step, self.records = st["step"], st["records"]
+
+    resume_error = SGDRun.resume_error
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        args, model, (x, y) = self.args, self.model, self.data
+        while True:
+            if runner.past(deadline):
+                return INTERRUPTED
             model.train()
             out = model(x)
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            if self.step % args.gd_measure_every == 0 or self.step == args.gd_steps:
+                spec = hessian_eigenvalues(model, (x, y), k=1, iters=args.lanczos_iters,
+                                           tol=args.lanczos_tol, generator=self.gen)  # fmt: skip
+                self.records.append({
+                    "step": self.step, "loss": value,
+                    "train_acc": 100.0 * float((out.argmax(1) == y).float().mean()),
+                    "lambda_H": float(spec.eigenvalues[0]),
+                    "lambda_H_residual": float(spec.residuals[0]),
+                    "lambda_H_converged": spec.converged,
+                })  # fmt: skip
+            if self.step == args.gd_steps:
+                return COMPLETE
+            if runner.diverged(value):
+                return DIVERGED
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            step += 1
-            hits += int((out.argmax(1) == y).sum())
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            if step % every == 0:
-                record()
-        if diverged:
-            break
-    if step % every and not diverged:
-        record()
-    return {"lr": lr, "batch_size": batch, "seed": seed, "steps": step,
-            "steps_per_epoch": steps_per_epoch, "diverged": diverged, "records": records}
+            self.opt.step()
+            self.step += 1
 
-
-def gd_run(
-    args: argparse.Namespace,
-    data: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    device: torch.device,
-    clock: _Clock,
-) -> dict[str, Any]:
-    """Full-batch gradient descent at ``--gd-lr``: λ_H^1 of the full-batch loss vs ``2/η``."""
-    torch.manual_seed(args.seeds[0])
-    model = build_model(args.model, num_classes, init=args.init).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=args.gd_lr)
-    x, y = data
-    records: list[dict[str, Any]] = []
-    gen = torch.Generator().manual_seed(args.seeds[0])
-    for step in range(args.gd_steps + 1):
-        clock.check()
-        model.train()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        if step % args.gd_measure_every == 0 or step == args.gd_steps:
-            spec = hessian_eigenvalues(model, (x, y), k=1, iters=args.lanczos_iters,
-                                       tol=args.lanczos_tol, generator=gen)  # fmt: skip
-            records.append({
-                "step": step, "loss": float(loss.detach()),
-                "train_acc": 100.0 * float((out.argmax(1) == y).float().mean()),
-                "lambda_H": float(spec.eigenvalues[0]),
-                "lambda_H_residual": float(spec.residuals[0]),
-                "lambda_H_converged": spec.converged,
-            })  # fmt: skip
-        if step == args.gd_steps or not torch.isfinite(loss):
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {"lr": args.gd_lr, "num_examples": len(y), "two_over_lr": 2 / args.gd_lr,
-            "records": records}
+    def summary(self, status: str) -> dict[str, Any]:
+        run = {"lr": self.args.gd_lr, "num_examples": len(self.data[1]),
+               "two_over_lr": 2 / self.args.gd_lr, "records": self.records}
+        return {"status": status, "config": self.config, "run": run}
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +544,7 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
                  f"mean over seeds {args.seeds}")
-    paths = [_save(fig, args.out / "break_even.png")]
+    paths = [save_figure(fig, args.out / "break_even.png")]
     if gd is not None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         steps = [r["step"] for r in gd["records"]]
@@ -498,7 +556,7 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
         ax2.set(xlabel="gradient-descent step", title="training loss")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        paths.append(_save(fig, args.out / "edge_of_stability.png"))
+        paths.append(save_figure(fig, args.out / "edge_of_stability.png"))
     return paths
 
 
@@ -507,22 +565,9 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
 # --------------------------------------------------------------------------------------
 
 
-def _run_path(out: Path, lr: float, batch: int, seed: int) -> Path:
-    return out / f"sgd_lr{lr:g}_bs{batch}_seed{seed}.json"
-
-
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"out", "resume", "time_limit", "threads", "x_axis", "device", "data_root",
-            "cache_dir", "settings", "seeds"}
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in skip}
-
-
-def _load(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return saved if saved.get("config") == config else None
+    """What determines a run's numbers (the ``run``-tagged options)."""
+    return {k: getattr(args, k) for k in tagged(BreakEvenOptions, "run")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,56 +576,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    clock = _Clock(args.time_limit)
-    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = runner.deadline_after(args.time_limit)
     config = _config(args)
     train, _ = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir)
     train = train.subset(args.train_subset, seed=0)
     probe = _tensors(train.subset(args.probe_size, seed=1), device)
-    runs: dict[tuple[float, int, int], dict] = {}
-    gd = None
     print(f"{args.model} on {args.dataset}: {len(train)} training examples, probe "
           f"{args.probe_size} (Hessian {args.hessian_probe_size}), top-{args.top_k}")
-    try:
-        if args.gd_subset > 0:  # first: the one run that every summary shows
-            path = args.out / f"gd_lr{args.gd_lr:g}_n{args.gd_subset}.json"
-            saved = _load(path, config) if args.resume else None
-            if saved is None:
-                begin = time.perf_counter()
-                data = _tensors(train.subset(min(args.gd_subset, len(train)), seed=2), device)
-                saved = {"config": config,
-                         "run": gd_run(args, data, train.num_classes, device, clock)}
-                path.write_text(json.dumps(saved))
-                print(f"full-batch GD: {time.perf_counter() - begin:.0f} s", flush=True)
-            gd = saved["run"]
-        for seed in args.seeds:
-            for lr, batch in args.settings:
-                path = _run_path(args.out, lr, batch, seed)
-                saved = _load(path, config) if args.resume else None
-                if saved is None:
-                    begin = time.perf_counter()
-                    saved = {"config": config,
-                             "run": sgd_run(args, train, probe, lr, batch, seed, device, clock)}
-                    path.write_text(json.dumps(saved))
-                    last = saved["run"]["records"][-1]
-                    print(f"η={lr:g} B={batch} seed={seed}: {saved['run']['steps']} steps, "
-                          f"{time.perf_counter() - begin:.0f} s; last λ_K^1 "
-                          f"{last['lambda_K']:.4g}, λ_H^1 {last['lambda_H']:.4g}, "
-                          f"train acc {last['train_acc']}", flush=True)
-                runs[(lr, batch, seed)] = saved["run"]
-        complete = True
-    except TimeLimitReached:
+
+    def execute(stem: str, start: Callable[[], runner.Trainable]) -> dict[str, Any]:
+        begin = time.perf_counter()
+        out = runner.execute(runner.RunFolder(args.out, config, stem=stem), start,
+                             resume=args.resume, deadline=deadline, keep_checkpoint=False,
+                             name=stem)
+        if out.get("status") != runner.INTERRUPTED:  # (older versions saved none)
+            print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}",
+                  flush=True)
+        return out
+
+    jobs: list[tuple[tuple[float, int, int] | None, Callable[[], dict[str, Any]]]] = []
+    if args.gd_subset > 0:  # first: the one run that every summary shows
+        gd_data = _tensors(train.subset(min(args.gd_subset, len(train)), seed=2), device)
+        jobs.append((None, lambda: execute(
+            f"gd_lr{args.gd_lr:g}_n{args.gd_subset}",
+            lambda: GDRun(args, config, gd_data, train.num_classes, device))))
+    for seed in args.seeds:
+        for lr, batch in args.settings:
+            jobs.append(((lr, batch, seed), lambda lr=lr, batch=batch, seed=seed: execute(
+                f"sgd_lr{lr:g}_bs{batch}_seed{seed}",
+                lambda: SGDRun(args, config, train, probe, lr, batch, seed, device))))
+    results, complete = runner.sweep(job for _, job in jobs)
+    finished = {key: out["run"] for (key, _), out in zip(jobs, results)
+                if out.get("status") != runner.INTERRUPTED}
+    gd = finished.pop(None, None)
+    runs: dict[tuple[float, int, int], dict] = finished  # type: ignore[assignment]
+    if not complete:
         print(f"time limit of {args.time_limit:g} min reached after {len(runs)} finished runs; "
               "rerun with --resume to continue (the summary below covers the finished runs)")
-        complete = False
     if runs or gd is not None:
         summary = summarize(args.settings, runs, gd, args.top_k)
         summary["complete"] = complete
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        for p in figures(args, runs, gd):
+        runner.write_json(args.out / "summary.json", summary)
+        for p in [] if args.no_plot else figures(args, runs, gd):
             print(f"wrote {p}")
         print(tables(summary))
-    return 0 if complete else 3
+    return 0 if complete else runner.EXIT_INTERRUPTED
+
+
+def _last(run: dict[str, Any]) -> str:
+    """The last measurement of a run, for the log."""
+    last = run["records"][-1]
+    if "lambda_K" not in last:
+        return f"last λ_H^1 {last['lambda_H']:.4g} (2/η = {run['two_over_lr']:g})"
+    return (f"{run['steps']} steps; last λ_K^1 {last['lambda_K']:.4g}, λ_H^1 "
+            f"{last['lambda_H']:.4g}, train acc {last['train_acc']}")
 
 
 if __name__ == "__main__":

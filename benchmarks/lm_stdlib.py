@@ -19,20 +19,22 @@ checkpoints and stops (exit code 3); rerun the same command with ``--resume`` to
     python benchmarks/lm_stdlib.py --threads 1
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
-import json
 import math
-import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import runner  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
     integer,
@@ -46,7 +48,62 @@ from fisher_optim._cli import (  # noqa: E402
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")
 OPTIMIZERS = ("adamw", "sgd")
-CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.jsonl", "summary.json"
+METRICS = "metrics.jsonl"
+
+
+_WHAT, _MODEL, _DATA = "what to run", "model (ByteTransformerLM)", "data and measurements"
+
+
+@dataclass
+class LMOptions:
+    """The command line: one field per option. ``run``-tagged options determine every run's
+    numbers, ``fp``-tagged ones those of the fp runs (a checkpoint of another configuration
+    is refused)."""
+
+    methods: list[str] = option(list(METHODS), "baseline: the base optimizer; fp: "
+                                "FisherPenaltySGD around it", nargs="+", choices=METHODS,
+                                group=_WHAT)
+    seed: int = option(0, "seed of the initialisation, the data order and the penalty's labels",
+                       type=nonnegative_int, group=_WHAT, tags=("run",))
+    steps: int = option(1500, "optimizer steps", type=positive_int, group=_WHAT, tags=("run",))
+    batch_size: int = option(32, "sequences per step", type=positive_int, group=_WHAT,
+                             tags=("run",))
+    optimizer: str = option("adamw", "base optimizer: AdamW (betas 0.9, 0.99) or SGD with "
+                            "momentum 0.9", choices=OPTIMIZERS, group=_WHAT, tags=("run",))
+    lr: float = option(1e-3, "learning rate", type=positive_float, group=_WHAT, tags=("run",))
+    weight_decay: float = option(0.0, "weight decay of the base optimizer",
+                                 type=nonnegative_float, group=_WHAT, tags=("run",))
+    alphas: list[float] = option([0.1], "fp: the penalty weight α, one fp run per value",
+                                 nargs="+", type=positive_float, group=_WHAT)
+    every: int = option(10, "fp: recompute the penalty gradient every N steps",
+                        type=positive_int, group=_WHAT, tags=("fp",))
+    fd_mode: str = option("exact", "fp: how the penalty gradient is computed",
+                          choices=("exact", "finite_difference"), group=_WHAT, tags=("fp",))
+    spike_factor: float | None = option(
+        None, "fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose Tr(F_B) "
+        "exceeds this many times the recent median), a number > 1 (default: off, the paper's "
+        "algorithm)", type=real(1.0, low_open=True), group=_WHAT, tags=("fp",))
+
+    context: int = option(64, "bytes per sequence", type=positive_int, group=_MODEL,
+                          tags=("run",))
+    dim: int = option(128, "embedding width", type=positive_int, group=_MODEL, tags=("run",))
+    layers: int = option(2, "transformer blocks", type=positive_int, group=_MODEL,
+                         tags=("run",))
+    heads: int = option(4, "attention heads (divide --dim)", type=positive_int, group=_MODEL,
+                        tags=("run",))
+
+    val_every_file: int = option(10, "every N-th stdlib file (name order) is validation "
+                                 "(N ≥ 2)", type=integer(2), group=_DATA, tags=("run",))
+    max_bytes: int | None = option(None, "cut the training and the validation text at N bytes "
+                                   "each (default: all of it)", type=positive_int, group=_DATA,
+                                   tags=("run",))
+    eval_every: int = option(100, "measure validation loss and Tr(F) every N steps (and at "
+                             "steps 0 and --steps)", type=positive_int, group=_DATA,
+                             tags=("run",))
+    val_windows: int = option(256, "validation windows, evenly spaced over the validation "
+                              "text", type=positive_int, group=_DATA, tags=("run",))
+    probe_size: int = option(64, "Tr(F) probe: this many training windows, evenly spaced",
+                             type=positive_int, group=_DATA, tags=("run",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,72 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=HelpFormatter,
     )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="baseline: the base optimizer; fp: FisherPenaltySGD around it")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seed of the initialisation, the data order and the penalty's labels")
-    g.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="base optimizer: AdamW (betas 0.9, 0.99) or SGD with momentum 0.9")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
-                   help="weight decay of the base optimizer")
-    g.add_argument("--alphas", nargs="+", type=positive_float, default=[0.1],
-                   help="fp: the penalty weight α, one fp run per value")
-    g.add_argument("--every", type=positive_int, default=10,
-                   help="fp: recompute the penalty gradient every N steps")
-    g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default="exact",
-                   help="fp: how the penalty gradient is computed")
-    g.add_argument("--spike-factor", type=real(1.0, low_open=True), default=None,
-                   help="fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose "
-                   "Tr(F_B) exceeds this many times the recent median), a number > 1 "
-                   "(default: off, the paper's algorithm)")
-
-    g = p.add_argument_group("model (ByteTransformerLM)")
-    g.add_argument("--context", type=positive_int, default=64, help="bytes per sequence")
-    g.add_argument("--dim", type=positive_int, default=128, help="embedding width")
-    g.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
-    g.add_argument("--heads", type=positive_int, default=4, help="attention heads (divide --dim)")
-
-    g = p.add_argument_group("data and measurements")
-    g.add_argument("--val-every-file", type=integer(2), default=10,
-                   help="every N-th stdlib file (name order) is validation (N ≥ 2)")
-    g.add_argument("--max-bytes", type=positive_int, default=None,
-                   help="cut the training and the validation text at N bytes each (default: "
-                   "all of it)")
-    g.add_argument("--eval-every", type=positive_int, default=100,
-                   help="measure validation loss and Tr(F) every N steps (and at steps 0 and "
-                   "--steps)")
-    g.add_argument("--val-windows", type=positive_int, default=256,
-                   help="validation windows, evenly spaced over the validation text")
-    g.add_argument("--probe-size", type=positive_int, default=64,
-                   help="Tr(F) probe: this many training windows, evenly spaced")
-
-    g = p.add_argument_group("running")
-    g.add_argument("--out", default=f"runs/{NAME}", help="output folder")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--time-limit", type=positive_float, default=None,
-                   help="minutes; once exceeded, checkpoint and stop with exit code 3 "
-                   "(default: no limit)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue interrupted runs from their checkpoints, skip finished ones")
-    g.add_argument("--no-plot", action="store_true", help="do not write figure.png")
+    add_options(p, LMOptions, runner.RunningOptions, defaults={"out": f"runs/{NAME}"})
     return p
 
 
 # ------------------------------------------------------------------------------ training
 def _run_config(args: argparse.Namespace, method: str, alpha: float = 0.0) -> dict[str, Any]:
     """What determines a run's numbers (a checkpoint of another configuration is refused)."""
-    keys = ("seed", "steps", "batch_size", "optimizer", "lr", "weight_decay", "context", "dim",
-            "layers", "heads", "val_every_file", "max_bytes", "eval_every", "val_windows",
-            "probe_size")
-    config = {"method": method, **{k: getattr(args, k) for k in keys}}
+    config = {"method": method, **{k: getattr(args, k) for k in tagged(LMOptions, "run")}}
     if method == "fp":
-        config.update(alpha=alpha, every=args.every, fd_mode=args.fd_mode,
-                      spike_factor=args.spike_factor)
+        config.update(alpha=alpha, **{k: getattr(args, k) for k in tagged(LMOptions, "fp")})
     return config
 
 
@@ -140,19 +141,9 @@ def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     return torch.optim.SGD, {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
 
 
-def _clock() -> float:
-    """The clock ``--time-limit`` is measured with (``time.monotonic``; patchable in tests)."""
-    return time.monotonic()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class LMRun:
-    """One training run: model, optimizer, data generator, logs (checkpointed as a whole)."""
+    """One training run: model, optimizer, data generator, logs (checkpointed as a whole), a
+    :class:`~benchmarks.common.runner.Trainable`."""
 
     def __init__(self, config: dict[str, Any], corpus: Any, out: Path) -> None:
         import torch
@@ -179,33 +170,25 @@ class LMRun:
         self.window = {"loss": 0.0, "count": 0, "time": 0.0}
         self.logs: list[dict[str, Any]] = []
 
-    def state(self) -> dict[str, Any]:
-        import torch
+    def state_dict(self) -> dict[str, Any]:
 
-        return {"config": self.config, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "data_gen": self.data_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "step": self.step,
-                "window": dict(self.window), "logs": self.logs}
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "data_gen": self.data_gen.get_state(), **runner.random_state(),
+                "step": self.step, "window": dict(self.window), "logs": self.logs}
 
-    def save(self) -> None:
-        import torch
+    def load_state_dict(self, st: dict[str, Any]) -> None:
 
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
-
-    def load(self) -> None:
-        import torch
-
-        st = torch.load(self.out / CHECKPOINT, weights_only=False)
-        if st["config"] != self.config:
-            raise ValueError(f"{self.out / CHECKPOINT} belongs to another configuration: "
-                             f"{st['config']} (remove it or drop --resume)")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.data_gen.set_state(st["data_gen"])
-        torch.set_rng_state(st["torch_rng"])
+        runner.set_random_state(st)
         self.step, self.window, self.logs = st["step"], dict(st["window"]), st["logs"]
+
+    def resume_error(self, saved: dict[str, Any]) -> str:
+        return f"it was made with {saved['config']}"
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
 
     def val_loss(self) -> float:
         """Mean next-byte cross-entropy (nats) over every position of the validation windows."""
@@ -247,8 +230,15 @@ class LMRun:
         self.window = {"loss": 0.0, "count": 0, "time": 0.0}
         return row
 
-    def train(self, deadline: float | None) -> str:
-        """Train to ``config["steps"]``; ``"complete"``, ``"diverged"`` or ``"interrupted"``."""
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        """Train to ``config["steps"]``; ``"complete"``, ``"diverged"`` or ``"interrupted"``
+        (the checkpoint is the runner's, at the end)."""
+        try:
+            return self._train(deadline)
+        finally:
+            runner.write_jsonl(self.out / METRICS, self.logs)
+
+    def _train(self, deadline: float | None) -> str:
         import torch.nn.functional as F
 
         cfg = self.config
@@ -256,9 +246,8 @@ class LMRun:
             self.logs.append(self.measure())
         self.model.train()
         while self.step < cfg["steps"]:
-            if deadline is not None and _clock() > deadline:
-                self.save()
-                return "interrupted"
+            if runner.past(deadline):
+                return INTERRUPTED
             begin = time.perf_counter()
             batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
             self.opt.zero_grad()
@@ -271,48 +260,36 @@ class LMRun:
             self.window["loss"] += value
             self.window["count"] += 1
             self.window["time"] += time.perf_counter() - begin
-            if not math.isfinite(value):
+            if runner.diverged(value):
                 self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
-                return "diverged"
+                return DIVERGED
             if self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
                 self.logs.append(self.measure())
                 r = self.logs[-1]
                 print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
                       f"{r['train_loss']:.4f} val {r['val_loss']:.4f} (ppl {r['val_ppl']:.3f}) "
                       f"Tr(F) {r['trace']:.4g}", flush=True)
-                (self.out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in self.logs))
-        return "complete"
+                runner.write_jsonl(self.out / METRICS, self.logs)
+        return COMPLETE
+
+    def summary(self, status: str) -> dict[str, Any]:
+        rows = [r for r in self.logs if "val_loss" in r]
+        best = min(rows, key=lambda r: r["val_loss"])
+        return {
+            "status": status, "config": self.config, "final": rows[-1],
+            "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
+            "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
+            "train_seconds": sum(r["train_time"] for r in rows),
+        }
 
 
 def run_one(config: dict[str, Any], corpus: Any, out: Path, *, resume: bool,
             deadline: float | None) -> dict[str, Any]:
-    """Train one run into ``out`` and return its summary (or ``{"status": "interrupted"}``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / SUMMARY).is_file():
-        done = json.loads((out / SUMMARY).read_text())
-        if done.get("config") == config:
-            return done
-    (out / SUMMARY).unlink(missing_ok=True)
-    run = LMRun(config, corpus, out)
-    if resume and (out / CHECKPOINT).is_file():
-        run.load()
-        print(f"[{config['method']}] resumed at step {run.step}")
-    status = run.train(deadline)
-    (out / METRICS).write_text("".join(json.dumps(x) + "\n" for x in run.logs))
-    if status == "interrupted":
-        print(f"[{config['method']}] time limit: checkpointed at step {run.step}")
-        return {"status": "interrupted", "config": config}
-    rows = [r for r in run.logs if "val_loss" in r]
-    best = min(rows, key=lambda r: r["val_loss"])
-    summary = {
-        "status": status, "config": config, "final": rows[-1],
-        "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
-        "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
-        "train_seconds": sum(r["train_time"] for r in rows),
-    }
-    _write_json(out / SUMMARY, summary)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return summary
+    """Train one run into ``out`` (:func:`benchmarks.common.runner.execute`) and return its
+    summary, or ``{"status": "interrupted", ...}``."""
+    return runner.execute(runner.RunFolder(out, config), lambda: LMRun(config, corpus, out),
+                          resume=resume, deadline=deadline, keep_checkpoint=False,
+                          name=config["method"])
 
 
 # ------------------------------------------------------------------------------ report
@@ -335,12 +312,11 @@ def plot(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common.plots import _save
+    from benchmarks.common.plots import save_figure
 
     fig, (ax_loss, ax_tr) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
-        rows = [json.loads(x) for x in (run_dir / METRICS).read_text().splitlines()]
-        rows = [r for r in rows if "val_loss" in r]
+        rows = [r for r in runner.read_jsonl(run_dir / METRICS) if "val_loss" in r]
         steps = [r["step"] for r in rows]
         ax_loss.plot(steps, [r["val_loss"] for r in rows], marker=".", label=label)
         ax_tr.plot(steps, [r["trace"] for r in rows], marker=".", label=label)
@@ -349,7 +325,7 @@ def plot(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path) -> Path
     for ax in (ax_loss, ax_tr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,26 +342,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    deadline = _clock() + 60 * args.time_limit if args.time_limit else None
+    deadline = runner.deadline_after(args.time_limit)
     corpus = load_stdlib_corpus(args.val_every_file, args.max_bytes)
     info = corpus.describe()
     print(f"corpus: {info['train_files']} train files ({info['train_bytes']} bytes), "
           f"{info['val_files']} validation files ({info['val_bytes']} bytes) from "
           f"{info['source']} (Python {info['python']})")
     root = Path(args.out)
-    summaries = []
     configs = [_run_config(args, "baseline")] if "baseline" in args.methods else []
     if "fp" in args.methods:
         configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
-    for config in configs:
-        summary = run_one(config, corpus, root / run_name(config), resume=args.resume,
-                          deadline=deadline)
-        if summary["status"] == "interrupted":
-            print("stopped by --time-limit: rerun the same command with --resume to continue")
-            return 3
-        summaries.append(summary)
+    summaries, complete = runner.sweep(
+        lambda config=config: run_one(config, corpus, root / run_name(config),
+                                      resume=args.resume, deadline=deadline)
+        for config in configs
+    )
+    if not complete:
+        print(runner.STOPPED)
+        return runner.EXIT_INTERRUPTED
     table = results_table(summaries)
-    _write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
+    runner.write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
                                         "runs": summaries})
     (root / "results.md").write_text(table + "\n")
     print(table)

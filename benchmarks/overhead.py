@@ -36,12 +36,14 @@ from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # no
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
     "sgd": None,
-    "fp_fd_k10": {"mode": "finite_difference", "every": 10},
+    "fp_fd_k10": {"mode": "finite_difference", "fd_scheme": "forward", "every": 10},
     "fp_exact_k10": {"mode": "exact", "every": 10},
     # the spike safeguard off (the paper's FP exactly): what the safeguard costs
-    "fp_fd_k10_noguard": {"mode": "finite_difference", "every": 10, "spike_factor": None},
+    "fp_fd_k10_noguard": {
+        "mode": "finite_difference", "fd_scheme": "forward", "every": 10, "spike_factor": None
+    },
     "fp_exact_k10_noguard": {"mode": "exact", "every": 10, "spike_factor": None},
-    "fp_fd_k1": {"mode": "finite_difference", "every": 1},
+    "fp_fd_k1": {"mode": "finite_difference", "fd_scheme": "forward", "every": 1},
     "fp_exact_k1": {"mode": "exact", "every": 1},
     "gp_exact_k10": {"mode": "exact", "every": 10, "penalty": "gradient"},
     "gpr_exact_k10": {"mode": "exact", "every": 10, "penalty": "random_label"},
@@ -94,17 +96,30 @@ def time_model(
     y = torch.randint(10, (batch,), device=device)
     names = ["sgd", *(v for v in variants if v != "sgd")]
     steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y) for v in names}
+    return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    window: int,
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
+    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples: dict[str, list[float]] = {v: [] for v in steps}
     for _ in range(rounds):
         for v, step in steps.items():
-            sync(device)
+            sync()
             start = clock()
             for _ in range(window):
                 step()
-            sync(device)
+            sync()
             samples[v].append((clock() - start) / window)
     return {v: statistics.median(s) for v, s in samples.items()}
 

@@ -10,7 +10,8 @@ differentiated again: one forward, one backward, one double backward (≈ 3x a g
 
     ∇_θ P = 2 ||g|| H v ≈ 2 ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ)) / r,
 
-two ordinary forward-backward passes (≈ 2x a gradient), the second at the shifted parameters
+two ordinary forward-backward passes (≈ 2x a gradient; the float32 default takes three, see
+below), the second at the shifted parameters
 with the *same* labels (and the same dropout masks); the parameters are then restored bitwise.
 For the input-gradient penalty (GPx, ``g = ∇_x L``) the inputs are shifted instead of θ and
 ``∇_θ P ≈ 2 ||g|| (∇_θ L(x + r v) − ∇_θ L(x)) / r``.
@@ -28,43 +29,58 @@ has three sources:
   chance of a crossing grows with ``r`` (and with the number of units), so large steps fail.
 
 Measured against the float64 exact gradient (relative L2 error, median and worst of 5 seeds,
-batch 32; smooth = tanh/GELU/average pooling, MLPs and CNNs): in float32 the smooth networks
-want a large step (forward at relative step 1e-4: 0.06–0.14%; central at 1e-3: 0.003–0.007%),
-but at such steps the ReLU networks are far off (forward at 1e-4: the ReLU/max-pool CNN by
-171%, median; at 1e-3 both ReLU nets by 58%–480%, cosine down to 0.18), and at 1e-5 and 3e-6
-one ReLU-CNN seed in five still crosses a kink (errors of 12x–40x). At 1e-6 every ReLU run
-stayed within 4%; there the forward difference's error is rounding: 2–4% on the ReLU nets,
-4–12% on the smooth ones (cosine ≥ 0.992). At a step limited by kinks the central
-difference gains nothing per pass: ``r/2`` central has the forward's rounding error and kink
-exposure at ``r`` and costs 3 gradients instead of 2. So the default is the **forward**
-difference (≈ 2x a gradient) at
+batch 32; smooth = tanh/GELU/average pooling, MLPs and CNNs): the forward difference in
+float32 has no good step: at relative step 1e-4 the smooth nets are within 0.14% but the
+ReLU/max-pool CNN is off by 171%; at 1e-5 one ReLU-CNN seed in five crosses a kink (12x);
+at 1e-6 (the former default) rounding leaves 2–4% (ReLU) and 4–12% (smooth). Almost all of
+that rounding is in evaluating the two float32 gradients, not in storing ``θ + r v``
+(measured: the float32 shift with float64 gradients is 10x more accurate), so accumulating
+the difference in float64 would not help; a larger step is the only lever, and kinks cap it.
 
-    r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-6 in float32, 1e-8 in float64
+The float32 default is therefore the **guarded** central difference at ``c = 1e-5``: it takes
+``D+ = ∇L(θ + r v) − ∇L(θ)`` and ``D− = ∇L(θ) − ∇L(θ − r v)``; where they agree (``||D+ − D−||
+≤ 0.1 · min(||D+||, ||D−||)``, :data:`GUARD_TOLERANCE`) it uses their mean, the central
+difference (truncation ``O(r²)``, half the forward's rounding); where they do not, a kink was
+crossed on one side (it adds ``jump / r`` to that side only), and the side of smaller norm is
+used. The choice is made on device (no host sync). Worst error over the 5 networks x 5 seeds:
+0.63% (smooth) and 0.19% (ReLU/max-pool), cosine 1.0000 to four digits (1.04% on the tanh CNN
+without BatchNorm of the docs' example); the plain central difference at the same step crosses
+kinks in 3 of 5 ReLU-CNN seeds (6x). It costs three gradients per refresh (≈ 3x a gradient,
+like the exact mode, but it needs no double backward, so it runs where that cannot: FSDP2,
+fused attention kernels); ``fd_scheme="forward"`` keeps two gradients (≈ 2x) at the forward
+difference's accuracy. float64 is unchanged: forward at ``c = 1e-8`` (≤ 1.6e-7). Both kinds of
+error bound are measurements on these networks: a much larger ReLU network crosses more kinks
+per step.
 
-(float64: relative error ≤ 1.6e-7 on all measured networks). In float32 the finite difference
-is therefore a few-percent approximation of ``2 H g`` (19% on the tiny tanh CNN of the docs'
-example, almost all of it rounding in the two gradients): use the exact mode when you need it
-to the last digit. On a network known to be smooth, ``fd_step=1e-4 * max(1, ||θ||)`` brings the
-forward difference to about 0.1%.
+    r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-5 in float32, 1e-8 in float64
 
-Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no
-step lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks. The passes run in the
-parameters' precision even under ``torch.autocast`` (autocast is switched off inside), so
-training under autocast with float32 parameters works, with float32 differences. ``fd_step``
-must be a finite number > 0.
+Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no step
+lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks (measured in bfloat16: the
+central difference at its best step, 3e-2, is 2–4% off on the smooth nets (median; worst 5%)
+and 15–74% on the ReLU ones (worst 92%); at 1e-5 the shift is rounded away entirely). The
+passes run in the parameters' precision even under ``torch.autocast`` (autocast is switched off
+inside), so training under autocast with float32 parameters works, with float32 differences.
+``fd_step`` must be a finite number > 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
+from fisher_optim._fsdp import (
+    EXACT_UNSUPPORTED,
+    INPUT_GRADIENT_UNSUPPORTED,
+    ShardedPasses,
+    compute_dtypes,
+    is_sharded,
+)
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import math_attention as _math_attention
 from fisher_optim._modules import trainable_parameters
@@ -73,14 +89,17 @@ from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
 
 MODES = ("exact", "finite_difference")
 #: Difference schemes of the finite-difference engine (see the module docstring).
-FD_SCHEMES = ("forward", "central")
-#: The scheme ``mode="finite_difference"`` uses.
-DEFAULT_FD_SCHEME = "forward"
+FD_SCHEMES = ("forward", "central", "guarded")
+#: The scheme ``mode="finite_difference"`` uses, per parameter dtype.
+DEFAULT_FD_SCHEME = {
+    torch.float64: "forward",
+    torch.float32: "guarded",
+}
 
 #: Relative finite-difference step per parameter dtype (times ``max(1, ||θ||)``).
 DEFAULT_FD_STEP = {
     torch.float64: 1e-8,
-    torch.float32: 1e-6,
+    torch.float32: 1e-5,
 }
 
 
@@ -103,8 +122,28 @@ def check_fd_step(fd_step: float | None) -> float | None:
     return float(fd_step)
 
 
-def check_fd_dtypes(params: Sequence[Tensor]) -> None:
-    """Refuse parameters the finite difference cannot resolve (anything but float32/64)."""
+def check_fd_scheme(scheme: str | None) -> str | None:
+    """``fd_scheme`` must be None (the dtype's default) or one of :data:`FD_SCHEMES`."""
+    if scheme is not None and scheme not in FD_SCHEMES:
+        raise ValueError(f"scheme must be one of {FD_SCHEMES} or None, got {scheme!r}")
+    return scheme
+
+
+def check_fd_dtypes(
+    params: Sequence[Tensor], compute_dtypes: Iterable[torch.dtype] = ()
+) -> None:
+    """Refuse parameters the finite difference cannot resolve (anything but float32/64), and
+    an FSDP2 ``MixedPrecisionPolicy`` whose ``param_dtype`` (the passes' dtype) is lower."""
+    low = sorted({str(d) for d in compute_dtypes if d not in DEFAULT_FD_STEP})
+    if low:
+        raise TypeError(
+            f"mode='finite_difference' on a model sharded with MixedPrecisionPolicy("
+            f"param_dtype={', '.join(low)}) would take both gradients in that dtype, where "
+            "the shift r·v is mostly rounded away (measured on a small transformer: at best "
+            "6.7% off the exact penalty gradient, 160–300% at the float32 default step; "
+            "docs/guides/distributed.md). Shard with "
+            "MixedPrecisionPolicy(param_dtype=None) or torch.float32 (reduce_dtype may stay low)"
+        )
     bad = sorted({str(p.dtype) for p in params if p.dtype not in DEFAULT_FD_STEP})
     if bad:
         raise TypeError(
@@ -142,31 +181,46 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
 
 
 def finite_difference_penalty_gradient(
-    objective: PenaltyObjective, step: float | None = None, scheme: str = DEFAULT_FD_SCHEME
+    objective: PenaltyObjective, step: float | None = None, scheme: str | None = None
 ) -> PenaltyGradient:
     """``∇_θ ||∇L||²`` by a difference of gradients along ``∇L`` (see the module docstring).
 
     ``scheme="forward"``: ``(∇L(θ + r v) − ∇L(θ)) / r``, two gradients; ``"central"``:
-    ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r``, three. Every pass runs in the parameters' precision
-    (autocast off) and sees the dropout masks of the first.
+    ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r``, three; ``"guarded"``: the central difference, or,
+    where its two one-sided halves disagree (a kink crossed on one side), the half of smaller
+    norm, three. ``None``: :data:`DEFAULT_FD_SCHEME` of the parameters' dtype. Every pass runs
+    in the parameters' precision (autocast off) and sees the dropout masks of the first. On
+    FSDP2-sharded parameters the passes are sharded (:mod:`fisher_optim._fsdp`).
     """
-    if scheme not in FD_SCHEMES:
-        raise ValueError(f"scheme must be one of {FD_SCHEMES}, got {scheme!r}")
     step = check_fd_step(step)
     params = objective.params
     check_fd_dtypes(params)
+    scheme = DEFAULT_FD_SCHEME[params[0].dtype] if scheme is None else check_fd_scheme(scheme)
     shift_inputs = objective.inputs is not None
+    passes = gradient_passes(params)
+    if isinstance(passes, ShardedPasses):
+        check_fd_dtypes(params, compute_dtypes(objective.model))
+    if shift_inputs and isinstance(passes, ShardedPasses):
+        raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
     rng = _RngState(params[0].device)
+    tensors = passes.tensors()
 
     with _no_autocast(params[0].device):
         loss = objective.loss()
-        wrt = objective.wrt() if shift_inputs else []
-        both = torch.autograd.grad(loss, [*wrt, *params], allow_unused=True)
-        grads_at = list(both[len(wrt) :])
-        direction = list(both[: len(wrt)]) if shift_inputs else grads_at
-        value = squared_norm(direction).detach()
+        if shift_inputs:
+            both = torch.autograd.grad(loss, [*objective.wrt(), *params], allow_unused=True)
+            direction, grads_at = [both[0]], list(both[1:])
+        else:
+            grads_at = passes.gradients(loss)
+            direction = grads_at
+        with torch.no_grad():
+            sums = passes.total(torch.stack([squared_norm(direction), squared_norm(tensors)]))
+        value = sums[0]
         norm = value.sqrt()
-        r: Tensor | float = _default_fd_step_tensor(params) if step is None else step
+        if step is None:
+            r: Tensor | float = DEFAULT_FD_STEP[params[0].dtype] * sums[1].sqrt().clamp_min(1.0)
+        else:
+            r = step
         scale = r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
         def grads_shifted(sign: float) -> list[Tensor | None]:
@@ -175,40 +229,113 @@ def finite_difference_penalty_gradient(
                 shifted = objective.loss(input_shift=direction[0] * (sign * scale))
                 return list(torch.autograd.grad(shifted, params, allow_unused=True))
             present = [i for i, t in enumerate(grads_at) if t is not None]
-            moved = [params[i] for i in present]
-            saved = [p.detach().clone() for p in moved]
+            moved = [tensors[i] for i in present]
+            saved = [t.detach().clone() for t in moved]
             with torch.no_grad():
                 shift = torch._foreach_mul([grads_at[i] for i in present], sign * scale)
                 torch._foreach_add_(moved, shift)
             try:
-                return list(torch.autograd.grad(objective.loss(), params, allow_unused=True))
+                return passes.gradients(objective.loss())
             finally:
                 with torch.no_grad():
                     torch._foreach_copy_(moved, saved)
 
-        if scheme == "forward":
-            ahead, behind, span = grads_shifted(1.0), grads_at, r
-        else:
-            ahead, behind, span = grads_shifted(1.0), grads_shifted(-1.0), 2 * r
-    factor = 2 * norm / span
-    grads = [_difference(b, a, factor) for b, a in zip(behind, ahead)]
-    return PenaltyGradient(grads, value)
+        ahead = grads_shifted(1.0)
+        behind = grads_at if scheme == "forward" else grads_shifted(-1.0)
+    if scheme == "forward":
+        grads = [_difference(b, a, 2 * norm / r) for b, a in zip(behind, ahead)]
+    elif scheme == "central":
+        grads = [_difference(b, a, norm / r) for b, a in zip(behind, ahead)]
+    else:
+        grads = _guarded(grads_at, ahead, behind, norm / r, passes.total)
+    return PenaltyGradient(passes.wrap(grads), value)
+
+
+#: With ``scheme="guarded"``: the two one-sided differences ``D±`` count as agreeing when
+#: ``||D+ − D−|| ≤ GUARD_TOLERANCE · min(||D+||, ||D−||)`` (then their mean, the central
+#: difference, is used). Without a kink they differ by rounding and ``O(r)`` truncation,
+#: ≤ 2–3% at the float32 default; a crossed kink adds ``jump / r`` to one of them.
+GUARD_TOLERANCE = 0.1
+
+
+def _guarded(
+    at: list[Tensor | None],
+    ahead: list[Tensor | None],
+    behind: list[Tensor | None],
+    factor: Tensor,
+    total: Callable[[Tensor], Tensor],
+) -> list[Tensor | None]:
+    """``factor`` times ``ahead − behind`` where the halves ``ahead − at`` and ``at − behind``
+    agree, else twice the half of smaller norm (decided on device: no host sync). The halves
+    are formed in place, in the buffers of ``ahead`` and ``at`` (which are not used again)."""
+    keep = [i for i, t in enumerate(zip(at, ahead, behind)) if any(u is not None for u in t)]
+    out: list[Tensor | None] = [None] * len(at)
+    if not keep:
+        return out
+
+    def dense(ts: list[Tensor | None]) -> list[Tensor]:
+        like = [next(u for u in (at[i], ahead[i], behind[i]) if u is not None) for i in keep]
+        return [torch.zeros_like(u) if ts[i] is None else ts[i] for i, u in zip(keep, like)]
+
+    plus, minus, behind_ = dense(ahead), dense(at), dense(behind)
+    torch._foreach_sub_(plus, minus)  # ahead − at
+    torch._foreach_sub_(minus, behind_)  # at − behind
+    gap = sum(_upcast_sq(p - m) for p, m in zip(plus, minus))
+    sums = total(torch.stack([squared_norm(plus), squared_norm(minus), gap]))
+    n_plus, n_minus, n_gap = sums.sqrt().unbind()
+    agree = n_gap <= GUARD_TOLERANCE * torch.minimum(n_plus, n_minus)
+    w_plus = torch.where(agree, 1.0, torch.where(n_plus <= n_minus, 2.0, 0.0)) * factor
+    w_minus = 2 * factor - w_plus  # central: 1 and 1; one-sided: 2 and 0
+    torch._foreach_mul_(plus, w_plus.to(plus[0].dtype))
+    torch._foreach_mul_(minus, w_minus.to(minus[0].dtype))
+    torch._foreach_add_(plus, minus)
+    for i, g in zip(keep, plus):
+        out[i] = g
+    return out
+
+
+def _upcast_sq(t: Tensor) -> Tensor:
+    """``||t||²`` accumulated in at least float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum()
+
+
+class LocalPasses:
+    """Gradients of ordinary (unsharded) parameters: ``torch.autograd.grad``."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+
+    def tensors(self) -> list[Tensor]:
+        return self.params
+
+    def gradients(self, loss: Tensor) -> list[Tensor | None]:
+        return list(torch.autograd.grad(loss, self.params, allow_unused=True))
+
+    def total(self, t: Tensor) -> Tensor:
+        return t
+
+    def wrap(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        return grads
+
+
+def gradient_passes(params: Sequence[Tensor]) -> LocalPasses | ShardedPasses:
+    """How the finite difference takes gradients: sharded under FSDP2, else by autograd."""
+    return ShardedPasses(params) if is_sharded(params) else LocalPasses(params)
 
 
 def default_fd_step(params: Sequence[Tensor]) -> float:
     """``DEFAULT_FD_STEP[dtype] * max(1, ||θ||)`` for the parameters' dtype."""
-    return float(_default_fd_step_tensor(params))
-
-
-def _default_fd_step_tensor(params: Sequence[Tensor]) -> Tensor:
     check_fd_dtypes(params)
     with torch.no_grad():
         theta = squared_norm(params).sqrt()
-    return DEFAULT_FD_STEP[params[0].dtype] * theta.clamp_min(1.0)
+    return float(DEFAULT_FD_STEP[params[0].dtype] * theta.clamp_min(1.0))
 
 
 def compute_penalty_gradient(
-    objective: PenaltyObjective, mode: str = "exact", fd_step: float | None = None
+    objective: PenaltyObjective,
+    mode: str = "exact",
+    fd_step: float | None = None,
+    fd_scheme: str | None = None,
 ) -> PenaltyGradient:
     """Dispatch to the engine named by ``mode`` (one of :data:`MODES`).
 
@@ -221,11 +348,13 @@ def compute_penalty_gradient(
     rest of the model's state as the user's training forward left it, as without the
     penalty.
     """
+    if check_mode(mode) == "exact" and is_sharded(objective.params):
+        raise ValueError(EXACT_UNSUPPORTED)
     # check=False: the finite-difference engine moves the parameters and restores them itself
     with left_as_found(objective.model, check=False):
-        if check_mode(mode) == "exact":
+        if mode == "exact":
             return exact_penalty_gradient(objective)
-        return finite_difference_penalty_gradient(objective, fd_step)
+        return finite_difference_penalty_gradient(objective, fd_step, fd_scheme)
 
 
 def penalty_gradient(
@@ -241,6 +370,7 @@ def penalty_gradient(
     fd_step: float | None = None,
     params: Sequence[Tensor] | None = None,
     likelihood: str | Likelihood = "categorical",
+    fd_scheme: str | None = None,
     target_mask: TargetMask | None = None,
     penalty_scale: str = "batch",
 ) -> list[Tensor | None]:
@@ -249,7 +379,8 @@ def penalty_gradient(
     ``params`` defaults to the model's trainable parameters; an entry is None where ``P`` does
     not depend on that parameter. ``likelihood``, ``loss_fn``, ``target_mask``,
     ``penalty_scale``: as in
-    :func:`~fisher_optim.penalty.fisher_penalty`. Nothing is written to ``.grad`` and
+    :func:`~fisher_optim.penalty.fisher_penalty`. ``fd_step``, ``fd_scheme``: the finite
+    difference's step and scheme (None: the dtype's default, see the module docstring). Nothing is written to ``.grad`` and
     BatchNorm running statistics are left as they were.
 
     >>> _ = torch.manual_seed(0)
@@ -265,6 +396,7 @@ def penalty_gradient(
     """
     check_mode(mode)
     check_fd_step(fd_step)
+    check_fd_scheme(fd_scheme)
     batch = inputs if isinstance(inputs, Batch) else Batch((inputs,), {}, targets)
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
@@ -275,7 +407,7 @@ def penalty_gradient(
         target_mask=target_mask, penalty_scale=penalty_scale,
     )
     with torch.enable_grad():
-        return compute_penalty_gradient(objective, mode, fd_step).grads
+        return compute_penalty_gradient(objective, mode, fd_step, fd_scheme).grads
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:

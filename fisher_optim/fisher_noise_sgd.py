@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
+from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import (
     OutputFn,
     pick_logits,
@@ -182,6 +183,11 @@ class FisherNoiseSGD(GradientWrapper):
                 f"{type(target_mask).__name__}"
             )
         self.target_mask = target_mask
+        if is_fsdp(model):
+            raise ValueError(
+                "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
+                "gradients need the unsharded parameters); use DistributedDataParallel"
+            )
         super().__init__(
             model, base_optimizer, {"small_batch_size": int(small_batch_size)}, base_kwargs, seed
         )

@@ -17,10 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fisher_optim._fsdp import (
+    EXACT_UNSUPPORTED,
+    INPUT_GRADIENT_UNSUPPORTED,
+    compute_dtypes,
+    global_norms,
+    is_fsdp,
+)
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
 from fisher_optim.engines import (
     check_fd_dtypes,
+    check_fd_scheme,
     check_fd_step,
     check_mode,
     compute_penalty_gradient,
@@ -98,6 +106,9 @@ class FisherPenaltySGD(GradientWrapper):
             :mod:`fisher_optim._logits`.
         penalty_batch_size: use only the first N examples of the batch for the penalty.
         fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
+        fd_scheme: ``"forward"`` (2 gradients), ``"central"`` or ``"guarded"`` (3 gradients);
+            None: the dtype's default (``"guarded"`` in float32, ``"forward"`` in float64;
+            see :mod:`fisher_optim.engines`).
         seed: seed of the label-sampling generator (default: derived from
             ``torch.initial_seed()``, so seeding torch seeds it; nothing is drawn from
             torch's global generator).
@@ -146,6 +157,7 @@ class FisherPenaltySGD(GradientWrapper):
         loss_fn: LossFn | None = None,
         penalty_batch_size: int | None = None,
         fd_step: float | None = None,
+        fd_scheme: str | None = None,
         seed: int | None = None,
         target_mask: TargetMask | None = None,
         penalty_scale: str = "batch",
@@ -169,6 +181,7 @@ class FisherPenaltySGD(GradientWrapper):
         self.loss_fn = loss_fn
         self.penalty_batch_size = penalty_batch_size
         self.fd_step = fd_step
+        self.fd_scheme = check_fd_scheme(fd_scheme)
         if target_mask is not None and not callable(target_mask):
             raise TypeError(
                 f"target_mask must be a function called like the model, got "
@@ -191,8 +204,16 @@ class FisherPenaltySGD(GradientWrapper):
             model, base_optimizer, {WEIGHT_KEY: float(alpha)}, base_kwargs, seed, max_grad_norm
         )
         _check_group_keys(self.base_optimizer)
+        sharded = self._sharded = is_fsdp(self.module)
+        if self.mode == "exact" and sharded:
+            raise ValueError(EXACT_UNSUPPORTED)
+        if self.penalty == "input_gradient" and sharded:
+            raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
         if self.mode == "finite_difference":
-            check_fd_dtypes([p for p in self.flat_params() if p.requires_grad])
+            check_fd_dtypes(
+                [p for p in self.flat_params() if p.requires_grad],
+                compute_dtypes(self.module) if sharded else (),
+            )
         if mode == "exact" and hasattr(self.module, "_orig_mod"):
             self.module = self.module._orig_mod  # double backward needs the eager module
         self.penalty_value: float | None = None
@@ -265,7 +286,7 @@ class FisherPenaltySGD(GradientWrapper):
             likelihood=self.likelihood,
         )
         with self.own_pass(autocast=self.mode == "exact"):
-            result = compute_penalty_gradient(objective, self.mode, self.fd_step)
+            result = compute_penalty_gradient(objective, self.mode, self.fd_step, self.fd_scheme)
         grads = result.grads
         if self._process_group() is not None:  # every rank adds the same mean gradient
             grads = [torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)]
@@ -273,7 +294,7 @@ class FisherPenaltySGD(GradientWrapper):
         else:
             value = result.value
         present = [g for g in grads if g is not None]
-        norms = torch.stack(torch._foreach_norm(present)).float() if present else value[None]
+        norms = global_norms(present).float() if present else value[None]
         # one host sync per refresh: the penalty value, and whether every entry is finite
         penalty_value, check, grad_norm = torch.stack(
             [value.float(), norms.sum(), norms.norm()]
@@ -317,6 +338,11 @@ class FisherPenaltySGD(GradientWrapper):
             cache[i] = None if g is None else g.detach()
         self._cache = cache
 
+    def _process_group(self) -> Any | None:
+        """None under FSDP2: its backward already averages the gradients over the ranks, so
+        the penalty gradient is that of the global batch on every rank."""
+        return None if self._sharded else super()._process_group()
+
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -324,19 +350,31 @@ class FisherPenaltySGD(GradientWrapper):
             "penalty_value": self.penalty_value,
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
-            "cache": self._cache,
+            "cache": self._checkpoint_cache(),
+            "has_cache": self._cache is not None,
             "cache_step": self._cache_step,
             "refresh_next": self._refresh_next,
             "penalty_grad_norm": self.penalty_grad_norm,
             "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
+    def _checkpoint_cache(self) -> list[Tensor | None]:
+        """The cache with a tensor for every trainable parameter (zeros where there is none,
+        which add nothing): ``torch.distributed.checkpoint`` loads into a template of the
+        same structure, so a fresh optimizer's state dict must already hold them."""
+        cache = self._cache or [None] * len(self.flat_params())
+        return [
+            c if c is not None or not p.requires_grad else torch.zeros_like(p)
+            for c, p in zip(cache, self.flat_params())
+        ]
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self.penalty_value = extra["penalty_value"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
-        self._cache = self.load_per_param(extra["cache"], "penalty cache", lambda p: p.dtype)
+        cache = extra["cache"] if extra.get("has_cache", True) else None
+        self._cache = self.load_per_param(cache, "penalty cache", lambda p: p.dtype)
         self._cache_step = extra.get("cache_step", self._cache_step)
         self._refresh_next = extra.get("refresh_next", False)
         self.penalty_grad_norm = extra.get("penalty_grad_norm")

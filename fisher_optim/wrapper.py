@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fisher_optim._fsdp import local_shard
 from fisher_optim._modules import unwrap
 from fisher_optim.penalty import Batch
 
@@ -91,13 +92,21 @@ class GradientWrapper(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict; the wrapper's own state (counters, caches,
+        generators) under the key ``"fisher_optim"`` of its first param group, which
+        ``torch.distributed.checkpoint.state_dict``'s get/set_optimizer_state_dict carry
+        (they keep only ``state`` and ``param_groups``)."""
         state = self.base_optimizer.state_dict()
-        state[STATE_KEY] = self._extra_state()
+        state["param_groups"][0][STATE_KEY] = self._extra_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop(STATE_KEY, None)
+        extra = state_dict.pop(STATE_KEY, None)  # where checkpoints of 0.1.0 kept it
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group in groups:
+            extra = group.pop(STATE_KEY, extra)
+        state_dict["param_groups"] = groups
         self.base_optimizer.load_state_dict(state_dict)
         self._link()  # load_state_dict replaces the base's param_groups and state
         if extra is not None:
@@ -167,6 +176,8 @@ class GradientWrapper(torch.optim.Optimizer):
         on to the base optimizer (which may call it several times, as LBFGS does); the
         gradients are edited after its first call.
         """
+        if self._initialises_state():
+            return self.base_optimizer.step(closure)
         done = False
 
         def prepare() -> None:
@@ -193,6 +204,17 @@ class GradientWrapper(torch.optim.Optimizer):
         self._batch = None
         self._targets = None
         return loss
+
+    def _initialises_state(self) -> bool:
+        """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
+        create an empty optimizer state: no forward since the last step, no state yet, every
+        ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
+        if self._batch is not None or self.state:
+            return False
+        if any(g.get("lr", 1.0) != 0 for g in self.param_groups):
+            return False
+        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
+        return bool(grads) and not any(bool(g.any()) for g in grads)
 
     def _clip(self) -> None:
         """Clip the full gradient (the loss's plus what :meth:`_before_base_step` added) to
@@ -276,6 +298,8 @@ class GradientWrapper(torch.optim.Optimizer):
         ]
 
     def _extra_state(self) -> dict[str, Any]:
+        if not self._generators:  # created now as it would be later: same seed, same state
+            self.generator(self.flat_params()[0].device)
         return {
             "step_count": self.step_count,
             "seed": self.seed,

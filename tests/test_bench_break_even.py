@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 
 from .test_bench_data import make_cifar10
 from .test_bench_overhead import load
+
+runner = importlib.import_module("benchmarks.common.runner")
 
 TINY = ["--model", "tiny", "--settings", "0.1:16", "0.01:16", "0.1:32", "--seeds", "0", "1",
         "--train-subset", "64", "--epochs", "1", "--measure-every-examples", "32",
@@ -50,6 +53,11 @@ def test_time_limit_then_resume(tmp_path, data, capsys):
     first = (out / "sgd_lr0.1_bs16_seed0.json").read_text()
     assert break_even.main([*args, "--resume"]) == 0  # nothing rerun
     assert (out / "sgd_lr0.1_bs16_seed0.json").read_text() == first
+    old = json.loads(first)
+    del old["status"]  # as saved before the runs had a status
+    (out / "sgd_lr0.1_bs16_seed0.json").write_text(json.dumps(old))
+    assert break_even.main([*args, "--resume"]) == 0  # still reused
+    assert json.loads((out / "sgd_lr0.1_bs16_seed0.json").read_text()) == old
 
 
 @pytest.mark.parametrize(
@@ -64,3 +72,35 @@ def test_invalid_options_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as err:
         break_even.parse_args(bad)
     assert err.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def _runs(out):
+    """Every run file of ``out``, less the measurements' timings."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in ("time", "duration")}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+    return {p.name: strip(json.loads(p.read_text())) for p in sorted(out.glob("*_*.json"))}
+
+
+def test_time_limit_mid_run_then_resume_is_bitwise(tmp_path, data, monkeypatch):
+    """A run stopped mid-epoch by --time-limit continues from its checkpoint: every record
+    is that of the uninterrupted run (GD and SGD alike)."""
+    break_even = load("break_even")
+    args = [*TINY, *data, "--seeds", "0", "--settings", "0.1:16", "--epochs", "2",
+            "--gd-steps", "3"]
+    assert break_even.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    split = tmp_path / "split"
+    # the deadline passes at the (n+1)-th check: GD at step 2, then SGD at steps 1 and 5
+    # (mid-epoch 1, mid-epoch 2: 4 steps an epoch)
+    for n in (2, 3, 4):
+        ticks = iter(range(10**6))
+        monkeypatch.setattr(runner, "clock", lambda t=ticks, n=n: 120.0 * (next(t) > n))
+        assert break_even.main([*args, "--out", str(split), "--time-limit", "1",
+                                "--resume"]) == 3
+        monkeypatch.undo()
+        assert list(split.glob("*.pt"))  # the unfinished run's checkpoint
+    assert break_even.main([*args, "--out", str(split), "--resume"]) == 0
+    assert not list(split.glob("*.pt"))
+    assert _runs(split) == _runs(tmp_path / "whole")

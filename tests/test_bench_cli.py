@@ -6,6 +6,7 @@ training, no data."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -170,3 +171,55 @@ def test_overhead_and_curvature_speed_refuse_bad_values(capsys):
         assert_rejected(speed, argv, option, capsys)
     assert overhead.parse_args(["--device", "cuda:1"]).device == "cuda:1"
     assert speed.parse_args(["--skip", "loop", "backpack"]).skip == ["loop", "backpack"]
+
+
+def _other_value(action: argparse.Action) -> list[str]:
+    """Command-line words giving ``action`` a valid value other than its default."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [action.option_strings[1 if action.default else 0]]
+    if action.nargs == 0:
+        return [flag]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != action.default)]
+    default = action.default
+    if isinstance(default, float):
+        return [flag, str(default * 2 + 2 if default else 0.5)]
+    return [flag, str(default * 2 + 2 if default else 2)]
+
+
+def test_every_run_spec_option_reaches_the_runs():
+    """An option is one RunSpec field: given on the command line, its value is the runs'."""
+    options = importlib.import_module("benchmarks.common.options")
+    config = importlib.import_module("benchmarks.common.config")
+    cfg = _script("cifar10_simplecnn").CONFIG
+    parser = cli.build_parser(cfg)
+    by_dest = {a.dest: a for a in parser._actions}
+    names = [f.name for f in options.option_fields(config.RunSpec)]
+    assert len(names) >= 25 and set(names) <= set(by_dest)
+    for name in names:
+        argv = [*_other_value(by_dest[name]), "--methods", "fp", "--lrs", "0.1"]
+        args = parser.parse_args(argv)
+        spec = cli.make_specs(cli.apply_dataset(cfg, args), args)[0]
+        assert getattr(spec, name) == getattr(args, name) != parser.get_default(name), name
+
+
+def test_a_settings_field_is_the_default_of_the_option_of_its_name():
+    """ExperimentConfig's fields named after an option set that option's default in the
+    setting; left at their own defaults they agree with the option's (no drift)."""
+    options = importlib.import_module("benchmarks.common.options")
+    config = importlib.import_module("benchmarks.common.config")
+    declared = {f.name: f for cls in (cli.SweepOptions, config.RunSpec)
+                for f in options.option_fields(cls)}
+    plain = config.ExperimentConfig(name="plain", dataset="cifar10", model="tiny")
+    shared = [f.name for f in dataclasses.fields(plain) if f.name in declared
+              and f.name not in options.tagged(cli.SweepOptions, "resolved")]
+    assert {"epochs", "batch_size", "small_batch_size", "lr_star", "val_size"} <= set(shared)
+    for name in shared:
+        if name not in ("dataset", "model", "loss_threshold"):  # required / per data set
+            assert declared[name].default == getattr(plain, name), name
+    lb = _script("large_batch_noise").CONFIG
+    parser = cli.build_parser(lb)
+    for name in shared:
+        value = lb.threshold if name == "loss_threshold" else getattr(lb, name)
+        assert parser.get_default(name) == value, name

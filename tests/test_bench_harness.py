@@ -26,6 +26,7 @@ harness = importlib.import_module("benchmarks.common.harness")
 cli = importlib.import_module("benchmarks.common.cli")
 config = importlib.import_module("benchmarks.common.config")
 plots = importlib.import_module("benchmarks.common.plots")
+runner = importlib.import_module("benchmarks.common.runner")
 data_mod = importlib.import_module("benchmarks.common.data")
 
 SCRIPTS = ("cifar10_simplecnn", "cifar100_vgg", "cifar100_wresnet", "cifar100_densenet",
@@ -223,7 +224,7 @@ def test_two_epochs_equal_one_plus_one(tmp_path, monkeypatch):
         return 0.0 if calls["n"] < steps else 2.0
 
     c = tmp_path / "c"
-    monkeypatch.setattr(harness, "_clock", fake_clock)
+    monkeypatch.setattr(runner, "clock", fake_clock)
     part = harness.train_run(spec, data, c, log=None, deadline=1.0)
     monkeypatch.undo()
     assert part["status"] == "interrupted" and part["epochs_done"] == 1

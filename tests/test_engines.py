@@ -193,11 +193,11 @@ def test_central_scheme_matches_explicit_hessian():
         finite_difference_penalty_gradient(objective, scheme="backward")
 
 
-@pytest.mark.parametrize(("dtype", "max_error"), [(torch.float32, 0.15), (torch.float64, 1e-6)])
+@pytest.mark.parametrize(("dtype", "max_error"), [(torch.float32, 0.01), (torch.float64, 1e-6)])
 def test_default_step_error_against_float64_exact(dtype, max_error):
     """The relative L2 error of the default finite difference against the float64 exact
     gradient stays within the measured band (docs/fd_step_measured.md, tiny_smooth_cnn, the
-    same network: worst 12% in float32, rounding-dominated; 4.6e-8 in float64)."""
+    same network: worst 0.7% in float32 (guarded central difference), 4.6e-8 in float64)."""
     model, x = small_cnn(), torch.randn(32, 3, 8, 8, dtype=torch.float64)
     labels = sample_labels(model(x), generator=torch.Generator().manual_seed(1))
     exact = PenaltyObjective(model, Batch((x,)))

@@ -179,7 +179,7 @@ def test_non_finite_penalty_is_dropped_counted_and_warned(monkeypatch):
     model = tiny_mlp()
     reference = copy.deepcopy(model)
 
-    def nan_gradient(objective, mode, fd_step):
+    def nan_gradient(objective, *args):
         grads = [torch.full_like(p, float("nan")) for p in objective.params]
         return PenaltyGradient(grads, torch.tensor(float("nan")))
 

@@ -3,8 +3,8 @@
 ``weights_only=True``), continue bitwise like the uninterrupted run on CPU.
 
 The optimizer's own state (step counter, cached penalty gradient / Fisher estimate, seed and
-generator states) travels in ``state_dict()["fisher_optim"]``. With ``every=3`` the save is
-at step 4, which is not a refresh step, so the resumed run must use the restored cache.
+generator states) travels in ``state_dict()["param_groups"][0]["fisher_optim"]``. With
+``every=3`` the save is at step 4, which is not a refresh step, so the resumed run must use the restored cache.
 """
 
 from __future__ import annotations

@@ -11,19 +11,17 @@ the processes and the process group start only once.
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from fisher_optim import FisherPenaltySGD, penalty_gradient
+
+from .distributed_utils import run_on_ranks
 
 WORLD = 2
 LOCAL_BATCH = 6
@@ -142,28 +140,18 @@ def _bare_model_warnings(rank: int) -> list[str]:
     return [str(w.message) for w in caught]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD
-    )
-    try:
-        results: dict[str, Any] = {
-            name: _run_rank(rank, kind, dtype, kwargs)
-            for name, (kind, dtype, kwargs) in SCENARIOS.items()
-        }
-        results["bare_model_warnings"] = _bare_model_warnings(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        name: _run_rank(rank, kind, dtype, kwargs)
+        for name, (kind, dtype, kwargs) in SCENARIOS.items()
+    }
+    results["bare_model_warnings"] = _bare_model_warnings(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

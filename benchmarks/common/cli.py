@@ -28,228 +28,44 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
-import os
 import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import runner
 from benchmarks.common.config import (
     AUGMENT_MODES,
-    FINISHED,
     LR_SCALINGS,
+    MEASURE,
     METHODS,
-    NOISE_FISHERS,
+    NOISE,
     NOISE_OF_METHOD,
+    SETTING,
+    WHAT,
     ExperimentConfig,
     RunSpec,
     scale_milestones,
 )
-from benchmarks.common.models import INITS, MODELS
+from benchmarks.common.options import add_options, from_args, option, option_fields, tagged
+from benchmarks.common.runner import FINISHED
 from fisher_optim._cli import (
     HelpFormatter,
-    fraction,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
 )
 
-__all__ = ["QUICK", "aggregate", "build_parser", "main", "make_specs", "results_table"]
+__all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
+           "make_specs", "results_table"]
 
 #: What ``--quick`` sets (unless given explicitly).
 QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
          "probe_size": 32, "group_probe_size": 200, "bn_refresh_batches": 4}
-
-
-def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
-    """The argument parser of a script with config ``cfg``.
-
-    ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
-    every value is range-checked here, so a bad one is an argparse error naming the option.
-    """
-    p = argparse.ArgumentParser(
-        prog=f"benchmarks/{cfg.name}.py",
-        description=cfg.description or cfg.name,
-        formatter_class=HelpFormatter,
-    )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
-                   help=f"training methods, of: {', '.join(METHODS)} (default: "
-                   f"{' '.join(cfg.default_methods)}, each at the table's learning rate)")
-    g.add_argument("--lrs", nargs="+", type=positive_float, default=None, metavar="LR",
-                   help="learning rates, each crossed with every method (default: "
-                   f"{_default_lrs_text(cfg)})")
-    g.add_argument("--lr-star", type=positive_float, default=cfg.lr_star,
-                   help="η*, the paper's tuned large learning rate (a guess; see config)")
-    g.add_argument("--alpha", type=nonnegative_float, default=None,
-                   help="single α for every penalised method (default: "
-                   f"{_default_alphas_text(cfg)})")
-    g.add_argument("--alpha-grid", action="store_true",
-                   help="search α on the paper's grid and choose it by validation accuracy")
-    g.add_argument("--alphas", nargs="+", type=nonnegative_float, default=None, metavar="ALPHA",
-                   help="with --alpha-grid: search these α (one grid for every penalised "
-                   "method; default: the paper's 10 log-spaced values per method)")
-    g.add_argument("--alpha-center", type=positive_float, default=cfg.alpha_center,
-                   help="v of the α grid [0.1v, 10v] for FP, GP, GPr")
-    g.add_argument("--gpx-center", type=positive_float, default=cfg.gpx_center,
-                   help="v of the α grid [0.1v, 10v] for GPx")
-    g.add_argument("--mixup-beta", type=positive_float, default=None,
-                   help="mixup's Beta(β, β) parameter (default: "
-                   f"{cfg.default_alpha('mixup'):g})")
-    g.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, metavar="SEED",
-                   help="seeds, one run each (default: --seed)")
-    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a single-seed run")
-    g.add_argument("--augment", nargs="?", const="standard", default=None, choices=AUGMENT_MODES,
-                   help="augmentation (standard: random crop + flip; the bare flag means "
-                   "standard); giving it makes Table 2's runs: "
-                   f"{_augment_runs_text(cfg)} (default: {cfg.augment}, the plain run's "
-                   "methods)")
-    g.add_argument("--noise", type=fraction, default=cfg.label_noise,
-                   help="fraction of training labels replaced by random labels, in [0, 1]")
-    g.add_argument("--fp-start-epochs", nargs="+", type=positive_int, default=None,
-                   metavar="EPOCH",
-                   help="switch FP on at these epochs, one run each (Fig. 3; default: "
-                   + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
-                      else "from the first epoch") + ")")
-    g.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None, metavar="B",
-                   help="sweep batch sizes, one run each (default: "
-                   + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes
-                      else "--batch-size") + ")")
-
-    g = p.add_argument_group("training setting")
-    g.add_argument("--epochs", type=positive_int, default=cfg.epochs,
-                   help=f"epochs; the setting's LR milestones {list(cfg.milestones)} (for "
-                   f"{cfg.epochs} epochs) are scaled to it")
-    g.add_argument("--milestones", type=positive_int, nargs="*", default=None, metavar="EPOCH",
-                   help=f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each in "
-                   "1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
-                   "milestones, scaled to --epochs)")
-    g.add_argument("--batch-size", type=positive_int, default=cfg.batch_size,
-                   help="mini-batch size")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=cfg.weight_decay,
-                   help="L2 weight decay of SGD")
-    g.add_argument("--model", choices=sorted(MODELS), default=cfg.model, metavar="MODEL",
-                   help=f"network, of: {', '.join(sorted(MODELS))} (see "
-                   "benchmarks/common/models.py)")
-    g.add_argument("--init", choices=INITS, default="kaiming",
-                   help="initialisation of the conv and linear layers: kaiming (the models' "
-                   "own), torch (PyTorch's layer default) or glorot (Keras's default); the "
-                   "paper does not state its own, and the scale of Tr(F) depends on it")
-    g.add_argument("--dataset", choices=("cifar10", "cifar100", "tinyimagenet"),
-                   default=cfg.dataset, help="train on another data set than the paper's "
-                   "setting (its loss threshold ε follows unless --loss-threshold is given)")
-    g.add_argument("--every", type=positive_int, default=cfg.every, metavar="N",
-                   help="recompute the penalty gradient every N steps")
-    g.add_argument("--penalty-batch-size", type=positive_int, default=cfg.penalty_batch_size,
-                   metavar="N",
-                   help="compute the penalty on the first N examples of the batch"
-                   + ("" if cfg.penalty_batch_size is not None
-                      else " (default: the whole batch)"))
-    g.add_argument("--fd-mode", choices=("exact", "finite_difference"), default=cfg.fd_mode,
-                   help="how FisherPenaltySGD computes the penalty gradient")
-    g.add_argument("--bn-refresh-batches", type=nonnegative_int, default=cfg.bn_refresh_batches,
-                   metavar="N",
-                   help="re-estimate BatchNorm statistics on N train batches before evaluating "
-                   "(0: keep the running statistics)")
-
-    g = p.add_argument_group("large-batch noise (Wen et al., AISTATS 2020)")
-    g.add_argument("--small-batch-size", type=positive_int, default=cfg.small_batch_size,
-                   help="M_S: the small batch whose gradient noise the noise_* methods imitate "
-                   "(they run only at batch sizes above it)")
-    g.add_argument("--fisher", dest="noise_fisher", choices=NOISE_FISHERS,
-                   default=cfg.noise_fisher,
-                   help="noise_*: empirical Fisher (true labels, the paper) or true Fisher "
-                   "(labels sampled from the model)")
-    g.add_argument("--noise-every", type=positive_int, default=cfg.noise_every, metavar="N",
-                   help="noise_trace/noise_diag: re-estimate the Fisher every N steps "
-                   "(1: every step, the paper; noise_full always uses 1)")
-    g.add_argument("--ghost-batch-size", type=nonnegative_int, default=cfg.ghost_batch_size,
-                   help="Ghost BatchNorm with this virtual batch for runs with a larger batch "
-                   "(0: plain BatchNorm)")
-    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=cfg.lr_scaling,
-                   help="scale each run's learning rate by (B / --lr-base-batch) "
-                   "(linear) or its square root (sqrt), B the run's batch size")
-    g.add_argument("--lr-base-batch", type=positive_int, default=cfg.lr_base_batch,
-                   help="batch size at which the learning rate is not scaled")
-    g.add_argument("--lr-cap", type=positive_float, default=cfg.lr_cap,
-                   help="upper bound of the scaled learning rate"
-                   + ("" if cfg.lr_cap is not None else " (default: no cap)"))
-    g.add_argument("--batch-lrs", nargs="+", type=positive_float, default=None, metavar="LR",
-                   help="explicit learning rate per batch size (aligned with --batch-sizes; "
-                   "overrides --lrs/--lr-star and --lr-scaling; default: not used)")
-    g.add_argument("--log-every-update", action=argparse.BooleanOptionalAction,
-                   default=cfg.log_every_update,
-                   help="write train_curve.jsonl: loss and error of every update's batch")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=None,
-                   help="dataset directory/archive (default: $FISHER_OPTIM_DATA or ./data)")
-    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
-                   help="use N training examples (after holding out validation; default: all)")
-    g.add_argument("--val-size", type=nonnegative_int, default=cfg.val_size,
-                   help="validation examples held out of the training set (0: none)")
-    g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
-                   help="evaluate on N test examples (default: all)")
-    g.add_argument("--split-seed", type=nonnegative_int, default=0,
-                   help="seed of the validation split, subsets and label noise")
-
-    g = p.add_argument_group("measurements")
-    g.add_argument("--probe-size", type=positive_int, default=None, metavar="N",
-                   help="Tr(F) on the first N training examples (default: the batch size)")
-    g.add_argument("--trace-labels", choices=("sample", "exact"), default="sample",
-                   help="Tr(F) with sampled labels (fixed generator) or summed over classes")
-    g.add_argument("--trace-every-steps", type=nonnegative_int, default=0, metavar="N",
-                   help="also measure Tr(F) every N steps (finer Tr(F_i)); 0: per epoch")
-    g.add_argument("--loss-threshold", type=positive_float, default=cfg.threshold,
-                   help="ε of Tr(F_i): the Tr(F) of the first measurement whose training "
-                   "loss is below ε")
-    g.add_argument("--eval-train", action="store_true", default=cfg.eval_train,
-                   help="also evaluate the whole training set every epoch (eval mode)"
-                   + (" (default: on in this setting)" if cfg.eval_train else ""))
-    g.add_argument("--test-every", type=nonnegative_int, default=1, metavar="N",
-                   help="evaluate test (and noisy-train) accuracy every N epochs, at the last "
-                        "epoch and at each new best validation accuracy; 0: at the last epoch, "
-                        "plus once at the end on the kept best-validation weights (the same "
-                        "test@best-val, one test pass per run)")
-    g.add_argument("--val-every", type=positive_int, default=1, metavar="N",
-                   help="measure validation accuracy and the epoch's Tr(F) every N epochs and "
-                        "at the last epoch (model selection sees only those epochs)")
-    g.add_argument("--spike-factor", type=_spike_factor, default=4.0, metavar="F",
-                   help="FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over "
-                        "this many times the running median norm is scaled down to that bound "
-                        "and used for one step only; 'none' turns it off (the paper's FP)")
-    g.add_argument("--guard-early", action="store_true",
-                   help="FisherPenaltySGD(guard_early=True): the first 5 refreshes, before a "
-                        "median exists, are each used for one step only")
-    g.add_argument("--group-probe-size", type=positive_int, default=1000, metavar="N",
-                   help="examples for clean/noisy gradient norms (label-noise runs)")
-
-    g = p.add_argument_group("running")
-    g.add_argument("--out", default=None, help=f"output root (default: runs/{cfg.name})")
-    g.add_argument("--device", type=_device, default="auto",
-                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:INDEX")
-    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue interrupted runs from their checkpoints, skip finished ones")
-    g.add_argument("--extend", action="store_true",
-                   help="as --resume, and lengthen runs trained on a shorter schedule: a run "
-                   "whose checkpoint differs only in --epochs/--milestones, with the same "
-                   "milestones over the epochs it has done, continues on the new schedule")
-    g.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
-                   help="checkpoint and stop once exceeded (resume with --resume; "
-                   "default: no limit)")
-    g.add_argument("--quick", action="store_true",
-                   help="CPU smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--no-plot", action="store_true", help="do not draw the figure")
-    g.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    return p
 
 
 def _default_lrs_text(cfg: ExperimentConfig) -> str:
@@ -280,6 +96,131 @@ def _device(text: str) -> str:
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
     return text
+
+
+_DATA = "data"
+
+
+@dataclass
+class SweepOptions:
+    """The options that choose an invocation's runs and how they are made (each run's own
+    settings are :class:`~benchmarks.common.config.RunSpec`'s option fields). One field per
+    option; a field of the script's ``ExperimentConfig`` with the same name is its default
+    (except for ``resolved`` ones: their None means the setting's value, resolved by
+    :func:`make_specs`), and a help text that is a function is given that config."""
+
+    methods: list[str] | None = option(
+        None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
+        f"{' '.join(cfg.default_methods)}, each at the table's learning rate)", nargs="+",
+        choices=METHODS, metavar="METHOD", group=WHAT)
+    lrs: list[float] | None = option(
+        None, lambda cfg: "learning rates, each crossed with every method (default: "
+        f"{_default_lrs_text(cfg)})", nargs="+", type=positive_float, metavar="LR",
+        group=WHAT, tags=("resolved",))
+    lr_star: float = option(0.1, "η*, the paper's tuned large learning rate (a guess; see "
+                            "config)", type=positive_float, group=WHAT)
+    alpha: float | None = option(None, lambda cfg: "single α for every penalised method "
+                                 f"(default: {_default_alphas_text(cfg)})",
+                                 type=nonnegative_float, group=WHAT)
+    alpha_grid: bool = option(False, "search α on the paper's grid and choose it by validation "
+                              "accuracy", action="store_true", group=WHAT)
+    alphas: list[float] | None = option(
+        None, "with --alpha-grid: search these α (one grid for every penalised method; "
+        "default: the paper's 10 log-spaced values per method)", nargs="+",
+        type=nonnegative_float, metavar="ALPHA", group=WHAT)
+    alpha_center: float = option(0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr",
+                                 type=positive_float, group=WHAT)
+    gpx_center: float = option(100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float,
+                               group=WHAT)
+    mixup_beta: float | None = option(None, lambda cfg: "mixup's Beta(β, β) parameter (default: "
+                                      f"{cfg.default_alpha('mixup'):g})", type=positive_float,
+                                      group=WHAT)
+    seeds: list[int] | None = option(None, "seeds, one run each (default: --seed)", nargs="+",
+                                     type=nonnegative_int, metavar="SEED", group=WHAT)
+    seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=WHAT)
+    augment: str | None = option(
+        None, lambda cfg: "augmentation (standard: random crop + flip; the bare flag means "
+        f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
+        f"{cfg.augment}, the plain run's methods)", nargs="?", const="standard",
+        choices=AUGMENT_MODES, group=WHAT, tags=("resolved",))
+    fp_start_epochs: list[int] | None = option(
+        None, lambda cfg: "switch FP on at these epochs, one run each (Fig. 3; default: "
+        + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
+           else "from the first epoch") + ")", nargs="+", type=positive_int, metavar="EPOCH",
+        group=WHAT, tags=("resolved",))
+    batch_sizes: list[int] | None = option(
+        None, lambda cfg: "sweep batch sizes, one run each (default: "
+        + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size") + ")",
+        nargs="+", type=positive_int, metavar="B", group=WHAT, tags=("resolved",))
+    milestones: list[int] | None = option(
+        None, lambda cfg: f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
+        "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
+        "milestones, scaled to --epochs)", nargs="*", type=positive_int, metavar="EPOCH",
+        group=SETTING, tags=("resolved",))
+    lr_scaling: str = option("none", "scale each run's learning rate by (B / --lr-base-batch) "
+                             "(linear) or its square root (sqrt), B the run's batch size",
+                             choices=LR_SCALINGS, group=NOISE)
+    lr_base_batch: int = option(128, "batch size at which the learning rate is not scaled",
+                                type=positive_int, group=NOISE)
+    lr_cap: float | None = option(None, "upper bound of the scaled learning rate",
+                                  unset="no cap", type=positive_float, group=NOISE)
+    batch_lrs: list[float] | None = option(
+        None, "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
+        "--lrs/--lr-star and --lr-scaling; default: not used)", nargs="+",
+        type=positive_float, metavar="LR", group=NOISE)
+    data_root: str | None = option(None, "dataset directory/archive",
+                                   unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
+                                   group=_DATA)
+    train_subset: int | None = option(None, "use N training examples (after holding out "
+                                      "validation)", unset="all", type=positive_int,
+                                      metavar="N", group=_DATA)
+    val_size: int = option(5000, "validation examples held out of the training set (0: none)",
+                           type=nonnegative_int, group=_DATA)
+    test_subset: int | None = option(None, "evaluate on N test examples", unset="all",
+                                     type=positive_int, metavar="N", group=_DATA)
+    split_seed: int = option(0, "seed of the validation split, subsets and label noise",
+                             type=nonnegative_int, group=_DATA)
+    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
+                         "cuda:INDEX", type=_device, group=runner.RUNNING)
+    extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
+                          "schedule: a run whose checkpoint differs only in "
+                          "--epochs/--milestones, with the same milestones over the epochs it "
+                          "has done, continues on the new schedule", action="store_true",
+                          group=runner.RUNNING)
+    quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
+                                                               for k, v in QUICK.items()),
+                         action="store_true", group=runner.RUNNING)
+    no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
+    dry_run: bool = option(False, "list the runs and exit", action="store_true", group=runner.RUNNING)
+
+
+#: Command-line defaults that differ from the RunSpec field's default (which is what a
+#: ``config.json`` of a run made before the option existed means).
+CLI_DEFAULTS = {"spike_factor": 4.0, "probe_size": None}
+
+
+def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
+    """The argument parser of a script with config ``cfg``: the option fields of
+    :class:`SweepOptions`, :class:`~benchmarks.common.config.RunSpec` and
+    :class:`~benchmarks.common.runner.RunningOptions`.
+
+    ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
+    every value is range-checked here, so a bad one is an argparse error naming the option.
+    """
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{cfg.name}.py",
+        description=cfg.description or cfg.name,
+        formatter_class=HelpFormatter,
+    )
+    classes = (SweepOptions, RunSpec, runner.RunningOptions)
+    names = {f.name for cls in classes for f in option_fields(cls)} - set(
+        tagged(SweepOptions, "resolved"))
+    defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
+    defaults.update(CLI_DEFAULTS, loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
+    add_options(p, *classes, defaults=defaults, context=cfg,
+                groups={title: p.add_argument_group(title) for title in
+                        (WHAT, SETTING, NOISE, _DATA, MEASURE, runner.RUNNING)})
+    return p
 
 
 def _apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -351,22 +292,13 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         milestones = sorted(set(args.milestones))
     else:
         milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
-    base = RunSpec(
-        experiment=cfg.name, dataset=cfg.dataset, model=args.model, method="baseline", lr=0.1,
-        epochs=args.epochs, milestones=tuple(milestones), gamma=cfg.gamma,
-        weight_decay=args.weight_decay, momentum=cfg.momentum, batch_size=args.batch_size,
-        augment=augment, every=args.every, penalty_batch_size=args.penalty_batch_size,
-        fd_mode=args.fd_mode, label_noise=args.noise,
-        probe_size=args.probe_size or args.batch_size, trace_labels=args.trace_labels,
-        trace_every_steps=args.trace_every_steps, loss_threshold=args.loss_threshold,
-        bn_refresh_batches=args.bn_refresh_batches, eval_train=args.eval_train,
-        track_groups=cfg.track_groups or args.noise > 0,
-        group_probe_size=args.group_probe_size, test_every=args.test_every, init=args.init,
-        val_every=args.val_every, spike_factor=args.spike_factor,
-        guard_early=args.guard_early,
+    base = from_args(
+        RunSpec, args, experiment=cfg.name, dataset=cfg.dataset, method="baseline", lr=0.1,
+        milestones=tuple(milestones), gamma=cfg.gamma, momentum=cfg.momentum, augment=augment,
+        probe_size=args.probe_size or args.batch_size,
+        track_groups=cfg.track_groups or args.label_noise > 0,
     )
-    base = replace(base, **_noise_fields(cfg, args))
-    batch_lrs = getattr(args, "batch_lrs", None)
+    batch_lrs = args.batch_lrs
     if batch_lrs is not None and len(batch_lrs) != len(batch_sizes):
         raise ValueError(f"--batch-lrs needs one learning rate per batch size {batch_sizes}, "
                          f"got {batch_lrs}")
@@ -389,17 +321,9 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
     return specs
 
 
-def _noise_fields(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """RunSpec fields of the large-batch noise options (empty when none is set)."""
-    keys = {"small_batch_size": cfg.small_batch_size, "noise_fisher": cfg.noise_fisher,
-            "noise_every": cfg.noise_every, "ghost_batch_size": cfg.ghost_batch_size,
-            "log_every_update": cfg.log_every_update}
-    return {k: getattr(args, k, default) for k, default in keys.items()}
-
-
 def _scaled_lr(lr: float, batch_size: int, args: argparse.Namespace) -> float:
     """``lr`` scaled to ``batch_size`` by ``--lr-scaling`` (capped at ``--lr-cap``)."""
-    scaling = getattr(args, "lr_scaling", "none")
+    scaling = args.lr_scaling
     if scaling == "none":
         return lr
     ratio = batch_size / args.lr_base_batch
@@ -545,7 +469,7 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
         specs = make_specs(cfg, args)
     except ValueError as e:  # options that are valid alone but not together
         parser.error(str(e))
-    root = Path(args.out or Path("runs") / cfg.name)
+    root = Path(args.out)
     print(f"{cfg.name}: {len(specs)} run(s) -> {root}")
     for s in specs:
         print(f"  {s.name}")
@@ -561,16 +485,15 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = harness.resolve_device(args.device)
-    data_root = args.data_root or os.environ.get("FISHER_OPTIM_DATA") or "data"
     t0 = time.perf_counter()
     data = harness.prepare_data(
-        cfg.dataset, data_root, val_size=args.val_size, train_subset=args.train_subset,
-        test_subset=args.test_subset, split_seed=args.split_seed, label_noise=args.noise,
+        cfg.dataset, args.data_root, val_size=args.val_size, train_subset=args.train_subset,
+        test_subset=args.test_subset, split_seed=args.split_seed, label_noise=args.label_noise,
     ).to(device)
     val_n = 0 if data.val is None else len(data.val)
     print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on {device} "
           f"({time.perf_counter() - t0:.1f}s)")
-    deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+    deadline = runner.deadline_after(args.time_limit)
     results = harness.run_many(specs, data, root, device=device, resume=args.resume,
                                extend=args.extend, progress=not args.no_progress, deadline=deadline)
     summaries = {s["name"]: s for s in results}
@@ -578,8 +501,8 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
         specs)
     rows = aggregate(specs, summaries)
     root.mkdir(parents=True, exist_ok=True)
-    harness._write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
-                                                "args": vars(args)})
+    runner.write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
+                                              "args": vars(args)})
     table = results_table(rows)
     (root / "results.md").write_text(table + "\n")
     print(table)
@@ -589,19 +512,6 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
             print(f"figure: {fig}")
     print(f"total {time.perf_counter() - t0:.1f}s")
     if interrupted:
-        print("stopped by --time-limit: rerun the same command with --resume to continue")
-        return 3
+        print(runner.STOPPED)
+        return runner.EXIT_INTERRUPTED
     return 0
-
-
-def _spike_factor(text: str) -> float | None:
-    """``--spike-factor``: a number > 1, or "none"."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 1):
-        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {text!r}")
-    return value

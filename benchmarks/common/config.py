@@ -31,11 +31,21 @@ Conventions (all configurable from the command line):
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from benchmarks.common.models import INITS
+from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
+from benchmarks.common.models import INITS, MODELS
+from benchmarks.common.options import option
+from fisher_optim._cli import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
 PENALTY_OF_METHOD: dict[str, str | None] = {
@@ -56,13 +66,10 @@ NOISE_OF_METHOD: dict[str, str] = {
     "noise_full": "full",
 }
 METHODS = tuple(PENALTY_OF_METHOD)
-#: Run statuses of a finished run (an "interrupted" one resumes with ``--resume``).
-FINISHED = ("complete", "diverged")
 #: Methods whose hyper-parameter ``alpha`` is tuned (mixup's is the Beta parameter β).
 TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
 LOSS_THRESHOLDS = {"cifar10": 1.2, "cifar100": 3.5, "tinyimagenet": 3.5}
-AUGMENT_MODES = ("none", "flip", "standard")
 LR_SCALINGS = ("none", "linear", "sqrt")
 NOISE_FISHERS = ("true", "empirical")
 
@@ -84,7 +91,10 @@ class ExperimentConfig:
     """One experiment of the paper, as a script declares it.
 
     Attributes mirror the paper's App. I.2 settings; ``default_*`` fields say what a plain
-    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings.
+    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings. A
+    field named after a command-line option (a :class:`RunSpec` or
+    :class:`~benchmarks.common.cli.SweepOptions` field: ``epochs``, ``batch_size``, ...) is
+    that option's default in this setting.
     """
 
     name: str
@@ -214,60 +224,134 @@ def vgg_milestones(epochs: int = 300, start: int = 80, every: int = 40) -> tuple
     return tuple(range(start, epochs, every))
 
 
+#: The ``--help`` sections of the experiments' options.
+WHAT, SETTING, NOISE, MEASURE = ("what to run", "training setting",
+                                 "large-batch noise (Wen et al., AISTATS 2020)", "measurements")
+
+
+def spike_factor_value(text: str) -> float | None:
+    """``--spike-factor``: a number > 1, or "none"."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 1):
+        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {text!r}")
+    return value
+
+
 @dataclass
 class RunSpec:
-    """Everything that defines one training run (saved in its ``config.json``)."""
+    """Everything that defines one training run (saved in its ``config.json``).
+
+    The fields made by :func:`~benchmarks.common.options.option` are also the command
+    line's options (:mod:`benchmarks.common.cli`; an experiment's ``ExperimentConfig``
+    field of the same name gives the default of its script)."""
 
     experiment: str
-    dataset: str
-    model: str
+    dataset: str = option(help="train on another data set than the paper's setting (its loss "
+                          "threshold ε follows unless --loss-threshold is given)",
+                          choices=("cifar10", "cifar100", "tinyimagenet"), group=SETTING)
+    model: str = option(help=f"network, of: {', '.join(sorted(MODELS))} (see "
+                        "benchmarks/common/models.py)", choices=sorted(MODELS), metavar="MODEL",
+                        group=SETTING)
     method: str
     lr: float
     alpha: float = 0.0
     seed: int = 0
-    epochs: int = 300
+    epochs: int = option(300, lambda cfg: f"epochs; the setting's LR milestones "
+                         f"{list(cfg.milestones)} (for {cfg.epochs} epochs) are scaled to it",
+                         type=positive_int, group=SETTING)
     milestones: tuple[int, ...] = (150, 225)
     gamma: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, "L2 weight decay of SGD", type=nonnegative_float,
+                                 group=SETTING)
     momentum: float = 0.9
-    batch_size: int = 128
+    batch_size: int = option(128, "mini-batch size", type=positive_int, group=SETTING)
     augment: str = "none"
-    every: int = 10
-    penalty_batch_size: int | None = None
-    fd_mode: str = "exact"
+    every: int = option(10, "recompute the penalty gradient every N steps", type=positive_int,
+                        metavar="N", group=SETTING)
+    penalty_batch_size: int | None = option(
+        None, "compute the penalty on the first N examples of the batch",
+        unset="the whole batch", type=positive_int, metavar="N", group=SETTING)
+    fd_mode: str = option("exact", "how FisherPenaltySGD computes the penalty gradient",
+                          choices=("exact", "finite_difference"), group=SETTING)
     fp_start_epoch: int = 1
-    label_noise: float = 0.0
-    probe_size: int = 128
-    trace_labels: str = "sample"
-    trace_every_steps: int = 0
-    loss_threshold: float = 1.2
-    bn_refresh_batches: int = 0
+    label_noise: float = option(0.0, "fraction of training labels replaced by random labels, "
+                                "in [0, 1]", flag="--noise", type=fraction, metavar="FRACTION",
+                                group=WHAT)
+    probe_size: int = option(128, "Tr(F) on the first N training examples",
+                             unset="the batch size", type=positive_int, metavar="N",
+                             group=MEASURE)
+    trace_labels: str = option("sample", "Tr(F) with sampled labels (fixed generator) or "
+                               "summed over classes", choices=("sample", "exact"),
+                               group=MEASURE)
+    trace_every_steps: int = option(0, "also measure Tr(F) every N steps (finer Tr(F_i)); 0: "
+                                    "per epoch", type=nonnegative_int, metavar="N",
+                                    group=MEASURE)
+    loss_threshold: float = option(1.2, "ε of Tr(F_i): the Tr(F) of the first measurement "
+                                   "whose training loss is below ε", type=positive_float,
+                                   group=MEASURE)
+    bn_refresh_batches: int = option(0, "re-estimate BatchNorm statistics on N train batches "
+                                     "before evaluating (0: keep the running statistics)",
+                                     type=nonnegative_int, metavar="N", group=SETTING)
     eval_batch_size: int = 500
-    eval_train: bool = False
+    eval_train: bool = option(False, lambda cfg: "also evaluate the whole training set every "
+                              "epoch (eval mode)" + (" (default: on in this setting)"
+                                                     if cfg.eval_train else ""),
+                              action="store_true", group=MEASURE)
     track_groups: bool = False
-    group_probe_size: int = 1000
+    group_probe_size: int = option(1000, "examples for clean/noisy gradient norms (label-noise "
+                                   "runs)", type=positive_int, metavar="N", group=MEASURE)
     # Noise experiments (defaults: absent from to_dict(), so older runs keep their config).
-    small_batch_size: int = 128
-    noise_fisher: str = "empirical"
-    noise_every: int = 1
-    ghost_batch_size: int = 0
-    log_every_update: bool = False
+    small_batch_size: int = option(128, "M_S: the small batch whose gradient noise the noise_* "
+                                   "methods imitate (they run only at batch sizes above it)",
+                                   type=positive_int, group=NOISE)
+    noise_fisher: str = option("empirical", "noise_*: empirical Fisher (true labels, the paper) "
+                               "or true Fisher (labels sampled from the model)",
+                               flag="--fisher", choices=NOISE_FISHERS, group=NOISE)
+    noise_every: int = option(1, "noise_trace/noise_diag: re-estimate the Fisher every N steps "
+                              "(1: every step, the paper; noise_full always uses 1)",
+                              type=positive_int, metavar="N", group=NOISE)
+    ghost_batch_size: int = option(0, "Ghost BatchNorm with this virtual batch for runs with a "
+                                   "larger batch (0: plain BatchNorm)", type=nonnegative_int,
+                                   group=NOISE)
+    log_every_update: bool = option(False, "write train_curve.jsonl: loss and error of every "
+                                    "update's batch", action=argparse.BooleanOptionalAction,
+                                    group=NOISE)
     #: Evaluate the test set (and, with label noise, the training set) every N epochs, at
     #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
     #: 0: at the last epoch only, and once more at the end on a copy of the weights of the
     #: best validation epoch (kept in memory and in the checkpoint): the same numbers, with
     #: one test pass instead of one per new best.
-    test_every: int = 1
+    test_every: int = option(1, "evaluate test (and noisy-train) accuracy every N epochs, at "
+                             "the last epoch and at each new best validation accuracy; 0: at "
+                             "the last epoch, plus once at the end on the kept best-validation "
+                             "weights (the same test@best-val, one test pass per run)",
+                             type=nonnegative_int, metavar="N", group=MEASURE)
     #: Measure validation accuracy and the epoch's Tr(F) probe every N epochs (and at the
     #: last epoch); 1: every epoch. Model selection sees only the measured epochs.
-    val_every: int = 1
+    val_every: int = option(1, "measure validation accuracy and the epoch's Tr(F) every N "
+                            "epochs and at the last epoch (model selection sees only those "
+                            "epochs)", type=positive_int, metavar="N", group=MEASURE)
     #: FisherPenaltySGD's spike safeguard factor (None: off, the paper's algorithm; runs
-    #: made before the safeguard existed read as None).
-    spike_factor: float | None = None
+    #: made before the safeguard existed read as None; the command line's default is 4).
+    spike_factor: float | None = option(
+        None, "FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over this many "
+        "times the running median norm is scaled down to that bound and used for one step "
+        "only; 'none' turns it off (the paper's FP)", type=spike_factor_value, metavar="F",
+        group=MEASURE)
     #: FisherPenaltySGD's ``guard_early``: the first refreshes (no median yet) are used once.
-    guard_early: bool = False
+    guard_early: bool = option(False, "FisherPenaltySGD(guard_early=True): the first 5 "
+                               "refreshes, before a median exists, are each used for one step "
+                               "only", action="store_true", group=MEASURE)
     #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
-    init: str = "kaiming"
+    init: str = option("kaiming", "initialisation of the conv and linear layers: kaiming (the "
+                       "models' own), torch (PyTorch's layer default) or glorot (Keras's "
+                       "default); the paper does not state its own, and the scale of Tr(F) "
+                       "depends on it", choices=INITS, group=SETTING)
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:

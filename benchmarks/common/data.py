@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
+    "AUGMENTATIONS",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
@@ -63,7 +64,9 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_tinyimagenet",
+    "make_batch",
     "normalize",
+    "shuffled_order",
     "split_indices",
     "split_validation",
     "subset",
@@ -728,6 +731,16 @@ class ImageDataset:
         """Move images and labels to ``device``."""
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
+    def batch(
+        self,
+        idx: torch.Tensor | slice,
+        augment: str | bool = "none",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The normalised float inputs of the examples ``idx`` (:func:`make_batch`)."""
+        return make_batch(self.images, idx, augment=augment, generator=generator,
+                          mean=self.mean, std=self.std)
+
     def loader(self, batch_size: int, **kwargs) -> BatchLoader:
         """A :class:`BatchLoader` over this dataset normalised with its ``mean``/``std``."""
         return BatchLoader.from_dataset(self, batch_size, **kwargs)
@@ -807,6 +820,41 @@ def augment_batch(
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+#: Augmentations of a training batch: none, horizontal flip, or random crop and flip.
+AUGMENTATIONS = ("none", "flip", "standard")
+
+
+def make_batch(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    augment: str | bool = "none",
+    generator: torch.Generator | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The float batch of the uint8 ``images[idx]``: augmented (``augment`` one of
+    :data:`AUGMENTATIONS`; ``True`` is ``"standard"``, ``False`` ``"none"``) with random
+    numbers from ``generator``, then normalised (:func:`normalize`). The one batching path
+    of every benchmark loop (:func:`iterate_batches` and the harness's steps)."""
+    mode = {True: "standard", False: "none"}.get(augment, augment)
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    xb = images[idx]
+    if mode != "none":
+        xb = augment_batch(xb, generator, crop=mode == "standard", flip=True)
+    return normalize(xb, mean, std)
+
+
+def shuffled_order(
+    n: int, generator: torch.Generator | None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """An epoch's order of ``n`` examples: a permutation drawn from ``generator`` (on its own
+    device), moved to ``device``."""
+    order = torch.randperm(n, generator=generator, device=_rand_device(generator))
+    return order if device is None else order.to(device)
+
+
 def iterate_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -831,18 +879,12 @@ def iterate_batches(
     dev = torch.device(device) if device is not None else images.device
     images, labels = images.to(dev), labels.to(dev)
     n = images.shape[0]
-    if shuffle:
-        order = torch.randperm(n, generator=generator, device=_rand_device(generator)).to(dev)
-    else:
-        order = torch.arange(n, device=dev)
+    order = shuffled_order(n, generator, dev) if shuffle else torch.arange(n, device=dev)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         if drop_last and idx.numel() < batch_size:
             break
-        xb = images[idx]
-        if augment:
-            xb = augment_batch(xb, generator)
-        xb = normalize(xb, mean, std)
+        xb = make_batch(images, idx, augment=augment, generator=generator, mean=mean, std=std)
         yield (xb, labels[idx], idx) if return_indices else (xb, labels[idx])
 
 

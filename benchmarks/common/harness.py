@@ -48,7 +48,6 @@ Measurement choices:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -65,9 +64,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from benchmarks.common import runner
 from benchmarks.common.config import RunSpec
-from benchmarks.common.data import ImageDataset, augment_batch, load_dataset, normalize
+from benchmarks.common.data import ImageDataset, load_dataset, shuffled_order
 from benchmarks.common.models import build_model
+from benchmarks.common.runner import (
+    COMPLETE,
+    DIVERGED,
+    INTERRUPTED,
+    RunFolder,
+    load_summary,
+    write_jsonl,
+)
 from fisher_optim import FisherPenaltySGD
 from fisher_optim.fisher_noise_sgd import FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import WEIGHT_KEY
@@ -88,11 +96,10 @@ __all__ = [
 
 #: Log fields that measure time (they differ between otherwise identical runs).
 TIME_KEYS = ("epoch_time", "train_time", "eval_time", "images_per_s", "wall_time")
-CHECKPOINT = "checkpoint.pt"
-SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 TRACE = "trace.jsonl"
 TRAIN_CURVE = "train_curve.jsonl"
+REFRESHES = "refreshes.jsonl"
 
 
 # --------------------------------------------------------------------------------------
@@ -176,16 +183,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _to_float(ds: ImageDataset, images: Tensor) -> Tensor:
-    return normalize(images, ds.mean, ds.std)
-
-
-def _augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
-    if mode == "none":
-        return images
-    return augment_batch(images, generator, crop=mode == "standard", flip=True)
-
-
 # --------------------------------------------------------------------------------------
 # Evaluation helpers
 # --------------------------------------------------------------------------------------
@@ -200,7 +197,7 @@ def evaluate(
     model.eval()
     total, correct = 0.0, []
     for start in range(0, len(ds), batch_size):
-        x = _to_float(ds, ds.images[start : start + batch_size])
+        x = ds.batch(slice(start, start + batch_size))
         y = ds.labels[start : start + batch_size]
         out = model(x)
         total += float(F.cross_entropy(out, y, reduction="sum"))
@@ -375,12 +372,6 @@ def schedule_change_error(old: dict[str, Any], new: dict[str, Any], epochs_done:
     return None
 
 
-def load_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``summary.json`` of a finished run, or None."""
-    path = Path(run_dir) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def select_best(summaries: Sequence[dict[str, Any]], key: str = "best_val_acc") -> dict[str, Any]:
     """The run with the highest validation accuracy (ties: the smaller α).
 
@@ -421,23 +412,16 @@ def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class _Run:
-    """State of one training run (kept in one object so it checkpoints as a whole)."""
+    """State of one training run (kept in one object so it checkpoints as a whole), a
+    :class:`~benchmarks.common.runner.Trainable`."""
 
-    def __init__(self, spec: RunSpec, data: DataBundle, out: Path, device: torch.device) -> None:
+    def __init__(self, spec: RunSpec, data: DataBundle, out: Path, device: torch.device, *,
+                 extend: bool = False, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
         self.spec, self.data, self.out, self.device = spec, data, out, device
+        #: ``--extend`` (continue a checkpoint on a longer schedule), the tqdm bar, the log.
+        self.extend, self.progress, self.log = extend, progress, log
         torch.manual_seed(spec.seed)
         ds = data.train
         self.model = build_model(spec.model, ds.num_classes, spec.init).to(device)
@@ -461,7 +445,7 @@ class _Run:
         self.updates: list[dict[str, Any]] = []
         self.noise_norms: list[float] = []
         n_probe = min(spec.probe_size, len(ds))
-        self.probe_x = _to_float(ds, ds.images[:n_probe])
+        self.probe_x = ds.batch(slice(0, n_probe))
         self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
         #: One record per FisherPenaltySGD refresh (``refreshes.jsonl``).
         self.refresh_log: list[dict[str, Any]] = []
@@ -469,16 +453,14 @@ class _Run:
         self.best_state: tuple[int, dict[str, Tensor]] | None = None
 
     # ---------------------------------------------------------------- checkpoint
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec.to_dict(),
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "gen": self.gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **runner.random_state(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "perm": self.perm,
@@ -492,28 +474,23 @@ class _Run:
             **({"noise_norms": self.noise_norms} if self.spec.noise_covariance else {}),
         }
 
-    def save(self) -> None:
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+    def resume_error(self, saved: dict[str, Any]) -> str | None:
+        why = schedule_change_error(saved["spec"], self.spec.to_dict(), saved["epoch"])
+        if why is None and not self.extend:
+            why = "only its schedule differs: continue it on the new one with --extend"
+        return why
 
-    def load(self, path: Path, extend: bool = False) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=False)
-        if st["spec"] != self.spec.to_dict():
-            why = schedule_change_error(st["spec"], self.spec.to_dict(), st["epoch"])
-            if why is None and not extend:
-                why = "only its schedule differs: continue it on the new one with --extend"
-            if why is not None:
-                raise ValueError(f"{path} belongs to a different run configuration ({why})")
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step_in_epoch}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.sched.milestones = Counter(self.spec.milestones)  # the new schedule (--extend)
         self.gen.set_state(st["gen"].cpu())
         self.mix_rng.bit_generator.state = st["mix_rng"]
-        torch.set_rng_state(st["torch_rng"].cpu())
-        if st["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda_rng"]])
+        runner.set_random_state(st)
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.perm = None if st["perm"] is None else st["perm"].to(self.device)
         self.sums, self.global_step = dict(st["sums"]), st["global_step"]
@@ -532,10 +509,10 @@ class _Run:
 
         def batches() -> Iterator[Tensor]:
             g = torch.Generator(device=self.device).manual_seed(self.spec.seed + 30_011)
-            perm = torch.randperm(len(ds), generator=g, device=self.device)
+            perm = shuffled_order(len(ds), g)
             for i in range(min(k, math.ceil(len(ds) / bs))):
                 idx = perm[i * bs : (i + 1) * bs]
-                yield _to_float(ds, _augment(ds.images[idx], self.spec.augment, g))
+                yield ds.batch(idx, self.spec.augment, g)
 
         return batches
 
@@ -619,7 +596,7 @@ class _Run:
             rec["noise_refreshes"] = getattr(self.opt, "refreshes", None)
         if spec.track_groups and data.noisy is not None:
             idx = self.group_idx
-            x = _to_float(data.train, data.train.images[idx])
+            x = data.train.batch(idx)
             rec.update(_group_stats(model, x, data.train.labels[idx], data.noisy[idx]))
         rec["eval_time"] = time.perf_counter() - t0
         return rec
@@ -639,7 +616,7 @@ class _Run:
     def _step(self, idx: Tensor) -> float:
         """One training step on the examples ``idx``; returns its loss."""
         spec, ds, model = self.spec, self.data.train, self.model
-        x = _to_float(ds, _augment(ds.images[idx], spec.augment, self.gen))
+        x = ds.batch(idx, spec.augment, self.gen)
         y = ds.labels[idx]
         model.train()
         if spec.method == "mixup":
@@ -705,31 +682,35 @@ class _Run:
             return n // bs  # FisherNoiseSGD needs M_L > M_S: drop the small final batch
         return math.ceil(n / bs)
 
-    def train(self, deadline: float | None, progress: bool, write: Callable[[], None]) -> str:
-        """Train to the end. Returns the run's status: "complete", "interrupted" (stopped by
-        ``deadline``; resumable) or "diverged" (a non-finite training loss: the epoch is
-        logged up to that step and training stops, since the weights cannot recover)."""
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        """Train to the end, checkpointing after every epoch. Returns the run's status:
+        "complete", "interrupted" (``deadline`` passed, even mid-epoch; resumable) or
+        "diverged" (a non-finite training loss: the epoch is logged up to that step and
+        training stops, since the weights cannot recover)."""
         spec, ds = self.spec, self.data.train
         n, bs = len(ds), spec.batch_size
+        if not self.logs:  # epoch 0: the measurement at initialisation
+            self.logs.append({"epoch": 0, "lr": spec.lr, "alpha": spec.alpha,
+                              "train_loss": None, "train_acc": None, **self.measure()})
+        write_jsonl(self.out / METRICS, self.logs)
         steps = self._steps_per_epoch()
         steps_per_epoch = steps
         while self.epoch < spec.epochs:
             e = self.epoch + 1
             self._set_alpha(e)
             if self.perm is None:
-                self.perm = torch.randperm(n, generator=self.gen, device=self.gen.device)
-                self.perm = self.perm.to(ds.images.device)
+                self.perm = shuffled_order(n, self.gen, ds.images.device)
                 self.step_in_epoch = 0
                 self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
                 self.noise_norms = []
             wall0 = time.perf_counter() - self.sums.get("wall", 0.0)
             bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
-                            progress)
+                            self.progress)
             diverged = False
             while self.step_in_epoch < steps:
                 t0 = time.perf_counter()
                 s = self.step_in_epoch
-                diverged = not math.isfinite(self._step(self.perm[s * bs : (s + 1) * bs]))
+                diverged = runner.diverged(self._step(self.perm[s * bs : (s + 1) * bs]))
                 self.step_in_epoch += 1
                 self.sums["time"] += time.perf_counter() - t0
                 if bar is not None:
@@ -746,13 +727,11 @@ class _Run:
                     self.sums["win_loss"], self.sums["win_n"] = 0.0, 0
                 if diverged:
                     break
-                if (deadline is not None and _clock() > deadline
-                        and self.step_in_epoch < steps):
+                if runner.past(deadline) and self.step_in_epoch < steps:
                     if bar is not None:
                         bar.close()
                     self.sums["wall"] = time.perf_counter() - wall0
-                    self.save()
-                    return "interrupted"
+                    return INTERRUPTED
             if bar is not None:
                 bar.close()
             train_time = self.sums["time"]
@@ -774,22 +753,45 @@ class _Run:
             self.sched.step()
             self.logs.append(rec)
             self.epoch, self.perm, self.step_in_epoch = e, None, 0
-            self.save()
-            write()
+            self.write_logs()
             if diverged:
-                return "diverged"
-            if deadline is not None and _clock() > deadline and self.epoch < spec.epochs:
-                return "interrupted"
-        return "complete"
+                checkpoint()
+                return DIVERGED
+            if runner.past(deadline) and self.epoch < spec.epochs:
+                return INTERRUPTED
+            checkpoint()
+        return COMPLETE
+
+    def write_logs(self) -> None:
+        """Write the log files and print the last epoch's line."""
+        spec, out = self.spec, self.out
+        write_jsonl(out / METRICS, self.logs)
+        if self.traces:
+            write_jsonl(out / TRACE, self.traces)
+        if self.refresh_log:
+            write_jsonl(out / REFRESHES, self.refresh_log)
+        if spec.log_every_update:
+            write_jsonl(out / TRAIN_CURVE, self.updates)
+        if self.log:
+            r = self.logs[-1]
+            self.log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
+                     f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
+                     f"val {_fmt(r.get('val_acc'))} test {_fmt(r.get('test_acc'))} "
+                     f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
+                     f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
+
+    def summary(self, status: str) -> dict[str, Any]:
+        """Evaluate the kept best-validation weights (``test_every=0``) and summarize."""
+        self.test_best()
+        write_jsonl(self.out / METRICS, self.logs)
+        if status == DIVERGED and self.log:
+            self.log(f"[{self.spec.name}] diverged (non-finite training loss) at step "
+                     f"{self.logs[-1]['diverged_at_step']}; stopped")
+        return summarize(self.spec, self.logs, self.traces, status)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
-
-
-def _clock() -> float:
-    """The clock deadlines are compared with (``time.monotonic``; patchable in tests)."""
-    return time.monotonic()
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -812,7 +814,8 @@ def train_run(
     deadline: float | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Train one run and write its files in ``out_dir`` (see the module doc).
+    """Train one run and write its files in ``out_dir`` (see the module doc), by
+    :func:`benchmarks.common.runner.execute`.
 
     Args:
         spec: the run.
@@ -823,70 +826,31 @@ def train_run(
             (``epochs``, ``milestones``; see :func:`schedule_change_error`) continues on
             ``spec``'s, finished or not: a run is lengthened without retraining its epochs.
         progress: a tqdm bar per epoch (only when stderr is a terminal).
-        deadline: a ``time.monotonic()`` value; past it the run checkpoints (even mid-epoch)
-            and returns ``{"status": "interrupted", ...}``: rerun with ``resume=True``.
+        deadline: a :func:`benchmarks.common.runner.clock` value; past it the run
+            checkpoints (even mid-epoch) and returns ``{"status": "interrupted", ...}``:
+            rerun with ``resume=True``.
         log: where one line per epoch is printed (None: silent).
 
     Returns:
         The summary (also written to ``summary.json``), :func:`summarize`.
     """
     device = torch.device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume = resume or extend
-    if resume:
-        done = load_summary(out)
-        if done is not None and done.get("spec") == spec.to_dict():
-            return done
-    (out / SUMMARY).unlink(missing_ok=True)
+    folder = RunFolder(out_dir, spec.to_dict(), key="spec")
     if data.train.images.device != device:
         data = data.to(device)
-    run = _Run(spec, data, out, device)
-    ckpt = out / CHECKPOINT
-    _write_json(out / "config.json", spec.to_dict())
-    if data.noisy is not None:
-        torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
-                    "labels": data.train.labels.cpu()}, out / "noise.pt")
-    if resume and ckpt.is_file():
-        run.load(ckpt, extend=extend)
-        if log:
-            log(f"[{spec.name}] resumed at epoch {run.epoch} step {run.step_in_epoch}")
-    if not run.logs:  # epoch 0: the measurement at initialisation
-        run.logs.append({"epoch": 0, "lr": spec.lr, "alpha": spec.alpha, "train_loss": None,
-                         "train_acc": None, **run.measure()})
 
-    def write() -> None:
-        _write_jsonl(out / METRICS, run.logs)
-        if run.traces:
-            _write_jsonl(out / TRACE, run.traces)
-        if run.refresh_log:
-            _write_jsonl(out / "refreshes.jsonl", run.refresh_log)
-        if spec.log_every_update:
-            _write_jsonl(out / TRAIN_CURVE, run.updates)
-        if log:
-            r = run.logs[-1]
-            log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
-                f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
-                f"val {_fmt(r.get('val_acc'))} test {_fmt(r.get('test_acc'))} "
-                f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
-                f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
+    def start() -> _Run:
+        run = _Run(spec, data, folder.path, device, extend=extend, progress=progress, log=log)
+        if data.noisy is not None:
+            torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
+                        "labels": data.train.labels.cpu()}, folder.path / "noise.pt")
+        return run
 
-    _write_jsonl(out / METRICS, run.logs)
-    status = run.train(deadline, progress, write)
-    if status == "interrupted":
-        if log:
-            log(f"[{spec.name}] time limit: checkpointed at epoch {run.epoch} step "
-                f"{run.step_in_epoch}; rerun with --resume to continue")
-        return {"name": spec.name, "spec": spec.to_dict(), "status": "interrupted",
-                "epochs_done": run.epoch}
-    run.test_best()
-    _write_jsonl(out / METRICS, run.logs)
-    summary = summarize(spec, run.logs, run.traces, status)
-    if status == "diverged" and log:
-        log(f"[{spec.name}] diverged (non-finite training loss) at step "
-            f"{run.logs[-1]['diverged_at_step']}; stopped")
-    _write_json(out / SUMMARY, summary)
-    return summary
+    out = runner.execute(folder, start, resume=resume or extend, deadline=deadline,
+                         map_location=device, name=spec.name, log=log)
+    if out["status"] == INTERRUPTED:
+        out["epochs_done"] = out["epoch"]
+    return out
 
 
 def run_many(
@@ -897,10 +861,8 @@ def run_many(
 ) -> list[dict[str, Any]]:
     """Train ``specs`` one after the other into ``root/<spec.name>``; stops at the first
     interrupted run (time limit). Uses the module-level :func:`train_run` (patchable)."""
-    out = []
-    for spec in specs:
-        s = train_run(spec, data, Path(root) / spec.name, **kwargs)
-        out.append(s)
-        if s.get("status") == "interrupted":
-            break
-    return out
+    results, _ = runner.sweep(
+        lambda spec=spec: train_run(spec, data, Path(root) / spec.name, **kwargs)
+        for spec in specs
+    )
+    return results

@@ -25,7 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter"]
+__all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter",
+           "save_figure"]
 
 _LABEL_FIELDS = ("method", "lr", "alpha", "batch_size", "fp_start_epoch", "augment",
                  "label_noise", "seed", "model")
@@ -90,10 +91,10 @@ def plot_runs(
     ax_acc.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
-def _save(fig: Any, out_png: str | os.PathLike) -> Path:
+def save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
     """Lay out, write (creating the folder) and close a figure."""
     fig.tight_layout()
     out = Path(out_png)
@@ -124,7 +125,7 @@ def plot_trace_scatter(
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,307 @@
+"""One run's folder and life cycle, shared by every benchmark training loop.
+
+A run lives in its own folder (:class:`RunFolder`): ``config.json`` (what determines its
+numbers), its logs, ``checkpoint.pt`` while it is unfinished and ``summary.json`` once it is
+finished. Every file is written atomically (a temporary file, then ``os.replace``), so a run
+killed at any moment leaves either the old file or the new one.
+
+:func:`execute` is the life cycle every loop shares:
+
+1. with ``resume``, a run whose ``summary.json`` was made with the same configuration is
+   finished: its summary is returned and nothing is trained (skip-if-finished);
+2. otherwise the run starts, or, with ``resume`` and a checkpoint of the same configuration,
+   continues from it (a checkpoint of another configuration is a ``ValueError``);
+3. the loop trains until it is done, diverges (a non-finite training loss, see
+   :func:`diverged`: the run stops, since its weights cannot recover, and is finished) or
+   the deadline passes (``--time-limit``): then it is checkpointed and "interrupted", and
+   the same command with ``--resume`` continues it (bitwise, on CPU).
+
+:func:`sweep` trains runs one after the other and stops at the first interrupted one;
+:data:`EXIT_INTERRUPTED` is the exit code of a command the time limit stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.common.options import option
+from fisher_optim._cli import positive_float, positive_int
+
+__all__ = [
+    "COMPLETE",
+    "DIVERGED",
+    "EXIT_INTERRUPTED",
+    "FINISHED",
+    "INTERRUPTED",
+    "STOPPED",
+    "RunFolder",
+    "RunningOptions",
+    "Trainable",
+    "clock",
+    "deadline_after",
+    "diverged",
+    "execute",
+    "load_summary",
+    "past",
+    "random_state",
+    "read_jsonl",
+    "set_random_state",
+    "sweep",
+    "write_json",
+    "write_jsonl",
+]
+
+COMPLETE, DIVERGED, INTERRUPTED = "complete", "diverged", "interrupted"
+#: Statuses of a finished run (an interrupted one continues with ``--resume``).
+FINISHED = (COMPLETE, DIVERGED)
+#: Exit code of a command stopped by ``--time-limit``.
+EXIT_INTERRUPTED = 3
+#: What such a command prints last.
+STOPPED = "stopped by --time-limit: rerun the same command with --resume to continue"
+CHECKPOINT, SUMMARY, CONFIG = "checkpoint.pt", "summary.json", "config.json"
+#: The ``--help`` section of :class:`RunningOptions`.
+RUNNING = "running"
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass
+class RunningOptions:
+    """The command-line options of running a script's runs, shared by every script (a
+    script sets its own ``out`` default)."""
+
+    out: str = option("runs", "output folder", group=RUNNING)
+    threads: int | None = option(None, "torch CPU threads", unset="torch's choice",
+                                 type=positive_int, metavar="N", group=RUNNING)
+    time_limit: float | None = option(
+        None, "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
+        f"{EXIT_INTERRUPTED}; the same command with --resume continues it", unset="no limit",
+        type=positive_float, metavar="MINUTES", group=RUNNING)
+    resume: bool = option(False, "continue interrupted runs from their checkpoints, skip "
+                          "finished ones", action="store_true", group=RUNNING)
+    no_plot: bool = option(False, "do not draw the figure", action="store_true",
+                           group=RUNNING)
+
+
+# ------------------------------------------------------------------------------ files
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON, atomically."""
+    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
+    """One JSON object per line, atomically."""
+    _atomic(Path(path), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a :func:`write_jsonl` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+# ------------------------------------------------------------------------------ time
+def clock() -> float:
+    """The clock deadlines are compared with (``time.monotonic``; patchable in tests)."""
+    return time.monotonic()
+
+
+def deadline_after(minutes: float | None) -> float | None:
+    """The :func:`clock` value ``minutes`` from now (None: no limit), for ``--time-limit``."""
+    return None if minutes is None else clock() + 60.0 * minutes
+
+
+def past(deadline: float | None) -> bool:
+    """Whether ``deadline`` (a :func:`clock` value, or None: never) has passed."""
+    return deadline is not None and clock() > deadline
+
+
+def diverged(loss: float) -> bool:
+    """Whether a training loss shows the run diverged (NaN or infinite)."""
+    return not math.isfinite(loss)
+
+
+def random_state() -> dict[str, Any]:
+    """torch's global random states (CPU and CUDA), for a checkpoint."""
+    import torch
+
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Restore :func:`random_state` (a checkpoint without CUDA states leaves them alone)."""
+    import torch
+
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+# ------------------------------------------------------------------------------ a run
+class RunFolder:
+    """The folder of one run whose numbers are determined by ``config`` (a JSON-ready dict).
+
+    ``key`` is the name under which the summary and the checkpoint record the configuration
+    (``"spec"`` for the image experiments, ``"config"`` elsewhere). With ``stem``, several
+    runs share the folder: the run's summary is ``<stem>.json`` and its checkpoint
+    ``<stem>.pt`` (and the summary is where its configuration is recorded), else they are
+    ``summary.json``, ``checkpoint.pt`` and ``config.json``.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], key: str = "config",
+                 stem: str | None = None):
+        self.path, self.config, self.key, self.stem = Path(path), config, key, stem
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / (CHECKPOINT if self.stem is None else f"{self.stem}.pt")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / (SUMMARY if self.stem is None else f"{self.stem}.json")
+
+    def finished(self) -> dict[str, Any] | None:
+        """The summary of this run if it finished with this configuration, else None."""
+        done = _read_json(self.summary_path)
+        return done if done is not None and done.get(self.key) == self.config else None
+
+    def start(self) -> None:
+        """Forget a previous summary and record the configuration."""
+        self.summary_path.unlink(missing_ok=True)
+        if self.stem is None:
+            write_json(self.path / CONFIG, self.config)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.path / name, obj)
+
+    def write_jsonl(self, name: str, records: Sequence[dict[str, Any]]) -> None:
+        write_jsonl(self.path / name, records)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint (``state`` records the configuration under ``key``)."""
+        import torch
+
+        _atomic(self.checkpoint_path, lambda tmp: torch.save({self.key: self.config, **state},
+                                                             tmp))
+
+    def load(self, map_location: Any = None) -> dict[str, Any] | None:
+        """The checkpoint, or None if there is none."""
+        import torch
+
+        if not self.checkpoint_path.is_file():
+            return None
+        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+
+
+def load_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished run, or None."""
+    return _read_json(Path(run_dir) / SUMMARY)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Trainable(Protocol):
+    """What :func:`execute` needs of a training loop."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that continues the run bitwise (model, optimizer, random states...)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+
+    def resume_error(self, saved: dict[str, Any]) -> str | None:
+        """Why checkpoint ``saved``, made with another configuration, cannot continue as
+        this run (None: it can)."""
+
+    def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
+        """Train to the end: :data:`COMPLETE`, :data:`DIVERGED` or :data:`INTERRUPTED`
+        (``deadline`` passed). ``checkpoint()`` saves the run (e.g. after every epoch)."""
+
+    def position(self) -> dict[str, int]:
+        """Where the run is (``{"epoch": 3, "step": 0}``), for the log and the result of an
+        interrupted run."""
+
+    def summary(self, status: str) -> dict[str, Any]:
+        """The summary of the finished run (``status`` is complete or diverged)."""
+
+
+def execute(
+    folder: RunFolder,
+    start: Callable[[], Trainable],
+    *,
+    resume: bool = False,
+    deadline: float | None = None,
+    keep_checkpoint: bool = True,
+    map_location: Any = None,
+    name: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train the run of ``folder`` (built by ``start()``) to its end: see the module doc.
+
+    Returns its summary (also in ``summary.json``), or ``{"status": "interrupted", key:
+    config, "name": name, **run.position()}`` when ``deadline`` stopped it (its checkpoint
+    is saved). With ``keep_checkpoint=False`` a finished run's checkpoint is removed.
+    """
+    name = name or folder.path.name
+    say = log or (lambda _: None)
+    if resume:
+        done = folder.finished()
+        if done is not None:
+            return done
+    folder.start()
+    run = start()
+    saved = folder.load(map_location) if resume else None
+    if saved is not None:
+        if saved[folder.key] != folder.config:
+            why = run.resume_error(saved)
+            if why is not None:
+                raise ValueError(f"{folder.checkpoint_path} belongs to a different run "
+                                 f"configuration ({why}); remove it or drop --resume")
+        run.load_state_dict(saved)
+        say(f"[{name}] resumed at {_where(run)}")
+
+    def checkpoint() -> None:
+        folder.save(run.state_dict())
+
+    status = run.train(deadline, checkpoint)
+    if status == INTERRUPTED:
+        checkpoint()
+        say(f"[{name}] time limit: checkpointed at {_where(run)}; rerun with --resume to "
+            "continue")
+        return {"name": name, folder.key: folder.config, "status": INTERRUPTED,
+                **run.position()}
+    summary = run.summary(status)
+    write_json(folder.summary_path, summary)
+    if not keep_checkpoint:
+        folder.checkpoint_path.unlink(missing_ok=True)
+    return summary
+
+
+def _where(run: Trainable) -> str:
+    return " ".join(f"{k} {v}" for k, v in run.position().items())
+
+
+def sweep(runs: Iterable[Callable[[], dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
+    """Call each run (a function returning an :func:`execute` result) in order, stopping at
+    the first interrupted one. Returns the results and whether every run finished."""
+    out = []
+    for run in runs:
+        out.append(run())
+        if out[-1].get("status") == INTERRUPTED:
+            return out, False
+    return out, True

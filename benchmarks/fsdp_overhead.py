@@ -1,0 +1,324 @@
+"""Step time and peak memory of the Fisher penalty under FSDP2, against plain FSDP2 training.
+
+Two ranks (gloo, CPU) train a small causal transformer (``ByteTransformerLM`` of
+``benchmarks/common/text.py``: GELU MLPs, LayerNorm) sharded with ``fully_shard`` per block
+and at the root, with SGD (momentum 0.9). Every variant trains its own copy of the same
+initial model on the same batch (each rank its half); the variants are timed side by side in
+one pair of processes (``--warmup`` untimed steps, then ``--rounds`` interleaved windows of
+``--window`` steps; the median, the slower rank's). Memory, per variant and rank: what is held
+between steps (parameter shards, momentum, the cached penalty gradient) and the peak of the
+tensor memory allocated during a refresh step above that (the torch profiler's memory
+timeline: activations, gradients, all-gathered blocks, the finite difference's copies).
+
+``--mp-error`` also measures what the finite difference does under
+``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (which
+``FisherPenaltySGD`` refuses): its relative error against the float32 exact penalty gradient of
+the unsharded model on the whole batch, with the same labels, at several steps and schemes.
+
+    OMP_NUM_THREADS=1 python benchmarks/fsdp_overhead.py --mp-error --output docs/fsdp_overhead_measured.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
+from benchmarks.overhead import interleaved_medians  # noqa: E402
+from fisher_optim import FisherPenaltySGD  # noqa: E402
+from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from fisher_optim._fsdp import local_shard  # noqa: E402
+from fisher_optim.engines import (  # noqa: E402
+    exact_penalty_gradient,
+    finite_difference_penalty_gradient,
+)
+from fisher_optim.penalty import Batch, PenaltyObjective  # noqa: E402
+
+WORLD = 2
+#: name -> FisherPenaltySGD keyword arguments (None: plain SGD on the sharded model).
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "fsdp_sgd": None,
+    "fp_fd_k10": {"every": 10},
+    "fp_fd_k10_forward": {"every": 10, "fd_scheme": "forward"},
+    "fp_fd_k1": {"every": 1},
+    "fp_fd_k1_forward": {"every": 1, "fd_scheme": "forward"},
+}
+MP_STEPS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+MP_SCHEMES = ("forward", "central", "guarded")
+
+
+def build(args: argparse.Namespace, mp_policy: Any = None) -> nn.Module:
+    """The transformer, seeded, ``fully_shard``-ed per block and at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = ByteTransformerLM(args.context, args.dim, args.layers, args.heads)
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    return fully_shard(model, **kwargs)
+
+
+def local_batch(args: argparse.Namespace, rank: int) -> torch.Tensor:
+    """This rank's half of the global batch of byte ids ``[2 · batch, context]``."""
+    ids = torch.randint(
+        VOCAB_SIZE, (WORLD * args.batch, args.context), generator=torch.Generator().manual_seed(1)
+    )
+    return ids[rank * args.batch : (rank + 1) * args.batch]
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1))
+
+
+def make_step(
+    model: nn.Module, kwargs: dict[str, Any] | None, ids: torch.Tensor
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    common = {"lr": 1e-3, "momentum": 0.9}
+    if kwargs is None:
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
+    else:
+        opt = FisherPenaltySGD(model, alpha=0.01, mode="finite_difference", **common, **kwargs)
+
+    def step() -> None:
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+
+    return step, opt
+
+
+def held_mib(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    """This rank's parameter shards, optimizer state and cached penalty gradient, in MiB."""
+    tensors = [local_shard(p) for p in model.parameters()]
+    tensors += [
+        local_shard(t)
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    ]
+    tensors += [local_shard(c) for c in getattr(opt, "_cache", None) or [] if c is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def step_peak_mib(step: Callable[[], None]) -> float:
+    """Peak of the tensor memory allocated during one call of ``step``, above the level at
+    its start: the running sum of the profiler's allocation (+) and free (−) events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+
+    def walk(nodes: list[Any]) -> Any:
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (n for n in walk(tree) if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns
+    )
+    level = peak = 0
+    for node in allocations:
+        level += node.extra_fields.alloc_size
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def measure_overhead(args: argparse.Namespace, rank: int) -> dict[str, dict[str, float]]:
+    ids = local_batch(args, rank)
+    memory = {}
+    for name, kwargs in VARIANTS.items():  # step 0 refreshes the penalty gradient
+        model = build(args)  # the same initial model (FSDP modules cannot be deep-copied)
+        step, opt = make_step(model, kwargs, ids)
+        peak = step_peak_mib(step)
+        memory[name] = {"peak_mib": peak, "held_mib": held_mib(model, opt)}
+    steps = {v: make_step(build(args), kw, ids)[0] for v, kw in VARIANTS.items()}
+    times = interleaved_medians(steps, args.window, args.rounds, args.warmup)
+    slowest = torch.tensor([times[v] for v in VARIANTS], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return {v: {"s_per_step": float(t), **memory[v]} for v, t in zip(VARIANTS, slowest)}
+
+
+def measure_mp_error(args: argparse.Namespace, rank: int) -> dict[str, float]:
+    """``{"<scheme> <c>": relative error}`` of the bf16-compute finite difference against the
+    float32 exact gradient of the unsharded model (and the float32 default, for reference)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    ids = local_batch(args, rank)
+    whole = torch.cat([local_batch(args, r) for r in range(WORLD)])
+    torch.manual_seed(0)  # the initialisation of build()
+    reference = ByteTransformerLM(args.context, args.dim, args.layers, args.heads)
+    with torch.no_grad():  # labels drawn once from the float32 model, shared by every run
+        logits = reference(whole).reshape(-1, VOCAB_SIZE)
+        labels = torch.multinomial(
+            logits.softmax(-1), 1, generator=torch.Generator().manual_seed(2)
+        )
+    labels = labels.squeeze(1)
+    rows = args.batch * args.context
+
+    def objective(model: nn.Module, inputs: torch.Tensor, lab: torch.Tensor) -> PenaltyObjective:
+        obj = PenaltyObjective(model, Batch((inputs,)))
+        obj.labels = lab
+        return obj
+
+    exact = exact_penalty_gradient(objective(reference, whole, labels)).grads
+    exact_flat = torch.cat([g.flatten() for g in exact]).double()
+    mine = labels[rank * rows : (rank + 1) * rows]
+    out = {}
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    runs = [("float32 default", None, None, None)]
+    runs += [(f"bf16 {s} {c:g}", bf16, s, c) for s in MP_SCHEMES for c in MP_STEPS]
+    for key, policy, scheme, c in runs:
+        model = build(args, policy)
+        params = list(model.parameters())
+        theta = sum(float(local_shard(p).detach().double().pow(2).sum()) for p in params)
+        theta_t = torch.tensor(theta, dtype=torch.float64)
+        dist.all_reduce(theta_t)
+        step = None if c is None else c * max(1.0, float(theta_t.sqrt()))
+        with mock.patch("fisher_optim.engines.compute_dtypes", lambda m: set()):
+            grads = finite_difference_penalty_gradient(objective(model, ids, mine), step, scheme)
+        fd = torch.cat([g.full_tensor().flatten() for g in grads.grads]).double()
+        out[key] = float((fd - exact_flat).norm() / exact_flat.norm())
+    return out
+
+
+def worker(rank: int, init_file: str, out_dir: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results: dict[str, Any] = {"overhead": measure_overhead(args, rank)}
+        if args.mp_error:
+            results["mp_error"] = measure_mp_error(args, rank)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "results.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    rows = results["overhead"]
+    plain = rows["fsdp_sgd"]
+    lines = [
+        f"FSDP2, 2 ranks (gloo, CPU, {args.threads} thread(s) each), ByteTransformerLM "
+        f"(layers {args.layers}, dim {args.dim}, heads {args.heads}, context {args.context}), "
+        f"batch {args.batch} per rank; median of {args.rounds} interleaved windows of "
+        f"{args.window} steps. Memory per rank: held between steps, and the peak allocated "
+        "during a refresh step above it.",
+        "",
+        "| variant | ms/step | × FSDP2 SGD | held MiB | step peak MiB | × FSDP2 SGD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {1e3 * r['s_per_step']:.1f} | {r['s_per_step'] / plain['s_per_step']:.2f} "
+            f"| {r['held_mib']:.2f} | {r['peak_mib']:.2f} | {r['peak_mib'] / plain['peak_mib']:.2f} |"
+        )
+    if "mp_error" in results:
+        lines += [
+            "",
+            "Relative error of the finite-difference penalty gradient against the "
+            "float32 exact one (unsharded, same labels):",
+            "",
+            "| passes | scheme | relative step c | relative error |",
+            "|---|---|---|---|",
+        ]
+        for key, err in results["mp_error"].items():
+            parts = key.split()
+            if parts[0] == "float32":
+                lines.append(f"| float32 (no policy) | default | default | {err:.2e} |")
+            else:
+                lines.append(f"| bf16 params, fp32 reduce | {parts[1]} | {parts[2]} | {err:.2e} |")
+    lines += ["", f"Produced by `{command}` (torch {torch.__version__})."]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every value is range-checked (a bad one is an argparse error)."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/fsdp_overhead.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--layers", type=positive_int, default=4, help="transformer blocks")
+    parser.add_argument("--dim", type=positive_int, default=128, help="model width")
+    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    parser.add_argument("--context", type=positive_int, default=64, help="sequence length")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences per rank")
+    parser.add_argument(
+        "--window", type=positive_int, default=10, metavar="STEPS", help="steps per timed window"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="interleaved rounds; the median window is reported",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=nonnegative_int,
+        default=3,
+        metavar="STEPS",
+        help="untimed steps of each variant before the rounds",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--mp-error",
+        action="store_true",
+        help="also measure the finite difference under a bf16 MixedPrecisionPolicy",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the tables (Markdown) to FILE (default: print only)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the results to this JSON file (default: print only)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.dim % args.heads:
+        build_parser().error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads})")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(str(Path(tmp) / "init"), tmp, args), nprocs=WORLD, join=True)
+        results = torch.load(Path(tmp) / "results.pt", weights_only=False)
+    command = " ".join(
+        ["python benchmarks/fsdp_overhead.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    text = tables(results, args, command)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"command": command, "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""benchmarks/common/runner.py: one run's folder and life cycle (skip-if-finished, resume,
+time limit, divergence, atomic writes) on a toy counting run, and benchmarks/common/options.py
+(an option is one dataclass field)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+runner = importlib.import_module("benchmarks.common.runner")
+options = importlib.import_module("benchmarks.common.options")
+
+
+class Count:
+    """Adds 1 per step to a total until ``steps``; the loss of step ``nan_at`` is NaN."""
+
+    def __init__(self, steps: int, nan_at: int | None = None) -> None:
+        self.steps, self.nan_at, self.step, self.seen = steps, nan_at, 0, []
+
+    def state_dict(self):
+        return {"step": self.step, "seen": list(self.seen)}
+
+    def load_state_dict(self, st):
+        self.step, self.seen = st["step"], st["seen"]
+
+    def resume_error(self, saved):
+        return "another count"
+
+    def position(self):
+        return {"step": self.step}
+
+    def train(self, deadline, checkpoint):
+        while self.step < self.steps:
+            if runner.past(deadline):
+                return runner.INTERRUPTED
+            self.step += 1
+            if runner.diverged(math.nan if self.step == self.nan_at else 1.0):
+                return runner.DIVERGED
+            self.seen.append(self.step)
+            checkpoint()
+        return runner.COMPLETE
+
+    def summary(self, status):
+        return {"status": status, "config": {"steps": self.steps}, "seen": self.seen}
+
+
+def test_atomic_writes_leave_no_temporary_file(tmp_path):
+    runner.write_json(tmp_path / "a.json", {"x": [1, 2]})
+    runner.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}, {"y": None}])
+    assert runner.read_jsonl(tmp_path / "b.jsonl") == [{"x": 1}, {"y": None}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
+
+
+def test_deadline(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(runner, "clock", lambda: now[0])
+    assert runner.deadline_after(None) is None and not runner.past(None)
+    deadline = runner.deadline_after(0.5)
+    assert deadline == 130.0 and not runner.past(deadline)
+    now[0] = 130.5
+    assert runner.past(deadline)
+
+
+def test_interrupt_resume_skip_and_restart(tmp_path, monkeypatch):
+    folder = runner.RunFolder(tmp_path / "r", {"steps": 5})
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(runner, "clock", lambda: 10.0 * next(ticks))  # past 25 at step 3
+    out = runner.execute(folder, lambda: Count(5), deadline=25.0, log=None)
+    monkeypatch.undo()
+    assert out == {"name": "r", "config": {"steps": 5}, "status": "interrupted", "step": 3}
+    assert runner.load_summary(folder.path) is None
+    assert folder.checkpoint_path.is_file() and (folder.path / "config.json").is_file()
+    done = runner.execute(folder, lambda: Count(5), resume=True, log=None)
+    assert done["status"] == "complete" and done["seen"] == [1, 2, 3, 4, 5]
+    built = []
+    again = runner.execute(folder, lambda: built.append(1) or Count(5), resume=True, log=None)
+    assert again == done and not built  # finished: skipped, nothing built
+    fresh = runner.execute(folder, lambda: Count(5, nan_at=3), keep_checkpoint=False, log=None)
+    assert fresh["status"] == "diverged" and fresh["seen"] == [1, 2]
+    assert not folder.checkpoint_path.exists()
+    assert runner.DIVERGED in runner.FINISHED and runner.INTERRUPTED not in runner.FINISHED
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    runner.RunFolder(tmp_path, {"steps": 5}).save(Count(5).state_dict())
+    with pytest.raises(ValueError, match="different run configuration .another count."):
+        runner.execute(runner.RunFolder(tmp_path, {"steps": 6}), lambda: Count(6),
+                       resume=True, log=None)
+
+
+def test_runs_sharing_a_folder_and_sweep_stops_at_the_interrupted(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "clock", lambda: 1.0)
+
+    def job(steps, deadline):
+        folder = runner.RunFolder(tmp_path, {"steps": steps}, stem=f"count{steps}")
+        return lambda: runner.execute(folder, lambda: Count(steps), deadline=deadline,
+                                      log=None)
+
+    results, complete = runner.sweep([job(2, None), job(3, 0.0), job(4, None)])
+    assert not complete and [r["status"] for r in results] == ["complete", "interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["count2.json", "count2.pt", "count3.pt"]
+
+
+@dataclass
+class Opts:
+    steps: int = options.option(10, "optimizer steps", type=int, group="run", tags=("run",))
+    names: list[str] = options.option(["a"], "names", nargs="+", tags=("run",))
+    limit: float | None = options.option(None, "a limit", unset="none", type=float,
+                                         flag="--cap")
+    other: int = 3
+
+
+def test_options_are_dataclass_fields():
+    parser = argparse.ArgumentParser()
+    options.add_options(parser, Opts, defaults={"steps": 20})
+    assert [f.name for f in options.option_fields(Opts)] == ["steps", "names", "limit"]
+    assert options.tagged(Opts, "run") == ["steps", "names"]
+    assert options.from_args(Opts, parser.parse_args([])) == Opts(steps=20)
+    args = parser.parse_args(["--steps", "3", "--names", "x", "y", "--cap", "0.5"])
+    assert options.from_args(Opts, args, other=4) == Opts(3, ["x", "y"], 0.5, 4)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["limit"] == "a limit (default: none)" and helps["steps"] == "optimizer steps"
+    assert Opts().names is not Opts().names  # a list default is copied per instance

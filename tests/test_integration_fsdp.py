@@ -1,0 +1,296 @@
+"""FSDP2 (``fully_shard``) on CPU (gloo, two processes): the finite-difference penalty.
+
+Each rank holds a shard of every parameter; the penalty gradient is taken from two sharded
+backwards (:mod:`fisher_optim._fsdp`), so it is the penalty of the *global* batch. The
+reference is the same finite difference on the unsharded model and the whole batch, with the
+labels each rank drew for its rows. All the scenarios run inside one
+``torch.multiprocessing.spawn`` (module-scoped fixture).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_optim import FisherPenaltySGD
+from fisher_optim.engines import finite_difference_penalty_gradient
+from fisher_optim.penalty import Batch, PenaltyObjective
+
+from .distributed_utils import run_on_ranks
+
+WORLD = 2
+LOCAL_BATCH = 6
+STEPS = 4
+SEED = 1234
+LR, ALPHA, EVERY = 0.1, 0.5, 2
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available() and hasattr(fsdp, "fully_shard")),
+    reason="torch.distributed with gloo and FSDP2 (fully_shard) is not available",
+)
+
+
+def _model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)  # the last layer's 3 rows split unevenly (2 + 1) over the ranks
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)
+    ).to(dtype)
+
+
+def _lora_model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """LoRA adapters on a frozen base (tests/test_integration_lora.py)."""
+    from .test_integration_lora import LoRALinear
+
+    torch.manual_seed(0)
+    return nn.Sequential(LoRALinear(nn.Linear(5, 8)), nn.Tanh(), LoRALinear(nn.Linear(8, 3))).to(
+        dtype
+    )
+
+
+def _sharded(
+    dtype: torch.dtype = torch.float64, make: Callable[..., nn.Module] = _model, **kwargs: Any
+) -> nn.Module:
+    """fully_shard per block (the model's direct children with parameters), then the root."""
+    model = make(dtype)
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fsdp.fully_shard(layer, **kwargs)
+    return fsdp.fully_shard(model, **kwargs)
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * LOCAL_BATCH, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(3, (WORLD * LOCAL_BATCH,), generator=g)
+
+
+def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    for step in steps:
+        x, y = _global_batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(_shard(x, rank)), _shard(y, rank)).backward()
+        opt.step()
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _optimizer(model: nn.Module, **kwargs: Any) -> FisherPenaltySGD:
+    return FisherPenaltySGD(
+        model, lr=LR, alpha=ALPHA, every=EVERY, seed=SEED, mode="finite_difference", **kwargs
+    )
+
+
+def _resume(rank: int) -> dict[str, Any]:
+    """Train 8 steps straight, or 4 steps, checkpoint (model and optimizer state dicts of
+    DTensors), rebuild, load and train 4 more: bitwise the same, safeguard included (a
+    tight spike factor and guard_early make it act)."""
+    kw = dict(momentum=0.9, spike_factor=1.05, spike_window=2, guard_early=True)
+    model = _sharded()
+    opt = _optimizer(model, **kw)
+    _train(model, opt, rank, range(4))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, rank, range(4, 8))
+    straight = _full(model), opt.refreshes, opt.spikes, opt.unjudged_refreshes, opt.penalty_value
+
+    model2 = _sharded()
+    opt2 = _optimizer(model2, **kw)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _train(model2, opt2, rank, range(4, 8))
+    resumed = (
+        _full(model2),
+        opt2.refreshes,
+        opt2.spikes,
+        opt2.unjudged_refreshes,
+        opt2.penalty_value,
+    )
+    return {"straight": straight, "resumed": resumed}
+
+
+def _checkpoint_api(rank: int, path: str) -> dict[str, Any]:
+    """The same resume through torch.distributed.checkpoint.state_dict: get/set_model_ and
+    get/set_optimizer_state_dict (sharded DTensor state dicts), written with dcp.save and
+    read back with dcp.load; the get on a fresh optimizer changes nothing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    kw = dict(momentum=0.9)
+    model = _sharded()
+    opt = _optimizer(model, **kw)
+    get_state_dict(model, opt)  # initialises the empty state: must not count as a step
+    fresh = opt.step_count, opt.refreshes, opt.param_groups[0]["lr"]
+    _train(model, opt, rank, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sharded_cache = type(optim_sd["param_groups"][0]["fisher_optim"]["cache"][0]).__name__
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    _train(model, opt, rank, range(3, STEPS + 1))
+    straight = _full(model), opt.refreshes, opt.step_count
+
+    model2 = _sharded()
+    opt2 = _optimizer(model2, **kw)
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _train(model2, opt2, rank, range(3, STEPS + 1))
+    resumed = _full(model2), opt2.refreshes, opt2.step_count
+    return {
+        "fresh": fresh,
+        "sharded_cache": sharded_cache,
+        "straight": straight,
+        "resumed": resumed,
+    }
+
+
+def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    model = _sharded()
+    opt = _optimizer(model)
+    _train(model, opt, rank, range(STEPS))
+    lora = _sharded(make=_lora_model)
+    lora_opt = _optimizer(lora)
+    _train(lora, lora_opt, rank, range(STEPS))
+    results["lora"] = {
+        "params": _full(lora),
+        "frozen_grads": [p.grad is None for p in lora.parameters() if not p.requires_grad],
+    }
+    results["fd"] = {
+        "params": _full(model),
+        "refreshes": opt.refreshes,
+        "value": opt.penalty_value,
+        "grad_dtype": type(opt._cache[0]).__name__,
+    }
+    try:
+        FisherPenaltySGD(_sharded(), lr=LR, alpha=ALPHA, mode="exact")
+    except ValueError as e:
+        results["exact_error"] = str(e)
+    try:
+        _optimizer(_sharded(), penalty="input_gradient")
+    except ValueError as e:
+        results["gpx_error"] = str(e)
+    try:
+        from fisher_optim import FisherNoiseSGD
+
+        FisherNoiseSGD(_sharded(), lr=LR, small_batch_size=2)
+    except ValueError as e:
+        results["noise_error"] = str(e)
+    try:
+        mp_policy = fsdp.MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+        _optimizer(_sharded(torch.float32, mp_policy=mp_policy))
+    except TypeError as e:
+        results["bf16_error"] = str(e)
+    results["resume"] = _resume(rank)
+    results["dcp"] = _checkpoint_api(rank, str(Path(work_dir) / "checkpoint"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_on_ranks(_scenarios, WORLD)
+
+
+def _reference(alpha: float = ALPHA, make: Callable[..., nn.Module] = _model) -> list[torch.Tensor]:
+    """θ ← θ − lr (∇L + α ∇P), P the penalty of the whole batch, every 2 steps, in one
+    process: the unsharded model, each rank's rows labelled by that rank's generator (only
+    the trainable parameters move and are penalised)."""
+    model = make(torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    generators = [torch.Generator().manual_seed(SEED) for _ in range(WORLD)]
+    cache = None
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        if step % EVERY == 0:
+            labels = []
+            for r in range(WORLD):
+                local = PenaltyObjective(model, Batch((_shard(x, r),)), generator=generators[r])
+                local.loss()  # draws this rank's labels from its logits
+                labels.append(local.labels)
+            whole = PenaltyObjective(model, Batch((x,)))
+            whole.labels = torch.cat(labels)
+            cache = finite_difference_penalty_gradient(whole).grads
+        with torch.no_grad():
+            for p, g, h in zip(params, grads, cache):
+                p -= LR * (g + alpha * h)
+    return [p.detach() for p in model.parameters()]
+
+
+def test_sharded_update_equals_the_unsharded_one(ranks: list[dict]) -> None:
+    expected, unpenalised = _reference(), _reference(alpha=0.0)
+    # the penalty moves the parameters far more than the tolerance below
+    assert max(float((p - q).abs().max()) for p, q in zip(expected, unpenalised)) > 1e-4
+    for rank in ranks:
+        got = rank["fd"]["params"]
+        assert rank["fd"]["refreshes"] == STEPS // EVERY and rank["fd"]["grad_dtype"] == "DTensor"
+        # the ranks sum their shards' norms in another order than one process does; the
+        # float64 difference (step 1e-8 ||θ||) turns last-bit differences into ~1e-9
+        for p, q in zip(got, expected):
+            torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+    for p, q in zip(ranks[0]["fd"]["params"], ranks[1]["fd"]["params"]):
+        assert torch.equal(p, q)
+
+
+def test_lora_on_fsdp2_penalises_only_the_adapters(ranks: list[dict]) -> None:
+    """Sharded adapters on a sharded frozen base: the update equals the unsharded one, the
+    base is bitwise unchanged and gets no gradient."""
+    expected = _reference(make=_lora_model)
+    initial = list(_lora_model().parameters())
+    for rank in ranks:
+        got = rank["lora"]["params"]
+        assert all(rank["lora"]["frozen_grads"]) and len(rank["lora"]["frozen_grads"]) == 4
+        for p, q, p0 in zip(got, expected, initial):
+            torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+            assert torch.equal(p, p0) == (not p0.requires_grad)
+
+
+def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "mode='finite_difference'" in rank["exact_error"]
+        assert "FSDP2" in rank["exact_error"]
+
+
+def test_input_gradient_penalty_and_fisher_noise_are_refused(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "penalty='input_gradient' is not supported" in rank["gpx_error"]
+        assert "FisherNoiseSGD does not support FSDP2" in rank["noise_error"]
+
+
+def test_bf16_mixed_precision_is_refused(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert "MixedPrecisionPolicy(param_dtype=torch.bfloat16)" in rank["bf16_error"]
+
+
+def test_resume_is_bitwise(ranks: list[dict]) -> None:
+    for rank in ranks:
+        straight, resumed = rank["resume"]["straight"], rank["resume"]["resumed"]
+        assert straight[1:] == resumed[1:]
+        assert straight[1] > 8 // EVERY  # the safeguard added refreshes
+        assert all(torch.equal(p, q) for p, q in zip(straight[0], resumed[0]))
+    assert ranks[0]["resume"]["straight"][1:] == ranks[1]["resume"]["straight"][1:]
+
+
+def test_distributed_checkpoint_state_dict_resumes_bitwise(ranks: list[dict]) -> None:
+    for rank in ranks:
+        result = rank["dcp"]
+        assert result["fresh"] == (0, 0, LR)  # the state-initialising get was not a step
+        assert result["sharded_cache"] == "DTensor"
+        straight, resumed = result["straight"], result["resumed"]
+        assert straight[1:] == resumed[1:] == (3, STEPS + 1)
+        assert all(torch.equal(p, q) for p, q in zip(straight[0], resumed[0]))
