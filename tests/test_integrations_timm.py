@@ -196,3 +196,9 @@ def test_real_timm_factory(monkeypatch: pytest.MonkeyPatch) -> None:
         for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def test_without_timm_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match="pip install timm"):
+        register_timm_optimizers()

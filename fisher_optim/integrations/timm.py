@@ -95,8 +95,13 @@ def register_timm_optimizers(registry: Any | None = None) -> list[str]:
     ``registry``: any object with timm's ``OptimizerRegistry.register(OptimInfo)``.
     Registering twice replaces the entries (timm logs a warning).
     """
-    from timm.optim import OptimInfo
-
+    try:
+        from timm.optim import OptimInfo
+    except ImportError as err:
+        raise ImportError(
+            "register_timm_optimizers needs timm (pip install timm, which needs torchvision); "
+            "fisher_optim itself does not"
+        ) from err
     if registry is None:
         try:
             from timm.optim._optim_factory import default_registry as registry
