@@ -45,9 +45,8 @@ def _syncs_per_step(
             opt.set_targets(y)
         with SyncCounter() as counter:
             opt.step()
-        counts.append(counter.count)
-        if device.type == "cuda":  # the CUDA runtime's own count agrees
-            assert counter.cuda_warnings <= counter.count
+        # on CUDA the runtime's own count also sees syncs inside an operator's kernel
+        counts.append(max(counter.count, counter.cuda_warnings))
     return counts
 
 

@@ -14,6 +14,10 @@ counts them on any device, so a CPU test can bound what a GPU run would pay:
   operator (patched for the duration);
 * on CUDA, also what ``torch.cuda.set_sync_debug_mode("warn")`` reports (``cuda_warnings``).
 
+The dispatch mode sees the operators a call dispatches, not what a kernel does inside: a
+sync within one operator's implementation (``torch.multinomial`` checks its probabilities on
+the host, for instance) is seen only by CUDA's own count.
+
 >>> import torch
 >>> x = torch.ones(3)
 >>> with SyncCounter() as counter:
@@ -30,7 +34,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
 
@@ -94,7 +98,8 @@ class SyncCounter(TorchDispatchMode):
 
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             counter.ops[name] += 1
-            with _unpatched(counter):
+            # its own copy to the host (a CUDA tensor's) is the same sync: not counted again
+            with _unpatched(counter), _disable_current_modes():
                 return original(tensor, *args, **kwargs)
 
         setattr(torch.Tensor, name, counted)
