@@ -39,13 +39,16 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import traceback
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,8 @@ TABLE1_RUNS = (("baseline", 10), ("fp", 10), ("gpr", 10), ("baseline", 1), ("gp"
 #: Sustained training throughput assumed for the sizing (TFLOP/s, see the docs page).
 DEFAULT_TFLOPS = 15.0
 CAMPAIGN_JSON = "campaign.json"
+#: Largest file ``--pack`` writes (the device tool brings back files of at most 16 MiB).
+PACK_LIMIT = 15 * 2**20
 RUN_STATE = "state.json"
 
 #: What ``--dry-run`` sets: tiny sizes on the CPU, a few seconds per part.
@@ -487,12 +492,15 @@ def run_table1(
     start = time.perf_counter()
     left = deadline - time.monotonic()
     workers = max(1, min(workers, len(specs)))
-    mp.spawn(
-        _worker,
-        nprocs=workers,
-        join=True,
-        args=(workers, specs, data, str(root), str(device), left, checkpoint_every),
-    )
+    args = (workers, specs, data, str(root), str(device), left, checkpoint_every)
+    if workers == 1:  # no process to start: train here
+        threads = torch.get_num_threads()
+        try:
+            _worker(0, *args)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        mp.spawn(_worker, nprocs=workers, join=True, args=args)
     runs = {s.name: _read_state(root / s.name) or {"status": "not started"} for s in specs}
     return {
         "workers": workers,
@@ -612,6 +620,23 @@ def build_parser() -> argparse.ArgumentParser:
         "finite-difference refresh (every=1 steps) of these networks",
     )
     parser.add_argument(
+        "--pack",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="at the end, copy campaign.json to DIR and pack the table's runs (checkpoints "
+        "included) into table1-N.tar files of at most 15 MiB (e.g. --pack $OUT)",
+    )
+    parser.add_argument(
+        "--unpack",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="TAR",
+        help="first extract these table1-N.tar files (from --pack) into --out: the runs "
+        "resume on a fresh machine",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="CPU smoke test: tiny models, data and budgets (synthetic data without --data-root)",
@@ -641,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dry = args.dry_run
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    unpack(args.unpack, out)
     campaign: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
@@ -667,33 +693,87 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         t0 = time.perf_counter()
         print(f"== {part} ({end - time.monotonic():.0f} s left)", flush=True)
-        if part == "tests":
-            targets = DRY["tests"] if dry else list(TEST_FILES)
-            result = run_tests(targets, out, deadline(part) - time.monotonic())
-        elif part == "overhead":
-            result = run_overhead(
-                DRY["overhead_models"] if dry else OVERHEAD_MODELS,
-                device,
-                deadline(part),
-                window=DRY["window"] if dry else 5,
-                rounds=DRY["rounds"] if dry else 3,
-                warmup=DRY["warmup"] if dry else 3,
-            )
-        elif part == "curvature":
-            result = run_curvature(
-                DRY["curvature_models"] if dry else ["simplecnn", "vgg11"],
-                device,
-                DRY["curvature_n"] if dry else 256,
-                out,
-            )
-        else:
-            result = _table1(args, device, end, out, data)
+        try:
+            result = _run_part(part, args, device, deadline, end, out, data)
+        except Exception:  # noqa: BLE001 - one failing part must not cost the others
+            result = {"error": traceback.format_exc()}
+            print(result["error"], flush=True)
         result["part_seconds"] = time.perf_counter() - t0
         campaign["parts"][part] = result
         campaign["wall_s"] = time.monotonic() - start
         _write(out, campaign)
     print(f"campaign written to {out / CAMPAIGN_JSON} ({time.monotonic() - start:.0f} s)")
+    if args.pack is not None:
+        print("packed into", args.pack, ":", ", ".join(pack(out, args.pack)))
     return campaign
+
+
+def _run_part(
+    part: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    deadline: Callable[[str], float],
+    end: float,
+    out: Path,
+    data: _DataLoad | None,
+) -> dict[str, Any]:
+    """One part of the campaign (see the module doc); its result for ``campaign.json``."""
+    dry = args.dry_run
+    if part == "tests":
+        targets = DRY["tests"] if dry else list(TEST_FILES)
+        return run_tests(targets, out, deadline(part) - time.monotonic())
+    if part == "overhead":
+        return run_overhead(
+            DRY["overhead_models"] if dry else OVERHEAD_MODELS,
+            device,
+            deadline(part),
+            window=DRY["window"] if dry else 5,
+            rounds=DRY["rounds"] if dry else 3,
+            warmup=DRY["warmup"] if dry else 3,
+        )
+    if part == "curvature":
+        models = DRY["curvature_models"] if dry else ["simplecnn", "vgg11"]
+        return run_curvature(models, device, DRY["curvature_n"] if dry else 256, out)
+    return _table1(args, device, end, out, data)
+
+
+def pack(out: Path, dest: Path, limit: int = PACK_LIMIT) -> list[str]:
+    """Copy ``campaign.json`` to ``dest`` and the table's run folders (checkpoints included)
+    into ``table1-N.tar`` files of at most ``limit`` bytes each (a run is never split), flat
+    files the device tool brings back; ``--unpack`` them to resume on a fresh machine."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    if (out / CAMPAIGN_JSON).is_file():
+        shutil.copy(out / CAMPAIGN_JSON, dest / CAMPAIGN_JSON)
+        names.append(CAMPAIGN_JSON)
+    table = out / "table1"
+    runs = sorted(p for p in table.iterdir() if p.is_dir()) if table.is_dir() else []
+    chunks: list[list[Path]] = []
+    size = 0
+    for run in runs:
+        run_size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+        if not chunks or size + run_size > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(run)
+        size += run_size
+    for i, chunk in enumerate(chunks):
+        name = f"table1-{i}.tar"
+        with tarfile.open(dest / name, "w") as tar:
+            for run in chunk:
+                tar.add(run, arcname=f"table1/{run.name}")
+        names.append(name)
+    return names
+
+
+def unpack(archives: Sequence[Path], out: Path) -> None:
+    """Extract ``table1-N.tar`` files written by :func:`pack` into ``out``."""
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+            if any(not n.startswith("table1/") or ".." in Path(n).parts for n in names):
+                raise ValueError(f"{archive} is not a table1 archive written by --pack")
+            tar.extractall(out)
 
 
 class _DataLoad:

@@ -16,8 +16,9 @@ from benchmarks.common.harness import prepare_data
 
 
 def test_dry_run_writes_every_part(tmp_path: Path) -> None:
+    # two workers: the runs train in two processes at once
     result = campaign.main(
-        ["--dry-run", "--out", str(tmp_path), "--workers", "1", "--budget-s", "300"]
+        ["--dry-run", "--out", str(tmp_path), "--workers", "2", "--budget-s", "300"]
     )
     written = json.loads((tmp_path / campaign.CAMPAIGN_JSON).read_text())
     assert written["dry_run"] and set(written["parts"]) == set(campaign.PARTS)
@@ -36,6 +37,7 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert [s["status"] for s in states] == ["complete", "complete"]
     assert all(s["epochs_done"] == campaign.DRY["epochs"] for s in states)
     assert [r["seeds_complete"] for r in table["row"][:2]] == [1, 1]
+    assert table["workers"] == 2
 
     # a rerun of the table resumes: finished runs are not trained again
     again = campaign.main(
@@ -43,6 +45,27 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
     )
     assert again["parts"]["table1"]["runs"] == table["runs"]
     assert set(again["parts"]) == set(campaign.PARTS)  # the earlier parts are kept
+
+    # packed into flat files of bounded size, unpacked on a "fresh machine", resumed there
+    packed = tmp_path / "packed"
+    names = campaign.pack(tmp_path, packed, limit=1)  # one run per archive
+    assert names == [campaign.CAMPAIGN_JSON, "table1-0.tar", "table1-1.tar"]
+    assert all((packed / n).is_file() for n in names)
+    fresh = tmp_path / "fresh"
+    resumed = campaign.main(
+        [
+            "--dry-run",
+            "--out",
+            str(fresh),
+            "--workers",
+            "1",
+            "--parts",
+            "table1",
+            "--unpack",
+            *(str(packed / n) for n in names[1:]),
+        ]
+    )
+    assert resumed["parts"]["table1"]["runs"] == table["runs"]  # nothing trained again
 
 
 def _tiny(tmp: Path, epochs: int = 3, train: int = 64):
