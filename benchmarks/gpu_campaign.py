@@ -447,19 +447,22 @@ def _worker(
     rank: int,
     workers: int,
     specs: list[RunSpec],
-    data: DataBundle,
+    data: DataBundle | str,
     root: str,
     device: str,
-    deadline_in_s: float,
+    deadline_wall: float,
     checkpoint_every: int,
 ) -> None:
-    """Train ``specs[rank::workers]`` one after the other (the deadline is relative, as
-    ``time.monotonic`` differs between processes)."""
-    deadline = time.monotonic() + deadline_in_s
+    """Train ``specs[rank::workers]`` one after the other. ``data``: the bundle, or the file
+    it was saved to (processes do not share it through shared memory, which sandboxes keep
+    small); ``deadline_wall``: a ``time.time()`` value (``time.monotonic`` is per process)."""
+    deadline = time.monotonic() + (deadline_wall - time.time())
     dev = torch.device(device)
     torch.set_num_threads(1)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if isinstance(data, str):
+        data = torch.load(data, weights_only=False)
     data = data.to(dev)
     for spec in specs[rank::workers]:
         run_dir = Path(root) / spec.name
@@ -490,17 +493,34 @@ def run_table1(
 
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    left = deadline - time.monotonic()
+    deadline_wall = time.time() + (deadline - time.monotonic())
     workers = max(1, min(workers, len(specs)))
-    args = (workers, specs, data, str(root), str(device), left, checkpoint_every)
     if workers == 1:  # no process to start: train here
         threads = torch.get_num_threads()
         try:
-            _worker(0, *args)
+            _worker(0, 1, specs, data, str(root), str(device), deadline_wall, checkpoint_every)
         finally:
             torch.set_num_threads(threads)
     else:
-        mp.spawn(_worker, nprocs=workers, join=True, args=args)
+        shared = root.parent / "table1-data.pt"  # beside the runs, not packed with them
+        torch.save(data, shared)
+        try:
+            mp.spawn(
+                _worker,
+                nprocs=workers,
+                join=True,
+                args=(
+                    workers,
+                    specs,
+                    str(shared),
+                    str(root),
+                    str(device),
+                    deadline_wall,
+                    checkpoint_every,
+                ),
+            )
+        finally:
+            shared.unlink(missing_ok=True)
     runs = {s.name: _read_state(root / s.name) or {"status": "not started"} for s in specs}
     return {
         "workers": workers,
