@@ -5,14 +5,15 @@ Generalization", ICML 2021; Wen et al., "An Empirical Study of Large-Batch Stoch
 Gradient Descent with Structured Covariance Noise", AISTATS 2020.
 """
 
-from fisher_optim._logits import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
 from fisher_optim._targets import causal_target_rows
+from fisher_optim.batch import Batch
 from fisher_optim.engines import MODES, penalty_gradient
 from fisher_optim.fisher_noise_sgd import COVARIANCES, FISHERS, FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 from fisher_optim.ghost_batchnorm import GhostBatchNorm, convert_to_ghost_batchnorm
+from fisher_optim.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
 from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, FisherMonitor
-from fisher_optim.penalty import PENALTIES, Batch, fisher_penalty
+from fisher_optim.penalty import PENALTIES, fisher_penalty
 from fisher_optim.safeguard import SpikeGuard
 
 __version__ = "0.2.0"

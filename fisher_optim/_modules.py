@@ -60,3 +60,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
     """Parameters that require a gradient, each once, in ``model.parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """Restrict scaled-dot-product attention to the math backend (twice differentiable:
+    the fused flash and memory-efficient kernels have no double backward)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no fused CPU attention either
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])

@@ -54,6 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fisher_optim._modules import unwrap
+from fisher_optim.batch import Inputs, model_inputs
+
 #: ``target_mask``: called like the model, returns a boolean row mask (or None: every row).
 TargetMask = Callable[..., Tensor | None]
 
@@ -222,3 +225,80 @@ def _prod(shape: Sequence[int]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+# ------------------------------------------------------------------ rows of a batch's logits
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The module behind DDP / ``torch.compile`` wrappers (what the target rules inspect)."""
+    return getattr(unwrap(model), "_orig_mod", unwrap(model))
+
+
+def target_row_mask(
+    model: nn.Module, x: Inputs, n: int, rows: int, target_mask: TargetMask | None = None
+) -> Tensor | None:
+    """``[n, rows]``: which logit rows of ``model(x)`` have a target, or None for all.
+
+    The conventions of :mod:`fisher_optim._targets` (Hugging Face models: padding,
+    labels ``-100``, the causal shift; every row for other models; or the explicit
+    ``target_mask``, called like the model), for logits of ``n`` examples with ``rows``
+    rows each (``[n, C]`` when ``rows == 1``, except for a causal language model, whose
+    logits are always ``[n, T, V]``).
+    """
+    args, kwargs = model_inputs(x)
+    shape = (*rows_shape(model, n, rows), 1)
+    mask = target_rows(_core(model), args, kwargs, shape, target_mask)
+    return None if mask is None else mask.reshape(n, rows)
+
+
+def rows_shape(model: nn.Module, n: int, rows: int) -> tuple[int, ...]:
+    """The shape of the logits without their class dimension, for ``n`` examples of
+    ``rows`` rows each: ``(n,)`` for one row (a classifier), else ``(n, rows)``; always
+    ``(n, rows)`` for a Hugging Face causal language model (logits ``[B, T, V]``)."""
+    return (n, rows) if rows > 1 or is_causal_lm(_core(model)) else (n,)
+
+
+def row_targets(
+    model: nn.Module,
+    x: Inputs,
+    y: Tensor,
+    rows_shape: tuple[int, ...],
+    target_mask: TargetMask | None = None,
+) -> Tensor:
+    """The true class of every logit row (``rows_shape``), ``IGNORE_INDEX`` where it has none.
+
+    ``y`` holds one class per row; for a Hugging Face causal language model it is the
+    model's ``labels`` (unshifted, the Hugging Face convention) and row ``t`` gets
+    ``y[t + 1]``, the last row none. Rows that :mod:`fisher_optim._targets` finds without
+    a target (padding, ..., or where ``target_mask`` says so) get ``IGNORE_INDEX`` too.
+    """
+    numel = 1
+    for s in rows_shape:
+        numel *= s
+    if y.numel() != numel:
+        raise ValueError(
+            f"targets of shape {tuple(y.shape)} for logits with rows {tuple(rows_shape)}: "
+            "pass one class index per row of the logits"
+        )
+    y = y.reshape(rows_shape)
+    core = _core(model)
+    if is_hugging_face(core) and is_causal_lm(core) and len(rows_shape) > 1:
+        pad = torch.full((*rows_shape[:-1], 1), IGNORE_INDEX, dtype=y.dtype, device=y.device)
+        y = torch.cat([y[..., 1:], pad], dim=-1)
+    args, kwargs = model_inputs(x)
+    mask = target_rows(core, args, kwargs, (*rows_shape, 1), target_mask)
+    return y if mask is None else torch.where(mask.to(y.device), y, IGNORE_INDEX)
+
+
+def drop_untargeted(labels: Tensor, has_target: Tensor | None) -> Tensor:
+    """Sampled ``labels`` (``[..., rows]``) set to ``IGNORE_INDEX`` where a row has no target
+    (``has_target`` from :func:`target_rows`, None for all), so that ``ℓ_i`` leaves them out.
+
+    >>> drop_untargeted(torch.tensor([3, 4, 5]), torch.tensor([True, False, True])).tolist()
+    [3, -100, 5]
+    """
+    if has_target is None:
+        return labels
+    keep = has_target.reshape(-1).to(labels.device)
+    return labels.masked_fill(~keep, IGNORE_INDEX)

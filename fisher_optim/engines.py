@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_optim._logits import Likelihood, OutputFn
+from fisher_optim._modules import math_attention as _math_attention
 from fisher_optim._modules import trainable_parameters
 from fisher_optim._targets import TargetMask
 from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
@@ -262,15 +263,6 @@ def penalty_gradient(
     )
     with torch.enable_grad():
         return compute_penalty_gradient(objective, mode, fd_step).grads
-
-
-def _math_attention() -> contextlib.AbstractContextManager[None]:
-    """Restrict scaled-dot-product attention to the math backend (twice differentiable)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: no fused CPU attention either
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,17 +41,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim._as_found import left_as_found, substituted_parameters
+from fisher_optim._as_found import left_as_found
 from fisher_optim._logits import (
     OutputFn,
-    as_logits,
-    check_cross_entropy_outputs,
     pick_logits,
     sample_labels,
 )
 from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
-from fisher_optim._targets import IGNORE_INDEX, TargetMask, target_rows
-from fisher_optim.penalty import Batch
+from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
+from fisher_optim.batch import Batch, call_model
+from fisher_optim.curvature import examples
+from fisher_optim.curvature.examples import check_first_example, example_grads
+from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper
 
 COVARIANCES = ("diagonal", "full", "trace")
@@ -152,13 +152,13 @@ class FisherNoiseSGD(GradientWrapper):
         target_mask: TargetMask | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not _is_int(small_batch_size) or small_batch_size < 1:
+        if not is_int(small_batch_size) or small_batch_size < 1:
             raise ValueError(f"small_batch_size must be an integer ≥ 1, got {small_batch_size!r}")
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if not _is_int(every) or every < 1:
+        if not is_int(every) or every < 1:
             raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
         if covariance == "full" and every != 1:
             raise ValueError(
@@ -166,7 +166,7 @@ class FisherNoiseSGD(GradientWrapper):
                 f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
             )
         if estimate_batch_size is not None and (
-            not _is_int(estimate_batch_size) or estimate_batch_size < 1
+            not is_int(estimate_batch_size) or estimate_batch_size < 1
         ):
             raise ValueError(
                 f"estimate_batch_size must be an integer ≥ 1 or None, got {estimate_batch_size!r}"
@@ -227,7 +227,7 @@ class FisherNoiseSGD(GradientWrapper):
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
-        m_large = _num_examples(batch) * self._world()[0]
+        m_large = batch.num_examples() * self._world()[0]
         scales = []
         for i, group in enumerate(self.param_groups):
             m_small = group["small_batch_size"]
@@ -296,34 +296,14 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = cache
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
-        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``, by chunked ``vmap(grad)``."""
-        from torch.func import grad, vmap
-
+        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``, by chunked per-example gradients
+        (:func:`fisher_optim.curvature.examples.example_grads`: ``vmap(grad)``, or a loop)."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
-        keys = [id(p) for p in params]
         whole = batch
         batch = batch.head(self.estimate_batch_size)
-        n = _num_examples(batch)
-        rebuild, batched = _split_batch(batch, n)
+        n = batch.num_examples()
         targets = self._target_rows(batch, n)
-        output_fn = self.output_fn
-
-        def example_loss(
-            theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], y: Tensor
-        ) -> Tensor:
-            args, kwargs = rebuild(tuple(t.unsqueeze(0) for t in tensors))
-            # substituted by identity: a module registered twice is restored exactly
-            with substituted_parameters(module, dict(zip(keys, theta))):
-                out = module(*args, **kwargs)
-            return example_cross_entropy(_upcast(as_logits(out, output_fn)), y)
-
-        def run(tensors: tuple[Tensor, ...]) -> Any:
-            args, kwargs = rebuild(tensors)
-            return module(*args, **kwargs)
-
-        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
-        theta = tuple(p.detach() for p in params)
         sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
         generator = self._local_generator(params[0].device) if targets is None else None
         with (
@@ -334,28 +314,33 @@ class FisherNoiseSGD(GradientWrapper):
             layout = _layout(batch)  # checked once per input layout: a forward's cost
             checked = self.__dict__.setdefault("_checked_layouts", set())
             if layout not in checked:
-                _check_examples_split(module, whole, run, batched, output_fn)
+                _check_examples_split(module, whole, batch, self.output_fn)
                 checked.add(layout)
             for start in range(0, n, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
-                chunk = tuple(t[start:stop] for t in batched)
+                chunk = batch.slice(start, stop)
                 if targets is None:
-                    with torch.no_grad():
-                        args, kwargs = rebuild(chunk)
-                        shaped = pick_logits(module(*args, **kwargs), output_fn)
-                        logits = shaped.reshape(-1, shaped.shape[-1])
-                    labels = sample_labels(_finite(logits), "sample", generator)
-                    has_target = target_rows(module, args, kwargs, shaped.shape, self.target_mask)
-                    labels = _drop_rows(labels, has_target).view(stop - start, -1)
+                    labels = self._sampled_labels(module, chunk, generator).view(stop - start, -1)
                 else:
                     labels = targets[start:stop]
-                try:
-                    grads = per_example(theta, chunk, labels)
-                except Exception:  # noqa: BLE001 - not vmap-able: one example at a time
-                    grads = _loop_grads(run, chunk, labels, params, output_fn)
+                grads = example_grads(
+                    module, batch, labels, params, _example_loss, self.output_fn, start
+                )
                 for s, d in zip(sums, grads):
                     s.add_(d.to(s.dtype).pow(2).sum(0))
         return [s / n for s in sums]
+
+    def _sampled_labels(
+        self, module: nn.Module, chunk: Batch, generator: torch.Generator | None
+    ) -> Tensor:
+        """``ŷ ~ p_θ(·|x)`` per logit row of ``chunk``, ``IGNORE_INDEX`` at rows without a
+        target (:func:`fisher_optim._targets.target_rows`)."""
+        with torch.no_grad():
+            shaped = pick_logits(module(*chunk.args, **chunk.kwargs), self.output_fn)
+            logits = shaped.reshape(-1, shaped.shape[-1])
+        labels = sample_labels(_finite(logits), "sample", generator)
+        has_target = target_rows(module, chunk.args, chunk.kwargs, shaped.shape, self.target_mask)
+        return drop_untargeted(labels, has_target)
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
@@ -391,7 +376,7 @@ class FisherNoiseSGD(GradientWrapper):
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         wrt = [params[i] for i in trainable]
         batch = batch.head(self.estimate_batch_size)
-        n = _num_examples(batch)
+        n = batch.num_examples()
         targets = self._target_rows(batch, n)
         device = wrt[0].device
         with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
@@ -409,7 +394,7 @@ class FisherNoiseSGD(GradientWrapper):
             has_target = target_rows(
                 self.module, batch.args, batch.kwargs, shaped.shape, self.target_mask
             )
-            labels = _drop_rows(labels, has_target)
+            labels = drop_untargeted(labels, has_target)
         else:
             labels = targets.reshape(1, rows).to(logits.device).expand(k, rows)
         valid = labels != IGNORE_INDEX  # ℓ_i: the mean over example i's rows with a target
@@ -523,48 +508,6 @@ class FisherNoiseSGD(GradientWrapper):
         )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _num_examples(batch: Batch) -> int:
-    """``M``: the first dimension of the model's first tensor input."""
-    x = batch.first_tensor()
-    if x.dim() == 0:
-        raise ValueError("the model's first tensor input is 0-dimensional: no batch dimension")
-    return x.shape[0]
-
-
-Rebuild = Callable[[tuple[Tensor, ...]], tuple[tuple[Any, ...], dict[str, Any]]]
-
-
-def _split_batch(batch: Batch, n: int) -> tuple[Rebuild, tuple[Tensor, ...]]:
-    """The tensors of ``batch`` whose first dimension is ``n`` (mapped over by vmap), and a
-    function that puts replacements for them back into ``(args, kwargs)``."""
-    values = [*batch.args, *batch.kwargs.values()]
-    slots = [
-        i for i, a in enumerate(values) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n
-    ]
-    n_args, keys = len(batch.args), list(batch.kwargs)
-
-    def rebuild(tensors: tuple[Tensor, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        new = list(values)
-        for i, t in zip(slots, tensors):
-            new[i] = t
-        return tuple(new[:n_args]), dict(zip(keys, new[n_args:]))
-
-    return rebuild, tuple(values[i] for i in slots)
-
-
-def _drop_rows(labels: Tensor, has_target: Tensor | None) -> Tensor:
-    """Sampled ``labels`` (``[..., rows]``) set to ``IGNORE_INDEX`` where a row has no target
-    (:func:`fisher_optim._targets.target_rows`), so that ``ℓ_i`` leaves them out."""
-    if has_target is None:
-        return labels
-    keep = has_target.reshape(-1).to(labels.device)
-    return labels.masked_fill(~keep, IGNORE_INDEX)
-
-
 def _layout(batch: Batch) -> tuple[Any, ...]:
     """Shapes and dtypes of a call's tensor inputs (and the places of the others)."""
     return tuple(
@@ -574,57 +517,22 @@ def _layout(batch: Batch) -> tuple[Any, ...]:
 
 
 def _check_examples_split(
-    module: nn.Module,
-    batch: Batch,
-    run: Callable[[tuple[Tensor, ...]], Any],
-    batched: tuple[Tensor, ...],
-    output_fn: OutputFn | None,
+    module: nn.Module, whole: Batch, batch: Batch, output_fn: OutputFn | None
 ) -> None:
     """Raise unless the model on the first example alone, its inputs cut as the per-example
-    pass cuts them (every tensor whose first dimension is ``M``, after
-    ``estimate_batch_size``), reproduces the first example's logits in the batch the model
-    was trained on. A tensor shared by all examples whose first dimension happens to be
-    ``M`` (a ``[T, T]`` mask with ``T == M``) would otherwise be cut as if it held
-    examples, silently."""
+    pass cuts them (:meth:`fisher_optim.Batch.slice`, after ``estimate_batch_size``),
+    reproduces the first example's logits in the batch the model was trained on: a tensor
+    shared by all examples whose first dimension happens to be ``M`` (a ``[T, T]`` mask
+    with ``T == M``) would otherwise be cut as if it held examples, silently."""
     with torch.no_grad():
-        whole = pick_logits(module(*batch.args, **batch.kwargs), output_fn)
-        alone = pick_logits(run(tuple(t[:1] for t in batched)), output_fn)
-    first = whole[:1]
-    if not bool(torch.isfinite(first).all()):
-        return  # nothing to compare: the estimate is non-finite and will be dropped
-    if first.shape == alone.shape:
-        tol = torch.finfo(_upcast(first).dtype).eps ** 0.5
-        scale = float(first.abs().max()) if first.numel() else 0.0
-        if torch.allclose(first, alone, rtol=tol, atol=tol * scale, equal_nan=True):
-            return
-    raise ValueError(
-        "FisherNoiseSGD: the model run on the first example alone does not reproduce that "
-        "example's output in the batch, so the per-example gradients would be wrong. The "
-        "per-example pass treats every tensor input whose first dimension is the batch size "
-        f"({batch.first_tensor().shape[0]}) as holding the examples; pass inputs shared by "
-        "all examples (e.g. a [T, T] mask) through the model itself (an attribute or "
-        "functools.partial), and make sure examples do not interact in eval mode"
-    )
+        first = pick_logits(module(*whole.args, **whole.kwargs), output_fn)
+        alone = pick_logits(call_model(module, batch.slice(0, 1)), output_fn)
+    check_first_example(_upcast(first[:1]), _upcast(alone), first.shape[0], "FisherNoiseSGD")
 
 
-def _loop_grads(
-    call: Callable[[tuple[Tensor, ...]], Any],
-    tensors: tuple[Tensor, ...],
-    labels: Tensor,
-    params: list[Tensor],
-    output_fn: OutputFn | None,
-) -> list[Tensor]:
-    """Per-example gradients ``[M, *p.shape]`` of :func:`example_cross_entropy`, one example
-    at a time: for models ``vmap`` cannot run (data-dependent control flow, as in the
-    attention-mask code of Hugging Face models). ``call`` runs the model on the tensors."""
-    rows = []
-    with torch.enable_grad():
-        for i in range(labels.shape[0]):
-            out = call(tuple(t[i : i + 1] for t in tensors))
-            loss = example_cross_entropy(_upcast(as_logits(out, output_fn)), labels[i])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
-    return [torch.stack(col) for col in zip(*rows)]
+def _example_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``ℓ_i`` of one example's logit rows (:func:`example_cross_entropy`), upcast."""
+    return example_cross_entropy(_upcast(logits), labels)
 
 
 def _check_params_of(module: nn.Module, params: list[Tensor]) -> None:
@@ -635,20 +543,13 @@ def _check_params_of(module: nn.Module, params: list[Tensor]) -> None:
 
 
 def example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """``ℓ_i``: the mean cross-entropy over one example's rows ``[R, C]`` whose label is not
-    ``IGNORE_INDEX`` (-100, as ``F.cross_entropy`` ignores it); 0 when no row has one (an
-    example without a target has no gradient, rather than a NaN one).
+    """``ℓ_i``: :func:`fisher_optim.curvature.examples.example_cross_entropy` of one
+    example's rows ``[R, C]``.
 
-    >>> logits = torch.zeros(3, 4)
-    >>> round(float(example_cross_entropy(logits, torch.tensor([1, -100, 2]))), 4)
+    >>> round(float(example_cross_entropy(torch.zeros(3, 4), torch.tensor([1, -100, 2]))), 4)
     1.3863
-    >>> float(example_cross_entropy(logits, torch.tensor([-100, -100, -100])))
-    0.0
     """
-    valid = labels != IGNORE_INDEX
-    check_cross_entropy_outputs(logits, "FisherNoiseSGD(fisher='empirical')")
-    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
-    return (losses * valid.to(losses.dtype)).sum() / valid.sum().clamp_min(1)
+    return examples.example_cross_entropy(logits, labels, "FisherNoiseSGD(fisher='empirical')")
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -32,12 +32,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._logits import Likelihood, OutputFn, get_likelihood
+from ._logits import OutputFn
 from ._targets import TargetMask
-from .curvature._data import check_choice, check_positive_int, iter_batches
+from .batch import iter_batches
 from .curvature.covariance import gradient_covariance
 from .curvature.eigenvalue import hessian_eigenvalues
 from .curvature.fisher import LABEL_MODES, fisher_trace
+from .likelihoods import Likelihood, get_likelihood
+from .validate import check_choice, check_positive_int
 
 __all__ = ["CURVATURE_QUANTITIES", "CurvatureMonitor", "FisherExplosionWarning", "FisherMonitor"]
 

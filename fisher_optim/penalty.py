@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +52,7 @@ from fisher_optim._logits import (
 )
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
 from fisher_optim._targets import TargetMask, target_rows
+from fisher_optim.batch import Batch
 
 PENALTIES = ("fisher", "random_label", "gradient", "input_gradient")
 #: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
@@ -96,36 +96,6 @@ def check_likelihood(likelihood: str | Likelihood, penalty: str = "fisher") -> L
 def needs_targets(penalty: str) -> bool:
     """Whether ``penalty`` uses the true targets (GP and GPx do; FP and GPr do not)."""
     return check_penalty(penalty) in ("gradient", "input_gradient")
-
-
-@dataclass
-class Batch:
-    """The positional and keyword inputs of one model call, plus optional targets."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    targets: Tensor | None = None
-
-    def first_tensor(self) -> Tensor:
-        for a in (*self.args, *self.kwargs.values()):
-            if isinstance(a, Tensor):
-                return a
-        raise ValueError("the model was called without any tensor input")
-
-    def head(self, n: int | None) -> Batch:
-        """The first ``n`` examples: every tensor whose first dimension is the batch size."""
-        if n is None:
-            return self
-        size = self.first_tensor().shape[0]
-
-        def cut(a: Any) -> Any:
-            return a[:n] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == size else a
-
-        return Batch(
-            tuple(cut(a) for a in self.args),
-            {k: cut(v) for k, v in self.kwargs.items()},
-            None if self.targets is None else cut(self.targets),
-        )
 
 
 class PenaltyObjective:

@@ -17,6 +17,7 @@ from fisher_optim.curvature import (
     gradient_covariance,
     gradient_covariance_eigenvalues,
     gradient_covariance_trace,
+    layers,
 )
 
 from .curvature_utils import assert_unchanged, example_grad, snapshot
@@ -81,7 +82,7 @@ def test_covered_layers_need_no_vmap(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("vmap route used")
 
-    monkeypatch.setattr(cov_module, "per_example_fallback_grads", fail)
+    monkeypatch.setattr(cov_module, "cotangent_grads", fail)
     for name in ("mlp", "cnn_bn", "wide", "lm"):
         model, x, y, output_fn = make_case(name)
         gradient_covariance(model, (x, y), output_fn=output_fn)
@@ -91,7 +92,7 @@ def test_small_memory_blocks_give_the_same_values(monkeypatch):
     for name in ("cnn_bn", "wide", "zoo1d", "lm"):
         model, x, y, output_fn = make_case(name, n=8)
         full = gradient_covariance(model, (x, y), k=3, output_fn=output_fn)
-        monkeypatch.setattr(cov_module, "_MAX_BLOCK_ELEMENTS", 64)
+        monkeypatch.setattr(layers, "MAX_BLOCK_ELEMENTS", 64)
         small = gradient_covariance(model, (x, y), k=3, output_fn=output_fn)
         monkeypatch.undo()
         assert small.trace == pytest.approx(full.trace, rel=1e-12)

@@ -11,6 +11,7 @@ from torch import nn
 
 from fisher_optim.curvature import (
     group_gradient_stats,
+    layers,
     per_example_grad_norms,
     per_example_sq_norms,
     target_cotangents,
@@ -21,6 +22,7 @@ from .conftest import small_cnn, tiny_mlp
 from .curvature_utils import (
     assert_unchanged,
     example_grad,
+    loop_exact_fisher,
     loop_sq_norms,
     randomize_state,
     snapshot,
@@ -158,7 +160,7 @@ def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("fallback used")
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", fail)
+    monkeypatch.setattr(pe, "cotangent_grads", fail)
     model, x, y, output_fn = make_case(name)
     norms = per_example_grad_norms(model, x, y, output_fn=output_fn)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y, output_fn))
@@ -166,7 +168,7 @@ def test_supported_layers_need_no_vmap_fallback(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["wide", "zoo2d"])
 def test_small_memory_blocks(name, monkeypatch):
-    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", 1)  # one example per block
+    monkeypatch.setattr(layers, "MAX_BLOCK_ELEMENTS", 1)  # one example per block
     model, x, y, _ = make_case(name)
     norms = per_example_grad_norms(model, x, y)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y))
@@ -174,9 +176,11 @@ def test_small_memory_blocks(name, monkeypatch):
 
 def test_grouped_conv_path_is_taken(monkeypatch):
     calls = []
-    original = pe._grouped_conv_sq_norms
+    original = layers.ConvGeometry.grouped_grads
     monkeypatch.setattr(
-        pe, "_grouped_conv_sq_norms", lambda *a: calls.append(a[0].shape) or original(*a)
+        layers.ConvGeometry,
+        "grouped_grads",
+        lambda self, a, g: calls.append(a.shape) or original(self, a, g),
     )
     model, x, y, _ = make_case("wide")
     per_example_grad_norms(model, x, y)
@@ -185,13 +189,13 @@ def test_grouped_conv_path_is_taken(monkeypatch):
 
 def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
     calls = []
-    original = pe.per_example_fallback_grads
+    original = pe.cotangent_grads
 
     def spy(model, inputs, g3, params, *args):
         calls.append({id(p) for p in params})
         return original(model, inputs, g3, params, *args)
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", spy)
+    monkeypatch.setattr(pe, "cotangent_grads", spy)
     model, x, y, _ = make_case("zoo1d")
     per_example_grad_norms(model, x, y)
     assert calls == [{id(model.scale.s), id(model.twice.weight), id(model.twice.bias)}]
@@ -202,11 +206,11 @@ def test_vmap_fallback_for_unsupported_layers_is_used(monkeypatch):
 )
 @pytest.mark.parametrize("block", [1 << 25, 1])
 def test_matmul_sq_norms_branches(length, k, o, block, monkeypatch):
-    monkeypatch.setattr(pe, "_MAX_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(layers, "MAX_BLOCK_ELEMENTS", block)
     a = torch.randn(5, length, k, dtype=torch.float64)
     g = torch.randn(5, length, o, dtype=torch.float64)
     expected = torch.einsum("blo,blk->bok", g, a).square().sum((1, 2))
-    torch.testing.assert_close(pe._matmul_sq_norms(a, g), expected)
+    torch.testing.assert_close(layers.matmul_sq_norms(a, g), expected)
 
 
 def test_mapping_inputs():
@@ -345,3 +349,100 @@ def test_one_output_model_with_targets_raises_instead_of_zero_norms():
     opt.set_targets(y)
     with pytest.raises(ValueError, match="one output"):
         opt.step()
+
+
+class _Tabled(nn.Module):
+    """``x [B, T, D]`` scaled by a table ``[T, 1]`` shared by all examples: a weight, a
+    buffer, or (``where="input"``) an input of the call."""
+
+    def __init__(self, length: int, where: str) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        table = torch.linspace(0.5, 2.0, length).reshape(length, 1)
+        if where == "weight":
+            self.table = nn.Parameter(table)
+        elif where == "buffer":
+            self.register_buffer("table", table)
+        else:
+            self.table = None
+
+    def forward(self, x, table=None):
+        table = self.table if table is None else table
+        return self.head(torch.tanh(self.lin(x * table)).mean(1))
+
+
+def _brute_example_grads(model, x, y, **kw):
+    """Float64 per-example gradients ``[B, d]``, each from the whole batch's forward."""
+    out = model(x, **kw)
+    return torch.stack(
+        [
+            example_grad_kept(model, F.cross_entropy(out[i : i + 1], y[i : i + 1]))
+            for i in range(len(y))
+        ]
+    )
+
+
+def example_grad_kept(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer"])
+def test_a_batch_sized_table_in_the_model_is_exact(where):
+    """A ``[T, 1]`` table with ``T == B`` held by the model is never cut per example."""
+    from fisher_optim.curvature import fisher_trace, gradient_covariance_trace
+
+    torch.manual_seed(0)
+    n = 6
+    model = _Tabled(n, where).double()
+    x, y = torch.randn(n, n, 4, dtype=torch.float64), torch.randint(3, (n,))
+    g = _brute_example_grads(model, x, y)
+    torch.testing.assert_close(per_example_grad_norms(model, x, y), g.norm(dim=1))
+    centred = g - g.mean(0)
+    assert gradient_covariance_trace(model, (x, y)) == pytest.approx(
+        float(centred.square().sum(1).mean()), rel=1e-10
+    )
+    assert fisher_trace(model, x, labels="exact") == pytest.approx(
+        loop_exact_fisher(model, x), rel=1e-10
+    )
+
+
+def test_a_batch_sized_shared_input_raises_unless_passed_through_the_model():
+    """A ``[T, 1]`` table with ``T == B`` passed in the batch cannot be told from one that
+    holds examples: it must be passed through the model (a wrapper holding it), or the
+    measurements raise (on main they cut it per example and were 2-50% off)."""
+    from fisher_optim import Batch
+    from fisher_optim.curvature import fisher_trace, gradient_covariance_trace
+
+    torch.manual_seed(0)
+    n = 6
+    model = _Tabled(n, "input").double()
+    table = torch.linspace(0.5, 2.0, n, dtype=torch.float64).reshape(n, 1)
+    x, y = torch.randn(n, n, 4, dtype=torch.float64), torch.randint(3, (n,))
+    batch = Batch((x,), {"table": table})
+    for measure in (
+        lambda: per_example_grad_norms(model, batch, y),
+        lambda: fisher_trace(model, batch),
+        lambda: gradient_covariance_trace(model, (batch, y)),
+        lambda: group_gradient_stats(model, batch, y, torch.arange(n) % 2),
+    ):
+        with pytest.raises(ValueError, match="first example alone"):
+            measure()
+
+    class Marked(nn.Module):  # the table passed through the model
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+            self.register_buffer("table", table)
+
+        def forward(self, x):
+            return self.inner(x, self.table)
+
+    marked = Marked()
+    g = _brute_example_grads(model, x, y, table=table)
+    torch.testing.assert_close(per_example_grad_norms(marked, x, y), g.norm(dim=1))
+    centred = g - g.mean(0)
+    assert gradient_covariance_trace(marked, (x, y)) == pytest.approx(
+        float(centred.square().sum(1).mean()), rel=1e-10
+    )

@@ -211,23 +211,23 @@ def test_sequence_first_layers_take_the_rules_with_the_examples_in_dimension_1(m
     original = pe.ghost_backward
 
     def spy(model, inputs, cotangents, on_layer, **kw):
-        def record(m, a, g):
+        def record(rule, m, a, g):
             seen[type(m).__name__] = seen.get(type(m).__name__, 0) + 1
             assert a.shape[0] == g.shape[0] == 4
-            on_layer(m, a, g)
+            on_layer(rule, m, a, g)
 
         return original(model, inputs, cotangents, record, **kw)
 
     monkeypatch.setattr(pe, "ghost_backward", spy)
     fallback: list[set[str]] = []
-    original_fallback = pe.per_example_fallback_grads
+    original_fallback = pe.cotangent_grads
 
     def spy_fallback(model, inputs, g3, params, *args):
         names = {n for n, p in model.named_parameters() if any(p is q for q in params)}
         fallback.append(names)
         return original_fallback(model, inputs, g3, params, *args)
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", spy_fallback)
+    monkeypatch.setattr(pe, "cotangent_grads", spy_fallback)
     model, x, y = _make("seq_first_T=B")
     norms = per_example_grad_norms(model, x, y)
     torch.testing.assert_close(norms.square(), loop_sq_norms(model, x, y), rtol=1e-10, atol=0)
@@ -245,13 +245,13 @@ def test_sequence_first_layers_take_the_rules_with_the_examples_in_dimension_1(m
 def test_tied_weight_goes_per_example(monkeypatch):
     """A weight also used outside its own module is detected and taken per example."""
     fallback: list[set[str]] = []
-    original = pe.per_example_fallback_grads
+    original = pe.cotangent_grads
 
     def spy(model, inputs, g3, params, *args):
         fallback.append({n for n, p in model.named_parameters() if any(p is q for q in params)})
         return original(model, inputs, g3, params, *args)
 
-    monkeypatch.setattr(pe, "per_example_fallback_grads", spy)
+    monkeypatch.setattr(pe, "cotangent_grads", spy)
     model, x, y = _make("tied")
     per_example_grad_norms(model, x, y)
     assert fallback == [{"emb.weight", "mix.weight", "mix.bias"}]

@@ -16,6 +16,12 @@ One concept per module:
   :func:`gradient_covariance_trace`, :func:`gradient_covariance_eigenvalues` from the
   N×N Gram matrix of per-example gradients (:func:`per_example_gradient_gram`).
 
+The per-example engine behind the norms, Tr(F) and K exists once: :mod:`.layers` (one
+rule per layer family: its per-example squared norms, Gram matrix, batch dimension and
+what it accepts), :mod:`.ghost` (the batched pass that feeds the rules) and
+:mod:`.examples` (the first-example check and the ``vmap``/loop per-example gradients of
+everything else, shared with :class:`fisher_optim.FisherNoiseSGD`).
+
 Every measurement leaves the model exactly as found: parameters, buffers, ``.grad`` and
 training flags.
 """

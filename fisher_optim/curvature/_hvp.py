@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from .._as_found import left_as_found
 from .._logits import OutputFn, pick_logits
-from .._modules import trainable_parameters
-from ..engines import _math_attention
+from .._modules import math_attention, trainable_parameters
 from ._data import (
     Inputs,
     batch_size,
@@ -114,7 +113,7 @@ class HessianOperator:
             yield to_device(x, self.device), to_device(y, self.device)
 
     def _gradient(self, x: Inputs, y: Tensor) -> list[Tensor | None]:
-        with _math_attention(), left_as_found(self.model):
+        with math_attention(), left_as_found(self.model):
             out = call_model(self.model, x)
             if self.loss_fn is F.cross_entropy and pick_logits(out, self.output_fn).shape[-1] == 1:
                 raise ValueError(

@@ -22,7 +22,7 @@ per-example gradients and ``C = I - 11^T/N`` the centring matrix, ``G_c = C G C`
 Gram matrix of the centred gradients ``g_i - ḡ``; writing ``K = (1/N) A^T A`` with the
 rows of ``A`` the centred gradients, ``K`` and ``G_c/N = (1/N) A A^T`` share their nonzero
 eigenvalues, and ``Tr(K) = Tr(G_c)/N``. G is assembled layer by layer from the same
-quantities as the ghost norms of :mod:`fisher_optim.curvature.per_example` - the layer
+quantities as the ghost norms (:mod:`.ghost`, with the per-layer rules of :mod:`.layers`) - the layer
 inputs ``a`` (forward hooks) and output gradients ``g`` (one batched backward of
 ``Σ_i ℓ_i``) - for a linear map applied at positions ``t = 1..T``:
 
@@ -32,8 +32,7 @@ or, when ``T²·(d_in + d_out)`` is dearer than ``d_in·d_out``, from the per-ex
 gradients ``Σ_t g_{it} a_{it}^T`` formed in blocks of examples whose size bounds memory
 (convolutions are unfolded, or their per-example gradients taken as the weight gradient
 of one grouped convolution, Rochette et al. 2019). Covered exactly: the layers the ghost
-norms cover (``Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``BatchNorm`` in eval mode,
-``LayerNorm``, ``GroupNorm``); every other trainable parameter goes through
+norms cover (every family of :data:`.layers.RULES`); every other trainable parameter goes through
 ``torch.func.vmap(grad)`` over single examples, its per-example gradients formed in
 blocks. The eigenvalues of the N×N matrix are then exact (``torch.linalg.eigvalsh`` in
 float64). Memory: the activations of all N examples (the Gram matrix couples every pair),
@@ -42,13 +41,11 @@ so N is a probe set of hundreds to a few thousand examples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._as_found import left_as_found
 from .._logits import OutputFn
@@ -62,15 +59,9 @@ from ._data import (
     model_device,
     to_device,
 )
-from .per_example import (
-    _MAX_BLOCK_ELEMENTS,
-    CotangentFn,
-    _row_target_cotangents,
-    _unfold,
-    conv_operands,
-    ghost_backward,
-    per_example_fallback_grads,
-)
+from .ghost import CotangentFn, ghost_backward
+from .layers import LayerRule, dense_gram
+from .per_example import cotangent_grads, row_target_cotangents
 
 __all__ = [
     "GradientCovariance",
@@ -79,186 +70,6 @@ __all__ = [
     "gradient_covariance_trace",
     "per_example_gradient_gram",
 ]
-
-BlockFn = Callable[[int, int], Tensor]
-"""``(start, stop) -> [stop - start, d]``: per-example gradients of examples start:stop."""
-
-
-# --------------------------------------------------------------------------------------
-# Gram matrices from per-example factors, in bounded blocks
-# --------------------------------------------------------------------------------------
-
-
-def _dense_gram(n: int, dim: int, block: BlockFn, out: Tensor) -> None:
-    """``out += J J^T`` with the rows of ``J`` (``[n, dim]``) produced ``block`` by block.
-
-    One block of at most :data:`_MAX_BLOCK_ELEMENTS` elements; when all n rows fit, ``J``
-    is formed once, otherwise each pair of blocks is formed (the later block of a pair is
-    recomputed: memory stays bounded at the price of extra work).
-    """
-    step = max(1, _MAX_BLOCK_ELEMENTS // max(1, dim))
-    if step >= n:
-        j = block(0, n)
-        out += (j @ j.T).to(out.dtype)
-        return
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        ji = block(s, e)
-        out[s:e, s:e] += (ji @ ji.T).to(out.dtype)
-        for s2 in range(e, n, step):
-            e2 = min(s2 + step, n)
-            cross = (ji @ block(s2, e2).T).to(out.dtype)
-            out[s:e, s2:e2] += cross
-            out[s2:e2, s:e] += cross.T
-
-
-def _pairwise_linear_gram(a: Tensor, g: Tensor, out: Tensor) -> None:
-    """``out[i, j] += Σ_{t,t'} (a_it·a_jt')(g_it·g_jt')`` for ``a: [N, T, K]``, ``g: [N, T, O]``."""
-    n, length = a.shape[:2]
-    if length == 1:
-        a2, g2 = a[:, 0], g[:, 0]
-        out += ((a2 @ a2.T) * (g2 @ g2.T)).to(out.dtype)
-        return
-    step = max(1, _MAX_BLOCK_ELEMENTS // (n * length * length))
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        aa = torch.einsum("itk,jsk->ijts", a[s:e], a)
-        gg = torch.einsum("ito,jso->ijts", g[s:e], g)
-        out[s:e] += (aa * gg).sum((2, 3)).to(out.dtype)
-
-
-def _matmul_gram(a: Tensor, g: Tensor, out: Tensor) -> None:
-    """Gram of the per-example gradients ``g_i^T a_i`` (``a: [N, T, K]``, ``g: [N, T, O]``),
-    by inner products or by forming the gradients, whichever costs fewer operations."""
-    n, length, k = a.shape
-    o = g.shape[-1]
-    dense = n * length * k * o + n * n * k * o
-    pairwise = n * n * length * length * (k + o)
-    if length == 1 or pairwise <= dense:
-        _pairwise_linear_gram(a, g, out)
-    else:
-        _dense_gram(
-            n, k * o, lambda s, e: torch.bmm(g[s:e].transpose(1, 2), a[s:e]).flatten(1), out
-        )
-
-
-def _linear_gram(m: nn.Linear, a: Tensor, g: Tensor, out: Tensor) -> None:
-    n = a.shape[0]
-    a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-    if m.weight.requires_grad:
-        _matmul_gram(a3, g3, out)
-    if m.bias is not None and m.bias.requires_grad:
-        b = g3.sum(1)
-        out += (b @ b.T).to(out.dtype)
-
-
-def _conv_weight_block(
-    m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor
-) -> tuple[int, BlockFn]:
-    """The dimension and a block function of a convolution's per-example weight gradients."""
-    groups = m.groups
-    a, g, kernel, dilation, stride, padding = conv_operands(m, a, g)
-    c, cout_all = a.shape[1], g.shape[1]
-    cin, cout = c // groups, cout_all // groups
-    k, length = cin * kernel[0] * kernel[1], g.shape[2] * g.shape[3]
-    dim = groups * cout * k
-
-    if cin >= 16:  # the backend's grouped-convolution weight gradient (examples as groups)
-
-        def grouped(s: int, e: int) -> Tensor:
-            b = e - s
-            per_example = torch.nn.grad.conv2d_weight(
-                a[s:e].reshape(1, b * c, *a.shape[2:]),
-                (b * cout_all, cin, *kernel),
-                g[s:e].reshape(1, b * cout_all, *g.shape[2:]),
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=b * groups,
-            )
-            return per_example.reshape(b, -1)
-
-        return dim, grouped
-
-    def unfolded(s: int, e: int) -> Tensor:
-        ab, b = a[s:e], e - s
-        if any(padding):
-            ab = F.pad(ab, [padding[1], padding[1], padding[0], padding[0]])
-        cols = _unfold(ab, kernel, dilation, stride)  # [b, Cin*k, L]
-        cols = cols.reshape(b * groups, k, length)
-        gg = g[s:e].reshape(b * groups, cout, length)
-        return torch.bmm(gg, cols.transpose(1, 2)).reshape(b, -1)
-
-    return dim, unfolded
-
-
-def _conv_gram(m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor, out: Tensor) -> None:
-    n = a.shape[0]
-    if m.weight.requires_grad:
-        dim, block = _conv_weight_block(m, a, g)
-        _dense_gram(n, dim, block, out)
-    if m.bias is not None and m.bias.requires_grad:
-        b = g.flatten(2).sum(2)
-        out += (b @ b.T).to(out.dtype)
-
-
-def _affine_gram(m: nn.Module, xhat: Tensor, g: Tensor, channels_first: bool, out: Tensor) -> None:
-    """Gram of the per-example gradients of ``y = xhat * weight + bias``."""
-    n = g.shape[0]
-    for p, t in ((m.weight, g * xhat), (m.bias, g)):
-        if p is not None and p.requires_grad:
-            if channels_first:
-                per = t.reshape(n, t.shape[1], -1).sum(2)
-            else:
-                per = t.reshape(n, -1, p.numel()).sum(1)
-            out += (per @ per.T).to(out.dtype)
-
-
-def _batchnorm_gram(m: _BatchNorm, a: Tensor, g: Tensor, out: Tensor) -> None:
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    rm, rv = m.running_mean, m.running_var
-    assert rm is not None and rv is not None
-    xhat = (a - rm.reshape(shape)) * torch.rsqrt(rv.reshape(shape) + m.eps)
-    _affine_gram(m, xhat.to(g.dtype), g, True, out)
-
-
-def _layernorm_gram(m: nn.LayerNorm, a: Tensor, g: Tensor, out: Tensor) -> None:
-    xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
-    _affine_gram(m, xhat.to(g.dtype), g, False, out)
-
-
-def _groupnorm_gram(m: nn.GroupNorm, a: Tensor, g: Tensor, out: Tensor) -> None:
-    xhat = F.group_norm(a, m.num_groups, eps=m.eps)
-    _affine_gram(m, xhat.to(g.dtype), g, True, out)
-
-
-def _embedding_gram(m: nn.Embedding, ids: Tensor, g: Tensor, out: Tensor) -> None:
-    """``out[i, j] += Σ_{t,t'} [id_it = id_jt'] (g_it·g_jt')``: rows of equal tokens meet."""
-    n, d = ids.shape[0], g.shape[-1]
-    ids, g = ids.reshape(n, -1), g.reshape(n, -1, d)
-    if m.padding_idx is not None:
-        g = g * (ids != m.padding_idx).unsqueeze(-1).to(g.dtype)
-    length = ids.shape[1]
-    step = max(1, _MAX_BLOCK_ELEMENTS // (n * length * length))
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        same = (ids[s:e, None, :, None] == ids[None, :, None, :]).to(g.dtype)
-        gg = torch.einsum("ito,jso->ijts", g[s:e], g)
-        out[s:e] += (same * gg).sum((2, 3)).to(out.dtype)
-
-
-_GRAM_RULES: dict[type[nn.Module], Callable[[Any, Tensor, Tensor, Tensor], None]] = {
-    nn.Linear: _linear_gram,
-    nn.Conv1d: _conv_gram,
-    nn.Conv2d: _conv_gram,
-    nn.Embedding: _embedding_gram,
-    nn.BatchNorm1d: _batchnorm_gram,
-    nn.BatchNorm2d: _batchnorm_gram,
-    nn.BatchNorm3d: _batchnorm_gram,
-    nn.LayerNorm: _layernorm_gram,
-    nn.GroupNorm: _groupnorm_gram,
-}
-
 
 # --------------------------------------------------------------------------------------
 # The engine
@@ -280,10 +91,10 @@ def per_example_gradient_gram(
     (as in :func:`~fisher_optim.curvature.per_example.per_example_sq_norms`, whose
     diagonal this is). With ``G = ∂ℓ/∂logits`` (:func:`~fisher_optim.curvature.target_cotangents`),
     ``G[i, j] = <∇_θ ℓ_i, ∇_θ ℓ_j>``. The layer inputs and output gradients come from the
-    ghost norms' pass (:func:`~fisher_optim.curvature.per_example.ghost_backward`: one
+    ghost pass (:func:`~fisher_optim.curvature.ghost.ghost_backward`: one
     forward and one backward per cotangent over all N examples); the parameters it does
     not cover come per example from
-    :func:`~fisher_optim.curvature.per_example.per_example_fallback_grads`, in blocks (see
+    :func:`~fisher_optim.curvature.per_example.cotangent_grads`, in blocks (see
     the module doc). The model is run in the mode it is in (BatchNorm must use running
     statistics) and left exactly as found; ``.grad`` is not touched.
 
@@ -298,21 +109,19 @@ def per_example_gradient_gram(
     n = batch_size(inputs)
     gram = torch.zeros(n, n, dtype=torch.float64, device=model_device(model))
 
-    def on_layer(m: nn.Module, a: Tensor, g: Tensor) -> None:
-        _GRAM_RULES[type(m)](m, a, g, gram)
+    def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
+        rule.gram(m, a, g, gram)
 
     with left_as_found(model):
-        gs, used = ghost_backward(
-            model, inputs, cotangents, on_layer, output_fn=output_fn, layer_types=_GRAM_RULES
-        )
+        gs, used = ghost_backward(model, inputs, cotangents, on_layer, output_fn=output_fn)
         dim = sum(p.numel() for p in used)
         for g in gs if used else []:
             g3 = g.reshape(n, -1, g.shape[-1])
 
             def block(s: int, e: int, g3: Tensor = g3) -> Tensor:
-                return per_example_fallback_grads(model, inputs, g3, used, output_fn, s, e)
+                return cotangent_grads(model, inputs, g3, used, output_fn, s, e)
 
-            _dense_gram(n, dim, block, gram)
+            dense_gram(n, dim, block, gram)
     return gram
 
 
@@ -404,7 +213,7 @@ def gradient_covariance(
         raise ValueError(f"k must be at most the number of examples N = {n}, got {k}")
     with eval_mode(model):
         gram = per_example_gradient_gram(
-            model, x, _row_target_cotangents(model, x, y), output_fn=output_fn
+            model, x, row_target_cotangents(model, x, y), output_fn=output_fn
         )
     centred = centred_gram(gram)
     eigenvalues = torch.linalg.eigvalsh(centred).flip(0)[:k] / n

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .._as_found import left_as_found
-from .._logits import Categorical, Likelihood, OutputFn, as_logits, get_likelihood
+from .._logits import OutputFn, as_logits
 from .._modules import eval_mode, frozen_batchnorm_stats, trainable_parameters
 from .._targets import TargetMask
+from ..likelihoods import Categorical, Likelihood, get_likelihood
 from ._data import (
     Inputs,
     batch_size,

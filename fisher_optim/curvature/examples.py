@@ -1,0 +1,171 @@
+"""The examples of a batch, one at a time: the check that they are independent, and their
+gradients by ``torch.func.vmap(grad)`` or a loop.
+
+Every tensor of a batch holds the examples in its first dimension (see
+:mod:`fisher_optim.curvature._data`); a tensor shared by all examples (an attention mask
+``[T, T]``, a table ``[T, 1]``) whose first dimension happens to equal the batch size
+cannot be told apart from one that holds examples, and is never guessed about: pass it
+through the model itself (an attribute, ``functools.partial`` or a wrapper module), not in
+the batch. What is checked instead is the consequence: the model run on the first example
+alone (its tensors cut as every per-example pass cuts them) must reproduce that example's
+output in the batch (:func:`check_first_example`), else ``ValueError``. The same check
+catches examples that interact (BatchNorm with batch statistics, a model that mixes rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._as_found import substituted_parameters
+from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
+from .._targets import IGNORE_INDEX
+from ..batch import holds_examples
+from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
+
+__all__ = [
+    "SHARED_INPUT_HINT",
+    "ExampleLoss",
+    "check_first_example",
+    "example_cross_entropy",
+    "example_grads",
+    "same_values",
+]
+
+ExampleLoss = Callable[[Tensor, Tensor], Tensor]
+"""``(logits [R, C] of one example, its entry of the per-example extra) -> scalar loss``."""
+
+SHARED_INPUT_HINT = (
+    "every tensor input whose first dimension is the batch size is taken as holding the "
+    "examples; pass inputs shared by all examples (e.g. a [T, T] mask, or a [T, 1] table "
+    "with T equal to the batch size) through the model itself (an attribute or "
+    "functools.partial), not in the batch, and make sure examples do not interact (eval mode)"
+)
+
+
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` have one shape and equal values up to rounding (relative
+    ``sqrt(eps)`` of ``a``'s dtype, at the scale of ``a``'s largest finite entry)."""
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b.to(a.device))
+    tol = torch.finfo(a.dtype).eps ** 0.5
+    finite = torch.nan_to_num(a.abs(), nan=0.0, posinf=0.0)  # a diverged model: NaN/Inf
+    scale = float(finite.max()) if a.numel() else 0.0
+    return torch.allclose(
+        a, b.to(device=a.device, dtype=a.dtype), rtol=tol, atol=tol * scale, equal_nan=True
+    )
+
+
+def check_first_example(first: Tensor, alone: Tensor, n: int, who: str) -> None:
+    """Raise ``ValueError`` unless ``alone`` (the model's output for the first example run
+    alone) equals ``first`` (that example's rows of the output for the whole batch of ``n``).
+
+    >>> check_first_example(torch.ones(1, 3), torch.ones(1, 3), 4, "a doctest")
+    >>> check_first_example(torch.ones(1, 3), torch.zeros(1, 3), 4, "a doctest")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: a doctest: the model run on the first example alone does not reproduce ...
+    """
+    first, alone = first.detach(), alone.detach()
+    if not bool(torch.isfinite(first).all()) or same_values(first, alone):
+        return  # non-finite: nothing to compare (the measurement reports it as it is)
+    raise ValueError(
+        f"{who}: the model run on the first example alone does not reproduce that "
+        f"example's output in the batch of {n} (shapes {tuple(alone.shape)} and "
+        f"{tuple(first.shape)}), so per-example gradients would be wrong: " + SHARED_INPUT_HINT
+    )
+
+
+def example_cross_entropy(logits: Tensor, labels: Tensor, who: str = "the cross-entropy") -> Tensor:
+    """``ℓ_i``: the mean cross-entropy over each example's rows ``[..., R, C]`` whose label
+    (``[..., R]``) is not ``IGNORE_INDEX`` (-100, as ``F.cross_entropy`` ignores it); 0 when
+    no row has one (an example without a target has no gradient, rather than a NaN one).
+    ``who`` names the caller in the error for a one-output model.
+
+    >>> logits = torch.zeros(3, 4)
+    >>> round(float(example_cross_entropy(logits, torch.tensor([1, -100, 2]))), 4)
+    1.3863
+    >>> float(example_cross_entropy(logits, torch.tensor([-100, -100, -100])))
+    0.0
+    """
+    valid = labels != IGNORE_INDEX
+    check_cross_entropy_outputs(logits, who)
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        torch.where(valid, labels, 0).reshape(-1),
+        reduction="none",
+    ).reshape(labels.shape)
+    return (losses * valid.to(losses.dtype)).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def example_grads(
+    model: nn.Module,
+    x: Inputs,
+    extra: Tensor,
+    params: list[Tensor],
+    loss: ExampleLoss,
+    output_fn: OutputFn | None = None,
+    start: int = 0,
+) -> list[Tensor]:
+    """``∇_params loss(logits_i, extra[i - start])`` for the examples ``i`` in
+    ``start : start + len(extra)`` of the batch ``x``: one tensor ``[len(extra), *p.shape]``
+    per parameter (zeros where the loss does not reach it), ``logits_i`` the rows
+    ``[R, C]`` of ``as_logits(model(x_i))``.
+
+    The examples are cut by the one slicing rule (:func:`fisher_optim.batch.cut_examples`,
+    decided on the whole batch ``x``). By ``torch.func.vmap(grad)`` over single examples,
+    the parameters substituted by identity
+    (:func:`fisher_optim._as_found.substituted_parameters`, so a model with a module
+    registered twice is left exactly as found); a model that ``vmap`` cannot run
+    (data-dependent control flow, as in the attention-mask code of Hugging Face models) is
+    run one example at a time instead. Exact either way.
+    """
+    try:
+        return _vmap_grads(model, x, extra, params, loss, output_fn, start)
+    except Exception:  # noqa: BLE001 - the loop below reruns the model and re-raises its errors
+        pass
+    rows = []
+    with torch.enable_grad():
+        for i, e in enumerate(extra, start):
+            logits = as_logits(call_model(model, slice_batch(x, i, i + 1)), output_fn)
+            grads = torch.autograd.grad(loss(logits, e), params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)])
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
+
+
+def _vmap_grads(
+    model: nn.Module,
+    x: Inputs,
+    extra: Tensor,
+    params: list[Tensor],
+    loss: ExampleLoss,
+    output_fn: OutputFn | None,
+    start: int,
+) -> list[Tensor]:
+    from torch.func import grad, vmap
+
+    keys = [id(p) for p in params]
+    n, stop = num_examples(x), start + extra.shape[0]
+    flat, spec = tree_flatten(model_inputs(x))
+    slots = [i for i, v in enumerate(flat) if holds_examples(v, n)]
+
+    def surrogate(theta: tuple[Tensor, ...], tensors: tuple[Tensor, ...], e: Tensor) -> Tensor:
+        leaves = list(flat)
+        for i, t in zip(slots, tensors, strict=True):
+            leaves[i] = t.unsqueeze(0)
+        args, kwargs = tree_unflatten(leaves, spec)
+        with substituted_parameters(model, dict(zip(keys, theta, strict=True))):
+            out = model(*args, **kwargs)
+        return loss(as_logits(out, output_fn), e)
+
+    theta = tuple(p.detach() for p in params)
+    tensors = tuple(flat[i][start:stop] for i in slots)
+    with torch.no_grad():
+        return list(vmap(grad(surrogate), in_dims=(None, 0, 0))(theta, tensors, extra))

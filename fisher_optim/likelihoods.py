@@ -1,0 +1,304 @@
+"""Likelihoods: the model's predictive distribution ``p_θ(y | z)`` over the label of one row
+``z`` of the logits, from which the Fisher's labels are drawn (the *true* Fisher, FP paper
+Eq. 2) and whose score gives the per-example gradients.
+
+``"categorical"`` (softmax over ``C ≥ 2`` classes, the FP paper's, the default),
+``"bernoulli"`` (independent binary labels, e.g. one logit of a binary classifier) or
+``"gaussian"`` (regression with fixed σ, whose Fisher is ``J^T J / σ²``); pass a name in
+:data:`LIKELIHOODS` or an instance (``likelihood=Gaussian(sigma=0.5)``) to any function
+with ``likelihood=``; subclass :class:`Likelihood` for another.
+
+>>> get_likelihood("categorical")
+Categorical()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LABEL_KINDS",
+    "LIKELIHOODS",
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "get_likelihood",
+    "sample_labels",
+]
+
+LABEL_KINDS = ("sample", "uniform")
+
+
+def sample_labels(
+    logits: Tensor, kind: str = "sample", generator: torch.Generator | None = None
+) -> Tensor:
+    """Draw one label per row of ``logits`` (``[N, C]``), without gradient.
+
+    ``kind="sample"``: ŷ ~ softmax(logits), the model's own predictive distribution
+    (FP paper, Eq. 2). ``kind="uniform"``: ŷ uniform over the C classes (the GPr penalty).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sample_labels(torch.tensor([[0.0, 50.0], [50.0, 0.0]]), generator=g).tolist()
+    [1, 0]
+    """
+    if kind not in LABEL_KINDS:
+        raise ValueError(f"kind must be one of {LABEL_KINDS}, got {kind!r}")
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            f"the logits have {logits.shape[-1]} column(s): a softmax over one class is "
+            "identically 1, so every label is 0 and its gradient is identically 0; a "
+            "categorical label needs at least 2 classes"
+        )
+    if generator is not None and generator.device != logits.device:
+        return sample_labels(logits.detach().to(generator.device), kind, generator).to(
+            logits.device
+        )
+    with torch.no_grad():
+        if kind == "uniform":
+            return torch.randint(
+                logits.shape[-1], (logits.shape[0],), device=logits.device, generator=generator
+            )
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        # Rows with non-finite logits get uniform labels: the loss at them is then non-finite
+        # and the caller (e.g. FisherPenaltySGD) skips the result, instead of crashing here.
+        bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+        probs = torch.where(bad, torch.ones_like(probs), probs)
+        # what torch.multinomial(probs, 1) draws, bit for bit (the argmax of p / q with
+        # q ~ Exp(1)), without its checks of the probabilities, which read them on the host
+        # (two syncs on a GPU); the rows here are finite, ≥ 0 and not all zero
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        return (probs / q).argmax(-1)
+
+
+#: The names of the built-in likelihoods, for ``likelihood=`` (see :class:`Likelihood`).
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+
+
+class Likelihood:
+    r"""The model's predictive distribution ``p_θ(y | z)`` over the label of one row ``z``.
+
+    The Fisher is ``F = E_x E_{ŷ ~ p_θ(·|x)} [∇_θ ℓ ∇_θ ℓ^T]`` with ``ℓ = −log p_θ(ŷ|x)``
+    (FP paper, Eq. 2); by the chain rule ``∇_θ ℓ = J^T s`` with ``J = ∂z/∂θ`` and the score
+    ``s = ∂ℓ/∂z``, so ``F = E_x J^T Λ(z) J`` with ``Λ(z) = E_ŷ[s s^T]``, the Fisher of the
+    likelihood in its own parameters ``z``. A subclass gives the sampling of ``ŷ``, ``ℓ``,
+    ``s`` and a factorisation ``Λ = Σ_k u_k u_k^T``. Rows are ``[N, C]`` (see
+    :func:`fisher_optim._logits.as_logits`); the surrogate loss of a batch is the mean of ``ℓ`` over its rows.
+    """
+
+    name = "likelihood"
+    #: Whether the label set has a uniform distribution (``penalty="random_label"``).
+    uniform_labels = False
+
+    def check_outputs(self, logits: Tensor) -> None:
+        """Raise if rows of ``logits.shape[-1]`` outputs cannot carry this likelihood."""
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ŷ ~ p_θ(·|z) per row, without gradient."""
+        raise NotImplementedError
+
+    def sample_uniform(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ŷ uniform over the label set (the GPr penalty), if ``uniform_labels``."""
+        raise ValueError(f"{self!r} has no uniform distribution over its labels")
+
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean over the rows of ``ℓ(z, ŷ)`` (constants dropped), at least in float32."""
+        raise NotImplementedError
+
+    def score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``∂ℓ/∂z`` per row, ``[N, C]``."""
+        raise NotImplementedError
+
+    def fisher_factors(self, logits: Tensor) -> list[Tensor]:
+        """Vectors ``u_k`` (each ``[N, C]``) with ``E_ŷ[s s^T] = Σ_k u_k u_k^T`` per row."""
+        raise NotImplementedError
+
+    def as_targets(self, targets: Tensor, logits: Tensor) -> Tensor:
+        """True targets matched to the rows of ``logits`` (for the default GP/GPx loss)."""
+        if targets.numel() != logits.numel():
+            raise ValueError(
+                f"the {self.name} likelihood needs one target per output: targets of shape "
+                f"{tuple(targets.shape)} for outputs of {logits.numel()} entries"
+            )
+        return targets.reshape(logits.shape).to(_float(logits).dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Categorical(Likelihood):
+    r"""ŷ ~ softmax(z) over ``C ≥ 2`` classes, ``ℓ = CE(z, ŷ)``, ``s = p − e_ŷ``.
+
+    ``Λ = diag(p) − p p^T = Σ_k p_k (p − e_k)(p − e_k)^T``. The default: the FP paper's.
+    """
+
+    name = "categorical"
+    uniform_labels = True
+
+    def check_outputs(self, logits: Tensor) -> None:
+        if logits.shape[-1] < 2:
+            raise ValueError(
+                f"the model has {logits.shape[-1]} output(s) per row, and the default "
+                "likelihood='categorical' takes a softmax over them: over one class it is "
+                "identically 1, so Tr(F_B) and Tr(F) would be identically 0 and the penalty "
+                "would do nothing. Choose the likelihood of a one-output model: "
+                "likelihood='bernoulli' (one logit of a binary classifier, ŷ ~ "
+                "Bernoulli(sigmoid(z))) or likelihood='gaussian' (regression, ŷ ~ N(z, σ²); "
+                "Gaussian(sigma=...) for σ ≠ 1)"
+            )
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        self.check_outputs(logits)
+        return sample_labels(logits, "sample", generator)
+
+    def sample_uniform(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        self.check_outputs(logits)
+        return sample_labels(logits, "uniform", generator)
+
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(_float(logits), labels)
+
+    def score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        probs = torch.softmax(logits, -1)
+        return probs - F.one_hot(labels, logits.shape[-1]).to(probs.dtype)
+
+    def fisher_factors(self, logits: Tensor) -> list[Tensor]:
+        probs = torch.softmax(logits, -1)
+        eye = torch.eye(logits.shape[-1], dtype=probs.dtype, device=probs.device)
+        return [probs[:, k : k + 1].sqrt() * (probs - eye[k]) for k in range(logits.shape[-1])]
+
+    def as_targets(self, targets: Tensor, logits: Tensor) -> Tensor:
+        if targets.numel() != logits.shape[0]:
+            raise ValueError(
+                f"likelihood='categorical' needs one class index per row: targets of shape "
+                f"{tuple(targets.shape)} for {logits.shape[0]} rows of logits"
+            )
+        return targets.reshape(-1)
+
+
+class Bernoulli(Likelihood):
+    r"""Each output an independent binary label: ŷ_c ~ Bernoulli(sigmoid(z_c)).
+
+    ``ℓ = Σ_c BCE-with-logits(z_c, ŷ_c)``, ``s = sigmoid(z) − ŷ``, ``Λ = diag(p (1 − p))``
+    with ``p = sigmoid(z)``. One output per row (``[B, 1]``) is a binary classifier with one
+    logit; ``C`` outputs are ``C`` independent labels (multi-label classification).
+    ``penalty='random_label'`` draws ŷ_c ~ Bernoulli(1/2).
+
+    >>> Bernoulli().score(torch.tensor([[0.0]]), torch.tensor([[1.0]]))
+    tensor([[-0.5000]])
+    """
+
+    name = "bernoulli"
+    uniform_labels = True
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            probs = torch.sigmoid(_float(logits.detach()))
+            probs = torch.where(torch.isfinite(probs), probs, torch.full_like(probs, 0.5))
+            return _on(generator, probs, lambda p: torch.bernoulli(p, generator=generator))
+
+    def sample_uniform(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        half = torch.full(logits.shape, 0.5, dtype=_float(logits).dtype, device=logits.device)
+        return _on(generator, half, lambda p: torch.bernoulli(p, generator=generator))
+
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        z = _float(logits)
+        return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype), reduction="sum") / max(
+            z.shape[0], 1
+        )
+
+    def score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return torch.sigmoid(logits) - labels.to(logits.dtype)
+
+    def fisher_factors(self, logits: Tensor) -> list[Tensor]:
+        p = torch.sigmoid(logits)
+        scale = (p * (1 - p)).sqrt()
+        eye = torch.eye(logits.shape[-1], dtype=p.dtype, device=p.device)
+        return [scale[:, k : k + 1] * eye[k] for k in range(logits.shape[-1])]
+
+
+class Gaussian(Likelihood):
+    r"""Regression: ŷ ~ N(z, σ² I), the output ``z`` the mean and σ fixed (default 1).
+
+    ``ℓ = ||ŷ − z||² / (2σ²)`` (+ a constant), ``s = (z − ŷ) / σ² = −ε / σ`` with
+    ``ε ~ N(0, I)``, and ``Λ = E[s s^T] = I / σ²``: the Fisher of a Gaussian with fixed
+    variance is ``F = E_x J^T J / σ²``, the Gauss-Newton matrix of the squared error over σ²
+    (so ``Tr(F) = E_x ||J||_F² / σ²``). It does not depend on the targets, only on σ, which
+    scales ``Tr(F)`` and ``Tr(F_B)`` as ``1/σ²``. Note ``F.mse_loss`` (a mean over the
+    ``C`` outputs, without the 1/2) is ``ℓ · 2σ² / C``.
+
+    >>> [u.tolist() for u in Gaussian(sigma=2.0).fisher_factors(torch.zeros(1, 2))]
+    [[[0.5, 0.0]], [[0.0, 0.5]]]
+    """
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+            raise TypeError(f"sigma must be a number > 0, got {sigma!r}")
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        self.sigma = float(sigma)
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            mean = _float(logits.detach())
+            noise = _on(
+                generator,
+                mean,
+                lambda m: torch.randn(m.shape, dtype=m.dtype, device=m.device, generator=generator),
+            )
+            return mean + self.sigma * noise
+
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        z = _float(logits)
+        return (z - labels.to(z.dtype)).square().sum() / (2 * self.sigma**2 * max(z.shape[0], 1))
+
+    def score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return (logits - labels.to(logits.dtype)) / self.sigma**2
+
+    def fisher_factors(self, logits: Tensor) -> list[Tensor]:
+        eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        return [(eye[k] / self.sigma).expand_as(logits) for k in range(logits.shape[-1])]
+
+    def __repr__(self) -> str:
+        return f"Gaussian(sigma={self.sigma:g})"
+
+
+def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """A :class:`Likelihood` from its name in :data:`LIKELIHOODS` (or the instance itself).
+
+    >>> get_likelihood("gaussian"), get_likelihood(Gaussian(sigma=0.5))
+    (Gaussian(sigma=1), Gaussian(sigma=0.5))
+    """
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood == "categorical":
+        return Categorical()
+    if likelihood == "bernoulli":
+        return Bernoulli()
+    if likelihood == "gaussian":
+        return Gaussian()
+    raise ValueError(
+        f"likelihood must be one of {LIKELIHOODS} or a Likelihood instance (e.g. "
+        f"Gaussian(sigma=0.5)), got {likelihood!r}"
+    )
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (half-precision outputs are upcast for the loss)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _on(
+    generator: torch.Generator | None, like: Tensor, draw: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``draw(like)`` on the generator's device, returned on ``like``'s device."""
+    if generator is not None and generator.device != like.device:
+        return draw(like.to(generator.device)).to(like.device)
+    return draw(like)
