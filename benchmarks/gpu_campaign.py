@@ -24,9 +24,13 @@ does not use to the next):
 Everything lands in ``--out`` (default ``runs/gpu_campaign``); ``campaign.json`` is rewritten
 after every part, so a command killed at its time limit still leaves what it measured.
 
-    python benchmarks/gpu_campaign.py --data-root data/cifar10-jpg.tar.xz --out $OUT/campaign
-    python benchmarks/gpu_campaign.py --dry-run              # CPU smoke test, tiny sizes
-    python benchmarks/gpu_campaign.py --sizing               # FLOPs per step and the plan
+    PYTHONPATH=$PWD python3 benchmarks/gpu_campaign.py --data-root data/cifar10-jpg.tar.xz \
+        --pack $OUT                                      # on the GPU machine
+    python benchmarks/gpu_campaign.py --dry-run          # CPU smoke test, tiny sizes
+    python benchmarks/gpu_campaign.py --sizing           # FLOPs per step and the plan
+
+``--pack DIR`` copies ``campaign.json`` to ``DIR`` and packs the table's runs into
+``table1-N.tar`` files of at most 15 MiB; ``--unpack`` them on a fresh machine to resume.
 
 Sizing (``--sizing``, docs/gpu-campaign.md): the FLOPs of one training step are counted on
 the CPU (``torch.utils.flop_counter``), the GPU time per run is steps × FLOPs / the assumed
@@ -216,7 +220,7 @@ def _sync_count(model_name: str, device: torch.device, steps: int = 20) -> dict[
     from fisher_optim import FisherPenaltySGD
 
     opt = FisherPenaltySGD(model, lr=1e-3, momentum=0.9, alpha=0.01, every=10)
-    in_step = in_loop = cuda = 0
+    in_step = in_loop = cuda_step = cuda_loop = 0
     for _ in range(steps):
         with SyncCounter() as loop:
             opt.zero_grad()
@@ -225,13 +229,15 @@ def _sync_count(model_name: str, device: torch.device, steps: int = 20) -> dict[
                 opt.step()
         in_step += step.count
         in_loop += loop.count
-        cuda += loop.cuda_warnings
+        cuda_step += step.cuda_warnings  # the inner counter holds the step's CUDA warnings
+        cuda_loop += loop.cuda_warnings + step.cuda_warnings
     return {
         "steps": steps,
         "every": 10,
         "syncs_in_opt_step": in_step,
         "syncs_in_training_loop": in_loop,
-        "cuda_sync_debug_warnings": cuda,
+        "cuda_sync_warnings_in_opt_step": cuda_step,
+        "cuda_sync_warnings_in_training_loop": cuda_loop,
     }
 
 
