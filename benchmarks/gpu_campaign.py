@@ -77,7 +77,12 @@ from benchmarks.common.harness import (  # noqa: E402
 )
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
-from fisher_optim._cli import HelpFormatter, positive_float, positive_int  # noqa: E402
+from fisher_optim._cli import (  # noqa: E402
+    HelpFormatter,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from fisher_optim.curvature import fisher_trace  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
@@ -594,13 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root",
         default=None,
-        help="CIFAR-10 in any layout benchmarks/common/data.py reads (a "
-        "folder, or the cifar10-jpg.tar.xz archive)",
+        help="CIFAR-10 in any layout benchmarks/common/data.py reads, a folder or the "
+        "cifar10-jpg.tar.xz archive (default: $FISHER_OPTIM_DATA, else "
+        "~/.cache/fisher_optim/data; with --dry-run: synthetic images)",
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "runs" / "gpu_campaign",
+        default=Path("runs") / "gpu_campaign",
         help="output folder (campaign.json, tests.xml, the table1 runs)",
     )
     parser.add_argument(
@@ -614,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=nonnegative_int,
         nargs="+",
         default=[0, 1, 2],
         help="seeds of the table1 runs (seed-major: every column of seed 0 first)",
@@ -643,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL",
         help="with --sizing: also count the FLOPs of an SGD step and of an exact and a "
-        "finite-difference refresh (every=1 steps) of these networks",
+        "finite-difference refresh (every=1 steps) of these networks (default: none)",
     )
     parser.add_argument(
         "--pack",
@@ -651,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="at the end, copy campaign.json to DIR and pack the table's runs (checkpoints "
-        "included) into table1-N.tar files of at most 15 MiB (e.g. --pack $OUT)",
+        "included) into table1-N.tar files of at most 15 MiB, e.g. --pack $OUT (default: "
+        "nothing is packed)",
     )
     parser.add_argument(
         "--unpack",
@@ -660,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TAR",
         help="first extract these table1-N.tar files (from --pack) into --out: the runs "
-        "resume on a fresh machine",
+        "resume on a fresh machine (default: none)",
     )
     parser.add_argument(
         "--dry-run",
