@@ -16,7 +16,7 @@ from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, Fishe
 from fisher_optim.penalty import PENALTIES, fisher_penalty
 from fisher_optim.safeguard import SpikeGuard
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "COVARIANCES",

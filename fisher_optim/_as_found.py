@@ -152,6 +152,7 @@ def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
         with parameter_values_kept(model, check=check):
             yield
     finally:
+        saved = []
         for m, flag, own, bufs in zip(modules, flags, params, buffers, strict=True):
             m.training = flag
             for name, p in own.items():
@@ -160,15 +161,33 @@ def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
             for name, (b, value) in bufs.items():
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
-                # kernels may update buffers in place without a version bump: compare values
-                if not torch.equal(b, value):
-                    with torch.no_grad():
-                        b.copy_(value)
+                saved.append((b, value))
+        # kernels may update buffers in place without a version bump: compare values, all
+        # at once (one host sync, not one per buffer), and restore those that changed
+        for (b, value), changed in zip(saved, _changed(saved)):
+            if changed:
+                with torch.no_grad():
+                    b.copy_(value)
         for p, requires_grad, grad in grads:
             if p.requires_grad != requires_grad:
                 p.requires_grad_(requires_grad)
             if p.grad is not grad:
                 p.grad = grad
+
+
+def _changed(pairs: list[tuple[Tensor, Tensor]]) -> list[bool]:
+    """Whether each ``(current, saved)`` pair differs (a change of shape or dtype, or of any
+    value, NaN counting as a change), read back with one host sync per device."""
+    out = [b.shape != v.shape or b.dtype != v.dtype for b, v in pairs]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (b, _) in enumerate(pairs):
+        if not out[i] and b.numel():
+            by_device.setdefault(b.device, []).append(i)
+    for indices in by_device.values():
+        flags = torch.stack([(pairs[i][0] != pairs[i][1]).any() for i in indices]).tolist()
+        for i, flag in zip(indices, flags):
+            out[i] = bool(flag)
+    return out
 
 
 @contextlib.contextmanager

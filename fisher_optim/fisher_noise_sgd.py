@@ -191,7 +191,7 @@ class FisherNoiseSGD(GradientWrapper):
         super().__init__(
             model, base_optimizer, {"small_batch_size": int(small_batch_size)}, base_kwargs, seed
         )
-        self.noise_norm: float | None = None
+        self._noise_norm: Tensor | float | None = None
         self.fisher_trace: float | None = None
         self.refreshes = 0
         self.skipped_refreshes = 0
@@ -200,6 +200,14 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache: list[Tensor | None] | None = None
         self._local_draws = 0
         self._seed_synced = False
+
+    @property
+    def noise_norm(self) -> float | None:
+        """``||n||`` of the last step's noise (None before the first), a float. It stays on
+        the device until asked for, so that a step does not wait for the device."""
+        if isinstance(self._noise_norm, Tensor):
+            self._noise_norm = float(self._noise_norm)
+        return self._noise_norm
 
     # ----------------------------------------------------------------- step
     def _before_base_step(self) -> None:
@@ -211,7 +219,7 @@ class FisherNoiseSGD(GradientWrapper):
             self._refresh(batch)
         noise = self._sample_noise(batch)
         if noise is None:
-            self.noise_norm = None
+            self._noise_norm = None
             return
         total = None
         for p, n in zip(self.flat_params(), noise):
@@ -220,7 +228,8 @@ class FisherNoiseSGD(GradientWrapper):
             p.grad.add_(n.to(p.grad.dtype))
             sq = n.double().pow(2).sum()
             total = sq if total is None else total + sq
-        self.noise_norm = None if total is None else math.sqrt(float(total))
+        # kept on the device and read when asked for: no host sync per step
+        self._noise_norm = None if total is None else total.sqrt()
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
@@ -269,18 +278,19 @@ class FisherNoiseSGD(GradientWrapper):
         diag = self.all_reduce_mean(diag)
         trace = torch.stack([d.double().sum() for d in diag]).sum()
         self.refreshes += 1
-        if not bool(torch.isfinite(trace)):
+        value = float(trace)  # the one host sync of an estimate
+        if not math.isfinite(value):
             self.skipped_refreshes += 1
             self._cache = None
             warnings.warn(
                 f"FisherNoiseSGD: the Fisher estimate at step {self.step_count} is not finite "
-                f"(Tr F = {float(trace)}); it was dropped and no noise is added until the next "
+                f"(Tr F = {value}); it was dropped and no noise is added until the next "
                 f"estimate ({self.skipped_refreshes} dropped so far). Training continues.",
                 RuntimeWarning,
                 stacklevel=7,
             )
             return
-        self.fisher_trace = float(trace)
+        self.fisher_trace = value
         cache: list[Tensor | None] = [None] * len(params)
         if self.covariance == "diagonal":
             for i, d in zip(trainable, diag):
@@ -400,7 +410,9 @@ class FisherNoiseSGD(GradientWrapper):
         z = torch.randn((k, n), generator=generator, device=logits.device, dtype=logits.dtype)
         # d(Σ_i z_i ℓ_i / √M) / d log p, row by row
         weights = (-z / (math.sqrt(n) * count)).repeat_interleave(per, dim=1)
-        onehot = F.one_hot(torch.where(valid, labels, 0), classes).to(logits.dtype)
+        # a scatter, not F.one_hot, whose range check reads the labels on the host
+        onehot = torch.zeros((*labels.shape, classes), device=logits.device, dtype=logits.dtype)
+        onehot.scatter_(-1, torch.where(valid, labels, 0).unsqueeze(-1), 1.0)
         cotangent = onehot * (weights * valid.to(logits.dtype)).unsqueeze(-1)
         if draws is None:
             cotangent = cotangent[0]
@@ -418,7 +430,8 @@ class FisherNoiseSGD(GradientWrapper):
             v = [t * math.sqrt(world) for t in self.all_reduce_mean(v)]
         sq = torch.stack([t.double().pow(2).sum() for t in v]).sum()
         self.refreshes += 1
-        if not bool(torch.isfinite(sq)):
+        total = float(sq)  # the one host sync of a draw
+        if not math.isfinite(total):
             self.skipped_refreshes += 1
             warnings.warn(
                 f"FisherNoiseSGD: the Fisher noise at step {self.step_count} is not finite; it was "
@@ -428,7 +441,7 @@ class FisherNoiseSGD(GradientWrapper):
                 stacklevel=8,
             )
             return None
-        self.fisher_trace = float(sq) / k
+        self.fisher_trace = total / k
         out: list[Tensor | None] = [None] * len(params)
         for i, t in zip(trainable, v):
             out[i] = t.detach()
@@ -493,7 +506,7 @@ class FisherNoiseSGD(GradientWrapper):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
-        self.noise_norm = extra["noise_norm"]
+        self._noise_norm = extra["noise_norm"]
         self.fisher_trace = extra["fisher_trace"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]

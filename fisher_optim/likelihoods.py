@@ -69,7 +69,11 @@ def sample_labels(
         # and the caller (e.g. FisherPenaltySGD) skips the result, instead of crashing here.
         bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
         probs = torch.where(bad, torch.ones_like(probs), probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # what torch.multinomial(probs, 1) draws, bit for bit (the argmax of p / q with
+        # q ~ Exp(1)), without its checks of the probabilities, which read them on the host
+        # (two syncs on a GPU); the rows here are finite, ≥ 0 and not all zero
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        return (probs / q).argmax(-1)
 
 
 #: The names of the built-in likelihoods, for ``likelihood=`` (see :class:`Likelihood`).

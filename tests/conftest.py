@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -42,3 +44,30 @@ def seeded_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+#: Environment variable naming the devices of the ``device`` fixture, comma-separated:
+#: ``FISHER_OPTIM_TEST_DEVICES=cpu,cuda``. CPU is always included; CUDA only when named here
+#: (and skipped, not failed, when no GPU is present).
+DEVICES_ENV = "FISHER_OPTIM_TEST_DEVICES"
+KNOWN_DEVICES = ("cpu", "cuda")
+
+
+def selected_devices() -> list[str]:
+    """The device types named by :data:`DEVICES_ENV` (default ``cpu``), CPU first."""
+    names = [d.strip() for d in os.environ.get(DEVICES_ENV, "cpu").split(",") if d.strip()]
+    unknown = sorted(set(names) - set(KNOWN_DEVICES))
+    if unknown:
+        raise ValueError(
+            f"{DEVICES_ENV} names unknown devices {unknown}; valid: {', '.join(KNOWN_DEVICES)} "
+            f"(e.g. {DEVICES_ENV}=cpu,cuda)"
+        )
+    return ["cpu", *(d for d in KNOWN_DEVICES if d != "cpu" and d in names)]
+
+
+@pytest.fixture(params=selected_devices())
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each selected device in turn: CPU always, CUDA when selected and present."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"{DEVICES_ENV} selects cuda, but CUDA is not available")
+    return torch.device(request.param)

@@ -186,3 +186,54 @@ def test_bad_arguments_fail_at_construction() -> None:
         FisherTrainerCallback(_probe(), every=0)
     with pytest.raises(ValueError, match="threshold"):
         FisherTrainerCallback(_probe(), threshold=-1.0)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+def test_optim_names_are_a_closed_enum(tmp_path) -> None:
+    """What does not work without patching transformers: a new ``optim=`` name."""
+    with pytest.raises(ValueError):
+        transformers.TrainingArguments(output_dir=str(tmp_path), optim="fishersgd")
+
+
+def test_factory_builds_the_trainers_optimizer(tmp_path) -> None:
+    from fisher_optim.integrations.transformers import FisherPenaltyFactory
+
+    torch.manual_seed(0)
+    model = DictClassifier()
+    model.norm = nn.LayerNorm(4).double()  # a norm layer (unused): spared by weight decay
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(48, 5, generator=g, dtype=torch.float64)
+    ys = torch.randint(4, (48,), generator=g)
+    dataset = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+    kwargs = dict(base_optimizer=torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=0.01,
+                  alpha=0.1, every=2, output_fn=logits_of, seed=3)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        lr_scheduler_type="constant", max_grad_norm=0.0, learning_rate=123.0,  # not used
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=dataset,
+        optimizer_cls_and_kwargs=(FisherPenaltyFactory, kwargs),
+    )
+    trainer.train()
+    opt = trainer.optimizer.optimizer  # the Trainer's AcceleratedOptimizer wraps ours
+    assert isinstance(opt, FisherPenaltySGD) and opt.model is model
+    assert opt.refreshes == 2
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"net.0.weight", "net.2.weight"}  # no bias, no norm weight
+
+    assert all(g["lr"] == 0.2 for g in opt.param_groups)  # ours, not learning_rate=123
+    for p, q in zip(model.net.parameters(), reference.net.parameters()):
+        assert torch.isfinite(p).all() and not torch.equal(p, q)
+
+
+def test_factory_needs_lr_and_alpha() -> None:
+    from fisher_optim.integrations.transformers import FisherPenaltyFactory
+
+    with pytest.raises(ValueError, match="lr="):
+        FisherPenaltyFactory()(DictClassifier(), alpha=0.1)
+    with pytest.raises(ValueError, match="alpha="):
+        FisherPenaltyFactory()(DictClassifier(), lr=0.1)

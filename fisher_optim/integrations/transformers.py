@@ -1,4 +1,5 @@
-"""A ``transformers.TrainerCallback`` that logs Tr(F) and the Fisher optimizers' counters.
+"""Hugging Face ``Trainer``: a callback that logs Tr(F) and the Fisher optimizers' counters,
+and :class:`FisherPenaltyFactory`, which gives the ``Trainer`` a FisherPenaltySGD by name.
 
 Jastrzebski et al., "Catastrophic Fisher Explosion", ICML 2021: Tr(F) (Eq. 2) measured on a
 fixed probe set early in training predicts generalisation; the Fisher penalty keeps it down.
@@ -10,6 +11,14 @@ the ``Trainer``, so that ``trainer.state.log_history`` and every reporting integ
 (``report_to``: TensorBoard, W&B, ...) see it.
 
 Requires ``transformers``.
+
+The optimizer. ``TrainingArguments(optim=...)`` accepts only the names of
+``transformers.training_args.OptimizerNames``, a closed enum: a new name cannot be added
+without patching transformers, so ``optim="fishersgd"`` raises a ``ValueError`` there. What
+works without patching, besides ``Trainer(optimizers=(FisherPenaltySGD(model, ...), None))``:
+``Trainer(optimizer_cls_and_kwargs=(FisherPenaltyFactory, {"lr": ..., "alpha": ...}))``, which
+the ``Trainer`` calls as a factory with its model when it builds its optimizer (tested with
+transformers 5.24; see :class:`FisherPenaltyFactory`).
 """
 
 from __future__ import annotations
@@ -17,18 +26,22 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
+from torch import nn
+
 from fisher_optim._logits import OutputFn
+from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 from fisher_optim.integrations.tracking import FisherTracking, optimizer_metrics
 
 try:
-    from transformers import DefaultFlowCallback, TrainerCallback
+    from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 except ImportError as err:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "fisher_optim.integrations.transformers needs Hugging Face transformers: "
         "pip install transformers; fisher_optim itself does not"
     ) from err
 
-__all__ = ["FisherTrainerCallback"]
+__all__ = ["FisherPenaltyFactory", "FisherTrainerCallback"]
 
 #: Log rows of evaluation and prediction, which get no Fisher metrics.
 EVAL_PREFIXES = ("eval_", "test_")
@@ -150,3 +163,48 @@ class FisherTrainerCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
+
+
+class FisherPenaltyFactory:
+    """``Trainer(optimizer_cls_and_kwargs=(FisherPenaltyFactory, kwargs))``: the Trainer's
+    optimizer is a FisherPenaltySGD built on its model.
+
+    The ``Trainer`` instantiates a class in ``optimizer_cls_and_kwargs`` that is not a
+    ``torch.optim.Optimizer`` and calls it with its model: ``FisherPenaltyFactory()(model,
+    **kwargs)``. ``kwargs`` are FisherPenaltySGD's (``alpha`` is required; ``every``, ``mode``,
+    ``max_grad_norm``, ...; ``base_optimizer`` defaults to ``torch.optim.AdamW``, the Trainer's
+    default) and the base optimizer's. ``lr`` is required too: the Trainer does not pass
+    ``TrainingArguments.learning_rate`` to such a factory, and the base optimizer's own default
+    would go unnoticed. ``weight_decay`` spares biases and norm-layer weights, as the Trainer's
+    own optimizer does (``Trainer.get_decay_parameter_names``).
+
+    The Trainer calls the factory with its model unwrapped: under multi-process DDP build the
+    optimizer on the wrapped model yourself (``optimizers=(opt, None)``; see the integration
+    guide). Pass ``max_grad_norm=0`` to ``TrainingArguments`` and ``max_grad_norm=...`` here,
+    so that clipping sees the penalty term.
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        *,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        weight_decay: float = 0.0,
+        **kwargs: object,
+    ) -> FisherPenaltySGD:
+        for key, example in (("lr", "1e-4"), ("alpha", "0.01")):
+            if key not in kwargs:
+                raise ValueError(
+                    f"FisherPenaltyFactory needs {key}=... in the kwargs of "
+                    f"optimizer_cls_and_kwargs, e.g. {{{key!r}: {example}}}"
+                    + (" (TrainingArguments.learning_rate does not reach a factory)"
+                       if key == "lr" else "")
+                )
+        decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        params = [g for g in params if g["params"]]
+        return FisherPenaltySGD(model, base_optimizer, params=params, **kwargs)
