@@ -70,7 +70,7 @@ from benchmarks.common.config import RunSpec  # noqa: E402
 from benchmarks.common.data import ImageDataset, iterate_batches  # noqa: E402
 from benchmarks.common.harness import (  # noqa: E402
     DataBundle,
-    _build_optimizer,
+    build_optimizer,
     evaluate,
     prepare_data,
     summarize,
@@ -360,7 +360,7 @@ def train_sync_free(
     torch.manual_seed(spec.seed)
     ds = data.train
     model = build_model(spec.model, ds.num_classes, spec.init).to(device)
-    opt = _build_optimizer(spec, model)
+    opt = build_optimizer(spec, model)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(spec.milestones), gamma=spec.gamma)
     gen = torch.Generator(device).manual_seed(spec.seed)
     logs: list[dict[str, Any]] = []

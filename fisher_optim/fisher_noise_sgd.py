@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found

@@ -84,6 +84,7 @@ from fisher_optim.ghost_batchnorm import convert_to_ghost_batchnorm
 __all__ = [
     "TIME_KEYS",
     "DataBundle",
+    "build_optimizer",
     "evaluate",
     "load_summary",
     "prepare_data",
@@ -393,7 +394,7 @@ def select_best(summaries: Sequence[dict[str, Any]], key: str = "best_val_acc") 
 # --------------------------------------------------------------------------------------
 
 
-def _build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     kw = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
     if spec.noise_covariance is not None:
         return FisherNoiseSGD(
@@ -427,7 +428,7 @@ class _Run:
         self.model = build_model(spec.model, ds.num_classes, spec.init).to(device)
         if spec.ghost:
             convert_to_ghost_batchnorm(self.model, spec.ghost_batch_size)
-        self.opt = _build_optimizer(spec, self.model)
+        self.opt = build_optimizer(spec, self.model)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
         )
