@@ -395,6 +395,8 @@ def select_best(summaries: Sequence[dict[str, Any]], key: str = "best_val_acc") 
 
 
 def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``: SGD, or the Fisher-noise or penalty wrapper around
+    it, as ``spec`` says."""
     kw = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
     if spec.noise_covariance is not None:
         return FisherNoiseSGD(
