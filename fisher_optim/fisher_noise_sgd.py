@@ -44,6 +44,7 @@ from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import (
     OutputFn,
+    check_cross_entropy_outputs,
     pick_logits,
     sample_labels,
 )
@@ -52,6 +53,8 @@ from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, tar
 from fisher_optim.batch import Batch, call_model
 from fisher_optim.curvature import examples
 from fisher_optim.curvature.examples import check_first_example, example_grads
+from fisher_optim.curvature.ghost import ghost_backward
+from fisher_optim.curvature.layers import LayerRule, trained
 from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper
 
@@ -301,16 +304,52 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = cache
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
-        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``, by chunked per-example gradients
-        (:func:`fisher_optim.curvature.examples.example_grads`: ``vmap(grad)``, or a loop)."""
+        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``.
+
+        One batched forward and backward (:func:`fisher_optim.curvature.ghost.ghost_backward`)
+        hands each covered layer's input ``a`` and output gradient ``g`` to its rule, whose
+        :meth:`~fisher_optim.curvature.layers.LayerRule.sq_grads` gives ``Σ_i g_i ⊙ g_i`` of
+        the layer's parameters (for a ``Linear`` on flat inputs ``(g ⊙ g)^T (a ⊙ a)``, no
+        per-example tensor); the parameters no rule covers (tied, custom layers) take chunked
+        per-example gradients (:func:`fisher_optim.curvature.examples.example_grads`:
+        ``vmap(grad)``, or a loop). ``ℓ_i`` is the mean cross-entropy over example ``i``'s rows
+        with a label (:func:`example_cross_entropy`); sampled labels are drawn per chunk of
+        :data:`PER_EXAMPLE_CHUNK` examples from the batch's logits.
+        """
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
         whole = batch
         batch = batch.head(self.estimate_batch_size)
         n = batch.num_examples()
         targets = self._target_rows(batch, n)
+        index = {id(p): k for k, p in enumerate(params)}
         sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
         generator = self._local_generator(params[0].device) if targets is None else None
+        shapes: list[torch.Size] = []  # of the logits, as the model gives them
+        labels: list[Tensor] = []  # [n, rows]: set by the cotangents
+
+        def picked(output: Any) -> Tensor:
+            logits = pick_logits(output, self.output_fn)
+            shapes.append(logits.shape)
+            return logits
+
+        def cotangents(logits: Tensor) -> list[Tensor]:
+            rows = targets
+            if rows is None:
+                rows = self._sample_rows(module, batch, logits, shapes[-1], generator)
+            labels.append(rows)
+            return [_cross_entropy_cotangent(logits, rows)]
+
+        def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
+            own = [index.get(id(p)) for p in trained(m)]
+            if all(k is None for k in own):
+                return
+            dtype = _acc_dtype(g.dtype)  # fp16/bf16 layers: squared in float32
+            a = a.to(dtype) if a.is_floating_point() else a  # (an embedding's ids stay)
+            for k, sq in zip(own, rule.sq_grads(m, a, g.to(dtype)), strict=True):
+                if k is not None:
+                    sums[k].add_(sq.to(sums[k].dtype))
+
         with (
             eval_mode(module),
             # buffers a forward changes (a call counter), flags, renormalised embedding rows;
@@ -320,34 +359,49 @@ class FisherNoiseSGD(GradientWrapper):
         ):
             layout = _layout(batch)  # checked once per input layout: a forward's cost
             checked = self.__dict__.setdefault("_checked_layouts", set())
-            if layout not in checked:
+            trusted = layout in checked
+            if not trusted:
                 _check_examples_split(module, whole, batch, self.output_fn)
-                checked.add(layout)
-            for start in range(0, n, PER_EXAMPLE_CHUNK):
+            _, used = ghost_backward(
+                module, batch, cotangents, on_layer, output_fn=picked, trusted=trusted
+            )
+            checked.add(layout)
+            rest = [p for p in used if id(p) in index]
+            for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
-                chunk = batch.slice(start, stop)
-                if targets is None:
-                    labels = self._sampled_labels(module, chunk, generator).view(stop - start, -1)
-                else:
-                    labels = targets[start:stop]
                 grads = example_grads(
-                    module, batch, labels, params, _example_loss, self.output_fn, start
+                    module, batch, labels[0][start:stop], rest, _example_loss, self.output_fn,
+                    start,
                 )
-                for s, d in zip(sums, grads):
-                    s.add_(d.to(s.dtype).pow(2).sum(0))
+                for p, d in zip(rest, grads):
+                    sums[index[id(p)]].add_(d.to(sums[index[id(p)]].dtype).pow(2).sum(0))
         return [s / n for s in sums]
 
-    def _sampled_labels(
-        self, module: nn.Module, chunk: Batch, generator: torch.Generator | None
+    def _sample_rows(
+        self,
+        module: nn.Module,
+        batch: Batch,
+        logits: Tensor,
+        shape: torch.Size,
+        generator: torch.Generator | None,
     ) -> Tensor:
-        """``ŷ ~ p_θ(·|x)`` per logit row of ``chunk``, ``IGNORE_INDEX`` at rows without a
-        target (:func:`fisher_optim._targets.target_rows`)."""
-        with torch.no_grad():
-            shaped = pick_logits(module(*chunk.args, **chunk.kwargs), self.output_fn)
-            logits = shaped.reshape(-1, shaped.shape[-1])
-        labels = sample_labels(_finite(logits), "sample", generator)
-        has_target = target_rows(module, chunk.args, chunk.kwargs, shaped.shape, self.target_mask)
-        return drop_untargeted(labels, has_target)
+        """``ŷ ~ p_θ(·|x)`` per logit row (``logits``: ``[n, rows, C]``, ``shape`` as the model
+        gives them), drawn chunk by chunk of :data:`PER_EXAMPLE_CHUNK` examples,
+        ``IGNORE_INDEX`` at rows without a target (:func:`fisher_optim._targets.target_rows`):
+        ``[n, rows]``."""
+        n, rows, classes = logits.shape
+        has_target = target_rows(module, batch.args, batch.kwargs, shape, self.target_mask)
+        if has_target is not None:
+            has_target = has_target.reshape(n, rows)
+        out = []
+        for start in range(0, n, PER_EXAMPLE_CHUNK):
+            stop = min(start + PER_EXAMPLE_CHUNK, n)
+            drawn = sample_labels(
+                _finite(logits[start:stop].reshape(-1, classes)), "sample", generator
+            )
+            keep = None if has_target is None else has_target[start:stop]
+            out.append(drop_untargeted(drawn, keep).view(stop - start, rows))
+        return torch.cat(out)
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
@@ -535,6 +589,20 @@ def _check_examples_split(
         first = pick_logits(module(*whole.args, **whole.kwargs), output_fn)
         alone = pick_logits(call_model(module, batch.slice(0, 1)), output_fn)
     check_first_example(_upcast(first[:1]), _upcast(alone), first.shape[0], "FisherNoiseSGD")
+
+
+def _cross_entropy_cotangent(logits: Tensor, labels: Tensor) -> Tensor:
+    """``∂(Σ_i ℓ_i)/∂logits`` for logits ``[n, R, C]`` and labels ``[n, R]``: row ``r`` of
+    example ``i`` gets ``(softmax(logits_ir) − onehot(y_ir)) · [y_ir ≠ −100] / R_i``, ``R_i``
+    the rows of example ``i`` with a label (:func:`example_cross_entropy`). A scatter, not
+    ``F.one_hot`` (whose range check reads the labels on the host)."""
+    up = _upcast(logits)
+    check_cross_entropy_outputs(up, "FisherNoiseSGD(fisher='empirical')")
+    labels = labels.to(logits.device)
+    valid = labels != IGNORE_INDEX
+    weight = valid.to(up.dtype) / valid.sum(1, keepdim=True).clamp_min(1).to(up.dtype)
+    onehot = torch.zeros_like(up).scatter_(-1, torch.where(valid, labels, 0).unsqueeze(-1), 1.0)
+    return ((torch.softmax(up, -1) - onehot) * weight.unsqueeze(-1)).to(logits.dtype)
 
 
 def _example_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ A rule takes a layer's input ``a`` and the gradient ``g = ∂(Σ_i ℓ_i)/∂z``
 * ``sq_norms(m, a, g)``: ``||∇_θ ℓ_i||²`` over the layer's own trainable parameters, for
   each example ``i`` (``[B]``), and
 * ``gram(m, a, g, out)``: ``out[i, j] += <∇_θ ℓ_i, ∇_θ ℓ_j>`` (the ``[B, B]`` Gram matrix),
+* ``sq_grads(m, a, g)``: ``Σ_i ∇_p ℓ_i ⊙ ∇_p ℓ_i`` for each trainable parameter ``p``
+  (shaped like ``p``; ``B · diag F`` for the Fisher noise of :class:`~fisher_optim.FisherNoiseSGD`),
 
 besides what it accepts (``accepts(m)``: e.g. not an ``Embedding`` with ``max_norm``) and
 where the examples may sit (``batch_dim_limit(m, ndim)``: the dimensions a layer mixes,
@@ -15,16 +17,21 @@ at positions ``t = 1..T`` the per-example weight gradient is ``Σ_t g_t a_t^T``,
     ||Σ_t g_t a_t^T||²_F = Σ_{t,t'} (a_t·a_{t'}) (g_t·g_{t'}),
     <Σ_t g_it a_it^T, Σ_t g_jt a_jt^T> = Σ_{t,t'} (a_it·a_jt') (g_it·g_jt')
 
-(Goodfellow 2015; Li et al. 2022 "ghost clipping"; Bu et al. 2023), or, when ``T²`` is
+(Goodfellow 2015; Li et al. 2022 "ghost clipping"; Bu et al. 2023), and at ``T = 1``
+
+    Σ_i (g_i a_i^T) ⊙ (g_i a_i^T) = Σ_i (g_i ⊙ g_i)(a_i ⊙ a_i)^T = (g ⊙ g)^T (a ⊙ a)
+
+(one matrix product, no per-example tensor; Dangel et al. 2020, BackPACK's
+``SumGradSquared``), or, when ``T²`` is
 dearer than ``d_in·d_out``, the per-example gradients are formed in blocks of bounded
 memory: by a batched matrix product, or for convolutions with at least 16 input channels
 per group as the weight gradient of one grouped convolution with the examples as groups
 (Rochette et al. 2019). Convolutions of any stride, dilation, groups and padding mode are
 unfolded (im2col) by one strided copy.
 
-Adding a layer family is one entry in :data:`RULES`: a :class:`LayerRule` whose two
-methods give the norms and the Gram matrix (the normalisation layers need only
-``normalised``, the rest is :class:`AffineRule`'s).
+Adding a layer family is one entry in :data:`RULES`: a :class:`LayerRule` whose three
+methods give the norms, the Gram matrix and the sums of squares (the normalisation layers
+need only ``normalised``, the rest is :class:`AffineRule`'s).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["MAX_BLOCK_ELEMENTS", "RULES", "LayerRule", "rule_for", "sq_norms"]
+__all__ = ["MAX_BLOCK_ELEMENTS", "RULES", "LayerRule", "rule_for", "sq_norms", "trained"]
 
 #: Most elements a per-example gradient block may hold at once (bounds memory).
 MAX_BLOCK_ELEMENTS = 1 << 25
@@ -59,6 +66,24 @@ def _add_outer(per: Tensor, out: Tensor) -> None:
 
 def _trains(p: Tensor | None) -> bool:
     return p is not None and p.requires_grad
+
+
+def trained(m: nn.Module) -> list[Tensor]:
+    """``m``'s trainable ``weight`` and ``bias``, in that order: the parameters a rule's
+    :meth:`LayerRule.sq_grads` answers for."""
+    return [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if _trains(p)]
+
+
+def sum_sq_rows(n: int, dim: int, block: BlockFn) -> Tensor:
+    """``Σ_i J_i ⊙ J_i`` (``[dim]``) of the rows of ``J`` (``[n, dim]``), formed ``block``
+    by block (at most :data:`MAX_BLOCK_ELEMENTS` elements at once)."""
+    step = max(1, MAX_BLOCK_ELEMENTS // max(1, dim))
+    total: Tensor | None = None
+    for s in range(0, n, step):
+        part = block(s, min(s + step, n)).square().sum(0)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +112,20 @@ def matmul_sq_norms(a: Tensor, g: Tensor) -> Tensor:
         gg = torch.bmm(g[s : s + step], g[s : s + step].transpose(1, 2))
         out.append((aa * gg).sum((1, 2)))
     return torch.cat(out)
+
+
+def matmul_sq_grads(a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_i (g_i^T a_i) ⊙ (g_i^T a_i)`` (``[O, K]``) for ``a: [B, L, K]``, ``g: [B, L, O]``:
+    ``(g ⊙ g)^T (a ⊙ a)`` at ``L = 1``, else the per-example gradients in blocks."""
+    n, length, k = a.shape
+    o = g.shape[-1]
+    if length == 1:
+        return g[:, 0].square().T @ a[:, 0].square()
+
+    def grads(s: int, e: int) -> Tensor:
+        return torch.bmm(g[s:e].transpose(1, 2), a[s:e]).flatten(1)
+
+    return sum_sq_rows(n, o * k, grads).reshape(o, k)
 
 
 def dense_gram(n: int, dim: int, block: BlockFn, out: Tensor) -> None:
@@ -243,6 +282,11 @@ class LayerRule:
         """``out [B, B] += `` the Gram matrix of those per-example gradients."""
         raise NotImplementedError
 
+    def sq_grads(self, m: Any, a: Tensor, g: Tensor) -> list[Tensor]:
+        """``Σ_i ∇_p ℓ_i ⊙ ∇_p ℓ_i`` (shaped like ``p``) for each ``p`` of :func:`trained`
+        ``(m)``: the sums of squares of the per-example gradients, entry by entry."""
+        raise NotImplementedError
+
 
 class LinearRule(LayerRule):
     """``nn.Linear`` on ``[..., d_in]``: positions are all dimensions but the last."""
@@ -272,6 +316,16 @@ class LinearRule(LayerRule):
             matmul_gram(a3, g3, out)
         if _trains(m.bias):
             _add_outer(g3.sum(1), out)
+
+    def sq_grads(self, m: nn.Linear, a: Tensor, g: Tensor) -> list[Tensor]:
+        """Weight ``Σ_i (Σ_t g_it a_it^T)^{⊙2}``, bias ``Σ_i (Σ_t g_it)^{⊙2}``."""
+        a3, g3 = self._operands(a, g)
+        out = []
+        if _trains(m.weight):
+            out.append(matmul_sq_grads(a3, g3))
+        if _trains(m.bias):
+            out.append(g3.sum(1).square().sum(0))
+        return out
 
 
 class ConvRule(LayerRule):
@@ -328,6 +382,17 @@ class ConvRule(LayerRule):
 
         return groups * cout * k, grouped if cin >= 16 else unfolded
 
+    def sq_grads(self, m: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> list[Tensor]:
+        """Weight ``Σ_i (∇_W ℓ_i)^{⊙2}`` from the per-example weight gradients formed in
+        blocks (:meth:`_weight_block`, in the weight's layout), bias ``Σ_i (Σ_t g_it)^{⊙2}``."""
+        out = []
+        if _trains(m.weight):
+            dim, block = self._weight_block(*conv_operands(m, a, g))
+            out.append(sum_sq_rows(a.shape[0], dim, block).reshape(m.weight.shape))
+        if _trains(m.bias):
+            out.append(g.flatten(2).sum(2).square().sum(0))
+        return out
+
 
 class EmbeddingRule(LayerRule):
     """``nn.Embedding`` (not with ``max_norm`` or ``scale_grad_by_freq``): the gradient of
@@ -349,14 +414,28 @@ class EmbeddingRule(LayerRule):
             g = g * (ids != m.padding_idx).unsqueeze(-1).to(g.dtype)
         return ids, g
 
-    def sq_norms(self, m: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
-        ids, g = self._operands(m, ids, g)
+    @staticmethod
+    def _rows(m: nn.Embedding, ids: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The nonzero rows of the per-example gradients ``[K, D]`` (the output gradients
+        of equal tokens of one example summed) and their keys ``example · V + token``."""
         n, d = g.shape[0], g.shape[-1]
-        # Rows of the per-example gradient: sum the output gradients of equal tokens.
         example = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
         keys, inverse = torch.unique(example * m.num_embeddings + ids, return_inverse=True)
         rows = g.new_zeros(keys.numel(), d).index_add_(0, inverse.reshape(-1), g.reshape(-1, d))
-        return g.new_zeros(n).index_add_(0, keys // m.num_embeddings, sq_norms(rows))
+        return rows, keys
+
+    def sq_norms(self, m: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
+        ids, g = self._operands(m, ids, g)
+        rows, keys = self._rows(m, ids, g)
+        return g.new_zeros(g.shape[0]).index_add_(0, keys // m.num_embeddings, sq_norms(rows))
+
+    def sq_grads(self, m: nn.Embedding, ids: Tensor, g: Tensor) -> list[Tensor]:
+        """``Σ_i (row v of ∇ℓ_i)^{⊙2}``: each example's rows squared, added at their token
+        (no ``[B, V, D]`` tensor)."""
+        ids, g = self._operands(m, ids, g)
+        rows, keys = self._rows(m, ids, g)
+        out = g.new_zeros(m.weight.shape)
+        return [out.index_add_(0, keys % m.num_embeddings, rows.square())]
 
     def gram(self, m: nn.Embedding, ids: Tensor, g: Tensor, out: Tensor) -> None:
         """``out[i, j] += Σ_{t,t'} [id_it = id_jt'] (g_it·g_jt')``: rows of equal tokens meet."""
@@ -402,6 +481,12 @@ class AffineRule(LayerRule):
     def gram(self, m: Any, a: Tensor, g: Tensor, out: Tensor) -> None:
         for per in self._per_example(m, a, g):
             _add_outer(per, out)
+
+    def sq_grads(self, m: Any, a: Tensor, g: Tensor) -> list[Tensor]:
+        return [
+            per.square().sum(0).reshape(p.shape)
+            for per, p in zip(self._per_example(m, a, g), trained(m), strict=True)
+        ]
 
 
 class BatchNormRule(AffineRule):
