@@ -335,8 +335,10 @@ class FisherNoiseSGD(GradientWrapper):
 
         def cotangents(logits: Tensor) -> list[Tensor]:
             rows = targets
-            if rows is None:
-                rows = self._sample_rows(module, batch, logits, shapes[-1], generator)
+            if rows is None:  # the shape of the batch's logits (not the probe's)
+                n_rows = logits.shape[0] * logits.shape[1]
+                shape = next(s for s in shapes if math.prod(s[:-1]) == n_rows)
+                rows = self._sample_rows(module, batch, logits, shape, generator)
             labels.append(rows)
             return [_cross_entropy_cotangent(logits, rows)]
 
@@ -366,15 +368,14 @@ class FisherNoiseSGD(GradientWrapper):
                 module, batch, cotangents, on_layer, output_fn=picked, trusted=trusted
             )
             checked.add(layout)
-            rest = [p for p in used if id(p) in index]
+            rest = [p for p in used if id(p) in index]  # no rule covers them: per example
             for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
-                grads = example_grads(
-                    module, batch, labels[0][start:stop], rest, _example_loss, self.output_fn,
-                    start,
-                )
+                chunk = labels[0][start:stop]
+                grads = example_grads(module, batch, chunk, rest, _example_loss, self.output_fn, start)
                 for p, d in zip(rest, grads):
-                    sums[index[id(p)]].add_(d.to(sums[index[id(p)]].dtype).pow(2).sum(0))
+                    s = sums[index[id(p)]]
+                    s.add_(d.to(s.dtype).pow(2).sum(0))
         return [s / n for s in sums]
 
     def _sample_rows(

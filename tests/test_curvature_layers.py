@@ -104,8 +104,10 @@ SQ_GRAD_LAYERS = {
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, dilation=1), (5, 3, 7, 7)),
     "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (5, 4, 6, 6)),
     "conv2d_grouped_wide": (lambda: nn.Conv2d(32, 4, 3, groups=2, dilation=2), (3, 32, 7, 7)),
-    "conv2d_reflect": (lambda: nn.Conv2d(3, 2, 3, padding="same", padding_mode="reflect"),
-                       (5, 3, 6, 6)),
+    "conv2d_reflect": (
+        lambda: nn.Conv2d(3, 2, 3, padding="same", padding_mode="reflect"),
+        (5, 3, 6, 6),
+    ),
     "batchnorm2d": (lambda: nn.BatchNorm2d(3).eval(), (5, 3, 4, 4)),
     "layernorm": (lambda: nn.LayerNorm(4), (5, 6, 4)),
     "layernorm_2d_shape": (lambda: nn.LayerNorm((3, 4)), (5, 3, 4)),
