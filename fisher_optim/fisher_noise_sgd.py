@@ -75,10 +75,11 @@ class FisherNoiseSGD(GradientWrapper):
 
     Args:
         model: the model being trained (an ``nn.Module``; a DDP-wrapped or compiled model is
-            fine). A forward pre-hook remembers its latest training-mode input. The per-example
-            gradients of ``"diagonal"``/``"trace"`` use ``torch.func.vmap``, so the model must
-            be vmap-compatible (no in-place ops on inputs, no data-dependent Python control
-            flow).
+            fine). A forward pre-hook remembers its latest training-mode input. ``"diagonal"``/
+            ``"trace"`` take ``Σ_i g_i ⊙ g_i`` of the layers with a rule (Linear, Conv, Embedding,
+            the norms: :mod:`fisher_optim.curvature.layers`) from one batched backward; the
+            other parameters' per-example gradients use ``torch.func.vmap`` (or, for a model
+            vmap cannot run, one example at a time).
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()`` (or
             on ``params=`` in ``base_kwargs``) with ``base_kwargs``; or an optimizer instance,
             wrapped as it is.
@@ -371,8 +372,8 @@ class FisherNoiseSGD(GradientWrapper):
             rest = [p for p in used if id(p) in index]  # no rule covers them: per example
             for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
-                chunk = labels[0][start:stop]
-                grads = example_grads(module, batch, chunk, rest, _example_loss, self.output_fn, start)
+                y = labels[0][start:stop]
+                grads = example_grads(module, batch, y, rest, _example_loss, self.output_fn, start)
                 for p, d in zip(rest, grads):
                     s = sums[index[id(p)]]
                     s.add_(d.to(s.dtype).pow(2).sum(0))
@@ -599,6 +600,11 @@ def _cross_entropy_cotangent(logits: Tensor, labels: Tensor) -> Tensor:
     ``F.one_hot`` (whose range check reads the labels on the host)."""
     up = _upcast(logits)
     check_cross_entropy_outputs(up, "FisherNoiseSGD(fisher='empirical')")
+    if labels.shape != up.shape[:2]:
+        raise ValueError(
+            f"the targets give {labels.shape[1]} per example, the model {up.shape[1]} rows of "
+            "logits: set_targets needs one target per logit row"
+        )
     labels = labels.to(logits.device)
     valid = labels != IGNORE_INDEX
     weight = valid.to(up.dtype) / valid.sum(1, keepdim=True).clamp_min(1).to(up.dtype)
