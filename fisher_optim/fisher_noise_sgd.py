@@ -328,6 +328,7 @@ class FisherNoiseSGD(GradientWrapper):
         generator = self._local_generator(params[0].device) if targets is None else None
         shapes: list[torch.Size] = []  # of the logits, as the model gives them
         labels: list[Tensor] = []  # [n, rows]: set by the cotangents
+        covered: set[nn.Module] = set()  # the layers the rules took
 
         def picked(output: Any) -> Tensor:
             logits = pick_logits(output, self.output_fn)
@@ -344,6 +345,7 @@ class FisherNoiseSGD(GradientWrapper):
             return [_cross_entropy_cotangent(logits, rows)]
 
         def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
+            covered.add(m)
             own = [index.get(id(p)) for p in trained(m)]
             if all(k is None for k in own):
                 return
@@ -360,15 +362,17 @@ class FisherNoiseSGD(GradientWrapper):
             left_as_found(module, check=False, read_back=False),
             self.own_pass(autocast=False),  # also restores torch's random state
         ):
-            layout = _layout(batch)  # checked once per input layout: a forward's cost
-            checked = self.__dict__.setdefault("_checked_layouts", set())
-            trusted = layout in checked
-            if not trusted:
+            # checked once per input layout (host reads): how the batch is cut, and which
+            # layers the rules may take; later refreshes take those without reading back
+            layout = _layout(batch)
+            checked = self.__dict__.setdefault("_checked_layouts", {})
+            trusted = checked.get(layout)
+            if trusted is None:
                 _check_examples_split(module, whole, batch, self.output_fn)
             _, used = ghost_backward(
                 module, batch, cotangents, on_layer, output_fn=picked, trusted=trusted
             )
-            checked.add(layout)
+            checked.setdefault(layout, frozenset(covered))
             rest = [p for p in used if id(p) in index]  # no rule covers them: per example
             for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)

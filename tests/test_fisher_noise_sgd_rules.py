@@ -130,8 +130,12 @@ def _estimate(model, x, y, monkeypatch, covered, **kw) -> list[Tensor]:
     model(x)
     opt.set_targets(y)
     opt._refresh(opt.current_batch())
+    first = [c for c in opt._cache if c is not None]
+    opt._refresh(opt.current_batch())  # the layout is checked: no value checks this time
+    for a, b in zip(first, [c for c in opt._cache if c is not None], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert (not calls) == covered, calls  # the rules took every parameter, or not
-    return [c for c in opt._cache if c is not None]
+    return first
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

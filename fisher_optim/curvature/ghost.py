@@ -22,7 +22,7 @@ ordinary forward+backward; ``.grad`` is never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,7 +266,7 @@ class _BatchedHooks:
     storages: set[int]
     on_layer: LayerFn
     #: the caller has checked the values for this model and layout: no host syncs
-    trusted: bool = False
+    checked: bool = False
     reaches: _ReachesInputs = field(init=False)
 
     def __post_init__(self) -> None:
@@ -310,7 +310,7 @@ class _BatchedHooks:
             for d in _batch_dims(tuple(first.shape), tuple(st.probe_input.shape), self.n)
             if d < limit and d in out_dims
         ]
-        if not dims or not (self.trusted or _same_example(first, st.probe_input, dims[0])):
+        if not dims or not (self.checked or _same_example(first, st.probe_input, dims[0])):
             return None
         return dims[0]
 
@@ -335,17 +335,18 @@ def _cotangents_of(
     n: int,
     cotangents: CotangentFn,
     output_fn: OutputFn | None,
-    trusted: bool = False,
+    checked: bool = False,
 ) -> list[Tensor]:
     """The cotangents ``[N·R, C]`` for the batch's logits, once its first example's rows are
-    checked against the probe's (:func:`.examples.check_first_example`; not if ``trusted``)."""
+    checked against the probe's (:func:`.examples.check_first_example`; not if ``checked``
+    before)."""
     if n == 0 or logits.shape[0] % n:
         raise ValueError(
             f"{logits.shape[0]} logit rows for {n} examples: each example must "
             "own the same number of rows (the batch must be dimension 0)"
         )
     logits3 = logits.detach().reshape(n, -1, logits.shape[-1])
-    if not trusted:
+    if not checked:
         check_first_example(
             logits3[0], as_logits(alone, output_fn).detach(), n, "per-example gradients"
         )
@@ -393,7 +394,7 @@ def ghost_backward(
     on_layer: LayerFn,
     *,
     output_fn: OutputFn | None = None,
-    trusted: bool = False,
+    trusted: Collection[nn.Module] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One forward and one backward per cotangent, handing each covered layer's rule,
     input and output gradient to ``on_layer`` (examples in dimension 0); the shared core
@@ -407,13 +408,15 @@ def ghost_backward(
     caller takes those per example (:func:`.examples.example_grads`). The model runs in
     the mode it is in and is left as found.
 
-    ``trusted=True`` (for a caller that has run these checks on the model and this input
-    layout before, as ``FisherNoiseSGD`` does once per layout) skips what reads values back
-    to the host: the first-example comparisons of the layers' inputs and of the logits, and
-    the read-back of the buffers left as found (all are written back); the layers taken
-    are still decided by the probe's structure (calls, parameter uses, shapes).
+    ``trusted``: the layers that a checked call on this model and input layout covered
+    (``FisherNoiseSGD`` checks once per layout and records them from ``on_layer``). Only
+    those are then covered, and without what reads values back to the host: the
+    first-example comparisons of the layers' inputs and of the logits, and the read-back of
+    the buffers left as found (all are written back); the probe's structural checks (calls,
+    parameter uses, shapes) still decide.
     """
-    as_found = {"check": not trusted, "read_back": not trusted}
+    checked = trusted is not None
+    as_found = {"check": not checked, "read_back": not checked}
     with left_as_found(model, **as_found):
         _check_no_batch_statistics(model)
         params = trainable_parameters(model)
@@ -422,18 +425,18 @@ def ghost_backward(
         layers = {}
         for m in model.modules():
             rule = rule_for(m, shared)
-            if rule is not None:
+            if rule is not None and (trusted is None or m in trusted):
                 layers[m] = _LayerState(rule)
         renormalise_first(model, inputs)
         with left_as_found(model, **as_found):  # the batch's forward starts from the same buffers
             alone = _probe(model, inputs, layers) if n > 0 else None
         inputs, leaves, storages = _input_leaves(inputs)
-        hooks = _BatchedHooks(layers, n, leaves, storages, on_layer, trusted)
+        hooks = _BatchedHooks(layers, n, leaves, storages, on_layer, checked)
         handles = hooks.attach()
         try:
             with torch.enable_grad():
                 logits = as_logits(call_model(model, inputs), output_fn)
-                gs = _cotangents_of(logits, alone, n, cotangents, output_fn, trusted)
+                gs = _cotangents_of(logits, alone, n, cotangents, output_fn, checked)
                 used = _backward(logits, gs, leaves, layers, params)
         finally:
             for h in handles:
