@@ -370,7 +370,8 @@ class FisherNoiseSGD(GradientWrapper):
             if trusted is None:
                 _check_examples_split(module, whole, batch, self.output_fn)
             _, used = ghost_backward(
-                module, batch, cotangents, on_layer, output_fn=picked, trusted=trusted
+                module, batch, cotangents, on_layer,
+                output_fn=picked, trusted=trusted, check_parameters=False,
             )
             checked.setdefault(layout, frozenset(covered))
             rest = [p for p in used if id(p) in index]  # no rule covers them: per example
