@@ -371,7 +371,7 @@ class FisherNoiseSGD(GradientWrapper):
                 _check_examples_split(module, whole, batch, self.output_fn)
             _, used = ghost_backward(
                 module, batch, cotangents, on_layer,
-                output_fn=picked, trusted=trusted, check_parameters=False,
+                output_fn=picked, trusted=trusted, optimizer_pass=True,
             )
             checked.setdefault(layout, frozenset(covered))
             rest = [p for p in used if id(p) in index]  # no rule covers them: per example

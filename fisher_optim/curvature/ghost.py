@@ -395,7 +395,7 @@ def ghost_backward(
     *,
     output_fn: OutputFn | None = None,
     trusted: Collection[nn.Module] | None = None,
-    check_parameters: bool = True,
+    optimizer_pass: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One forward and one backward per cotangent, handing each covered layer's rule,
     input and output gradient to ``on_layer`` (examples in dimension 0); the shared core
@@ -414,12 +414,14 @@ def ghost_backward(
     those are then covered, and without what reads values back to the host: the
     first-example comparisons of the layers' inputs and of the logits, and the read-back of
     the buffers left as found (all are written back); the probe's structural checks (calls,
-    parameter uses, shapes) still decide. ``check_parameters=False``: a forward that changes
-    a parameter in place (a clamp) is no error (an optimizer's own pass is training); the
-    values are written back all the same.
+    parameter uses, shapes) still decide. ``optimizer_pass=True`` (an optimizer's own pass
+    inside ``step()``, after the user's backward): a forward that changes a parameter in place
+    (a clamp) is no error, as in training, and the buffers are written back without reading
+    which changed (:func:`fisher_optim._as_found.left_as_found` ``check``, ``read_back``).
     """
     checked = trusted is not None
-    as_found = {"check": check_parameters and not checked, "read_back": not checked}
+    host_reads = not (checked or optimizer_pass)
+    as_found = {"check": host_reads, "read_back": host_reads}
     with left_as_found(model, **as_found):
         _check_no_batch_statistics(model)
         params = trainable_parameters(model)
