@@ -223,3 +223,28 @@ def test_a_settings_field_is_the_default_of_the_option_of_its_name():
     for name in shared:
         value = lb.threshold if name == "loss_threshold" else getattr(lb, name)
         assert parser.get_default(name) == value, name
+
+
+#: Every experiment script's option strings, parsed defaults and plain run's run names,
+#: recorded from the code before the options were declared once (issue 27): a change to
+#: how options are declared must not change what any command line means.
+EXPECTED = ROOT / "tests" / "bench_cli_expected.json"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_command_lines_are_as_recorded(name):
+    import json
+
+    expected = json.loads(EXPECTED.read_text())[name]
+    cfg = _script(name).CONFIG
+    parser = cli.build_parser(cfg)
+    args = parser.parse_args([])
+    assert sorted(s for a in parser._actions for s in a.option_strings) == expected["options"]
+    assert json.loads(json.dumps(vars(args))) == expected["defaults"]
+    assert [s.name for s in cli.make_specs(cli.apply_dataset(cfg, args), args)] == expected["runs"]
+
+
+def test_every_experiment_script_is_recorded():
+    import json
+
+    assert sorted(json.loads(EXPECTED.read_text())) == sorted(EXPERIMENTS)
