@@ -1,7 +1,9 @@
 """Experiment and run configurations for the benchmark scripts.
 
 An :class:`ExperimentConfig` is what a script declares (the paper's setting: dataset, model,
-schedule, weight decay, the guessed η*, which methods and learning rates the table row uses).
+schedule, weight decay, the guessed η*, which methods and learning rates the table row uses):
+only the values that differ from the defaults of :class:`RunSpec`'s fields and
+:class:`SweepOptions`' options, which declare every setting once.
 The command line (:mod:`benchmarks.common.cli`) turns it into a list of :class:`RunSpec` -
 one fully specified training run each - which :mod:`benchmarks.common.harness` trains.
 
@@ -385,10 +387,11 @@ DATA = "data"
 @dataclass
 class SweepOptions:
     """The options that choose an invocation's runs and how they are made (each run's own
-    settings are :class:`~benchmarks.common.config.RunSpec`'s option fields). One field per
-    option; a field of the script's ``ExperimentConfig`` with the same name is its default
-    (except for ``resolved`` ones: their None means the setting's value, resolved by
-    :func:`make_specs`), and a help text that is a function is given that config."""
+    settings are :class:`RunSpec`'s option fields). One field per option; the script's
+    :class:`ExperimentConfig` field of the same name is its default (except for ``resolved``
+    ones: their None means the setting's own field of that name, resolved by
+    :func:`~benchmarks.common.cli.make_specs`), and a help text that is a function is given
+    that config."""
 
     methods: list[str] | None = option(
         None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
