@@ -216,6 +216,8 @@ def test_a_setting_is_declared_once_by_the_options_and_the_run_spec():
     resolved = set(options.tagged(cli.SweepOptions, "resolved"))  # the setting's own fields
     sweep = {f.name for f in options.option_fields(cli.SweepOptions)} - resolved
     assert setting == run_fields | sweep
+    shadowed = [n for n in setting if n in vars(config.ExperimentConfig)]  # e.g. a method
+    assert not shadowed, f"ExperimentConfig attributes hide setting fields: {shadowed}"
     plain = config.ExperimentConfig(name="plain", dataset="cifar10", model="tiny")
     parser = cli.build_parser(plain)
     for cls in (cli.SweepOptions, config.RunSpec):

@@ -129,7 +129,7 @@ def _alphas(cfg: ExperimentConfig, args: argparse.Namespace, method: str) -> tup
     if args.alpha_grid:
         if args.alphas and method != "mixup":
             return tuple(args.alphas)
-        return cfg.alpha_grid(method)
+        return cfg.alpha_values(method)
     if method == "mixup":
         return (args.mixup_beta if args.mixup_beta is not None else cfg.default_alpha("mixup"),)
     if args.alpha is not None:

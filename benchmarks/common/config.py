@@ -565,7 +565,7 @@ class ExperimentConfig(Setting):
             return self.alpha_center
         return 0.0
 
-    def alpha_grid(self, method: str) -> tuple[float, ...]:
+    def alpha_values(self, method: str) -> tuple[float, ...]:
         """The α values searched for ``method`` by ``--alpha-grid`` (``(0.0,)`` if untuned)."""
         if method in self.alpha_grids:
             return tuple(self.alpha_grids[method])
