@@ -63,13 +63,18 @@ def renormalising_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def parameter_values_kept(model: nn.Module, *, check: bool = True) -> Iterator[None]:
+def parameter_values_kept(
+    model: nn.Module, *, check: bool = True, read_back: bool = True
+) -> Iterator[None]:
     """Write back, on exit, the values of the :func:`renormalising_parameters` (when a forward
     changed them); with ``check``, then raise a ``RuntimeError`` if a forward changed any
     other parameter in place (its version counter moved), which cannot be undone. The check
     is skipped when the block raises (its exception is not masked), and with
     ``check=False`` (for code that moves parameters and restores them itself, as the
     finite-difference penalty engine does).
+
+    ``read_back=False`` writes the values back without first reading whether they changed
+    (no host sync; see :func:`left_as_found`).
 
     In nested blocks only the outermost writes back: all the forwards of one measurement
     (its passes are nested blocks) see the rows as the first renormalised them, which is
@@ -95,7 +100,7 @@ def parameter_values_kept(model: nn.Module, *, check: bool = True) -> Iterator[N
         _KEPT.difference_update(id(p) for p, _ in kept)
         with torch.no_grad():
             for p, value in kept:
-                if not torch.equal(p, value):
+                if not read_back or not torch.equal(p, value):
                     p.copy_(value)
     changed = [name for name, p, version in versions if p._version != version]
     if changed:
@@ -127,11 +132,19 @@ def renormalised_on_copies(model: nn.Module) -> contextlib.AbstractContextManage
 
 
 @contextlib.contextmanager
-def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
+def left_as_found(
+    model: nn.Module, *, check: bool = True, read_back: bool = True
+) -> Iterator[None]:
     """Restore, on exit, every module's train/eval flag, ``Parameter`` objects and buffers
     (objects and values), every parameter's ``requires_grad`` and ``.grad``, and the values
     of the parameters a forward renormalises in place; with ``check``, raise if a forward
     changed another parameter in place (:func:`parameter_values_kept`).
+
+    With ``read_back`` (the default) only the buffers and weights whose values changed are
+    written (one host sync to find them), so the version counters of the others stay put
+    (a pending backward may hold them). ``read_back=False`` writes them all back without
+    reading anything: no host sync, for the optimizers' own passes inside ``step()``, after
+    the user's backward.
 
     >>> import torch
     >>> bn = nn.BatchNorm1d(2)
@@ -149,7 +162,7 @@ def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
     ]
     grads = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        with parameter_values_kept(model, check=check):
+        with parameter_values_kept(model, check=check, read_back=read_back):
             yield
     finally:
         saved = []
@@ -164,7 +177,8 @@ def left_as_found(model: nn.Module, *, check: bool = True) -> Iterator[None]:
                 saved.append((b, value))
         # kernels may update buffers in place without a version bump: compare values, all
         # at once (one host sync, not one per buffer), and restore those that changed
-        for (b, value), changed in zip(saved, _changed(saved)):
+        flags = _changed(saved) if read_back else [True] * len(saved)
+        for (b, value), changed in zip(saved, flags):
             if changed:
                 with torch.no_grad():
                     b.copy_(value)

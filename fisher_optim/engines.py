@@ -351,7 +351,7 @@ def compute_penalty_gradient(
     if check_mode(mode) == "exact" and is_sharded(objective.params):
         raise ValueError(EXACT_UNSUPPORTED)
     # check=False: the finite-difference engine moves the parameters and restores them itself
-    with left_as_found(objective.model, check=False):
+    with left_as_found(objective.model, check=False, read_back=False):
         if mode == "exact":
             return exact_penalty_gradient(objective)
         return finite_difference_penalty_gradient(objective, fd_step, fd_scheme)

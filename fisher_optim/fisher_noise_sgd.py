@@ -315,7 +315,7 @@ class FisherNoiseSGD(GradientWrapper):
             eval_mode(module),
             # buffers a forward changes (a call counter), flags, renormalised embedding rows;
             # check=False: a training forward that changes a parameter in place may do so
-            left_as_found(module, check=False),
+            left_as_found(module, check=False, read_back=False),
             self.own_pass(autocast=False),  # also restores torch's random state
         ):
             layout = _layout(batch)  # checked once per input layout: a forward's cost
