@@ -43,6 +43,7 @@ from benchmarks.common import runner
 from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
 from benchmarks.common.models import INITS, MODELS
 from benchmarks.common.options import option, option_fields
+from fisher_optim import MODES
 from fisher_optim._cli import (
     fraction,
     nonnegative_float,
@@ -50,6 +51,7 @@ from fisher_optim._cli import (
     positive_float,
     positive_int,
 )
+from fisher_optim.curvature import LABEL_MODES
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
 PENALTY_OF_METHOD: dict[str, str | None] = {
@@ -162,7 +164,7 @@ class RunSpec:
         None, "compute the penalty on the first N examples of the batch",
         unset="the whole batch", type=positive_int, metavar="N", group=SETTING)
     fd_mode: str = option("exact", "how FisherPenaltySGD computes the penalty gradient",
-                          choices=("exact", "finite_difference"), group=SETTING)
+                          choices=MODES, group=SETTING)
     fp_start_epoch: int = 1
     label_noise: float = option(0.0, "fraction of training labels replaced by random labels, "
                                 "in [0, 1]", flag="--noise", type=fraction, metavar="FRACTION",
@@ -171,7 +173,7 @@ class RunSpec:
                              unset="the batch size", type=positive_int, metavar="N",
                              group=MEASURE)
     trace_labels: str = option("sample", "Tr(F) with sampled labels (fixed generator) or "
-                               "summed over classes", choices=("sample", "exact"),
+                               "summed over classes", choices=LABEL_MODES,
                                group=MEASURE)
     trace_every_steps: int = option(0, "also measure Tr(F) every N steps (finer Tr(F_i)); 0: "
                                     "per epoch", type=nonnegative_int, metavar="N",
@@ -243,8 +245,9 @@ class RunSpec:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
-        if self.trace_labels not in ("sample", "exact"):
-            raise ValueError(f"trace_labels must be 'sample' or 'exact', got {self.trace_labels!r}")
+        if self.trace_labels not in LABEL_MODES:
+            raise ValueError(f"trace_labels must be one of {LABEL_MODES}, "
+                             f"got {self.trace_labels!r}")
         if self.guard_early and self.spike_factor is None:
             raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
         if self.noise_fisher not in NOISE_FISHERS:
