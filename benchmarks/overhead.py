@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import statistics
 import sys
 import time
@@ -29,7 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import SweepOptions  # noqa: E402
+from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
+from benchmarks.common.options import add_options  # noqa: E402
+from benchmarks.common.runner import RunningOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
 
@@ -131,10 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--device", type=_device, default=None,
-        help="cpu, cuda or cuda:INDEX (default: cuda if available, else cpu)",
-    )
-    parser.add_argument(
         "--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
         metavar="MODEL",
         help=f"networks to time, of: {', '.join(sorted(MODELS))}",
@@ -152,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interleaved rounds; the median window is reported")
     parser.add_argument("--warmup", type=nonnegative_int, default=3, metavar="STEPS",
                         help="untimed steps of each variant before the rounds")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--clock", choices=("wall", "process"), default="wall",
         help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
@@ -161,23 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the results to this JSON file (default: print only)")
+    add_options(parser, SweepOptions, RunningOptions, only=("device", "threads"))
     return parser
-
-
-def _device(text: str) -> str:
-    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:INDEX, got {text!r}")
-    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variants is None:
         args.variants = list(VARIANTS)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
