@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.options import add_options  # noqa: E402
 from benchmarks.common.runner import RunningOptions  # noqa: E402
+from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
 
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
@@ -102,31 +102,6 @@ def time_model(
     return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]],
-    window: int,
-    rounds: int,
-    warmup: int,
-    sync: Callable[[], None] = lambda: None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
-    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            sync()
-            start = clock()
-            for _ in range(window):
-                step()
-            sync()
-            samples[v].append((clock() - start) / window)
-    return {v: statistics.median(s) for v, s in samples.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
     parser = argparse.ArgumentParser(
@@ -145,19 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="batch size of the random CIFAR-shaped batch")
-    parser.add_argument("--window", type=positive_int, default=10, metavar="STEPS",
-                        help="steps per timed window")
-    parser.add_argument("--rounds", type=positive_int, default=5,
-                        help="interleaved rounds; the median window is reported")
-    parser.add_argument("--warmup", type=nonnegative_int, default=3, metavar="STEPS",
-                        help="untimed steps of each variant before the rounds")
+    add_options(parser, TimingOptions)
     parser.add_argument(
         "--clock", choices=("wall", "process"), default="wall",
         help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
         "shared machine do not inflate (CPU only; meaningful with --threads 1)",
     )
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the results to this JSON file (default: print only)")
     add_options(parser, SweepOptions, RunningOptions, only=("device", "threads"))
     return parser
 
