@@ -478,7 +478,8 @@ class SweepOptions:
                                                                for k, v in QUICK.items()),
                          action="store_true", group=runner.RUNNING)
     no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
-    dry_run: bool = option(False, "list the runs and exit", action="store_true", group=runner.RUNNING)
+    dry_run: bool = option(False, "list the runs and exit", action="store_true",
+                           group=runner.RUNNING)
 
 
 #: Command-line (and setting) defaults that differ from the RunSpec field's default, which
