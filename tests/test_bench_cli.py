@@ -254,3 +254,15 @@ def test_experiment_command_lines_are_as_recorded(name):
 
 def test_every_experiment_script_is_recorded():
     assert sorted(json.loads(EXPECTED.read_text())) == sorted(EXPERIMENTS)
+
+
+def test_a_run_spec_field_added_after_the_first_experiments_is_left_out_at_its_default():
+    """config.json of a run at the defaults holds only the first experiments' fields (so
+    --resume recognises runs made before a field existed); a value other than the default
+    is written."""
+    config = importlib.import_module("benchmarks.common.config")
+    spec = config.RunSpec(experiment="x", dataset="cifar10", model="tiny", method="fp", lr=0.1)
+    assert set(spec.to_dict()) == config.FIRST_SPEC_FIELDS
+    changed = dataclasses.replace(spec, ghost_batch_size=64, spike_factor=4.0)
+    assert set(changed.to_dict()) == config.FIRST_SPEC_FIELDS | {"ghost_batch_size", "spike_factor"}
+    assert config.RunSpec.from_dict(changed.to_dict()) == changed

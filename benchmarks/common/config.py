@@ -319,9 +319,9 @@ class RunSpec:
         """JSON-ready dict."""
         d = asdict(self)
         d["milestones"] = list(self.milestones)
-        for key, default in _OPTIONAL_SPEC_FIELDS.items():
-            if d[key] == default:
-                del d[key]
+        for f in fields(self):
+            if f.name not in FIRST_SPEC_FIELDS and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
@@ -331,21 +331,16 @@ class RunSpec:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-#: RunSpec fields left out of ``to_dict()`` at their default (added after the first
-#: experiments): the ``config.json`` / checkpoint spec of every other run stays as before,
-#: so ``--resume`` keeps recognising runs started by older code.
-_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
-    "small_batch_size": 128,
-    "noise_fisher": "empirical",
-    "noise_every": 1,
-    "ghost_batch_size": 0,
-    "log_every_update": False,
-    "test_every": 1,
-    "init": "kaiming",
-    "val_every": 1,
-    "spike_factor": None,
-    "guard_early": False,
-}
+#: The RunSpec fields of the first experiments' ``config.json``. A field added since is left
+#: out of ``to_dict()`` at its default: the ``config.json`` / checkpoint spec of every other
+#: run stays as before, so ``--resume`` keeps recognising runs started by older code.
+FIRST_SPEC_FIELDS = frozenset((
+    "experiment", "dataset", "model", "method", "lr", "alpha", "seed", "epochs", "milestones",
+    "gamma", "weight_decay", "momentum", "batch_size", "augment", "every",
+    "penalty_batch_size", "fd_mode", "fp_start_epoch", "label_noise", "probe_size",
+    "trace_labels", "trace_every_steps", "loss_threshold", "bn_refresh_batches",
+    "eval_batch_size", "eval_train", "track_groups", "group_probe_size",
+))
 
 
 #: What ``--quick`` sets (unless given explicitly).
