@@ -245,16 +245,12 @@ class RunSpec:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
-        if self.trace_labels not in LABEL_MODES:
-            raise ValueError(f"trace_labels must be one of {LABEL_MODES}, "
-                             f"got {self.trace_labels!r}")
+        for f in option_fields(RunSpec):  # the options' choices hold for any RunSpec
+            choices, value = f.metadata["argparse"].get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.guard_early and self.spike_factor is None:
             raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
-        if self.noise_fisher not in NOISE_FISHERS:
-            raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
-                             f"got {self.noise_fisher!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.test_every < 0:
             raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
                              f"accuracy and the last epoch), got {self.test_every}")
