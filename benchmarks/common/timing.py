@@ -23,12 +23,17 @@ class TimingOptions:
     overhead benchmarks."""
 
     window: int = option(10, "steps per timed window", type=positive_int, metavar="STEPS")
-    rounds: int = option(5, "interleaved rounds; the median window is reported",
-                         type=positive_int)
-    warmup: int = option(3, "untimed steps of each variant before the rounds",
-                         type=nonnegative_int, metavar="STEPS")
-    json: Path | None = option(None, "also write the results to this JSON file",
-                               unset="print only", type=Path, metavar="PATH")
+    rounds: int = option(5, "interleaved rounds; the median window is reported", type=positive_int)
+    warmup: int = option(
+        3, "untimed steps of each variant before the rounds", type=nonnegative_int, metavar="STEPS"
+    )
+    json: Path | None = option(
+        None,
+        "also write the results to this JSON file",
+        unset="print only",
+        type=Path,
+        metavar="PATH",
+    )
 
 
 def interleaved_medians(
