@@ -49,9 +49,9 @@ from fisher_optim._logits import (
 )
 from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
 from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
-from fisher_optim.batch import Batch, call_model
+from fisher_optim.batch import Batch
 from fisher_optim.curvature import examples
-from fisher_optim.curvature.examples import check_first_example, example_grads
+from fisher_optim.curvature.examples import example_grads
 from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper
 
@@ -305,8 +305,8 @@ class FisherNoiseSGD(GradientWrapper):
         (:func:`fisher_optim.curvature.examples.example_grads`: ``vmap(grad)``, or a loop)."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
-        whole = batch
-        batch = batch.head(self.estimate_batch_size)
+        # checked once per input layout: the examples are independent, and cut as they held
+        batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
         n = batch.num_examples()
         targets = self._target_rows(batch, n)
         sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
@@ -318,11 +318,6 @@ class FisherNoiseSGD(GradientWrapper):
             left_as_found(module, check=False),
             self.own_pass(autocast=False),  # also restores torch's random state
         ):
-            layout = _layout(batch)  # checked once per input layout: a forward's cost
-            checked = self.__dict__.setdefault("_checked_layouts", set())
-            if layout not in checked:
-                _check_examples_split(module, whole, batch, self.output_fn)
-                checked.add(layout)
             for start in range(0, n, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
                 chunk = batch.slice(start, stop)
@@ -382,7 +377,7 @@ class FisherNoiseSGD(GradientWrapper):
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         wrt = [params[i] for i in trainable]
-        batch = batch.head(self.estimate_batch_size)
+        batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
         n = batch.num_examples()
         targets = self._target_rows(batch, n)
         device = wrt[0].device
@@ -513,28 +508,6 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
         )
-
-
-def _layout(batch: Batch) -> tuple[Any, ...]:
-    """Shapes and dtypes of a call's tensor inputs (and the places of the others)."""
-    return tuple(
-        (k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
-        for k, v in [*enumerate(batch.args), *batch.kwargs.items()]
-    )
-
-
-def _check_examples_split(
-    module: nn.Module, whole: Batch, batch: Batch, output_fn: OutputFn | None
-) -> None:
-    """Raise unless the model on the first example alone, its inputs cut as the per-example
-    pass cuts them (:meth:`fisher_optim.Batch.slice`, after ``estimate_batch_size``),
-    reproduces the first example's logits in the batch the model was trained on: a tensor
-    shared by all examples whose first dimension happens to be ``M`` (a ``[T, T]`` mask
-    with ``T == M``) would otherwise be cut as if it held examples, silently."""
-    with torch.no_grad():
-        first = pick_logits(module(*whole.args, **whole.kwargs), output_fn)
-        alone = pick_logits(call_model(module, batch.slice(0, 1)), output_fn)
-    check_first_example(_upcast(first[:1]), _upcast(alone), first.shape[0], "FisherNoiseSGD")
 
 
 def _example_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -277,7 +277,7 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        batch = self.current_batch().head(self.penalty_batch_size)
+        batch = self.cut(self.current_batch(), self.penalty_batch_size, self.output_fn)
         objective = PenaltyObjective(
             self.module, batch, penalty=self.penalty,
             params=[params[i] for i in trainable], output_fn=self.output_fn,
