@@ -89,7 +89,8 @@ class FisherNoiseSGD(GradientWrapper):
             between; a fresh ``ξ`` is drawn every step. ``"full"`` needs the current batch's
             per-example gradients for every draw, so it accepts only ``every=1``.
         estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
-            scale still uses the whole batch's ``M_L``).
+            scale still uses the whole batch's ``M_L``), cut by the one rule of
+            :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
         target_mask: which rows of the logits have a target, for models other than Hugging
