@@ -466,14 +466,10 @@ def test_likelihood_is_validated_and_one_output_categorical_raises():
         opt.step()
 
 
-def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradient():
-    """GP with loss_fn=F.mse_loss, [B, 1] outputs and targets (issue 14, item 4): the step
-    adds α · 2 H g of mse(f(x), y) itself (explicit Hessian), not of a broadcast [B, B] loss."""
-    from torch.func import functional_call, grad, hessian
+def _flat_loss(model, loss_fn, inputs, y):
+    """The flat parameters ``θ`` and ``θ ↦ loss_fn(model(*inputs; θ), y)``."""
+    from torch.func import functional_call
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -481,8 +477,20 @@ def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradien
     def loss(t):
         chunks = t.split([s.numel() for s in shapes])
         params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return F.mse_loss(functional_call(model, params, (x,)), y)
+        return loss_fn(functional_call(model, params, inputs), y)
 
+    return theta, loss
+
+
+def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradient():
+    """GP with loss_fn=F.mse_loss, [B, 1] outputs and targets (issue 14, item 4): the step
+    adds α · 2 H g of mse(f(x), y) itself (explicit Hessian), not of a broadcast [B, B] loss."""
+    from torch.func import grad, hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    theta, loss = _flat_loss(model, F.mse_loss, (x,), y)
     g = grad(loss)(theta)
     expected = theta - 0.1 * (g + 0.5 * 2 * hessian(loss)(theta) @ g)
     opt = FisherPenaltySGD(
@@ -544,17 +552,9 @@ def _shared_case(kind: str, length: int, n: int = 6):
 
 def _brute_gp_gradient(model, x, y, shared):
     """``∇ ||∇_θ CE(f(x), y)||² = 2 H g``: an explicit float64 Hessian, ``shared`` intact."""
-    from torch.func import functional_call, grad, hessian
+    from torch.func import grad, hessian
 
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def loss(t):
-        chunks = t.split([s.numel() for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return F.cross_entropy(functional_call(model, params, (x, shared)), y)
-
+    theta, loss = _flat_loss(model, F.cross_entropy, (x, shared), y)
     return 2 * hessian(loss)(theta) @ grad(loss)(theta)
 
 
