@@ -40,14 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import (
     OutputFn,
     pick_logits,
     sample_labels,
 )
-from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
+from fisher_optim._modules import frozen_batchnorm_stats
 from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
 from fisher_optim.batch import Batch
 from fisher_optim.curvature import examples
@@ -306,19 +305,13 @@ class FisherNoiseSGD(GradientWrapper):
         (:func:`fisher_optim.curvature.examples.example_grads`: ``vmap(grad)``, or a loop)."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
-        # checked once per input layout: the examples are independent, and cut as they held
-        batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
-        n = batch.num_examples()
-        targets = self._target_rows(batch, n)
-        sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
-        generator = self._local_generator(params[0].device) if targets is None else None
-        with (
-            eval_mode(module),
-            # buffers a forward changes (a call counter), flags, renormalised embedding rows;
-            # check=False: a training forward that changes a parameter in place may do so
-            left_as_found(module, check=False),
-            self.own_pass(autocast=False),  # also restores torch's random state
-        ):
+        with self.measuring_pass():
+            # checked once per input layout: the examples are independent, and cut as held
+            batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
+            n = batch.num_examples()
+            targets = self._target_rows(batch, n)
+            sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
+            generator = self._local_generator(params[0].device) if targets is None else None
             for start in range(0, n, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
                 chunk = batch.slice(start, stop)

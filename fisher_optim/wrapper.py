@@ -11,9 +11,10 @@ drops it after the step.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -156,8 +157,9 @@ class GradientWrapper(torch.optim.Optimizer):
         cut silently. Checked when the cut is ambiguous (``n`` cuts the batch and a tensor
         input besides the first has the batch size as first dimension) or, with
         ``per_example`` (the examples are then run one by one), always; once per input
-        layout: two forwards without gradients (the whole batch and one example), in eval
-        mode, the model left as found and torch's random state restored."""
+        layout: two forwards without gradients (the whole batch and one example) in a
+        :meth:`measuring_pass` (or the caller's, when called inside one); none for a model
+        called with one tensor, or when nothing is cut."""
         head = batch.head(n)
         if per_example or (head is not batch and _ambiguous(batch)):
             self._check_first_example(batch, output_fn)
@@ -171,15 +173,9 @@ class GradientWrapper(torch.optim.Optimizer):
         if layout in self._checked_layouts:
             return
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        # left_as_found: buffers a forward changes (a call counter), renormalised embedding
-        # rows; check=False: a training forward that changes a parameter in place may do so
         part = batch.slice(0, 1)
-        with (
-            eval_mode(module),
-            left_as_found(module, check=False),
-            self.own_pass(autocast=False),
-            torch.no_grad(),
-        ):
+        inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
+        with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
             first = model_output(module(*batch.args, **batch.kwargs), output_fn)
             alone = model_output(module(*part.args, **part.kwargs), output_fn)
         dtype = torch.promote_types(first.dtype, torch.float32)
@@ -187,6 +183,16 @@ class GradientWrapper(torch.optim.Optimizer):
             first[:1].to(dtype), alone.to(dtype), batch.num_examples(), type(self).__name__
         )
         self._checked_layouts.add(layout)
+
+    @contextlib.contextmanager
+    def measuring_pass(self) -> Iterator[None]:
+        """The wrapper's own pass (:meth:`own_pass`, full precision) in eval mode, the model
+        left as found: the buffers a forward changes (a call counter), flags, renormalised
+        embedding rows (``check=False``: a training forward that changes a parameter in
+        place may do so)."""
+        module = getattr(self.module, "_orig_mod", self.module)
+        with eval_mode(module), left_as_found(module, check=False), self.own_pass(False):
+            yield
 
     def _batch_device(self) -> torch.device:
         try:
