@@ -5,7 +5,8 @@ such tensors (keyword arguments of the model, as for Hugging Face models), or a
 :class:`fisher_optim.Batch` (positional and keyword arguments). Every tensor of a mapping
 or a ``Batch`` holds the examples in its first dimension (0-d tensors and other values,
 such as ``use_cache=False``, are passed as they are): the one rule of
-:mod:`fisher_optim.batch` for a batch that is cut into examples (:func:`batch_size`). *Data* is one batch or an iterable of batches:
+:mod:`fisher_optim.batch` for a batch that is cut into examples (:func:`batch_size`).
+*Data* is one batch or an iterable of batches:
 
 * a tensor or a mapping: one batch of inputs, without targets (a mapping's ``"labels"``,
   as Hugging Face batches carry them, serve as the targets of the Hessian measurements);
