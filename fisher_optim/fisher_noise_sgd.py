@@ -40,18 +40,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import (
     OutputFn,
     pick_logits,
     sample_labels,
 )
-from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
+from fisher_optim._modules import frozen_batchnorm_stats
 from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
-from fisher_optim.batch import Batch, call_model
+from fisher_optim.batch import Batch
 from fisher_optim.curvature import examples
-from fisher_optim.curvature.examples import check_first_example, example_grads
+from fisher_optim.curvature.examples import example_grads
 from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper
 
@@ -89,7 +88,8 @@ class FisherNoiseSGD(GradientWrapper):
             between; a fresh ``ξ`` is drawn every step. ``"full"`` needs the current batch's
             per-example gradients for every draw, so it accepts only ``every=1``.
         estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
-            scale still uses the whole batch's ``M_L``).
+            scale still uses the whole batch's ``M_L``), cut by the one rule of
+            :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
         target_mask: which rows of the logits have a target, for models other than Hugging
@@ -305,24 +305,13 @@ class FisherNoiseSGD(GradientWrapper):
         (:func:`fisher_optim.curvature.examples.example_grads`: ``vmap(grad)``, or a loop)."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
-        whole = batch
-        batch = batch.head(self.estimate_batch_size)
-        n = batch.num_examples()
-        targets = self._target_rows(batch, n)
-        sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
-        generator = self._local_generator(params[0].device) if targets is None else None
-        with (
-            eval_mode(module),
-            # buffers a forward changes (a call counter), flags, renormalised embedding rows;
-            # check=False: a training forward that changes a parameter in place may do so
-            left_as_found(module, check=False, read_back=False),
-            self.own_pass(autocast=False),  # also restores torch's random state
-        ):
-            layout = _layout(batch)  # checked once per input layout: a forward's cost
-            checked = self.__dict__.setdefault("_checked_layouts", set())
-            if layout not in checked:
-                _check_examples_split(module, whole, batch, self.output_fn)
-                checked.add(layout)
+        with self.measuring_pass():
+            # checked once per input layout: the examples are independent, and cut as held
+            batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
+            n = batch.num_examples()
+            targets = self._target_rows(batch, n)
+            sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
+            generator = self._local_generator(params[0].device) if targets is None else None
             for start in range(0, n, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
                 chunk = batch.slice(start, stop)
@@ -382,7 +371,7 @@ class FisherNoiseSGD(GradientWrapper):
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         wrt = [params[i] for i in trainable]
-        batch = batch.head(self.estimate_batch_size)
+        batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
         n = batch.num_examples()
         targets = self._target_rows(batch, n)
         device = wrt[0].device
@@ -513,28 +502,6 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
         )
-
-
-def _layout(batch: Batch) -> tuple[Any, ...]:
-    """Shapes and dtypes of a call's tensor inputs (and the places of the others)."""
-    return tuple(
-        (k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
-        for k, v in [*enumerate(batch.args), *batch.kwargs.items()]
-    )
-
-
-def _check_examples_split(
-    module: nn.Module, whole: Batch, batch: Batch, output_fn: OutputFn | None
-) -> None:
-    """Raise unless the model on the first example alone, its inputs cut as the per-example
-    pass cuts them (:meth:`fisher_optim.Batch.slice`, after ``estimate_batch_size``),
-    reproduces the first example's logits in the batch the model was trained on: a tensor
-    shared by all examples whose first dimension happens to be ``M`` (a ``[T, T]`` mask
-    with ``T == M``) would otherwise be cut as if it held examples, silently."""
-    with torch.no_grad():
-        first = pick_logits(module(*whole.args, **whole.kwargs), output_fn)
-        alone = pick_logits(call_model(module, batch.slice(0, 1)), output_fn)
-    check_first_example(_upcast(first[:1]), _upcast(alone), first.shape[0], "FisherNoiseSGD")
 
 
 def _example_loss(logits: Tensor, labels: Tensor) -> Tensor:
