@@ -18,10 +18,7 @@ CONFIG = ExperimentConfig(
     dataset="cifar100",
     model="densenet40_12",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=(150, 225),
     weight_decay=1e-4,
-    lr_star=0.1,
     bn_refresh_batches=100,
 )
 

@@ -17,10 +17,8 @@ CONFIG = ExperimentConfig(
     dataset="cifar100",
     model="vgg11",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=vgg_milestones(300),
+    milestones=vgg_milestones(),
     weight_decay=1e-4,
-    lr_star=0.1,
 )
 
 if __name__ == "__main__":

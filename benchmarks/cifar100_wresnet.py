@@ -17,10 +17,7 @@ CONFIG = ExperimentConfig(
     dataset="cifar100",
     model="wresnet44_3_nobn",
     description=__doc__.split("\n\n")[0],
-    epochs=300,
-    milestones=(150, 225),
     weight_decay=1e-3,
-    lr_star=0.1,
 )
 
 if __name__ == "__main__":

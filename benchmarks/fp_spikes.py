@@ -36,14 +36,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import SIMPLECNN_CIFAR10, Setting  # noqa: E402
+from benchmarks.common.runner import read_jsonl  # noqa: E402
 from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
 
 FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log (``metrics.jsonl``, ``refreshes.jsonl``)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+#: ``--schedule``'s default batch size, refresh interval and epochs: SimpleCNN's setting.
+_SCHEDULE = Setting(**SIMPLECNN_CIFAR10)
 
 
 def running_ratios(values: Sequence[float | None], window: int) -> list[float | None]:
@@ -171,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per run, the median α·||∇P|| over the refreshes of each epoch E, "
                         "from its config.json and refreshes.jsonl (default: the spike "
                         "statistics)")
-    p.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=_SCHEDULE.batch_size, metavar="B",
                    help="with --schedule: the training batch size")
-    p.add_argument("--every", type=positive_int, default=10, metavar="K",
+    p.add_argument("--every", type=positive_int, default=_SCHEDULE.every, metavar="K",
                    help="with --schedule: FisherPenaltySGD's refresh interval")
-    p.add_argument("--epochs", type=positive_int, default=300, metavar="E",
+    p.add_argument("--epochs", type=positive_int, default=_SCHEDULE.epochs, metavar="E",
                    help="with --schedule: epochs of training")
     return p
 

@@ -38,10 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.options import add_options  # noqa: E402
 from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
-from benchmarks.overhead import interleaved_medians  # noqa: E402
+from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
 from fisher_optim._fsdp import local_shard  # noqa: E402
 from fisher_optim.engines import (  # noqa: E402
     exact_penalty_gradient,
@@ -262,22 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
     parser.add_argument("--context", type=positive_int, default=64, help="sequence length")
     parser.add_argument("--batch", type=positive_int, default=8, help="sequences per rank")
-    parser.add_argument(
-        "--window", type=positive_int, default=10, metavar="STEPS", help="steps per timed window"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=positive_int,
-        default=5,
-        help="interleaved rounds; the median window is reported",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=nonnegative_int,
-        default=3,
-        metavar="STEPS",
-        help="untimed steps of each variant before the rounds",
-    )
+    add_options(parser, TimingOptions)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
     parser.add_argument(
         "--mp-error",
@@ -290,13 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="also write the tables (Markdown) to FILE (default: print only)",
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="also write the results to this JSON file (default: print only)",
     )
     return parser
 

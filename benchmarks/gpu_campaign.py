@@ -73,6 +73,7 @@ from benchmarks.common.harness import (  # noqa: E402
     build_optimizer,
     evaluate,
     prepare_data,
+    resolve_device,
     summarize,
 )
 from benchmarks.common.models import build_model  # noqa: E402
@@ -695,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return plan
     start = time.monotonic()
     end = start + args.budget_s - MARGIN_S
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto")
     dry = args.dry_run
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import runner  # noqa: E402
 from benchmarks.common.options import add_options, option, tagged  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
+from fisher_optim import MODES  # noqa: E402
 from fisher_optim._cli import (  # noqa: E402
     HelpFormatter,
     integer,
@@ -78,7 +79,7 @@ class LMOptions:
     every: int = option(10, "fp: recompute the penalty gradient every N steps",
                         type=positive_int, group=_WHAT, tags=("fp",))
     fd_mode: str = option("exact", "fp: how the penalty gradient is computed",
-                          choices=("exact", "finite_difference"), group=_WHAT, tags=("fp",))
+                          choices=MODES, group=_WHAT, tags=("fp",))
     spike_factor: float | None = option(
         None, "fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose Tr(F_B) "
         "exceeds this many times the recent median), a number > 1 (default: off, the paper's "

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +27,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import SweepOptions  # noqa: E402
+from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
+from benchmarks.common.options import add_options  # noqa: E402
+from benchmarks.common.runner import RunningOptions  # noqa: E402
+from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
 
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
@@ -99,40 +102,11 @@ def time_model(
     return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]],
-    window: int,
-    rounds: int,
-    warmup: int,
-    sync: Callable[[], None] = lambda: None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
-    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            sync()
-            start = clock()
-            for _ in range(window):
-                step()
-            sync()
-            samples[v].append((clock() - start) / window)
-    return {v: statistics.median(s) for v, s in samples.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
     parser = argparse.ArgumentParser(
         prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "--device", type=_device, default=None,
-        help="cpu, cuda or cuda:INDEX (default: cuda if available, else cpu)",
     )
     parser.add_argument(
         "--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
@@ -146,38 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="batch size of the random CIFAR-shaped batch")
-    parser.add_argument("--window", type=positive_int, default=10, metavar="STEPS",
-                        help="steps per timed window")
-    parser.add_argument("--rounds", type=positive_int, default=5,
-                        help="interleaved rounds; the median window is reported")
-    parser.add_argument("--warmup", type=nonnegative_int, default=3, metavar="STEPS",
-                        help="untimed steps of each variant before the rounds")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice)")
+    add_options(parser, TimingOptions)
     parser.add_argument(
         "--clock", choices=("wall", "process"), default="wall",
         help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
         "shared machine do not inflate (CPU only; meaningful with --threads 1)",
     )
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the results to this JSON file (default: print only)")
+    add_options(parser, SweepOptions, RunningOptions, only=("device", "threads"))
     return parser
-
-
-def _device(text: str) -> str:
-    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:INDEX, got {text!r}")
-    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variants is None:
         args.variants = list(VARIANTS)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,20 +1,41 @@
 """One batch of a model call, and the one rule by which it is cut into examples.
 
 A :class:`Batch` holds the positional and keyword inputs of one model call, plus optional
-targets. Its *examples* are counted by the first dimension of its first tensor input; a
-tensor whose first dimension is that number holds the examples and is cut when the batch
-is (:func:`cut_examples`); any other value (a 0-d tensor, a flag, a tensor of another first
-dimension) is passed whole. A tensor shared by all examples whose first dimension happens
-to equal the number of examples cannot be told apart: it must be passed through the model
-itself (an attribute or ``functools.partial``); every per-example measurement checks that
-the model on the first example alone reproduces that example's output in the batch, and
-raises otherwise (:func:`fisher_optim.curvature.examples.check_first_example`).
+targets. The rule, for the measurements and the training wrappers alike:
+
+* Its *examples* are counted by the first dimension of its first tensor input
+  (:func:`num_examples`).
+* A batch that is *cut* into examples (per-example gradients and their chunks, every
+  measurement of :mod:`fisher_optim.curvature` that takes examples one by one,
+  ``FisherPenaltySGD(penalty_batch_size=...)``, ``FisherNoiseSGD`` with per-example
+  gradients or ``estimate_batch_size``: every :meth:`Batch.slice`) must hold the examples
+  in the first dimension of *every* tensor input with a dimension, and of its targets
+  (:func:`batch_size`, else ``ValueError`` naming the tensor and the fix). A tensor of
+  another first dimension is not guessed to be shared: it may as well hold the examples
+  in another dimension (a sequence-first ``[T, B, D]`` input with a ``[B, T]`` mask). Only
+  0-d tensors and values that are not tensors (flags, ``use_cache=False``) are passed whole.
+* A tensor shared by all examples whose first dimension happens to equal the number of
+  examples (a ``[T, T]`` mask, a ``[T, 1]`` table with ``T == B``) cannot be told apart
+  from one that holds examples, and is never guessed about either: pass it through the
+  model itself (an attribute, ``functools.partial`` or a wrapper module). Every place that
+  cuts a batch checks the consequence: the model run on the first example alone must
+  reproduce that example's output in the batch, else ``ValueError``
+  (:func:`fisher_optim.curvature.examples.check_first_example`; the wrappers check once per
+  input layout, :meth:`fisher_optim.wrapper.GradientWrapper.cut`).
+* A batch that is run *whole* (``FisherPenaltySGD`` without ``penalty_batch_size``,
+  ``FisherNoiseSGD(covariance="full")`` without ``estimate_batch_size``, Hessian-vector
+  products) is passed to the model exactly as the training loop called it: nothing is
+  cut, so nothing needs deciding, and shared tensors of any shape are fine there.
 
 >>> import torch
->>> b = Batch((torch.zeros(4, 3), torch.ones(2, 2)), {"scale": 2.0}, torch.arange(4))
+>>> b = Batch((torch.zeros(4, 3), torch.tensor(2.0)), {"scale": 2.0}, torch.arange(4))
 >>> part = b.slice(1, 3)
 >>> part.args[0].shape, part.args[1].shape, part.kwargs, part.targets.tolist()
-(torch.Size([2, 3]), torch.Size([2, 2]), {'scale': 2.0}, [1, 2])
+(torch.Size([2, 3]), torch.Size([]), {'scale': 2.0}, [1, 2])
+>>> Batch((torch.zeros(4, 3), torch.ones(2, 2))).slice(0, 1)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: every tensor of a batch that is cut into examples must hold them ...
 """
 
 from __future__ import annotations
@@ -29,6 +50,7 @@ __all__ = [
     "Batch",
     "Inputs",
     "InputsAndTargets",
+    "batch_size",
     "call_model",
     "cut_examples",
     "holds_examples",
@@ -42,7 +64,7 @@ __all__ = [
 
 def holds_examples(value: Any, n: int) -> bool:
     """Whether ``value`` is a tensor whose first dimension is the number of examples ``n``:
-    the one rule by which a batch is cut."""
+    what a cut batch cuts (its other tensors are 0-d, :func:`batch_size`)."""
     return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
 
 
@@ -74,9 +96,10 @@ class Batch:
         return x.shape[0]
 
     def slice(self, start: int, stop: int) -> Batch:
-        """Examples ``start:stop``: every tensor (targets included) whose first dimension is
-        the number of examples is cut (:func:`cut_examples`), every other value kept."""
-        n = self.num_examples()
+        """Examples ``start:stop``: every tensor (targets included) is cut
+        (:func:`cut_examples`), every other value kept; ``ValueError`` unless each holds the
+        examples in its first dimension (:func:`batch_size`)."""
+        n = batch_size(self)
         return Batch(
             tuple(cut_examples(a, n, start, stop) for a in self.args),
             {k: cut_examples(v, n, start, stop) for k, v in self.kwargs.items()},
@@ -84,8 +107,9 @@ class Batch:
         )
 
     def head(self, n: int | None) -> Batch:
-        """The first ``n`` examples (the whole batch for None): :meth:`slice`."""
-        return self if n is None else self.slice(0, n)
+        """The first ``n`` examples (:meth:`slice`); the batch itself, run whole, for None
+        or an ``n`` of at least its number of examples."""
+        return self if n is None or n >= self.num_examples() else self.slice(0, n)
 
 
 Inputs = Tensor | Mapping[str, Any] | Batch
@@ -111,7 +135,8 @@ def call_model(model: nn.Module, x: Inputs) -> Any:
 
 def num_examples(x: Inputs) -> int:
     """The number of examples of a batch of inputs: the first dimension of its first tensor
-    (:meth:`Batch.num_examples`; ``curvature._data.batch_size`` also checks the others)."""
+    (:meth:`Batch.num_examples`; :func:`batch_size`, for a batch that is cut, also checks
+    the others)."""
     if isinstance(x, Tensor):
         if x.dim() == 0:
             raise ValueError("the inputs are a 0-dimensional tensor: no batch dimension")
@@ -121,6 +146,32 @@ def num_examples(x: Inputs) -> int:
     return Batch((), dict(x)).num_examples()
 
 
+def _named_tensors(x: Inputs) -> list[tuple[str, Tensor]]:
+    args, kwargs = model_inputs(x)
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    if isinstance(x, Batch) and x.targets is not None:
+        named.append(("the targets", x.targets))
+    return [(k, v) for k, v in named if isinstance(v, Tensor)]
+
+
+def batch_size(x: Inputs) -> int:
+    """The number of examples of a batch that is cut into examples (see the module): the
+    first dimension of its first tensor input, which every tensor input with a dimension
+    (and a ``Batch``'s targets) must share, else ``ValueError`` naming the one that does not.
+    """
+    n = num_examples(x)
+    for key, v in _named_tensors(x):
+        if v.dim() > 0 and v.shape[0] != n:
+            raise ValueError(
+                "every tensor of a batch that is cut into examples must hold them in its "
+                f"first dimension: {key!s} has shape {tuple(v.shape)}, the batch has {n} "
+                "examples (the first dimension of its first tensor). Pass inputs shared by "
+                "all examples through the model itself (an attribute, functools.partial or "
+                "a wrapper module), not in the batch"
+            )
+    return n
+
+
 def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
     """Examples ``start:stop`` of a batch, by the one slicing rule of
     :func:`cut_examples` (see the module)."""
@@ -128,7 +179,7 @@ def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
         return x[start:stop]
     if isinstance(x, Batch):
         return x.slice(start, stop)
-    n = num_examples(x)
+    n = batch_size(x)
     return {k: cut_examples(v, n, start, stop) for k, v in x.items()}
 
 

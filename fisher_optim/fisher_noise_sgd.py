@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import (
     OutputFn,
@@ -48,15 +47,15 @@ from fisher_optim._logits import (
     pick_logits,
     sample_labels,
 )
-from fisher_optim._modules import eval_mode, frozen_batchnorm_stats
+from fisher_optim._modules import frozen_batchnorm_stats
 from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
-from fisher_optim.batch import Batch, call_model
+from fisher_optim.batch import Batch
 from fisher_optim.curvature import examples
-from fisher_optim.curvature.examples import check_first_example, example_grads
+from fisher_optim.curvature.examples import example_grads
 from fisher_optim.curvature.ghost import ghost_backward
 from fisher_optim.curvature.layers import LayerRule, trained
 from fisher_optim.validate import is_int
-from fisher_optim.wrapper import GradientWrapper
+from fisher_optim.wrapper import GradientWrapper, input_layout
 
 COVARIANCES = ("diagonal", "full", "trace")
 FISHERS = ("true", "empirical")
@@ -93,7 +92,8 @@ class FisherNoiseSGD(GradientWrapper):
             between; a fresh ``ξ`` is drawn every step. ``"full"`` needs the current batch's
             per-example gradients for every draw, so it accepts only ``every=1``.
         estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
-            scale still uses the whole batch's ``M_L``).
+            scale still uses the whole batch's ``M_L``), cut by the one rule of
+            :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
         target_mask: which rows of the logits have a target, for models other than Hugging
@@ -201,6 +201,8 @@ class FisherNoiseSGD(GradientWrapper):
         #: ``diag F`` per parameter (aligned with ``flat_params()``, None where frozen) or,
         #: for ``"trace"``, ``Tr F / d`` broadcast as a 0-dim tensor per parameter.
         self._cache: list[Tensor | None] | None = None
+        #: per input layout, the layers the rules covered in its checked estimate
+        self._covered_layers: dict[tuple[Any, ...], frozenset[nn.Module]] = {}
         self._local_draws = 0
         self._seed_synced = False
 
@@ -319,61 +321,52 @@ class FisherNoiseSGD(GradientWrapper):
         """
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
         _check_params_of(module, params)
-        whole = batch
-        batch = batch.head(self.estimate_batch_size)
-        n = batch.num_examples()
-        targets = self._target_rows(batch, n)
-        index = {id(p): k for k, p in enumerate(params)}
-        sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
-        generator = self._local_generator(params[0].device) if targets is None else None
-        shapes: list[torch.Size] = []  # of the logits, as the model gives them
-        labels: list[Tensor] = []  # [n, rows]: set by the cotangents
-        covered: set[nn.Module] = set()  # the layers the rules took
+        with self.measuring_pass():
+            # checked once per input layout: the examples are independent, and cut as held
+            batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
+            n = batch.num_examples()
+            targets = self._target_rows(batch, n)
+            index = {id(p): k for k, p in enumerate(params)}
+            sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
+            generator = self._local_generator(params[0].device) if targets is None else None
+            shapes: list[torch.Size] = []  # of the logits, as the model gives them
+            labels: list[Tensor] = []  # [n, rows]: set by the cotangents
+            covered: set[nn.Module] = set()  # the layers the rules took
 
-        def picked(output: Any) -> Tensor:
-            logits = pick_logits(output, self.output_fn)
-            shapes.append(logits.shape)
-            return logits
+            def picked(output: Any) -> Tensor:
+                logits = pick_logits(output, self.output_fn)
+                shapes.append(logits.shape)
+                return logits
 
-        def cotangents(logits: Tensor) -> list[Tensor]:
-            rows = targets
-            if rows is None:  # the shape of the batch's logits (not the probe's)
-                n_rows = logits.shape[0] * logits.shape[1]
-                shape = next(s for s in shapes if math.prod(s[:-1]) == n_rows)
-                rows = self._sample_rows(module, batch, logits, shape, generator)
-            labels.append(rows)
-            return [_cross_entropy_cotangent(logits, rows)]
+            def cotangents(logits: Tensor) -> list[Tensor]:
+                rows = targets
+                if rows is None:  # the shape of the batch's logits (not the probe's)
+                    n_rows = logits.shape[0] * logits.shape[1]
+                    shape = next(s for s in shapes if math.prod(s[:-1]) == n_rows)
+                    rows = self._sample_rows(module, batch, logits, shape, generator)
+                labels.append(rows)
+                return [_cross_entropy_cotangent(logits, rows)]
 
-        def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
-            covered.add(m)
-            own = [index.get(id(p)) for p in trained(m)]
-            if all(k is None for k in own):
-                return
-            dtype = _acc_dtype(g.dtype)  # fp16/bf16 layers: squared in float32
-            a = a.to(dtype) if a.is_floating_point() else a  # (an embedding's ids stay)
-            for k, sq in zip(own, rule.sq_grads(m, a, g.to(dtype)), strict=True):
-                if k is not None:
-                    sums[k].add_(sq.to(sums[k].dtype))
+            def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
+                covered.add(m)
+                own = [index.get(id(p)) for p in trained(m)]
+                if all(k is None for k in own):
+                    return
+                dtype = _acc_dtype(g.dtype)  # fp16/bf16 layers: squared in float32
+                a = a.to(dtype) if a.is_floating_point() else a  # (an embedding's ids stay)
+                for k, sq in zip(own, rule.sq_grads(m, a, g.to(dtype)), strict=True):
+                    if k is not None:
+                        sums[k].add_(sq.to(sums[k].dtype))
 
-        with (
-            eval_mode(module),
-            # buffers a forward changes (a call counter), flags, renormalised embedding rows;
-            # check=False: a training forward that changes a parameter in place may do so
-            left_as_found(module, check=False, read_back=False),
-            self.own_pass(autocast=False),  # also restores torch's random state
-        ):
-            # checked once per input layout (host reads): how the batch is cut, and which
-            # layers the rules may take; later refreshes take those without reading back
-            layout = _layout(batch)
-            checked = self.__dict__.setdefault("_checked_layouts", {})
-            trusted = checked.get(layout)
-            if trusted is None:
-                _check_examples_split(module, whole, batch, self.output_fn)
+            # the layers the rules may take: checked (host reads) once per input layout; later
+            # refreshes take those without reading back
+            layout = input_layout(batch)
+            trusted = self._covered_layers.get(layout)
             _, used = ghost_backward(
                 module, batch, cotangents, on_layer,
                 output_fn=picked, trusted=trusted, optimizer_pass=True,
             )
-            checked.setdefault(layout, frozenset(covered))
+            self._covered_layers.setdefault(layout, frozenset(covered))
             rest = [p for p in used if id(p) in index]  # no rule covers them: per example
             for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
                 stop = min(start + PER_EXAMPLE_CHUNK, n)
@@ -443,7 +436,7 @@ class FisherNoiseSGD(GradientWrapper):
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         wrt = [params[i] for i in trainable]
-        batch = batch.head(self.estimate_batch_size)
+        batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
         n = batch.num_examples()
         targets = self._target_rows(batch, n)
         device = wrt[0].device
@@ -574,28 +567,6 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
         )
-
-
-def _layout(batch: Batch) -> tuple[Any, ...]:
-    """Shapes and dtypes of a call's tensor inputs (and the places of the others)."""
-    return tuple(
-        (k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
-        for k, v in [*enumerate(batch.args), *batch.kwargs.items()]
-    )
-
-
-def _check_examples_split(
-    module: nn.Module, whole: Batch, batch: Batch, output_fn: OutputFn | None
-) -> None:
-    """Raise unless the model on the first example alone, its inputs cut as the per-example
-    pass cuts them (:meth:`fisher_optim.Batch.slice`, after ``estimate_batch_size``),
-    reproduces the first example's logits in the batch the model was trained on: a tensor
-    shared by all examples whose first dimension happens to be ``M`` (a ``[T, T]`` mask
-    with ``T == M``) would otherwise be cut as if it held examples, silently."""
-    with torch.no_grad():
-        first = pick_logits(module(*whole.args, **whole.kwargs), output_fn)
-        alone = pick_logits(call_model(module, batch.slice(0, 1)), output_fn)
-    check_first_example(_upcast(first[:1]), _upcast(alone), first.shape[0], "FisherNoiseSGD")
 
 
 def _cross_entropy_cotangent(logits: Tensor, labels: Tensor) -> Tensor:

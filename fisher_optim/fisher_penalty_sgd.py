@@ -104,7 +104,10 @@ class FisherPenaltySGD(GradientWrapper):
             ``fisher_optim.Gaussian(sigma=...)`` otherwise). A one-output model with
             ``"categorical"`` raises (its Tr(F_B) would be identically 0). See
             :mod:`fisher_optim._logits`.
-        penalty_batch_size: use only the first N examples of the batch for the penalty.
+        penalty_batch_size: use only the first N examples of the batch for the penalty. The
+            batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
+            holds the examples in its first dimension; pass shared tensors through the
+            model), checked once per input layout (:meth:`GradientWrapper.cut`).
         fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
         fd_scheme: ``"forward"`` (2 gradients), ``"central"`` or ``"guarded"`` (3 gradients);
             None: the dtype's default (``"guarded"`` in float32, ``"forward"`` in float64;
@@ -277,7 +280,7 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        batch = self.current_batch().head(self.penalty_batch_size)
+        batch = self.cut(self.current_batch(), self.penalty_batch_size, self.output_fn)
         objective = PenaltyObjective(
             self.module, batch, penalty=self.penalty,
             params=[params[i] for i in trainable], output_fn=self.output_fn,

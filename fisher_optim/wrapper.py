@@ -11,17 +11,22 @@ drops it after the step.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import local_shard
-from fisher_optim._modules import unwrap
+from fisher_optim._logits import OutputFn, model_output
+from fisher_optim._modules import eval_mode, unwrap
+from fisher_optim.batch import holds_examples
+from fisher_optim.curvature.examples import check_first_example
 from fisher_optim.penalty import Batch
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
@@ -69,6 +74,7 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets: Tensor | None = None
         self._in_own_pass = False
         self._warned_not_ddp = False
+        self._checked_layouts: set[tuple[Any, ...]] = set()
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         #: ``||∇||`` of the full gradient before clipping (a 0-dim tensor), when clipping.
         self.grad_norm: Tensor | None = None
@@ -140,6 +146,54 @@ class GradientWrapper(torch.optim.Optimizer):
                 "the last step: call the model (in train mode, with grad enabled) before step()"
             )
         return Batch(self._batch.args, self._batch.kwargs, self._targets)
+
+    def cut(
+        self, batch: Batch, n: int | None, output_fn: OutputFn | None, per_example: bool = False
+    ) -> Batch:
+        """The first ``n`` examples of ``batch`` (:meth:`Batch.head`, by the one rule of
+        :mod:`fisher_optim.batch`), checked: the model on the first example alone must
+        reproduce that example's output in ``batch`` (else ``ValueError`` naming the fix),
+        so that a shared tensor whose first dimension happens to be the batch size is never
+        cut silently. Checked when the cut is ambiguous (``n`` cuts the batch and a tensor
+        input besides the first has the batch size as first dimension) or, with
+        ``per_example`` (the examples are then run one by one), always; once per input
+        layout: two forwards without gradients (the whole batch and one example) in a
+        :meth:`measuring_pass` (or the caller's, when called inside one); none for a model
+        called with one tensor, or when nothing is cut."""
+        head = batch.head(n)
+        if per_example or (head is not batch and _ambiguous(batch)):
+            self._check_first_example(batch, output_fn)
+        return head
+
+    def _check_first_example(self, batch: Batch, output_fn: OutputFn | None) -> None:
+        layout = input_layout(batch)
+        if layout in self._checked_layouts:
+            return
+        module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
+        part = batch.slice(0, 1)
+        inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
+        with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
+            first = model_output(module(*batch.args, **batch.kwargs), output_fn)
+            alone = model_output(module(*part.args, **part.kwargs), output_fn)
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        check_first_example(
+            first[:1].to(dtype), alone.to(dtype), batch.num_examples(), type(self).__name__
+        )
+        self._checked_layouts.add(layout)
+
+    @contextlib.contextmanager
+    def measuring_pass(self) -> Iterator[None]:
+        """The wrapper's own pass (:meth:`own_pass`, full precision) in eval mode, the model
+        left as found: the buffers a forward changes (a call counter), flags, renormalised
+        embedding rows (``check=False``: a training forward that changes a parameter in
+        place may do so; ``read_back=False``: no host sync)."""
+        module = getattr(self.module, "_orig_mod", self.module)
+        with (
+            eval_mode(module),
+            left_as_found(module, check=False, read_back=False),
+            self.own_pass(False),
+        ):
+            yield
 
     def _batch_device(self) -> torch.device:
         try:
@@ -312,6 +366,23 @@ class GradientWrapper(torch.optim.Optimizer):
         self._generators = {}
         for key, state in extra["generators"].items():
             self.generator(torch.device(key)).set_state(state.cpu())
+
+
+def input_layout(batch: Batch) -> tuple[Any, ...]:
+    """Shapes and dtypes of a call's tensor inputs (and the places of the others): what a
+    check once per input layout is keyed by."""
+    return tuple(
+        (k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
+        for k, v in [*enumerate(batch.args), *batch.kwargs.items()]
+    )
+
+
+def _ambiguous(batch: Batch) -> bool:
+    """Whether a tensor input besides the first has the number of examples as its first
+    dimension: it may be shared (see :mod:`fisher_optim.batch`)."""
+    n = batch.num_examples()
+    inputs = [*batch.args, *batch.kwargs.values()]
+    return sum(holds_examples(v, n) for v in inputs) > 1
 
 
 class _CaptureHook:

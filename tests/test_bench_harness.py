@@ -78,11 +78,11 @@ def _strip_times(records):
 
 def test_alpha_grid_and_milestones():
     cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny")
-    grid = cfg.alpha_grid("fp")
+    grid = cfg.alpha_values("fp")
     assert len(grid) == 10 and grid[0] == pytest.approx(1e-3) and grid[-1] == pytest.approx(0.1)
-    assert cfg.alpha_grid("gpx")[-1] == pytest.approx(10 * cfg.gpx_center)
-    assert len(cfg.with_overrides(alpha_grid_size=5).alpha_grid("gp")) == 5
-    assert cfg.alpha_grid("baseline") == (0.0,)
+    assert cfg.alpha_values("gpx")[-1] == pytest.approx(10 * cfg.gpx_center)
+    assert len(cfg.with_overrides(alpha_grid_size=5).alpha_values("gp")) == 5
+    assert cfg.alpha_values("baseline") == (0.0,)
     assert config.scale_milestones((150, 225), 300, 300) == [150, 225]
     assert config.scale_milestones((150, 225), 300, 30) == [15, 22]
     assert config.scale_milestones((150, 225), 300, 3) == [2]

@@ -536,19 +536,22 @@ def test_estimate_leaves_buffers_changed_by_the_forward_as_they_were() -> None:
     assert int(model.calls) == 2 and opt.refreshes == 2
 
 
+class _Mixed(nn.Module):
+    """``lin(x) + mix.sum(0)[:3]`` with ``mix [M, M]`` shared by all examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor, mix: Tensor) -> Tensor:
+        return self.lin(x) + mix.sum(0)[:3]
+
+
 def test_shared_input_cut_by_estimate_batch_size_is_an_error() -> None:
     """The same with ``estimate_batch_size``: the cut is checked against the training batch."""
 
-    class Mixed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x: Tensor, mix: Tensor) -> Tensor:
-            return self.lin(x) + mix.sum(0)[:3]
-
     torch.manual_seed(0)
-    model = Mixed().to(D)
+    model = _Mixed().to(D)
     x, y = _batch()
     opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0,
                          estimate_batch_size=4)
@@ -556,3 +559,18 @@ def test_shared_input_cut_by_estimate_batch_size_is_an_error() -> None:
     opt.set_targets(y)
     with pytest.raises(ValueError, match="first example alone"):
         opt._refresh(opt.current_batch())
+
+
+def test_shared_input_cut_by_estimate_batch_size_is_an_error_with_the_full_covariance() -> None:
+    """``covariance="full"`` runs the batch whole, but ``estimate_batch_size`` cuts it: a
+    ``[M, M]`` matrix shared by all examples was cut to ``[4, M]`` silently (issue 27)."""
+
+    torch.manual_seed(0)
+    model = _Mixed().to(D)
+    x, y = _batch()
+    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance="full", seed=0,
+                         estimate_batch_size=4)
+    opt.zero_grad()
+    F.cross_entropy(model(x, torch.randn(N, N, dtype=D)), y).backward()
+    with pytest.raises(ValueError, match="first example alone.*functools.partial"):
+        opt.step()

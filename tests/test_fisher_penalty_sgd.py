@@ -466,14 +466,10 @@ def test_likelihood_is_validated_and_one_output_categorical_raises():
         opt.step()
 
 
-def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradient():
-    """GP with loss_fn=F.mse_loss, [B, 1] outputs and targets (issue 14, item 4): the step
-    adds α · 2 H g of mse(f(x), y) itself (explicit Hessian), not of a broadcast [B, B] loss."""
-    from torch.func import functional_call, grad, hessian
+def _flat_loss(model, loss_fn, inputs, y):
+    """The flat parameters ``θ`` and ``θ ↦ loss_fn(model(*inputs; θ), y)``."""
+    from torch.func import functional_call
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -481,8 +477,20 @@ def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradien
     def loss(t):
         chunks = t.split([s.numel() for s in shapes])
         params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return F.mse_loss(functional_call(model, params, (x,)), y)
+        return loss_fn(functional_call(model, params, inputs), y)
 
+    return theta, loss
+
+
+def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradient():
+    """GP with loss_fn=F.mse_loss, [B, 1] outputs and targets (issue 14, item 4): the step
+    adds α · 2 H g of mse(f(x), y) itself (explicit Hessian), not of a broadcast [B, B] loss."""
+    from torch.func import grad, hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    theta, loss = _flat_loss(model, F.mse_loss, (x,), y)
     g = grad(loss)(theta)
     expected = theta - 0.1 * (g + 0.5 * 2 * hessian(loss)(theta) @ g)
     opt = FisherPenaltySGD(
@@ -499,3 +507,119 @@ def test_gradient_penalty_with_mse_on_one_output_applies_the_brute_force_gradien
 def test_finite_difference_refuses_half_precision_parameters_at_construction():
     with pytest.raises(TypeError, match="float32 or float64"):
         FisherPenaltySGD(tiny_mlp(torch.float16), alpha=0.1, lr=0.1, mode="finite_difference")
+
+
+# ------------------------------------------- shared inputs and penalty_batch_size (issue 27)
+class _Shared(nn.Module):
+    """``x [B, T, 4]`` with an input shared by all examples: a table ``[T, 1]`` that scales
+    the positions, or an additive attention mask ``[T, T]`` (causal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, shared):
+        h = self.lin(x)
+        if shared.shape[-1] == 1:
+            h = h * shared
+        else:
+            h = torch.softmax(h @ h.transpose(1, 2) / 5**0.5 + shared, dim=-1) @ h
+        return self.head(torch.tanh(h).mean(1))
+
+
+class _Holding(nn.Module):
+    """The fix the error names: the shared tensor passed through the model (a buffer)."""
+
+    def __init__(self, inner: nn.Module, shared: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("shared", shared)
+
+    def forward(self, x):
+        return self.inner(x, self.shared)
+
+
+def _shared_case(kind: str, length: int, n: int = 6):
+    torch.manual_seed(0)
+    model = _Shared().double()
+    x, y = torch.randn(n, length, 4, dtype=torch.float64), torch.randint(3, (n,))
+    if kind == "table":
+        shared = torch.linspace(0.5, 2.0, length, dtype=torch.float64).reshape(length, 1)
+    else:
+        shared = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)
+    return model, x, y, shared
+
+
+def _brute_gp_gradient(model, x, y, shared):
+    """``∇ ||∇_θ CE(f(x), y)||² = 2 H g``: an explicit float64 Hessian, ``shared`` intact."""
+    from torch.func import grad, hessian
+
+    theta, loss = _flat_loss(model, F.cross_entropy, (x, shared), y)
+    return 2 * hessian(loss)(theta) @ grad(loss)(theta)
+
+
+def _penalty_step(model, opt, args, y):
+    """One step at lr 0: the penalty gradient it added to ``p.grad``, flat."""
+    opt.zero_grad()
+    F.cross_entropy(model(*args), y).backward()
+    plain = torch.cat([p.grad.flatten() for p in model.parameters()])
+    opt.set_targets(y)
+    opt.step()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]) - plain
+
+
+@pytest.mark.parametrize("kind", ["table", "mask"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_batch_sized_shared_input_is_never_cut_by_penalty_batch_size(kind, m):
+    """A ``[T, 1]`` table or ``[T, T]`` mask with ``T == B`` in the model's call: the penalty
+    on the first ``m`` examples either raises naming the fix or is exactly the brute-force
+    ``2 H g`` of those examples with the shared tensor whole (on main it was cut to ``m``
+    rows: a wrong penalty gradient, silently for ``m = 1``)."""
+    n = 6
+    model, x, y, shared = _shared_case(kind, n, n)
+    expected = _brute_gp_gradient(model, x[:m], y[:m], shared)
+    for penalty in ("gradient", "fisher"):
+        opt = FisherPenaltySGD(
+            model, lr=0.0, alpha=1.0, every=1, penalty=penalty, penalty_batch_size=m, seed=0
+        )
+        try:
+            added = _penalty_step(model, opt, (x, shared), y)
+        except ValueError as error:
+            assert "first example alone" in str(error)
+            assert "functools.partial" in str(error)
+            continue
+        assert penalty == "gradient", "the Fisher penalty on a cut shared input must raise"
+        torch.testing.assert_close(added, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["table", "mask"])
+def test_a_shared_input_passed_through_the_model_gives_the_brute_force_penalty(kind):
+    """The fix the error names: the same model holding the shared tensor is exact."""
+    n, m = 6, 3
+    inner, x, y, shared = _shared_case(kind, n, n)
+    model = _Holding(inner, shared)
+    opt = FisherPenaltySGD(
+        model, lr=0.0, alpha=1.0, every=1, penalty="gradient", penalty_batch_size=m
+    )
+    added = _penalty_step(model, opt, (x,), y)
+    expected = _brute_gp_gradient(inner, x[:m], y[:m], shared)
+    torch.testing.assert_close(added, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_tensor_of_another_first_dimension_is_refused_when_the_batch_is_cut():
+    """One entry rule (:mod:`fisher_optim.batch`): a batch that is cut holds the examples in
+    the first dimension of every tensor input. A ``[T, T]`` mask with ``T != B`` is refused
+    under ``penalty_batch_size`` (it could as well be a sequence-first input), and used as
+    called when the penalty takes the whole batch."""
+    n, length = 6, 5
+    model, x, y, shared = _shared_case("mask", length, n)
+    opt = FisherPenaltySGD(
+        model, lr=0.0, alpha=1.0, every=1, penalty="gradient", penalty_batch_size=3
+    )
+    with pytest.raises(ValueError, match=r"argument 1 has shape \(5, 5\).*functools.partial"):
+        _penalty_step(model, opt, (x, shared), y)
+    opt = FisherPenaltySGD(model, lr=0.0, alpha=1.0, every=1, penalty="gradient")
+    added = _penalty_step(model, opt, (x, shared), y)
+    torch.testing.assert_close(
+        added, _brute_gp_gradient(model, x, y, shared), rtol=1e-10, atol=1e-12
+    )

@@ -28,175 +28,35 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import runner
 from benchmarks.common.config import (
-    AUGMENT_MODES,
-    LR_SCALINGS,
+    CLI_DEFAULTS,
+    DATA,
     MEASURE,
-    METHODS,
     NOISE,
     NOISE_OF_METHOD,
+    PER_RUN,
+    QUICK,
     SETTING,
     WHAT,
     ExperimentConfig,
     RunSpec,
+    SweepOptions,
     scale_milestones,
 )
-from benchmarks.common.options import add_options, from_args, option, option_fields, tagged
+from benchmarks.common.options import add_options, from_args, option_fields, tagged
 from benchmarks.common.runner import FINISHED
-from fisher_optim._cli import (
-    HelpFormatter,
-    nonnegative_float,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
+from fisher_optim._cli import HelpFormatter
 
 __all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
            "make_specs", "results_table"]
-
-#: What ``--quick`` sets (unless given explicitly).
-QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
-         "probe_size": 32, "group_probe_size": 200, "bn_refresh_batches": 4}
-
-
-def _default_lrs_text(cfg: ExperimentConfig) -> str:
-    """What a plain run's learning rates are (mirrors :func:`_run_pairs`)."""
-    if cfg.lr_factors:
-        return "every method at " + ", ".join(
-            "η*" if f == 1 else f"{f:g}·η*" for f in cfg.lr_factors)
-    if cfg.lrs:
-        return "every method at " + " ".join(f"{lr:g}" for lr in cfg.lrs)
-    return f"the table's: baseline at η*, the others at η*/{cfg.small_lr_divisor:g}"
-
-
-def _default_alphas_text(cfg: ExperimentConfig) -> str:
-    methods = [m for m in dict.fromkeys((*cfg.default_methods, *cfg.augment_methods))
-               if m not in ("baseline", "mixup") and m not in NOISE_OF_METHOD]
-    if not methods:
-        return "none of this setting's methods is penalised"
-    return "each method's own: " + ", ".join(f"{m} {cfg.default_alpha(m):g}" for m in methods)
-
-
-def _augment_runs_text(cfg: ExperimentConfig) -> str:
-    lrs = ", ".join("η*" if f == 1 else f"{f:g}·η*" for f in cfg.augment_lr_factors)
-    return f"{' '.join(cfg.augment_methods)} at {lrs}"
-
-
-def _device(text: str) -> str:
-    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
-    return text
-
-
-_DATA = "data"
-
-
-@dataclass
-class SweepOptions:
-    """The options that choose an invocation's runs and how they are made (each run's own
-    settings are :class:`~benchmarks.common.config.RunSpec`'s option fields). One field per
-    option; a field of the script's ``ExperimentConfig`` with the same name is its default
-    (except for ``resolved`` ones: their None means the setting's value, resolved by
-    :func:`make_specs`), and a help text that is a function is given that config."""
-
-    methods: list[str] | None = option(
-        None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
-        f"{' '.join(cfg.default_methods)}, each at the table's learning rate)", nargs="+",
-        choices=METHODS, metavar="METHOD", group=WHAT)
-    lrs: list[float] | None = option(
-        None, lambda cfg: "learning rates, each crossed with every method (default: "
-        f"{_default_lrs_text(cfg)})", nargs="+", type=positive_float, metavar="LR",
-        group=WHAT, tags=("resolved",))
-    lr_star: float = option(0.1, "η*, the paper's tuned large learning rate (a guess; see "
-                            "config)", type=positive_float, group=WHAT)
-    alpha: float | None = option(None, lambda cfg: "single α for every penalised method "
-                                 f"(default: {_default_alphas_text(cfg)})",
-                                 type=nonnegative_float, group=WHAT)
-    alpha_grid: bool = option(False, "search α on the paper's grid and choose it by validation "
-                              "accuracy", action="store_true", group=WHAT)
-    alphas: list[float] | None = option(
-        None, "with --alpha-grid: search these α (one grid for every penalised method; "
-        "default: the paper's 10 log-spaced values per method)", nargs="+",
-        type=nonnegative_float, metavar="ALPHA", group=WHAT)
-    alpha_center: float = option(0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr",
-                                 type=positive_float, group=WHAT)
-    gpx_center: float = option(100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float,
-                               group=WHAT)
-    mixup_beta: float | None = option(None, lambda cfg: "mixup's Beta(β, β) parameter (default: "
-                                      f"{cfg.default_alpha('mixup'):g})", type=positive_float,
-                                      group=WHAT)
-    seeds: list[int] | None = option(None, "seeds, one run each (default: --seed)", nargs="+",
-                                     type=nonnegative_int, metavar="SEED", group=WHAT)
-    seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=WHAT)
-    augment: str | None = option(
-        None, lambda cfg: "augmentation (standard: random crop + flip; the bare flag means "
-        f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
-        f"{cfg.augment}, the plain run's methods)", nargs="?", const="standard",
-        choices=AUGMENT_MODES, group=WHAT, tags=("resolved",))
-    fp_start_epochs: list[int] | None = option(
-        None, lambda cfg: "switch FP on at these epochs, one run each (Fig. 3; default: "
-        + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
-           else "from the first epoch") + ")", nargs="+", type=positive_int, metavar="EPOCH",
-        group=WHAT, tags=("resolved",))
-    batch_sizes: list[int] | None = option(
-        None, lambda cfg: "sweep batch sizes, one run each (default: "
-        + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size") + ")",
-        nargs="+", type=positive_int, metavar="B", group=WHAT, tags=("resolved",))
-    milestones: list[int] | None = option(
-        None, lambda cfg: f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
-        "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
-        "milestones, scaled to --epochs)", nargs="*", type=positive_int, metavar="EPOCH",
-        group=SETTING, tags=("resolved",))
-    lr_scaling: str = option("none", "scale each run's learning rate by (B / --lr-base-batch) "
-                             "(linear) or its square root (sqrt), B the run's batch size",
-                             choices=LR_SCALINGS, group=NOISE)
-    lr_base_batch: int = option(128, "batch size at which the learning rate is not scaled",
-                                type=positive_int, group=NOISE)
-    lr_cap: float | None = option(None, "upper bound of the scaled learning rate",
-                                  unset="no cap", type=positive_float, group=NOISE)
-    batch_lrs: list[float] | None = option(
-        None, "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
-        "--lrs/--lr-star and --lr-scaling; default: not used)", nargs="+",
-        type=positive_float, metavar="LR", group=NOISE)
-    data_root: str | None = option(None, "dataset directory/archive",
-                                   unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
-                                   group=_DATA)
-    train_subset: int | None = option(None, "use N training examples (after holding out "
-                                      "validation)", unset="all", type=positive_int,
-                                      metavar="N", group=_DATA)
-    val_size: int = option(5000, "validation examples held out of the training set (0: none)",
-                           type=nonnegative_int, group=_DATA)
-    test_subset: int | None = option(None, "evaluate on N test examples", unset="all",
-                                     type=positive_int, metavar="N", group=_DATA)
-    split_seed: int = option(0, "seed of the validation split, subsets and label noise",
-                             type=nonnegative_int, group=_DATA)
-    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
-                         "cuda:INDEX", type=_device, group=runner.RUNNING)
-    extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
-                          "schedule: a run whose checkpoint differs only in "
-                          "--epochs/--milestones, with the same milestones over the epochs it "
-                          "has done, continues on the new schedule", action="store_true",
-                          group=runner.RUNNING)
-    quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
-                                                               for k, v in QUICK.items()),
-                         action="store_true", group=runner.RUNNING)
-    no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
-    dry_run: bool = option(False, "list the runs and exit", action="store_true", group=runner.RUNNING)
-
-
-#: Command-line defaults that differ from the RunSpec field's default (which is what a
-#: ``config.json`` of a run made before the option existed means).
-CLI_DEFAULTS = {"spike_factor": 4.0, "probe_size": None}
 
 
 def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
@@ -216,10 +76,10 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     names = {f.name for cls in classes for f in option_fields(cls)} - set(
         tagged(SweepOptions, "resolved"))
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
-    defaults.update(CLI_DEFAULTS, loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
+    defaults.update(loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
     add_options(p, *classes, defaults=defaults, context=cfg,
                 groups={title: p.add_argument_group(title) for title in
-                        (WHAT, SETTING, NOISE, _DATA, MEASURE, runner.RUNNING)})
+                        (WHAT, SETTING, NOISE, DATA, MEASURE, runner.RUNNING)})
     return p
 
 
@@ -269,7 +129,7 @@ def _alphas(cfg: ExperimentConfig, args: argparse.Namespace, method: str) -> tup
     if args.alpha_grid:
         if args.alphas and method != "mixup":
             return tuple(args.alphas)
-        return cfg.alpha_grid(method)
+        return cfg.alpha_values(method)
     if method == "mixup":
         return (args.mixup_beta if args.mixup_beta is not None else cfg.default_alpha("mixup"),)
     if args.alpha is not None:
@@ -292,12 +152,14 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
         milestones = sorted(set(args.milestones))
     else:
         milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
-    base = from_args(
-        RunSpec, args, experiment=cfg.name, dataset=cfg.dataset, method="baseline", lr=0.1,
-        milestones=tuple(milestones), gamma=cfg.gamma, momentum=cfg.momentum, augment=augment,
-        probe_size=args.probe_size or args.batch_size,
-        track_groups=cfg.track_groups or args.label_noise > 0,
-    )
+    fixed = {f.name: getattr(cfg, f.name) for f in fields(RunSpec)  # gamma, momentum, ...
+             if f.name not in PER_RUN and "argparse" not in f.metadata}
+    base = from_args(RunSpec, args, **{
+        **fixed, "experiment": cfg.name, "method": "baseline", "lr": 0.1,
+        "milestones": tuple(milestones), "augment": augment,
+        "probe_size": args.probe_size or args.batch_size,
+        "track_groups": cfg.track_groups or args.label_noise > 0,
+    })
     batch_lrs = args.batch_lrs
     if batch_lrs is not None and len(batch_lrs) != len(batch_sizes):
         raise ValueError(f"--batch-lrs needs one learning rate per batch size {batch_sizes}, "
@@ -463,8 +325,6 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = apply_dataset(cfg, args)
     _apply_quick(args, parser)
-    if args.penalty_batch_size is None and cfg.penalty_batch_size is not None:
-        args.penalty_batch_size = cfg.penalty_batch_size
     try:
         specs = make_specs(cfg, args)
     except ValueError as e:  # options that are valid alone but not together

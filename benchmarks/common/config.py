@@ -1,7 +1,9 @@
 """Experiment and run configurations for the benchmark scripts.
 
 An :class:`ExperimentConfig` is what a script declares (the paper's setting: dataset, model,
-schedule, weight decay, the guessed η*, which methods and learning rates the table row uses).
+schedule, weight decay, the guessed η*, which methods and learning rates the table row uses):
+only the values that differ from the defaults of :class:`RunSpec`'s fields and
+:class:`SweepOptions`' options, which declare every setting once.
 The command line (:mod:`benchmarks.common.cli`) turns it into a list of :class:`RunSpec` -
 one fully specified training run each - which :mod:`benchmarks.common.harness` trains.
 
@@ -33,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any
 
+from benchmarks.common import runner
 from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
 from benchmarks.common.models import INITS, MODELS
-from benchmarks.common.options import option
+from benchmarks.common.options import option, option_fields
+from fisher_optim import MODES
 from fisher_optim._cli import (
     fraction,
     nonnegative_float,
@@ -46,6 +51,7 @@ from fisher_optim._cli import (
     positive_float,
     positive_int,
 )
+from fisher_optim.curvature import LABEL_MODES
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
 PENALTY_OF_METHOD: dict[str, str | None] = {
@@ -74,129 +80,10 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 NOISE_FISHERS = ("true", "empirical")
 
 
-#: The paper's SimpleCNN / CIFAR-10 setting (App. I.2), shared by the scripts that use it. The
-#: weight decay is not stated in the paper; η* is a guess (see the module docstring).
-SIMPLECNN_CIFAR10: dict[str, Any] = {
-    "dataset": "cifar10",
-    "model": "simplecnn",
-    "epochs": 300,
-    "milestones": (150, 225),
-    "weight_decay": 0.0,
-    "lr_star": 0.1,
-}
-
-
-@dataclass
-class ExperimentConfig:
-    """One experiment of the paper, as a script declares it.
-
-    Attributes mirror the paper's App. I.2 settings; ``default_*`` fields say what a plain
-    ``python benchmarks/<script>.py`` runs (the table row), the rest are fixed settings. A
-    field named after a command-line option (a :class:`RunSpec` or
-    :class:`~benchmarks.common.cli.SweepOptions` field: ``epochs``, ``batch_size``, ...) is
-    that option's default in this setting.
-    """
-
-    name: str
-    dataset: str
-    model: str
-    description: str = ""
-    epochs: int = 300
-    milestones: tuple[int, ...] = (150, 225)
-    gamma: float = 0.1
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    batch_size: int = 128
-    lr_star: float = 0.1
-    #: Table 1's small learning rate is ``lr_star / small_lr_divisor`` (30 for TinyImageNet).
-    small_lr_divisor: float = 10.0
-    val_size: int = 5000
-    augment: str = "none"
-    #: Methods of a plain run: the baseline at η*, these at η*/``small_lr_divisor``...
-    default_methods: tuple[str, ...] = ("baseline", "fp", "gp", "gpr", "gpx")
-    #: ...unless learning rates are given as multiples of η* (every method at each)...
-    lr_factors: tuple[float, ...] = ()
-    #: Which runs ``--augment`` (Table 2) makes: η* with and without FP.
-    augment_methods: tuple[str, ...] = ("baseline", "fp")
-    augment_lr_factors: tuple[float, ...] = (1.0,)
-    alpha_center: float = 0.01
-    gpx_center: float = 100.0
-    alpha_grid_size: int = 10
-    #: Explicit α grids per method (override the log-spaced ones).
-    alpha_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    #: Single α per method when no grid is searched (default: the grid's center).
-    alpha_defaults: dict[str, float] = field(default_factory=dict)
-    every: int = 10
-    penalty_batch_size: int | None = None
-    fd_mode: str = "exact"
-    #: Re-estimate BatchNorm statistics with this many training batches before evaluating.
-    bn_refresh_batches: int = 0
-    label_noise: float = 0.0
-    #: FP switched on from these epochs (Fig. 3); empty: not a start-epoch experiment.
-    fp_start_epochs: tuple[int, ...] = ()
-    #: Batch sizes to sweep (Fig. 2); empty: just ``batch_size``.
-    batch_sizes: tuple[int, ...] = ()
-    #: ...or as absolute values (Fig. 2).
-    lrs: tuple[float, ...] = ()
-    loss_threshold: float | None = None
-    #: "curves" (val acc / Tr(F) vs epoch) or "scatter" (Tr(F_i) vs final test accuracy).
-    figure: str = "curves"
-    track_groups: bool = False
-    eval_train: bool = False
-    #: Noise methods: M_S, the small batch whose gradient noise is imitated.
-    small_batch_size: int = 128
-    #: Noise methods: "empirical" (true labels, the paper) or "true" (sampled) Fisher.
-    noise_fisher: str = "empirical"
-    #: Noise methods: re-estimate the Fisher every N steps (1: every step, the paper).
-    noise_every: int = 1
-    #: Ghost BatchNorm virtual batch for runs with a larger batch (0: plain BatchNorm).
-    ghost_batch_size: int = 0
-    #: Scale each run's learning rate with its batch size ("none", "linear", "sqrt")...
-    lr_scaling: str = "none"
-    #: ...relative to this batch size...
-    lr_base_batch: int = 128
-    #: ...capped at this value (None: no cap).
-    lr_cap: float | None = None
-    #: Write ``train_curve.jsonl`` (loss / error of every update).
-    log_every_update: bool = False
-
-    @property
-    def threshold(self) -> float:
-        """ε for Tr(F_i): ``loss_threshold`` or the paper's value for the dataset."""
-        if self.loss_threshold is not None:
-            return self.loss_threshold
-        return LOSS_THRESHOLDS.get(self.dataset, 1.2)
-
-    def default_alpha(self, method: str) -> float:
-        """The single α (β for mixup) of ``method`` when no grid is searched."""
-        if method in self.alpha_defaults:
-            return self.alpha_defaults[method]
-        if method == "mixup":
-            return 1.0
-        if method == "gpx":
-            return self.gpx_center
-        if method in PENALTY_OF_METHOD and PENALTY_OF_METHOD[method] is not None:
-            return self.alpha_center
-        return 0.0
-
-    def alpha_grid(self, method: str) -> tuple[float, ...]:
-        """The α values searched for ``method`` by ``--alpha-grid`` (``(0.0,)`` if untuned)."""
-        if method in self.alpha_grids:
-            return tuple(self.alpha_grids[method])
-        if method not in TUNED_METHODS:
-            return (0.0,)
-        center = self.default_alpha(method) if method == "mixup" else (
-            self.gpx_center if method == "gpx" else self.alpha_center
-        )
-        return log_grid(0.1 * center, 10.0 * center, self.alpha_grid_size)
-
-    def with_overrides(self, **kwargs: Any) -> ExperimentConfig:
-        """A copy with some fields replaced (unknown names raise ``TypeError``)."""
-        names = {f.name for f in fields(self)}
-        unknown = set(kwargs) - names
-        if unknown:
-            raise TypeError(f"unknown ExperimentConfig fields: {sorted(unknown)}")
-        return replace(self, **kwargs)
+#: The paper's SimpleCNN / CIFAR-10 setting (App. I.2), shared by the scripts that use it: the
+#: rest is the RunSpec defaults (300 epochs, ×0.1 at 150 and 225, batch 128, momentum 0.9; the
+#: weight decay is not stated in the paper: 0) and η* = 0.1, a guess (see the module docstring).
+SIMPLECNN_CIFAR10: dict[str, Any] = {"dataset": "cifar10", "model": "simplecnn"}
 
 
 def log_grid(low: float, high: float, n: int) -> tuple[float, ...]:
@@ -277,7 +164,7 @@ class RunSpec:
         None, "compute the penalty on the first N examples of the batch",
         unset="the whole batch", type=positive_int, metavar="N", group=SETTING)
     fd_mode: str = option("exact", "how FisherPenaltySGD computes the penalty gradient",
-                          choices=("exact", "finite_difference"), group=SETTING)
+                          choices=MODES, group=SETTING)
     fp_start_epoch: int = 1
     label_noise: float = option(0.0, "fraction of training labels replaced by random labels, "
                                 "in [0, 1]", flag="--noise", type=fraction, metavar="FRACTION",
@@ -286,7 +173,7 @@ class RunSpec:
                              unset="the batch size", type=positive_int, metavar="N",
                              group=MEASURE)
     trace_labels: str = option("sample", "Tr(F) with sampled labels (fixed generator) or "
-                               "summed over classes", choices=("sample", "exact"),
+                               "summed over classes", choices=LABEL_MODES,
                                group=MEASURE)
     trace_every_steps: int = option(0, "also measure Tr(F) every N steps (finer Tr(F_i)); 0: "
                                     "per epoch", type=nonnegative_int, metavar="N",
@@ -358,15 +245,12 @@ class RunSpec:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
-        if self.trace_labels not in ("sample", "exact"):
-            raise ValueError(f"trace_labels must be 'sample' or 'exact', got {self.trace_labels!r}")
+        for f in option_fields(RunSpec):  # the options' choices hold for any RunSpec
+            choices, value = f.metadata["argparse"].get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.guard_early and self.spike_factor is None:
             raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
-        if self.noise_fisher not in NOISE_FISHERS:
-            raise ValueError(f"noise_fisher must be one of {NOISE_FISHERS}, "
-                             f"got {self.noise_fisher!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.test_every < 0:
             raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
                              f"accuracy and the last epoch), got {self.test_every}")
@@ -431,9 +315,9 @@ class RunSpec:
         """JSON-ready dict."""
         d = asdict(self)
         d["milestones"] = list(self.milestones)
-        for key, default in _OPTIONAL_SPEC_FIELDS.items():
-            if d[key] == default:
-                del d[key]
+        for f in fields(self):
+            if f.name not in FIRST_SPEC_FIELDS and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
@@ -443,18 +327,254 @@ class RunSpec:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-#: RunSpec fields left out of ``to_dict()`` at their default (added after the first
-#: experiments): the ``config.json`` / checkpoint spec of every other run stays as before,
-#: so ``--resume`` keeps recognising runs started by older code.
-_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
-    "small_batch_size": 128,
-    "noise_fisher": "empirical",
-    "noise_every": 1,
-    "ghost_batch_size": 0,
-    "log_every_update": False,
-    "test_every": 1,
-    "init": "kaiming",
-    "val_every": 1,
-    "spike_factor": None,
-    "guard_early": False,
-}
+#: The RunSpec fields of the first experiments' ``config.json``. A field added since is left
+#: out of ``to_dict()`` at its default: the ``config.json`` / checkpoint spec of every other
+#: run stays as before, so ``--resume`` keeps recognising runs started by older code.
+FIRST_SPEC_FIELDS = frozenset((
+    "experiment", "dataset", "model", "method", "lr", "alpha", "seed", "epochs", "milestones",
+    "gamma", "weight_decay", "momentum", "batch_size", "augment", "every",
+    "penalty_batch_size", "fd_mode", "fp_start_epoch", "label_noise", "probe_size",
+    "trace_labels", "trace_every_steps", "loss_threshold", "bn_refresh_batches",
+    "eval_batch_size", "eval_train", "track_groups", "group_probe_size",
+))
+
+
+#: What ``--quick`` sets (unless given explicitly).
+QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
+         "probe_size": 32, "group_probe_size": 200, "bn_refresh_batches": 4}
+
+
+def _default_lrs_text(cfg: ExperimentConfig) -> str:
+    """What a plain run's learning rates are (mirrors :func:`_run_pairs`)."""
+    if cfg.lr_factors:
+        return "every method at " + ", ".join(
+            "η*" if f == 1 else f"{f:g}·η*" for f in cfg.lr_factors)
+    if cfg.lrs:
+        return "every method at " + " ".join(f"{lr:g}" for lr in cfg.lrs)
+    return f"the table's: baseline at η*, the others at η*/{cfg.small_lr_divisor:g}"
+
+
+def _default_alphas_text(cfg: ExperimentConfig) -> str:
+    methods = [m for m in dict.fromkeys((*cfg.default_methods, *cfg.augment_methods))
+               if m not in ("baseline", "mixup") and m not in NOISE_OF_METHOD]
+    if not methods:
+        return "none of this setting's methods is penalised"
+    return "each method's own: " + ", ".join(f"{m} {cfg.default_alpha(m):g}" for m in methods)
+
+
+def _augment_runs_text(cfg: ExperimentConfig) -> str:
+    lrs = ", ".join("η*" if f == 1 else f"{f:g}·η*" for f in cfg.augment_lr_factors)
+    return f"{' '.join(cfg.augment_methods)} at {lrs}"
+
+
+def _device(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
+    return text
+
+
+#: The ``--help`` section of the data options.
+DATA = "data"
+
+
+@dataclass
+class SweepOptions:
+    """The options that choose an invocation's runs and how they are made (each run's own
+    settings are :class:`RunSpec`'s option fields). One field per option; the script's
+    :class:`ExperimentConfig` field of the same name is its default (except for ``resolved``
+    ones: their None means the setting's own field of that name, resolved by
+    :func:`~benchmarks.common.cli.make_specs`), and a help text that is a function is given
+    that config."""
+
+    methods: list[str] | None = option(
+        None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
+        f"{' '.join(cfg.default_methods)}, each at the table's learning rate)", nargs="+",
+        choices=METHODS, metavar="METHOD", group=WHAT)
+    lrs: list[float] | None = option(
+        None, lambda cfg: "learning rates, each crossed with every method (default: "
+        f"{_default_lrs_text(cfg)})", nargs="+", type=positive_float, metavar="LR",
+        group=WHAT, tags=("resolved",))
+    lr_star: float = option(0.1, "η*, the paper's tuned large learning rate (a guess; see "
+                            "config)", type=positive_float, group=WHAT)
+    alpha: float | None = option(None, lambda cfg: "single α for every penalised method "
+                                 f"(default: {_default_alphas_text(cfg)})",
+                                 type=nonnegative_float, group=WHAT)
+    alpha_grid: bool = option(False, "search α on the paper's grid and choose it by validation "
+                              "accuracy", action="store_true", group=WHAT)
+    alphas: list[float] | None = option(
+        None, "with --alpha-grid: search these α (one grid for every penalised method; "
+        "default: the paper's 10 log-spaced values per method)", nargs="+",
+        type=nonnegative_float, metavar="ALPHA", group=WHAT)
+    alpha_center: float = option(0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr",
+                                 type=positive_float, group=WHAT)
+    gpx_center: float = option(100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float,
+                               group=WHAT)
+    mixup_beta: float | None = option(None, lambda cfg: "mixup's Beta(β, β) parameter (default: "
+                                      f"{cfg.default_alpha('mixup'):g})", type=positive_float,
+                                      group=WHAT)
+    seeds: list[int] | None = option(None, "seeds, one run each (default: --seed)", nargs="+",
+                                     type=nonnegative_int, metavar="SEED", group=WHAT)
+    seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=WHAT)
+    augment: str | None = option(
+        None, lambda cfg: "augmentation (standard: random crop + flip; the bare flag means "
+        f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
+        f"{cfg.augment}, the plain run's methods)", nargs="?", const="standard",
+        choices=AUGMENT_MODES, group=WHAT, tags=("resolved",))
+    fp_start_epochs: list[int] | None = option(
+        None, lambda cfg: "switch FP on at these epochs, one run each (Fig. 3; default: "
+        + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
+           else "from the first epoch") + ")", nargs="+", type=positive_int, metavar="EPOCH",
+        group=WHAT, tags=("resolved",))
+    batch_sizes: list[int] | None = option(
+        None, lambda cfg: "sweep batch sizes, one run each (default: "
+        + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size") + ")",
+        nargs="+", type=positive_int, metavar="B", group=WHAT, tags=("resolved",))
+    milestones: list[int] | None = option(
+        None, lambda cfg: f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
+        "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
+        "milestones, scaled to --epochs)", nargs="*", type=positive_int, metavar="EPOCH",
+        group=SETTING, tags=("resolved",))
+    lr_scaling: str = option("none", "scale each run's learning rate by (B / --lr-base-batch) "
+                             "(linear) or its square root (sqrt), B the run's batch size",
+                             choices=LR_SCALINGS, group=NOISE)
+    lr_base_batch: int = option(128, "batch size at which the learning rate is not scaled",
+                                type=positive_int, group=NOISE)
+    lr_cap: float | None = option(None, "upper bound of the scaled learning rate",
+                                  unset="no cap", type=positive_float, group=NOISE)
+    batch_lrs: list[float] | None = option(
+        None, "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
+        "--lrs/--lr-star and --lr-scaling; default: not used)", nargs="+",
+        type=positive_float, metavar="LR", group=NOISE)
+    data_root: str | None = option(None, "dataset directory/archive",
+                                   unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
+                                   group=DATA)
+    train_subset: int | None = option(None, "use N training examples (after holding out "
+                                      "validation)", unset="all", type=positive_int,
+                                      metavar="N", group=DATA)
+    val_size: int = option(5000, "validation examples held out of the training set (0: none)",
+                           type=nonnegative_int, group=DATA)
+    test_subset: int | None = option(None, "evaluate on N test examples", unset="all",
+                                     type=positive_int, metavar="N", group=DATA)
+    split_seed: int = option(0, "seed of the validation split, subsets and label noise",
+                             type=nonnegative_int, group=DATA)
+    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
+                         "cuda:INDEX", type=_device, group=runner.RUNNING)
+    extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
+                          "schedule: a run whose checkpoint differs only in "
+                          "--epochs/--milestones, with the same milestones over the epochs it "
+                          "has done, continues on the new schedule", action="store_true",
+                          group=runner.RUNNING)
+    quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
+                                                               for k, v in QUICK.items()),
+                         action="store_true", group=runner.RUNNING)
+    no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
+    dry_run: bool = option(False, "list the runs and exit", action="store_true",
+                           group=runner.RUNNING)
+
+
+#: Command-line (and setting) defaults that differ from the RunSpec field's default, which
+#: is what a ``config.json`` of a run made before the option existed means; a None
+#: ``loss_threshold`` is the data set's ε (:data:`LOSS_THRESHOLDS`).
+CLI_DEFAULTS = {"spike_factor": 4.0, "probe_size": None, "loss_threshold": None}
+#: RunSpec fields that :func:`~benchmarks.common.cli.make_specs` sets per run (not a setting).
+PER_RUN = ("experiment", "method", "lr", "alpha", "seed", "fp_start_epoch")
+
+
+def _setting_fields() -> list[tuple[str, Any, Any]]:
+    """The fields of a setting: RunSpec's (but :data:`PER_RUN`), then SweepOptions' option
+    fields (but those resolved from the setting's own fields), each with the field's default
+    (or its :data:`CLI_DEFAULTS` one), for :func:`dataclasses.make_dataclass`."""
+    declared = [f for f in fields(RunSpec) if f.name not in PER_RUN] + [
+        f for f in option_fields(SweepOptions) if "resolved" not in f.metadata["tags"]]
+    out: dict[str, tuple[str, Any, Any]] = {}
+    for f in declared:
+        if f.name in CLI_DEFAULTS:
+            default = field(default=CLI_DEFAULTS[f.name])
+        elif f.default_factory is not MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=f.default)  # MISSING: required (dataset, model)
+        out.setdefault(f.name, (f.name, f.type, default))
+    return list(out.values())
+
+
+#: An experiment's setting: one field per RunSpec field and per SweepOptions option, with
+#: their defaults (declared there, once); a script gives only the values its setting changes.
+Setting = make_dataclass("Setting", _setting_fields(), kw_only=True)
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig(Setting):
+    """One experiment of the paper, as a script declares it.
+
+    The setting's fields (:data:`Setting`: ``dataset``, ``model``, ``epochs``,
+    ``batch_size``, ``lr_star``, ...; every :class:`RunSpec` field and every
+    :class:`SweepOptions` option) are declared by those classes, with their defaults; a
+    script gives the values the paper's setting changes, and each is the default of the
+    option of its name (``milestones`` are for ``epochs`` epochs and scaled to ``--epochs``).
+    The fields below say what a plain ``python benchmarks/<script>.py`` runs (the table row).
+    """
+
+    name: str
+    description: str = ""
+    #: Table 1's small learning rate is ``lr_star / small_lr_divisor`` (30 for TinyImageNet).
+    small_lr_divisor: float = 10.0
+    #: Methods of a plain run: the baseline at η*, these at η*/``small_lr_divisor``...
+    default_methods: tuple[str, ...] = ("baseline", "fp", "gp", "gpr", "gpx")
+    #: ...unless learning rates are given as multiples of η* (every method at each)...
+    lr_factors: tuple[float, ...] = ()
+    #: ...or as absolute values (Fig. 2).
+    lrs: tuple[float, ...] = ()
+    #: Which runs ``--augment`` (Table 2) makes: η* with and without FP.
+    augment_methods: tuple[str, ...] = ("baseline", "fp")
+    augment_lr_factors: tuple[float, ...] = (1.0,)
+    alpha_grid_size: int = 10
+    #: Explicit α grids per method (override the log-spaced ones).
+    alpha_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: Single α per method when no grid is searched (default: the grid's center).
+    alpha_defaults: dict[str, float] = field(default_factory=dict)
+    #: FP switched on from these epochs (Fig. 3); empty: not a start-epoch experiment.
+    fp_start_epochs: tuple[int, ...] = ()
+    #: Batch sizes to sweep (Fig. 2); empty: just ``batch_size``.
+    batch_sizes: tuple[int, ...] = ()
+    #: "curves" (val acc / Tr(F) vs epoch) or "scatter" (Tr(F_i) vs final test accuracy).
+    figure: str = "curves"
+
+    @property
+    def threshold(self) -> float:
+        """ε for Tr(F_i): ``loss_threshold`` or the paper's value for the dataset."""
+        if self.loss_threshold is not None:
+            return self.loss_threshold
+        return LOSS_THRESHOLDS.get(self.dataset, 1.2)
+
+    def default_alpha(self, method: str) -> float:
+        """The single α (β for mixup) of ``method`` when no grid is searched."""
+        if method in self.alpha_defaults:
+            return self.alpha_defaults[method]
+        if method == "mixup":
+            return 1.0
+        if method == "gpx":
+            return self.gpx_center
+        if method in PENALTY_OF_METHOD and PENALTY_OF_METHOD[method] is not None:
+            return self.alpha_center
+        return 0.0
+
+    def alpha_values(self, method: str) -> tuple[float, ...]:
+        """The α values searched for ``method`` by ``--alpha-grid`` (``(0.0,)`` if untuned)."""
+        if method in self.alpha_grids:
+            return tuple(self.alpha_grids[method])
+        if method not in TUNED_METHODS:
+            return (0.0,)
+        center = self.default_alpha(method) if method == "mixup" else (
+            self.gpx_center if method == "gpx" else self.alpha_center
+        )
+        return log_grid(0.1 * center, 10.0 * center, self.alpha_grid_size)
+
+    def with_overrides(self, **kwargs: Any) -> ExperimentConfig:
+        """A copy with some fields replaced (unknown names raise ``TypeError``)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise TypeError(f"unknown ExperimentConfig fields: {sorted(unknown)}")
+        return replace(self, **kwargs)

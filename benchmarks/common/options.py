@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 __all__ = ["add_options", "from_args", "option", "option_fields", "tagged"]
@@ -90,8 +90,10 @@ def add_options(
     defaults: Mapping[str, Any] | None = None,
     context: Any = None,
     groups: dict[str, Any] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Add the option fields of every class in ``classes`` to ``parser``.
+    """Add the option fields of every class in ``classes`` to ``parser`` (only those named in
+    ``only``, if given: a script takes an option another class declares).
 
     ``defaults`` overrides fields' defaults by name; a callable help text is called with
     ``context``. Fields with a ``group`` go into that argument group (made on first use;
@@ -101,6 +103,8 @@ def add_options(
     groups = {} if groups is None else groups
     for cls in classes:
         for f in option_fields(cls):
+            if only is not None and f.name not in only:
+                continue
             meta = f.metadata
             title = meta["group"]
             if title is None:

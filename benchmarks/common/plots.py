@@ -25,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.common.runner import read_jsonl
+
 __all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter",
            "save_figure"]
 
@@ -34,8 +36,7 @@ _LABEL_FIELDS = ("method", "lr", "alpha", "batch_size", "fp_start_epoch", "augme
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-epoch records of ``run_dir/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _config(run_dir: str | os.PathLike) -> dict[str, Any]:

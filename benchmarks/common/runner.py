@@ -108,7 +108,7 @@ def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> N
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a :func:`write_jsonl` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------ time

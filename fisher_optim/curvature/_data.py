@@ -3,11 +3,10 @@
 A *batch of inputs* is a tensor whose first dimension indexes examples, a mapping of
 such tensors (keyword arguments of the model, as for Hugging Face models), or a
 :class:`fisher_optim.Batch` (positional and keyword arguments). Every tensor of a mapping
-or a ``Batch`` holds the examples in its first dimension (other values, such as
-``use_cache=False``, are passed as they are); a tensor that does not is an error, never
-guessed about, and one shared by all examples whose first dimension happens to equal the
-batch size is caught by the first-example check (:mod:`.examples`): pass such tensors
-through the model. *Data* is one batch or an iterable of batches:
+or a ``Batch`` holds the examples in its first dimension (0-d tensors and other values,
+such as ``use_cache=False``, are passed as they are): the one rule of
+:mod:`fisher_optim.batch` for a batch that is cut into examples (:func:`batch_size`).
+*Data* is one batch or an iterable of batches:
 
 * a tensor or a mapping: one batch of inputs, without targets (a mapping's ``"labels"``,
   as Hugging Face batches carry them, serve as the targets of the Hessian measurements);
@@ -32,6 +31,7 @@ from ..batch import (
 from ..batch import (
     Inputs,
     InputsAndTargets,
+    batch_size,
     call_model,
     is_single_batch,
     iter_batches,
@@ -62,38 +62,6 @@ __all__ = [
     "target_row_mask",
     "to_device",
 ]
-
-
-def _named_tensors(x: Inputs) -> list[tuple[str, Tensor]]:
-    args, kwargs = model_inputs(x)
-    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-    return [(k, v) for k, v in named if isinstance(v, Tensor)]
-
-
-def batch_size(x: Inputs) -> int:
-    """Number of examples in a batch of inputs: the first dimension of its tensors, which
-    must agree (``ValueError`` naming the tensor that does not)."""
-    if isinstance(x, Tensor):
-        if x.dim() == 0:
-            raise ValueError("the inputs are a 0-dimensional tensor: no batch dimension")
-        return x.shape[0]
-    named = _named_tensors(x)
-    if not named:
-        raise TypeError("a batch must hold at least one tensor")
-    n = None
-    for key, v in named:
-        size = v.shape[0] if v.dim() > 0 else None
-        if n is None:
-            n = size
-        if size is None or size != n:
-            raise ValueError(
-                f"every tensor of a batch must hold the examples in its first dimension: "
-                f"{key!s} has shape {tuple(v.shape)}, the batch has {n} examples. Pass "
-                "inputs shared by all examples through the model (e.g. functools.partial or "
-                "a wrapper module), not in the batch"
-            )
-    assert n is not None
-    return n
 
 
 def iter_chunks(x: Inputs, chunk_size: int) -> Iterator[tuple[int, int]]:

@@ -29,13 +29,13 @@ from .._logits import OutputFn, pick_logits
 from .._modules import math_attention, trainable_parameters
 from ._data import (
     Inputs,
-    batch_size,
     call_model,
     check_choice,
     is_single_batch,
     iter_batches,
     labels_of,
     model_device,
+    num_examples,
     row_targets,
     to_device,
 )
@@ -160,11 +160,11 @@ class HessianOperator:
             if self._single:
                 if self._cached is None:
                     x, y = next(self._batches())
-                    self._cached = (self._gradient(x, y), batch_size(x))
+                    self._cached = (self._gradient(x, y), num_examples(x))
                 return self._hvp(self._cached[0], v, keep=True)
             total, count = torch.zeros_like(v), 0
             for x, y in self._batches():
-                n = batch_size(x)
+                n = num_examples(x)  # run whole: not cut (fisher_optim.batch)
                 total += n * self._hvp(self._gradient(x, y), v, keep=False)
                 count += n
             if count == 0:

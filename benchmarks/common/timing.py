@@ -1,0 +1,61 @@
+"""Interleaved timing, shared by the overhead benchmarks: every variant's step runs one
+timed window per round, in turn, so a slow phase of a shared machine hits all variants
+alike, and the median window of each is reported (the speed claims' protocol: warm-up,
+interleaved repeats, median)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common.options import option
+from fisher_optim._cli import nonnegative_int, positive_int
+
+__all__ = ["TimingOptions", "interleaved_medians"]
+
+
+@dataclass
+class TimingOptions:
+    """The options of an interleaved timing (:func:`interleaved_medians`), shared by the
+    overhead benchmarks."""
+
+    window: int = option(10, "steps per timed window", type=positive_int, metavar="STEPS")
+    rounds: int = option(5, "interleaved rounds; the median window is reported", type=positive_int)
+    warmup: int = option(
+        3, "untimed steps of each variant before the rounds", type=nonnegative_int, metavar="STEPS"
+    )
+    json: Path | None = option(
+        None,
+        "also write the results to this JSON file",
+        unset="print only",
+        type=Path,
+        metavar="PATH",
+    )
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    window: int,
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
+    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            sync()
+            start = clock()
+            for _ in range(window):
+                step()
+            sync()
+            samples[v].append((clock() - start) / window)
+    return {v: statistics.median(s) for v, s in samples.items()}
