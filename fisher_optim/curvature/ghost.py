@@ -37,7 +37,7 @@ from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import trainable_parameters
 from ._data import CallBatch, Inputs, batch_size, call_model, slice_batch
-from .examples import check_first_example, renormalise_first, same_values
+from .examples import check_first_example, renormalise_first, values_close
 from .layers import LayerRule, rule_for
 
 __all__ = ["CotangentFn", "LayerFn", "ghost_backward"]
@@ -92,6 +92,8 @@ class _LayerState:
     probe_ok: bool = False
     probe_input: Tensor | None = None
     probe_output_shape: tuple[int, ...] | None = None
+    #: whether the input's first example is the probe's, still on the device
+    pending: Tensor | None = None
 
     @property
     def taken(self) -> bool:
@@ -181,9 +183,12 @@ def _batch_dims(shape: tuple[int, ...], probe_shape: tuple[int, ...] | None, n: 
     return []
 
 
-def _same_example(t: Tensor, probe: Tensor, dim: int) -> bool:
-    """Whether slice 0 of ``t`` along ``dim`` is ``probe`` (up to rounding)."""
-    return same_values(t.detach().narrow(dim, 0, 1), probe)
+def _same_example(t: Tensor, probe: Tensor, dim: int) -> Tensor | None:
+    """Whether slice 0 of ``t`` along ``dim`` is ``probe`` (up to rounding), as a 0-dim bool
+    tensor on the device (read with the other layers', :meth:`_BatchedHooks.resolve`), or
+    None when the shapes differ."""
+    first = t.detach().narrow(dim, 0, 1)
+    return values_close(first, probe) if first.shape == probe.shape else None
 
 
 def _input_leaves(inputs: Inputs) -> tuple[Inputs, list[Tensor], set[int]]:
@@ -310,9 +315,24 @@ class _BatchedHooks:
             for d in _batch_dims(tuple(first.shape), tuple(st.probe_input.shape), self.n)
             if d < limit and d in out_dims
         ]
-        if not dims or not (self.checked or _same_example(first, st.probe_input, dims[0])):
+        if not dims:
             return None
+        if not self.checked:
+            st.pending = _same_example(first, st.probe_input, dims[0])
+            if st.pending is None:
+                return None
         return dims[0]
+
+    def resolve(self) -> None:
+        """Read the layers' first-example checks back, all at once (one host read), and
+        give up the layers whose input does not start with the probe's example."""
+        pending = [st for st in self.layers.values() if st.pending is not None]
+        if not pending:
+            return
+        device = pending[0].pending.device  # type: ignore[union-attr]
+        oks = torch.stack([st.pending.to(device) for st in pending]).tolist()  # type: ignore[union-attr]
+        for st, ok in zip(pending, oks, strict=True):
+            st.ok, st.pending = st.ok and ok, None
 
     def grad_hook(self, m: nn.Module, g: Tensor) -> None:
         st = self.layers[m]
@@ -441,11 +461,12 @@ def ghost_backward(
         try:
             with torch.enable_grad():
                 logits = as_logits(call_model(model, inputs), output_fn)
+                hooks.resolve()
                 gs = _cotangents_of(logits, alone, n, cotangents, output_fn, checked)
                 used = _backward(logits, gs, leaves, layers, params)
         finally:
             for h in handles:
                 h.remove()
             for st in layers.values():
-                st.saved = st.probe_input = None
+                st.saved = st.probe_input = st.pending = None
     return gs, used
