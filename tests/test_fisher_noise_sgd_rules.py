@@ -198,3 +198,24 @@ def test_target_mask_rows_get_no_sampled_label(monkeypatch):
     want = _brute_diag(model, x, labels)
     for a, b in zip([c for c in opt._cache if c is not None], want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["embedding_lm", "seq_linear", "tied"])
+def test_later_estimates_read_one_number_back(name):
+    """Once a layout is checked, an estimate reads back only its trace: no value checks, no
+    read-back of the buffers (the embedding's rows are summed by a sort, not
+    ``torch.unique``, which would also read back on CUDA)."""
+    from benchmarks.common.syncs import SyncCounter
+
+    make, spec, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(D)
+    x = _data(spec, 6)
+    opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2, seed=0)
+    model(x)
+    counts = []
+    for _ in range(3):
+        with SyncCounter() as counter:
+            opt._refresh(opt.current_batch())
+        counts.append(counter.count)
+    assert counts[1:] == [1, 1], counts

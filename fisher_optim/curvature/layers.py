@@ -416,13 +416,18 @@ class EmbeddingRule(LayerRule):
 
     @staticmethod
     def _rows(m: nn.Embedding, ids: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """The nonzero rows of the per-example gradients ``[K, D]`` (the output gradients
-        of equal tokens of one example summed) and their keys ``example · V + token``."""
+        """The rows of the per-example gradients that may be nonzero, ``[B·T, D]`` (the
+        output gradients of equal tokens of one example summed; the unused tail zero), and
+        their keys ``example · V + token``. By a sort, not ``torch.unique``: nothing is read
+        back to the host."""
         n, d = g.shape[0], g.shape[-1]
         example = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
-        keys, inverse = torch.unique(example * m.num_embeddings + ids, return_inverse=True)
-        rows = g.new_zeros(keys.numel(), d).index_add_(0, inverse.reshape(-1), g.reshape(-1, d))
-        return rows, keys
+        keys, order = torch.sort((example * m.num_embeddings + ids).reshape(-1))
+        starts = torch.ones_like(keys, dtype=torch.bool)
+        starts[1:] = keys[1:] != keys[:-1]
+        segment = starts.cumsum(0) - 1  # the distinct key each occurrence adds to
+        rows = g.new_zeros(keys.numel(), d).index_add_(0, segment, g.reshape(-1, d)[order])
+        return rows, keys.new_zeros(keys.numel()).scatter_(0, segment, keys)
 
     def sq_norms(self, m: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
         ids, g = self._operands(m, ids, g)
