@@ -82,7 +82,7 @@ MODELS = {  # name: (model, input shape or vocabulary, parameters no rule covers
         7,
         0,
     ),
-    "tied": (TiedLM, 7, 3),  # emb.weight, and mid (its input comes from an embedding not taken)
+    "tied": (TiedLM, 7, 1),  # emb.weight (mid, fed by the embedding not taken, is covered)
     "custom_layer": (
         lambda: nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3)),
         (3,),

@@ -287,6 +287,13 @@ class _BatchedHooks:
         dim = self._examples_dim(m, st, first, out)
         if dim is None:
             st.ok = False
+            if (  # not taken (a tied embedding), but its output is still computed from the batch
+                isinstance(first, Tensor)
+                and isinstance(out, Tensor)
+                and out.grad_fn is not None
+                and _derives_from_inputs(first, self.reaches, self.storages)
+            ):
+                self.reaches.memo[out.grad_fn] = True
             return
         assert isinstance(first, Tensor) and isinstance(out, Tensor)
         st.batch_dim = dim
@@ -450,8 +457,8 @@ def ghost_backward(
         layers = {}
         for m in model.modules():
             rule = rule_for(m, shared)
-            if rule is not None and (trusted is None or m in trusted):
-                layers[m] = _LayerState(rule)
+            if rule is not None:  # watched either way: its output may be the batch's
+                layers[m] = _LayerState(rule, ok=trusted is None or m in trusted)
         renormalise_first(model, inputs)
         with left_as_found(model, **as_found):  # the batch's forward starts from the same buffers
             alone = _probe(model, inputs, layers) if n > 0 else None
