@@ -14,7 +14,7 @@ epoch whose training accuracy is more than 10 points below the previous epoch's,
 * ``--scatter PNG``: that scatter plot; ``--curves PNG``: validation accuracy and Tr(F)
   against epochs for the first seed of each arm (the paper's Fig. 1 style).
 
-Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard,
+Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard (penalised methods only),
 ``/e<epochs>`` when the arms' schedules differ and ``/bs<B>`` when their batch sizes differ
 (Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``, ``noise_diag/lr0.1/a0/bs512``.
 
@@ -86,7 +86,7 @@ def arm_label(spec: dict[str, Any], with_epochs: bool = False,
               with_batch: bool = False) -> str:
     """``method/lr<η>/a<α>[/guard<F>][/e<epochs>][/bs<B>]`` (see the module docstring)."""
     label = f"{spec['method']}/lr{spec['lr']:g}/a{spec['alpha']:g}"
-    if spec.get("spike_factor") is not None and spec["method"] != "baseline":
+    if spec.get("spike_factor") is not None and PENALTY_OF_METHOD.get(spec["method"]):
         label += f"/guard{spec['spike_factor']:g}" + ("e" if spec.get("guard_early") else "")
     if with_epochs:
         label += f"/e{spec['epochs']}"

@@ -157,6 +157,11 @@ def test_batch_size_joins_the_label_when_batch_sizes_differ(tmp_path):
     arms = report.group_arms(report.load_runs([tmp_path / "sb", tmp_path / "lb"]))
     assert sorted(arms) == ["baseline/lr0.03/a0/bs32", "baseline/lr0.03/a0/bs512"]
     assert [len(arms["baseline/lr0.03/a0/bs512"])] == [2]
+    # the safeguard acts only on a penalty: a noise run's spike_factor is not in its label
+    _write_run(tmp_path / "lb", {**_spec("noise_diag", 0.01, spike_factor=4.0), "batch_size": 512},
+               46.0)
+    arms = report.group_arms(report.load_runs([tmp_path / "sb", tmp_path / "lb"]))
+    assert "noise_diag/lr0.01/a0/bs512" in arms
     # one batch size: no /bs in the label
     assert sorted(report.group_arms(report.load_runs([tmp_path / "lb"]))) == [
         "baseline/lr0.03/a0"]
