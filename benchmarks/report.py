@@ -14,9 +14,10 @@ epoch whose training accuracy is more than 10 points below the previous epoch's,
 * ``--scatter PNG``: that scatter plot; ``--curves PNG``: validation accuracy and Tr(F)
   against epochs for the first seed of each arm (the paper's Fig. 1 style).
 
-Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard (penalised methods only),
-``/e<epochs>`` when the arms' schedules differ and ``/bs<B>`` when their batch sizes differ
-(Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``, ``noise_diag/lr0.1/a0/bs512``.
+Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard of a
+penalised method, ``/e<epochs>`` when the arms' schedules differ and ``/bs<B>`` when their
+batch sizes differ (Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``,
+``noise_diag/lr0.1/a0/bs512``.
 
     python benchmarks/report.py runs/c16L --pair fp/lr0.001/a0.01/guard4 baseline/lr0.001/a0
 """

@@ -164,4 +164,4 @@ def test_batch_size_joins_the_label_when_batch_sizes_differ(tmp_path):
     assert "noise_diag/lr0.01/a0/bs512" in arms
     # one batch size: no /bs in the label
     assert sorted(report.group_arms(report.load_runs([tmp_path / "lb"]))) == [
-        "baseline/lr0.03/a0"]
+        "baseline/lr0.03/a0", "noise_diag/lr0.01/a0"]
