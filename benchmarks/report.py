@@ -14,8 +14,10 @@ epoch whose training accuracy is more than 10 points below the previous epoch's,
 * ``--scatter PNG``: that scatter plot; ``--curves PNG``: validation accuracy and Tr(F)
   against epochs for the first seed of each arm (the paper's Fig. 1 style).
 
-Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard and
-``/e<epochs>`` when the arms' schedules differ, e.g. ``fp/lr0.001/a0.01/guard4``.
+Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard of a
+penalised method, ``/e<epochs>`` when the arms' schedules differ and ``/bs<B>`` when their
+batch sizes differ (Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``,
+``noise_diag/lr0.1/a0/bs512``.
 
     python benchmarks/report.py runs/c16L --pair fp/lr0.001/a0.01/guard4 baseline/lr0.001/a0
 """
@@ -81,13 +83,16 @@ def _arm_key(spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in spec.items() if k not in drop}, sort_keys=True)
 
 
-def arm_label(spec: dict[str, Any], with_epochs: bool = False) -> str:
-    """``method/lr<η>/a<α>[/guard<F>][/e<epochs>]`` (see the module docstring)."""
+def arm_label(spec: dict[str, Any], with_epochs: bool = False,
+              with_batch: bool = False) -> str:
+    """``method/lr<η>/a<α>[/guard<F>][/e<epochs>][/bs<B>]`` (see the module docstring)."""
     label = f"{spec['method']}/lr{spec['lr']:g}/a{spec['alpha']:g}"
-    if spec.get("spike_factor") is not None and spec["method"] != "baseline":
+    if spec.get("spike_factor") is not None and PENALTY_OF_METHOD.get(spec["method"]):
         label += f"/guard{spec['spike_factor']:g}" + ("e" if spec.get("guard_early") else "")
     if with_epochs:
         label += f"/e{spec['epochs']}"
+    if with_batch:
+        label += f"/bs{spec['batch_size']}"
     return label
 
 
@@ -101,9 +106,10 @@ def group_arms(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     for r in runs:
         by_key.setdefault(_arm_key(r["spec"]), []).append(r)
     with_epochs = len({r["spec"]["epochs"] for r in runs}) > 1
+    with_batch = len({r["spec"].get("batch_size") for r in runs}) > 1
     arms: dict[str, list[dict[str, Any]]] = {}
     for members in by_key.values():
-        label = arm_label(members[0]["spec"], with_epochs)
+        label = arm_label(members[0]["spec"], with_epochs, with_batch)
         if label in arms:
             raise ValueError(f"two arms are both labelled {label!r}: their specs differ in "
                              "a field the label does not show; report them separately")

@@ -110,7 +110,7 @@ def test_fixup_resnets() -> None:
 
 @pytest.mark.parametrize(
     "name", ["simplecnn", "vgg11", "wresnet44_3_nobn", "resnet26_nobn", "resnet56_nobn",
-             "tiny_mlp"]
+             "tiny_mlp", "small_cnn", "mlp"]
 )
 def test_bn_free_models(name: str) -> None:
     assert not has_bn(build_model(name, 10))
@@ -123,6 +123,26 @@ def test_bn_models() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in tiny.modules()) == 1
     assert 1000 <= n_params(tiny) <= 3000
     assert n_params(build_model("tiny_mlp", 10)) < 10_000
+
+
+def test_small_cnn_and_mlp_param_counts() -> None:
+    # small_cnn: 16x16 average pool, conv 3->16, pool, conv 16->32, pool, 32*4*4 -> 128 -> 10
+    expected = conv(3, 16) + conv(16, 32) + linear(32 * 4 * 4, 128) + linear(128, 10)
+    assert expected == 72_042
+    assert n_params(build_model("small_cnn", 10)) == expected
+    # mlp: 8x8 average pool, 192 -> 256 -> 256 -> 10
+    expected = linear(3 * 8 * 8, 256) + linear(256, 256) + linear(256, 10)
+    assert expected == 117_770
+    assert n_params(build_model("mlp", 10)) == expected
+
+
+def test_small_cnn_sees_the_pooled_image() -> None:
+    # the first layer is the average pool: inputs with equal 2x2 block means give equal outputs
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10)
+    x = torch.randn(2, 3, 32, 32)
+    block_mean = nn.functional.avg_pool2d(x, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(model(x), model(block_mean))
 
 
 @pytest.mark.parametrize("name", ["wresnet44_3_nobn", "resnet26_nobn"])

@@ -147,3 +147,21 @@ def test_epochs_join_the_label_when_schedules_differ(tmp_path):
     _write_run(tmp_path / "long", _spec(epochs=100), 51.0)
     arms = report.group_arms(report.load_runs([tmp_path, tmp_path / "long"]))
     assert sorted(arms) == ["baseline/lr0.01/a0/e100", "baseline/lr0.01/a0/e60"]
+
+
+def test_batch_size_joins_the_label_when_batch_sizes_differ(tmp_path):
+    """Wen et al.'s SB and LB runs at one learning rate are two arms, told apart by /bs."""
+    _write_run(tmp_path / "sb", {**_spec(lr=0.03), "batch_size": 32}, 50.0)
+    _write_run(tmp_path / "lb", {**_spec(lr=0.03), "batch_size": 512}, 48.0)
+    _write_run(tmp_path / "lb", {**_spec(lr=0.03, seed=1), "batch_size": 512}, 47.0)
+    arms = report.group_arms(report.load_runs([tmp_path / "sb", tmp_path / "lb"]))
+    assert sorted(arms) == ["baseline/lr0.03/a0/bs32", "baseline/lr0.03/a0/bs512"]
+    assert [len(arms["baseline/lr0.03/a0/bs512"])] == [2]
+    # the safeguard acts only on a penalty: a noise run's spike_factor is not in its label
+    _write_run(tmp_path / "lb", {**_spec("noise_diag", 0.01, spike_factor=4.0), "batch_size": 512},
+               46.0)
+    arms = report.group_arms(report.load_runs([tmp_path / "sb", tmp_path / "lb"]))
+    assert "noise_diag/lr0.01/a0/bs512" in arms
+    # one batch size: no /bs in the label
+    assert sorted(report.group_arms(report.load_runs([tmp_path / "lb"]))) == [
+        "baseline/lr0.03/a0", "noise_diag/lr0.01/a0"]

@@ -52,6 +52,8 @@ __all__ = [
     "build_model",
     "init_weights",
     "simple_cnn",
+    "mlp",
+    "small_cnn",
     "tiny_cnn",
     "tiny_mlp",
     "vgg",
@@ -136,6 +138,24 @@ def vgg(
     return init_weights(nn.Sequential(*layers))
 
 
+def small_cnn(num_classes: int = 10, width: int = 16, pool: int = 16) -> nn.Sequential:
+    """Two conv3x3-ReLU-maxpool stages (``width``, 2·width channels) on the ``pool``x``pool``
+    average-pooled image, then ``Linear(·, 128)``-ReLU-``Linear(128, C)``; no BatchNorm.
+
+    72k parameters at the defaults (10 classes), ~13x cheaper than SimpleCNN per image on a
+    CPU, so large-batch runs with thousands of updates and per-example gradients (Fisher
+    noise, Wen et al., 2020) fit one core.
+    """
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(pool)]
+    cin = 3
+    for cout in (width, 2 * width):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        cin = cout
+    layers += [nn.Flatten(), nn.Linear(cin * (pool // 4) ** 2, 128), nn.ReLU(inplace=True),
+               nn.Linear(128, num_classes)]
+    return init_weights(nn.Sequential(*layers))
+
+
 def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
     """About 1.6k parameters (10 classes) with one BatchNorm; any input size."""
     return init_weights(
@@ -156,6 +176,22 @@ def tiny_mlp(num_classes: int = 10, hidden: int = 32) -> nn.Sequential:
         nn.Linear(3 * 8 * 8, hidden), nn.ReLU(inplace=True),
         nn.Linear(hidden, num_classes),
     )
+
+
+def mlp(num_classes: int = 10, hidden: int = 256, depth: int = 2, pool: int = 8) -> nn.Sequential:
+    """ReLU MLP on the ``pool``x``pool``-average-pooled image: ``3·pool² -> hidden (× depth) -> C``.
+
+    118k parameters at the defaults (10 classes), no BatchNorm: small enough that per-example
+    gradients (Fisher noise, Wen et al., 2020) and thousands of large-batch updates fit one
+    CPU core, large enough to fit a 5,000-image CIFAR-10 training set.
+    """
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
+    cin = 3 * pool * pool
+    for _ in range(depth):
+        layers += [nn.Linear(cin, hidden), nn.ReLU(inplace=True)]
+        cin = hidden
+    layers.append(nn.Linear(cin, num_classes))
+    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,8 +465,10 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "densenet40_12": lambda c: DenseNet(40, 12, c),
     "resnet26_nobn": lambda c: FixupResNet(26, c),
     "resnet56_nobn": lambda c: FixupResNet(56, c),
+    "small_cnn": small_cnn,
     "tiny": tiny_cnn,
     "tiny_mlp": tiny_mlp,
+    "mlp": mlp,
     "resnet20": lambda c: ResNet(20, c),
     "resnet44": lambda c: ResNet(44, c),
     "resnet44_b": lambda c: ResNet(44, c, shortcut="B"),
