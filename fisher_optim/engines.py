@@ -82,8 +82,7 @@ from fisher_optim._fsdp import (
     is_sharded,
 )
 from fisher_optim._logits import Likelihood, OutputFn
-from fisher_optim._modules import math_attention as _math_attention
-from fisher_optim._modules import trainable_parameters
+from fisher_optim._modules import math_attention, trainable_parameters
 from fisher_optim._targets import TargetMask
 from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
 
@@ -170,7 +169,7 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
     fused (flash, memory-efficient) kernels have no double backward.
     """
     params = objective.params
-    with _math_attention():
+    with math_attention():
         loss = objective.loss()
     g = torch.autograd.grad(loss, objective.wrt(), create_graph=True, allow_unused=True)
     value = squared_norm(g)
