@@ -4,6 +4,8 @@ Use :func:`build_model` with a name from :data:`MODELS`:
 
 * ``simplecnn`` - the Keras ``cifar10_cnn`` example without dropout, dense layer 128.
 * ``vgg11`` - VGG-11 for CIFAR without BatchNorm and dropout, classifier ``Linear(512, C)``.
+  ``vgg11_half`` and ``vgg11_quarter`` are the same network with every channel count
+  multiplied by 0.5 and 0.25 (about 1/4 and 1/16 of the FLOPs), for CPU budgets.
 * ``wresnet44_3`` - pre-activation Wide ResNet, depth 44, width 3, with BatchNorm.
 * ``wresnet44_3_nobn`` - the same without BatchNorm, with SkipInit (De & Smith, 2020): each
   residual branch is scaled by a learnable scalar initialised to 0, and a learnable
@@ -117,23 +119,31 @@ VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "
 
 
 def vgg(
-    num_classes: int = 10, cfg: tuple[int | str, ...] = VGG11_CFG, batch_norm: bool = False
+    num_classes: int = 10,
+    cfg: tuple[int | str, ...] = VGG11_CFG,
+    batch_norm: bool = False,
+    width: float = 1.0,
 ) -> nn.Sequential:
-    """CIFAR VGG (3x3 convs, padding 1, ReLU; ``"M"`` = 2x2 max-pool), ``Linear(512, C)``.
+    """CIFAR VGG (3x3 convs, padding 1, ReLU; ``"M"`` = 2x2 max-pool), ``Linear(512·width, C)``.
 
-    Without BatchNorm and dropout by default (the paper's VGG-11 setting).
+    Without BatchNorm and dropout by default (the paper's VGG-11 setting). ``width`` multiplies
+    every layer's channel count (rounded, at least 1): ``width=0.25`` is VGG-11 with channels
+    16-32-64-128, about 1/16 of the FLOPs, for CPU budgets (the ``vgg11_quarter`` model).
     """
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
     layers: list[nn.Module] = []
     cin = 3
     for v in cfg:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
             continue
-        layers.append(nn.Conv2d(cin, int(v), 3, padding=1))
+        cout = max(1, round(int(v) * width))
+        layers.append(nn.Conv2d(cin, cout, 3, padding=1))
         if batch_norm:
-            layers.append(nn.BatchNorm2d(int(v)))
+            layers.append(nn.BatchNorm2d(cout))
         layers.append(nn.ReLU(inplace=True))
-        cin = int(v)
+        cin = cout
     layers += [nn.Flatten(), nn.Linear(cin, num_classes)]
     return init_weights(nn.Sequential(*layers))
 
@@ -460,6 +470,8 @@ class DenseNet(nn.Module):
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "simplecnn": simple_cnn,
     "vgg11": vgg,
+    "vgg11_half": lambda c: vgg(c, width=0.5),
+    "vgg11_quarter": lambda c: vgg(c, width=0.25),
     "wresnet44_3": lambda c: PreActResNet(44, 3, c, batch_norm=True),
     "wresnet44_3_nobn": lambda c: PreActResNet(44, 3, c, batch_norm=False),
     "densenet40_12": lambda c: DenseNet(40, 12, c),
