@@ -21,13 +21,17 @@ optimizer's step (``n`` has zero mean, so the sign convention does not matter). 
 * ``covariance="trace"`` ("Fisher trace"): isotropic, ``Cov(n) = scale² · (Tr F / d) · I``,
   ``d`` the number of trainable parameter entries.
 
-``g_i = ∇_θ ℓ_i`` with ``ℓ_i = −log p_θ(y_i | x_i)`` (cross-entropy on the logits). With
-``fisher="true"`` the labels ``y_i ~ p_θ(y|x_i)`` are sampled from the model (the Fisher proper,
-no targets needed); with ``fisher="empirical"`` they are the true targets (the paper's empirical
-Fisher; call :meth:`~fisher_optim.wrapper.GradientWrapper.set_targets` before each step).
-Targets equal to ``-100`` (``ignore_index`` of ``F.cross_entropy`` and of Hugging Face losses)
-are excluded alike by every covariance mode: ``ℓ_i`` is the mean cross-entropy over example
-``i``'s rows that have a target, and an example without any has ``g_i = 0``.
+``g_i = ∇_θ ℓ_i`` with ``ℓ_i = −log p_θ(y_i | x_i)`` under the ``likelihood`` (the
+cross-entropy on the logits by default; ``"bernoulli"`` for multi-label, ``"gaussian"`` for
+regression: :mod:`fisher_optim.likelihoods`). With ``fisher="true"`` the labels
+``y_i ~ p_θ(y|x_i)`` are sampled from the model (the Fisher proper, no targets needed); with
+``fisher="empirical"`` they are the true targets (the paper's empirical Fisher; call
+:meth:`~fisher_optim.wrapper.GradientWrapper.set_targets` before each step). Rows without a
+target (class index ``-100``, ``ignore_index`` of ``F.cross_entropy`` and of Hugging Face
+losses; NaN for the other likelihoods) are excluded alike by every covariance mode: ``ℓ_i`` is
+the mean over example ``i``'s rows that have a target, and an example without any has
+``g_i = 0``. The per-example math lives in :mod:`fisher_optim.curvature.gradient_moment`; this
+class schedules it, keeps its state and adds the noise.
 """
 
 from __future__ import annotations
@@ -41,27 +45,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._fsdp import is_fsdp
-from fisher_optim._logits import (
-    OutputFn,
-    check_cross_entropy_outputs,
-    pick_logits,
-    sample_labels,
-)
+from fisher_optim._logits import OutputFn
 from fisher_optim._modules import frozen_batchnorm_stats
-from fisher_optim._targets import IGNORE_INDEX, TargetMask, drop_untargeted, target_rows
+from fisher_optim._targets import TargetMask
 from fisher_optim.batch import Batch
-from fisher_optim.curvature import examples
-from fisher_optim.curvature.examples import example_grads
-from fisher_optim.curvature.ghost import ghost_backward
-from fisher_optim.curvature.layers import LayerRule, trained
+from fisher_optim.curvature.gradient_moment import (
+    accumulation_dtype,
+    example_grad_draws,
+    sum_sq_example_grads,
+)
+from fisher_optim.likelihoods import Likelihood, get_likelihood
 from fisher_optim.validate import is_int
 from fisher_optim.wrapper import GradientWrapper, input_layout
 
 COVARIANCES = ("diagonal", "full", "trace")
 FISHERS = ("true", "empirical")
-
-#: Examples per ``vmap`` call of the per-example gradients (bounds memory).
-PER_EXAMPLE_CHUNK = 64
 
 
 class FisherNoiseSGD(GradientWrapper):
@@ -96,6 +94,11 @@ class FisherNoiseSGD(GradientWrapper):
             :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
+        likelihood: ``p_θ(y|z)`` of a row of outputs: ``"categorical"`` (softmax, the
+            default), ``"bernoulli"`` (independent binary labels: multi-label) or
+            ``"gaussian"`` (regression), or a :class:`~fisher_optim.likelihoods.Likelihood`
+            such as ``Gaussian(sigma=0.5)``. With ``fisher="empirical"`` the targets are
+            class indices (categorical) or one value per output (the others).
         target_mask: which rows of the logits have a target, for models other than Hugging
             Face ones (automatic there: padding, ``-100`` labels, the causal shift); a function
             called like the model returning a boolean tensor shaped like the logits without
@@ -109,7 +112,7 @@ class FisherNoiseSGD(GradientWrapper):
         * ``M_L`` is the number of examples: the first dimension of the model's first tensor
           input (times the world size under DDP, where the gradient is the mean over ranks;
           local batches are assumed equal in size). For a sequence model with logits
-          ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean cross-entropy over its
+          ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean of ``ℓ`` over its
           ``T`` positions (so that the batch gradient is the mean of the ``g_i``) and the
           labels are sampled per position.
         * BatchNorm: per-example gradients are undefined with batch statistics, so
@@ -154,6 +157,7 @@ class FisherNoiseSGD(GradientWrapper):
         output_fn: OutputFn | None = None,
         seed: int | None = None,
         target_mask: TargetMask | None = None,
+        likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
         if not is_int(small_batch_size) or small_batch_size < 1:
@@ -177,6 +181,7 @@ class FisherNoiseSGD(GradientWrapper):
             )
         self.covariance = covariance
         self.fisher = fisher
+        self.likelihood = get_likelihood(likelihood)
         self.every = every
         self.estimate_batch_size = estimate_batch_size
         self.output_fn = output_fn
@@ -279,129 +284,40 @@ class FisherNoiseSGD(GradientWrapper):
         """Estimate ``diag F`` on the batch (per-example gradients) and cache it, or drop it."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        diag = self._estimate_diag(batch, [params[i] for i in trainable])
-        diag = self.all_reduce_mean(diag)
+        diag = self.all_reduce_mean(self._estimate_diag(batch, [params[i] for i in trainable]))
         trace = torch.stack([d.double().sum() for d in diag]).sum()
-        self.refreshes += 1
         value = float(trace)  # the one host sync of an estimate
-        if not math.isfinite(value):
-            self.skipped_refreshes += 1
-            self._cache = None
-            warnings.warn(
-                f"FisherNoiseSGD: the Fisher estimate at step {self.step_count} is not finite "
-                f"(Tr F = {value}); it was dropped and no noise is added until the next "
-                f"estimate ({self.skipped_refreshes} dropped so far). Training continues.",
-                RuntimeWarning,
-                stacklevel=7,
-            )
+        if not self._finite(value, f"Fisher estimate ... (Tr F = {value})", 8):
+            self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
         cache: list[Tensor | None] = [None] * len(params)
-        if self.covariance == "diagonal":
-            for i, d in zip(trainable, diag):
-                cache[i] = d.detach()
-        else:
-            numel = sum(params[i].numel() for i in trainable)
-            for i, d in zip(trainable, diag):
-                cache[i] = (trace / numel).to(d.dtype)
+        numel = sum(params[i].numel() for i in trainable)
+        for i, d in zip(trainable, diag):
+            cache[i] = d.detach() if self.covariance == "diagonal" else (trace / numel).to(d.dtype)
         self._cache = cache
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
-        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``.
-
-        One batched forward and backward (:func:`fisher_optim.curvature.ghost.ghost_backward`)
-        hands each covered layer's input ``a`` and output gradient ``g`` to its rule, whose
-        :meth:`~fisher_optim.curvature.layers.LayerRule.sq_grads` gives ``Σ_i g_i ⊙ g_i`` of
-        the layer's parameters (for a ``Linear`` on flat inputs ``(g ⊙ g)^T (a ⊙ a)``, no
-        per-example tensor); the parameters no rule covers (tied, custom layers) take chunked
-        per-example gradients (:func:`fisher_optim.curvature.examples.example_grads`:
-        ``vmap(grad)``, or a loop). ``ℓ_i`` is the mean cross-entropy over example ``i``'s rows
-        with a label (:func:`example_cross_entropy`); sampled labels are drawn per chunk of
-        :data:`PER_EXAMPLE_CHUNK` examples from the batch's logits.
-        """
+        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``
+        (:func:`fisher_optim.curvature.gradient_moment.sum_sq_example_grads`), in eval mode;
+        the layers the rules take are checked once per input layout and trusted after."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        _check_params_of(module, params)
         with self.measuring_pass():
             # checked once per input layout: the examples are independent, and cut as held
             batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
             n = batch.num_examples()
             targets = self._target_rows(batch, n)
-            index = {id(p): k for k, p in enumerate(params)}
-            sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in params]
-            generator = self._local_generator(params[0].device) if targets is None else None
-            shapes: list[torch.Size] = []  # of the logits, as the model gives them
-            labels: list[Tensor] = []  # [n, rows]: set by the cotangents
-            covered: set[nn.Module] = set()  # the layers the rules took
-
-            def picked(output: Any) -> Tensor:
-                logits = pick_logits(output, self.output_fn)
-                shapes.append(logits.shape)
-                return logits
-
-            def cotangents(logits: Tensor) -> list[Tensor]:
-                rows = targets
-                if rows is None:  # the shape of the batch's logits (not the probe's)
-                    n_rows = logits.shape[0] * logits.shape[1]
-                    shape = next(s for s in shapes if math.prod(s[:-1]) == n_rows)
-                    rows = self._sample_rows(module, batch, logits, shape, generator)
-                labels.append(rows)
-                return [_cross_entropy_cotangent(logits, rows)]
-
-            def on_layer(rule: LayerRule, m: nn.Module, a: Tensor, g: Tensor) -> None:
-                covered.add(m)
-                own = [index.get(id(p)) for p in trained(m)]
-                if all(k is None for k in own):
-                    return
-                dtype = _acc_dtype(g.dtype)  # fp16/bf16 layers: squared in float32
-                a = a.to(dtype) if a.is_floating_point() else a  # (an embedding's ids stay)
-                for k, sq in zip(own, rule.sq_grads(m, a, g.to(dtype)), strict=True):
-                    if k is not None:
-                        sums[k].add_(sq.to(sums[k].dtype))
-
-            # the layers the rules may take: checked (host reads) once per input layout; later
-            # refreshes take those without reading back
             layout = input_layout(batch)
-            trusted = self._covered_layers.get(layout)
-            _, used = ghost_backward(
-                module, batch, cotangents, on_layer,
-                output_fn=picked, trusted=trusted, optimizer_pass=True,
-            )
+            covered: set[nn.Module] = set()
+            sums = sum_sq_example_grads(
+                module, batch, params, self.likelihood,
+                targets=targets,
+                generator=self._local_generator(params[0].device) if targets is None else None,
+                output_fn=self.output_fn, target_mask=self.target_mask,
+                trusted=self._covered_layers.get(layout), covered=covered,
+            )  # fmt: skip
             self._covered_layers.setdefault(layout, frozenset(covered))
-            rest = [p for p in used if id(p) in index]  # no rule covers them: per example
-            for start in range(0, n if rest else 0, PER_EXAMPLE_CHUNK):
-                stop = min(start + PER_EXAMPLE_CHUNK, n)
-                y = labels[0][start:stop]
-                grads = example_grads(module, batch, y, rest, _example_loss, self.output_fn, start)
-                for p, d in zip(rest, grads):
-                    s = sums[index[id(p)]]
-                    s.add_(d.to(s.dtype).pow(2).sum(0))
         return [s / n for s in sums]
-
-    def _sample_rows(
-        self,
-        module: nn.Module,
-        batch: Batch,
-        logits: Tensor,
-        shape: torch.Size,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """``ŷ ~ p_θ(·|x)`` per logit row (``logits``: ``[n, rows, C]``, ``shape`` as the model
-        gives them), drawn chunk by chunk of :data:`PER_EXAMPLE_CHUNK` examples,
-        ``IGNORE_INDEX`` at rows without a target (:func:`fisher_optim._targets.target_rows`):
-        ``[n, rows]``."""
-        n, rows, classes = logits.shape
-        has_target = target_rows(module, batch.args, batch.kwargs, shape, self.target_mask)
-        if has_target is not None:
-            has_target = has_target.reshape(n, rows)
-        out = []
-        for start in range(0, n, PER_EXAMPLE_CHUNK):
-            stop = min(start + PER_EXAMPLE_CHUNK, n)
-            drawn = sample_labels(
-                _finite(logits[start:stop].reshape(-1, classes)), "sample", generator
-            )
-            keep = None if has_target is None else has_target[start:stop]
-            out.append(drop_untargeted(drawn, keep).view(stop - start, rows))
-        return torch.cat(out)
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
@@ -415,7 +331,7 @@ class FisherNoiseSGD(GradientWrapper):
         """``ξ ~ N(0, I)`` shaped like ``params`` (one flat draw from the noise generator, so the
         stream is the same on every rank and every device layout)."""
         device = params[0].device
-        dtype = _acc_dtype(*(p.dtype for p in params))
+        dtype = accumulation_dtype(*(p.dtype for p in params))
         sizes = [p.numel() for p in params]
         lead = () if draws is None else (draws,)
         flat = torch.randn((*lead, sum(sizes)), generator=self.generator(device), device=device,
@@ -427,78 +343,50 @@ class FisherNoiseSGD(GradientWrapper):
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
-        """``v = (1/sqrt(M)) Σ_i z_i g_i`` per parameter, ``Cov(v) = (1/M) Σ_i g_i g_i^T``.
-
-        One forward (batch statistics, running statistics frozen) and one backward of
-        ``Σ_i z_i ℓ_i / sqrt(M)``, written as a cotangent on the log-probabilities so that
-        ``draws`` draws (fresh labels and ``z``) share the forward (``is_grads_batched``).
-        """
+        """``v = (1/sqrt(M)) Σ_i z_i g_i`` per parameter, ``Cov(v) = (1/M) Σ_i g_i g_i^T``
+        (:func:`fisher_optim.curvature.gradient_moment.example_grad_draws`): one forward
+        (batch statistics, running statistics frozen) and one backward for all ``draws``."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         wrt = [params[i] for i in trainable]
         batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
-        n = batch.num_examples()
-        targets = self._target_rows(batch, n)
-        device = wrt[0].device
+        targets = self._target_rows(batch, batch.num_examples())
         with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
-            shaped = pick_logits(self.module(*batch.args, **batch.kwargs), self.output_fn)
-            logits = _upcast(shaped.reshape(-1, shaped.shape[-1]))
-        rows, classes = logits.shape
-        if rows % n:
-            raise ValueError(f"the model gave {rows} rows of logits for {n} examples")
-        per = rows // n
-        k = 1 if draws is None else draws
-        generator = self._local_generator(device)
-        if targets is None:
-            probs = torch.softmax(_finite(logits.detach()), dim=-1)
-            labels = torch.multinomial(probs, k, replacement=True, generator=generator).T
-            has_target = target_rows(
-                self.module, batch.args, batch.kwargs, shaped.shape, self.target_mask
-            )
-            labels = drop_untargeted(labels, has_target)
-        else:
-            labels = targets.reshape(1, rows).to(logits.device).expand(k, rows)
-        valid = labels != IGNORE_INDEX  # ℓ_i: the mean over example i's rows with a target
-        count = valid.reshape(k, n, per).sum(-1).clamp_min(1).to(logits.dtype)
-        z = torch.randn((k, n), generator=generator, device=logits.device, dtype=logits.dtype)
-        # d(Σ_i z_i ℓ_i / √M) / d log p, row by row
-        weights = (-z / (math.sqrt(n) * count)).repeat_interleave(per, dim=1)
-        # a scatter, not F.one_hot, whose range check reads the labels on the host
-        onehot = torch.zeros((*labels.shape, classes), device=logits.device, dtype=logits.dtype)
-        onehot.scatter_(-1, torch.where(valid, labels, 0).unsqueeze(-1), 1.0)
-        cotangent = onehot * (weights * valid.to(logits.dtype)).unsqueeze(-1)
-        if draws is None:
-            cotangent = cotangent[0]
-        grads = torch.autograd.grad(
-            torch.log_softmax(logits, dim=-1), wrt, cotangent,
-            allow_unused=True, is_grads_batched=draws is not None,
-        )
-        lead = () if draws is None else (k,)
-        v = [
-            torch.zeros((*lead, *p.shape), device=p.device, dtype=p.dtype) if g is None else g
-            for p, g in zip(wrt, grads)
-        ]
+            v = example_grad_draws(
+                self.module, batch, wrt, self.likelihood,
+                targets=targets, generator=self._local_generator(wrt[0].device), draws=draws,
+                output_fn=self.output_fn, target_mask=self.target_mask,
+            )  # fmt: skip
         world = self._world()[0]
         if world > 1:  # (1/sqrt(W M)) Σ over all ranks' examples
             v = [t * math.sqrt(world) for t in self.all_reduce_mean(v)]
-        sq = torch.stack([t.double().pow(2).sum() for t in v]).sum()
-        self.refreshes += 1
-        total = float(sq)  # the one host sync of a draw
-        if not math.isfinite(total):
-            self.skipped_refreshes += 1
-            warnings.warn(
-                f"FisherNoiseSGD: the Fisher noise at step {self.step_count} is not finite; it was "
-                f"dropped and no parameter was changed by it ({self.skipped_refreshes} dropped so "
-                "far). Training continues.",
-                RuntimeWarning,
-                stacklevel=8,
-            )
+        total = float(torch.stack([t.double().pow(2).sum() for t in v]).sum())  # the one sync
+        if not self._finite(total, "Fisher noise ...", 9, "no parameter was changed by it"):
             return None
-        self.fisher_trace = total / k
+        self.fisher_trace = total / (1 if draws is None else draws)
         out: list[Tensor | None] = [None] * len(params)
         for i, t in zip(trainable, v):
             out[i] = t.detach()
         return out
+
+    def _finite(
+        self, value: float, what: str, stacklevel: int,
+        effect: str = "no noise is added until the next estimate",
+    ) -> bool:  # fmt: skip
+        """Count a refresh; warn and count it dropped when ``value`` is NaN/Inf (``what``: the
+        message's subject, its ``...`` standing for "at step N is not finite")."""
+        self.refreshes += 1
+        if math.isfinite(value):
+            return True
+        self.skipped_refreshes += 1
+        what = what.replace("...", f"at step {self.step_count} is not finite")
+        warnings.warn(
+            f"FisherNoiseSGD: the {what}; it was dropped and {effect} "
+            f"({self.skipped_refreshes} dropped so far). Training continues.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+        return False
 
     # ----------------------------------------------------------------- helpers
     def _target_rows(self, batch: Batch, n: int) -> Tensor | None:
@@ -565,65 +453,5 @@ class FisherNoiseSGD(GradientWrapper):
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._local_draws = extra["local_draws"]
         self._cache = self.load_per_param(
-            extra["cache"], "Fisher estimate", lambda p: _acc_dtype(p.dtype)
+            extra["cache"], "Fisher estimate", lambda p: accumulation_dtype(p.dtype)
         )
-
-
-def _cross_entropy_cotangent(logits: Tensor, labels: Tensor) -> Tensor:
-    """``∂(Σ_i ℓ_i)/∂logits`` for logits ``[n, R, C]`` and labels ``[n, R]``: row ``r`` of
-    example ``i`` gets ``(softmax(logits_ir) − onehot(y_ir)) · [y_ir ≠ −100] / R_i``, ``R_i``
-    the rows of example ``i`` with a label (:func:`example_cross_entropy`). A scatter, not
-    ``F.one_hot`` (whose range check reads the labels on the host)."""
-    up = _upcast(logits)
-    check_cross_entropy_outputs(up, "FisherNoiseSGD(fisher='empirical')")
-    if labels.shape != up.shape[:2]:
-        raise ValueError(
-            f"the targets give {labels.shape[1]} per example, the model {up.shape[1]} rows of "
-            "logits: set_targets needs one target per logit row"
-        )
-    labels = labels.to(logits.device)
-    valid = labels != IGNORE_INDEX
-    weight = valid.to(up.dtype) / valid.sum(1, keepdim=True).clamp_min(1).to(up.dtype)
-    onehot = torch.zeros_like(up).scatter_(-1, torch.where(valid, labels, 0).unsqueeze(-1), 1.0)
-    return ((torch.softmax(up, -1) - onehot) * weight.unsqueeze(-1)).to(logits.dtype)
-
-
-def _example_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """``ℓ_i`` of one example's logit rows (:func:`example_cross_entropy`), upcast."""
-    return example_cross_entropy(_upcast(logits), labels)
-
-
-def _check_params_of(module: nn.Module, params: list[Tensor]) -> None:
-    known = {id(p) for p in module.parameters()}
-    missing = [tuple(p.shape) for p in params if id(p) not in known]
-    if missing:
-        raise ValueError(f"parameters of shapes {missing} are not parameters of the model")
-
-
-def example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """``ℓ_i``: :func:`fisher_optim.curvature.examples.example_cross_entropy` of one
-    example's rows ``[R, C]``.
-
-    >>> round(float(example_cross_entropy(torch.zeros(3, 4), torch.tensor([1, -100, 2]))), 4)
-    1.3863
-    """
-    return examples.example_cross_entropy(logits, labels, "FisherNoiseSGD(fisher='empirical')")
-
-
-def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The widest of ``dtypes`` and float32."""
-    out = torch.float32
-    for d in dtypes:
-        out = torch.promote_types(out, d)
-    return out
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _finite(logits: Tensor) -> Tensor:
-    """Logits to sample labels from: non-finite entries zeroed, so that a NaN model samples
-    arbitrary labels (its NaN estimate is then dropped) instead of failing in multinomial."""
-    return torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
-

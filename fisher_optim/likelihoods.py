@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fisher_optim._targets import IGNORE_INDEX
+
 __all__ = [
     "LABEL_KINDS",
     "LIKELIHOODS",
@@ -95,8 +97,9 @@ class Likelihood:
     #: Whether the label set has a uniform distribution (``penalty="random_label"``).
     uniform_labels = False
 
-    def check_outputs(self, logits: Tensor) -> None:
-        """Raise if rows of ``logits.shape[-1]`` outputs cannot carry this likelihood."""
+    def check_outputs(self, logits: Tensor, what: str | None = None) -> None:
+        """Raise if rows of ``logits.shape[-1]`` outputs cannot carry this likelihood;
+        ``what`` names a measurement of true targets (None: the Fisher)."""
 
     def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ŷ ~ p_θ(·|z) per row, without gradient."""
@@ -111,8 +114,72 @@ class Likelihood:
         raise NotImplementedError
 
     def score(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``∂ℓ/∂z`` per row, ``[N, C]``."""
+        """``∂ℓ/∂z`` per row (``[..., C]``), 0 at rows without a label (see :meth:`labelled`):
+        the one cotangent of every per-example gradient (:meth:`example_score`)."""
         raise NotImplementedError
+
+    def row_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``ℓ(z, y)`` of every row (``[...]`` for logits ``[..., C]``), 0 at rows without a
+        label; in the dtype of ``logits``."""
+        raise NotImplementedError
+
+    def label_shape(self, classes: int) -> tuple[int, ...]:
+        """The shape of one row's label for rows of ``classes`` outputs: one value per output
+        (the default; a class index for :class:`Categorical`)."""
+        return (classes,)
+
+    def labelled(self, labels: Tensor) -> Tensor:
+        """Which rows (``[...]`` for labels ``[..., *label_shape]``) have a label: here those
+        with an entry that is not NaN (NaN marks an output without a target, as ``-100``
+        does a class index)."""
+        return ~labels.isnan().all(-1)
+
+    def drop_rows(self, labels: Tensor, keep: Tensor | None) -> Tensor:
+        """``labels`` with the rows where ``keep`` (``[...]``, None for all) is false marked
+        as having no label (NaN; ``-100`` for class indices)."""
+        if keep is None:
+            return labels
+        keep = keep.reshape(labels.shape[:-1]).to(labels.device)
+        return labels.masked_fill(~keep.unsqueeze(-1), float("nan"))
+
+    def example_labels(self, targets: Tensor, logits: Tensor) -> Tensor:
+        """``targets`` as the labels ``[n, R, *label_shape]`` of logits ``[n, R, C]``."""
+        n, rows, classes = logits.shape
+        shape = (n, rows, *self.label_shape(classes))
+        if targets.numel() != math.prod(shape):
+            raise ValueError(
+                f"{targets.numel()} targets for {n} examples with {rows} logit rows of "
+                f"{classes} outputs each: likelihood='{self.name}' needs "
+                f"{self._per_row(classes)} per logit row"
+            )
+        return targets.reshape(shape).to(logits.device, _float(logits).dtype)
+
+    def _per_row(self, classes: int) -> str:
+        return f"{classes} targets (one per output)"
+
+    def example_score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        r"""``∂ℓ_i/∂z`` for logits ``[n, R, C]`` and labels ``[n, R, *label_shape]``, with
+        ``ℓ_i`` the mean of ``ℓ`` over the ``R_i`` rows of example ``i`` that have a label:
+        the :meth:`score` over ``R_i`` (0 at rows without a label and for an example without
+        any), so that ``J_i^T`` of it is the per-example gradient ``g_i = ∇_θ ℓ_i``.
+
+        >>> Categorical().example_score(torch.zeros(1, 2, 2), torch.tensor([[0, -100]])).abs()
+        tensor([[[0.5000, 0.5000],
+                 [0.0000, 0.0000]]])
+        """
+        valid = self.labelled(labels).to(logits.dtype)
+        weight = valid / valid.sum(1, keepdim=True).clamp_min(1)
+        return self.score(logits, labels) * weight.unsqueeze(-1)
+
+    def example_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``ℓ_i``, the mean of ``ℓ`` over the rows ``[..., R, C]`` of an example that have a
+        label (``[...]``), 0 for an example without any (no gradient rather than NaN).
+
+        >>> float(Categorical().example_nll(torch.zeros(3, 4), torch.tensor([1, -100, 2])))
+        1.3862943649291992
+        """
+        count = self.labelled(labels).sum(-1).clamp_min(1)
+        return self.row_nll(logits, labels).sum(-1) / count
 
     def fisher_factors(self, logits: Tensor) -> list[Tensor]:
         """Vectors ``u_k`` (each ``[N, C]``) with ``E_ŷ[s s^T] = Σ_k u_k u_k^T`` per row."""
@@ -140,17 +207,26 @@ class Categorical(Likelihood):
     name = "categorical"
     uniform_labels = True
 
-    def check_outputs(self, logits: Tensor) -> None:
-        if logits.shape[-1] < 2:
+    def check_outputs(self, logits: Tensor, what: str | None = None) -> None:
+        if logits.shape[-1] >= 2:
+            return
+        if what is not None:
             raise ValueError(
-                f"the model has {logits.shape[-1]} output(s) per row, and the default "
-                "likelihood='categorical' takes a softmax over them: over one class it is "
-                "identically 1, so Tr(F_B) and Tr(F) would be identically 0 and the penalty "
-                "would do nothing. Choose the likelihood of a one-output model: "
-                "likelihood='bernoulli' (one logit of a binary classifier, ŷ ~ "
-                "Bernoulli(sigmoid(z))) or likelihood='gaussian' (regression, ŷ ~ N(z, σ²); "
-                "Gaussian(sigma=...) for σ ≠ 1)"
+                f"{what} takes a softmax over the model's outputs (likelihood='categorical'), "
+                f"but the model has {logits.shape[-1]} output per row: over one class the "
+                "cross-entropy is identically 0 and so is every gradient of it. Give the model "
+                "one output per class (2 for a binary task), or pass likelihood='bernoulli' "
+                "(one logit of a binary classifier) or likelihood='gaussian' (regression)"
             )
+        raise ValueError(
+            f"the model has {logits.shape[-1]} output(s) per row, and the default "
+            "likelihood='categorical' takes a softmax over them: over one class it is "
+            "identically 1, so Tr(F_B) and Tr(F) would be identically 0 and the penalty "
+            "would do nothing. Choose the likelihood of a one-output model: "
+            "likelihood='bernoulli' (one logit of a binary classifier, ŷ ~ "
+            "Bernoulli(sigmoid(z))) or likelihood='gaussian' (regression, ŷ ~ N(z, σ²); "
+            "Gaussian(sigma=...) for σ ≠ 1)"
+        )
 
     def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self.check_outputs(logits)
@@ -164,8 +240,47 @@ class Categorical(Likelihood):
         return F.cross_entropy(_float(logits), labels)
 
     def score(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # a scatter, not F.one_hot, whose range check reads the labels on the host
+        valid = labels != IGNORE_INDEX
         probs = torch.softmax(logits, -1)
-        return probs - F.one_hot(labels, logits.shape[-1]).to(probs.dtype)
+        onehot = torch.zeros_like(probs).scatter_(-1, torch.where(valid, labels, 0)[..., None], 1)
+        return (probs - onehot) * valid.unsqueeze(-1).to(probs.dtype)
+
+    def row_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        valid = labels != IGNORE_INDEX
+        losses = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            torch.where(valid, labels, 0).reshape(-1),
+            reduction="none",
+        ).reshape(labels.shape)
+        return losses * valid.to(losses.dtype)
+
+    def label_shape(self, classes: int) -> tuple[int, ...]:
+        return ()
+
+    def labelled(self, labels: Tensor) -> Tensor:
+        """Rows whose class index is not ``-100`` (``F.cross_entropy``'s ``ignore_index``)."""
+        return labels != IGNORE_INDEX
+
+    def drop_rows(self, labels: Tensor, keep: Tensor | None) -> Tensor:
+        if keep is None:
+            return labels
+        return labels.masked_fill(~keep.reshape(labels.shape).to(labels.device), IGNORE_INDEX)
+
+    def example_labels(self, targets: Tensor, logits: Tensor) -> Tensor:
+        if targets.is_floating_point() or targets.is_complex():
+            raise ValueError(
+                "likelihood='categorical' takes integer class indices as targets, got "
+                f"{targets.dtype}; for one target per output use likelihood='bernoulli' "
+                "(binary) or 'gaussian' (real)"
+            )
+        n, rows, classes = logits.shape
+        if targets.numel() != n * rows:
+            raise ValueError(
+                f"{targets.numel()} targets for {n} examples with {rows} logit rows each: "
+                "likelihood='categorical' needs one class index per logit row"
+            )
+        return targets.reshape(n, rows).to(logits.device)
 
     def fisher_factors(self, logits: Tensor) -> list[Tensor]:
         probs = torch.softmax(logits, -1)
@@ -213,7 +328,13 @@ class Bernoulli(Likelihood):
         )
 
     def score(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return torch.sigmoid(logits) - labels.to(logits.dtype)
+        y = labels.to(logits.dtype)
+        return torch.where(y.isnan(), 0, torch.sigmoid(logits) - y)
+
+    def row_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        y = labels.to(logits.dtype)
+        losses = F.binary_cross_entropy_with_logits(logits, y.nan_to_num(), reduction="none")
+        return torch.where(y.isnan(), 0, losses).sum(-1)
 
     def fisher_factors(self, logits: Tensor) -> list[Tensor]:
         p = torch.sigmoid(logits)
@@ -247,7 +368,10 @@ class Gaussian(Likelihood):
 
     def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
+            # a non-finite mean draws finite labels: the loss at it stays non-finite (and the
+            # caller skips the result) instead of the rows being taken as without a label
             mean = _float(logits.detach())
+            mean = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
             noise = _on(
                 generator,
                 mean,
@@ -260,7 +384,12 @@ class Gaussian(Likelihood):
         return (z - labels.to(z.dtype)).square().sum() / (2 * self.sigma**2 * max(z.shape[0], 1))
 
     def score(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return (logits - labels.to(logits.dtype)) / self.sigma**2
+        y = labels.to(logits.dtype)
+        return torch.where(y.isnan(), 0, (logits - y) / self.sigma**2)
+
+    def row_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        y = labels.to(logits.dtype)
+        return torch.where(y.isnan(), 0, logits - y).square().sum(-1) / (2 * self.sigma**2)
 
     def fisher_factors(self, logits: Tensor) -> list[Tensor]:
         eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim import fisher_noise_sgd as fns
+from fisher_optim import likelihoods
+from fisher_optim.curvature import gradient_moment
 from fisher_optim.fisher_noise_sgd import FisherNoiseSGD
 
 D = torch.float64
@@ -118,13 +119,13 @@ def _brute_diag(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
 
 def _estimate(model, x, y, monkeypatch, uncovered, **kw) -> list[Tensor]:
     calls = []
-    real = fns.example_grads
+    real = gradient_moment.example_grads
 
     def counting(*args, **kwargs):
         calls.append(len(args[3]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fns, "example_grads", counting)
+    monkeypatch.setattr(gradient_moment, "example_grads", counting)
     opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2, fisher="empirical", seed=0, **kw)
     model.train()
     model(x)
@@ -162,7 +163,7 @@ def test_diag_fisher_matches_a_per_example_loop(name, monkeypatch):
 
 def test_more_examples_than_a_chunk(monkeypatch):
     """The labels are drawn, and the fallback runs, chunk by chunk of PER_EXAMPLE_CHUNK."""
-    monkeypatch.setattr(fns, "PER_EXAMPLE_CHUNK", 4)
+    monkeypatch.setattr(gradient_moment, "PER_EXAMPLE_CHUNK", 4)
     make, spec, _ = MODELS["custom_layer"]
     torch.manual_seed(0)
     model = make().to(D)
@@ -178,14 +179,14 @@ def test_target_mask_rows_get_no_sampled_label(monkeypatch):
     """fisher='true': masked rows get -100, so the estimate is the loop's with the labels
     drawn (recorded here) and the masked rows left out."""
     drawn = []
-    real = fns.sample_labels
+    real = likelihoods.sample_labels
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
         drawn.append(out)
         return out
 
-    monkeypatch.setattr(fns, "sample_labels", recording)
+    monkeypatch.setattr(likelihoods, "sample_labels", recording)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
     x = _data((4, 2), 5)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .._as_found import left_as_found
 from .._logits import OutputFn
 from .._modules import eval_mode
+from ..likelihoods import Likelihood
 from ._data import (
     Inputs,
     batch_size,
@@ -179,12 +180,14 @@ def gradient_covariance(
     *,
     k: int = 1,
     output_fn: OutputFn | None = None,
+    likelihood: str | Likelihood = "categorical",
 ) -> GradientCovariance:
     """Tr(K) and the ``k`` largest eigenvalues of the gradient covariance K over ``data``.
 
     ``K = (1/N) Σ_i (g_i - ḡ)(g_i - ḡ)^T`` with ``g_i = ∇_θ ℓ(x_i, y_i)``, the gradient of
-    the cross-entropy of example ``i`` with its true target (the mean over its rows for
-    ``[B, T, C]`` logits; rows with target -100 ignored; a Hugging Face model's targets
+    the loss ``−log p_θ(y_i|x_i)`` of example ``i`` with its true target under ``likelihood``
+    (the cross-entropy by default; ``"bernoulli"``, ``"gaussian"``; the mean over its rows
+    for ``[B, T, C]`` logits; rows without a target ignored; a Hugging Face model's targets
     by its conventions, as in :func:`~fisher_optim.curvature.per_example_grad_norms`),
     θ the trainable
     parameters: Jastrzebski et al. (ICLR 2020), Sec. 2, normalised by ``1/N`` (see the
@@ -213,7 +216,7 @@ def gradient_covariance(
         raise ValueError(f"k must be at most the number of examples N = {n}, got {k}")
     with eval_mode(model):
         gram = per_example_gradient_gram(
-            model, x, row_target_cotangents(model, x, y), output_fn=output_fn
+            model, x, row_target_cotangents(model, x, y, likelihood=likelihood), output_fn=output_fn
         )
     centred = centred_gram(gram)
     eigenvalues = torch.linalg.eigvalsh(centred).flip(0)[:k] / n
@@ -225,10 +228,11 @@ def gradient_covariance_trace(
     data: Any,
     *,
     output_fn: OutputFn | None = None,
+    likelihood: str | Likelihood = "categorical",
 ) -> float:
     """Tr(K) = (1/N) Σ_i ||g_i - ḡ||², the variance of the per-example gradients.
 
-    See :func:`gradient_covariance` (same inputs, normalisation ``1/N``). Equal to
+    See :func:`gradient_covariance` (same inputs, ``likelihood``, normalisation ``1/N``). Equal to
     ``(1/N) Σ_i ||g_i||² - ||ḡ||²``.
 
     >>> torch.manual_seed(0) and None
@@ -237,7 +241,7 @@ def gradient_covariance_trace(
     >>> gradient_covariance_trace(net, (x, y)) > 0
     True
     """
-    return gradient_covariance(model, data, output_fn=output_fn).trace
+    return gradient_covariance(model, data, output_fn=output_fn, likelihood=likelihood).trace
 
 
 def gradient_covariance_eigenvalues(
@@ -246,6 +250,7 @@ def gradient_covariance_eigenvalues(
     k: int = 1,
     *,
     output_fn: OutputFn | None = None,
+    likelihood: str | Likelihood = "categorical",
 ) -> Tensor:
     """The ``k`` largest eigenvalues of K, descending (float64): ``λ_K^1 ≥ ... ≥ λ_K^k``.
 
@@ -260,4 +265,6 @@ def gradient_covariance_eigenvalues(
     >>> bool(lam[0] >= lam[1] >= 0)
     True
     """
-    return gradient_covariance(model, data, k=k, output_fn=output_fn).eigenvalues
+    return gradient_covariance(
+        model, data, k=k, output_fn=output_fn, likelihood=likelihood
+    ).eigenvalues

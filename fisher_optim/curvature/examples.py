@@ -17,13 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._as_found import left_as_found, renormalising_parameters, substituted_parameters
-from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
-from .._targets import IGNORE_INDEX
+from .._logits import OutputFn, as_logits
 from ..batch import holds_examples
 from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
 
@@ -32,7 +30,6 @@ __all__ = [
     "ExampleLoss",
     "check_first_example",
     "renormalise_first",
-    "example_cross_entropy",
     "example_grads",
     "same_values",
     "values_close",
@@ -111,28 +108,6 @@ def renormalise_first(model: nn.Module, inputs: Inputs) -> None:
     if renormalising_parameters(model):
         with torch.no_grad(), left_as_found(model):
             call_model(model, inputs)
-
-
-def example_cross_entropy(logits: Tensor, labels: Tensor, who: str = "the cross-entropy") -> Tensor:
-    """``ℓ_i``: the mean cross-entropy over each example's rows ``[..., R, C]`` whose label
-    (``[..., R]``) is not ``IGNORE_INDEX`` (-100, as ``F.cross_entropy`` ignores it); 0 when
-    no row has one (an example without a target has no gradient, rather than a NaN one).
-    ``who`` names the caller in the error for a one-output model.
-
-    >>> logits = torch.zeros(3, 4)
-    >>> round(float(example_cross_entropy(logits, torch.tensor([1, -100, 2]))), 4)
-    1.3863
-    >>> float(example_cross_entropy(logits, torch.tensor([-100, -100, -100])))
-    0.0
-    """
-    valid = labels != IGNORE_INDEX
-    check_cross_entropy_outputs(logits, who)
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        torch.where(valid, labels, 0).reshape(-1),
-        reduction="none",
-    ).reshape(labels.shape)
-    return (losses * valid.to(losses.dtype)).sum(-1) / valid.sum(-1).clamp_min(1)
 
 
 def example_grads(

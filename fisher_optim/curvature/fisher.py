@@ -97,16 +97,17 @@ def _row_weights(logits: Tensor, row_mask: RowMask | None) -> Tensor:
 def _sampled_cotangents(
     generator: torch.Generator | None, likelihood: Likelihood, row_mask: RowMask | None = None
 ) -> CotangentFn:
-    """One cotangent ``s(z, ŷ) / R_i`` (the score, ``softmax - onehot(ŷ)`` for the
-    categorical likelihood) with one ŷ drawn per row; 0 at rows without a target."""
+    """One cotangent ``s(z, ŷ) / R_i`` (the likelihood's
+    :meth:`~fisher_optim.likelihoods.Likelihood.example_score`, ``softmax - onehot(ŷ)`` for
+    the categorical likelihood) with one ŷ drawn per row; 0 at rows without a target."""
 
     def make(logits: Tensor) -> Iterable[Tensor]:
         n, rows, c = logits.shape
         flat = logits.reshape(-1, c)
         likelihood.check_outputs(flat)
-        y = _draw(flat, generator, likelihood)
-        weights = _row_weights(logits, row_mask).unsqueeze(-1)
-        return [likelihood.score(flat, y).reshape(n, rows, c) * weights]
+        y = _draw(flat, generator, likelihood).reshape(n, rows, *likelihood.label_shape(c))
+        mask = None if row_mask is None else row_mask(n, rows)
+        return [likelihood.example_score(logits, likelihood.drop_rows(y, mask))]
 
     return make
 

@@ -37,13 +37,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._as_found import left_as_found
-from .._logits import OutputFn, as_logits, check_cross_entropy_outputs
+from .._logits import OutputFn, as_logits
 from .._modules import eval_mode, trainable_parameters
-from .._targets import TargetMask
+from .._targets import IGNORE_INDEX, TargetMask
+from ..likelihoods import Likelihood, get_likelihood
 from ._data import (
     Inputs,
     batch_size,
@@ -55,14 +55,10 @@ from ._data import (
     row_targets,
     rows_shape,
     slice_batch,
+    target_row_mask,
     to_device,
 )
-from .examples import (
-    check_first_example,
-    example_cross_entropy,
-    example_grads,
-    renormalise_first,
-)
+from .examples import check_first_example, example_grads, renormalise_first
 from .ghost import CotangentFn, ghost_backward
 from .layers import LayerRule, sq_norms
 
@@ -72,6 +68,7 @@ __all__ = [
     "group_gradient_stats",
     "per_example_grad_norms",
     "per_example_sq_norms",
+    "row_labels",
     "row_target_cotangents",
     "target_cotangents",
 ]
@@ -147,41 +144,67 @@ def _contract(logits: Tensor, g: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def target_cotangents(targets: Tensor, ignore_index: int = -100) -> CotangentFn:
-    """Cotangents ``∂ℓ_i/∂logits`` of the cross-entropy with the given integer targets.
+def target_cotangents(
+    targets: Tensor, ignore_index: int = -100, likelihood: str | Likelihood = "categorical"
+) -> CotangentFn:
+    """Cotangents ``∂ℓ_i/∂logits`` of the loss of the given targets under ``likelihood``
+    (:meth:`~fisher_optim.likelihoods.Likelihood.example_score`).
 
-    ``ℓ_i`` is the mean cross-entropy over example ``i``'s rows whose target is not
-    ``ignore_index`` (``F.cross_entropy`` of that example alone).
+    ``ℓ_i`` is the mean of ``ℓ = −log p_θ(y|z)`` over example ``i``'s rows that have a
+    target: for the categorical likelihood (the cross-entropy, ``F.cross_entropy`` of that
+    example alone) integer targets, one per row, ``ignore_index`` marking a row without one;
+    for the others one target per output, NaN marking an output without one.
+
+    >>> make = target_cotangents(torch.tensor([[1.0]]), likelihood="gaussian")
+    >>> [g.tolist() for g in make(torch.zeros(1, 1, 1))]  # ∂(z - y)²/2 / ∂z at z = 0, y = 1
+    [[[[-1.0]]]]
     """
-    if targets.is_floating_point() or targets.is_complex():
-        raise ValueError("targets must be integer class indices")
+    lik = get_likelihood(likelihood)
+    if lik.label_shape(2) == () and not (targets.is_floating_point() or targets.is_complex()):
+        targets = torch.where(targets == ignore_index, IGNORE_INDEX, targets)
 
     def make(logits: Tensor) -> Iterable[Tensor]:
-        n, rows, _ = logits.shape
-        if targets.numel() != n * rows:
-            raise ValueError(
-                f"{targets.numel()} targets for {n} examples with {rows} logit rows each"
-            )
-        y = targets.reshape(n, rows).to(logits.device)
-        valid = y != ignore_index
-        check_cross_entropy_outputs(logits, "the per-example gradient with targets")
-        onehot = F.one_hot(torch.where(valid, y, 0), logits.shape[-1]).to(logits.dtype)
-        weight = valid.to(logits.dtype) / valid.sum(1, keepdim=True).clamp_min(1)
-        return [(torch.softmax(logits, -1) - onehot) * weight.unsqueeze(-1)]
+        lik.check_outputs(logits, "the per-example gradient with targets")
+        return [lik.example_score(logits, lik.example_labels(targets, logits))]
 
     return make
 
 
+def row_labels(
+    model: nn.Module,
+    x: Inputs,
+    targets: Tensor,
+    logits_shape: tuple[int, int, int],
+    likelihood: Likelihood,
+    target_mask: TargetMask | None = None,
+) -> Tensor:
+    """The true targets as the labels ``[n, R, *label_shape]`` of the logit rows
+    ``[n, R, C]``, rows without a target marked so (:func:`fisher_optim._targets.row_targets`
+    for class indices: a Hugging Face causal LM's shift, padding; ``target_mask`` for any
+    model)."""
+    n, rows, classes = logits_shape
+    like = torch.empty(logits_shape, device=targets.device)
+    if likelihood.label_shape(classes):  # one target per output
+        labels = likelihood.example_labels(targets, like)
+        return likelihood.drop_rows(labels, target_row_mask(model, x, n, rows, target_mask))
+    y = row_targets(model, x, targets, rows_shape(model, n, rows), target_mask)
+    return likelihood.example_labels(y, like)
+
+
 def row_target_cotangents(
-    model: nn.Module, x: Inputs, targets: Tensor, target_mask: TargetMask | None = None
+    model: nn.Module,
+    x: Inputs,
+    targets: Tensor,
+    target_mask: TargetMask | None = None,
+    likelihood: str | Likelihood = "categorical",
 ) -> CotangentFn:
-    """:func:`target_cotangents` of the targets matched to the logit rows
-    (:func:`~._data.row_targets`: a Hugging Face causal LM's shift, padding excluded)."""
+    """:func:`target_cotangents` of the targets matched to the logit rows (:func:`row_labels`)."""
+    lik = get_likelihood(likelihood)
 
     def make(logits: Tensor) -> Iterable[Tensor]:
-        n, rows = logits.shape[:2]
-        y = row_targets(model, x, targets, rows_shape(model, n, rows), target_mask)
-        return target_cotangents(y)(logits)
+        lik.check_outputs(logits, "the per-example gradient with targets")
+        y = row_labels(model, x, targets, logits.shape, lik, target_mask)
+        return [lik.example_score(logits, y.to(logits.device))]
 
     return make
 
@@ -194,11 +217,15 @@ def per_example_grad_norms(
     output_fn: OutputFn | None = None,
     chunk_size: int = 256,
     target_mask: TargetMask | None = None,
+    likelihood: str | Likelihood = "categorical",
 ) -> Tensor:
     """``||∇_θ ℓ(x_i, y_i)||`` for every example, with the true targets ``y_i``.
 
-    ``ℓ`` is the cross-entropy of example ``i`` alone (the mean over its rows for
-    ``[B, T, C]`` logits, rows with target -100 ignored), θ the trainable parameters.
+    ``ℓ = −log p_θ(y|z)`` of example ``i`` alone under ``likelihood`` (the mean over its rows
+    for ``[B, T, C]`` logits, rows without a target ignored; see :func:`target_cotangents`):
+    the cross-entropy by default, ``"bernoulli"`` (multi-label, targets ``[B, C]`` of 0/1)
+    or ``"gaussian"`` (regression, targets shaped like the outputs); θ the trainable
+    parameters.
     ``targets`` default to those the batch carries (a Hugging Face dict's ``"labels"``, a
     :class:`fisher_optim.Batch`'s ``targets``); for a Hugging Face model its conventions
     apply (:mod:`fisher_optim._targets`: padding excluded, a causal LM's ``labels``
@@ -212,6 +239,7 @@ def per_example_grad_norms(
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
     >>> norms = per_example_grad_norms(net, x, y)
+    >>> import torch.nn.functional as F
     >>> g = torch.autograd.grad(F.cross_entropy(net(x[:1]), y[:1]), list(net.parameters()))
     >>> bool(torch.isclose(norms[0], torch.cat([t.flatten() for t in g]).norm()))
     True
@@ -228,11 +256,12 @@ def per_example_grad_norms(
     n = batch_size(inputs)
     if targets.shape[:1] != (n,):
         raise ValueError(f"targets must have {n} rows (one per example), got {targets.shape}")
+    lik = get_likelihood(likelihood)
     out = []
     with eval_mode(model):
         for start, stop in iter_chunks(inputs, chunk_size):
             x = slice_batch(inputs, start, stop)
-            cot = row_target_cotangents(model, x, targets[start:stop], target_mask)
+            cot = row_target_cotangents(model, x, targets[start:stop], target_mask, lik)
             out.append(per_example_sq_norms(model, x, cot, output_fn=output_fn))
     return torch.cat(out).clamp_min(0).sqrt()
 
@@ -245,10 +274,12 @@ def group_gradient_stats(
     *,
     output_fn: OutputFn | None = None,
     chunk_size: int = 256,
+    likelihood: str | Likelihood = "categorical",
 ) -> dict[str, Any]:
     """Mean gradient of each group of examples: its norm, and cosines between groups.
 
-    For group ``k`` with examples ``S_k``: ``ḡ_k = (1/|S_k|) Σ_{i∈S_k} ∇_θ ℓ(x_i, y_i)``.
+    For group ``k`` with examples ``S_k``: ``ḡ_k = (1/|S_k|) Σ_{i∈S_k} ∇_θ ℓ(x_i, y_i)``,
+    ``ℓ`` as in :func:`per_example_grad_norms` (``likelihood``).
     Returns ``{"group_ids": [...], "count": {k: |S_k|}, "grad_norm": {k: ||ḡ_k||},
     "cosine_matrix": Tensor[K, K]}`` plus ``"cosine"`` (a float) when there are exactly two
     groups - e.g. clean vs. noisy labels, as in Jastrzebski et al. (ICML 2021), Fig. 5/12,
@@ -272,6 +303,7 @@ def group_gradient_stats(
             f"groups must be a bool mask or integer ids of shape ({n},), got "
             f"{groups.dtype} {tuple(groups.shape)}"
         )
+    lik = get_likelihood(likelihood)
     ids = groups.unique().tolist()
     counts = {k: int((groups == k).sum()) for k in ids}
     params = trainable_parameters(model)
@@ -285,11 +317,10 @@ def group_gradient_stats(
             if start == 0:
                 first = logits[: logits.shape[0] // stop]
                 check_first_example(first, alone, n, "group_gradient_stats")
-            shape = rows_shape(model, stop - start, logits.shape[0] // (stop - start))
-            y = row_targets(model, chunk, targets[start:stop], shape).reshape(stop - start, -1)
-            per_example = example_cross_entropy(
-                logits.reshape(stop - start, -1, logits.shape[-1]), y, "group_gradient_stats"
-            )
+            logits3 = logits.reshape(stop - start, -1, logits.shape[-1])
+            lik.check_outputs(logits3, "group_gradient_stats")
+            y = row_labels(model, chunk, targets[start:stop], logits3.shape, lik)
+            per_example = lik.example_nll(logits3, y.to(logits.device))
             present = [j for j, k in enumerate(ids) if bool((groups[start:stop] == k).any())]
             for r, j in enumerate(present):
                 mask = (groups[start:stop] == ids[j]).to(per_example.dtype)
