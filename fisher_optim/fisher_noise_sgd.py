@@ -32,6 +32,26 @@ losses; NaN for the other likelihoods) are excluded alike by every covariance mo
 the mean over example ``i``'s rows that have a target, and an example without any has
 ``g_i = 0``. The per-example math lives in :mod:`fisher_optim.curvature.gradient_moment`; this
 class schedules it, keeps its state and adds the noise.
+
+Conventions of :class:`FisherNoiseSGD`:
+
+* ``M_L`` is the number of examples: the first dimension of the model's first tensor
+  input (times the world size under DDP, where the gradient is the mean over ranks;
+  local batches are assumed equal in size). For a sequence model with logits
+  ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean of ``ℓ`` over its
+  ``T`` positions (so that the batch gradient is the mean of the ``g_i``) and the
+  labels are sampled per position.
+* BatchNorm: per-example gradients are undefined with batch statistics, so
+  ``"diagonal"``/``"trace"`` evaluate the model in eval mode (running statistics, as the
+  FP paper does for ``Tr F``; dropout off too). ``"full"`` runs the model as training
+  does (batch statistics, dropout on), so its ``g_i = ∂ℓ_i/∂θ`` include the coupling of
+  the examples through the batch statistics. Running statistics are never updated
+  (bitwise) and torch's global random state is restored after the pass.
+* The estimate runs in full precision (outside autocast).
+* DDP: ``diag F`` / ``Tr F`` are averaged over ranks (one all-reduce per refresh);
+  ``"full"`` all-reduces ``Σ_i z_i g_i`` (one all-reduce per step) with ``z_i``
+  independent across ranks. The seed is broadcast from rank 0 at the first step, so the
+  noise ``n`` is identical on every rank and the replicas stay in sync.
 """
 
 from __future__ import annotations
@@ -68,15 +88,13 @@ class FisherNoiseSGD(GradientWrapper):
     Replace ``torch.optim.SGD(model.parameters(), **kw)`` by ``FisherNoiseSGD(model, **kw,
     small_batch_size=128)`` and keep the large-batch training loop as it is: ``step()`` adds
     ``n ~ N(0, scale² C C^T)`` to ``p.grad``, ``scale = sqrt((M_L − M_S)/(M_L M_S))`` (Wen et
-    al., AISTATS 2020, Algorithm 1; see the module docstring for ``C``).
+    al., AISTATS 2020, Algorithm 1; see the module docstring for ``C`` and the conventions:
+    examples, BatchNorm, precision, DDP).
 
     Args:
         model: the model being trained (an ``nn.Module``; a DDP-wrapped or compiled model is
-            fine). A forward pre-hook remembers its latest training-mode input. ``"diagonal"``/
-            ``"trace"`` take ``Σ_i g_i ⊙ g_i`` of the layers with a rule (Linear, Conv, Embedding,
-            the norms: :mod:`fisher_optim.curvature.layers`) from one batched backward; the
-            other parameters' per-example gradients use ``torch.func.vmap`` (or, for a model
-            vmap cannot run, one example at a time).
+            fine). A forward pre-hook remembers its latest training-mode input. How the
+            per-example gradients are formed: :mod:`fisher_optim.curvature.gradient_moment`.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()`` (or
             on ``params=`` in ``base_kwargs``) with ``base_kwargs``; or an optimizer instance,
             wrapped as it is.
@@ -107,25 +125,6 @@ class FisherNoiseSGD(GradientWrapper):
             ``"empirical"`` the targets' own ``-100`` entries decide.
         seed: seed of the noise generator (default: derived from ``torch.initial_seed()``;
             nothing is drawn from torch's global generator).
-
-    Conventions:
-        * ``M_L`` is the number of examples: the first dimension of the model's first tensor
-          input (times the world size under DDP, where the gradient is the mean over ranks;
-          local batches are assumed equal in size). For a sequence model with logits
-          ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean of ``ℓ`` over its
-          ``T`` positions (so that the batch gradient is the mean of the ``g_i``) and the
-          labels are sampled per position.
-        * BatchNorm: per-example gradients are undefined with batch statistics, so
-          ``"diagonal"``/``"trace"`` evaluate the model in eval mode (running statistics, as the
-          FP paper does for ``Tr F``; dropout off too). ``"full"`` runs the model as training
-          does (batch statistics, dropout on), so its ``g_i = ∂ℓ_i/∂θ`` include the coupling of
-          the examples through the batch statistics. Running statistics are never updated
-          (bitwise) and torch's global random state is restored after the pass.
-        * The estimate runs in full precision (outside autocast).
-        * DDP: ``diag F`` / ``Tr F`` are averaged over ranks (one all-reduce per refresh);
-          ``"full"`` all-reduces ``Σ_i z_i g_i`` (one all-reduce per step) with ``z_i``
-          independent across ranks. The seed is broadcast from rank 0 at the first step, so the
-          noise ``n`` is identical on every rank and the replicas stay in sync.
 
     Attributes users log: ``noise_norm`` (``||n||`` of the last step, a float, or None),
     ``fisher_trace`` (the last ``Tr F`` estimate; for ``"full"`` the single-draw unbiased
@@ -160,42 +159,16 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        if not is_int(small_batch_size) or small_batch_size < 1:
-            raise ValueError(f"small_batch_size must be an integer ≥ 1, got {small_batch_size!r}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if not is_int(every) or every < 1:
-            raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
-        if covariance == "full" and every != 1:
-            raise ValueError(
-                "covariance='full' draws every noise vector from the current batch's per-example "
-                f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
-            )
-        if estimate_batch_size is not None and (
-            not is_int(estimate_batch_size) or estimate_batch_size < 1
-        ):
-            raise ValueError(
-                f"estimate_batch_size must be an integer ≥ 1 or None, got {estimate_batch_size!r}"
-            )
+        _check_arguments(
+            model, small_batch_size, covariance, fisher, every, estimate_batch_size, target_mask
+        )
         self.covariance = covariance
         self.fisher = fisher
         self.likelihood = get_likelihood(likelihood)
         self.every = every
         self.estimate_batch_size = estimate_batch_size
         self.output_fn = output_fn
-        if target_mask is not None and not callable(target_mask):
-            raise TypeError(
-                f"target_mask must be a function called like the model, got "
-                f"{type(target_mask).__name__}"
-            )
         self.target_mask = target_mask
-        if is_fsdp(model):
-            raise ValueError(
-                "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-                "gradients need the unsharded parameters); use DistributedDataParallel"
-            )
         super().__init__(
             model, base_optimizer, {"small_batch_size": int(small_batch_size)}, base_kwargs, seed
         )
@@ -244,19 +217,10 @@ class FisherNoiseSGD(GradientWrapper):
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
         m_large = batch.num_examples() * self._world()[0]
-        scales = []
-        for i, group in enumerate(self.param_groups):
-            m_small = group["small_batch_size"]
-            if m_small >= m_large:
-                raise ValueError(
-                    f"FisherNoiseSGD: small_batch_size={m_small} (param group {i}) must be smaller "
-                    f"than the training batch M_L={m_large} seen at step {self.step_count}: the "
-                    "noise imitates a smaller batch than the one trained on. Lower "
-                    "small_batch_size or train with larger batches (drop_last=True avoids a small "
-                    "final batch)."
-                )
-            scales.append(math.sqrt((m_large - m_small) / (m_large * m_small)))
-        return scales
+        return [
+            noise_scale(m_large, group["small_batch_size"], f"param group {i}", self.step_count)
+            for i, group in enumerate(self.param_groups)
+        ]
 
     def _sample_noise(
         self, batch: Batch, draws: int | None = None
@@ -322,24 +286,9 @@ class FisherNoiseSGD(GradientWrapper):
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
         assert self._cache is not None
-        xi = self._gaussian([p for p, c in zip(self.flat_params(), self._cache) if c is not None],
-                            draws)
-        it = iter(xi)
+        params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
+        it = iter(standard_normal_like(params, draws, self.generator(params[0].device)))
         return [None if c is None else next(it) * c.sqrt() for c in self._cache]
-
-    def _gaussian(self, params: list[Tensor], draws: int | None) -> list[Tensor]:
-        """``ξ ~ N(0, I)`` shaped like ``params`` (one flat draw from the noise generator, so the
-        stream is the same on every rank and every device layout)."""
-        device = params[0].device
-        dtype = accumulation_dtype(*(p.dtype for p in params))
-        sizes = [p.numel() for p in params]
-        lead = () if draws is None else (draws,)
-        flat = torch.randn((*lead, sum(sizes)), generator=self.generator(device), device=device,
-                           dtype=dtype)
-        return [
-            x.reshape(*lead, *p.shape).to(p.device)
-            for x, p in zip(flat.split(sizes, dim=-1), params)
-        ]
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
@@ -347,8 +296,7 @@ class FisherNoiseSGD(GradientWrapper):
         (:func:`fisher_optim.curvature.gradient_moment.example_grad_draws`): one forward
         (batch statistics, running statistics frozen) and one backward for all ``draws``."""
         params = self.flat_params()
-        trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        wrt = [params[i] for i in trainable]
+        wrt = [p for p in params if p.requires_grad]
         batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
         targets = self._target_rows(batch, batch.num_examples())
         with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
@@ -364,10 +312,8 @@ class FisherNoiseSGD(GradientWrapper):
         if not self._finite(total, "Fisher noise ...", 9, "no parameter was changed by it"):
             return None
         self.fisher_trace = total / (1 if draws is None else draws)
-        out: list[Tensor | None] = [None] * len(params)
-        for i, t in zip(trainable, v):
-            out[i] = t.detach()
-        return out
+        it = iter(v)
+        return [next(it).detach() if p.requires_grad else None for p in params]
 
     def _finite(
         self, value: float, what: str, stacklevel: int,
@@ -390,20 +336,10 @@ class FisherNoiseSGD(GradientWrapper):
 
     # ----------------------------------------------------------------- helpers
     def _target_rows(self, batch: Batch, n: int) -> Tensor | None:
-        """The targets as ``[n, rows per example]`` for ``fisher="empirical"``, else None."""
+        """The targets as ``[n, ...]`` for ``fisher="empirical"``, else None."""
         if self.fisher != "empirical":
             return None
-        if batch.targets is None:
-            raise ValueError(
-                "fisher='empirical' uses the true targets: call opt.set_targets(y) before every "
-                "opt.step() (or use fisher='true', which samples labels from the model)"
-            )
-        if batch.targets.numel() % n:
-            raise ValueError(
-                f"the targets have {batch.targets.numel()} entries, not a multiple of the "
-                f"{n} examples of the batch"
-            )
-        return batch.targets.reshape(n, -1).to(self._batch_device())
+        return empirical_targets(batch, n, self._batch_device())
 
     def _world(self) -> tuple[int, int]:
         group = self._process_group()
@@ -426,11 +362,7 @@ class FisherNoiseSGD(GradientWrapper):
         """A fresh generator for labels and ``z``: seeded by (seed, rank, draw counter), so it
         differs across ranks, needs no state beyond the counter and survives a restore."""
         self._local_draws += 1
-        mixed = (
-            self.seed * 0x9E3779B97F4A7C15
-            ^ (self._world()[1] + 1) * 0xBF58476D1CE4E5B9
-            ^ self._local_draws * 0x94D049BB133111EB
-        ) % (2**62)
+        mixed = mixed_seed(self.seed, self._world()[1], self._local_draws)
         return torch.Generator(device).manual_seed(mixed)
 
     # ----------------------------------------------------------------- state
@@ -455,3 +387,99 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: accumulation_dtype(p.dtype)
         )
+
+
+def _check_arguments(
+    model: nn.Module,
+    small_batch_size: Any,
+    covariance: Any,
+    fisher: Any,
+    every: Any,
+    estimate_batch_size: Any,
+    target_mask: Any,
+) -> None:
+    """Raise for an argument of :class:`FisherNoiseSGD` it cannot take, naming the fix."""
+    if not is_int(small_batch_size) or small_batch_size < 1:
+        raise ValueError(f"small_batch_size must be an integer ≥ 1, got {small_batch_size!r}")
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if not is_int(every) or every < 1:
+        raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
+    if covariance == "full" and every != 1:
+        raise ValueError(
+            "covariance='full' draws every noise vector from the current batch's per-example "
+            f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
+        )
+    if estimate_batch_size is not None and (
+        not is_int(estimate_batch_size) or estimate_batch_size < 1
+    ):
+        raise ValueError(
+            f"estimate_batch_size must be an integer ≥ 1 or None, got {estimate_batch_size!r}"
+        )
+    if target_mask is not None and not callable(target_mask):
+        raise TypeError(
+            f"target_mask must be a function called like the model, got "
+            f"{type(target_mask).__name__}"
+        )
+    if is_fsdp(model):
+        raise ValueError(
+            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
+            "gradients need the unsharded parameters); use DistributedDataParallel"
+        )
+
+
+def standard_normal_like(
+    params: list[Tensor], draws: int | None, generator: torch.Generator
+) -> list[Tensor]:
+    """``ξ ~ N(0, I)`` shaped like ``params`` (``draws`` of them stacked in a leading
+    dimension when given): one flat draw from ``generator``, so that the stream is the same on
+    every rank and every device layout."""
+    device = params[0].device
+    dtype = accumulation_dtype(*(p.dtype for p in params))
+    sizes = [p.numel() for p in params]
+    lead = () if draws is None else (draws,)
+    flat = torch.randn((*lead, sum(sizes)), generator=generator, device=device, dtype=dtype)
+    return [
+        x.reshape(*lead, *p.shape).to(p.device)
+        for x, p in zip(flat.split(sizes, dim=-1), params)
+    ]
+
+
+def empirical_targets(batch: Batch, n: int, device: torch.device) -> Tensor:
+    """The targets given by ``set_targets`` as ``[n, ...]`` on ``device``, or ValueError."""
+    if batch.targets is None:
+        raise ValueError(
+            "fisher='empirical' uses the true targets: call opt.set_targets(y) before every "
+            "opt.step() (or use fisher='true', which samples labels from the model)"
+        )
+    if batch.targets.numel() % n:
+        raise ValueError(
+            f"the targets have {batch.targets.numel()} entries, not a multiple of the "
+            f"{n} examples of the batch"
+        )
+    return batch.targets.reshape(n, -1).to(device)
+
+
+def noise_scale(m_large: int, m_small: int, where: str, step: int) -> float:
+    """``sqrt((M_L − M_S)/(M_L · M_S))``, or ValueError unless ``M_S < M_L``.
+
+    >>> round(noise_scale(8, 2, "param group 0", 0) ** 2, 12)
+    0.375
+    """
+    if m_small >= m_large:
+        raise ValueError(
+            f"FisherNoiseSGD: small_batch_size={m_small} ({where}) must be smaller than the "
+            f"training batch M_L={m_large} seen at step {step}: the noise imitates a smaller "
+            "batch than the one trained on. Lower small_batch_size or train with larger "
+            "batches (drop_last=True avoids a small final batch)."
+        )
+    return math.sqrt((m_large - m_small) / (m_large * m_small))
+
+
+def mixed_seed(seed: int, rank: int, count: int) -> int:
+    """A seed in ``[0, 2^62)`` that differs with each of ``seed``, ``rank`` and ``count``."""
+    return (
+        seed * 0x9E3779B97F4A7C15 ^ (rank + 1) * 0xBF58476D1CE4E5B9 ^ count * 0x94D049BB133111EB
+    ) % (2**62)
