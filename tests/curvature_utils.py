@@ -129,3 +129,36 @@ def full_hessian(model: nn.Module, x, y, loss_fn=F.cross_entropy) -> torch.Tenso
         return loss_fn(functional_call(model, unflatten(t), (x,)), y)
 
     return torch.func.hessian(loss)(theta)
+
+
+def likelihood_loss(likelihood: str, z: torch.Tensor, y: torch.Tensor, sigma: float = 1.0):
+    """``ℓ_i`` of one example written out: the mean over its rows ``[R, C]`` with a target
+    of ``−log p(y|z)`` (constants dropped); class indices (-100: none) for "categorical",
+    one value per output (NaN: none) for "bernoulli" and "gaussian"."""
+    z = z.reshape(-1, z.shape[-1])
+    if likelihood == "categorical":
+        y = y.reshape(-1)
+        keep = y != -100
+        return F.cross_entropy(z[keep], y[keep]) if bool(keep.any()) else z.sum() * 0
+    y = y.reshape(z.shape)
+    keep = ~y.isnan().all(-1)
+    z, y = z[keep], y[keep]
+    if not len(y):
+        return z.sum() * 0
+    if likelihood == "bernoulli":
+        rows = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(-1)
+    else:
+        rows = (z - y).square().sum(-1) / (2 * sigma**2)
+    return rows.mean()
+
+
+def loop_likelihood_grads(model, inputs, targets, likelihood, output_fn=None, sigma=1.0):
+    """``[N, d]``: ∇_θ ℓ_i (:func:`likelihood_loss`), one autograd.grad per example, eval mode."""
+    model = copy.deepcopy(model)
+    rows = []
+    with eval_mode(model):
+        for i in range(len(targets)):
+            o = model(inputs[i : i + 1])
+            o = o if output_fn is None else output_fn(o)
+            rows.append(example_grad(model, likelihood_loss(likelihood, o, targets[i], sigma)))
+    return torch.stack(rows)

@@ -20,8 +20,8 @@ from fisher_optim.curvature import (
     layers,
 )
 
-from .curvature_utils import assert_unchanged, example_grad, snapshot
-from .test_curvature_per_example import CASES, Scale, make_case
+from .curvature_utils import assert_unchanged, example_grad, loop_likelihood_grads, snapshot
+from .test_curvature_per_example import CASES, SIGMA, Scale, _lik, likelihood_case, make_case
 from .test_curvature_zoo import ZOO
 from .test_curvature_zoo import _check_left_as_found as check_left_as_found
 from .test_curvature_zoo import _make as make_zoo
@@ -145,3 +145,18 @@ def test_zoo_of_layouts_tied_and_shared_weights(name):
     check_left_as_found(model, params, snap)
     trace, eigenvalues = brute_covariance(model, x, y)
     assert_matches(cov, trace, eigenvalues, 2)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("name", ["cnn_bn", "lm"])
+def test_each_likelihood_matches_dense_brute_force(name, likelihood):
+    model, x, y, output_fn = likelihood_case(name, likelihood)
+    g = loop_likelihood_grads(model, x, y, likelihood, output_fn, SIGMA)
+    centred = g - g.mean(0)
+    k = centred.T @ centred / len(g)
+    result = gradient_covariance(model, (x, y), k=3, output_fn=output_fn, likelihood=_lik(likelihood))
+    assert result.trace == pytest.approx(float(k.trace()), rel=1e-10)
+    expected = torch.linalg.eigvalsh(k).flip(0)[:3]
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=1e-12)
+    trace = gradient_covariance_trace(model, (x, y), output_fn=output_fn, likelihood=_lik(likelihood))
+    assert trace == pytest.approx(float(k.trace()), rel=1e-10)

@@ -17,12 +17,14 @@ from fisher_optim.curvature import (
     target_cotangents,
 )
 from fisher_optim.curvature import per_example as pe
+from fisher_optim.likelihoods import Gaussian
 
 from .conftest import small_cnn, tiny_mlp
 from .curvature_utils import (
     assert_unchanged,
     example_grad,
     loop_exact_fisher,
+    loop_likelihood_grads,
     loop_sq_norms,
     randomize_state,
     snapshot,
@@ -153,6 +155,70 @@ def test_norms_match_loop_and_leave_model_untouched(name):
     expected = loop_sq_norms(model, x, y, output_fn).sqrt()
     assert norms.dtype == torch.float64 and norms.shape == (len(x),)
     torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)
+
+
+SIGMA = 0.6
+
+
+def likelihood_case(name: str, likelihood: str, n: int = 7):
+    """A case of :data:`CASES` with targets for ``likelihood``: class indices, or one value
+    per output (0/1 for Bernoulli, real for Gaussian) with some rows without a target."""
+    model, x, y, output_fn = make_case(name, n)
+    if likelihood == "categorical":
+        if name == "lm":
+            y[0, :2] = -100
+        return model, x, y, output_fn
+    with torch.no_grad():
+        out = model.eval()(x)
+    shape = (out if output_fn is None else output_fn(out)).shape
+    g = torch.Generator().manual_seed(5)
+    if likelihood == "bernoulli":
+        y = torch.randint(0, 2, shape, generator=g).double()
+    else:
+        y = torch.randn(shape, generator=g, dtype=torch.float64)
+    y[1] = float("nan")  # an example without any target
+    if name == "lm":
+        y[0, :2] = float("nan")  # positions without a target
+    return model, x, y, output_fn
+
+
+def _lik(likelihood: str):
+    return Gaussian(sigma=SIGMA) if likelihood == "gaussian" else likelihood
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+@pytest.mark.parametrize("name", ["cnn_bn", "zoo1d", "lm"])
+def test_norms_with_each_likelihood_match_a_loop(name, likelihood):
+    model, x, y, output_fn = likelihood_case(name, likelihood)
+    model.train()
+    snap = snapshot(model)
+    norms = per_example_grad_norms(
+        model, x, y, output_fn=output_fn, chunk_size=3, likelihood=_lik(likelihood)
+    )
+    assert_unchanged(model, snap)
+    g = loop_likelihood_grads(model, x, y, likelihood, output_fn, SIGMA)
+    torch.testing.assert_close(norms, g.norm(dim=1), rtol=1e-10, atol=1e-12)
+    if likelihood != "categorical":
+        assert float(norms[1]) == 0.0  # no target, no gradient
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_group_gradient_stats_with_each_likelihood(likelihood):
+    model, x, y, _ = likelihood_case("cnn_bn", likelihood, n=9)
+    groups = torch.tensor([0, 1, 0, 0, 1, 2, 2, 0, 1])
+    stats = group_gradient_stats(model, x, y, groups, chunk_size=4, likelihood=_lik(likelihood))
+    g = loop_likelihood_grads(model, x, y, likelihood, None, SIGMA)
+    for k in (0, 1, 2):
+        mean = g[groups == k].mean(0)
+        assert stats["grad_norm"][k] == pytest.approx(float(mean.norm()), rel=1e-10)
+
+
+def test_targets_that_do_not_fit_the_likelihood_raise():
+    model, x, y, _ = make_case("mlp")
+    with pytest.raises(ValueError, match="integer class indices"):
+        per_example_grad_norms(model, x, y.double())
+    with pytest.raises(ValueError, match="one per output"):
+        per_example_grad_norms(model, x, y.double(), likelihood="gaussian")
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "wide", "lm"])

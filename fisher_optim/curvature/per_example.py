@@ -174,21 +174,20 @@ def row_labels(
     model: nn.Module,
     x: Inputs,
     targets: Tensor,
-    logits_shape: tuple[int, int, int],
+    logits: Tensor,
     likelihood: Likelihood,
     target_mask: TargetMask | None = None,
 ) -> Tensor:
-    """The true targets as the labels ``[n, R, *label_shape]`` of the logit rows
-    ``[n, R, C]``, rows without a target marked so (:func:`fisher_optim._targets.row_targets`
+    """The true targets as the labels ``[n, R, *label_shape]`` of the ``logits``
+    ``[n, R, C]`` (on their device), rows without a target marked so (:func:`fisher_optim._targets.row_targets`
     for class indices: a Hugging Face causal LM's shift, padding; ``target_mask`` for any
     model)."""
-    n, rows, classes = logits_shape
-    like = torch.empty(logits_shape, device=targets.device)
+    n, rows, classes = logits.shape
     if likelihood.label_shape(classes):  # one target per output
-        labels = likelihood.example_labels(targets, like)
+        labels = likelihood.example_labels(targets, logits)
         return likelihood.drop_rows(labels, target_row_mask(model, x, n, rows, target_mask))
     y = row_targets(model, x, targets, rows_shape(model, n, rows), target_mask)
-    return likelihood.example_labels(y, like)
+    return likelihood.example_labels(y, logits)
 
 
 def row_target_cotangents(
@@ -203,8 +202,7 @@ def row_target_cotangents(
 
     def make(logits: Tensor) -> Iterable[Tensor]:
         lik.check_outputs(logits, "the per-example gradient with targets")
-        y = row_labels(model, x, targets, logits.shape, lik, target_mask)
-        return [lik.example_score(logits, y.to(logits.device))]
+        return [lik.example_score(logits, row_labels(model, x, targets, logits, lik, target_mask))]
 
     return make
 
@@ -319,8 +317,8 @@ def group_gradient_stats(
                 check_first_example(first, alone, n, "group_gradient_stats")
             logits3 = logits.reshape(stop - start, -1, logits.shape[-1])
             lik.check_outputs(logits3, "group_gradient_stats")
-            y = row_labels(model, chunk, targets[start:stop], logits3.shape, lik)
-            per_example = lik.example_nll(logits3, y.to(logits.device))
+            y = row_labels(model, chunk, targets[start:stop], logits3.detach(), lik)
+            per_example = lik.example_nll(logits3, y)
             present = [j for j, k in enumerate(ids) if bool((groups[start:stop] == k).any())]
             for r, j in enumerate(present):
                 mask = (groups[start:stop] == ids[j]).to(per_example.dtype)
