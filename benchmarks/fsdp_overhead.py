@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp_fd_k1_forward": {"every": 1, "fd_scheme": "forward"},
 }
 MP_STEPS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
-MP_SCHEMES = ("forward", "central", "guarded")
+MP_SCHEMES = ("forward", "central")
 
 
 def build(args: argparse.Namespace, mp_policy: Any = None) -> nn.Module:

@@ -8,59 +8,53 @@ differentiated again: one forward, one backward, one double backward (≈ 3x a g
 
 ``mode="finite_difference"``: with ``v = g / ||g||`` and step ``r``,
 
-    ∇_θ P = 2 ||g|| H v ≈ 2 ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ)) / r,
+    ∇_θ P = 2 ||g|| H v ≈ 2 ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ)) / r      (forward)
+                      ≈   ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ − r v)) / r  (central)
 
-two ordinary forward-backward passes (≈ 2x a gradient; the float32 default takes three, see
-below), the second at the shifted parameters
-with the *same* labels (and the same dropout masks); the parameters are then restored bitwise.
-For the input-gradient penalty (GPx, ``g = ∇_x L``) the inputs are shifted instead of θ and
-``∇_θ P ≈ 2 ||g|| (∇_θ L(x + r v) − ∇_θ L(x)) / r``.
+ordinary forward-backward passes only (two for the forward difference, three for the
+central one), the shifted ones with the *same* labels, dropout masks and buffers as the
+first; the parameters are then restored bitwise. For the input-gradient penalty (GPx,
+``g = ∇_x L``) the inputs are shifted instead of θ. No double backward is needed, so it runs
+where that cannot: FSDP2, fused attention kernels.
 
-Choosing the scheme and the step (``benchmarks/fd_step.py``; the table, with the command, is
-``docs/fd_step_measured.md``, rendered in the docs' science page). The error of the quotient
-has three sources:
+**Kinks.** On ReLU, max-pool, clamp or top-k-routed networks the gradient jumps where a
+unit changes side, and a network of 10⁵–10⁶ units per batch always has units within any
+useful step of their kink. A quotient across a kink adds the jump divided by ``r``: without
+more care the difference is 4–35x off the exact gradient on SimpleCNN, VGG-11 and ResNet-20
+at any float32 step that rounding allows. So every shifted pass runs on the **base point's
+activation pattern** (:mod:`fisher_optim.activation_pattern`): the ReLU masks, pooling
+winners, clamp regions and routing choices of the unshifted pass are recorded and replayed,
+and the quotient differentiates the base point's smooth piece, whose Hessian is exactly the
+one double backprop returns. What is left is truncation (``O(r)`` forward, ``O(r²)``
+central) and float32 rounding (``O(ε ||∇L|| / r)``).
 
-* truncation: ``O(r)`` for the forward difference, ``O(r²)`` for the central one
-  ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r`` (three gradients, ≈ 3x);
-* rounding: ``O(ε ||∇L|| / r)``, ε the machine epsilon (about 6e-8 in float32);
-* kinks: on ReLU / max-pool networks the gradient jumps where a unit changes sign. The exact
-  mode returns the Hessian of the current linear region (ReLU'' = 0), the true gradient of P
-  almost everywhere; a quotient whose step crosses a kink adds the jump divided by ``r``. The
-  chance of a crossing grows with ``r`` (and with the number of units), so large steps fail.
+**The default in float32** is ``fd_scheme="auto"`` at ``r = 1e-4 · max(1, ||θ||)``: the
+central difference, which also measures, from the same passes, how far the forward one
+would be (``forward_gap``, its truncation error to first order); while that is within 0.5%
+(:data:`AUTO_TOLERANCE`), :class:`~fisher_optim.FisherPenaltySGD` takes the forward
+difference for the next 9 refreshes (:data:`AUTO_FORWARD_REFRESHES`) and then checks again.
+So the refreshes cost about two gradients where the forward difference is accurate
+(SimpleCNN, VGG-11: about 0.1%) and three where it is not (ResNet-20 with BatchNorm in
+training mode, a GELU transformer: 2–9% at this step), and the error stays at the central
+difference's, measured within 0.1% on every benchmark network at real size
+(``docs/fd_step_measured.md``, ``benchmarks/fd_step.py``). The functional
+:func:`penalty_gradient` has no memory between calls: there ``"auto"`` is the central
+difference. In float64 the default is the forward difference at ``r = 1e-8 · max(1, ||θ||)``.
 
-Measured against the float64 exact gradient (relative L2 error, median and worst of 5 seeds,
-batch 32; smooth = tanh/GELU/average pooling, MLPs and CNNs): the forward difference in
-float32 has no good step: at relative step 1e-4 the smooth nets are within 0.14% but the
-ReLU/max-pool CNN is off by 171%; at 1e-5 one ReLU-CNN seed in five crosses a kink (12x);
-at 1e-6 (the former default) rounding leaves 2–4% (ReLU) and 4–12% (smooth). Almost all of
-that rounding is in evaluating the two float32 gradients, not in storing ``θ + r v``
-(measured: the float32 shift with float64 gradients is 10x more accurate), so accumulating
-the difference in float64 would not help; a larger step is the only lever, and kinks cap it.
-
-The float32 default is therefore the **guarded** central difference at ``c = 1e-5``: it takes
-``D+ = ∇L(θ + r v) − ∇L(θ)`` and ``D− = ∇L(θ) − ∇L(θ − r v)``; where they agree (``||D+ − D−||
-≤ 0.1 · min(||D+||, ||D−||)``, :data:`GUARD_TOLERANCE`) it uses their mean, the central
-difference (truncation ``O(r²)``, half the forward's rounding); where they do not, a kink was
-crossed on one side (it adds ``jump / r`` to that side only), and the side of smaller norm is
-used. The choice is made on device (no host sync). Worst error over the 5 networks x 5 seeds:
-0.63% (smooth) and 0.19% (ReLU/max-pool), cosine 1.0000 to four digits (1.04% on the tanh CNN
-without BatchNorm of the docs' example); the plain central difference at the same step crosses
-kinks in 3 of 5 ReLU-CNN seeds (6x). It costs three gradients per refresh (≈ 3x a gradient,
-like the exact mode, but it needs no double backward, so it runs where that cannot: FSDP2,
-fused attention kernels); ``fd_scheme="forward"`` keeps two gradients (≈ 2x) at the forward
-difference's accuracy. float64 is unchanged: forward at ``c = 1e-8`` (≤ 1.6e-7). Both kinds of
-error bound are measurements on these networks: a much larger ReLU network crosses more kinks
-per step.
-
-    r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-5 in float32, 1e-8 in float64
+**What it cannot see** it reports: piecewise operations without a replay rule (``rrelu``,
+``grid_sample``, ...) are warned about once (:class:`FiniteDifferenceWarning`); a shifted
+forward that calls other piecewise operations than the first (data-dependent control flow)
+falls back to the plain difference with a warning; and FisherPenaltySGD compares its first
+refresh with the exact gradient (``fd_check=True``), which catches what no Python-level
+mode sees (extension kernels, ``torch.ops`` calls). A parametrization whose forward runs a
+power iteration (``spectral_norm`` in training mode) is one such case: its vectors move with
+the shifted weights, which double backprop treats as constants.
 
 Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no step
-lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks (measured in bfloat16: the
-central difference at its best step, 3e-2, is 2–4% off on the smooth nets (median; worst 5%)
-and 15–74% on the ReLU ones (worst 92%); at 1e-5 the shift is rounded away entirely). The
-passes run in the parameters' precision even under ``torch.autocast`` (autocast is switched off
-inside), so training under autocast with float32 parameters works, with float32 differences.
-``fd_step`` must be a finite number > 0.
+lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation. The passes run in the parameters'
+precision even under ``torch.autocast`` (autocast is switched off inside), so training under
+autocast with float32 parameters works, with float32 differences. ``fd_step`` must be a
+finite number > 0.
 """
 
 from __future__ import annotations
