@@ -44,7 +44,7 @@ from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
 from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
-from fisher_optim.engines import (  # noqa: E402
+from fisher_optim.differentiation import (  # noqa: E402
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )

@@ -44,7 +44,7 @@ from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa:
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
 from fisher_optim._fsdp import local_shard  # noqa: E402
-from fisher_optim.engines import (  # noqa: E402
+from fisher_optim.differentiation import (  # noqa: E402
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )
@@ -194,7 +194,7 @@ def measure_mp_error(args: argparse.Namespace, rank: int) -> dict[str, float]:
         theta_t = torch.tensor(theta, dtype=torch.float64)
         dist.all_reduce(theta_t)
         step = None if c is None else c * max(1.0, float(theta_t.sqrt()))
-        with mock.patch("fisher_optim.engines.compute_dtypes", lambda m: set()):
+        with mock.patch("fisher_optim.differentiation.compute_dtypes", lambda m: set()):
             grads = finite_difference_penalty_gradient(objective(model, ids, mine), step, scheme)
         fd = torch.cat([g.full_tensor().flatten() for g in grads.grads]).double()
         out[key] = float((fd - exact_flat).norm() / exact_flat.norm())

@@ -40,7 +40,7 @@ extensions, fused kernels or direct ``torch.ops.aten`` calls; for those,
 gradient (``fd_check``). Piecewise
 operations it cannot replay (random ones such as ``rrelu`` and ``fractional_max_pool2d``,
 ``grid_sample``, ``quantile``) are counted in :attr:`ActivationPattern.unreplayed`; the
-finite-difference engine warns about them. A shifted forward that makes another sequence of
+finite difference warns about them. A shifted forward that makes another sequence of
 piecewise calls than the recorded one (data-dependent control flow) raises
 :class:`PatternMismatch`.
 """
@@ -435,7 +435,7 @@ RULES: dict[str, _Rule] = {
         _Rule(_discrete_record, _discrete_replay)),
 }
 
-#: Piecewise operations whose piece is not recorded: counted, and warned about by the engine.
+#: Piecewise operations whose piece is not recorded: counted, and warned about by the finite difference.
 UNREPLAYED = frozenset((
     "rrelu", "rrelu_", "fractional_max_pool2d", "fractional_max_pool3d",
     "fractional_max_pool2d_with_indices", "fractional_max_pool3d_with_indices", "grid_sample",

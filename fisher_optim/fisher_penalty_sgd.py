@@ -26,7 +26,7 @@ from fisher_optim._fsdp import (
 )
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
-from fisher_optim.engines import (
+from fisher_optim.differentiation import (
     AUTO_FORWARD_REFRESHES,
     AUTO_TOLERANCE,
     DEFAULT_FD_SCHEME,
@@ -74,7 +74,7 @@ class FisherPenaltySGD(GradientWrapper):
             alpha=0.01)``.
         every: recompute the penalty gradient every ``every`` steps and reuse it in between.
         mode: ``"exact"`` (double backprop, ≈3x a gradient) or ``"finite_difference"``
-            (two gradients, ≈2x; see :mod:`fisher_optim.engines`).
+            (two gradients, ≈2x; see :mod:`fisher_optim.differentiation`).
         penalty: ``"fisher"`` (FP, labels sampled from the model), ``"random_label"`` (GPr),
             ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels). The
             last two need the targets: call :meth:`set_targets` before each ``step()``.
@@ -113,11 +113,11 @@ class FisherPenaltySGD(GradientWrapper):
             batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
             holds the examples in its first dimension; pass shared tensors through the
             model), checked once per input layout (:meth:`GradientWrapper.cut`).
-        fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
+        fd_step: finite-difference step r (default: see :func:`~fisher_optim.differentiation.default_fd_step`).
         fd_scheme: ``"forward"`` (2 gradients), ``"central"`` (3 gradients) or ``"auto"``
             (central, and forward for the next 9 refreshes whenever the central refresh finds
             the forward difference within 0.5% of it); None: the dtype's default (``"auto"``
-            in float32, ``"forward"`` in float64; see :mod:`fisher_optim.engines`). Every
+            in float32, ``"forward"`` in float64; see :mod:`fisher_optim.differentiation`). Every
             scheme differentiates on the base point's activation pattern
             (:mod:`fisher_optim.activation_pattern`).
         fd_check: in finite-difference mode, also take the exact penalty gradient on the
@@ -331,7 +331,7 @@ class FisherPenaltySGD(GradientWrapper):
         penalty_value, check, grad_norm, gap, error = torch.stack(
             [value.to(dtype), norms.sum(), norms.norm(), gap, error]
         ).tolist()
-        self._judge_difference(gap, error)
+        self._judge_difference(scheme, gap, error)
         finite = math.isfinite(penalty_value) and math.isfinite(check)
         self.refreshes += 1
         self._cache_step = self.step_count
@@ -386,18 +386,25 @@ class FisherPenaltySGD(GradientWrapper):
             return "forward"
         return "central"
 
-    def _judge_difference(self, gap: float, error: float) -> None:
+    def _judge_difference(self, scheme: str | None, gap: float, error: float) -> None:
         """Act on a refresh's finite-difference checks (-1: not taken)."""
         if gap >= 0 and (self.fd_scheme or "auto") == "auto":
             self._forward_refreshes = AUTO_FORWARD_REFRESHES if gap <= AUTO_TOLERANCE else 0
         if error > EXACT_CHECK_TOLERANCE or math.isnan(error):
+            why = (
+                "The forward difference's truncation error at this step may be the cause: "
+                "fd_scheme='auto' (the default) or 'central' avoid it"
+                if scheme == "forward"
+                else "The model may call a piecewise operation that the activation pattern "
+                "cannot see (an extension kernel, a torch.ops call), or its forward may depend "
+                "on more than the parameters (a power iteration). Use mode='exact', or check "
+                "fd_step"
+            )
             warnings.warn(
                 f"FisherPenaltySGD: on the first refresh the finite-difference penalty "
-                f"gradient is {error:.3g} (relative L2) from the exact one on the same labels "
-                f"(tolerance {EXACT_CHECK_TOLERANCE:g}). The model may call a piecewise "
-                "operation that the activation pattern cannot see (a custom autograd "
-                "function or extension kernel). Use mode='exact', or set fd_step / "
-                "fd_scheme='central'; fd_check=False silences this check",
+                f"gradient ({scheme} difference) is {error:.3g} (relative L2) from the exact "
+                f"one on the same labels (tolerance {EXACT_CHECK_TOLERANCE:g}). {why}; "
+                "fd_check=False silences this check",
                 FiniteDifferenceWarning,
                 stacklevel=7,
             )

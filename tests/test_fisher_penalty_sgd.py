@@ -10,7 +10,7 @@ from torch import nn
 
 import fisher_optim.fisher_penalty_sgd as fps
 from fisher_optim import FisherPenaltySGD, penalty_gradient
-from fisher_optim.engines import PenaltyGradient
+from fisher_optim.differentiation import PenaltyGradient
 
 from .conftest import small_cnn, tiny_mlp
 
@@ -440,7 +440,7 @@ def test_dropout_penalty_leaves_the_global_random_stream_as_the_baseline_draws_i
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_one_output_model_with_a_chosen_likelihood_applies_its_penalty(likelihood):
     """One step equals SGD on grad L + α ∇Tr(F_B) of the functional penalty with the same
-    likelihood and seed (itself checked against brute force in test_engines/test_penalty)."""
+    likelihood and seed (itself checked against brute force in test_differentiation/test_penalty)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     ref = copy.deepcopy(model)

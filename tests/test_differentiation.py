@@ -10,7 +10,7 @@ from torch.func import grad, hessian
 
 from fisher_optim import penalty_gradient
 from fisher_optim._logits import sample_labels
-from fisher_optim.engines import (
+from fisher_optim.differentiation import (
     DEFAULT_FD_STEP,
     MODES,
     check_fd_step,

@@ -1,4 +1,4 @@
-"""How the penalty gradient ``∇_θ P`` is computed: exactly, or by a finite difference.
+"""How the penalty is differentiated: exactly (double backprop), or by a finite difference.
 
 For ``P = ||g||²`` with ``g = ∇_θ L`` (labels frozen), ``∇_θ P = 2 H g`` where ``H = ∇²_θ L``
 (FP paper, Sec. 4; a Hessian-vector product).
