@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.config import SweepOptions  # noqa: E402
+from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.options import add_options  # noqa: E402
@@ -95,12 +96,18 @@ def time_model(
     warmup: int,
     variants: list[str],
     clock: Callable[[], float] = time.perf_counter,
+    data_root: str | None = None,
 ) -> dict[str, float]:
     """Median seconds per step of each variant (plain SGD always included) on one model."""
     torch.manual_seed(0)
     base = build_model(name, 10).to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(10, (batch,), device=device)
+    if data_root is None:
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        y = torch.randint(10, (batch,), device=device)
+    else:  # the first CIFAR-10 training images: what the forward difference sees in training
+        train, _ = load_dataset("cifar10", data_root)
+        x = normalize(train.images[:batch], train.mean, train.std).to(device)
+        y = train.labels[:batch].to(device)
     names = ["sgd", *(v for v in variants if v != "sgd")]
     steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y) for v in names}
     return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
@@ -123,14 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: all)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="batch size of the random CIFAR-shaped batch")
+                        help="batch size of the CIFAR-shaped batch (random, or with "
+                        "--data-root the first CIFAR-10 training images)")
     add_options(parser, TimingOptions)
     parser.add_argument(
         "--clock", choices=("wall", "process"), default="wall",
         help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
         "shared machine do not inflate (CPU only; meaningful with --threads 1)",
     )
-    add_options(parser, SweepOptions, RunningOptions, only=("device", "threads"))
+    add_options(parser, SweepOptions, RunningOptions, only=("device", "threads", "data_root"))
     return parser
 
 
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         times = time_model(
             name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants,
-            clock,
+            clock, args.data_root,
         )
         rows = {}
         for v, t in times.items():

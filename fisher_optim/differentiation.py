@@ -95,7 +95,7 @@ DEFAULT_FD_SCHEME = {
 #: Relative finite-difference step per parameter dtype (times ``max(1, ||θ||)``).
 DEFAULT_FD_STEP = {
     torch.float64: 1e-8,
-    torch.float32: 1e-4,
+    torch.float32: 3e-5,
 }
 
 #: ``fd_scheme="auto"``: the forward difference is trusted while it is within this relative
