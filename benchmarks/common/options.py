@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["add_options", "from_args", "option", "option_fields", "tagged"]
+__all__ = ["add_options", "from_args", "option", "option_fields", "parser", "tagged"]
 
 _MISSING = dataclasses.MISSING
 
@@ -47,7 +47,8 @@ def option(
         default: the field's (and the option's) default; a list is copied per instance.
         help: the help text (argparse's ``%(default)s`` is not needed: the formatter states
             the default), or a function of :func:`add_options`' ``context`` returning it.
-        flag: the option string (default: ``--field-name``).
+        flag: the option string (default: ``--field-name``); the field's own name makes it
+            a positional argument.
         group: the ``--help`` section it is listed in.
         default_factory: instead of ``default``, a function computing it.
         tags: what the option is, for the script (e.g. ``("run",)``: it determines a run's
@@ -118,9 +119,25 @@ def add_options(
             default = defaults[f.name] if f.name in defaults else _default(f)
             if default is None and meta["unset"] is not None:
                 text = f"{text} (default: {meta['unset']})"
-            target.add_argument(flag, dest=f.name, default=default, help=text,
-                                **meta["argparse"])
+            if flag.startswith("-"):
+                target.add_argument(flag, dest=f.name, default=default, help=text,
+                                    **meta["argparse"])
+            else:  # a positional argument (``flag`` is the field's name)
+                target.add_argument(flag, default=default, help=text, **meta["argparse"])
     return groups
+
+
+def parser(
+    prog: str, description: str, *classes: type, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A script's parser (``--help`` states each default once): the option fields of
+    ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...)."""
+    from fisher_optim._cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=HelpFormatter)
+    add_options(p, *classes, **kwargs)
+    return p
 
 
 def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
