@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 __all__ = ["add_options", "from_args", "option", "option_fields", "parser", "tagged"]
@@ -128,15 +128,17 @@ def add_options(
 
 
 def parser(
-    prog: str, description: str, *classes: type, **kwargs: Any
+    prog: str, description: str, *classes: type, sections: Sequence[str] = (), **kwargs: Any
 ) -> argparse.ArgumentParser:
     """A script's parser (``--help`` states each default once): the option fields of
-    ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...)."""
+    ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...), with
+    the ``--help`` sections ``sections`` first, in that order."""
     from fisher_optim._cli import HelpFormatter
 
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=HelpFormatter)
-    add_options(p, *classes, **kwargs)
+    groups = {title: p.add_argument_group(title) for title in sections}
+    add_options(p, *classes, groups=groups, **kwargs)
     return p
 
 
