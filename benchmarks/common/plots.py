@@ -136,7 +136,7 @@ class PlotOptions:
 
     run_dirs: list[str] = option(help="run directories (with metrics.jsonl)", flag="run_dirs",
                                  nargs="+")
-    output: str = option("figure.png", "output PNG")
+    output: str = option("figure.png", "output PNG", flag=("-o", "--output"))
     scatter: bool = option(False, "Tr(F_i) vs final test accuracy (needs summary.json in each "
                            "run)", action="store_true")
     title: str | None = option(None, "the figure's title", unset="none")
