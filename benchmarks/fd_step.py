@@ -14,7 +14,7 @@ differences compared (``r = c · max(1, ||θ||)``):
   difference is not trusted; the functional default);
 * ``forward``: the forward difference at ``c = 3e-5`` on the pattern (two gradients,
   what ``"auto"`` uses between checks while it is trusted);
-* ``central 1e-4``, ``forward 1e-4``, ``forward 1e-5``: the same at other steps.
+* ``central_1e-4``, ``forward_1e-4``, ``forward_1e-5``: the same at other steps.
 
 The reference is the float32 exact gradient; on the first batch of each network the
 float32 exact gradient is also compared with the float64 one (column ``exact32``), which
@@ -24,14 +24,15 @@ Markdown table: median and worst over the batches.
     python benchmarks/fd_step.py --data-root DATA --batches 10 --output fd.md
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import copy
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
-from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
+from fisher_optim._cli import positive_int  # noqa: E402
 from fisher_optim.differentiation import (  # noqa: E402
     DEFAULT_FD_STEP,
     exact_penalty_gradient,
@@ -65,9 +67,9 @@ DIFFERENCES = {
     "old": ("guarded", 1e-5, False),
     "central": ("central", DEFAULT_FD_STEP[torch.float32], True),
     "forward": ("forward", DEFAULT_FD_STEP[torch.float32], True),
-    "central 1e-4": ("central", 1e-4, True),
-    "forward 1e-4": ("forward", 1e-4, True),
-    "forward 1e-5": ("forward", 1e-5, True),
+    "central_1e-4": ("central", 1e-4, True),
+    "forward_1e-4": ("forward", 1e-4, True),
+    "forward_1e-5": ("forward", 1e-5, True),
 }
 
 
@@ -192,28 +194,27 @@ def measure(
     return out
 
 
+@dataclass
+class FdStepOptions:
+    """What ``benchmarks/fd_step.py`` measures."""
+
+    data_root: str | None = option(None, "where CIFAR-10 is (default: the library's data root)")
+    networks: list[str] = option(list(NETWORKS), "networks to measure", nargs="+",
+                                 choices=list(NETWORKS))
+    differences: list[str] = option(list(DIFFERENCES), "the differences to compare (the "
+                                    "cosine column is the first's)", nargs="+",
+                                    choices=list(DIFFERENCES))
+    batches: int = option(10, "measurement batches per network and state (init, trained)",
+                          type=positive_int)
+    train_steps: int = option(30, "SGD steps (lr 0.01, momentum 0.9) before the trained state",
+                              type=positive_int)
+    threads: int = option(1, "torch intra-op threads", type=positive_int)
+    output: Path | None = option(None, "also write the table (Markdown) to FILE (default: "
+                                 "print only)", type=Path, metavar="FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/fd_step.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--data-root", default=None,
-                        help="where CIFAR-10 is (default: the library's data root)")
-    parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS),
-                        help="networks to measure")
-    parser.add_argument(
-        "--differences", nargs="+", choices=list(DIFFERENCES), default=list(DIFFERENCES),
-        help="the differences to compare (the cosine column is the first's)",
-    )
-    parser.add_argument("--batches", type=positive_int, default=10,
-                        help="measurement batches per network and state (init, trained)")
-    parser.add_argument("--train-steps", type=positive_int, default=30,
-                        help="SGD steps (lr 0.01, momentum 0.9) before the trained state")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
-    parser.add_argument("--output", type=Path, default=None, metavar="FILE",
-                        help="also write the table (Markdown) to FILE (default: print only)")
-    return parser
+    return parser("benchmarks/fd_step.py", __doc__.split("\n\n")[0], FdStepOptions)
 
 
 def _cell(values: list[float], worst: Callable[[list[float]], float], fmt: str) -> str:

@@ -15,14 +15,15 @@ trusted (6.3 on average), else central ones. The floors at every=10 are 1.30x (e
 4.0x.
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import copy
 import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -30,15 +31,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.config import SweepOptions  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.options import add_options  # noqa: E402
-from benchmarks.common.runner import RunningOptions  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
+from benchmarks.common.runner import DeviceOptions, RunningOptions  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
+from fisher_optim._cli import positive_int  # noqa: E402
 
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {
@@ -113,38 +113,41 @@ def time_model(
     return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
+@dataclass
+class OverheadOptions:
+    """What ``benchmarks/overhead.py`` times."""
+
+    models: list[str] = option(list(DEFAULT_MODELS), "networks to time, of: "
+                               f"{', '.join(sorted(MODELS))}", nargs="+", choices=sorted(MODELS),
+                               metavar="MODEL")
+    variants: list[str] | None = option(
+        None, "what to time besides plain SGD, of: "
+        f"{', '.join(v for v in VARIANTS if v != 'sgd')} (default: all)", nargs="+",
+        choices=list(VARIANTS), metavar="VARIANT")
+    batch_size: int = option(128, "batch size of the CIFAR-shaped batch (random, or with "
+                             "--data-root the first CIFAR-10 training images)",
+                             type=positive_int)
+    data_root: str | None = option(None, "take the batch from CIFAR-10 at this directory or "
+                                   "archive, as the forward difference sees it in training "
+                                   "(default: a random batch)")
+    clock: str = option("wall", "wall: perf_counter; process: this process's CPU time, which "
+                        "other jobs on a shared machine do not inflate (CPU only; meaningful "
+                        "with --threads 1)", choices=("wall", "process"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS),
-        metavar="MODEL",
-        help=f"networks to time, of: {', '.join(sorted(MODELS))}",
-    )
-    parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=None, metavar="VARIANT",
-        help=f"what to time besides plain SGD, of: {', '.join(v for v in VARIANTS if v != 'sgd')}"
-        " (default: all)",
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="batch size of the CIFAR-shaped batch (random, or with "
-                        "--data-root the first CIFAR-10 training images)")
-    add_options(parser, TimingOptions)
-    parser.add_argument(
-        "--clock", choices=("wall", "process"), default="wall",
-        help="wall: perf_counter; process: this process's CPU time, which other jobs on a "
-        "shared machine do not inflate (CPU only; meaningful with --threads 1)",
-    )
-    add_options(parser, SweepOptions, RunningOptions, only=("device", "threads", "data_root"))
-    return parser
+    return parser("benchmarks/overhead.py", __doc__.split("\n\n")[0], OverheadOptions,
+                  TimingOptions, DeviceOptions, RunningOptions, only=OVERHEAD_OPTIONS)
+
+
+#: The options of this script (the timing's, ``--device`` and ``--threads`` of the shared).
+OVERHEAD_OPTIONS = (*(f.name for f in fields(OverheadOptions)),
+                    *(f.name for f in fields(TimingOptions)), "device", "threads")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.variants is None:
         args.variants = list(VARIANTS)
     device = resolve_device(args.device)
