@@ -7,8 +7,9 @@ Gradient Descent with Structured Covariance Noise", AISTATS 2020.
 
 from fisher_optim import _requires  # noqa: F401  (first: the torch floor, checked at import)
 from fisher_optim._targets import causal_target_rows
+from fisher_optim.activation_pattern import ActivationPattern
 from fisher_optim.batch import Batch
-from fisher_optim.engines import MODES, penalty_gradient
+from fisher_optim.differentiation import MODES, FiniteDifferenceWarning, penalty_gradient
 from fisher_optim.fisher_noise_sgd import COVARIANCES, FISHERS, FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 from fisher_optim.ghost_batchnorm import GhostBatchNorm, convert_to_ghost_batchnorm
@@ -26,10 +27,12 @@ __all__ = [
     "LIKELIHOODS",
     "MODES",
     "PENALTIES",
+    "ActivationPattern",
     "Batch",
     "Bernoulli",
     "Categorical",
     "CurvatureMonitor",
+    "FiniteDifferenceWarning",
     "FisherExplosionWarning",
     "FisherMonitor",
     "FisherNoiseSGD",
