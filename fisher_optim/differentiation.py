@@ -28,16 +28,17 @@ and the quotient differentiates the base point's smooth piece, whose Hessian is 
 one double backprop returns. What is left is truncation (``O(r)`` forward, ``O(r²)``
 central) and float32 rounding (``O(ε ||∇L|| / r)``).
 
-**The default in float32** is ``fd_scheme="auto"`` at ``r = 1e-4 · max(1, ||θ||)``: the
+**The default in float32** is ``fd_scheme="auto"`` at ``r = 3e-5 · max(1, ||θ||)``: the
 central difference, which also measures, from the same passes, how far the forward one
 would be (``forward_gap``, its truncation error to first order); while that is within 0.5%
 (:data:`AUTO_TOLERANCE`), :class:`~fisher_optim.FisherPenaltySGD` takes the forward
 difference for the next 9 refreshes (:data:`AUTO_FORWARD_REFRESHES`) and then checks again.
 So the refreshes cost about two gradients where the forward difference is accurate
-(SimpleCNN, VGG-11: about 0.1%) and three where it is not (ResNet-20 with BatchNorm in
-training mode, a GELU transformer: 2–9% at this step), and the error stays at the central
-difference's, measured within 0.1% on every benchmark network at real size
-(``docs/fd_step_measured.md``, ``benchmarks/fd_step.py``). The functional
+(SimpleCNN, VGG-11, a top-k MoE MLP: under 0.2%) and three where it is not (ResNet-20 and
+DenseNet-40 with BatchNorm in training mode, a GELU transformer: 0.4–11% at this step), and
+the error stays at the central difference's: within 0.30% (worst of 20 real-data batches)
+on each benchmark network at real size (``docs/fd_step_measured.md``,
+``benchmarks/fd_step.py``). The functional
 :func:`penalty_gradient` has no memory between calls: there ``"auto"`` is the central
 difference. In float64 the default is the forward difference at ``r = 1e-8 · max(1, ||θ||)``.
 
