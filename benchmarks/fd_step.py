@@ -1,258 +1,264 @@
-"""How far the finite-difference penalty gradient is from the exact one, against the step.
+"""How far the finite-difference penalty gradient is from the exact one, on the networks
+people train, at their real size.
 
-For each network, parameter dtype and seed (fresh initialisation and batch) the reference is
-the exact ``∇ Tr(F_B) = 2 H g`` by double backprop **in float64** (same model, same sampled
-labels). The finite difference (forward: 2 gradients, central: 3 gradients) is computed in
-the given dtype at ``r = c · max(1, ||θ||)`` for each relative step ``c``. The library
-refuses bfloat16 parameters in finite-difference mode; this script measures them anyway (the
-engine is let through for the measurement) to show why. Printed as two
-Markdown tables, median (worst) over the seeds: the relative L2 error
-``||fd − exact|| / ||exact||`` and the cosine between the two. The library's default scheme
-and step are marked in bold.
+For each network, at PyTorch's default initialisation and after ``--train-steps`` SGD
+steps, and for each of ``--batches`` batches of real data (CIFAR-10 images; stdlib text
+for the transformer), the float32 finite difference ``∇ Tr(F_B)`` is compared with the
+exact one (double backprop) on the same sampled labels: relative L2 error and cosine. The
+differences compared (``r = c · max(1, ||θ||)``):
 
-    taskset -c 1 python benchmarks/fd_step.py --seeds 5
+* ``old``: the former float32 default, the guarded central difference at ``c = 1e-5``
+  *without* the activation pattern (its guard is kept below, verbatim in substance);
+* ``central``: the central difference at the default ``c = 3e-5`` on the base point's
+  activation pattern (what ``fd_scheme="auto"`` checks with, and uses when the forward
+  difference is not trusted; the functional default);
+* ``forward``: the forward difference at ``c = 3e-5`` on the pattern (two gradients,
+  what ``"auto"`` uses between checks while it is trusted);
+* ``central_1e-4``, ``forward_1e-4``, ``forward_1e-5``: the same at other steps.
+
+The reference is the float32 exact gradient; on the first batch of each network the
+float32 exact gradient is also compared with the float64 one (column ``exact32``), which
+shows that it is a sound reference. Printed (and with ``--output`` written) as a
+Markdown table: median and worst over the batches.
+
+    python benchmarks/fd_step.py --data-root DATA --batches 10 --output fd.md
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
-import contextlib
 import copy
-import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fisher_optim._cli import HelpFormatter, open_fraction, positive_int  # noqa: E402
-from fisher_optim._logits import sample_labels  # noqa: E402
-from fisher_optim.engines import (  # noqa: E402
-    DEFAULT_FD_SCHEME,
+from benchmarks.common.data import load_dataset, normalize  # noqa: E402
+from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
+from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
+from fisher_optim._cli import positive_int  # noqa: E402
+from fisher_optim.differentiation import (  # noqa: E402
     DEFAULT_FD_STEP,
-    FD_SCHEMES,
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )
-from fisher_optim.penalty import Batch, PenaltyObjective  # noqa: E402
+from fisher_optim.penalty import Batch, PenaltyObjective, squared_norm  # noqa: E402
 
-STEPS = (3e-2, 1e-2, 1e-3, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8)
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def smooth_mlp() -> nn.Module:
-    """Tanh and GELU: a loss that is smooth in θ."""
-    return nn.Sequential(
-        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)
-    )
-
-
-def relu_mlp() -> nn.Module:
-    """ReLU: a piecewise-smooth loss."""
-    return nn.Sequential(
-        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
-
-
-def smooth_cnn() -> nn.Module:
-    """Tanh/GELU, BatchNorm (batch statistics), average pooling: smooth in θ."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
-    )
-
-
-def tiny_smooth_cnn() -> nn.Module:
-    """The test suite's small CNN (8x8 inputs): conv-BN-tanh-avgpool-conv-GELU-linear."""
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Conv2d(6, 8, 3), nn.GELU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 5),
-    )
-
-
-def relu_cnn() -> nn.Module:
-    """ReLU and max pooling (SimpleCNN's layers at 16x16): piecewise smooth."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
-    )
-
-
-#: name -> (model factory, input shape of one example)
-NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "smooth_mlp": (smooth_mlp, (32,)),
-    "relu_mlp": (relu_mlp, (32,)),
-    "smooth_cnn": (smooth_cnn, (3, 16, 16)),
-    "tiny_smooth_cnn": (tiny_smooth_cnn, (3, 8, 8)),
-    "relu_cnn": (relu_cnn, (3, 16, 16)),
+#: network -> batch size (VGG-11 and DenseNet smaller: the exact reference is costly on a CPU)
+NETWORKS = {
+    "simplecnn": 64,
+    "vgg11": 32,
+    "resnet20": 64,
+    "densenet40_12": 16,
+    "moe_mlp": 64,
+    "transformer": 16,
+}
+#: label -> (scheme, relative step c, replay the activation pattern)
+DIFFERENCES = {
+    "old": ("guarded", 1e-5, False),
+    "central": ("central", DEFAULT_FD_STEP[torch.float32], True),
+    "forward": ("forward", DEFAULT_FD_STEP[torch.float32], True),
+    "central_1e-4": ("central", 1e-4, True),
+    "forward_1e-4": ("forward", 1e-4, True),
+    "forward_1e-5": ("forward", 1e-5, True),
 }
 
 
-def flat(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+def flat(tensors: list[Tensor | None], like: list[Tensor]) -> Tensor:
     return torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).flatten().double()
-            for g, p in zip(grads, params)
-        ]
+        [(torch.zeros_like(p) if t is None else t).flatten().double() for t, p in zip(tensors, like)]
     )
+
+
+def old_guarded(objective: PenaltyObjective, step: float) -> list[Tensor | None]:
+    """The former default: central difference without the activation pattern; where its
+    two one-sided halves disagree by more than 10%, twice the half of smaller norm."""
+    params = objective.params
+    at = list(torch.autograd.grad(objective.loss(), params, allow_unused=True))
+    norm = squared_norm(at).sqrt()
+    rng = torch.get_rng_state()
+
+    def shifted(sign: float) -> list[Tensor]:
+        torch.set_rng_state(rng)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, at):
+                p.add_(g, alpha=sign * step / float(norm))
+        try:
+            return list(torch.autograd.grad(objective.loss(), params))
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+    ahead, behind = shifted(1.0), shifted(-1.0)
+    plus = [a - g for a, g in zip(ahead, at)]
+    minus = [g - b for g, b in zip(at, behind)]
+    n_plus, n_minus = squared_norm(plus).sqrt(), squared_norm(minus).sqrt()
+    gap = squared_norm([p - m for p, m in zip(plus, minus)]).sqrt()
+    factor = float(norm) / step
+    if gap <= 0.1 * min(n_plus, n_minus):
+        return [(p + m) * factor for p, m in zip(plus, minus)]
+    side = plus if n_plus <= n_minus else minus
+    return [2 * s * factor for s in side]
+
+
+def image_batches(
+    root: str | None, n: int, batch: int, train_steps: int
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """``n`` measurement batches and ``train_steps`` training batches of CIFAR-10."""
+    train, _ = load_dataset("cifar10", root)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=g)
+
+    def take(i: int) -> tuple[Tensor, Tensor]:
+        idx = order[i * batch : (i + 1) * batch]
+        return normalize(train.images[idx], train.mean, train.std), train.labels[idx]
+
+    return [take(i)[0] for i in range(n)], [take(n + i) for i in range(train_steps)]
+
+
+def text_batches(
+    n: int, batch: int, train_steps: int, context: int = 64
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    corpus = load_stdlib_corpus(max_bytes=2_000_000)
+    g = torch.Generator().manual_seed(0)
+    windows = [corpus.train_batch(batch, context, g) for _ in range(n + train_steps)]
+    return [w[:, :-1] for w in windows[:n]], [(w[:, :-1], w[:, 1:]) for w in windows[n:]]
+
+
+def make_network(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "transformer":
+        return ByteTransformerLM(context=64, dim=128, layers=2, heads=4)
+    return build_model(name, 10, init="torch")
+
+
+def train(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for x, y in data:
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
 
 
 def measure(
-    net: str, dtype: torch.dtype, seed: int, batch: int, steps: list[float], schemes: list[str]
-) -> dict[tuple[str, float], tuple[float, float]]:
-    """``{(scheme, c): (relative L2 error, cosine)}`` against the float64 exact gradient."""
-    make, shape = NETWORKS[net]
-    torch.manual_seed(seed)
-    ref_model = make().double()
-    x = torch.randn(batch, *shape, dtype=torch.float64)
-    with torch.no_grad():
-        labels = sample_labels(ref_model(x), generator=torch.Generator().manual_seed(seed))
+    model: nn.Module, x: Tensor, seed: int, with_float64: bool, differences: list[str]
+) -> dict[str, tuple[float, float]]:
+    """``{difference: (relative L2 error, cosine)}`` against the exact gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    def objective(model: nn.Module, inputs: torch.Tensor) -> PenaltyObjective:
-        obj = PenaltyObjective(model, Batch((inputs,)))
-        obj.labels = labels  # the same labels in every dtype and pass
-        return obj
+    def objective(m: nn.Module = model, inputs: Tensor = x) -> PenaltyObjective:
+        o = PenaltyObjective(m, Batch((inputs,)), generator=torch.Generator().manual_seed(seed))
+        return o
 
-    reference = exact_penalty_gradient(objective(ref_model, x))
-    exact = flat(reference.grads, list(ref_model.parameters()))
-    model = copy.deepcopy(ref_model).to(dtype)
-    params = list(model.parameters())
+    base = objective()
+    exact = flat(exact_penalty_gradient(base).grads, params)
+    labels = base.labels
+
+    def frozen(m: nn.Module = model, inputs: Tensor = x) -> PenaltyObjective:
+        o = objective(m, inputs)
+        o.labels = labels
+        return o
+
     theta = float(torch.cat([p.detach().double().flatten() for p in params]).norm())
-    out = {}
-    for scheme in schemes:
-        for c in steps:
-            with let_through(dtype):
-                result = finite_difference_penalty_gradient(
-                    objective(model, x.to(dtype)), c * max(1.0, theta), scheme
-                )
-            fd = flat(result.grads, params)
-            err = float((fd - exact).norm() / exact.norm())
-            cos = float(F.cosine_similarity(fd, exact, dim=0))
-            out[scheme, c] = (err if math.isfinite(err) else math.inf, cos)
+    out: dict[str, tuple[float, float]] = {}
+
+    def score(got: Tensor) -> tuple[float, float]:
+        err = float((got - exact).norm() / exact.norm())
+        return err, float(F.cosine_similarity(got, exact, dim=0))
+
+    if with_float64:
+        wide = copy.deepcopy(model).double()
+        ref = frozen(wide, x.double() if x.is_floating_point() else x)
+        exact64 = flat(exact_penalty_gradient(ref).grads, list(wide.parameters()))
+        out["exact32"] = (float((exact - exact64).norm() / exact64.norm()), 1.0)
+    for label in differences:
+        scheme, c, replay = DIFFERENCES[label]
+        r = c * max(1.0, theta)
+        if scheme == "guarded":
+            grads = old_guarded(frozen(), r)
+        else:
+            grads = finite_difference_penalty_gradient(frozen(), r, scheme, replay=replay).grads
+        out[label] = score(flat(grads, params))
     return out
 
 
-@contextlib.contextmanager
-def let_through(dtype: torch.dtype) -> Iterator[None]:
-    """Let the engine run on ``dtype`` parameters although the library refuses them."""
-    refused = dtype not in DEFAULT_FD_STEP
-    if refused:
-        DEFAULT_FD_STEP[dtype] = math.nan  # only the key is checked: the step is explicit
-    try:
-        yield
-    finally:
-        if refused:
-            del DEFAULT_FD_STEP[dtype]
+@dataclass
+class FdStepOptions:
+    """What ``benchmarks/fd_step.py`` measures."""
 
-
-def table(
-    title: str,
-    rows: dict[tuple[str, str, str], dict[float, list[float]]],
-    steps: list[float],
-    worst: Callable[[list[float]], float],
-    fmt: str,
-) -> list[str]:
-    lines = [
-        title,
-        "",
-        "| network | dtype | scheme | " + " | ".join(f"{c:g}" for c in steps) + " |",
-        "|" + "---|" * (len(steps) + 3),
-    ]
-    for (net, dname, scheme), cells in rows.items():
-        texts = []
-        for c in steps:
-            v = cells[c]
-            text = f"{statistics.median(v):{fmt}} ({worst(v):{fmt}})"
-            dtype = DTYPES[dname]
-            default = (
-                scheme == DEFAULT_FD_SCHEME.get(dtype) and c == DEFAULT_FD_STEP.get(dtype)
-            )
-            texts.append(f"**{text}**" if default else text)
-        lines.append(f"| {net} | {dname} | {scheme} | " + " | ".join(texts) + " |")
-    return lines
+    data_root: str | None = option(None, "where CIFAR-10 is (default: the library's data root)")
+    networks: list[str] = option(list(NETWORKS), "networks to measure", nargs="+",
+                                 choices=list(NETWORKS))
+    differences: list[str] = option(list(DIFFERENCES), "the differences to compare (the "
+                                    "cosine column is the first's)", nargs="+",
+                                    choices=list(DIFFERENCES))
+    batches: int = option(10, "measurement batches per network and state (init, trained)",
+                          type=positive_int)
+    train_steps: int = option(30, "SGD steps (lr 0.01, momentum 0.9) before the trained state",
+                              type=positive_int)
+    threads: int = option(1, "torch intra-op threads", type=positive_int)
+    output: Path | None = option(None, "also write the table (Markdown) to FILE (default: "
+                                 "print only)", type=Path, metavar="FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every value is range-checked (a bad one is an argparse error)."""
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/fd_step.py",
-        description=__doc__.split("\n\n")[0] + " Prints relative error and cosine tables.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "--seeds", type=positive_int, default=5,
-        help="number of seeds (fresh initialisation, batch and labels each); the tables show "
-        "the median and the worst over them",
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=32,
-                        help="examples per batch")
-    parser.add_argument(
-        "--steps", type=open_fraction, nargs="+", default=list(STEPS), metavar="C",
-        help="relative steps c, each in (0, 1); the step is r = c * max(1, ||θ||)",
-    )
-    parser.add_argument(
-        "--schemes", nargs="+", choices=FD_SCHEMES, default=list(FD_SCHEMES),
-        help="difference schemes: forward (2 gradients), central and guarded (3 gradients)",
-    )
-    parser.add_argument(
-        "--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
-        help="parameter dtypes of the finite difference; the reference is always the float64 "
-        "exact gradient",
-    )
-    parser.add_argument(
-        "--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS),
-        help="smooth (tanh/GELU, average pooling) and ReLU/max-pool MLPs and CNNs",
-    )
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch intra-op threads")
-    parser.add_argument(
-        "--output", type=Path, default=None, metavar="FILE",
-        help="also write the tables (Markdown) to FILE (default: print only)",
-    )
-    return parser
+    return parser("benchmarks/fd_step.py", __doc__.split("\n\n")[0], FdStepOptions)
+
+
+def _cell(values: list[float], worst: Callable[[list[float]], float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({worst(values):{fmt}})"
 
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    errors: dict[tuple[str, str, str], dict[float, list[float]]] = {}
-    cosines: dict[tuple[str, str, str], dict[float, list[float]]] = {}
-    for net in args.networks:
-        for dname in args.dtypes:
-            runs = [
-                measure(net, DTYPES[dname], s, args.batch_size, args.steps, args.schemes)
-                for s in range(args.seeds)
-            ]
-            for scheme in args.schemes:
-                key = (net, dname, scheme)
-                errors[key] = {c: [r[scheme, c][0] for r in runs] for c in args.steps}
-                cosines[key] = {c: [r[scheme, c][1] for r in runs] for c in args.steps}
-    setting = (
-        f"median (worst) over {args.seeds} seeds, batch {args.batch_size}; columns: relative "
-        "step c, r = c·max(1, ‖θ‖); **bold** = the library's default scheme and step."
-    )
+    labels = args.differences
     lines = [
-        *table(f"Relative L2 error against the float64 exact gradient, {setting}",
-               errors, args.steps, max, ".2e"),
+        "Relative L2 error of the float32 finite difference against the exact penalty "
+        "gradient on the same labels, median (worst) over the batches; `exact32`: float32 "
+        "exact against float64 exact (first batch).",
         "",
-        *table(f"Cosine to the float64 exact gradient, {setting}",
-               cosines, args.steps, min, ".4f"),
+        "| network | state | batches × size | " + " | ".join(labels) + f" | cosine, {labels[0]} (worst) | exact32 |",
+        "|" + "---|" * (len(labels) + 5),
     ]
+    for net in args.networks:
+        size = NETWORKS[net]
+        if net == "transformer":
+            xs, steps = text_batches(args.batches, size, args.train_steps)
+        else:
+            xs, steps = image_batches(args.data_root, args.batches, size, args.train_steps)
+        model = make_network(net).train()
+        for state in ("init", "trained"):
+            if state == "trained":
+                train(model, steps)
+            runs = [
+                measure(model, x, i, i == 0 and state == "init", args.differences)
+                for i, x in enumerate(xs)
+            ]
+            errors = [_cell([r[k][0] for r in runs], max, ".2e") for k in labels]
+            cos = _cell([r[labels[0]][1] for r in runs], min, ".5f")
+            ref = f"{runs[0]['exact32'][0]:.1e}" if "exact32" in runs[0] else ""
+            lines.append(
+                f"| {net} | {state} | {len(xs)} × {size} | " + " | ".join(errors)
+                + f" | {cos} | {ref} |"
+            )
+            print(lines[-1], flush=True)
     command = " ".join(["python benchmarks/fd_step.py", *(sys.argv[1:] if argv is None else argv)])
-    lines += [
-        "",
-        f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} thread(s), "
-        f"{time.perf_counter() - start:.0f} s).",
-    ]
+    lines += ["", f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} "
+              f"thread(s), {time.perf_counter() - start:.0f} s)."]
     text = "\n".join(lines)
     print(text)
     if args.output is not None:

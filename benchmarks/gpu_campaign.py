@@ -1,5 +1,5 @@
-"""The GPU campaign: one prepared command that proves the CUDA paths and trains the paper's
-budget, in at most ``--budget-s`` seconds (default 540, 9 minutes) on one GPU.
+"""The GPU campaign: one command that checks the CUDA paths and trains Table 1's
+SimpleCNN row, in at most ``--budget-s`` seconds on one GPU.
 
 Parts, in order (``--parts`` picks some; each gets a share of the budget and hands what it
 does not use to the next):
@@ -14,31 +14,30 @@ does not use to the next):
 * ``curvature`` - ``fisher_trace`` against a per-example loop and one batched
   forward+backward (``benchmarks/curvature_speed.py``).
 * ``table1`` - the SimpleCNN / CIFAR-10 row of Table 1 at the paper's budget (45,000
-  training images, 300 epochs, batch 128, ×0.1 at epochs 150 and 225; η* = 0.1 and the rest at
-  η*/10; α at the centre of the paper's grid), as many runs as ``--workers`` processes packed
-  on the GPU at once, each with the whole dataset resident on the GPU and no host sync in a
-  training step other than the optimizer's one per penalty refresh. Every run checkpoints
-  (every ``--checkpoint-every`` epochs and when the deadline comes) and resumes: run the
-  command again (``--parts table1``) to continue where it stopped.
+  training images, 300 epochs, batch 128, ×0.1 at epochs 150 and 225; η* = 0.1 and the rest
+  at η*/10; α at the centre of the paper's grid), trained by the benchmarks' one training
+  loop (``benchmarks/common/harness.py``): ``--pack`` runs at once on the GPU, the data set
+  resident there, no host read in an ordinary training step. Every run checkpoints after
+  every epoch and when the budget ends; the same command continues it.
 
 Everything lands in ``--out`` (default ``runs/gpu_campaign``); ``campaign.json`` is rewritten
-after every part, so a command killed at its time limit still leaves what it measured.
+after every part, so a command stopped at its time limit still leaves what it measured.
 
-    PYTHONPATH=$PWD python3 benchmarks/gpu_campaign.py --data-root data/cifar10-jpg.tar.xz \
-        --pack $OUT                                      # on the GPU machine
+    python benchmarks/gpu_campaign.py --data-root DATA --out OUT --pack 6
     python benchmarks/gpu_campaign.py --dry-run          # CPU smoke test, tiny sizes
     python benchmarks/gpu_campaign.py --sizing           # FLOPs per step and the plan
 
-``--pack DIR`` copies ``campaign.json`` to ``DIR`` and packs the table's runs into
-``table1-N.tar`` files of at most 15 MiB; ``--unpack`` them on a fresh machine to resume.
+``--archive DIR`` copies ``campaign.json`` to ``DIR`` and packs the table's runs
+(checkpoints included) into ``table1-N.tar`` files (of at most ``--archive-max-mib`` MiB
+each, if given); ``--unarchive`` them into ``--out`` on another machine to continue there.
 
-Sizing (``--sizing``, docs/gpu-campaign.md): the FLOPs of one training step are counted on
-the CPU (``torch.utils.flop_counter``), the GPU time per run is steps × FLOPs / the assumed
-sustained throughput ``--tflops``, and the runs that fit are the table's time budget over it.
+Sizing (``--sizing``, docs/gpu.md): the FLOPs of one training step are counted on the CPU
+(``torch.utils.flop_counter``), the GPU time per run is steps × FLOPs / the assumed sustained
+throughput ``--tflops``, and the runs that fit are the table's time budget over it.
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import json
 import math
@@ -53,7 +52,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +65,15 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import curvature_speed, overhead  # noqa: E402
 from benchmarks.cifar10_simplecnn import CONFIG as SIMPLECNN  # noqa: E402
-from benchmarks.common.config import RunSpec  # noqa: E402
-from benchmarks.common.data import ImageDataset, iterate_batches  # noqa: E402
-from benchmarks.common.harness import (  # noqa: E402
-    DataBundle,
-    build_optimizer,
-    evaluate,
-    prepare_data,
-    resolve_device,
-    summarize,
-)
+from benchmarks.common import harness  # noqa: E402
+from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
+from benchmarks.common.data import ImageDataset, MissingData  # noqa: E402
+from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.options import add_options, option, parser  # noqa: E402
+from benchmarks.common.runner import RUNNING, DeviceOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
-from fisher_optim._cli import (  # noqa: E402
-    HelpFormatter,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
-from fisher_optim.curvature import fisher_trace  # noqa: E402
+from fisher_optim._cli import nonnegative_int, positive_float  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
 #: Share of the budget each part may use (what it leaves passes on; table1 takes the rest).
@@ -103,9 +92,9 @@ TABLE1_RUNS = (("baseline", 10), ("fp", 10), ("gpr", 10), ("baseline", 1), ("gp"
 #: Sustained training throughput assumed for the sizing (TFLOP/s, see the docs page).
 DEFAULT_TFLOPS = 15.0
 CAMPAIGN_JSON = "campaign.json"
-#: Largest file ``--pack`` writes (the device tool brings back files of at most 16 MiB).
-PACK_LIMIT = 15 * 2**20
-RUN_STATE = "state.json"
+#: Runs trained at once on one GPU by default (docs/gpu.md: SimpleCNN leaves most of a
+#: GPU idle; six such runs take about as long per epoch as one).
+DEFAULT_PACK = 6
 
 #: What ``--dry-run`` sets: tiny sizes on the CPU, a few seconds per part.
 DRY = {
@@ -333,162 +322,10 @@ def table1_specs(
                     every=cfg.every,
                     fd_mode=cfg.fd_mode,
                     loss_threshold=cfg.threshold,
+                    test_every=0,  # test@best-val on the kept weights: one test pass
                 )
             )
     return specs
-
-
-def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / (RUN_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, run_dir / RUN_STATE)
-
-
-def train_sync_free(
-    spec: RunSpec,
-    data: DataBundle,
-    run_dir: Path,
-    device: torch.device,
-    deadline: float,
-    checkpoint_every: int = 10,
-) -> dict[str, Any]:
-    """Train ``spec`` to its last epoch or to ``deadline`` (checked between epochs),
-    resuming from ``run_dir/checkpoint.pt``. A training step reads nothing back: the loss
-    and the hits are summed on the device and read once per epoch, with the validation
-    accuracy, Tr(F) on the first 128 training images, and the test accuracy at every new
-    best validation accuracy (so test at best validation is exact) and at the last epoch."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(spec.seed)
-    ds = data.train
-    model = build_model(spec.model, ds.num_classes, spec.init).to(device)
-    opt = build_optimizer(spec, model)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(spec.milestones), gamma=spec.gamma)
-    gen = torch.Generator(device).manual_seed(spec.seed)
-    logs: list[dict[str, Any]] = []
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.is_file():
-        st = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        gen.set_state(st["gen"].cpu())
-        logs = st["logs"]
-    probe = iterate_batches(
-        ds.images[:128], ds.labels[:128], 128, shuffle=False, mean=ds.mean, std=ds.std
-    )
-    probe_x = next(probe)[0]
-    targets = spec.penalty in ("gradient", "input_gradient")
-
-    def save() -> None:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "gen": gen.get_state(),
-                "logs": logs,
-            },
-            ckpt,
-        )
-
-    status = "running"
-    best_val = max((r["val_acc"] for r in logs), default=-1.0)
-    while len(logs) < spec.epochs:
-        times = [r["epoch_time"] for r in logs[-3:]]
-        if times and time.monotonic() + statistics.mean(times) > deadline:
-            status = "interrupted"
-            break
-        start = time.perf_counter()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss · b, hits
-        model.train()
-        for x, y in iterate_batches(
-            ds.images, ds.labels, spec.batch_size, generator=gen, mean=ds.mean, std=ds.std
-        ):
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if targets:
-                opt.set_targets(y)
-            opt.step()
-            hits = (out.argmax(1) == y).sum().double()
-            sums += torch.stack([loss.detach().double() * len(y), hits])
-        sched.step()
-        loss_sum, hits = sums.tolist()  # the epoch's one read of the training statistics
-        train_time = time.perf_counter() - start
-        val_loss, val_acc, _ = evaluate(model, data.val)
-        rec: dict[str, Any] = {
-            "epoch": len(logs) + 1,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": loss_sum / len(ds) if math.isfinite(loss_sum) else None,
-            "train_acc": 100.0 * hits / len(ds),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "trace": fisher_trace(model, probe_x, generator=torch.Generator(device).manual_seed(0)),
-            "test_acc": None,
-            "train_time": train_time,
-            "images_per_s": len(ds) / train_time,
-        }
-        last = rec["epoch"] == spec.epochs or rec["train_loss"] is None
-        if val_acc > best_val or last:
-            rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test)
-            best_val = max(best_val, val_acc)
-        rec["epoch_time"] = time.perf_counter() - start
-        logs.append(rec)
-        if rec["train_loss"] is None:
-            status = "diverged"
-            break
-        if rec["epoch"] % checkpoint_every == 0:
-            save()
-        _save_state(
-            run_dir, {"name": spec.name, "epochs_done": len(logs), "status": status, "last": rec}
-        )
-    if status == "running":
-        status = "complete"
-    save()
-    summary = summarize(spec, logs, [], "complete" if status == "complete" else status)
-    summary["status"] = status
-    summary["refreshes"] = getattr(opt, "refreshes", None)
-    _save_state(
-        run_dir, {"name": spec.name, "epochs_done": len(logs), "status": status, "summary": summary}
-    )
-    return summary
-
-
-def _worker(
-    rank: int,
-    workers: int,
-    specs: list[RunSpec],
-    data: DataBundle | str,
-    root: str,
-    device: str,
-    deadline_wall: float,
-    checkpoint_every: int,
-) -> None:
-    """Train ``specs[rank::workers]`` one after the other. ``data``: the bundle, or the file
-    it was saved to (processes do not share it through shared memory, which sandboxes keep
-    small); ``deadline_wall``: a ``time.time()`` value (``time.monotonic`` is per process)."""
-    deadline = time.monotonic() + (deadline_wall - time.time())
-    dev = torch.device(device)
-    torch.set_num_threads(1)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if isinstance(data, str):
-        data = torch.load(data, weights_only=False)
-    data = data.to(dev)
-    for spec in specs[rank::workers]:
-        run_dir = Path(root) / spec.name
-        state = _read_state(run_dir)
-        if state is not None and state.get("status") in ("complete", "diverged"):
-            continue
-        if time.monotonic() > deadline:
-            break
-        train_sync_free(spec, data, run_dir, dev, deadline, checkpoint_every)
-
-
-def _read_state(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_STATE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_table1(
@@ -497,45 +334,30 @@ def run_table1(
     root: Path,
     device: torch.device,
     deadline: float,
-    workers: int,
-    checkpoint_every: int,
+    *,
+    pack: int = DEFAULT_PACK,
+    compile: bool = False,
+    data_on_device: str = "auto",
 ) -> dict[str, Any]:
-    """``workers`` processes train the runs at once; the row's state read back from disk."""
-    import torch.multiprocessing as mp
-
+    """Train the runs by the benchmarks' training loop (``harness.run_many``, ``pack`` at
+    once, resuming what an earlier command left); each run's state read back from disk."""
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    deadline_wall = time.time() + (deadline - time.monotonic())
-    workers = max(1, min(workers, len(specs)))
-    if workers == 1:  # no process to start: train here
-        threads = torch.get_num_threads()
-        try:
-            _worker(0, 1, specs, data, str(root), str(device), deadline_wall, checkpoint_every)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        shared = root.parent / "table1-data.pt"  # beside the runs, not packed with them
-        torch.save(data, shared)
-        try:
-            mp.spawn(
-                _worker,
-                nprocs=workers,
-                join=True,
-                args=(
-                    workers,
-                    specs,
-                    str(shared),
-                    str(root),
-                    str(device),
-                    deadline_wall,
-                    checkpoint_every,
-                ),
-            )
-        finally:
-            shared.unlink(missing_ok=True)
-    runs = {s.name: _read_state(root / s.name) or {"status": "not started"} for s in specs}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    results = harness.run_many(specs, data, root, pack=pack, device=device, resume=True,
+                               progress=False, deadline=deadline, compile=compile,
+                               data_on_device=data_on_device)
+    runs = {}
+    for spec, result in zip(specs, results):
+        state = {"status": result["status"], "epochs_done": result.get("epochs_done", 0)}
+        if result["status"] != harness.INTERRUPTED:
+            state["summary"] = result
+        runs[spec.name] = state
+    for spec in specs[len(results):]:  # not reached before the deadline
+        runs[spec.name] = {"status": "not started", "epochs_done": 0}
     return {
-        "workers": workers,
+        "pack": min(pack, len(specs)),
         "seconds": time.perf_counter() - start,
         "runs": runs,
         "row": table1_row(specs, runs),
@@ -549,7 +371,7 @@ def table1_row(specs: Sequence[RunSpec], runs: dict[str, dict[str, Any]]) -> lis
     for method, divisor in TABLE1_RUNS:
         lr = SIMPLECNN.lr_star / divisor
         mine = [s for s in specs if s.method == method and s.lr == lr]
-        done = [runs[s.name]["summary"] for s in mine if runs[s.name].get("status") == "complete"]
+        done = [runs[s.name]["summary"] for s in mine if runs[s.name]["status"] == "complete"]
         accs = [d["test_acc_at_best_val"] for d in done]
         rows.append(
             {
@@ -576,106 +398,49 @@ def _synthetic_data(train: int, val: int, test: int) -> tuple[ImageDataset, Imag
     return make(train + val, "synthetic-train"), make(test, "synthetic-test")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/gpu_campaign.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument(
-        "--parts",
-        nargs="+",
-        choices=PARTS,
-        default=list(PARTS),
-        metavar="PART",
-        help=f"what to run, of: {', '.join(PARTS)}",
-    )
-    parser.add_argument(
-        "--budget-s",
-        type=positive_float,
-        default=540.0,
-        metavar="S",
-        help="wall-clock budget of the whole command, in seconds",
-    )
-    parser.add_argument(
-        "--data-root",
-        default=None,
-        help="CIFAR-10 in any layout benchmarks/common/data.py reads, a folder or the "
-        "cifar10-jpg.tar.xz archive (default: $FISHER_OPTIM_DATA, else "
-        "~/.cache/fisher_optim/data; with --dry-run: synthetic images)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs") / "gpu_campaign",
-        help="output folder (campaign.json, tests.xml, the table1 runs)",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=6,
-        help="training processes packed on the GPU at once (table1)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=nonnegative_int,
-        nargs="+",
-        default=[0, 1, 2],
-        help="seeds of the table1 runs (seed-major: every column of seed 0 first)",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=10,
-        metavar="EPOCHS",
-        help="table1 checkpoints every this many epochs (and at the deadline)",
-    )
-    parser.add_argument(
-        "--tflops",
-        type=positive_float,
-        default=DEFAULT_TFLOPS,
-        help="sustained TFLOP/s assumed by --sizing",
-    )
-    parser.add_argument(
-        "--sizing",
-        action="store_true",
-        help="print the FLOPs per step and the table1 plan, then stop",
-    )
-    parser.add_argument(
-        "--sizing-models",
-        nargs="*",
-        default=[],
-        metavar="MODEL",
-        help="with --sizing: also count the FLOPs of an SGD step and of an exact and a "
+@dataclass
+class CampaignOptions:
+    """The campaign's own options (the data and device options are the scripts' shared)."""
+
+    parts: list[str] = option(list(PARTS), f"what to run, of: {', '.join(PARTS)}", nargs="+",
+                              choices=PARTS, metavar="PART")
+    budget_s: float = option(540.0, "wall-clock budget of the whole command, in seconds",
+                             type=positive_float, metavar="S")
+    out: Path = option(Path("runs") / "gpu_campaign", "output folder (campaign.json, tests.xml, "
+                       "the table1 runs)", type=Path, group=RUNNING)
+    seeds: list[int] = option([0, 1, 2], "seeds of the table1 runs (seed-major: every column "
+                              "of seed 0 first)", type=nonnegative_int, nargs="+",
+                              metavar="SEED")
+    tflops: float = option(DEFAULT_TFLOPS, "sustained TFLOP/s assumed by --sizing",
+                           type=positive_float)
+    sizing: bool = option(False, "print the FLOPs per step and the table1 plan, then stop",
+                          action="store_true")
+    sizing_models: list[str] = option(
+        [], "with --sizing: also count the FLOPs of an SGD step and of an exact and a "
         "finite-difference refresh (every=1 steps) of these networks (default: none)",
-    )
-    parser.add_argument(
-        "--pack",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="at the end, copy campaign.json to DIR and pack the table's runs (checkpoints "
-        "included) into table1-N.tar files of at most 15 MiB, e.g. --pack $OUT (default: "
-        "nothing is packed)",
-    )
-    parser.add_argument(
-        "--unpack",
-        type=Path,
-        nargs="+",
-        default=[],
-        metavar="TAR",
-        help="first extract these table1-N.tar files (from --pack) into --out: the runs "
-        "resume on a fresh machine (default: none)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="CPU smoke test: tiny models, data and budgets (synthetic data without --data-root)",
-    )
-    return parser
+        nargs="*", metavar="MODEL")
+    archive: Path | None = option(
+        None, "at the end, copy campaign.json to DIR and put the table's runs (checkpoints "
+        "included) into table1-N.tar files there, to carry them to another machine",
+        unset="nothing is archived", type=Path, metavar="DIR", group=RUNNING)
+    archive_max_mib: float | None = option(
+        None, "with --archive: split the runs into archives of at most this many MiB (a run "
+        "is never split), for a transfer that limits file sizes", unset="one archive",
+        type=positive_float, metavar="MIB", group=RUNNING)
+    unarchive: list[Path] = option(
+        [], "first extract these table1-N.tar files (from --archive) into --out: the runs "
+        "continue where they stopped (default: none)", type=Path, nargs="+", metavar="TAR",
+        group=RUNNING)
+    dry_run: bool = option(False, "CPU smoke test: tiny models, data and budgets (synthetic "
+                           "data without --data-root)", action="store_true", group=RUNNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The campaign's options, then the data set's and the device's (shared)."""
+    p = parser("benchmarks/gpu_campaign.py", __doc__.split("\n\n")[0], CampaignOptions)
+    add_options(p, SweepOptions, only=("data_root", "download"))
+    add_options(p, DeviceOptions, defaults={"pack": DEFAULT_PACK})
+    return p
 
 
 def _write(out: Path, campaign: dict[str, Any]) -> None:
@@ -696,11 +461,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return plan
     start = time.monotonic()
     end = start + args.budget_s - MARGIN_S
-    device = resolve_device(args.device or "auto")
+    device = resolve_device(args.device)
     dry = args.dry_run
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    unpack(args.unpack, out)
+    unarchive(args.unarchive, out)
     campaign: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
@@ -729,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"== {part} ({end - time.monotonic():.0f} s left)", flush=True)
         try:
             result = _run_part(part, args, device, deadline, end, out, data)
+        except MissingData as missing:
+            missing.exit()
+            result = {"error": str(missing)}
         except Exception:  # noqa: BLE001 - one failing part must not cost the others
             result = {"error": traceback.format_exc()}
             print(result["error"], flush=True)
@@ -737,8 +505,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         campaign["wall_s"] = time.monotonic() - start
         _write(out, campaign)
     print(f"campaign written to {out / CAMPAIGN_JSON} ({time.monotonic() - start:.0f} s)")
-    if args.pack is not None:
-        print("packed into", args.pack, ":", ", ".join(pack(out, args.pack)))
+    if args.archive is not None:
+        limit = None if args.archive_max_mib is None else int(args.archive_max_mib * 2**20)
+        print("archived into", args.archive, ":", ", ".join(archive(out, args.archive, limit)))
     return campaign
 
 
@@ -749,7 +518,7 @@ def _run_part(
     deadline: Callable[[str], float],
     end: float,
     out: Path,
-    data: _DataLoad | None,
+    data: "_DataLoad | None",
 ) -> dict[str, Any]:
     """One part of the campaign (see the module doc); its result for ``campaign.json``."""
     dry = args.dry_run
@@ -771,10 +540,10 @@ def _run_part(
     return _table1(args, device, end, out, data)
 
 
-def pack(out: Path, dest: Path, limit: int = PACK_LIMIT) -> list[str]:
+def archive(out: Path, dest: Path, limit: int | None = None) -> list[str]:
     """Copy ``campaign.json`` to ``dest`` and the table's run folders (checkpoints included)
-    into ``table1-N.tar`` files of at most ``limit`` bytes each (a run is never split), flat
-    files the device tool brings back; ``--unpack`` them to resume on a fresh machine."""
+    into ``table1-N.tar`` files there, each of at most ``limit`` bytes if given (a run is
+    never split); :func:`unarchive` them to continue the runs on another machine."""
     dest.mkdir(parents=True, exist_ok=True)
     names = []
     if (out / CAMPAIGN_JSON).is_file():
@@ -786,7 +555,7 @@ def pack(out: Path, dest: Path, limit: int = PACK_LIMIT) -> list[str]:
     size = 0
     for run in runs:
         run_size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
-        if not chunks or size + run_size > limit:
+        if not chunks or (limit is not None and size + run_size > limit):
             chunks.append([])
             size = 0
         chunks[-1].append(run)
@@ -800,14 +569,14 @@ def pack(out: Path, dest: Path, limit: int = PACK_LIMIT) -> list[str]:
     return names
 
 
-def unpack(archives: Sequence[Path], out: Path) -> None:
-    """Extract ``table1-N.tar`` files written by :func:`pack` into ``out``."""
-    for archive in archives:
-        with tarfile.open(archive) as tar:
+def unarchive(archives: Sequence[Path], out: Path) -> None:
+    """Extract ``table1-N.tar`` files written by :func:`archive` into ``out``."""
+    for path in archives:
+        with tarfile.open(path) as tar:
             names = tar.getnames()
             if any(not n.startswith("table1/") or ".." in Path(n).parts for n in names):
-                raise ValueError(f"{archive} is not a table1 archive written by --pack")
-            tar.extractall(out)
+                raise ValueError(f"{path} is not a table1 archive written by --archive")
+            tar.extractall(out, filter="data")
 
 
 class _DataLoad:
@@ -835,10 +604,12 @@ class _DataLoad:
                         val_size=DRY["val"],
                         train_subset=DRY["train"],
                         test_subset=DRY["test"],
+                        download=args.download,
                     )
                 )
             else:
-                self.result.append(prepare_data("cifar10", args.data_root, val_size=5000))
+                self.result.append(prepare_data("cifar10", args.data_root, val_size=5000,
+                                                download=args.download))
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error.append(err)
 
@@ -850,7 +621,7 @@ class _DataLoad:
 
 
 def _table1(
-    args: argparse.Namespace, device: torch.device, end: float, out: Path, data: _DataLoad
+    args: argparse.Namespace, device: torch.device, end: float, out: Path, data: "_DataLoad"
 ) -> dict[str, Any]:
     if args.dry_run:
         specs = table1_specs(args.seeds[:1], epochs=DRY["epochs"], batch_size=DRY["batch_size"])
@@ -859,10 +630,9 @@ def _table1(
         specs = table1_specs(args.seeds)
     bundle = data.get()
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the earlier parts' cached blocks, for the workers
-    result = run_table1(
-        specs, bundle, out / "table1", device, end, args.workers, args.checkpoint_every
-    )
+        torch.cuda.empty_cache()  # the earlier parts' cached blocks, for the runs
+    result = run_table1(specs, bundle, out / "table1", device, end, pack=args.pack,
+                        compile=args.compile, data_on_device=args.data_on_device)
     result["train_images"] = len(bundle.train)
     return result
 

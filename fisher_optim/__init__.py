@@ -5,9 +5,11 @@ Generalization", ICML 2021; Wen et al., "An Empirical Study of Large-Batch Stoch
 Gradient Descent with Structured Covariance Noise", AISTATS 2020.
 """
 
+from fisher_optim import _requires  # noqa: F401  (first: the torch floor, checked at import)
 from fisher_optim._targets import causal_target_rows
+from fisher_optim.activation_pattern import ActivationPattern
 from fisher_optim.batch import Batch
-from fisher_optim.engines import MODES, penalty_gradient
+from fisher_optim.differentiation import MODES, FiniteDifferenceWarning, penalty_gradient
 from fisher_optim.fisher_noise_sgd import COVARIANCES, FISHERS, FisherNoiseSGD
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
 from fisher_optim.ghost_batchnorm import GhostBatchNorm, convert_to_ghost_batchnorm
@@ -16,7 +18,8 @@ from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, Fishe
 from fisher_optim.penalty import PENALTIES, fisher_penalty
 from fisher_optim.safeguard import SpikeGuard
 
-__version__ = "0.2.0"
+#: The package version, read by pyproject.toml (the one place it is written).
+__version__ = "0.3.0"
 
 __all__ = [
     "COVARIANCES",
@@ -24,10 +27,12 @@ __all__ = [
     "LIKELIHOODS",
     "MODES",
     "PENALTIES",
+    "ActivationPattern",
     "Batch",
     "Bernoulli",
     "Categorical",
     "CurvatureMonitor",
+    "FiniteDifferenceWarning",
     "FisherExplosionWarning",
     "FisherMonitor",
     "FisherNoiseSGD",

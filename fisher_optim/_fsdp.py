@@ -6,7 +6,7 @@ the gradient into the sharded ``.grad``, averaged over the ranks: after ``loss.b
 each rank holds its shard of the gradient of the *global* batch. Double backprop does not
 pass these hooks (``torch.autograd.grad`` over the sharded parameters finds them unused in
 the graph, which holds the unsharded copies), so ``mode="exact"`` is refused with a pointer
-to ``mode="finite_difference"``. The finite difference (:mod:`fisher_optim.engines`) runs
+to ``mode="finite_difference"``. The finite difference (:mod:`fisher_optim.differentiation`) runs
 unchanged on :class:`ShardedPasses`: each gradient is taken by ``backward()`` into the
 sharded ``.grad`` (the training gradient is set aside and put back), the shift ``θ + r v`` is
 applied to each rank's own shard, and the norms ``||g||``, ``||θ||`` are summed over the

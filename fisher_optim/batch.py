@@ -18,9 +18,9 @@ targets. The rule, for the measurements and the training wrappers alike:
   examples (a ``[T, T]`` mask, a ``[T, 1]`` table with ``T == B``) cannot be told apart
   from one that holds examples, and is never guessed about either: pass it through the
   model itself (an attribute, ``functools.partial`` or a wrapper module). Every place that
-  cuts a batch checks the consequence: the model run on the first example alone must
-  reproduce that example's output in the batch, else ``ValueError``
-  (:func:`fisher_optim.curvature.examples.check_first_example`; the wrappers check once per
+  cuts a batch checks the consequence: the model run on the first and the last example
+  alone must reproduce their outputs in the batch, else ``ValueError``
+  (:func:`fisher_optim.curvature.examples.check_examples_alone`; the wrappers check once per
   input layout, :meth:`fisher_optim.wrapper.GradientWrapper.cut`).
 * A batch that is run *whole* (``FisherPenaltySGD`` without ``penalty_batch_size``,
   ``FisherNoiseSGD(covariance="full")`` without ``estimate_batch_size``, Hessian-vector

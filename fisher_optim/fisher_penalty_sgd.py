@@ -26,7 +26,12 @@ from fisher_optim._fsdp import (
 )
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
-from fisher_optim.engines import (
+from fisher_optim.differentiation import (
+    AUTO_FORWARD_REFRESHES,
+    AUTO_TOLERANCE,
+    DEFAULT_FD_SCHEME,
+    EXACT_CHECK_TOLERANCE,
+    FiniteDifferenceWarning,
     check_fd_dtypes,
     check_fd_scheme,
     check_fd_step,
@@ -69,7 +74,7 @@ class FisherPenaltySGD(GradientWrapper):
             alpha=0.01)``.
         every: recompute the penalty gradient every ``every`` steps and reuse it in between.
         mode: ``"exact"`` (double backprop, ≈3x a gradient) or ``"finite_difference"``
-            (two gradients, ≈2x; see :mod:`fisher_optim.engines`).
+            (two gradients, ≈2x; see :mod:`fisher_optim.differentiation`).
         penalty: ``"fisher"`` (FP, labels sampled from the model), ``"random_label"`` (GPr),
             ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels). The
             last two need the targets: call :meth:`set_targets` before each ``step()``.
@@ -108,10 +113,16 @@ class FisherPenaltySGD(GradientWrapper):
             batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
             holds the examples in its first dimension; pass shared tensors through the
             model), checked once per input layout (:meth:`GradientWrapper.cut`).
-        fd_step: finite-difference step r (default: see :func:`~fisher_optim.engines.default_fd_step`).
-        fd_scheme: ``"forward"`` (2 gradients), ``"central"`` or ``"guarded"`` (3 gradients);
-            None: the dtype's default (``"guarded"`` in float32, ``"forward"`` in float64;
-            see :mod:`fisher_optim.engines`).
+        fd_step: finite-difference step r (default: see :func:`~fisher_optim.differentiation.default_fd_step`).
+        fd_scheme: ``"forward"`` (2 gradients), ``"central"`` (3 gradients) or ``"auto"``
+            (central, and forward for the next 9 refreshes whenever the central refresh finds
+            the forward difference within 0.5% of it); None: the dtype's default (``"auto"``
+            in float32, ``"forward"`` in float64; see :mod:`fisher_optim.differentiation`). Every
+            scheme differentiates on the base point's activation pattern
+            (:mod:`fisher_optim.activation_pattern`).
+        fd_check: in finite-difference mode, also take the exact penalty gradient on the
+            first refresh and warn (``FiniteDifferenceWarning``) if the difference is more
+            than 1% from it (unsharded models; skipped where double backprop cannot run).
         seed: seed of the label-sampling generator (default: derived from
             ``torch.initial_seed()``, so seeding torch seeds it; nothing is drawn from
             torch's global generator).
@@ -161,6 +172,7 @@ class FisherPenaltySGD(GradientWrapper):
         penalty_batch_size: int | None = None,
         fd_step: float | None = None,
         fd_scheme: str | None = None,
+        fd_check: bool = True,
         seed: int | None = None,
         target_mask: TargetMask | None = None,
         penalty_scale: str = "batch",
@@ -185,6 +197,11 @@ class FisherPenaltySGD(GradientWrapper):
         self.penalty_batch_size = penalty_batch_size
         self.fd_step = fd_step
         self.fd_scheme = check_fd_scheme(fd_scheme)
+        if not isinstance(fd_check, bool):
+            raise TypeError(f"fd_check must be True or False, got {fd_check!r}")
+        self.fd_check = fd_check
+        #: ``fd_scheme="auto"``: refreshes left that take the forward difference.
+        self._forward_refreshes = 0
         if target_mask is not None and not callable(target_mask):
             raise TypeError(
                 f"target_mask must be a function called like the model, got "
@@ -288,8 +305,12 @@ class FisherPenaltySGD(GradientWrapper):
             target_mask=self.target_mask, penalty_scale=self.penalty_scale,
             likelihood=self.likelihood,
         )
+        scheme = self._refresh_scheme(objective.params)
+        check = self.fd_check and self.refreshes == 0 and not self._sharded
         with self.own_pass(autocast=self.mode == "exact"):
-            result = compute_penalty_gradient(objective, self.mode, self.fd_step, self.fd_scheme)
+            result = compute_penalty_gradient(
+                objective, self.mode, self.fd_step, scheme, check_exact=check
+            )
         grads = result.grads
         if self._process_group() is not None:  # every rank adds the same mean gradient
             grads = [torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)]
@@ -297,11 +318,20 @@ class FisherPenaltySGD(GradientWrapper):
         else:
             value = result.value
         present = [g for g in grads if g is not None]
-        norms = global_norms(present).float() if present else value[None]
-        # one host sync per refresh: the penalty value, and whether every entry is finite
-        penalty_value, check, grad_norm = torch.stack(
-            [value.float(), norms.sum(), norms.norm()]
+        # read in the penalty's precision (at least float32): a float64 model's value is
+        # not rounded to float32
+        dtype = torch.promote_types(value.dtype, torch.float32)
+        norms = global_norms(present).to(dtype) if present else value[None].to(dtype)
+        # one host sync per refresh: the penalty value, whether every entry is finite, and
+        # the finite difference's own checks (-1: not taken)
+        unset = value.new_full((), -1.0, dtype=dtype)
+        gap, error = (
+            unset if t is None else t.to(dtype) for t in (result.forward_gap, result.exact_error)
+        )
+        penalty_value, check, grad_norm, gap, error = torch.stack(
+            [value.to(dtype), norms.sum(), norms.norm(), gap, error]
         ).tolist()
+        self._judge_difference(scheme, gap, error)
         finite = math.isfinite(penalty_value) and math.isfinite(check)
         self.refreshes += 1
         self._cache_step = self.step_count
@@ -341,6 +371,44 @@ class FisherPenaltySGD(GradientWrapper):
             cache[i] = None if g is None else g.detach()
         self._cache = cache
 
+    def _refresh_scheme(self, params: list[Tensor]) -> str | None:
+        """The difference scheme of this refresh (None in exact mode). ``"auto"`` takes the
+        central difference, or the forward one while the last central refresh trusted it."""
+        if self.mode != "finite_difference":
+            return None
+        scheme = self.fd_scheme
+        if scheme is None and params:
+            scheme = DEFAULT_FD_SCHEME.get(params[0].dtype)
+        if scheme != "auto":
+            return scheme
+        if self._forward_refreshes > 0:
+            self._forward_refreshes -= 1
+            return "forward"
+        return "central"
+
+    def _judge_difference(self, scheme: str | None, gap: float, error: float) -> None:
+        """Act on a refresh's finite-difference checks (-1: not taken)."""
+        if gap >= 0 and (self.fd_scheme or "auto") == "auto":
+            self._forward_refreshes = AUTO_FORWARD_REFRESHES if gap <= AUTO_TOLERANCE else 0
+        if error > EXACT_CHECK_TOLERANCE or math.isnan(error):
+            why = (
+                "The forward difference's truncation error at this step may be the cause: "
+                "fd_scheme='auto' (the default) or 'central' avoid it"
+                if scheme == "forward"
+                else "The model may call a piecewise operation that the activation pattern "
+                "cannot see (an extension kernel, a torch.ops call), or its forward may depend "
+                "on more than the parameters (a power iteration). Use mode='exact', or check "
+                "fd_step"
+            )
+            warnings.warn(
+                f"FisherPenaltySGD: on the first refresh the finite-difference penalty "
+                f"gradient ({scheme} difference) is {error:.3g} (relative L2) from the exact "
+                f"one on the same labels (tolerance {EXACT_CHECK_TOLERANCE:g}). {why}; "
+                "fd_check=False silences this check",
+                FiniteDifferenceWarning,
+                stacklevel=7,
+            )
+
     def _process_group(self) -> Any | None:
         """None under FSDP2: its backward already averages the gradients over the ranks, so
         the penalty gradient is that of the global batch on every rank."""
@@ -357,6 +425,7 @@ class FisherPenaltySGD(GradientWrapper):
             "has_cache": self._cache is not None,
             "cache_step": self._cache_step,
             "refresh_next": self._refresh_next,
+            "forward_refreshes": self._forward_refreshes,
             "penalty_grad_norm": self.penalty_grad_norm,
             "guard": None if self.guard is None else self.guard.state_dict(),
         }
@@ -380,6 +449,7 @@ class FisherPenaltySGD(GradientWrapper):
         self._cache = self.load_per_param(cache, "penalty cache", lambda p: p.dtype)
         self._cache_step = extra.get("cache_step", self._cache_step)
         self._refresh_next = extra.get("refresh_next", False)
+        self._forward_refreshes = extra.get("forward_refreshes", 0)
         self.penalty_grad_norm = extra.get("penalty_grad_norm")
         if self.guard is not None and extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])

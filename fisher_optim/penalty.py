@@ -35,6 +35,7 @@ the same function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -169,16 +170,27 @@ class PenaltyObjective:
     def wrt(self) -> list[Tensor]:
         return [self.inputs] if self.inputs is not None else self.params
 
-    def _call(self, input_shift: Tensor | None = None) -> Any:
+    def _call(
+        self,
+        input_shift: Tensor | None = None,
+        forward: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> Any:
         args, kwargs = self.batch.args, self.batch.kwargs
         if self.inputs is not None:
             x = self.inputs if input_shift is None else self.inputs + input_shift
             args, kwargs = _replace_first_tensor(args, kwargs, self.batch.first_tensor(), x)
-        with frozen_batchnorm_stats(self.model):
+        with frozen_batchnorm_stats(self.model), forward or contextlib.nullcontext():
             return self.model(*args, **kwargs)
 
-    def loss(self, input_shift: Tensor | None = None) -> Tensor:
-        output = self._call(input_shift)
+    def loss(
+        self,
+        input_shift: Tensor | None = None,
+        forward: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> Tensor:
+        """``L`` at the current parameters (inputs shifted by ``input_shift``), the model's
+        forward run inside ``forward`` (e.g. an
+        :class:`~fisher_optim.activation_pattern.ActivationPattern` recording or replaying)."""
+        output = self._call(input_shift, forward)
         if self.targets is not None:
             if self.loss_fn is not None:  # the user's loss sees output and targets as they are
                 return self.loss_fn(model_output(output, self.output_fn), self.targets)

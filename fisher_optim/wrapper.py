@@ -26,7 +26,7 @@ from fisher_optim._fsdp import local_shard
 from fisher_optim._logits import OutputFn, model_output
 from fisher_optim._modules import eval_mode, unwrap
 from fisher_optim.batch import holds_examples
-from fisher_optim.curvature.examples import check_first_example
+from fisher_optim.curvature.examples import check_examples_alone, probe_indices
 from fisher_optim.penalty import Batch
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
@@ -151,8 +151,8 @@ class GradientWrapper(torch.optim.Optimizer):
         self, batch: Batch, n: int | None, output_fn: OutputFn | None, per_example: bool = False
     ) -> Batch:
         """The first ``n`` examples of ``batch`` (:meth:`Batch.head`, by the one rule of
-        :mod:`fisher_optim.batch`), checked: the model on the first example alone must
-        reproduce that example's output in ``batch`` (else ``ValueError`` naming the fix),
+        :mod:`fisher_optim.batch`), checked: the model on the first and the last example alone must
+        reproduce their outputs in ``batch`` (else ``ValueError`` naming the fix),
         so that a shared tensor whose first dimension happens to be the batch size is never
         cut silently. Checked when the cut is ambiguous (``n`` cuts the batch and a tensor
         input besides the first has the batch size as first dimension) or, with
@@ -162,22 +162,27 @@ class GradientWrapper(torch.optim.Optimizer):
         called with one tensor, or when nothing is cut."""
         head = batch.head(n)
         if per_example or (head is not batch and _ambiguous(batch)):
-            self._check_first_example(batch, output_fn)
+            self._check_examples_alone(batch, output_fn)
         return head
 
-    def _check_first_example(self, batch: Batch, output_fn: OutputFn | None) -> None:
+    def _check_examples_alone(self, batch: Batch, output_fn: OutputFn | None) -> None:
         layout = input_layout(batch)
         if layout in self._checked_layouts:
             return
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        part = batch.slice(0, 1)
+        n = batch.num_examples()
         inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
         with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
-            first = model_output(module(*batch.args, **batch.kwargs), output_fn)
-            alone = model_output(module(*part.args, **part.kwargs), output_fn)
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        check_first_example(
-            first[:1].to(dtype), alone.to(dtype), batch.num_examples(), type(self).__name__
+            whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
+            alone = {}
+            for i in probe_indices(n):
+                part = batch.slice(i, i + 1)
+                alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
+        dtype = torch.promote_types(whole.dtype, torch.float32)
+        check_examples_alone(
+            [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()],
+            n,
+            type(self).__name__,
         )
         self._checked_layouts.add(layout)
 

@@ -262,7 +262,7 @@ def test_download_md5_mismatch_and_success(
 def test_bad_names_and_missing_data(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cifar10, cifar100, tinyimagenet"):
         data.load_dataset("mnist", tmp_path)
-    with pytest.raises(FileNotFoundError, match="Looked for") as err:
+    with pytest.raises(FileNotFoundError, match="looked for") as err:
         data.load_dataset("cifar100", tmp_path, use_cache=False)
     assert "cifar-100-python" in str(err.value)
     with pytest.raises(FileNotFoundError, match="wnids.txt"):

@@ -1,5 +1,7 @@
-"""benchmarks/gpu_campaign.py: its CPU smoke mode (``--dry-run``), the sync-free training
-loop's resume, the table's runs and the sizing arithmetic."""
+"""benchmarks/gpu_campaign.py: its CPU smoke mode (``--dry-run``: every part, the table's
+runs packed two at a time by the benchmarks' training loop, resumed, archived and continued
+elsewhere), the table's runs and the sizing arithmetic. (The training loop's host reads and
+its bitwise resume: tests/test_bench_host_syncs.py, tests/test_bench_harness.py.)"""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from benchmarks.common.harness import prepare_data
 
 
 def test_dry_run_writes_every_part(tmp_path: Path) -> None:
-    # two workers: the runs train in two processes at once
+    # --pack 2: the runs train in two processes at once
     result = campaign.main(
-        ["--dry-run", "--out", str(tmp_path), "--workers", "2", "--budget-s", "300"]
+        ["--dry-run", "--out", str(tmp_path), "--pack", "2", "--budget-s", "300"]
     )
     written = json.loads((tmp_path / campaign.CAMPAIGN_JSON).read_text())
     assert written["dry_run"] and set(written["parts"]) == set(campaign.PARTS)
@@ -37,18 +39,22 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert [s["status"] for s in states] == ["complete", "complete"]
     assert all(s["epochs_done"] == campaign.DRY["epochs"] for s in states)
     assert [r["seeds_complete"] for r in table["row"][:2]] == [1, 1]
-    assert table["workers"] == 2
+    assert table["pack"] == 2
+    for state in states:  # the harness's run folders
+        assert state["summary"]["test_acc_at_best_val"] is not None
 
     # a rerun of the table resumes: finished runs are not trained again
     again = campaign.main(
-        ["--dry-run", "--out", str(tmp_path), "--workers", "1", "--parts", "table1"]
+        ["--dry-run", "--out", str(tmp_path), "--pack", "1", "--parts", "table1"]
     )
     assert again["parts"]["table1"]["runs"] == table["runs"]
     assert set(again["parts"]) == set(campaign.PARTS)  # the earlier parts are kept
 
-    # packed into flat files of bounded size, unpacked on a "fresh machine", resumed there
+    # archived (in one file, or in files of bounded size), unarchived on a "fresh machine"
+    assert campaign.archive(tmp_path, tmp_path / "whole") == [campaign.CAMPAIGN_JSON,
+                                                               "table1-0.tar"]
     packed = tmp_path / "packed"
-    names = campaign.pack(tmp_path, packed, limit=1)  # one run per archive
+    names = campaign.archive(tmp_path, packed, limit=1)  # one run per archive
     assert names == [campaign.CAMPAIGN_JSON, "table1-0.tar", "table1-1.tar"]
     assert all((packed / n).is_file() for n in names)
     fresh = tmp_path / "fresh"
@@ -57,63 +63,29 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
             "--dry-run",
             "--out",
             str(fresh),
-            "--workers",
+            "--pack",
             "1",
             "--parts",
             "table1",
-            "--unpack",
+            "--unarchive",
             *(str(packed / n) for n in names[1:]),
         ]
     )
     assert resumed["parts"]["table1"]["runs"] == table["runs"]  # nothing trained again
 
 
-def _tiny(tmp: Path, epochs: int = 3, train: int = 64):
-    spec = replace(campaign.table1_specs([0], epochs=epochs, batch_size=32)[1], model="tiny")
-    assert spec.method == "fp" and spec.penalty == "fisher"
-    data = prepare_data(campaign._synthetic_data(train, 32, 32), val_size=32)
-    return spec, data
-
-
-def test_interrupted_run_resumes_bitwise(tmp_path: Path) -> None:
-    spec, data = _tiny(tmp_path)
+def test_an_interrupted_table_continues(tmp_path: Path) -> None:
+    """A deadline already past stops the runs after their first epoch; the same call
+    continues them to the end."""
+    specs = [replace(s, model="tiny") for s in
+             campaign.table1_specs([0], epochs=2, batch_size=32)[:2]]
+    data = prepare_data(campaign._synthetic_data(64, 32, 32), val_size=32)
     cpu = torch.device("cpu")
-    whole = campaign.train_sync_free(spec, data, tmp_path / "whole", cpu, time.monotonic() + 600)
-    assert whole["status"] == "complete" and whole["epochs_done"] == 3
-    # a deadline already past: the first epoch runs (no epoch time known yet), then it stops
-    part = campaign.train_sync_free(spec, data, tmp_path / "part", cpu, time.monotonic())
-    assert part["status"] == "interrupted" and part["epochs_done"] == 1
-    resumed = campaign.train_sync_free(spec, data, tmp_path / "part", cpu, time.monotonic() + 600)
-    assert resumed["status"] == "complete" and resumed["epochs_done"] == 3
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for key in ("val_acc", "test_acc", "train_loss", "trace"):
-        assert [r[key] for r in a["logs"]] == [r[key] for r in b["logs"]], key
-
-
-def test_training_steps_read_nothing_back(tmp_path: Path, monkeypatch) -> None:
-    """Within an epoch only the optimizer's refresh syncs (one per ``every`` steps)."""
-    spec, data = _tiny(tmp_path, epochs=1, train=11 * 32)
-    before_step: list[int] = []
-    real = campaign.iterate_batches
-
-    def batches(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            if "generator" in kwargs:  # the training epoch's batches, not the Tr(F) probe's
-                before_step.append(counter.count)
-            yield batch
-
-    monkeypatch.setattr(campaign, "iterate_batches", batches)
-    with campaign.SyncCounter() as counter:
-        campaign.train_sync_free(
-            spec, data, tmp_path / "run", torch.device("cpu"), time.monotonic() + 600
-        )
-    assert len(before_step) == 11
-    per_step = [b - a for a, b in zip(before_step, before_step[1:])]
-    # steps 0..9: the refresh of step 0 syncs once; step 10's refresh is after the last yield
-    assert per_step == [1] + [0] * 9
+    part = campaign.run_table1(specs, data, tmp_path, cpu, 0.0, pack=1)
+    assert [r["status"] for r in part["runs"].values()] == ["interrupted", "not started"]
+    done = campaign.run_table1(specs, data, tmp_path, cpu, time.monotonic() + 600, pack=1)
+    assert [r["status"] for r in done["runs"].values()] == ["complete", "complete"]
+    assert [r["epochs_done"] for r in done["runs"].values()] == [2, 2]
 
 
 def test_table1_runs_follow_the_paper() -> None:
@@ -131,6 +103,7 @@ def test_table1_runs_follow_the_paper() -> None:
     assert ("baseline", 0.1) in lrs and ("baseline", 0.01) in lrs and ("fp", 0.01) in lrs
     assert {s.alpha for s in specs if s.method == "gpx"} == {100.0}
     assert all(s.spike_factor is None for s in specs)  # the paper's FP, no safeguard
+    assert all(s.test_every == 0 for s in specs)  # test@best-val on the kept weights
 
 
 def test_sizing_arithmetic(monkeypatch) -> None:

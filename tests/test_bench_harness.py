@@ -152,11 +152,18 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 < 5
 
 
-@pytest.mark.parametrize("method", ["fp", "mixup", "gp"])
-def test_resume_is_bitwise(tmp_path, method):
-    """Straight run == run interrupted after every step (mid-epoch and at epoch ends)."""
-    spec = tiny_spec(method, alpha=0.5 if method == "mixup" else 0.01, augment="standard",
-                     bn_refresh_batches=2, trace_every_steps=4)
+RESUMED = {"baseline": {}, "fp": {}, "fp_fd": {"method": "fp", "fd_mode": "finite_difference"},
+           "gp": {}, "gpr": {}, "gpx": {"alpha": 1.0}, "mixup": {"alpha": 0.5},
+           "noise_trace": {"small_batch_size": 4}}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_resume_is_bitwise(tmp_path, name):
+    """Straight run == run interrupted after every step (mid-epoch and at epoch ends), for
+    every method."""
+    fields = {"method": name, **RESUMED[name]}
+    spec = tiny_spec(fields.pop("method"), augment="standard", bn_refresh_batches=2,
+                     trace_every_steps=4, **fields)
     data = tiny_bundle()
     straight = harness.train_run(spec, data, tmp_path / "a", log=None)
     pieces, s = 0, {"status": "interrupted"}

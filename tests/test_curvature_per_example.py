@@ -512,3 +512,51 @@ def test_a_batch_sized_shared_input_raises_unless_passed_through_the_model():
     assert gradient_covariance_trace(marked, (x, y)) == pytest.approx(
         float(centred.square().sum(1).mean()), rel=1e-10
     )
+
+
+class _Mixing(nn.Module):
+    """Examples that interact in one direction only, so the first example alone is
+    unchanged: a running mean over the batch, or attention across the batch dimension with
+    a causal mask (the batch-first / sequence-first mix-up). ``reverse`` mixes the other
+    way (then the last example is the untouched one)."""
+
+    def __init__(self, how: str, reverse: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.how, self.reverse = nn.Linear(4, 8), nn.Linear(8, 3), how, reverse
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.reverse:
+            h = h.flip(0)
+        if self.how == "running_mean":
+            h = h.cumsum(0) / torch.arange(1, h.shape[0] + 1, dtype=h.dtype)[:, None]
+        else:  # causal attention over the batch: example i sees examples 0..i
+            h = F.scaled_dot_product_attention(h[None], h[None], h[None], is_causal=True)[0]
+        if self.reverse:
+            h = h.flip(0)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("how", ["running_mean", "causal_attention"])
+def test_examples_that_mix_raise_in_every_per_example_path(how, reverse):
+    from fisher_optim import FisherNoiseSGD
+    from fisher_optim.curvature import fisher_trace, gradient_covariance_trace
+
+    torch.manual_seed(0)
+    model = _Mixing(how, reverse).double()
+    n = 6
+    x, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(3, (n,))
+    which = "last example" if not reverse else "first example"
+    for measure in (
+        lambda: per_example_grad_norms(model, x, y),
+        lambda: fisher_trace(model, x),
+        lambda: gradient_covariance_trace(model, (x, y)),
+        lambda: group_gradient_stats(model, x, y, torch.arange(n) % 2),
+    ):
+        with pytest.raises(ValueError, match=f"{which}.*alone.*running mean or attention"):
+            measure()
+    opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=f"{which}.*alone"):
+        opt.step()

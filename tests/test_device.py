@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fisher_optim import Batch, FisherPenaltySGD, penalty_gradient
 from fisher_optim.curvature import fisher_trace, per_example_grad_norms
-from fisher_optim.engines import compute_penalty_gradient
+from fisher_optim.differentiation import compute_penalty_gradient
 from fisher_optim.penalty import PenaltyObjective
 
 from .conftest import seeded_batch, seeded_mlp, small_cnn, tiny_mlp

@@ -1,6 +1,7 @@
 """FisherPenaltySGD: drop-in behaviour, caching, state, BatchNorm, NaN handling, errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 import fisher_optim.fisher_penalty_sgd as fps
 from fisher_optim import FisherPenaltySGD, penalty_gradient
-from fisher_optim.engines import PenaltyGradient
+from fisher_optim.differentiation import PenaltyGradient
 
 from .conftest import small_cnn, tiny_mlp
 
@@ -179,7 +180,7 @@ def test_non_finite_penalty_is_dropped_counted_and_warned(monkeypatch):
     model = tiny_mlp()
     reference = copy.deepcopy(model)
 
-    def nan_gradient(objective, *args):
+    def nan_gradient(objective, *args, **kwargs):
         grads = [torch.full_like(p, float("nan")) for p in objective.params]
         return PenaltyGradient(grads, torch.tensor(float("nan")))
 
@@ -439,7 +440,7 @@ def test_dropout_penalty_leaves_the_global_random_stream_as_the_baseline_draws_i
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_one_output_model_with_a_chosen_likelihood_applies_its_penalty(likelihood):
     """One step equals SGD on grad L + α ∇Tr(F_B) of the functional penalty with the same
-    likelihood and seed (itself checked against brute force in test_engines/test_penalty)."""
+    likelihood and seed (itself checked against brute force in test_differentiation/test_penalty)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     ref = copy.deepcopy(model)
@@ -623,3 +624,104 @@ def test_a_tensor_of_another_first_dimension_is_refused_when_the_batch_is_cut():
     torch.testing.assert_close(
         added, _brute_gp_gradient(model, x, y, shared), rtol=1e-10, atol=1e-12
     )
+
+
+# ------------------------------------------------------------------------------------------
+# The finite difference's run-time checks
+# ------------------------------------------------------------------------------------------
+
+
+def test_auto_scheme_takes_the_forward_difference_while_the_central_one_trusts_it(monkeypatch):
+    schemes, gaps = [], iter([0.001] + [None] * 9 + [0.02, 0.001] + [None] * 9)
+
+    def fake(objective, mode, fd_step, fd_scheme, check_exact=False):
+        schemes.append(fd_scheme)
+        gap = next(gaps)
+        grads = [torch.zeros_like(p) for p in objective.params]
+        return PenaltyGradient(grads, torch.tensor(1.0), None if gap is None else torch.tensor(gap))
+
+    monkeypatch.setattr(fps, "compute_penalty_gradient", fake)
+    model = tiny_mlp(torch.float32)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1, mode="finite_difference")
+    train(model, opt, batches(21, dtype=torch.float32))
+    # a central refresh within AUTO_TOLERANCE buys 9 forward ones; a wide gap keeps central
+    assert schemes == ["central"] + ["forward"] * 9 + ["central", "central"] + ["forward"] * 9
+
+
+class _OpaqueReLU(torch.autograd.Function):
+    """A ReLU the activation pattern cannot see, as an extension kernel's would be."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        with torch._C.DisableTorchFunction():  # what a C++/CUDA kernel does: no Python calls
+            return x * (x > 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0)
+
+
+class _Wide(nn.Module):
+    def __init__(self, opaque: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.opaque = nn.Linear(32, 1024), nn.Linear(1024, 10), opaque
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_OpaqueReLU.apply(h) if self.opaque else F.relu(h))
+
+
+@pytest.mark.parametrize("opaque", [False, True])
+def test_first_refresh_is_checked_against_the_exact_gradient(opaque):
+    torch.manual_seed(0)
+    model = _Wide(opaque)
+    # a large step: the opaque ReLU's units surely cross their kink
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, mode="finite_difference", fd_step=1e-2)
+    x, y = torch.randn(64, 32), torch.randint(10, (64,))
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    found = [w for w in caught if issubclass(w.category, fps.FiniteDifferenceWarning)]
+    assert bool(found) == opaque, [str(w.message) for w in found]
+    if opaque:
+        assert "from the exact one" in str(found[0].message)
+
+
+def test_an_unreplayable_piecewise_operation_is_warned_about_once():
+    model = nn.Sequential(nn.Linear(5, 16), nn.RReLU(), nn.Linear(16, 4)).double().eval()
+    with pytest.warns(fps.FiniteDifferenceWarning, match=r"cannot be replayed: rrelu \(1x\)"):
+        penalty_gradient(model, torch.randn(8, 5, dtype=torch.float64), mode="finite_difference")
+
+
+def test_a_forward_that_changes_its_piecewise_calls_falls_back_with_a_warning():
+    class Alternating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(5, 8), nn.Linear(8, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = self.a(x)
+            return self.b(F.relu(h) if self.calls % 2 else torch.tanh(h))
+
+    model = Alternating().double()
+    with pytest.warns(fps.FiniteDifferenceWarning, match="did not repeat"):
+        grads = penalty_gradient(model, torch.randn(8, 5, dtype=torch.float64),
+                                 mode="finite_difference")
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_penalty_value_of_a_float64_model_is_not_rounded_to_float32(monkeypatch):
+    value = torch.tensor(1.0 + 2.0**-40, dtype=torch.float64)  # not a float32 number
+
+    def fake(objective, *args, **kwargs):
+        return PenaltyGradient([torch.zeros_like(p) for p in objective.params], value)
+
+    monkeypatch.setattr(fps, "compute_penalty_gradient", fake)
+    model = tiny_mlp()
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1)
+    train(model, opt, batches(1))
+    assert opt.penalty_value == value.item() != float(value.float())

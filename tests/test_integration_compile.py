@@ -79,3 +79,26 @@ def test_exact_mode_penalty_is_bitwise_the_eager_one() -> None:
     opt.step()
     for cached, e in zip(opt._cache, expected):
         assert torch.equal(cached, e)
+
+
+def test_activation_pattern_is_replayed_through_the_compiled_module():
+    """A ReLU/max-pool CNN large enough to cross kinks at the default step: compiled, the
+    finite difference is within 1% of the eager exact gradient on the same labels, as eager."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+    )
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def flat(grads):
+        return torch.cat([g.flatten() for g in grads])
+
+    exact = flat(penalty_gradient(net, x, generator=torch.Generator().manual_seed(2)))
+    compiled = torch.compile(net, backend=BACKEND)
+    fd = flat(penalty_gradient(compiled, x, mode="finite_difference",
+                               generator=torch.Generator().manual_seed(2)))
+    assert ((fd - exact).norm() / exact.norm()).item() < 0.01

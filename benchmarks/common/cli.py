@@ -51,9 +51,9 @@ from benchmarks.common.config import (
     SweepOptions,
     scale_milestones,
 )
-from benchmarks.common.options import add_options, from_args, option_fields, tagged
+from benchmarks.common.data import MissingData
+from benchmarks.common.options import from_args, option_fields, parser, tagged
 from benchmarks.common.runner import FINISHED
-from fisher_optim._cli import HelpFormatter
 
 __all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
            "make_specs", "results_table"]
@@ -67,19 +67,14 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
     every value is range-checked here, so a bad one is an argparse error naming the option.
     """
-    p = argparse.ArgumentParser(
-        prog=f"benchmarks/{cfg.name}.py",
-        description=cfg.description or cfg.name,
-        formatter_class=HelpFormatter,
-    )
-    classes = (SweepOptions, RunSpec, runner.RunningOptions)
+    classes = (SweepOptions, RunSpec, runner.DeviceOptions, runner.RunningOptions)
     names = {f.name for cls in classes for f in option_fields(cls)} - set(
         tagged(SweepOptions, "resolved"))
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
     defaults.update(loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
-    add_options(p, *classes, defaults=defaults, context=cfg,
-                groups={title: p.add_argument_group(title) for title in
-                        (WHAT, SETTING, NOISE, DATA, MEASURE, runner.RUNNING)})
+    p = parser(f"benchmarks/{cfg.name}.py", cfg.description or cfg.name, *classes,
+               defaults=defaults, context=cfg,
+               sections=(WHAT, SETTING, NOISE, DATA, MEASURE, runner.DEVICE, runner.RUNNING))
     return p
 
 
@@ -346,16 +341,23 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = harness.resolve_device(args.device)
     t0 = time.perf_counter()
-    data = harness.prepare_data(
-        cfg.dataset, args.data_root, val_size=args.val_size, train_subset=args.train_subset,
-        test_subset=args.test_subset, split_seed=args.split_seed, label_noise=args.label_noise,
-    ).to(device)
+    try:
+        data = harness.prepare_data(
+            cfg.dataset, args.data_root, val_size=args.val_size, train_subset=args.train_subset,
+            test_subset=args.test_subset, split_seed=args.split_seed,
+            label_noise=args.label_noise, download=args.download,
+        )
+    except MissingData as missing:
+        return missing.exit()
+    data = harness.place_data(data, device, args.data_on_device)
     val_n = 0 if data.val is None else len(data.val)
-    print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on {device} "
-          f"({time.perf_counter() - t0:.1f}s)")
+    print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on "
+          f"{data.train.images.device} ({time.perf_counter() - t0:.1f}s)")
     deadline = runner.deadline_after(args.time_limit)
     results = harness.run_many(specs, data, root, device=device, resume=args.resume,
-                               extend=args.extend, progress=not args.no_progress, deadline=deadline)
+                               extend=args.extend, progress=not args.no_progress,
+                               deadline=deadline, pack=args.pack, compile=args.compile,
+                               data_on_device=args.data_on_device)
     summaries = {s["name"]: s for s in results}
     interrupted = any(s.get("status") not in FINISHED for s in results) or len(results) < len(
         specs)

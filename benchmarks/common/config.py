@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any
 
@@ -77,6 +76,8 @@ TUNED_METHODS = ("fp", "gp", "gpr", "gpx", "mixup")
 #: The paper's loss thresholds ε for Tr(F_i) (ImageNet's value is used for TinyImageNet).
 LOSS_THRESHOLDS = {"cifar10": 1.2, "cifar100": 3.5, "tinyimagenet": 3.5}
 LR_SCALINGS = ("none", "linear", "sqrt")
+#: ``--amp``: the precisions of mixed-precision training.
+AMP_MODES = ("bf16", "fp16")
 NOISE_FISHERS = ("true", "empirical")
 
 
@@ -239,6 +240,12 @@ class RunSpec:
                        "models' own), torch (PyTorch's layer default) or glorot (Keras's "
                        "default); the paper does not state its own, and the scale of Tr(F) "
                        "depends on it", choices=INITS, group=SETTING)
+    #: Mixed precision of the training forward (None: float32): ``torch.autocast`` with
+    #: bfloat16, or float16 with a ``GradScaler``.
+    amp: str | None = option(None, "train under torch.autocast in this precision (fp16 with a "
+                             "GradScaler, which reads its inf check back every step; bf16 "
+                             "reads nothing)", unset="float32", choices=AMP_MODES,
+                             group=SETTING)
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:
@@ -247,7 +254,8 @@ class RunSpec:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
         for f in option_fields(RunSpec):  # the options' choices hold for any RunSpec
             choices, value = f.metadata["argparse"].get("choices"), getattr(self, f.name)
-            if choices is not None and value not in choices:
+            if choices is not None and value not in choices and not (
+                    value is None and f.default is None):
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.guard_early and self.spike_factor is None:
             raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
@@ -290,6 +298,8 @@ class RunSpec:
             parts.append(f"noise{self.label_noise:g}")
         if self.init != "kaiming":
             parts.append(f"init-{self.init}")
+        if self.amp is not None:
+            parts.append(f"amp-{self.amp}")
         if self.spike_factor is not None and self.penalty is not None:
             parts.append(f"guard{self.spike_factor:g}" + ("e" if self.guard_early else ""))
         if self.noise_covariance is not None:
@@ -367,13 +377,6 @@ def _augment_runs_text(cfg: ExperimentConfig) -> str:
     return f"{' '.join(cfg.augment_methods)} at {lrs}"
 
 
-def _device(text: str) -> str:
-    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
-    return text
-
-
 #: The ``--help`` section of the data options.
 DATA = "data"
 
@@ -449,6 +452,9 @@ class SweepOptions:
     data_root: str | None = option(None, "dataset directory/archive",
                                    unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
                                    group=DATA)
+    download: bool = option(False, "download the data set into --data-root if it is not there "
+                            "(CIFAR-10/100, TinyImageNet; the checksum is verified)",
+                            action="store_true", group=DATA)
     train_subset: int | None = option(None, "use N training examples (after holding out "
                                       "validation)", unset="all", type=positive_int,
                                       metavar="N", group=DATA)
@@ -458,8 +464,6 @@ class SweepOptions:
                                      type=positive_int, metavar="N", group=DATA)
     split_seed: int = option(0, "seed of the validation split, subsets and label noise",
                              type=nonnegative_int, group=DATA)
-    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
-                         "cuda:INDEX", type=_device, group=runner.RUNNING)
     extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
                           "schedule: a run whose checkpoint differs only in "
                           "--epochs/--milestones, with the same milestones over the epochs it "

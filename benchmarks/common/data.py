@@ -58,7 +58,9 @@ __all__ = [
     "augment_batch",
     "default_cache_dir",
     "default_data_root",
+    "MissingData",
     "download_cifar",
+    "download_dataset",
     "iterate_batches",
     "load_cifar_python",
     "load_dataset",
@@ -102,6 +104,7 @@ CIFAR_SOURCES = {
     ),
 }
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINYIMAGENET_SOURCE = (TINYIMAGENET_URL, "90528d7ca1a48142e341f4ef8d21d0de", "tiny-imagenet-200")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 _ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar", ".txz", ".zip")
@@ -413,50 +416,104 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_cifar(name: str, root: str | os.PathLike | None = None) -> Path:
-    """Download and extract the official CIFAR-10/100 python release into ``root``.
+class MissingData(FileNotFoundError, RuntimeError):
+    """A data set that is not where it was looked for (and, with ``download``, could not be
+    downloaded). ``str()`` is one paragraph for the user: the paths searched, ``--data-root``,
+    ``--download`` and the URL; :meth:`exit` prints it and returns the exit code."""
 
-    The archive's MD5 is checked against the official value. Returns the extracted
-    ``cifar-10-batches-py`` / ``cifar-100-python`` directory (immediately, without network
-    access, if it already exists).
+    def __init__(self, name: str, root: Path, looked: Sequence[str], reason: str = "") -> None:
+        url, md5, _ = _source(name)
+        where = "; ".join(looked)
+        text = (f"No {name} data was found under {root} (looked for: {where}). "
+                f"Point --data-root at a folder or archive that holds it, or add --download "
+                f"to fetch {url} (MD5 {md5}) into {root}.")
+        if reason:
+            text += (f" The download failed: {reason}. Download it manually and put the file, "
+                     f"or what it extracts to, in {root}.")
+        super().__init__(text)
+        self.name, self.root, self.looked, self.reason = name, root, list(looked), reason
+
+    def exit(self) -> int:
+        """Print the paragraph to stderr; the exit code of a command without its data (2)."""
+        import sys
+        import textwrap
+
+        print(textwrap.fill(str(self), 88, break_on_hyphens=False, break_long_words=False),
+              file=sys.stderr)
+        return 2
+
+
+def _source(key: str) -> tuple[str, str, str]:
+    """``(url, md5, directory inside the archive)`` of data set ``key``."""
+    return CIFAR_SOURCES.get(key, TINYIMAGENET_SOURCE)
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """``url`` into ``dest``, with a progress bar on a terminal."""
+    import sys
+
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        total = getattr(response, "headers", {}).get("Content-Length")
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+                       desc=dest.name.removesuffix(".part"))
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            f.write(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+
+
+def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Download and extract the official release of ``name`` (CIFAR-10/100's python
+    pickles, TinyImageNet's zip) into ``root``, with a progress bar on a terminal.
+
+    The archive's MD5 is checked against the known value. Returns the extracted directory
+    (immediately, without network access, if it already exists).
 
     Raises:
-        RuntimeError: if the download fails (e.g. offline) or the checksum does not match;
+        MissingData: if the download fails (e.g. offline) or the checksum does not match;
             the message says where to put a manually downloaded copy.
     """
     key = _check_name(name)
-    if key not in CIFAR_SOURCES:
-        raise ValueError(f"download_cifar supports {', '.join(CIFAR_SOURCES)}, not {name!r}")
-    url, md5, dirname = CIFAR_SOURCES[key]
+    url, md5, dirname = _source(key)
     root = Path(root) if root is not None else default_data_root()
     target = root / dirname
-    if _is_cifar_python_dir(target, key):
+    ready = _is_tinyimagenet_dir if key == "tinyimagenet" else (
+        lambda d: _is_cifar_python_dir(d, key))
+    if ready(target):
         return target
     archive = root / url.rsplit("/", 1)[1]
-    manual = (
-        f"Download {url} manually (MD5 {md5}) and put {archive.name}, or the extracted "
-        f"{dirname}/ directory, in {root}."
-    )
+    looked = [f"{target}/", str(archive)]
     if not (archive.is_file() and _md5(archive) == md5):
         root.mkdir(parents=True, exist_ok=True)
         part = archive.with_name(archive.name + ".part")
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-                shutil.copyfileobj(response, f)
+            _fetch(url, part)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             part.unlink(missing_ok=True)
-            raise RuntimeError(f"Could not download {key} from {url}: {e}. {manual}") from e
+            raise MissingData(key, root, looked, f"{e}") from e
         got = _md5(part)
         if got != md5:
             part.unlink(missing_ok=True)
-            raise RuntimeError(
-                f"MD5 mismatch for {url}: expected {md5}, got {got}. {manual}"
-            )
+            raise MissingData(key, root, looked, f"MD5 mismatch: expected {md5}, got {got}")
         os.replace(part, archive)
     _extract(archive, root)
-    if not _is_cifar_python_dir(target, key):
-        raise RuntimeError(f"{archive} did not contain {dirname}/. {manual}")
+    if not ready(target):
+        raise MissingData(key, root, looked, f"{archive} did not contain {dirname}/")
     return target
+
+
+def download_cifar(name: str, root: str | os.PathLike | None = None) -> Path:
+    """:func:`download_dataset` for CIFAR-10/100 only."""
+    key = _check_name(name)
+    if key not in CIFAR_SOURCES:
+        raise ValueError(f"download_cifar supports {', '.join(CIFAR_SOURCES)}, not {name!r}")
+    return download_dataset(key, root)
 
 
 # --------------------------------------------------------------------------------------
@@ -547,20 +604,12 @@ def _load_raw(
             return _load_layout(key, fmt, path)
 
         return _cached(f"{key}-archive", archive, build, cache_dir, use_cache)
-    if download and key in CIFAR_SOURCES:
-        path = download_cifar(key, root)
-        return _cached(f"{key}-pickle", path, lambda: load_cifar_python(path, key),
+    if download:
+        path = download_dataset(key, root)
+        fmt = "tiny" if key == "tinyimagenet" else "pickle"
+        return _cached(f"{key}-{fmt}", path, lambda: _load_layout(key, fmt, path),
                        cache_dir, use_cache)
-    hint = (
-        f"Run download_cifar({key!r}, {str(root)!r}) or pass download=True, or download "
-        f"{CIFAR_SOURCES[key][0]} yourself"
-        if key in CIFAR_SOURCES
-        else f"Download {TINYIMAGENET_URL} and unzip it"
-    )
-    raise FileNotFoundError(
-        f"no {key} data found at {root}. Looked for:\n  " + "\n  ".join(looked)
-        + f"\n{hint} into {root} (see benchmarks/README.md)."
-    )
+    raise MissingData(key, root, looked)
 
 
 def load_dataset(
@@ -579,12 +628,13 @@ def load_dataset(
             defaults to :func:`default_data_root`.
         cache_dir: where decoded tensors and extracted archives are cached; defaults to
             :func:`default_cache_dir`.
-        download: for CIFAR, download the official release into ``root`` if nothing is
-            found there.
+        download: download the official release into ``root`` if nothing is found there
+            (:func:`download_dataset`).
         use_cache: set ``False`` to decode from the source without reading/writing the cache.
 
     Raises:
-        FileNotFoundError: listing every location/format that was looked for.
+        MissingData: (a ``FileNotFoundError``) listing every location/format that was
+            looked for, the ``--download`` flag and the URL.
     """
     key = _check_name(name)
     root = Path(root) if root is not None else default_data_root()

@@ -142,6 +142,7 @@ def prepare_data(
     test_subset: int | None = None,
     split_seed: int = 0,
     label_noise: float = 0.0,
+    download: bool = False,
 ) -> DataBundle:
     """Load ``dataset`` and build the splits, in this order:
 
@@ -154,10 +155,11 @@ def prepare_data(
        practitioner would). The test set stays clean.
 
     ``dataset`` is a name for :func:`~benchmarks.common.data.load_dataset` or an in-memory
-    ``(train, test)`` pair (tests).
+    ``(train, test)`` pair (tests); ``download`` fetches a missing one
+    (:func:`~benchmarks.common.data.download_dataset`).
     """
     if isinstance(dataset, str):
-        train, test = load_dataset(dataset, data_root)
+        train, test = load_dataset(dataset, data_root, download=download)
     else:
         train, test = dataset
     val = None
@@ -177,6 +179,23 @@ def prepare_data(
     return DataBundle(train, val, test, noisy, clean)
 
 
+def place_data(data: DataBundle, device: torch.device, mode: str = "auto") -> DataBundle:
+    """``data`` resident on ``device`` (``mode`` "yes"), left on the host ("no": batches are
+    made there and copied), or resident if it takes at most half the device's free memory
+    ("auto"; always on the CPU)."""
+    if mode not in runner.DATA_ON_DEVICE:
+        raise ValueError(f"data_on_device must be one of {runner.DATA_ON_DEVICE}, got {mode!r}")
+    device = torch.device(device)
+    resident = mode == "yes" or device.type == "cpu"
+    if mode == "auto" and device.type == "cuda":
+        sets = [data.train, data.test] + ([data.val] if data.val is not None else [])
+        size = sum(d.images.nbytes + d.labels.nbytes for d in sets)
+        resident = size <= torch.cuda.mem_get_info(device)[0] / 2
+    if mode == "no" and device.type != "cpu":
+        return data.to("cpu")
+    return data.to(device) if resident else data.to("cpu")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"``: CUDA if available, else CPU."""
     if device == "auto":
@@ -193,20 +212,35 @@ def resolve_device(device: str = "auto") -> torch.device:
 def evaluate(
     model: nn.Module, ds: ImageDataset, batch_size: int = 500
 ) -> tuple[float, float, Tensor]:
-    """``(mean loss, accuracy in %, per-example correctness)`` of ``model`` (eval mode)."""
+    """``(mean loss, accuracy in %, per-example correctness)`` of ``model`` (eval mode).
+
+    The batches are moved to the model's device (a data set kept on the host) and the sums
+    stay there: one read back per call."""
     was_training = model.training
     model.eval()
-    total, correct = 0.0, []
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = []
     for start in range(0, len(ds), batch_size):
-        x = ds.batch(slice(start, start + batch_size))
-        y = ds.labels[start : start + batch_size]
+        x = to_device(ds.batch(slice(start, start + batch_size)), device)
+        y = to_device(ds.labels[start : start + batch_size], device)
         out = model(x)
-        total += float(F.cross_entropy(out, y, reduction="sum"))
+        total += F.cross_entropy(out.float(), y, reduction="sum").double()
         correct.append(out.argmax(1) == y)
     model.train(was_training)
-    hits = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    hits = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool, device=device)
     n = max(len(ds), 1)
-    return total / n, 100.0 * float(hits.float().sum()) / n, hits
+    loss, right = torch.stack([total, hits.double().sum()]).tolist()
+    return loss / n, 100.0 * right / n, hits
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from the host to a GPU through pinned memory, without waiting."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @contextlib.contextmanager
@@ -415,48 +449,77 @@ def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+#: The training statistics a step adds up on the device (read at log points, see
+#: :class:`_Run`): loss · b, hits, the loss (for the window of ``trace_every_steps``), the
+#: noise norm and how many steps had one, and the first step whose loss was not finite.
+SUMS = ("loss", "correct", "win_loss", "noise_norm", "noise_steps", "first_nonfinite")
+_LOSS, _CORRECT, _WIN, _NOISE, _NOISE_N, _BAD = range(len(SUMS))
+
+
 class _Run:
     """State of one training run (kept in one object so it checkpoints as a whole), a
-    :class:`~benchmarks.common.runner.Trainable`."""
+    :class:`~benchmarks.common.runner.Trainable`.
+
+    An ordinary training step reads nothing back from the device: its loss, hits and noise
+    norm are added to a float64 tensor on the device (:data:`SUMS`), read at the log
+    points - the end of an epoch, a ``trace_every_steps`` measurement - together with the
+    first step whose loss was not finite (divergence is seen there). ``forward`` is the
+    model, or its ``torch.compile`` (``compile=True``); ``spec.amp`` trains under
+    ``torch.autocast`` (``"fp16"`` with a ``GradScaler``, whose inf check reads one value
+    per step)."""
 
     def __init__(self, spec: RunSpec, data: DataBundle, out: Path, device: torch.device, *,
-                 extend: bool = False, progress: bool = False,
+                 extend: bool = False, progress: bool = False, compile: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self.spec, self.data, self.out, self.device = spec, data, out, device
         #: ``--extend`` (continue a checkpoint on a longer schedule), the tqdm bar, the log.
         self.extend, self.progress, self.log = extend, progress, log
         torch.manual_seed(spec.seed)
         ds = data.train
+        #: where the data set lives (the device, or the host: its batches are moved)
+        self.data_device = ds.images.device
         self.model = build_model(spec.model, ds.num_classes, spec.init).to(device)
         if spec.ghost:
             convert_to_ghost_batchnorm(self.model, spec.ghost_batch_size)
+        self.forward: Callable[[Tensor], Tensor] = (
+            torch.compile(self.model) if compile else self.model)
         self.opt = build_optimizer(spec, self.model)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
         )
-        self.gen = torch.Generator(device=device).manual_seed(spec.seed)
+        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
+        self.scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
+        self.gen = torch.Generator(device=self.data_device).manual_seed(spec.seed)
         self.mix_rng = np.random.default_rng(spec.seed + 20_011)
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0
         self.perm: Tensor | None = None
-        self.sums = {"loss": 0.0, "correct": 0.0, "count": 0, "win_loss": 0.0, "win_n": 0,
-                     "time": 0.0, "wall": 0.0}
+        #: host-side sums of the epoch (examples, window steps, seconds)
+        self.sums = {"count": 0, "win_n": 0, "time": 0.0, "wall": 0.0}
+        #: the device-side sums of the epoch (:data:`SUMS`)
+        self.acc = self._zeros()
         self.global_step = 0
         self.logs: list[dict[str, Any]] = []
         self.traces: list[dict[str, Any]] = []
-        #: Per-update records (``log_every_update``) and the epoch's noise norms (noise runs).
+        #: Per-update records (``log_every_update``): read at the end of the epoch from
+        #: ``pending`` (host fields, device values).
         self.updates: list[dict[str, Any]] = []
-        self.noise_norms: list[float] = []
+        self.pending: list[tuple[dict[str, Any], Tensor]] = []
         n_probe = min(spec.probe_size, len(ds))
-        self.probe_x = ds.batch(slice(0, n_probe))
-        self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=ds.images.device)
+        self.probe_x = to_device(ds.batch(slice(0, n_probe)), device)
+        self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)),
+                                      device=self.data_device)
         #: One record per FisherPenaltySGD refresh (``refreshes.jsonl``).
         self.refresh_log: list[dict[str, Any]] = []
         #: ``(epoch, weights)`` of the best validation epoch so far (``test_every=0``).
         self.best_state: tuple[int, dict[str, Tensor]] | None = None
 
+    def _zeros(self) -> Tensor:
+        return torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
+
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        self._flush_updates()
         return {
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
@@ -464,17 +527,18 @@ class _Run:
             "gen": self.gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
             **runner.random_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "perm": self.perm,
             "sums": dict(self.sums),
+            "acc": self.acc,
             "global_step": self.global_step,
             "logs": self.logs,
             "traces": self.traces,
             "best_state": self.best_state,
             "refresh_log": self.refresh_log,
             **({"updates": self.updates} if self.spec.log_every_update else {}),
-            **({"noise_norms": self.noise_norms} if self.spec.noise_covariance else {}),
         }
 
     def resume_error(self, saved: dict[str, Any]) -> str | None:
@@ -494,14 +558,25 @@ class _Run:
         self.gen.set_state(st["gen"].cpu())
         self.mix_rng.bit_generator.state = st["mix_rng"]
         runner.set_random_state(st)
+        if self.scaler is not None and "scaler" in st:
+            self.scaler.load_state_dict(st["scaler"])
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
-        self.perm = None if st["perm"] is None else st["perm"].to(self.device)
-        self.sums, self.global_step = dict(st["sums"]), st["global_step"]
+        self.perm = None if st["perm"] is None else st["perm"].to(self.data_device)
+        sums = dict(st["sums"])
+        if "acc" in st:
+            self.acc = st["acc"].to(self.device)
+        else:  # a checkpoint of the loop that read its sums every step
+            self.acc = self._zeros()
+            norms = st.get("noise_norms", [])
+            self.acc[:_BAD] = torch.tensor(
+                [sums.get("loss", 0.0), sums.get("correct", 0.0), sums.get("win_loss", 0.0),
+                 sum(norms), len(norms)], dtype=torch.float64)
+        self.sums = {k: sums.get(k, 0) for k in ("count", "win_n", "time", "wall")}
+        self.global_step = st["global_step"]
         self.logs, self.traces = st["logs"], st["traces"]
         self.best_state = st.get("best_state")
         self.refresh_log = list(st.get("refresh_log", []))
         self.updates = list(st.get("updates", []))
-        self.noise_norms = list(st.get("noise_norms", []))
 
     # ---------------------------------------------------------------- measurement
     def _refresh_batches(self) -> Callable[[], Iterator[Tensor]] | None:
@@ -511,11 +586,11 @@ class _Run:
         ds, bs = self.data.train, self.spec.batch_size
 
         def batches() -> Iterator[Tensor]:
-            g = torch.Generator(device=self.device).manual_seed(self.spec.seed + 30_011)
+            g = torch.Generator(device=self.data_device).manual_seed(self.spec.seed + 30_011)
             perm = shuffled_order(len(ds), g)
             for i in range(min(k, math.ceil(len(ds) / bs))):
                 idx = perm[i * bs : (i + 1) * bs]
-                yield ds.batch(idx, self.spec.augment, g)
+                yield to_device(ds.batch(idx, self.spec.augment, g), self.device)
 
         return batches
 
@@ -575,7 +650,7 @@ class _Run:
                 loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
                 rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
                 if data.noisy is not None:
-                    noisy = data.noisy
+                    noisy = to_device(data.noisy, hits.device)
                     rec["noisy_count"] = int(noisy.sum())
                     for name, mask in (("clean", ~noisy), ("noisy", noisy)):
                         rec[f"train_acc_{name}"] = (
@@ -592,15 +667,15 @@ class _Run:
         if spec.noise_covariance is not None:
             nn_ = getattr(self.opt, "noise_norm", None)
             rec["noise_norm"] = None if nn_ is None else _finite(float(nn_))
-            norms = self.noise_norms
-            rec["noise_norm_mean"] = _finite(sum(norms) / len(norms)) if norms else None
+            total, steps = self.epoch_noise
+            rec["noise_norm_mean"] = _finite(total / steps) if steps else None
             ft = getattr(self.opt, "fisher_trace", None)
             rec["fisher_trace"] = None if ft is None else _finite(float(ft))
             rec["noise_refreshes"] = getattr(self.opt, "refreshes", None)
         if spec.track_groups and data.noisy is not None:
             idx = self.group_idx
-            x = data.train.batch(idx)
-            rec.update(_group_stats(model, x, data.train.labels[idx], data.noisy[idx]))
+            x, y = self._batch(idx, "none")
+            rec.update(_group_stats(model, x, y, to_device(data.noisy[idx], self.device)))
         rec["eval_time"] = time.perf_counter() - t0
         return rec
 
@@ -616,54 +691,86 @@ class _Run:
         for group in self.opt.param_groups:
             group[WEIGHT_KEY] = alpha
 
-    def _step(self, idx: Tensor) -> float:
-        """One training step on the examples ``idx``; returns its loss."""
-        spec, ds, model = self.spec, self.data.train, self.model
-        x = ds.batch(idx, spec.augment, self.gen)
-        y = ds.labels[idx]
+    def _batch(self, idx: Tensor | slice, augment: str) -> tuple[Tensor, Tensor]:
+        """The inputs and labels of the training examples ``idx``, on the device (a data set
+        on the host is augmented there, then moved)."""
+        ds = self.data.train
+        x = ds.batch(idx, augment, self.gen)
+        return to_device(x, self.device), to_device(ds.labels[idx], self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _step(self, idx: Tensor) -> None:
+        """One training step on the examples ``idx``; reads nothing back (see the class
+        doc): its statistics are added to ``self.acc``."""
+        spec, model = self.spec, self.model
+        x, y = self._batch(idx, spec.augment)
         model.train()
-        if spec.method == "mixup":
-            lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
-            other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
-            other = other.to(x.device)
-            out = model(lam * x + (1 - lam) * x[other])
-            loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
-        else:
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+        with self._autocast():
+            if spec.method == "mixup":
+                lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
+                other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
+                other = other.to(x.device)
+                out = self.forward(lam * x + (1 - lam) * x[other])
+                loss = (lam * F.cross_entropy(out, y)
+                        + (1 - lam) * F.cross_entropy(out, y[other]))
+            else:
+                out = self.forward(x)
+                loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if spec.penalty in ("gradient", "input_gradient"):
             self.opt.set_targets(y)
         if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
             self.opt.set_targets(y)
         lr = self.opt.param_groups[0]["lr"]
         refreshes = self.opt.refreshes if isinstance(self.opt, FisherPenaltySGD) else None
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         if refreshes is not None and self.opt.refreshes != refreshes:
             self._log_refresh()
-        lv = float(loss.detach())
         b = len(idx)
-        hits = float((out.detach().argmax(1) == y).sum())
-        noise_norm = getattr(self.opt, "noise_norm", None)
-        if spec.noise_covariance is not None and noise_norm is not None:
-            self.noise_norms.append(float(noise_norm))
+        lv = loss.detach().double()
+        hits = (out.detach().argmax(1) == y).sum().double()
+        noise = _noise_norm(self.opt, lv.device) if spec.noise_covariance is not None else None
+        step = torch.stack([lv * b, hits, lv,
+                            lv.new_zeros(()) if noise is None else noise.double(),
+                            lv.new_full((), float(noise is not None))])
+        self.acc[:_BAD] += step
+        first = self.acc[_BAD]
+        self.acc[_BAD] = torch.where((first == 0) & ~torch.isfinite(lv),
+                                     float(self.global_step + 1), first)
         if spec.log_every_update:
             rec: dict[str, Any] = {
                 "step": self.global_step + 1,
                 "epoch": self.epoch + (self.step_in_epoch + 1) / self._steps_per_epoch(),
-                "lr": lr, "loss": _finite(lv), "train_err": 100.0 * (1.0 - hits / b),
+                "lr": lr, "batch": b,
             }
-            if spec.noise_covariance is not None:
-                rec["noise_norm"] = None if noise_norm is None else _finite(float(noise_norm))
-            self.updates.append(rec)
-        self.sums["loss"] += lv * b
-        self.sums["correct"] += hits
+            values = torch.stack([lv, hits, lv.new_full((), math.nan) if noise is None
+                                  else noise.double()])
+            self.pending.append((rec, values))
         self.sums["count"] += b
-        self.sums["win_loss"] += lv
         self.sums["win_n"] += 1
         self.global_step += 1
-        return lv
+
+    def _flush_updates(self) -> None:
+        """The per-update records of ``log_every_update``, read from the device at once."""
+        if not self.pending:
+            return
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        for (rec, _), (loss, hits, noise) in zip(self.pending, values):
+            b = rec.pop("batch")
+            rec.update(loss=_finite(loss), train_err=100.0 * (1.0 - hits / b))
+            if self.spec.noise_covariance is not None:
+                rec["noise_norm"] = _finite(noise)
+            self.updates.append(rec)
+        self.pending = []
 
     def _log_refresh(self) -> None:
         """One record per penalty refresh: its Tr(F_B), ``||∇P||`` and the safeguard's call."""
@@ -688,62 +795,73 @@ class _Run:
     def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
         """Train to the end, checkpointing after every epoch. Returns the run's status:
         "complete", "interrupted" (``deadline`` passed, even mid-epoch; resumable) or
-        "diverged" (a non-finite training loss: the epoch is logged up to that step and
-        training stops, since the weights cannot recover)."""
+        "diverged" (a non-finite training loss, seen at the next log point: the epoch is
+        logged and training stops, since the weights cannot recover)."""
         spec, ds = self.spec, self.data.train
         n, bs = len(ds), spec.batch_size
         if not self.logs:  # epoch 0: the measurement at initialisation
+            self.epoch_noise = (0.0, 0)
             self.logs.append({"epoch": 0, "lr": spec.lr, "alpha": spec.alpha,
                               "train_loss": None, "train_acc": None, **self.measure()})
         write_jsonl(self.out / METRICS, self.logs)
         steps = self._steps_per_epoch()
-        steps_per_epoch = steps
         while self.epoch < spec.epochs:
             e = self.epoch + 1
             self._set_alpha(e)
             if self.perm is None:
-                self.perm = shuffled_order(n, self.gen, ds.images.device)
+                self.perm = shuffled_order(n, self.gen, self.data_device)
                 self.step_in_epoch = 0
-                self.sums = {k: 0 if k in ("count", "win_n") else 0.0 for k in self.sums}
-                self.noise_norms = []
-            wall0 = time.perf_counter() - self.sums.get("wall", 0.0)
+                self.sums = {"count": 0, "win_n": 0, "time": 0.0, "wall": 0.0}
+                self.acc = self._zeros()
+            wall0 = time.perf_counter() - self.sums["wall"]
             bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
                             self.progress)
             diverged = False
+            t0 = time.perf_counter()
             while self.step_in_epoch < steps:
-                t0 = time.perf_counter()
                 s = self.step_in_epoch
-                diverged = runner.diverged(self._step(self.perm[s * bs : (s + 1) * bs]))
+                self._step(self.perm[s * bs : (s + 1) * bs])
                 self.step_in_epoch += 1
-                self.sums["time"] += time.perf_counter() - t0
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.sums['loss'] / self.sums['count']:.3f}")
                 k = spec.trace_every_steps
-                if k > 0 and self.global_step % k == 0:
+                if k > 0 and self.global_step % k == 0:  # a log point
+                    win, bad = self.acc[[_WIN, _BAD]].tolist()
+                    self.sums["time"] += time.perf_counter() - t0
                     self.traces.append({
                         "step": self.global_step,
-                        "epoch": self.global_step / steps_per_epoch,
-                        "window_loss": self.sums["win_loss"] / max(self.sums["win_n"], 1),
+                        "epoch": self.global_step / steps,
+                        "window_loss": win / max(self.sums["win_n"], 1),
                         "trace": _finite(self.trace()),
                     })
-                    self.sums["win_loss"], self.sums["win_n"] = 0.0, 0
-                if diverged:
-                    break
+                    self.acc[_WIN] = 0.0
+                    self.sums["win_n"] = 0
+                    t0 = time.perf_counter()
+                    if bad:
+                        diverged = True
+                        break
                 if runner.past(deadline) and self.step_in_epoch < steps:
                     if bar is not None:
                         bar.close()
+                    self.sums["time"] += time.perf_counter() - t0
                     self.sums["wall"] = time.perf_counter() - wall0
                     return INTERRUPTED
+            # the epoch's log point: one read of the training statistics
+            loss, correct, _, noise, noise_steps, bad = self.acc.tolist()
+            self.sums["time"] += time.perf_counter() - t0
             if bar is not None:
                 bar.close()
+            diverged = diverged or bad > 0
+            self.epoch_noise = (noise, int(noise_steps))
+            self._flush_updates()
             train_time = self.sums["time"]
+            count = max(self.sums["count"], 1)
             rec = {
                 "epoch": e,
                 "lr": self.opt.param_groups[0]["lr"],
                 "alpha": self.opt.param_groups[0].get(WEIGHT_KEY, spec.alpha),
-                "train_loss": _finite(self.sums["loss"] / max(self.sums["count"], 1)),
-                "train_acc": 100.0 * self.sums["correct"] / max(self.sums["count"], 1),
+                "train_loss": _finite(loss / count),
+                "train_acc": 100.0 * correct / count,
                 **self.measure(e, final=diverged or e == spec.epochs),
                 "train_time": train_time,
                 "images_per_s": self.sums["count"] / train_time if train_time > 0 else None,
@@ -752,7 +870,7 @@ class _Run:
             # everything the epoch took (steps, Tr(F) probes, evaluation), for the overhead
             rec["wall_time"] = time.perf_counter() - wall0
             if diverged:
-                rec["diverged_at_step"] = self.global_step
+                rec["diverged_at_step"] = int(bad)
             self.sched.step()
             self.logs.append(rec)
             self.epoch, self.perm, self.step_in_epoch = e, None, 0
@@ -793,6 +911,15 @@ class _Run:
         return summarize(self.spec, self.logs, self.traces, status)
 
 
+def _noise_norm(opt: torch.optim.Optimizer, device: torch.device) -> Tensor | None:
+    """FisherNoiseSGD's last noise norm as the tensor it keeps on the device (its public
+    ``noise_norm`` is a float: reading it waits for the device)."""
+    value = vars(opt).get("_noise_norm")
+    if value is None or isinstance(value, Tensor):
+        return value
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -816,13 +943,15 @@ def train_run(
     progress: bool = True,
     deadline: float | None = None,
     log: Callable[[str], None] | None = print,
+    compile: bool = False,
+    data_on_device: str = "auto",
 ) -> dict[str, Any]:
     """Train one run and write its files in ``out_dir`` (see the module doc), by
     :func:`benchmarks.common.runner.execute`.
 
     Args:
         spec: the run.
-        data: its data (moved to ``device`` if it is not there).
+        data: its data, placed by :func:`place_data` with ``data_on_device``.
         resume: continue from ``out_dir/checkpoint.pt`` if present, and return the existing
             summary if the run already finished; without it an existing run is restarted.
         extend: as ``resume``, and a checkpoint whose spec differs only in its schedule
@@ -833,17 +962,18 @@ def train_run(
             checkpoints (even mid-epoch) and returns ``{"status": "interrupted", ...}``:
             rerun with ``resume=True``.
         log: where one line per epoch is printed (None: silent).
+        compile: train through ``torch.compile(model)``.
 
     Returns:
         The summary (also written to ``summary.json``), :func:`summarize`.
     """
     device = torch.device(device)
     folder = RunFolder(out_dir, spec.to_dict(), key="spec")
-    if data.train.images.device != device:
-        data = data.to(device)
+    data = place_data(data, device, data_on_device)
 
     def start() -> _Run:
-        run = _Run(spec, data, folder.path, device, extend=extend, progress=progress, log=log)
+        run = _Run(spec, data, folder.path, device, extend=extend, progress=progress,
+                   compile=compile, log=log)
         if data.noisy is not None:
             torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
                         "labels": data.train.labels.cpu()}, folder.path / "noise.pt")
@@ -860,12 +990,67 @@ def run_many(
     specs: Sequence[RunSpec],
     data: DataBundle,
     root: str | os.PathLike,
+    *,
+    pack: int = 1,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Train ``specs`` one after the other into ``root/<spec.name>``; stops at the first
-    interrupted run (time limit). Uses the module-level :func:`train_run` (patchable)."""
+    """Train ``specs`` into ``root/<spec.name>``, one after the other, stopping at the first
+    interrupted run (time limit); uses the module-level :func:`train_run` (patchable).
+
+    With ``pack > 1``, ``pack`` processes train at once on the same device, process ``r``
+    the runs ``specs[r::pack]`` in order (each stops at its first interrupted run); the
+    results are read back from the run folders, in the order of ``specs``.
+    """
+    if pack > 1 and len(specs) > 1:
+        return _run_packed(specs, data, Path(root), min(pack, len(specs)), kwargs)
     results, _ = runner.sweep(
         lambda spec=spec: train_run(spec, data, Path(root) / spec.name, **kwargs)
         for spec in specs
     )
     return results
+
+
+def _run_packed(specs: Sequence[RunSpec], data: DataBundle, root: Path, pack: int,
+                kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    root.mkdir(parents=True, exist_ok=True)
+    # through a file, not shared memory (a container's /dev/shm is often small)
+    shared = root / ".packed-data.pt"
+    torch.save(data.to("cpu"), shared)
+    kwargs = dict(kwargs, progress=False, device=str(kwargs.get("device", "cpu")))
+    deadline = kwargs.pop("deadline", None)
+    wall = None if deadline is None else time.time() + (deadline - runner.clock())
+    kwargs.pop("log", None)  # a worker prints its lines (a function does not pickle)
+    try:
+        mp.spawn(_packed_worker, nprocs=pack, join=True,
+                 args=(pack, list(specs), str(shared), str(root), wall, kwargs,
+                       torch.get_num_threads()))
+    finally:
+        shared.unlink(missing_ok=True)
+    return [_packed_result(spec, root / spec.name) for spec in specs]
+
+
+def _packed_worker(rank: int, pack: int, specs: list[RunSpec], data_file: str, root: str,
+                   wall: float | None, kwargs: dict[str, Any], threads: int) -> None:
+    """Process ``rank`` of :func:`run_many`'s ``pack``: its share of the runs, in order."""
+    torch.set_num_threads(max(1, threads // pack))
+    deadline = None if wall is None else runner.clock() + (wall - time.time())
+    data = torch.load(data_file, weights_only=False)
+    data = place_data(data, torch.device(kwargs["device"]), kwargs.get("data_on_device", "auto"))
+    kwargs = {k: v for k, v in kwargs.items() if k != "data_on_device"}
+    for spec in specs[rank::pack]:
+        out = train_run(spec, data, Path(root) / spec.name, deadline=deadline, **kwargs)
+        if out["status"] == INTERRUPTED:
+            return
+
+
+def _packed_result(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """A packed run's result: its summary if it finished, else where it stopped."""
+    done = RunFolder(run_dir, spec.to_dict(), key="spec").finished() if run_dir.is_dir() else None
+    if done is not None:
+        return done
+    metrics = run_dir / METRICS
+    epochs = runner.read_jsonl(metrics)[-1]["epoch"] if metrics.is_file() else 0
+    return {"name": spec.name, "spec": spec.to_dict(), "status": INTERRUPTED,
+            "epochs_done": epochs}

@@ -26,6 +26,8 @@ Use :func:`build_model` with a name from :data:`MODELS`:
   dropout, classifier ``Linear(512, C)`` (Wen et al.'s "VGG16" row of Table 2).
 * ``tiny`` (small CNN with one BatchNorm) and ``tiny_mlp`` - a few thousand parameters,
   for tests.
+* ``moe_mlp`` - a top-2-of-4 routed mixture of GELU MLP experts on the pooled image
+  (:class:`MoEMLP`), a network whose routing is piecewise.
 
 Convolutions use Kaiming-normal (fan-in, ReLU) initialisation with zero biases; linear
 layers keep PyTorch's default; BatchNorm starts at weight 1, bias 0. ``build_model(...,
@@ -202,6 +204,38 @@ def mlp(num_classes: int = 10, hidden: int = 256, depth: int = 2, pool: int = 8)
         cin = hidden
     layers.append(nn.Linear(cin, num_classes))
     return nn.Sequential(*layers)
+
+
+class MoEMLP(nn.Module):
+    """A mixture-of-experts MLP on the 8x8-average-pooled image, top-k routed: a linear
+    router scores ``experts`` GELU MLPs (``192 -> hidden -> hidden``) per example, the top
+    ``k`` are mixed with softmax weights over their scores, and a linear head maps to the C
+    classes. Routing (``torch.topk``) is piecewise: which experts an example uses jumps as
+    the scores cross.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, experts: int = 4, k: int = 2, hidden: int = 128
+    ) -> None:
+        super().__init__()
+        if not 1 <= k <= experts:
+            raise ValueError(f"k must be in 1..experts ({experts}), got {k}")
+        self.k = k
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten())
+        self.router = nn.Linear(192, experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(192, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            for _ in range(experts)
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(x)
+        top = self.router(h).topk(self.k, dim=-1)
+        weights = torch.softmax(top.values, dim=-1)  # [B, k]
+        outs = torch.stack([e(h) for e in self.experts], dim=1)  # [B, E, hidden]
+        chosen = outs.gather(1, top.indices[..., None].expand(-1, -1, outs.shape[-1]))
+        return self.head((weights[..., None] * chosen).sum(1))
 
 
 # --------------------------------------------------------------------------------------
@@ -481,6 +515,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "tiny": tiny_cnn,
     "tiny_mlp": tiny_mlp,
     "mlp": mlp,
+    "moe_mlp": MoEMLP,
     "resnet20": lambda c: ResNet(20, c),
     "resnet44": lambda c: ResNet(44, c),
     "resnet44_b": lambda c: ResNet(44, c, shortcut="B"),

@@ -22,9 +22,11 @@ killed at any moment leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,16 +38,19 @@ from fisher_optim._cli import positive_float, positive_int
 
 __all__ = [
     "COMPLETE",
+    "DATA_ON_DEVICE",
     "DIVERGED",
     "EXIT_INTERRUPTED",
     "FINISHED",
     "INTERRUPTED",
     "STOPPED",
+    "DeviceOptions",
     "RunFolder",
     "RunningOptions",
     "Trainable",
     "clock",
     "deadline_after",
+    "device_name",
     "diverged",
     "execute",
     "load_summary",
@@ -68,6 +73,11 @@ STOPPED = "stopped by --time-limit: rerun the same command with --resume to cont
 CHECKPOINT, SUMMARY, CONFIG = "checkpoint.pt", "summary.json", "config.json"
 #: The ``--help`` section of :class:`RunningOptions`.
 RUNNING = "running"
+#: The ``--help`` section of :class:`DeviceOptions`.
+DEVICE = "device"
+#: ``--data-on-device``: keep the data set resident on the device if it fits (auto), always
+#: (yes) or never (no: batches are moved from pinned host memory).
+DATA_ON_DEVICE = ("auto", "yes", "no")
 
 
 # ------------------------------------------------------------------------------ options
@@ -87,6 +97,32 @@ class RunningOptions:
                           "finished ones", action="store_true", group=RUNNING)
     no_plot: bool = option(False, "do not draw the figure", action="store_true",
                            group=RUNNING)
+
+
+def device_name(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:INDEX, got {text!r}")
+    return text
+
+
+@dataclass
+class DeviceOptions:
+    """Where and how a script's runs train, shared by every script that trains (none of it
+    changes a run's configuration; ``--amp`` does and is a run option)."""
+
+    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
+                         "cuda:INDEX", type=device_name, group=DEVICE)
+    compile: bool = option(False, "train through torch.compile(model) (the first steps "
+                           "compile; worth it for long runs on a GPU)", action="store_true",
+                           group=DEVICE)
+    data_on_device: str = option(
+        "auto", "keep the data set resident on the device, where batches are shuffled and "
+        "augmented (auto: if it takes at most half the free device memory; no: batches are "
+        "made on the host and copied)", choices=DATA_ON_DEVICE, group=DEVICE)
+    pack: int = option(1, "train N runs at once, each in its own process on the same "
+                       "device (small models leave a GPU mostly idle; see the GPU guide)",
+                       type=positive_int, metavar="N", group=DEVICE)
 
 
 # ------------------------------------------------------------------------------ files

@@ -1,5 +1,10 @@
 // MathJax configuration for pymdownx.arithmatex (generic mode): \( ... \) inline, \[ ... \] display.
+// The components come from javascripts/mathjax/ beside this file (vendored: the site renders
+// its formulas offline); startup.js loads the ones named here, from its own folder.
 window.MathJax = {
+  loader: {
+    load: ["input/tex", "output/chtml", "a11y/assistive-mml"],
+  },
   tex: {
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],

@@ -6,15 +6,17 @@ Every tensor of a batch holds the examples in its first dimension (see
 ``[T, T]``, a table ``[T, 1]``) whose first dimension happens to equal the batch size
 cannot be told apart from one that holds examples, and is never guessed about: pass it
 through the model itself (an attribute, ``functools.partial`` or a wrapper module), not in
-the batch. What is checked instead is the consequence: the model run on the first example
-alone (its tensors cut as every per-example pass cuts them) must reproduce that example's
-output in the batch (:func:`check_first_example`), else ``ValueError``. The same check
-catches examples that interact (BatchNorm with batch statistics, a model that mixes rows).
+the batch. What is checked instead is the consequence: the model run on the first and on
+the last example alone (their tensors cut as every per-example pass cuts them) must
+reproduce those examples' outputs in the batch (:func:`check_examples_alone`), else
+``ValueError``. The same check catches examples that interact (BatchNorm with batch
+statistics, a running mean or causal attention across the batch dimension: such mixing
+leaves one end of the batch untouched, never both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +30,10 @@ from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
 __all__ = [
     "SHARED_INPUT_HINT",
     "ExampleLoss",
-    "check_first_example",
+    "check_examples_alone",
     "renormalise_first",
     "example_grads",
+    "probe_indices",
     "same_values",
     "values_close",
 ]
@@ -73,29 +76,53 @@ def values_close(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(a.isfinite() & b.isfinite(), near, same).all()
 
 
-def check_first_example(first: Tensor, alone: Tensor, n: int, who: str) -> None:
-    """Raise ``ValueError`` unless ``alone`` (the model's output for the first example run
-    alone) equals ``first`` (that example's rows of the output for the whole batch of ``n``).
+def probe_indices(n: int) -> tuple[int, ...]:
+    """The examples run alone to check a batch of ``n``: the first and the last. A model
+    that mixes examples in one direction only (a running mean over the batch, attention
+    across the batch dimension with a causal mask) leaves one end untouched, never both."""
+    return (0,) if n == 1 else (0, n - 1) if n > 1 else ()
 
-    >>> check_first_example(torch.ones(1, 3), torch.ones(1, 3), 4, "a doctest")
-    >>> check_first_example(torch.ones(1, 3), torch.zeros(1, 3), 4, "a doctest")
+
+def check_examples_alone(
+    pairs: Sequence[tuple[int, Tensor, Tensor]], n: int, who: str
+) -> None:
+    """Raise ``ValueError`` unless, for each ``(i, in_batch, alone)``, ``alone`` (the model's
+    output for example ``i`` run alone) equals ``in_batch`` (that example's rows of the
+    output for the whole batch of ``n``), up to rounding. One host read for all pairs; a
+    pair whose batch rows are not finite is not judged (a diverged model is reported as it
+    is elsewhere).
+
+    >>> ones = torch.ones(1, 3)
+    >>> check_examples_alone([(0, ones, ones), (3, ones, ones)], 4, "a doctest")
+    >>> check_examples_alone([(0, ones, ones), (3, ones, 0 * ones)], 4, "a doctest")
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: a doctest: the model run on the first example alone does not reproduce ...
+    ValueError: a doctest: the model run on the last example (index 3) alone does not ...
     """
-    first, alone = first.detach(), alone.detach()
-    finite = torch.isfinite(first).all()  # else nothing to compare (reported as it is)
-    if first.shape == alone.shape and first.is_floating_point():
-        if bool(~finite | values_close(first, alone)):  # one host read
-            return
-    elif not bool(finite) or same_values(first, alone):
+    verdicts = []
+    for _, in_batch, alone in pairs:
+        in_batch, alone = in_batch.detach(), alone.detach()
+        finite = torch.isfinite(in_batch).all() if in_batch.is_floating_point() else None
+        if in_batch.shape != alone.shape:
+            verdicts.append(torch.zeros((), dtype=torch.bool, device=in_batch.device))
+        else:
+            close = values_close(in_batch, alone)
+            verdicts.append(close if finite is None else ~finite | close)
+    if not verdicts:
         return
-    raise ValueError(
-        f"{who}: the model run on the first example alone does not reproduce that "
-        f"example's output in the batch of {n} (shapes {tuple(alone.shape)} and "
-        f"{tuple(first.shape)}), so per-example gradients would be wrong: " + SHARED_INPUT_HINT
-    )
+    oks = torch.stack([v.to(verdicts[0].device) for v in verdicts]).tolist()  # one host read
+    for (i, in_batch, alone), ok in zip(pairs, oks, strict=True):
+        if not ok:
+            which = "first example" if i == 0 else f"last example (index {i})"
+            raise ValueError(
+                f"{who}: the model run on the {which} alone does not reproduce that "
+                f"example's output in the batch of {n} (shapes {tuple(alone.shape)} and "
+                f"{tuple(in_batch.shape)}), so per-example gradients would be wrong: "
+                "examples must not interact (a running mean or attention across the batch "
+                "dimension mixes them; so does BatchNorm in training mode), and "
+                + SHARED_INPUT_HINT
+            )
 
 
 def renormalise_first(model: nn.Module, inputs: Inputs) -> None:

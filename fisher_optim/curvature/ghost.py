@@ -12,8 +12,9 @@ dimension that has ``B`` entries in the batch and 1 in the probe, with slice 0 e
 probe's input. So a Linear or LayerNorm fed ``[T, B, D]`` (``nn.TransformerEncoderLayer``
 with ``batch_first=False``) is taken with the examples in dimension 1, also when ``T == B``;
 a convolution over frames folded into its batch dimension is not taken. The probe's output
-must equal the batch's first example's (:func:`.examples.check_first_example`): a tensor
-of the batch shared by all examples is never cut silently. Every other trainable parameter
+must equal the batch's first example's, and the last example run alone the batch's last
+(:func:`.examples.check_examples_alone`): a tensor of the batch shared by all examples is
+never cut silently, nor are examples that interact. Every other trainable parameter
 is returned to the caller, which takes it per example (:func:`.examples.example_grads`).
 The backward asks autograd for no weight gradients of the covered layers (it
 differentiates w.r.t. the inputs of the first layers), so the whole costs about one
@@ -37,7 +38,7 @@ from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import trainable_parameters
 from ._data import CallBatch, Inputs, batch_size, call_model, slice_batch
-from .examples import check_first_example, renormalise_first, values_close
+from .examples import check_examples_alone, renormalise_first, values_close
 from .layers import LayerRule, rule_for
 
 __all__ = ["CotangentFn", "LayerFn", "ghost_backward"]
@@ -358,15 +359,15 @@ class _BatchedHooks:
 
 def _cotangents_of(
     logits: Tensor,
-    alone: Any,
+    alone: dict[int, Any],
     n: int,
     cotangents: CotangentFn,
     output_fn: OutputFn | None,
     checked: bool = False,
 ) -> list[Tensor]:
-    """The cotangents ``[N·R, C]`` for the batch's logits, once its first example's rows are
-    checked against the probe's (:func:`.examples.check_first_example`; not if ``checked``
-    before)."""
+    """The cotangents ``[N·R, C]`` for the batch's logits, once the rows of the examples run
+    ``alone`` (the probe, the last example) are checked against them
+    (:func:`.examples.check_examples_alone`; not if ``checked`` before)."""
     if n == 0 or logits.shape[0] % n:
         raise ValueError(
             f"{logits.shape[0]} logit rows for {n} examples: each example must "
@@ -374,8 +375,10 @@ def _cotangents_of(
         )
     logits3 = logits.detach().reshape(n, -1, logits.shape[-1])
     if not checked:
-        check_first_example(
-            logits3[0], as_logits(alone, output_fn).detach(), n, "per-example gradients"
+        check_examples_alone(
+            [(i, logits3[i], as_logits(a, output_fn).detach()) for i, a in alone.items()],
+            n,
+            "per-example gradients",
         )
     return [g.reshape(logits.shape) for g in cotangents(logits3)]
 
@@ -460,8 +463,14 @@ def ghost_backward(
             if rule is not None:  # watched either way: its output may be the batch's
                 layers[m] = _LayerState(rule, ok=trusted is None or m in trusted)
         renormalise_first(model, inputs)
-        with left_as_found(model, **as_found):  # the batch's forward starts from the same buffers
-            alone = _probe(model, inputs, layers) if n > 0 else None
+        alone: dict[int, Any] = {}
+        # each forward starts from the buffers the batch's forward starts from
+        with left_as_found(model, **as_found):
+            if n > 0:
+                alone[0] = _probe(model, inputs, layers)
+        if n > 1 and not checked:  # the other end of the batch, for mixing examples
+            with left_as_found(model, **as_found), torch.no_grad():
+                alone[n - 1] = call_model(model, slice_batch(inputs, n - 1, n))
         inputs, leaves, storages = _input_leaves(inputs)
         hooks = _BatchedHooks(layers, n, leaves, storages, on_layer, checked)
         handles = hooks.attach()

@@ -58,7 +58,12 @@ from ._data import (
     target_row_mask,
     to_device,
 )
-from .examples import check_first_example, example_grads, renormalise_first
+from .examples import (
+    check_examples_alone,
+    example_grads,
+    probe_indices,
+    renormalise_first,
+)
 from .ghost import CotangentFn, ghost_backward
 from .layers import LayerRule, sq_norms
 
@@ -308,13 +313,17 @@ def group_gradient_stats(
     sums = [[torch.zeros_like(p) for p in params] for _ in ids]
     with eval_mode(model), left_as_found(model), torch.enable_grad():
         renormalise_first(model, inputs)
-        alone = as_logits(call_model(model, slice_batch(inputs, 0, 1)), output_fn)
+        alone = {
+            i: as_logits(call_model(model, slice_batch(inputs, i, i + 1)), output_fn)
+            for i in probe_indices(n)
+        }
         for start, stop in iter_chunks(inputs, chunk_size):
             chunk = slice_batch(inputs, start, stop)
             logits = as_logits(call_model(model, chunk), output_fn)
-            if start == 0:
-                first = logits[: logits.shape[0] // stop]
-                check_first_example(first, alone, n, "group_gradient_stats")
+            rows = logits.shape[0] // (stop - start)
+            ends = [(i, logits[(i - start) * rows : (i - start + 1) * rows], a)
+                    for i, a in alone.items() if start <= i < stop]
+            check_examples_alone(ends, n, "group_gradient_stats")
             logits3 = logits.reshape(stop - start, -1, logits.shape[-1])
             lik.check_outputs(logits3, "group_gradient_stats")
             y = row_labels(model, chunk, targets[start:stop], logits3.detach(), lik)

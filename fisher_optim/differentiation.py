@@ -1,4 +1,4 @@
-"""How the penalty gradient ``∇_θ P`` is computed: exactly, or by a finite difference.
+"""How the penalty is differentiated: exactly (double backprop), or by a finite difference.
 
 For ``P = ||g||²`` with ``g = ∇_θ L`` (labels frozen), ``∇_θ P = 2 H g`` where ``H = ∇²_θ L``
 (FP paper, Sec. 4; a Hessian-vector product).
@@ -8,65 +8,62 @@ differentiated again: one forward, one backward, one double backward (≈ 3x a g
 
 ``mode="finite_difference"``: with ``v = g / ||g||`` and step ``r``,
 
-    ∇_θ P = 2 ||g|| H v ≈ 2 ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ)) / r,
+    ∇_θ P = 2 ||g|| H v ≈ 2 ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ)) / r      (forward)
+                      ≈   ||g|| (∇_θ L(θ + r v) − ∇_θ L(θ − r v)) / r  (central)
 
-two ordinary forward-backward passes (≈ 2x a gradient; the float32 default takes three, see
-below), the second at the shifted parameters
-with the *same* labels (and the same dropout masks); the parameters are then restored bitwise.
-For the input-gradient penalty (GPx, ``g = ∇_x L``) the inputs are shifted instead of θ and
-``∇_θ P ≈ 2 ||g|| (∇_θ L(x + r v) − ∇_θ L(x)) / r``.
+ordinary forward-backward passes only (two for the forward difference, three for the
+central one), the shifted ones with the *same* labels, dropout masks and buffers as the
+first; the parameters are then restored bitwise. For the input-gradient penalty (GPx,
+``g = ∇_x L``) the inputs are shifted instead of θ. No double backward is needed, so it runs
+where that cannot: FSDP2, fused attention kernels.
 
-Choosing the scheme and the step (``benchmarks/fd_step.py``; the table, with the command, is
-``docs/fd_step_measured.md``, rendered in the docs' science page). The error of the quotient
-has three sources:
+**Kinks.** On ReLU, max-pool, clamp or top-k-routed networks the gradient jumps where a
+unit changes side, and a network of 10⁵–10⁶ units per batch always has units within any
+useful step of their kink. A quotient across a kink adds the jump divided by ``r``: without
+more care the difference is 4–35x off the exact gradient on SimpleCNN, VGG-11 and ResNet-20
+at any float32 step that rounding allows. So every shifted pass runs on the **base point's
+activation pattern** (:mod:`fisher_optim.activation_pattern`): the ReLU masks, pooling
+winners, clamp regions and routing choices of the unshifted pass are recorded and replayed,
+and the quotient differentiates the base point's smooth piece, whose Hessian is exactly the
+one double backprop returns. What is left is truncation (``O(r)`` forward, ``O(r²)``
+central) and float32 rounding (``O(ε ||∇L|| / r)``).
 
-* truncation: ``O(r)`` for the forward difference, ``O(r²)`` for the central one
-  ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r`` (three gradients, ≈ 3x);
-* rounding: ``O(ε ||∇L|| / r)``, ε the machine epsilon (about 6e-8 in float32);
-* kinks: on ReLU / max-pool networks the gradient jumps where a unit changes sign. The exact
-  mode returns the Hessian of the current linear region (ReLU'' = 0), the true gradient of P
-  almost everywhere; a quotient whose step crosses a kink adds the jump divided by ``r``. The
-  chance of a crossing grows with ``r`` (and with the number of units), so large steps fail.
+**The default in float32** is ``fd_scheme="auto"`` at ``r = 3e-5 · max(1, ||θ||)``: the
+central difference, which also measures, from the same passes, how far the forward one
+would be (``forward_gap``, its truncation error to first order); while that is within 0.5%
+(:data:`AUTO_TOLERANCE`), :class:`~fisher_optim.FisherPenaltySGD` takes the forward
+difference for the next 9 refreshes (:data:`AUTO_FORWARD_REFRESHES`) and then checks again.
+So the refreshes cost about two gradients where the forward difference is accurate
+(SimpleCNN, VGG-11, a top-k MoE MLP: under 0.2%) and three where it is not (ResNet-20 and
+DenseNet-40 with BatchNorm in training mode, a GELU transformer: 0.4–11% at this step), and
+the error stays at the central difference's: within 0.30% (worst of 20 real-data batches)
+on each benchmark network at real size (``docs/fd_step_measured.md``,
+``benchmarks/fd_step.py``). The functional
+:func:`penalty_gradient` has no memory between calls: there ``"auto"`` is the central
+difference. In float64 the default is the forward difference at ``r = 1e-8 · max(1, ||θ||)``.
 
-Measured against the float64 exact gradient (relative L2 error, median and worst of 5 seeds,
-batch 32; smooth = tanh/GELU/average pooling, MLPs and CNNs): the forward difference in
-float32 has no good step: at relative step 1e-4 the smooth nets are within 0.14% but the
-ReLU/max-pool CNN is off by 171%; at 1e-5 one ReLU-CNN seed in five crosses a kink (12x);
-at 1e-6 (the former default) rounding leaves 2–4% (ReLU) and 4–12% (smooth). Almost all of
-that rounding is in evaluating the two float32 gradients, not in storing ``θ + r v``
-(measured: the float32 shift with float64 gradients is 10x more accurate), so accumulating
-the difference in float64 would not help; a larger step is the only lever, and kinks cap it.
-
-The float32 default is therefore the **guarded** central difference at ``c = 1e-5``: it takes
-``D+ = ∇L(θ + r v) − ∇L(θ)`` and ``D− = ∇L(θ) − ∇L(θ − r v)``; where they agree (``||D+ − D−||
-≤ 0.1 · min(||D+||, ||D−||)``, :data:`GUARD_TOLERANCE`) it uses their mean, the central
-difference (truncation ``O(r²)``, half the forward's rounding); where they do not, a kink was
-crossed on one side (it adds ``jump / r`` to that side only), and the side of smaller norm is
-used. The choice is made on device (no host sync). Worst error over the 5 networks x 5 seeds:
-0.63% (smooth) and 0.19% (ReLU/max-pool), cosine 1.0000 to four digits (1.04% on the tanh CNN
-without BatchNorm of the docs' example); the plain central difference at the same step crosses
-kinks in 3 of 5 ReLU-CNN seeds (6x). It costs three gradients per refresh (≈ 3x a gradient,
-like the exact mode, but it needs no double backward, so it runs where that cannot: FSDP2,
-fused attention kernels); ``fd_scheme="forward"`` keeps two gradients (≈ 2x) at the forward
-difference's accuracy. float64 is unchanged: forward at ``c = 1e-8`` (≤ 1.6e-7). Both kinds of
-error bound are measurements on these networks: a much larger ReLU network crosses more kinks
-per step.
-
-    r = DEFAULT_FD_STEP[dtype] · max(1, ||θ||),  1e-5 in float32, 1e-8 in float64
+**What it cannot see** it reports: piecewise operations without a replay rule (``rrelu``,
+``grid_sample``, ...) are warned about once (:class:`FiniteDifferenceWarning`); a shifted
+forward that calls other piecewise operations than the first (data-dependent control flow)
+falls back to the plain difference with a warning; and FisherPenaltySGD compares its first
+refresh with the exact gradient (``fd_check=True``), which catches what no Python-level
+mode sees (extension kernels, ``torch.ops`` calls). A parametrization whose forward runs a
+power iteration (``spectral_norm`` in training mode) is one such case: its vectors move with
+the shifted weights, which double backprop treats as constants.
 
 Parameters other than float32/float64 are refused (``TypeError``): in float16/bfloat16 no step
-lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation or kinks (measured in bfloat16: the
-central difference at its best step, 3e-2, is 2–4% off on the smooth nets (median; worst 5%)
-and 15–74% on the ReLU ones (worst 92%); at 1e-5 the shift is rounded away entirely). The
-passes run in the parameters' precision even under ``torch.autocast`` (autocast is switched off
-inside), so training under autocast with float32 parameters works, with float32 differences.
-``fd_step`` must be a finite number > 0.
+lies between rounding (ε ≈ 1e-3 / 8e-3) and truncation. The passes run in the parameters'
+precision even under ``torch.autocast`` (autocast is switched off inside), so training under
+autocast with float32 parameters works, with float32 differences. ``fd_step`` must be a
+finite number > 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -84,22 +81,34 @@ from fisher_optim._fsdp import (
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._modules import math_attention, trainable_parameters
 from fisher_optim._targets import TargetMask
+from fisher_optim.activation_pattern import ActivationPattern, PatternMismatch
 from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
 
 MODES = ("exact", "finite_difference")
 #: Difference schemes of the finite-difference engine (see the module docstring).
-FD_SCHEMES = ("forward", "central", "guarded")
+FD_SCHEMES = ("forward", "central", "auto")
 #: The scheme ``mode="finite_difference"`` uses, per parameter dtype.
 DEFAULT_FD_SCHEME = {
     torch.float64: "forward",
-    torch.float32: "guarded",
+    torch.float32: "auto",
 }
 
 #: Relative finite-difference step per parameter dtype (times ``max(1, ||θ||)``).
 DEFAULT_FD_STEP = {
     torch.float64: 1e-8,
-    torch.float32: 1e-5,
+    torch.float32: 3e-5,
 }
+
+#: ``fd_scheme="auto"``: the forward difference is trusted while it is within this relative
+#: distance of the central one (the gap estimates its truncation error, the central
+#: difference's own being far smaller).
+AUTO_TOLERANCE = 0.005
+#: ``fd_scheme="auto"`` in :class:`~fisher_optim.FisherPenaltySGD`: after a central refresh
+#: that trusts the forward difference, this many refreshes use it before the next check.
+AUTO_FORWARD_REFRESHES = 9
+#: :class:`~fisher_optim.FisherPenaltySGD` (``fd_check=True``) warns when its first finite
+#: difference is farther than this (relative L2) from the exact penalty gradient.
+EXACT_CHECK_TOLERANCE = 0.01
 
 
 def check_mode(mode: str) -> str:
@@ -123,8 +132,14 @@ def check_fd_step(fd_step: float | None) -> float | None:
 
 def check_fd_scheme(scheme: str | None) -> str | None:
     """``fd_scheme`` must be None (the dtype's default) or one of :data:`FD_SCHEMES`."""
+    if scheme == "guarded":
+        raise ValueError(
+            "fd_scheme='guarded' was removed: the finite difference now replays the base "
+            "point's activation pattern, so no step crosses a kink and there is nothing to "
+            f"guard against. Use one of {FD_SCHEMES} or None (the default, 'auto' in float32)"
+        )
     if scheme is not None and scheme not in FD_SCHEMES:
-        raise ValueError(f"scheme must be one of {FD_SCHEMES} or None, got {scheme!r}")
+        raise ValueError(f"fd_scheme must be one of {FD_SCHEMES} or None, got {scheme!r}")
     return scheme
 
 
@@ -156,10 +171,19 @@ def check_fd_dtypes(
 
 @dataclass
 class PenaltyGradient:
-    """``grads[i] = ∂P/∂params[i]`` (None where P does not depend on it) and ``value = P``."""
+    """``grads[i] = ∂P/∂params[i]`` (None where P does not depend on it) and ``value = P``.
+
+    A finite difference also gives, as 0-dim tensors on the device (None where not taken):
+    ``forward_gap``, with a central difference, the relative distance of the forward
+    difference from it (``||∇L(θ+rv) + ∇L(θ−rv) − 2∇L(θ)|| / ||∇L(θ+rv) − ∇L(θ−rv)||``, the
+    forward difference's truncation error to first order); ``exact_error``, with
+    ``check_exact=True``, the relative L2 distance of ``grads`` from the exact gradient.
+    """
 
     grads: list[Tensor | None]
     value: Tensor
+    forward_gap: Tensor | None = None
+    exact_error: Tensor | None = None
 
 
 def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
@@ -180,16 +204,24 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
 
 
 def finite_difference_penalty_gradient(
-    objective: PenaltyObjective, step: float | None = None, scheme: str | None = None
+    objective: PenaltyObjective,
+    step: float | None = None,
+    scheme: str | None = None,
+    replay: bool = True,
+    check_exact: bool = False,
 ) -> PenaltyGradient:
     """``∇_θ ||∇L||²`` by a difference of gradients along ``∇L`` (see the module docstring).
 
     ``scheme="forward"``: ``(∇L(θ + r v) − ∇L(θ)) / r``, two gradients; ``"central"``:
-    ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r``, three; ``"guarded"``: the central difference, or,
-    where its two one-sided halves disagree (a kink crossed on one side), the half of smaller
-    norm, three. ``None``: :data:`DEFAULT_FD_SCHEME` of the parameters' dtype. Every pass runs
-    in the parameters' precision (autocast off) and sees the dropout masks of the first. On
+    ``(∇L(θ + r v) − ∇L(θ − r v)) / 2r``, three, with ``forward_gap``; ``"auto"``: here the
+    central one (:class:`~fisher_optim.FisherPenaltySGD` alternates, see
+    :data:`AUTO_FORWARD_REFRESHES`). ``None``: :data:`DEFAULT_FD_SCHEME` of the parameters'
+    dtype. With ``replay`` (the default) the shifted passes run on the unshifted pass's
+    activation pattern (:mod:`fisher_optim.activation_pattern`). Every pass runs in the
+    parameters' precision (autocast off) and sees the dropout masks of the first. On
     FSDP2-sharded parameters the passes are sharded (:mod:`fisher_optim._fsdp`).
+    ``check_exact``: also take the exact gradient on the same labels (unsharded only) and
+    return the relative distance as ``exact_error``.
     """
     step = check_fd_step(step)
     params = objective.params
@@ -201,11 +233,14 @@ def finite_difference_penalty_gradient(
         check_fd_dtypes(params, compute_dtypes(objective.model))
     if shift_inputs and isinstance(passes, ShardedPasses):
         raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
-    rng = _RngState(params[0].device)
+    rng = _ForwardState(objective.model, params[0].device)
     tensors = passes.tensors()
+    pattern = ActivationPattern() if replay else None
 
     with _no_autocast(params[0].device):
-        loss = objective.loss()
+        loss = objective.loss(forward=None if pattern is None else pattern.record())
+        if pattern is not None and pattern.unreplayed:
+            _warn_unreplayed(pattern.unreplayed)
         if shift_inputs:
             both = torch.autograd.grad(loss, [*objective.wrt(), *params], allow_unused=True)
             direction, grads_at = [both[0]], list(both[1:])
@@ -222,10 +257,22 @@ def finite_difference_penalty_gradient(
             r = step
         scale = r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
+        def shifted_loss(input_shift: Tensor | None) -> Tensor:
+            """``L`` at the shifted point, on the base point's activation pattern."""
+            nonlocal pattern
+            rng.restore()  # every pass sees the first one's dropout masks and buffers
+            if pattern is not None:
+                try:
+                    return objective.loss(input_shift, forward=pattern.replay())
+                except PatternMismatch as e:
+                    _warn_mismatch(e)
+                    pattern = None
+                    rng.restore()
+            return objective.loss(input_shift)
+
         def grads_shifted(sign: float) -> list[Tensor | None]:
-            rng.restore()  # every pass sees the same dropout masks as the first
             if shift_inputs:
-                shifted = objective.loss(input_shift=direction[0] * (sign * scale))
+                shifted = shifted_loss(direction[0] * (sign * scale))
                 return list(torch.autograd.grad(shifted, params, allow_unused=True))
             present = [i for i, t in enumerate(grads_at) if t is not None]
             moved = [tensors[i] for i in present]
@@ -234,68 +281,61 @@ def finite_difference_penalty_gradient(
                 shift = torch._foreach_mul([grads_at[i] for i in present], sign * scale)
                 torch._foreach_add_(moved, shift)
             try:
-                return passes.gradients(objective.loss())
+                return passes.gradients(shifted_loss(None))
             finally:
                 with torch.no_grad():
                     torch._foreach_copy_(moved, saved)
 
         ahead = grads_shifted(1.0)
-        behind = grads_at if scheme == "forward" else grads_shifted(-1.0)
-    if scheme == "forward":
-        grads = [_difference(b, a, 2 * norm / r) for b, a in zip(behind, ahead)]
-    elif scheme == "central":
-        grads = [_difference(b, a, norm / r) for b, a in zip(behind, ahead)]
-    else:
-        grads = _guarded(grads_at, ahead, behind, norm / r, passes.total)
-    return PenaltyGradient(passes.wrap(grads), value)
+        gap = None
+        if scheme == "forward":
+            grads = [_difference(b, a, 2 * norm / r) for b, a in zip(grads_at, ahead)]
+        else:
+            behind = grads_shifted(-1.0)
+            gap = _second_difference_ratio(grads_at, ahead, behind, passes.total)
+            grads = [_difference(b, a, norm / r) for b, a in zip(behind, ahead)]
+        error = None
+        if check_exact and not isinstance(passes, ShardedPasses):
+            rng.restore()
+            try:
+                exact = exact_penalty_gradient(objective).grads
+            except (RuntimeError, NotImplementedError):  # no double backward here: no check
+                exact = None
+            if exact is not None:
+                error = _relative_distance(grads, exact)
+    return PenaltyGradient(passes.wrap(grads), value, gap, error)
 
 
-#: With ``scheme="guarded"``: the two one-sided differences ``D±`` count as agreeing when
-#: ``||D+ − D−|| ≤ GUARD_TOLERANCE · min(||D+||, ||D−||)`` (then their mean, the central
-#: difference, is used). Without a kink they differ by rounding and ``O(r)`` truncation,
-#: ≤ 2–3% at the float32 default; a crossed kink adds ``jump / r`` to one of them.
-GUARD_TOLERANCE = 0.1
+def _dense(ts: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(u) if t is None else t for t, u in zip(ts, like)]
 
 
-def _guarded(
+def _second_difference_ratio(
     at: list[Tensor | None],
     ahead: list[Tensor | None],
     behind: list[Tensor | None],
-    factor: Tensor,
     total: Callable[[Tensor], Tensor],
-) -> list[Tensor | None]:
-    """``factor`` times ``ahead − behind`` where the halves ``ahead − at`` and ``at − behind``
-    agree, else twice the half of smaller norm (decided on device: no host sync). The halves
-    are formed in place, in the buffers of ``ahead`` and ``at`` (which are not used again)."""
+) -> Tensor:
+    """``||ahead + behind − 2 at|| / ||ahead − behind||`` on device (no host sync)."""
     keep = [i for i, t in enumerate(zip(at, ahead, behind)) if any(u is not None for u in t)]
-    out: list[Tensor | None] = [None] * len(at)
     if not keep:
-        return out
-
-    def dense(ts: list[Tensor | None]) -> list[Tensor]:
-        like = [next(u for u in (at[i], ahead[i], behind[i]) if u is not None) for i in keep]
-        return [torch.zeros_like(u) if ts[i] is None else ts[i] for i, u in zip(keep, like)]
-
-    plus, minus, behind_ = dense(ahead), dense(at), dense(behind)
-    torch._foreach_sub_(plus, minus)  # ahead − at
-    torch._foreach_sub_(minus, behind_)  # at − behind
-    gap = sum(_upcast_sq(p - m) for p, m in zip(plus, minus))
-    sums = total(torch.stack([squared_norm(plus), squared_norm(minus), gap]))
-    n_plus, n_minus, n_gap = sums.sqrt().unbind()
-    agree = n_gap <= GUARD_TOLERANCE * torch.minimum(n_plus, n_minus)
-    w_plus = torch.where(agree, 1.0, torch.where(n_plus <= n_minus, 2.0, 0.0)) * factor
-    w_minus = 2 * factor - w_plus  # central: 1 and 1; one-sided: 2 and 0
-    torch._foreach_mul_(plus, w_plus.to(plus[0].dtype))
-    torch._foreach_mul_(minus, w_minus.to(minus[0].dtype))
-    torch._foreach_add_(plus, minus)
-    for i, g in zip(keep, plus):
-        out[i] = g
-    return out
+        return torch.zeros(())
+    like = [next(u for u in (at[i], ahead[i], behind[i]) if u is not None) for i in keep]
+    a, p, m = (_dense([ts[i] for i in keep], like) for ts in (at, ahead, behind))
+    second = torch._foreach_add(p, m)
+    torch._foreach_add_(second, a, alpha=-2.0)
+    first = torch._foreach_sub(p, m)
+    sums = total(torch.stack([squared_norm(second), squared_norm(first)]))
+    return (sums[0] / sums[1].clamp_min(torch.finfo(sums.dtype).tiny)).sqrt()
 
 
-def _upcast_sq(t: Tensor) -> Tensor:
-    """``||t||²`` accumulated in at least float32."""
-    return t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum()
+def _relative_distance(grads: list[Tensor | None], reference: list[Tensor | None]) -> Tensor:
+    """``||grads − reference|| / ||reference||`` (None entries count as zero), on device."""
+    pairs = [(g, e) for g, e in zip(grads, reference) if g is not None or e is not None]
+    g = _dense([p[0] for p in pairs], [p[0] if p[0] is not None else p[1] for p in pairs])
+    e = _dense([p[1] for p in pairs], g)
+    diff = squared_norm(torch._foreach_sub(g, e))
+    return (diff / squared_norm(e).clamp_min(torch.finfo(diff.dtype).tiny)).sqrt()
 
 
 class LocalPasses:
@@ -335,6 +375,7 @@ def compute_penalty_gradient(
     mode: str = "exact",
     fd_step: float | None = None,
     fd_scheme: str | None = None,
+    check_exact: bool = False,
 ) -> PenaltyGradient:
     """Dispatch to the engine named by ``mode`` (one of :data:`MODES`).
 
@@ -353,7 +394,9 @@ def compute_penalty_gradient(
     with left_as_found(objective.model, check=False, read_back=False):
         if mode == "exact":
             return exact_penalty_gradient(objective)
-        return finite_difference_penalty_gradient(objective, fd_step, fd_scheme)
+        return finite_difference_penalty_gradient(
+            objective, fd_step, fd_scheme, check_exact=check_exact
+        )
 
 
 def penalty_gradient(
@@ -409,6 +452,40 @@ def penalty_gradient(
         return compute_penalty_gradient(objective, mode, fd_step, fd_scheme).grads
 
 
+class FiniteDifferenceWarning(UserWarning):
+    """The finite difference could not keep to the base point's linear piece."""
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, FiniteDifferenceWarning, stacklevel=4)
+
+
+def _warn_unreplayed(counts: Counter[str]) -> None:
+    names = ", ".join(f"{n} ({c}x)" for n, c in sorted(counts.items()))
+    _warn_once(
+        "unreplayed:" + ",".join(sorted(counts)),
+        f"mode='finite_difference': the model calls piecewise operations whose activation "
+        f"pattern cannot be replayed: {names}. Where the step moves one of their elements "
+        "across a kink, the difference is off by the gradient's jump over the step. Check "
+        "against mode='exact' (fisher_optim.penalty_gradient) or use mode='exact'",
+    )
+
+
+def _warn_mismatch(error: PatternMismatch) -> None:
+    _warn_once(
+        "mismatch",
+        f"mode='finite_difference': the shifted forward did not repeat the unshifted one's "
+        f"piecewise operations ({error}; data-dependent control flow?), so the difference "
+        "was taken without the activation pattern and may cross kinks. Use mode='exact' if "
+        "the model's control flow depends on its parameters",
+    )
+
+
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Autocast off on ``device``'s type, so that the difference runs in full precision."""
     return torch.autocast(device.type, enabled=False)
@@ -425,16 +502,24 @@ def _difference(at: Tensor | None, shifted: Tensor | None, factor: Tensor) -> Te
     return (shifted - at).mul_(factor)
 
 
-class _RngState:
-    """The global RNG state of one device, to replay a forward's random draws (dropout)."""
+class _ForwardState:
+    """What a forward reads besides the parameters and may change: the global RNG state of
+    one device (dropout) and the model's buffers (a power iteration's vectors, a call
+    counter). :meth:`restore` puts both back, so that every pass of a difference runs the
+    same function as the first."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.cpu = torch.get_rng_state()
         self.device = device if device.type == "cuda" else None
         self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
+        self.buffers = [b for b in model.buffers() if b.numel()]
+        with torch.no_grad():
+            self.values = [b.detach().clone() for b in self.buffers]
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.device is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
-
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.values)

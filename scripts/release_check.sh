@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The release check, locally as in the release workflow (.github/workflows/release.yml):
+#
+#   1. build the sdist and the wheel (in a build environment of its own) and check them: one of
+#      each, named for fisher_optim.__version__ (the one place the version is written), the
+#      wheel carries fisher_optim/py.typed, the sdist carries CHANGELOG.md and the tests, and
+#      CHANGELOG.md's newest entry is this version; with --tag, the tag is "v" + the version;
+#   2. install the wheel in a fresh virtual environment (the CPU build of torch first), import
+#      it from there (not from the source tree) and run the demo;
+#   3. with --tests, run the test suite from the unpacked sdist against the installed wheel.
+#
+# Usage: bash scripts/release_check.sh [--out DIR] [--dist DIR] [--build-only] [--tag vX.Y.Z]
+#                                      [--torch VERSION] [--torch-index URL] [--tests [PYTEST ARGS...]]
+#   --out DIR        where the sdist and wheel are written (default: a temporary folder)
+#   --dist DIR       check and install the sdist and wheel already in DIR instead of building
+#   --build-only     stop after step 1
+#   --torch VERSION  the torch to test against (default: constraints.txt's pin)
+#   --torch-index U  the index torch comes from, e.g. https://download.pytorch.org/whl/cpu
+#                    (default: pip's configuration)
+#   --tests ARGS     run the test suite; the arguments after it go to pytest
+# Exits non-zero on the first failure.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/fisher-optim-release.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+pytest_args=()
+out="" dist="" build_only=0 tag="" torch_version="" torch_index="" tests=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out=$2; shift 2 ;;
+    --dist) dist=$2; shift 2 ;;
+    --build-only) build_only=1; shift ;;
+    --tag) tag=$2; shift 2 ;;
+    --torch) torch_version=$2; shift 2 ;;
+    --torch-index) torch_index=$2; shift 2 ;;
+    --tests) tests=1; shift; pytest_args=("$@"); break ;;
+    *) echo "release_check: unknown argument '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
+  esac
+done
+start=$SECONDS
+step() { echo; echo "=== [$((SECONDS - start))s] $*"; }
+fail() { echo "release_check: $*" >&2; exit 1; }
+
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/fisher_optim/__init__.py")
+[ -n "$version" ] || fail "no __version__ = \"...\" line in fisher_optim/__init__.py"
+echo "fisher_optim $version"
+if [ -n "$tag" ] && [ "$tag" != "v$version" ]; then
+  fail "the tag '$tag' is not 'v$version' (fisher_optim.__version__): bump the version or retag"
+fi
+changelog=$(grep -m 1 -E '^## \[[0-9]' "$repo/CHANGELOG.md" | sed -E 's/^## \[([^]]*)\].*/\1/')
+[ "$changelog" = "$version" ] || fail "CHANGELOG.md's newest entry is $changelog, not $version"
+
+if [ -z "$dist" ]; then
+  step "build the sdist and the wheel"
+  dist=${out:-$work/dist}
+  python -m venv "$work/build-env"
+  "$work/build-env/bin/pip" install -q build
+  (cd "$repo" && "$work/build-env/bin/python" -m build --sdist --wheel --outdir "$dist" .)
+fi
+dist=$(cd "$dist" && pwd)
+
+step "check the sdist and the wheel in $dist"
+sdist=$dist/fisher_optim-$version.tar.gz
+wheel=$dist/fisher_optim-$version-py3-none-any.whl
+[ -f "$sdist" ] || fail "no $sdist"
+[ -f "$wheel" ] || fail "no $wheel"
+[ "$(find "$dist" -maxdepth 1 \( -name '*.whl' -o -name '*.tar.gz' \) | wc -l)" -eq 2 ] \
+  || fail "$dist holds more than one sdist and one wheel"
+python - "$sdist" "$wheel" "$version" <<'PY'
+import sys, tarfile, zipfile
+sdist, wheel, version = sys.argv[1:]
+top = f"fisher_optim-{version}/"
+names = set(tarfile.open(sdist).getnames())
+for need in ("CHANGELOG.md", "LICENSE", "README.md", "constraints.txt", "tests/conftest.py",
+             "fisher_optim/py.typed", "scripts/release_check.sh"):
+    assert top + need in names, f"the sdist lacks {need}"
+members = set(zipfile.ZipFile(wheel).namelist())
+assert "fisher_optim/py.typed" in members, "the wheel lacks fisher_optim/py.typed"
+assert not any(m.startswith(("tests/", "benchmarks/")) for m in members), "tests in the wheel"
+meta = zipfile.ZipFile(wheel).read(f"fisher_optim-{version}.dist-info/METADATA").decode()
+assert f"Version: {version}\n" in meta, "the wheel's metadata has another version"
+print(f"sdist: {len(names)} entries, CHANGELOG.md and the tests in; wheel: py.typed in")
+PY
+[ "$build_only" -eq 0 ] || { step "built and checked (--build-only)"; exit 0; }
+
+step "a fresh virtual environment; torch ${torch_version:-from constraints.txt} first"
+python -m venv "$work/venv"
+# shellcheck disable=SC1091
+source "$work/venv/bin/activate"
+torch_version=${torch_version:-$(sed -n 's/^torch==//p' "$repo/constraints.txt")}
+sed "s/^torch==.*/torch==$torch_version/" "$repo/constraints.txt" > "$work/constraints.txt"
+pip install -q "torch==$torch_version" ${torch_index:+--index-url "$torch_index"}
+pip install -q -c "$work/constraints.txt" "$wheel[demo]"
+
+step "import the installed wheel and run the demo"
+cd "$work"   # not the source tree: the import must find the installed wheel
+python - "$version" <<'PY'
+import pathlib, sys, torch, fisher_optim
+assert fisher_optim.__version__ == sys.argv[1], fisher_optim.__version__
+where = pathlib.Path(fisher_optim.__file__).parent
+assert "site-packages" in where.parts, f"imported from {where}, not the installed wheel"
+assert (where / "py.typed").is_file(), "py.typed is not installed"
+print(f"fisher_optim {fisher_optim.__version__} from {where}, torch {torch.__version__}")
+PY
+python -m fisher_optim.demo
+
+if [ "$tests" -eq 1 ]; then
+  step "the test suite from the sdist, against the installed wheel"
+  pip install -q -c "$work/constraints.txt" "$wheel[test]"
+  mkdir "$work/src" && tar -xzf "$sdist" -C "$work/src" --strip-components 1
+  rm -rf "$work/src/fisher_optim"   # the tests import the installed package
+  (cd "$work/src" && python -m pytest tests -q -p no:cacheprovider ${pytest_args[@]+"${pytest_args[@]}"} \
+    && python -m pytest -q -p no:cacheprovider --doctest-modules --pyargs fisher_optim)
+fi
+step "release check passed: fisher_optim $version"
