@@ -230,3 +230,14 @@ def test_init_schemes() -> None:
             assert abs(w.std().item() / want - 1) < 0.15, (init, tuple(w.shape))
     with pytest.raises(ValueError, match="kaiming, torch, glorot"):
         build_model("simplecnn", init="xavier")
+
+
+def test_small_cnn_bn_and_pooled_resnet20() -> None:
+    plain, with_bn = build_model("small_cnn", 10), build_model("small_cnn_bn", 10)
+    assert not has_bn(plain) and has_bn(with_bn)
+    # BatchNorm replaces each conv's bias by its own weight and bias: +16 + 32 parameters
+    assert n_params(with_bn) == n_params(plain) + 16 + 32
+    pooled = build_model("resnet20_pool16", 10)
+    assert n_params(pooled) == 269_722
+    x = torch.randn(2, 3, 32, 32)
+    assert pooled(x).shape == with_bn(x).shape == (2, 10)
