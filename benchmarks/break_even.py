@@ -216,7 +216,7 @@ class SGDRun:
         self.steps_per_epoch = -(-len(train) // batch)
         self.epoch = self.step_in_epoch = self.step = 0
         self.perm: torch.Tensor | None = None
-        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
+        self.window = self._empty_window()
         self.records: list[dict[str, Any]] = []
         self.diverged = False
 
@@ -236,6 +236,12 @@ class SGDRun:
         self.epoch, self.step_in_epoch, self.step = st["epoch"], st["step_in_epoch"], st["step"]
         self.perm = st["perm"]
         self.window, self.records = dict(st["window"]), st["records"]
+        if "sums" not in self.window:  # a checkpoint of the loop that read every step
+            old = self.window
+            self.window = self._empty_window()
+            self.window["sums"] += torch.tensor([float(old["hits"]), old["loss"]],
+                                                dtype=torch.float64)
+            self.window["seen"] = old["seen"]
 
     def resume_error(self, saved: dict[str, Any]) -> str:
         return "it was made with other options"
@@ -243,8 +249,19 @@ class SGDRun:
     def position(self) -> dict[str, int]:
         return {"step": self.step}
 
+    def _empty_window(self) -> dict[str, Any]:
+        """The steps since the last measurement: hits and loss · b summed on the device (a
+        step reads nothing back), examples seen."""
+        device = self.train_set.images.device
+        return {"sums": torch.zeros(2, dtype=torch.float64, device=device), "seen": 0}
+
+    def window_diverged(self) -> bool:
+        """Whether a loss since the last measurement was not finite (one read)."""
+        return not torch.isfinite(self.window["sums"][1]).item()
+
     def record(self) -> None:
-        w = self.window
+        hits, loss = self.window["sums"].tolist()
+        w = {"hits": hits, "loss": loss, "seen": self.window["seen"]}
         row = self.monitor.measure(step=self.step)
         row.update(
             epoch=self.step / self.steps_per_epoch,
@@ -253,7 +270,7 @@ class SGDRun:
             train_loss=w["loss"] / w["seen"] if w["seen"] else None,
         )
         self.records.append(row)
-        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
+        self.window = self._empty_window()
 
     def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
         ds, model, bs = self.train_set, self.model, self.batch
@@ -270,22 +287,24 @@ class SGDRun:
                 model.train()
                 out = model(x)
                 loss = F.cross_entropy(out, y)
-                value = float(loss.detach())
-                if runner.diverged(value):
-                    self.diverged = True
-                    return DIVERGED
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
                 self.step += 1
                 self.step_in_epoch += 1
-                self.window["hits"] += int((out.argmax(1) == y).sum())
+                hits = (out.detach().argmax(1) == y).sum().double()
+                self.window["sums"] += torch.stack([hits, loss.detach().double() * len(y)])
                 self.window["seen"] += len(y)
-                self.window["loss"] += value * len(y)
-                if self.step % self.every == 0:
+                if self.step % self.every == 0:  # a log point: divergence is seen here
+                    if self.window_diverged():
+                        self.diverged = True
+                        return DIVERGED
                     self.record()
             self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
         if self.step % self.every:
+            if self.window_diverged():
+                self.diverged = True
+                return DIVERGED
             self.record()
         return COMPLETE
 

@@ -220,7 +220,7 @@ class LMRun:
         w = self.window
         row = {
             "step": self.step,
-            "train_loss": w["loss"] / w["count"] if w["count"] else None,
+            "train_loss": float(w["loss"]) / w["count"] if w["count"] else None,
             "val_loss": loss,
             "val_ppl": math.exp(loss),
             "val_bpb": loss / math.log(2),
@@ -257,14 +257,15 @@ class LMRun:
             loss.backward()
             self.opt.step()
             self.step += 1
-            value = loss.item()
-            self.window["loss"] += value
+            # summed on the device, read at the log point: a step reads nothing back
+            self.window["loss"] = self.window["loss"] + loss.detach().double()
             self.window["count"] += 1
             self.window["time"] += time.perf_counter() - begin
-            if runner.diverged(value):
-                self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
-                return DIVERGED
             if self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
+                value = float(self.window["loss"]) / self.window["count"]
+                if runner.diverged(value):  # seen at the log point
+                    self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
+                    return DIVERGED
                 self.logs.append(self.measure())
                 r = self.logs[-1]
                 print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
