@@ -192,6 +192,10 @@ def _tensors(ds: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torc
     return ds.batch(slice(None)), ds.labels
 
 
+def _num(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 class SGDRun:
     """SGD at ``(lr, batch)`` from seed ``seed``: the records of every measurement (a
     :class:`~benchmarks.common.runner.Trainable`: it checkpoints and resumes mid-epoch)."""
@@ -279,8 +283,14 @@ class SGDRun:
         while self.epoch < self.args.epochs:
             if self.perm is None:
                 self.perm = shuffled_order(len(ds), self.order_gen, ds.images.device)
+            bar = runner.progress_bar(self.steps_per_epoch, self.step_in_epoch,
+                                      f"lr {self.lr:g} batch {self.batch} seed {self.seed} "
+                                      f"ep {self.epoch + 1}/{self.args.epochs}",
+                                      not self.args.no_progress)
             while self.step_in_epoch < self.steps_per_epoch:
                 if runner.past(deadline):
+                    if bar is not None:
+                        bar.close()
                     return INTERRUPTED
                 idx = self.perm[self.step_in_epoch * bs : (self.step_in_epoch + 1) * bs]
                 x, y = ds.batch(idx), ds.labels[idx]
@@ -295,12 +305,23 @@ class SGDRun:
                 hits = (out.detach().argmax(1) == y).sum().double()
                 self.window["sums"] += torch.stack([hits, loss.detach().double() * len(y)])
                 self.window["seen"] += len(y)
+                if bar is not None:
+                    bar.update(1)
                 if self.step % self.every == 0:  # a log point: divergence is seen here
                     if self.window_diverged():
                         self.diverged = True
+                        if bar is not None:
+                            bar.close()
                         return DIVERGED
                     self.record()
+            if bar is not None:
+                bar.close()
             self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+            last = self.records[-1] if self.records else {}
+            print(f"[lr {self.lr:g} batch {self.batch} seed {self.seed}] epoch "
+                  f"{self.epoch}/{self.args.epochs} step {self.step} train acc "
+                  f"{_num(last.get('train_acc'))} Tr(F) {_num(last.get('trace_F'), '.4g')}",
+                  flush=True)
         if self.step % self.every:
             if self.window_diverged():
                 self.diverged = True
