@@ -192,6 +192,10 @@ def _tensors(ds: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torc
     return ds.batch(slice(None)), ds.labels
 
 
+def _num(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 class SGDRun:
     """SGD at ``(lr, batch)`` from seed ``seed``: the records of every measurement (a
     :class:`~benchmarks.common.runner.Trainable`: it checkpoints and resumes mid-epoch)."""
@@ -216,7 +220,7 @@ class SGDRun:
         self.steps_per_epoch = -(-len(train) // batch)
         self.epoch = self.step_in_epoch = self.step = 0
         self.perm: torch.Tensor | None = None
-        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
+        self.window = self._empty_window()
         self.records: list[dict[str, Any]] = []
         self.diverged = False
 
@@ -236,6 +240,12 @@ class SGDRun:
         self.epoch, self.step_in_epoch, self.step = st["epoch"], st["step_in_epoch"], st["step"]
         self.perm = st["perm"]
         self.window, self.records = dict(st["window"]), st["records"]
+        if "sums" not in self.window:  # a checkpoint of the loop that read every step
+            old = self.window
+            self.window = self._empty_window()
+            self.window["sums"] += torch.tensor([float(old["hits"]), old["loss"]],
+                                                dtype=torch.float64)
+            self.window["seen"] = old["seen"]
 
     def resume_error(self, saved: dict[str, Any]) -> str:
         return "it was made with other options"
@@ -243,8 +253,19 @@ class SGDRun:
     def position(self) -> dict[str, int]:
         return {"step": self.step}
 
+    def _empty_window(self) -> dict[str, Any]:
+        """The steps since the last measurement: hits and loss · b summed on the device (a
+        step reads nothing back), examples seen."""
+        device = self.train_set.images.device
+        return {"sums": torch.zeros(2, dtype=torch.float64, device=device), "seen": 0}
+
+    def window_diverged(self) -> bool:
+        """Whether a loss since the last measurement was not finite (one read)."""
+        return not torch.isfinite(self.window["sums"][1]).item()
+
     def record(self) -> None:
-        w = self.window
+        hits, loss = self.window["sums"].tolist()
+        w = {"hits": hits, "loss": loss, "seen": self.window["seen"]}
         row = self.monitor.measure(step=self.step)
         row.update(
             epoch=self.step / self.steps_per_epoch,
@@ -253,7 +274,7 @@ class SGDRun:
             train_loss=w["loss"] / w["seen"] if w["seen"] else None,
         )
         self.records.append(row)
-        self.window = {"hits": 0, "seen": 0, "loss": 0.0}
+        self.window = self._empty_window()
 
     def train(self, deadline: float | None, checkpoint: Callable[[], None]) -> str:
         ds, model, bs = self.train_set, self.model, self.batch
@@ -262,30 +283,49 @@ class SGDRun:
         while self.epoch < self.args.epochs:
             if self.perm is None:
                 self.perm = shuffled_order(len(ds), self.order_gen, ds.images.device)
+            bar = runner.progress_bar(self.steps_per_epoch, self.step_in_epoch,
+                                      f"lr {self.lr:g} batch {self.batch} seed {self.seed} "
+                                      f"ep {self.epoch + 1}/{self.args.epochs}",
+                                      not self.args.no_progress)
             while self.step_in_epoch < self.steps_per_epoch:
                 if runner.past(deadline):
+                    if bar is not None:
+                        bar.close()
                     return INTERRUPTED
                 idx = self.perm[self.step_in_epoch * bs : (self.step_in_epoch + 1) * bs]
                 x, y = ds.batch(idx), ds.labels[idx]
                 model.train()
                 out = model(x)
                 loss = F.cross_entropy(out, y)
-                value = float(loss.detach())
-                if runner.diverged(value):
-                    self.diverged = True
-                    return DIVERGED
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
                 self.step += 1
                 self.step_in_epoch += 1
-                self.window["hits"] += int((out.argmax(1) == y).sum())
+                hits = (out.detach().argmax(1) == y).sum().double()
+                self.window["sums"] += torch.stack([hits, loss.detach().double() * len(y)])
                 self.window["seen"] += len(y)
-                self.window["loss"] += value * len(y)
-                if self.step % self.every == 0:
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.every == 0:  # a log point: divergence is seen here
+                    if self.window_diverged():
+                        self.diverged = True
+                        if bar is not None:
+                            bar.close()
+                        return DIVERGED
                     self.record()
+            if bar is not None:
+                bar.close()
             self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+            last = self.records[-1] if self.records else {}
+            print(f"[lr {self.lr:g} batch {self.batch} seed {self.seed}] epoch "
+                  f"{self.epoch}/{self.args.epochs} step {self.step} train acc "
+                  f"{_num(last.get('train_acc'))} Tr(F) {_num(last.get('trace_F'), '.4g')}",
+                  flush=True)
         if self.step % self.every:
+            if self.window_diverged():
+                self.diverged = True
+                return DIVERGED
             self.record()
         return COMPLETE
 

@@ -5,7 +5,7 @@ Keras cifar10_cnn without dropout; 300 epochs, ×0.1 at 150 and 225, batch 128, 
 not reported (grid of 5 LRs in [1e-2, 1]); 0.1 is a guess (``--lr-star``). A plain run trains
 the baseline at η* and baseline/FP/GP/GPr/GPx at η*/10; ``--augment`` runs Table 2.
 
-    python benchmarks/cifar10_simplecnn.py --quick --data-root /work/data
+    python benchmarks/cifar10_simplecnn.py --quick --data-root DATA
     python benchmarks/cifar10_simplecnn.py --lrs 0.01 --methods baseline fp --epochs 30 \
         --train-subset 10000 --alpha 0.01 --seeds 0 1
 """

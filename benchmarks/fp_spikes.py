@@ -1,4 +1,4 @@
-"""What the FP spikes are: analyse the per-refresh log of benchmark runs (issue: FP collapse).
+"""What the FP spikes are: analyse the per-refresh log of benchmark runs (the FP collapses).
 
 Every FP run of the benchmark harness writes ``refreshes.jsonl``: one record per penalty
 refresh with ``Tr(F_B)`` (``value``), ``||∇ Tr(F_B)||`` (``grad_norm``) and the spike

@@ -129,6 +129,21 @@ def step_flops(model_name: str, variant: str, batch_size: int = 128) -> float:
     return float(counter.get_total_flops())
 
 
+#: (training images, images evaluated per epoch) of a run: CIFAR (45,000 after holding out
+#: 5,000 for validation; validation + test) and TinyImageNet (no validation split; test).
+RUN_SIZES = {"cifar": (45_000, 15_000), "tinyimagenet": (100_000, 10_000)}
+
+
+def run_seconds(sgd: float, refresh: float, tflops: float, train: int, evaluated: int,
+                epochs: int = 300, batch_size: int = 128, every: int = 10) -> float:
+    """GPU seconds of one run at ``tflops`` sustained: every step's ``sgd`` FLOPs, a
+    ``refresh`` (the penalty's extra FLOPs) every ``every`` steps, and a forward (a third of
+    a step) of ``evaluated`` images per epoch."""
+    steps = epochs * math.ceil(train / batch_size)
+    eval_flops = epochs * evaluated * sgd / (3 * batch_size)
+    return (steps * (sgd + refresh / every) + eval_flops) / (tflops * 1e12)
+
+
 def table1_sizing(
     tflops: float,
     budget_s: float,
@@ -142,11 +157,8 @@ def table1_sizing(
     sgd = step_flops("simplecnn", "sgd", batch_size)
     refresh = step_flops("simplecnn", "fp_exact_k1", batch_size) - sgd  # exact, as the paper
     steps = epochs * math.ceil(train / batch_size)
-    eval_flops = epochs * (5_000 + 10_000) * sgd / (3 * batch_size)  # forward ≈ step / 3
-    per_run = {
-        "baseline": (steps * sgd + eval_flops) / (tflops * 1e12),
-        "penalised": (steps * (sgd + refresh / every) + eval_flops) / (tflops * 1e12),
-    }
+    per_run = {kind: run_seconds(sgd, extra, tflops, train, 15_000, epochs, batch_size, every)
+               for kind, extra in (("baseline", 0.0), ("penalised", refresh))}
     table_s = budget_s - sum(SHARES.values()) - MARGIN_S  # if the others use all theirs
     row = 2 * per_run["baseline"] + 4 * per_run["penalised"]
     return {
@@ -456,6 +468,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plan["gflop_per_step"] = {
             name: {v: step_flops(name, v) / 1e9 for v in ("sgd", "fp_exact_k1", "fp_fd_k1")}
             for name in args.sizing_models
+        }
+        plan["hours_per_run"] = {
+            f"{name} {data}": {
+                kind: run_seconds(flops["sgd"] * 1e9, refresh * 1e9, args.tflops, *sizes) / 3600
+                for kind, refresh in (("baseline", 0.0),
+                                      ("penalised", flops["fp_exact_k1"] - flops["sgd"]))}
+            for name, flops in plan["gflop_per_step"].items()
+            for data, sizes in RUN_SIZES.items()
+            if data == "cifar" or name.startswith("wresnet")
         }
         print(json.dumps(plan, indent=2))
         return plan

@@ -146,7 +146,9 @@ class LMRun:
     """One training run: model, optimizer, data generator, logs (checkpointed as a whole), a
     :class:`~benchmarks.common.runner.Trainable`."""
 
-    def __init__(self, config: dict[str, Any], corpus: Any, out: Path) -> None:
+    def __init__(self, config: dict[str, Any], corpus: Any, out: Path,
+                 progress: bool = True) -> None:
+        self.progress = progress
         import torch
 
         from benchmarks.common.text import ByteTransformerLM
@@ -220,7 +222,7 @@ class LMRun:
         w = self.window
         row = {
             "step": self.step,
-            "train_loss": w["loss"] / w["count"] if w["count"] else None,
+            "train_loss": float(w["loss"]) / w["count"] if w["count"] else None,
             "val_loss": loss,
             "val_ppl": math.exp(loss),
             "val_bpb": loss / math.log(2),
@@ -246,8 +248,17 @@ class LMRun:
         if not self.logs:
             self.logs.append(self.measure())
         self.model.train()
+        bar = None
         while self.step < cfg["steps"]:
+            if bar is None:  # one bar per stretch between log points
+                every = cfg["eval_every"]
+                end = min(cfg["steps"], (self.step // every + 1) * every)
+                bar = runner.progress_bar(end - self.step // every * every,
+                                          self.step % every, f"{cfg['method']} to step {end}",
+                                          self.progress)
             if runner.past(deadline):
+                if bar is not None:
+                    bar.close()
                 return INTERRUPTED
             begin = time.perf_counter()
             batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
@@ -257,14 +268,20 @@ class LMRun:
             loss.backward()
             self.opt.step()
             self.step += 1
-            value = loss.item()
-            self.window["loss"] += value
+            # summed on the device, read at the log point: a step reads nothing back
+            self.window["loss"] = self.window["loss"] + loss.detach().double()
             self.window["count"] += 1
             self.window["time"] += time.perf_counter() - begin
-            if runner.diverged(value):
-                self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
-                return DIVERGED
+            if bar is not None:
+                bar.update(1)
             if self.step % cfg["eval_every"] == 0 or self.step == cfg["steps"]:
+                if bar is not None:
+                    bar.close()
+                bar = None
+                value = float(self.window["loss"]) / self.window["count"]
+                if runner.diverged(value):  # seen at the log point
+                    self.logs.append({"step": self.step, "train_loss": value, "diverged": True})
+                    return DIVERGED
                 self.logs.append(self.measure())
                 r = self.logs[-1]
                 print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
@@ -285,10 +302,11 @@ class LMRun:
 
 
 def run_one(config: dict[str, Any], corpus: Any, out: Path, *, resume: bool,
-            deadline: float | None) -> dict[str, Any]:
+            deadline: float | None, progress: bool = True) -> dict[str, Any]:
     """Train one run into ``out`` (:func:`benchmarks.common.runner.execute`) and return its
     summary, or ``{"status": "interrupted", ...}``."""
-    return runner.execute(runner.RunFolder(out, config), lambda: LMRun(config, corpus, out),
+    return runner.execute(runner.RunFolder(out, config),
+                          lambda: LMRun(config, corpus, out, progress),
                           resume=resume, deadline=deadline, keep_checkpoint=False,
                           name=config["method"])
 
@@ -355,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
     summaries, complete = runner.sweep(
         lambda config=config: run_one(config, corpus, root / run_name(config),
-                                      resume=args.resume, deadline=deadline)
+                                      resume=args.resume, deadline=deadline,
+                                      progress=not args.no_progress)
         for config in configs
     )
     if not complete:

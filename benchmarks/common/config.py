@@ -472,7 +472,6 @@ class SweepOptions:
     quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
                                                                for k, v in QUICK.items()),
                          action="store_true", group=runner.RUNNING)
-    no_progress: bool = option(False, "no progress bars", action="store_true", group=runner.RUNNING)
     dry_run: bool = option(False, "list the runs and exit", action="store_true",
                            group=runner.RUNNING)
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -814,8 +813,8 @@ class _Run:
                 self.sums = {"count": 0, "win_n": 0, "time": 0.0, "wall": 0.0}
                 self.acc = self._zeros()
             wall0 = time.perf_counter() - self.sums["wall"]
-            bar = _progress(steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}",
-                            self.progress)
+            bar = runner.progress_bar(steps, self.step_in_epoch,
+                                      f"{spec.name} ep {e}/{spec.epochs}", self.progress)
             diverged = False
             t0 = time.perf_counter()
             while self.step_in_epoch < steps:
@@ -922,14 +921,6 @@ def _noise_norm(opt: torch.optim.Optimizer, device: torch.device) -> Tensor | No
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def train_run(

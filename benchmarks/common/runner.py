@@ -55,6 +55,7 @@ __all__ = [
     "execute",
     "load_summary",
     "past",
+    "progress_bar",
     "random_state",
     "read_jsonl",
     "set_random_state",
@@ -97,6 +98,9 @@ class RunningOptions:
                           "finished ones", action="store_true", group=RUNNING)
     no_plot: bool = option(False, "do not draw the figure", action="store_true",
                            group=RUNNING)
+    no_progress: bool = option(False, "no progress bar (one is drawn per epoch when the "
+                               "output is a terminal; one line per epoch is printed either "
+                               "way)", action="store_true", group=RUNNING)
 
 
 def device_name(text: str) -> str:
@@ -161,6 +165,18 @@ def deadline_after(minutes: float | None) -> float | None:
 def past(deadline: float | None) -> bool:
     """Whether ``deadline`` (a :func:`clock` value, or None: never) has passed."""
     return deadline is not None and clock() > deadline
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar of one epoch's ``total`` steps when stderr is a terminal and ``enabled``
+    (else None: the caller prints one line per epoch either way), the same in every script."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def diverged(loss: float) -> bool:
