@@ -54,7 +54,12 @@ from fisher_optim.curvature import examples
 from fisher_optim.curvature.examples import example_grads
 from fisher_optim.curvature.ghost import ghost_backward
 from fisher_optim.curvature.layers import LayerRule, trained
-from fisher_optim.validate import is_int
+from fisher_optim.validate import (
+    check_choice,
+    check_function_or_none,
+    check_positive_int,
+    check_positive_int_or_none,
+)
 from fisher_optim.wrapper import GradientWrapper, input_layout
 
 COVARIANCES = ("diagonal", "full", "trace")
@@ -156,35 +161,22 @@ class FisherNoiseSGD(GradientWrapper):
         target_mask: TargetMask | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not is_int(small_batch_size) or small_batch_size < 1:
-            raise ValueError(f"small_batch_size must be an integer ≥ 1, got {small_batch_size!r}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if not is_int(every) or every < 1:
-            raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
+        check_positive_int("small_batch_size", small_batch_size)
+        check_choice("covariance", covariance, COVARIANCES)
+        check_choice("fisher", fisher, FISHERS)
+        check_positive_int("every", every)
         if covariance == "full" and every != 1:
             raise ValueError(
                 "covariance='full' draws every noise vector from the current batch's per-example "
                 f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
             )
-        if estimate_batch_size is not None and (
-            not is_int(estimate_batch_size) or estimate_batch_size < 1
-        ):
-            raise ValueError(
-                f"estimate_batch_size must be an integer ≥ 1 or None, got {estimate_batch_size!r}"
-            )
+        check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
         self.covariance = covariance
         self.fisher = fisher
         self.every = every
         self.estimate_batch_size = estimate_batch_size
         self.output_fn = output_fn
-        if target_mask is not None and not callable(target_mask):
-            raise TypeError(
-                f"target_mask must be a function called like the model, got "
-                f"{type(target_mask).__name__}"
-            )
+        check_function_or_none("target_mask", target_mask)
         self.target_mask = target_mask
         if is_fsdp(model):
             raise ValueError(
