@@ -54,9 +54,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
+from benchmarks.common.config import SweepOptions  # noqa: E402
 from benchmarks.common.data import (  # noqa: E402
     DATASETS,
     ImageDataset,
+    MissingData,
     default_cache_dir,
     default_data_root,
     load_dataset,
@@ -142,8 +144,6 @@ class BreakEvenOptions:
     gd_measure_every: int = option(5, "measure λ_H^1 every this many gradient-descent steps",
                                    type=positive_int, tags=("run",))
     x_axis: str = option("steps", "x axis of the figure", choices=("steps", "epochs"))
-    device: str = option("cpu", "device (auto: CUDA if available)",
-                         choices=("auto", "cpu", "cuda"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(p, BreakEvenOptions, runner.RunningOptions,
                 defaults={"out": Path("runs/break_even"), "threads": 1})
+    add_options(p, SweepOptions, only=("download",))
+    add_options(p, runner.DeviceOptions, only=("device",), defaults={"device": "cpu"})
     return p
 
 
@@ -174,7 +176,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--settings must be distinct")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be distinct")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     return args
 
@@ -578,7 +580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     deadline = runner.deadline_after(args.time_limit)
     config = _config(args)
-    train, _ = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir)
+    try:
+        train, _ = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir,
+                                download=args.download)
+    except MissingData as missing:
+        return missing.exit()
     train = train.subset(args.train_subset, seed=0)
     probe = _tensors(train.subset(args.probe_size, seed=1), device)
     print(f"{args.model} on {args.dataset}: {len(train)} training examples, probe "

@@ -20,7 +20,8 @@ with those labels too. Run, e.g.::
     OMP_NUM_THREADS=2 python benchmarks/curvature_speed.py --n 512 --repeats 3
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 
 import argparse
 import importlib
@@ -29,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,36 +42,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _local_build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """SimpleCNN (Keras cifar10_cnn without dropout) or VGG-11 (no BN) for 32x32."""
-    if name == "simplecnn":
-        return nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 6 * 6, 128), nn.ReLU(inplace=True),
-            nn.Linear(128, num_classes),
-        )  # fmt: skip
-    if name == "vgg11":
-        layers: list[nn.Module] = []
-        cin = 3
-        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.ReLU(inplace=True)]
-                cin = int(v)
-        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, num_classes))
-    raise ValueError(f"unknown model {name!r}; valid names: simplecnn, vgg11")
+from benchmarks.common.harness import resolve_device  # noqa: E402
+from benchmarks.common.models import MODELS, build_model  # noqa: E402
+from benchmarks.common.options import add_options, option, parser  # noqa: E402
+from benchmarks.common.runner import DeviceOptions  # noqa: E402
 
-
-try:  # the shared definitions, when the repository's benchmarks package is there
-    _models = importlib.import_module("benchmarks.common.models")
-    build_model, MODEL_NAMES = _models.build_model, tuple(sorted(_models.MODELS))
-except ImportError:  # stand-alone copies of the two networks
-    build_model, MODEL_NAMES = _local_build_model, ("simplecnn", "vgg11")
-
+MODEL_NAMES = tuple(sorted(MODELS))
 # imported after the repository root is on sys.path
 sample_labels = importlib.import_module("fisher_optim._logits").sample_labels
 curvature = importlib.import_module("fisher_optim.curvature")
@@ -155,37 +133,38 @@ def make_methods(
     return methods
 
 
+@dataclass
+class SpeedOptions:
+    """What ``benchmarks/curvature_speed.py`` times."""
+
+    models: list[str] = option(["simplecnn", "vgg11"], f"networks, of: {', '.join(MODEL_NAMES)}",
+                               nargs="+", choices=MODEL_NAMES, metavar="MODEL")
+    n: int = option(512, "examples of the random CIFAR-shaped batch Tr(F) is measured on",
+                    type=_cli.positive_int)
+    repeats: int = option(3, "interleaved timed repeats of each method; the median is reported",
+                          type=_cli.positive_int)
+    chunk_size: int = option(256, "chunk_size of fisher_trace and per_example_grad_norms",
+                             type=_cli.positive_int, metavar="N")
+    skip: list[str] = option([], f"methods to leave out, of: {', '.join(METHODS)} (default: "
+                             "none)", nargs="*", choices=METHODS, metavar="METHOD")
+    json: Path | None = option(None, "also write the results to this JSON file",
+                               unset="print only", type=Path, metavar="PATH")
+    covariance: bool = option(False, "also time λ_K^1 (gradient_covariance_eigenvalues, the "
+                              "N×N Gram matrix of the n examples) next to fisher_trace",
+                              action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/curvature_speed.py", description=__doc__.split("\n")[0],
-        formatter_class=_cli.HelpFormatter,
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where the models and data live")
-    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES,
-                        default=["simplecnn", "vgg11"], metavar="MODEL",
-                        help=f"networks, of: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--n", type=_cli.positive_int, default=512,
-                        help="examples of the random CIFAR-shaped batch Tr(F) is measured on")
-    parser.add_argument("--repeats", type=_cli.positive_int, default=3,
-                        help="interleaved timed repeats of each method; the median is reported")
-    parser.add_argument("--chunk-size", type=_cli.positive_int, default=256, metavar="N",
-                        help="chunk_size of fisher_trace and per_example_grad_norms")
-    parser.add_argument("--skip", nargs="*", choices=METHODS, default=[], metavar="METHOD",
-                        help=f"methods to leave out, of: {', '.join(METHODS)} (default: none)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the results to this JSON file (default: print only)")
-    parser.add_argument("--covariance", action="store_true",
-                        help="also time λ_K^1 (gradient_covariance_eigenvalues, the N×N Gram "
-                             "matrix of the n examples) next to fisher_trace (default: off)")
-    return parser
+    p = parser("benchmarks/curvature_speed.py", __doc__.split("\n")[0], SpeedOptions)
+    add_options(p, DeviceOptions, only=("device",), defaults={"device": "cpu"})
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
 

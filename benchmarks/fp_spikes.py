@@ -24,21 +24,24 @@ and how much larger ``E[Tr(F_B)] ≈ Tr(F)/b`` is there than on a full batch.
     python benchmarks/fp_spikes.py runs/cifar10_simplecnn/fp_lr0.003_a0.01_s0_init-torch
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 
 import argparse
 import json
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.config import SIMPLECNN_CIFAR10, Setting  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.runner import read_jsonl  # noqa: E402
-from fisher_optim._cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from fisher_optim._cli import nonnegative_int, positive_int  # noqa: E402
 
 FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
 #: ``--schedule``'s default batch size, refresh interval and epochs: SimpleCNN's setting.
@@ -151,32 +154,35 @@ def pull_report(runs: Sequence[Path], epochs: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class SpikeOptions:
+    """What ``benchmarks/fp_spikes.py`` reports."""
+
+    runs: list[Path] = option([], "run directories, each with refreshes.jsonl and metrics.jsonl "
+                              "(default: every FP run under runs/<script>/)", flag="runs",
+                              nargs="*", type=Path)
+    window: int = option(20, "refreshes the running median is taken over (the safeguard's "
+                         "spike_window)", type=positive_int, metavar="N")
+    top: int = option(5, "list the N largest spikes of each run (0: none)",
+                      type=nonnegative_int, metavar="N")
+    schedule: list[int] | None = option(
+        None, "instead of analysing runs: for training sets of N examples, the epochs that end "
+        "with a refresh on the short last batch (default: analyse runs)", nargs="+",
+        type=positive_int, metavar="N")
+    pull: list[int] | None = option(
+        None, "per run, the median α·||∇P|| over the refreshes of each epoch E, from its "
+        "config.json and refreshes.jsonl (default: the spike statistics)", nargs="+",
+        type=nonnegative_int, metavar="E")
+    batch_size: int = option(_SCHEDULE.batch_size, "with --schedule: the training batch size",
+                             type=positive_int, metavar="B")
+    every: int = option(_SCHEDULE.every, "with --schedule: FisherPenaltySGD's refresh interval",
+                        type=positive_int, metavar="K")
+    epochs: int = option(_SCHEDULE.epochs, "with --schedule: epochs of training",
+                         type=positive_int, metavar="E")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("runs", nargs="*", type=Path,
-                   help="run directories, each with refreshes.jsonl and metrics.jsonl "
-                        "(default: every FP run under runs/<script>/)")
-    p.add_argument("--window", type=positive_int, default=20, metavar="N",
-                   help="refreshes the running median is taken over (the safeguard's "
-                        "spike_window)")
-    p.add_argument("--top", type=nonnegative_int, default=5, metavar="N",
-                   help="list the N largest spikes of each run (0: none)")
-    p.add_argument("--schedule", nargs="+", type=positive_int, default=None, metavar="N",
-                   help="instead of analysing runs: for training sets of N examples, the "
-                        "epochs that end with a refresh on the short last batch (default: "
-                        "analyse runs)")
-    p.add_argument("--pull", nargs="+", type=nonnegative_int, default=None, metavar="E",
-                   help="per run, the median α·||∇P|| over the refreshes of each epoch E, "
-                        "from its config.json and refreshes.jsonl (default: the spike "
-                        "statistics)")
-    p.add_argument("--batch-size", type=positive_int, default=_SCHEDULE.batch_size, metavar="B",
-                   help="with --schedule: the training batch size")
-    p.add_argument("--every", type=positive_int, default=_SCHEDULE.every, metavar="K",
-                   help="with --schedule: FisherPenaltySGD's refresh interval")
-    p.add_argument("--epochs", type=positive_int, default=_SCHEDULE.epochs, metavar="E",
-                   help="with --schedule: epochs of training")
-    return p
+    return parser("benchmarks/fp_spikes.py", __doc__.split("\n\n")[0], SpikeOptions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

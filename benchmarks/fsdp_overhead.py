@@ -18,7 +18,8 @@ the unsharded model on the whole batch, with the same labels, at several steps a
     OMP_NUM_THREADS=1 python benchmarks/fsdp_overhead.py --mp-error --output docs/fsdp_overhead_measured.md
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 
 import argparse
 import json
@@ -26,6 +27,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -38,11 +40,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.options import add_options  # noqa: E402
+from benchmarks.common.options import add_options, option, parser  # noqa: E402
+from benchmarks.common.runner import RunningOptions  # noqa: E402
 from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._cli import HelpFormatter, positive_int  # noqa: E402
 from fisher_optim._fsdp import local_shard  # noqa: E402
 from fisher_optim.engines import (  # noqa: E402
     exact_penalty_gradient,
@@ -78,9 +81,9 @@ def build(args: argparse.Namespace, mp_policy: Any = None) -> nn.Module:
 def local_batch(args: argparse.Namespace, rank: int) -> torch.Tensor:
     """This rank's half of the global batch of byte ids ``[2 · batch, context]``."""
     ids = torch.randint(
-        VOCAB_SIZE, (WORLD * args.batch, args.context), generator=torch.Generator().manual_seed(1)
+        VOCAB_SIZE, (WORLD * args.batch_size, args.context), generator=torch.Generator().manual_seed(1)
     )
-    return ids[rank * args.batch : (rank + 1) * args.batch]
+    return ids[rank * args.batch_size : (rank + 1) * args.batch_size]
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -173,7 +176,7 @@ def measure_mp_error(args: argparse.Namespace, rank: int) -> dict[str, float]:
             logits.softmax(-1), 1, generator=torch.Generator().manual_seed(2)
         )
     labels = labels.squeeze(1)
-    rows = args.batch * args.context
+    rows = args.batch_size * args.context
 
     def objective(model: nn.Module, inputs: torch.Tensor, lab: torch.Tensor) -> PenaltyObjective:
         obj = PenaltyObjective(model, Batch((inputs,)))
@@ -220,7 +223,7 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
     lines = [
         f"FSDP2, 2 ranks (gloo, CPU, {args.threads} thread(s) each), ByteTransformerLM "
         f"(layers {args.layers}, dim {args.dim}, heads {args.heads}, context {args.context}), "
-        f"batch {args.batch} per rank; median of {args.rounds} interleaved windows of "
+        f"batch {args.batch_size} per rank; median of {args.rounds} interleaved windows of "
         f"{args.window} steps. Memory per rank: held between steps, and the peak allocated "
         "during a refresh step above it.",
         "",
@@ -251,33 +254,28 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
     return "\n".join(lines)
 
 
+@dataclass
+class FSDPOptions:
+    """What ``benchmarks/fsdp_overhead.py`` measures besides the step times."""
+
+    mp_error: bool = option(False, "also measure the finite difference under a bf16 "
+                            "MixedPrecisionPolicy", action="store_true")
+    output: Path | None = option(None, "also write the tables (Markdown) to FILE",
+                                 unset="print only", type=Path, metavar="FILE")
+
+
+#: The model's options, LMOptions' (``benchmarks/lm_stdlib.py``), with this script's defaults;
+#: ``--batch-size`` is per rank.
+MODEL_DEFAULTS = {"layers": 4, "dim": 128, "heads": 4, "context": 64, "batch_size": 8}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/fsdp_overhead.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--layers", type=positive_int, default=4, help="transformer blocks")
-    parser.add_argument("--dim", type=positive_int, default=128, help="model width")
-    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    parser.add_argument("--context", type=positive_int, default=64, help="sequence length")
-    parser.add_argument("--batch", type=positive_int, default=8, help="sequences per rank")
-    add_options(parser, TimingOptions)
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
-    parser.add_argument(
-        "--mp-error",
-        action="store_true",
-        help="also measure the finite difference under a bf16 MixedPrecisionPolicy",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write the tables (Markdown) to FILE (default: print only)",
-    )
-    return parser
+    p = parser("benchmarks/fsdp_overhead.py", __doc__.split("\n\n")[0], FSDPOptions,
+               TimingOptions)
+    add_options(p, LMOptions, only=MODEL_DEFAULTS, defaults=MODEL_DEFAULTS)
+    add_options(p, RunningOptions, only=("threads",), defaults={"threads": 1})
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -9,32 +9,35 @@ position of each sequence has no next token).
     python benchmarks/lm_penalty_scale.py [--draws 50]
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fisher_optim._cli import HelpFormatter, integer, positive_int  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
+from fisher_optim._cli import integer, positive_int  # noqa: E402
+
+
+@dataclass
+class ScaleOptions:
+    """What ``benchmarks/lm_penalty_scale.py`` measures."""
+
+    draws: int = option(50, "batches per sequence length T, each with one label draw; at "
+                        "least 2 (the standard error needs two)", type=integer(2), metavar="N")
+    batch: int = option(4, "sequences per batch", type=positive_int, metavar="B")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/lm_penalty_scale.py", description=__doc__.splitlines()[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--draws", type=integer(2), default=50, metavar="N",
-                        help="batches per sequence length T, each with one label draw; at "
-                        "least 2 (the standard error needs two)")
-    parser.add_argument("--batch", type=positive_int, default=4, metavar="B",
-                        help="sequences per batch")
-    return parser
+    return parser("benchmarks/lm_penalty_scale.py", __doc__.splitlines()[0], ScaleOptions)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,13 +22,15 @@ batch sizes differ (Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``,
     python benchmarks/report.py runs/c16L --pair fp/lr0.001/a0.01/guard4 baseline/lr0.001/a0
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded by path, as the tests do, need not be)
 
 import argparse
 import json
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import mean_std  # noqa: E402
 from benchmarks.common.config import PENALTY_OF_METHOD  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.fp_spikes import collapses, read_jsonl  # noqa: E402
-from fisher_optim._cli import HelpFormatter  # noqa: E402
 
 #: (summary key, column head, format of the value) of the per-arm table.
 COLUMNS = (
@@ -184,23 +186,26 @@ def _arm(arms: dict[str, list[dict[str, Any]]], label: str) -> list[dict[str, An
     return arms[label]
 
 
+@dataclass
+class ReportOptions:
+    """What ``benchmarks/report.py`` reports."""
+
+    paths: list[str] = option(help="run directories, or folders holding run directories",
+                              flag="paths", nargs="+", metavar="RUNS")
+    pair: list[list[str]] = option([], "print the per-seed paired difference A − B of "
+                                   "test@best val (repeatable; arms as labelled in the table) "
+                                   "(default: no pair)", nargs=2, action="append",
+                                   metavar=("A", "B"))
+    spearman: bool = option(False, "rank correlation of Tr(F_i) and the final test accuracy "
+                            "over the runs", action="store_true")
+    scatter: str | None = option(None, "write the Tr(F_i) against final test accuracy scatter "
+                                 "plot here", unset="no plot", metavar="PNG")
+    curves: str | None = option(None, "write validation accuracy and Tr(F) against epochs "
+                                "(first seed of each arm) here", unset="no plot", metavar="PNG")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="RUNS",
-                   help="run directories, or folders holding run directories")
-    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="print the per-seed paired difference A − B of test@best val "
-                        "(repeatable; arms as labelled in the table) (default: no pair)")
-    p.add_argument("--spearman", action="store_true",
-                   help="rank correlation of Tr(F_i) and the final test accuracy over the runs")
-    p.add_argument("--scatter", metavar="PNG", default=None,
-                   help="write the Tr(F_i) against final test accuracy scatter plot here "
-                        "(default: no plot)")
-    p.add_argument("--curves", metavar="PNG", default=None,
-                   help="write validation accuracy and Tr(F) against epochs (first seed of "
-                        "each arm) here (default: no plot)")
-    return p
+    return parser("benchmarks/report.py", __doc__.split("\n\n")[0], ReportOptions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

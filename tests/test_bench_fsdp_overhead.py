@@ -36,7 +36,7 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
             "2",
             "--context",
             "4",
-            "--batch",
+            "--batch-size",
             "2",
             "--window",
             "1",

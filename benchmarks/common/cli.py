@@ -52,9 +52,8 @@ from benchmarks.common.config import (
     scale_milestones,
 )
 from benchmarks.common.data import MissingData
-from benchmarks.common.options import add_options, from_args, option_fields, tagged
+from benchmarks.common.options import from_args, option_fields, parser, tagged
 from benchmarks.common.runner import FINISHED
-from fisher_optim._cli import HelpFormatter
 
 __all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
            "make_specs", "results_table"]
@@ -68,20 +67,14 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
     every value is range-checked here, so a bad one is an argparse error naming the option.
     """
-    p = argparse.ArgumentParser(
-        prog=f"benchmarks/{cfg.name}.py",
-        description=cfg.description or cfg.name,
-        formatter_class=HelpFormatter,
-    )
     classes = (SweepOptions, RunSpec, runner.DeviceOptions, runner.RunningOptions)
     names = {f.name for cls in classes for f in option_fields(cls)} - set(
         tagged(SweepOptions, "resolved"))
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
     defaults.update(loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
-    add_options(p, *classes, defaults=defaults, context=cfg,
-                groups={title: p.add_argument_group(title) for title in
-                        (WHAT, SETTING, NOISE, DATA, MEASURE, runner.DEVICE,
-                                       runner.RUNNING)})
+    p = parser(f"benchmarks/{cfg.name}.py", cfg.description or cfg.name, *classes,
+               defaults=defaults, context=cfg,
+               sections=(WHAT, SETTING, NOISE, DATA, MEASURE, runner.DEVICE, runner.RUNNING))
     return p
 
 

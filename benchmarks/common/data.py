@@ -438,7 +438,8 @@ class MissingData(FileNotFoundError, RuntimeError):
         import sys
         import textwrap
 
-        print(textwrap.fill(str(self), 88), file=sys.stderr)
+        print(textwrap.fill(str(self), 88, break_on_hyphens=False, break_long_words=False),
+              file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 __all__ = ["add_options", "from_args", "option", "option_fields", "parser", "tagged"]
@@ -34,7 +34,7 @@ def option(
     default: Any = _MISSING,
     help: str | Callable[[Any], str] = "",  # noqa: A002 (argparse's name)
     *,
-    flag: str | None = None,
+    flag: str | tuple[str, ...] | None = None,
     group: str | None = None,
     default_factory: Callable[[], Any] | None = None,
     tags: tuple[str, ...] = (),
@@ -47,8 +47,8 @@ def option(
         default: the field's (and the option's) default; a list is copied per instance.
         help: the help text (argparse's ``%(default)s`` is not needed: the formatter states
             the default), or a function of :func:`add_options`' ``context`` returning it.
-        flag: the option string (default: ``--field-name``); the field's own name makes it
-            a positional argument.
+        flag: the option string, or several (default: ``--field-name``); the field's own
+            name makes it a positional argument.
         group: the ``--help`` section it is listed in.
         default_factory: instead of ``default``, a function computing it.
         tags: what the option is, for the script (e.g. ``("run",)``: it determines a run's
@@ -115,12 +115,14 @@ def add_options(
                     groups[title] = parser.add_argument_group(title)
                 target = groups[title]
             text = meta["help"](context) if callable(meta["help"]) else meta["help"]
-            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            flags = meta["flag"] or "--" + f.name.replace("_", "-")
+            flags = (flags,) if isinstance(flags, str) else tuple(flags)
+            flag = flags[0]
             default = defaults[f.name] if f.name in defaults else _default(f)
             if default is None and meta["unset"] is not None:
                 text = f"{text} (default: {meta['unset']})"
             if flag.startswith("-"):
-                target.add_argument(flag, dest=f.name, default=default, help=text,
+                target.add_argument(*flags, dest=f.name, default=default, help=text,
                                     **meta["argparse"])
             else:  # a positional argument (``flag`` is the field's name)
                 target.add_argument(flag, default=default, help=text, **meta["argparse"])
@@ -128,15 +130,17 @@ def add_options(
 
 
 def parser(
-    prog: str, description: str, *classes: type, **kwargs: Any
+    prog: str, description: str, *classes: type, sections: Sequence[str] = (), **kwargs: Any
 ) -> argparse.ArgumentParser:
     """A script's parser (``--help`` states each default once): the option fields of
-    ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...)."""
+    ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...), with
+    the ``--help`` sections ``sections`` first, in that order."""
     from fisher_optim._cli import HelpFormatter
 
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=HelpFormatter)
-    add_options(p, *classes, **kwargs)
+    groups = {title: p.add_argument_group(title) for title in sections}
+    add_options(p, *classes, groups=groups, **kwargs)
     return p
 
 

@@ -13,10 +13,10 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.common.options import option, parser
 from benchmarks.common.runner import read_jsonl
 
 __all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter",
@@ -129,15 +130,22 @@ def plot_trace_scatter(
     return save_figure(fig, out_png)
 
 
+@dataclass
+class PlotOptions:
+    """``python -m benchmarks.common.plots``'s options."""
+
+    run_dirs: list[str] = option(help="run directories (with metrics.jsonl)", flag="run_dirs",
+                                 nargs="+")
+    output: str = option("figure.png", "output PNG", flag=("-o", "--output"))
+    scatter: bool = option(False, "Tr(F_i) vs final test accuracy (needs summary.json in each "
+                           "run)", action="store_true")
+    title: str | None = option(None, "the figure's title", unset="none")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.common.plots RUN_DIR... -o fig.png [--scatter]``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="run directories (with metrics.jsonl)")
-    p.add_argument("-o", "--output", default="figure.png", help="output PNG")
-    p.add_argument("--scatter", action="store_true",
-                   help="Tr(F_i) vs final test accuracy (needs summary.json in each run)")
-    p.add_argument("--title", default=None)
-    args = p.parse_args(argv)
+    """``python -m benchmarks.common.plots RUN_DIR... --output fig.png [--scatter]``."""
+    args = parser("python -m benchmarks.common.plots", __doc__.split("\n\n")[0],
+                  PlotOptions).parse_args(argv)
     if args.scatter:
         summaries = []
         for d in args.run_dirs:
