@@ -24,6 +24,10 @@ term the FP paper adds to the loss (Jastrzebski et al., ICML 2021, Eq. 3/5). The
 drawn once per evaluation and then frozen, so that a finite difference compares gradients of
 the same function.
 
+Each penalty is one :class:`Penalty` object (what it differentiates, whether it needs the
+targets, which labels, its loss ``L``), registered by name in :data:`PENALTY_REGISTRY`;
+``penalty=`` takes a name or an instance. A new penalty is one subclass and one entry.
+
 >>> import torch
 >>> from torch import nn
 >>> _ = torch.manual_seed(0)
