@@ -70,7 +70,7 @@ def make_step(
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
     else:
         opt = FisherPenaltySGD(model, alpha=0.01, **common, **kwargs)
-    needs_targets = kwargs is not None and kwargs.get("penalty") in ("gradient", "input_gradient")
+    needs_targets = isinstance(opt, FisherPenaltySGD) and opt.penalty.needs_targets
 
     def step() -> None:
         opt.zero_grad()

@@ -53,6 +53,15 @@ def pick_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
     torch.Size([2, 3, 5])
     """
     logits = model_output(output, output_fn)
+    if logits.dim() == 1 and output_fn is None:
+        raise ValueError(
+            f"the model's output has shape {tuple(logits.shape)}: one dimension, where "
+            "logits [batch, ..., num_classes] have two or more. If the model was called on "
+            "one unbatched example, call it on a batch (x.unsqueeze(0) for one example): the "
+            "first dimension of the input holds the examples. If it returns one number per "
+            "example, give it a class dimension with output_fn=lambda out: out.unsqueeze(-1) "
+            "(and likelihood='bernoulli' or 'gaussian')"
+        )
     if logits.dim() < 2:
         raise ValueError(
             f"logits must have shape [..., num_classes], got {tuple(logits.shape)}; "

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from fisher_optim._modules import unwrap
 from fisher_optim.batch import Inputs, model_inputs
+from fisher_optim.validate import check_function_or_none
 
 #: ``target_mask``: called like the model, returns a boolean row mask (or None: every row).
 TargetMask = Callable[..., Tensor | None]
@@ -86,11 +87,7 @@ def target_rows(
     """
     rows_shape = tuple(logits_shape[:-1])
     if target_mask is not None:
-        if not callable(target_mask):
-            raise TypeError(
-                f"target_mask must be a function called like the model, got "
-                f"{type(target_mask).__name__}"
-            )
+        check_function_or_none("target_mask", target_mask)
         return _check_mask(target_mask(*args, **kwargs), rows_shape)
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if not is_hugging_face(model):

@@ -75,7 +75,12 @@ from fisher_optim.curvature.gradient_moment import (
     sum_sq_example_grads,
 )
 from fisher_optim.likelihoods import Likelihood, get_likelihood
-from fisher_optim.validate import is_int
+from fisher_optim.validate import (
+    check_choice,
+    check_function_or_none,
+    check_positive_int,
+    check_positive_int_or_none,
+)
 from fisher_optim.wrapper import GradientWrapper, input_layout
 
 COVARIANCES = ("diagonal", "full", "trace")
@@ -159,9 +164,22 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        _check_arguments(
-            model, small_batch_size, covariance, fisher, every, estimate_batch_size, target_mask
-        )
+        check_positive_int("small_batch_size", small_batch_size)
+        check_choice("covariance", covariance, COVARIANCES)
+        check_choice("fisher", fisher, FISHERS)
+        check_positive_int("every", every)
+        if covariance == "full" and every != 1:
+            raise ValueError(
+                "covariance='full' draws every noise vector from the current batch's per-example "
+                f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
+            )
+        check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
+        check_function_or_none("target_mask", target_mask)
+        if is_fsdp(model):
+            raise ValueError(
+                "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
+                "gradients need the unsharded parameters); use DistributedDataParallel"
+            )
         self.covariance = covariance
         self.fisher = fisher
         self.likelihood = get_likelihood(likelihood)
@@ -386,47 +404,6 @@ class FisherNoiseSGD(GradientWrapper):
         self._local_draws = extra["local_draws"]
         self._cache = self.load_per_param(
             extra["cache"], "Fisher estimate", lambda p: accumulation_dtype(p.dtype)
-        )
-
-
-def _check_arguments(
-    model: nn.Module,
-    small_batch_size: Any,
-    covariance: Any,
-    fisher: Any,
-    every: Any,
-    estimate_batch_size: Any,
-    target_mask: Any,
-) -> None:
-    """Raise for an argument of :class:`FisherNoiseSGD` it cannot take, naming the fix."""
-    if not is_int(small_batch_size) or small_batch_size < 1:
-        raise ValueError(f"small_batch_size must be an integer ≥ 1, got {small_batch_size!r}")
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    if fisher not in FISHERS:
-        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    if not is_int(every) or every < 1:
-        raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
-    if covariance == "full" and every != 1:
-        raise ValueError(
-            "covariance='full' draws every noise vector from the current batch's per-example "
-            f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
-        )
-    if estimate_batch_size is not None and (
-        not is_int(estimate_batch_size) or estimate_batch_size < 1
-    ):
-        raise ValueError(
-            f"estimate_batch_size must be an integer ≥ 1 or None, got {estimate_batch_size!r}"
-        )
-    if target_mask is not None and not callable(target_mask):
-        raise TypeError(
-            f"target_mask must be a function called like the model, got "
-            f"{type(target_mask).__name__}"
-        )
-    if is_fsdp(model):
-        raise ValueError(
-            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-            "gradients need the unsharded parameters); use DistributedDataParallel"
         )
 
 

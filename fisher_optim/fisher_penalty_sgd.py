@@ -23,6 +23,7 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     global_norms,
     is_fsdp,
+    local_shard,
 )
 from fisher_optim._logits import Likelihood, OutputFn
 from fisher_optim._targets import TargetMask
@@ -40,12 +41,19 @@ from fisher_optim.differentiation import (
 )
 from fisher_optim.penalty import (
     LossFn,
+    Penalty,
     PenaltyObjective,
     check_likelihood,
-    check_penalty,
     check_penalty_scale,
+    get_penalty,
 )
 from fisher_optim.safeguard import SpikeGuard
+from fisher_optim.validate import (
+    check_bool,
+    check_function_or_none,
+    check_positive_int,
+    check_positive_int_or_none,
+)
 from fisher_optim.wrapper import GradientWrapper
 
 #: The param-group key of the penalty weight α (used by no ``torch.optim`` optimizer).
@@ -76,8 +84,10 @@ class FisherPenaltySGD(GradientWrapper):
         mode: ``"exact"`` (double backprop, ≈3x a gradient) or ``"finite_difference"``
             (two gradients, ≈2x; see :mod:`fisher_optim.differentiation`).
         penalty: ``"fisher"`` (FP, labels sampled from the model), ``"random_label"`` (GPr),
-            ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels). The
-            last two need the targets: call :meth:`set_targets` before each ``step()``.
+            ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels), or a
+            :class:`~fisher_optim.penalty.Penalty` instance (kept as ``opt.penalty``). Those
+            with ``needs_targets`` (GP, GPx) need the targets: call :meth:`set_targets`
+            before each ``step()``.
         output_fn: maps the model's output to logits ``[..., C]``; rows of flattened logits
             each get their own sampled label (a language model's ``[B, T, V]``). Not needed
             for outputs that carry ``.logits`` (Hugging Face ``ModelOutput``, dataclasses,
@@ -166,7 +176,7 @@ class FisherPenaltySGD(GradientWrapper):
         alpha: float,
         every: int = 10,
         mode: str = "exact",
-        penalty: str = "fisher",
+        penalty: str | Penalty = "fisher",
         output_fn: OutputFn | None = None,
         loss_fn: LossFn | None = None,
         penalty_batch_size: int | None = None,
@@ -184,34 +194,27 @@ class FisherPenaltySGD(GradientWrapper):
         **base_kwargs: Any,
     ) -> None:
         check_weight(alpha, "alpha")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
-        if penalty_batch_size is not None and penalty_batch_size < 1:
-            raise ValueError(f"penalty_batch_size must be ≥ 1 or None, got {penalty_batch_size}")
+        check_positive_int("every", every)
+        check_positive_int_or_none("penalty_batch_size", penalty_batch_size)
         check_fd_step(fd_step)
         self.every = every
         self.mode = check_mode(mode)
-        self.penalty = check_penalty(penalty)
+        _check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        self.penalty = get_penalty(penalty)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.penalty_batch_size = penalty_batch_size
         self.fd_step = fd_step
         self.fd_scheme = check_fd_scheme(fd_scheme)
-        if not isinstance(fd_check, bool):
-            raise TypeError(f"fd_check must be True or False, got {fd_check!r}")
+        check_bool("fd_check", fd_check)
         self.fd_check = fd_check
         #: ``fd_scheme="auto"``: refreshes left that take the forward difference.
         self._forward_refreshes = 0
-        if target_mask is not None and not callable(target_mask):
-            raise TypeError(
-                f"target_mask must be a function called like the model, got "
-                f"{type(target_mask).__name__}"
-            )
+        check_function_or_none("target_mask", target_mask)
         self.target_mask = target_mask
         self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
-        if not isinstance(guard_early, bool):
-            raise TypeError(f"guard_early must be True or False, got {guard_early!r}")
+        check_bool("guard_early", guard_early)
         if guard_early and spike_factor is None:
             raise ValueError("guard_early=True needs the safeguard: give a spike_factor, not None")
         guard = (
@@ -227,7 +230,7 @@ class FisherPenaltySGD(GradientWrapper):
         sharded = self._sharded = is_fsdp(self.module)
         if self.mode == "exact" and sharded:
             raise ValueError(EXACT_UNSUPPORTED)
-        if self.penalty == "input_gradient" and sharded:
+        if self.penalty.wrt_inputs and sharded:
             raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
         if self.mode == "finite_difference":
             check_fd_dtypes(
@@ -297,6 +300,12 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"FisherPenaltySGD: every parameter of the optimizer is frozen "
+                f"(requires_grad=False) at step {self.step_count}, so the penalty has no "
+                "gradient; unfreeze some, or set the penalty weight to 0 while all are frozen"
+            )
         batch = self.cut(self.current_batch(), self.penalty_batch_size, self.output_fn)
         objective = PenaltyObjective(
             self.module, batch, penalty=self.penalty,
@@ -339,13 +348,7 @@ class FisherPenaltySGD(GradientWrapper):
         if not finite:
             self.skipped_refreshes += 1
             self._cache = None
-            warnings.warn(
-                f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not finite "
-                f"(penalty value {penalty_value}); it was dropped and no parameter was changed by "
-                f"it ({self.skipped_refreshes} dropped so far). Training continues.",
-                RuntimeWarning,
-                stacklevel=7,
-            )
+            warnings.warn(self._not_finite_message(penalty_value), RuntimeWarning, stacklevel=7)
             return
         self.penalty_value = penalty_value
         self.penalty_grad_norm = grad_norm
@@ -409,6 +412,24 @@ class FisherPenaltySGD(GradientWrapper):
                 stacklevel=7,
             )
 
+    def _not_finite_message(self, penalty_value: float) -> str:
+        """What a dropped, non-finite refresh means: harmless if the loss gradient is finite;
+        if not (NaN/Inf in the batch or the loss), the base step will spread it."""
+        dropped = (
+            f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not finite "
+            f"(penalty value {penalty_value}); it was dropped ({self.skipped_refreshes} dropped "
+            "so far)"
+        )
+        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return f"{dropped} and no parameter was changed by it. Training continues."
+        return (
+            f"{dropped}, but the loss gradient in p.grad is not finite either: the batch or "
+            "the loss holds NaN/Inf, and the base optimizer's step writes it into the weights. "
+            "Check the inputs (torch.isfinite(x).all()) and the loss before step(); under "
+            "mixed precision, a torch.amp.GradScaler skips such steps"
+        )
+
     def _process_group(self) -> Any | None:
         """None under FSDP2: its backward already averages the gradients over the ranks, so
         the penalty gradient is that of the global batch on every rank."""
@@ -469,6 +490,18 @@ def check_weight(value: Any, name: str) -> float:
             "use 0 to switch the penalty off"
         )
     return float(value)
+
+
+def _check_fd_options(mode: str, **options: Any) -> None:
+    """The finite-difference options are refused in exact mode, which would ignore them."""
+    if mode == "finite_difference":
+        return
+    for name, value in options.items():
+        if value is not None:
+            raise ValueError(
+                f"{name}={value!r} sets the finite difference, which mode={mode!r} does not "
+                f"take: remove {name}, or set mode='finite_difference'"
+            )
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fisher_optim.validate import check_positive_int
+
 
 class GhostBatchNorm(_BatchNorm):
     r"""BatchNorm over virtual batches of ``virtual_batch_size`` examples, for ``[N, C, *]`` inputs.
@@ -67,14 +69,7 @@ class GhostBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        if (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"virtual_batch_size must be an integer ≥ 1, got {virtual_batch_size!r}"
-            )
+        check_positive_int("virtual_batch_size", virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = virtual_batch_size
 

@@ -26,6 +26,7 @@ from fisher_optim._targets import IGNORE_INDEX
 __all__ = [
     "LABEL_KINDS",
     "LIKELIHOODS",
+    "LIKELIHOOD_REGISTRY",
     "Bernoulli",
     "Categorical",
     "Gaussian",
@@ -76,10 +77,6 @@ def sample_labels(
         # (two syncs on a GPU); the rows here are finite, ≥ 0 and not all zero
         q = torch.empty_like(probs).exponential_(1.0, generator=generator)
         return (probs / q).argmax(-1)
-
-
-#: The names of the built-in likelihoods, for ``likelihood=`` (see :class:`Likelihood`).
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
 class Likelihood:
@@ -399,6 +396,15 @@ class Gaussian(Likelihood):
         return f"Gaussian(sigma={self.sigma:g})"
 
 
+#: The built-in likelihoods by name: a new one is a :class:`Likelihood` subclass (with a
+#: ``name``) and an entry here; its name then works wherever ``likelihood=`` is taken.
+LIKELIHOOD_REGISTRY: dict[str, type[Likelihood]] = {
+    cls.name: cls for cls in (Categorical, Bernoulli, Gaussian)
+}
+#: The names ``likelihood=`` takes (the keys of :data:`LIKELIHOOD_REGISTRY`).
+LIKELIHOODS = tuple(LIKELIHOOD_REGISTRY)
+
+
 def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
     """A :class:`Likelihood` from its name in :data:`LIKELIHOODS` (or the instance itself).
 
@@ -407,16 +413,13 @@ def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
     """
     if isinstance(likelihood, Likelihood):
         return likelihood
-    if likelihood == "categorical":
-        return Categorical()
-    if likelihood == "bernoulli":
-        return Bernoulli()
-    if likelihood == "gaussian":
-        return Gaussian()
-    raise ValueError(
-        f"likelihood must be one of {LIKELIHOODS} or a Likelihood instance (e.g. "
-        f"Gaussian(sigma=0.5)), got {likelihood!r}"
-    )
+    cls = LIKELIHOOD_REGISTRY.get(likelihood) if isinstance(likelihood, str) else None
+    if cls is None:
+        raise ValueError(
+            f"likelihood must be one of {tuple(LIKELIHOOD_REGISTRY)} or a Likelihood instance "
+            f"(e.g. Gaussian(sigma=0.5)), got {likelihood!r}"
+        )
+    return cls()
 
 
 def _float(t: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ from .curvature.covariance import gradient_covariance
 from .curvature.eigenvalue import hessian_eigenvalues
 from .curvature.fisher import LABEL_MODES, fisher_trace
 from .likelihoods import Likelihood, get_likelihood
-from .validate import check_choice, check_positive_int
+from .validate import check_choice, check_function_or_none, check_positive_int
 
 __all__ = ["CURVATURE_QUANTITIES", "CurvatureMonitor", "FisherExplosionWarning", "FisherMonitor"]
 
@@ -147,6 +147,7 @@ class FisherMonitor(_StepSchedule):
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
         check_choice("labels", labels, LABEL_MODES)
+        check_function_or_none("target_mask", target_mask)
         for name, value in (("threshold", threshold), ("growth_factor", growth_factor)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
@@ -379,6 +380,7 @@ class CurvatureMonitor(_StepSchedule):
         check_positive_int("every", every)
         check_positive_int("top_k", top_k)
         check_choice("labels", labels, LABEL_MODES)
+        check_function_or_none("target_mask", target_mask)
         check_positive_int("lanczos_iters", lanczos_iters)
         if "lambda_H_eta_over_2" in quantities and lr is None:
             raise ValueError(

@@ -24,6 +24,10 @@ term the FP paper adds to the loss (Jastrzebski et al., ICML 2021, Eq. 3/5). The
 drawn once per evaluation and then frozen, so that a finite difference compares gradients of
 the same function.
 
+Each penalty is one :class:`Penalty` object (what it differentiates, whether it needs the
+targets, which labels, its loss ``L``), registered by name in :data:`PENALTY_REGISTRY`;
+``penalty=`` takes a name or an instance. A new penalty is one subclass and one entry.
+
 >>> import torch
 >>> from torch import nn
 >>> _ = torch.manual_seed(0)
@@ -55,48 +59,190 @@ from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
 from fisher_optim._targets import TargetMask, target_rows
 from fisher_optim.batch import Batch
 
-PENALTIES = ("fisher", "random_label", "gradient", "input_gradient")
 #: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
 PENALTY_SCALES = ("batch", "per_row")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def check_penalty(penalty: str) -> str:
-    if penalty not in PENALTIES:
-        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
-    return penalty
+class Penalty:
+    """One penalty ``P = ||∇ L||²``: what it differentiates (:attr:`wrt_inputs`), whether it
+    needs the true targets (:attr:`needs_targets`), which labels its surrogate loss ``L``
+    uses, and ``L`` itself (:meth:`loss`).
+
+    A new penalty is one subclass plus one entry in :data:`PENALTY_REGISTRY`; its name then
+    works wherever ``penalty=`` is taken, and an instance may be passed as well.
+    """
+
+    #: The name ``penalty=`` takes.
+    name = "penalty"
+    #: Whether ``L`` uses the true targets (``set_targets`` before ``step()``).
+    needs_targets = False
+    #: Whether the gradient is taken w.r.t. the model's first input instead of θ.
+    wrt_inputs = False
+    #: Whether ``penalty_scale="per_row"`` (``N · P``) is derived for it (see
+    #: :class:`PenaltyObjective`).
+    per_row = False
+
+    def check_likelihood(self, likelihood: Likelihood) -> None:
+        """Raise ``ValueError`` if this penalty has no meaning under ``likelihood``."""
+
+    def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
+        """``L`` of ``objective``'s batch from the model's ``output`` on it."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
-def check_penalty_scale(penalty_scale: str, penalty: str) -> str:
-    """Validate ``penalty_scale``; ``"per_row"`` is derived for ``penalty="fisher"`` only."""
+class SampledLabelPenalty(Penalty):
+    """``L`` = the likelihood's mean −log p(ŷ|f(x)) over the rows with a target, the labels ŷ
+    drawn by :meth:`draw` on the first evaluation and then frozen."""
+
+    def draw(
+        self, likelihood: Likelihood, logits: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """One label per row of ``logits`` ``[N, C]``, without gradient."""
+        raise NotImplementedError
+
+    def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
+        lik = objective.likelihood
+        shaped = pick_logits(output, objective.output_fn)
+        logits = shaped.reshape(-1, shaped.shape[-1])
+        if objective.labels is None:  # first call: decide the rows, then draw their labels
+            batch = objective.batch
+            rows = target_rows(
+                objective.model, batch.args, batch.kwargs, shaped.shape, objective.target_mask
+            )
+            objective.rows = None if rows is None else rows.reshape(-1).to(logits.device)
+        if objective.rows is not None:
+            logits = logits[objective.rows]
+        if objective.labels is None:
+            lik.check_outputs(logits)
+            objective.labels = self.draw(lik, logits, objective.generator)
+        n = logits.shape[0]
+        if n == 0:  # no row has a target: no penalty (zero gradient, not NaN)
+            return _upcast(logits).sum() * 0.0
+        loss = lik.nll(logits, objective.labels)
+        return loss * math.sqrt(n) if objective.penalty_scale == "per_row" else loss
+
+
+class FisherPenalty(SampledLabelPenalty):
+    """FP: ŷ ~ p_θ(·|f(x)), so ``P = Tr(F_B)`` (Jastrzebski et al., ICML 2021, Eq. 3)."""
+
+    name = "fisher"
+    per_row = True
+
+    def draw(
+        self, likelihood: Likelihood, logits: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        return likelihood.sample(logits, generator)
+
+
+class RandomLabelPenalty(SampledLabelPenalty):
+    """GPr: ŷ uniform over the label set."""
+
+    name = "random_label"
+
+    def check_likelihood(self, likelihood: Likelihood) -> None:
+        if not likelihood.uniform_labels:
+            raise ValueError(
+                f"penalty='random_label' draws labels uniformly over the label set; the labels "
+                f"of {likelihood!r} are real numbers, which have no uniform distribution. Use "
+                "penalty='fisher' (labels from the model) or penalty='gradient' (true targets)"
+            )
+
+    def draw(
+        self, likelihood: Likelihood, logits: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        return likelihood.sample_uniform(logits, generator)
+
+
+class TrueTargetPenalty(Penalty):
+    """``L`` = ``loss_fn(f(x), y)`` on the true targets as given (default: the likelihood's
+    mean negative log-likelihood over the rows)."""
+
+    needs_targets = True
+
+    def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
+        if objective.loss_fn is not None:  # the user's loss sees output and targets as they are
+            return objective.loss_fn(model_output(output, objective.output_fn), objective.targets)
+        lik = objective.likelihood
+        logits = as_logits(output, objective.output_fn)
+        lik.check_outputs(logits)
+        return lik.nll(logits, lik.as_targets(objective.targets, logits))
+
+
+class GradientPenalty(TrueTargetPenalty):
+    """GP: the squared norm of the loss gradient w.r.t. the parameters."""
+
+    name = "gradient"
+
+
+class InputGradientPenalty(TrueTargetPenalty):
+    """GPx: the squared norm of the loss gradient w.r.t. the model's first input."""
+
+    name = "input_gradient"
+    wrt_inputs = True
+
+
+#: The built-in penalties by name: a new one is a :class:`Penalty` subclass and an entry here.
+PENALTY_REGISTRY: dict[str, type[Penalty]] = {
+    cls.name: cls
+    for cls in (FisherPenalty, RandomLabelPenalty, GradientPenalty, InputGradientPenalty)
+}
+#: The names ``penalty=`` takes (the keys of :data:`PENALTY_REGISTRY`).
+PENALTIES = tuple(PENALTY_REGISTRY)
+
+
+def get_penalty(penalty: str | Penalty) -> Penalty:
+    """The :class:`Penalty` named ``penalty`` (or the instance itself).
+
+    >>> get_penalty("input_gradient").needs_targets, get_penalty("fisher").needs_targets
+    (True, False)
+    """
+    if isinstance(penalty, Penalty):
+        return penalty
+    cls = PENALTY_REGISTRY.get(penalty) if isinstance(penalty, str) else None
+    if cls is None:
+        raise ValueError(
+            f"penalty must be one of {tuple(PENALTY_REGISTRY)} or a Penalty instance, got "
+            f"{penalty!r}"
+        )
+    return cls()
+
+
+def check_penalty(penalty: str | Penalty) -> Penalty:
+    """Alias of :func:`get_penalty`: the penalty, or a ``ValueError`` naming the valid ones."""
+    return get_penalty(penalty)
+
+
+def check_penalty_scale(penalty_scale: str, penalty: str | Penalty) -> str:
+    """Validate ``penalty_scale``; ``"per_row"`` is derived for penalties with
+    :attr:`Penalty.per_row` (``"fisher"``) only."""
+    penalty = get_penalty(penalty)
     if penalty_scale not in PENALTY_SCALES:
         raise ValueError(f"penalty_scale must be one of {PENALTY_SCALES}, got {penalty_scale!r}")
-    if penalty_scale == "per_row" and penalty != "fisher":
+    if penalty_scale == "per_row" and not penalty.per_row:
         raise ValueError(
             f"penalty_scale='per_row' is derived for penalty='fisher' (labels sampled from the "
             f"model have zero-mean gradients, so N·Tr(F_B) does not depend on N); with "
-            f"penalty={penalty!r} the mean gradient does not vanish and N·P grows with N. Use "
-            "penalty_scale='batch'"
+            f"penalty={penalty.name!r} the mean gradient does not vanish and N·P grows with N. "
+            "Use penalty_scale='batch'"
         )
     return penalty_scale
 
 
-def check_likelihood(likelihood: str | Likelihood, penalty: str = "fisher") -> Likelihood:
-    """The :class:`~fisher_optim._logits.Likelihood` named by ``likelihood``, checked against
-    ``penalty`` (``"random_label"`` has no meaning for real-valued, Gaussian labels)."""
+def check_likelihood(likelihood: str | Likelihood, penalty: str | Penalty = "fisher") -> Likelihood:
+    """The :class:`~fisher_optim.likelihoods.Likelihood` named by ``likelihood``, checked
+    against ``penalty`` (``"random_label"`` has no meaning for real-valued, Gaussian labels)."""
     lik = get_likelihood(likelihood)
-    if check_penalty(penalty) == "random_label" and not lik.uniform_labels:
-        raise ValueError(
-            f"penalty='random_label' draws labels uniformly over the label set; the labels "
-            f"of {lik!r} are real numbers, which have no uniform distribution. Use "
-            "penalty='fisher' (labels from the model) or penalty='gradient' (true targets)"
-        )
+    get_penalty(penalty).check_likelihood(lik)
     return lik
 
 
-def needs_targets(penalty: str) -> bool:
+def needs_targets(penalty: str | Penalty) -> bool:
     """Whether ``penalty`` uses the true targets (GP and GPx do; FP and GPr do not)."""
-    return check_penalty(penalty) in ("gradient", "input_gradient")
+    return get_penalty(penalty).needs_targets
 
 
 class PenaltyObjective:
@@ -133,7 +279,7 @@ class PenaltyObjective:
         model: nn.Module,
         batch: Batch,
         *,
-        penalty: str = "fisher",
+        penalty: str | Penalty = "fisher",
         params: Sequence[Tensor] | None = None,
         output_fn: OutputFn | None = None,
         loss_fn: LossFn | None = None,
@@ -142,14 +288,14 @@ class PenaltyObjective:
         penalty_scale: str = "batch",
         likelihood: str | Likelihood = "categorical",
     ) -> None:
-        self.penalty = check_penalty(penalty)
-        self.likelihood = check_likelihood(likelihood, penalty)
-        self.penalty_scale = check_penalty_scale(penalty_scale, penalty)
+        self.penalty = get_penalty(penalty)
+        self.likelihood = check_likelihood(likelihood, self.penalty)
+        self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
         self.target_mask = target_mask
         self.rows: Tensor | None = None  # flat boolean mask of the rows with a target
-        if needs_targets(penalty) and batch.targets is None:
+        if self.penalty.needs_targets and batch.targets is None:
             raise ValueError(
-                f"penalty={penalty!r} uses the true targets; pass targets=... "
+                f"penalty={self.penalty.name!r} uses the true targets; pass targets=... "
                 "(with FisherPenaltySGD: call opt.set_targets(y) before opt.step())"
             )
         self.model = model
@@ -159,12 +305,15 @@ class PenaltyObjective:
         self.loss_fn = loss_fn
         self.generator = generator
         self.labels: Tensor | None = None
-        self.targets = batch.targets if needs_targets(penalty) else None
+        self.targets = batch.targets if self.penalty.needs_targets else None
         self.inputs: Tensor | None = None
-        if penalty == "input_gradient":
+        if self.penalty.wrt_inputs:
             x = batch.first_tensor()
             if not x.is_floating_point():
-                raise TypeError("penalty='input_gradient' needs a floating-point first input")
+                raise TypeError(
+                    f"penalty={self.penalty.name!r} differentiates w.r.t. the inputs, so it "
+                    "needs a floating-point first input"
+                )
             self.inputs = x.detach().requires_grad_(True)
 
     def wrt(self) -> list[Tensor]:
@@ -190,32 +339,7 @@ class PenaltyObjective:
         """``L`` at the current parameters (inputs shifted by ``input_shift``), the model's
         forward run inside ``forward`` (e.g. an
         :class:`~fisher_optim.activation_pattern.ActivationPattern` recording or replaying)."""
-        output = self._call(input_shift, forward)
-        if self.targets is not None:
-            if self.loss_fn is not None:  # the user's loss sees output and targets as they are
-                return self.loss_fn(model_output(output, self.output_fn), self.targets)
-            logits = as_logits(output, self.output_fn)  # the likelihood's NLL, on rows
-            self.likelihood.check_outputs(logits)
-            return self.likelihood.nll(logits, self.likelihood.as_targets(self.targets, logits))
-        shaped = pick_logits(output, self.output_fn)
-        logits = shaped.reshape(-1, shaped.shape[-1])
-        if self.labels is None:  # first call: decide the rows, then draw their labels
-            rows = target_rows(
-                self.model, self.batch.args, self.batch.kwargs, shaped.shape, self.target_mask
-            )
-            self.rows = None if rows is None else rows.reshape(-1).to(logits.device)
-        if self.rows is not None:
-            logits = logits[self.rows]
-        if self.labels is None:
-            self.likelihood.check_outputs(logits)
-            uniform = self.penalty == "random_label"
-            draw = self.likelihood.sample_uniform if uniform else self.likelihood.sample
-            self.labels = draw(logits, self.generator)
-        n = logits.shape[0]
-        if n == 0:  # no row has a target: no penalty (zero gradient, not NaN)
-            return _upcast(logits).sum() * 0.0
-        loss = self.likelihood.nll(logits, self.labels)
-        return loss * math.sqrt(n) if self.penalty_scale == "per_row" else loss
+        return self.penalty.loss(self, self._call(input_shift, forward))
 
 
 def _replace_first_tensor(
@@ -248,7 +372,7 @@ def fisher_penalty(
     model: nn.Module,
     inputs: Tensor | Batch,
     *,
-    penalty: str = "fisher",
+    penalty: str | Penalty = "fisher",
     targets: Tensor | None = None,
     output_fn: OutputFn | None = None,
     loss_fn: LossFn | None = None,

@@ -12,6 +12,8 @@ drops it after the step.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +30,7 @@ from fisher_optim._modules import eval_mode, unwrap
 from fisher_optim.batch import holds_examples
 from fisher_optim.curvature.examples import check_examples_alone, probe_indices
 from fisher_optim.penalty import Batch
+from fisher_optim.validate import check_keywords
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
 STATE_KEY = "fisher_optim"
@@ -55,8 +58,9 @@ class GradientWrapper(torch.optim.Optimizer):
                 f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
                 "itself (not model.parameters()): the optimizer needs it to rerun the forward"
             )
-        base = _build_base(model, base_optimizer, base_kwargs)
+        base = _build_base(model, base_optimizer, base_kwargs, type(self))
         _check_params_in_model(model, base)
+        _check_trainable(base, type(self).__name__)
         _check_no_key_collision(type(self).__name__, base, defaults)
         self._own_defaults = dict(defaults)
         super().__init__(base.param_groups, defaults)
@@ -78,6 +82,7 @@ class GradientWrapper(torch.optim.Optimizer):
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         #: ``||∇||`` of the full gradient before clipping (a 0-dim tensor), when clipping.
         self.grad_norm: Tensor | None = None
+        self._born = next(_CLOCK)
         self._hook = model.register_forward_pre_hook(_CaptureHook(self), with_kwargs=True)
 
     # ----------------------------------------------------------------- sharing the base
@@ -141,9 +146,17 @@ class GradientWrapper(torch.optim.Optimizer):
     def current_batch(self) -> Batch:
         """The latest training-mode batch (with the targets given to :meth:`set_targets`)."""
         if self._batch is None:
+            children = [name for name, _ in self.model.named_children()][:3]
+            hint = (
+                f". It sees the calls of the module it was built on ({type(self.model).__name__}) "
+                f"only: if the training loop calls a submodule of it directly (such as "
+                f"model.{children[0]}(x)), build the optimizer on that submodule"
+                if children else ""
+            )
             raise RuntimeError(
                 f"{type(self).__name__} has seen no training-mode forward of the model since "
-                "the last step: call the model (in train mode, with grad enabled) before step()"
+                f"the last step: call the model (in train mode, with grad enabled) before "
+                f"step(){hint}"
             )
         return Batch(self._batch.args, self._batch.kwargs, self._targets)
 
@@ -237,6 +250,7 @@ class GradientWrapper(torch.optim.Optimizer):
         """
         if self._initialises_state():
             return self.base_optimizer.step(closure)
+        _check_one_wrapper(self)
         done = False
 
         def prepare() -> None:
@@ -469,6 +483,7 @@ def _build_base(
     model: nn.Module,
     base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
     base_kwargs: dict[str, Any],
+    owner: type[GradientWrapper],
 ) -> torch.optim.Optimizer:
     if isinstance(base_optimizer, torch.optim.Optimizer):
         if base_kwargs:
@@ -479,11 +494,74 @@ def _build_base(
         return base_optimizer
     if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
         kwargs = dict(base_kwargs)
+        _check_base_keywords(owner, base_optimizer, kwargs)
         params: Iterable[Any] = kwargs.pop("params", None) or model.parameters()
         return base_optimizer(params, **kwargs)
     raise TypeError(
         "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
         f"optimizer instance, got {base_optimizer!r}"
+    )
+
+
+def _check_base_keywords(
+    owner: type[GradientWrapper], base: type[torch.optim.Optimizer], kwargs: dict[str, Any]
+) -> None:
+    """A keyword neither the wrapper nor the base optimizer takes (a typo such as ``evry=10``)
+    is refused naming the wrapper and the closest keyword, not as the base's own error."""
+    base_params = inspect.signature(base.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in base_params.values()):
+        return  # the base takes any keyword: it judges them itself
+    own = [
+        name for name, p in inspect.signature(owner.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    check_keywords(
+        f"{owner.__name__} (with base optimizer {base.__name__})",
+        kwargs,
+        [*own, *(name for name in base_params if name != "self")],
+    )
+
+
+def _check_trainable(base: torch.optim.Optimizer, owner: str) -> None:
+    """Refuse an optimizer without a single trainable parameter (every one frozen)."""
+    if not any(p.requires_grad for group in base.param_groups for p in group["params"]):
+        raise ValueError(
+            f"{owner}: every parameter of the model is frozen (requires_grad=False), so there "
+            "is nothing to train and no gradient to edit. Unfreeze the parameters to train "
+            "(p.requires_grad_(True)) before building the optimizer, or build it on those "
+            "that train"
+        )
+
+
+#: Per model, the wrapper that stepped last and when (a tick of :data:`_CLOCK`).
+_LAST_STEP: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int]] = weakref.WeakKeyDictionary()
+_WARNED_SHARED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_CLOCK = itertools.count()
+
+
+def _check_one_wrapper(wrapper: GradientWrapper) -> None:
+    """Warn once per model when two live wrappers that share parameters both step on it:
+    each adds its own term to the same gradients. An optimizer that replaced another (the
+    old one stepped last before the new one was built) is not warned about."""
+    model = wrapper.model
+    last = _LAST_STEP.get(model)
+    _LAST_STEP[model] = (weakref.ref(wrapper), next(_CLOCK))
+    if last is None or model in _WARNED_SHARED:
+        return
+    other = last[0]()
+    if other is None or other is wrapper or last[1] < wrapper._born:
+        return
+    mine = {id(p) for p in wrapper.flat_params()}
+    if not any(id(p) in mine for p in other.flat_params()):
+        return
+    _WARNED_SHARED.add(model)
+    warnings.warn(
+        f"{type(wrapper).__name__}: another optimizer on this model, a "
+        f"{type(other).__name__}, steps too; both see the model's inputs and each adds its "
+        "own term to the gradients of the parameters they share. Build one such optimizer "
+        "per model (to replace one, stop stepping the old one)",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 

@@ -110,3 +110,65 @@ def test_import_fisher_optim_needs_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _callback(kind: str, probe, **kwargs):
+    if kind == "tracking":
+        return FisherTracking(probe, **kwargs)
+    if kind == "lightning":
+        pytest.importorskip("lightning")
+        from fisher_optim.integrations.lightning import FisherLightningCallback
+
+        return FisherLightningCallback(probe, **kwargs)
+    pytest.importorskip("transformers")
+    from fisher_optim.integrations.transformers import FisherTrainerCallback
+
+    return FisherTrainerCallback(probe, **kwargs)
+
+
+def _tracking(callback):
+    return callback if isinstance(callback, FisherTracking) else callback.tracking
+
+
+KINDS = ("tracking", "lightning", "transformers")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_callbacks_forward_the_monitors_arguments(kind: str) -> None:
+    """likelihood= and target_mask= reach the monitor; what is not given is the monitor's
+    default (every=...), so the callbacks cannot drift from FisherMonitor."""
+    import inspect
+
+    from fisher_optim import Bernoulli, FisherMonitor
+
+    def mask(x):
+        return torch.ones(x.shape[0], dtype=torch.bool)
+
+    model, probe = seeded_mlp(), seeded_batch(0)[0]
+    callback = _callback(kind, probe, likelihood="bernoulli", target_mask=mask, labels="exact")
+    tracking = _tracking(callback)
+    tracking.bind(model)
+    monitor = tracking.monitor
+    defaults = inspect.signature(FisherMonitor.__init__).parameters
+    assert isinstance(monitor.likelihood, Bernoulli)
+    assert monitor.target_mask is mask
+    assert monitor.labels == "exact"
+    assert monitor.every == defaults["every"].default
+    assert monitor.chunk_size == defaults["chunk_size"].default
+    row = tracking.step(1)
+    expected = FisherMonitor(model, probe, likelihood="bernoulli", labels="exact").step(step=1)
+    assert row[f"{tracking.prefix}trace"] == pytest.approx(expected["trace"], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_callbacks_name_a_typo_and_check_values(kind: str) -> None:
+    probe = seeded_batch(0)[0]
+    name = {"tracking": "FisherTracking", "lightning": "FisherLightningCallback",
+            "transformers": "FisherTrainerCallback"}[kind]
+    with pytest.raises(TypeError, match=rf"{name} got an unexpected keyword argument 'evry'; "
+                                        "did you mean 'every'"):
+        _callback(kind, probe, evry=10)
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        _callback(kind, probe, every=True)
+    with pytest.raises(TypeError, match="target_mask must be a function"):
+        _callback(kind, probe, target_mask=3)

@@ -154,3 +154,23 @@ def test_likelihood_choice_errors():
         Bernoulli().as_targets(torch.zeros(3), torch.zeros(4, 1))
     with pytest.raises(ValueError, match="one class index per row"):
         Categorical().as_targets(torch.zeros(3, 2), torch.zeros(3, 4))
+
+
+def test_a_new_likelihood_is_one_class_and_one_registry_entry(monkeypatch):
+    import torch
+
+    from fisher_optim import fisher_penalty
+    from fisher_optim.likelihoods import LIKELIHOOD_REGISTRY, Categorical, get_likelihood
+
+    class Softmax(Categorical):
+        name = "softmax"
+
+    monkeypatch.setitem(LIKELIHOOD_REGISTRY, "softmax", Softmax)
+    assert isinstance(get_likelihood("softmax"), Softmax)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(5, 4).double(), torch.randn(8, 5, dtype=torch.float64)
+    values = [
+        fisher_penalty(model, x, likelihood=lik, generator=torch.Generator().manual_seed(1))
+        for lik in ("softmax", "categorical")
+    ]
+    assert values[0].item() == values[1].item()

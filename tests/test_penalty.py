@@ -282,3 +282,51 @@ def test_loss_fn_sees_the_output_fn_output_unflattened():
     )
     torch.testing.assert_close(gp, grad(loss)(theta).pow(2).sum(), rtol=1e-12, atol=0)
     assert seen == [((16,), (16,))]
+
+
+# ------------------------------------------------------------------ penalties as objects
+def test_registry_names_the_built_in_penalties():
+    from fisher_optim.penalty import PENALTIES, PENALTY_REGISTRY, get_penalty
+
+    assert PENALTIES == ("fisher", "random_label", "gradient", "input_gradient")
+    assert [get_penalty(n).needs_targets for n in PENALTIES] == [False, False, True, True]
+    assert [get_penalty(n).wrt_inputs for n in PENALTIES] == [False, False, False, True]
+    assert all(get_penalty(n).name == n for n in PENALTY_REGISTRY)
+    instance = get_penalty("fisher")
+    assert get_penalty(instance) is instance
+    with pytest.raises(ValueError, match="penalty must be one of .*'fisher'.* got 'fischer'"):
+        get_penalty("fischer")
+
+
+class PredictedLabelPenalty:
+    """A new penalty, one class: the gradient norm at the model's own predicted labels."""
+
+    @staticmethod
+    def make():
+        from fisher_optim.penalty import SampledLabelPenalty
+
+        class Predicted(SampledLabelPenalty):
+            name = "predicted_label"
+
+            def draw(self, likelihood, logits, generator):
+                return logits.detach().argmax(-1)
+
+        return Predicted
+
+
+def test_a_new_penalty_is_one_class_and_one_registry_entry(monkeypatch):
+    from fisher_optim import FisherPenaltySGD
+    from fisher_optim.penalty import PENALTY_REGISTRY
+
+    cls = PredictedLabelPenalty.make()
+    monkeypatch.setitem(PENALTY_REGISTRY, cls.name, cls)
+    model, x = tiny_mlp(), torch.randn(16, 5, dtype=torch.float64)
+    loss, theta = flat_loss(model, x, model(x).argmax(-1))
+    expected = grad(loss)(theta).pow(2).sum()
+    for penalty in ("predicted_label", cls()):  # by its name, or the instance
+        value = fisher_penalty(model, x, penalty=penalty)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1, penalty="predicted_label")
+    F.cross_entropy(model(x), torch.randint(4, (16,))).backward()
+    opt.step()
+    torch.testing.assert_close(opt.penalty_value, float(expected), rtol=1e-6, atol=0)

@@ -721,7 +721,7 @@ class _Run:
                 loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-        if spec.penalty in ("gradient", "input_gradient"):
+        if isinstance(self.opt, FisherPenaltySGD) and self.opt.penalty.needs_targets:
             self.opt.set_targets(y)
         if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
             self.opt.set_targets(y)

@@ -19,8 +19,11 @@ from typing import Any
 
 from torch import Tensor
 
-from fisher_optim._logits import OutputFn
-from fisher_optim.integrations.tracking import FisherTracking, optimizer_metrics
+from fisher_optim.integrations.tracking import (
+    FisherTracking,
+    check_monitor_keywords,
+    optimizer_metrics,
+)
 
 try:
     import lightning.pytorch as pl
@@ -42,13 +45,16 @@ class FisherLightningCallback(pl.Callback):
     Args:
         probe: the fixed probe inputs, as the measured module's ``forward`` takes them (a
             tensor, a dict of tensors, an ``(x, y)`` batch or a list of batches).
-        every: measure Tr(F) every ``every`` optimizer steps (``trainer.global_step`` = every,
-            2·every, ...; with ``accumulate_grad_batches`` a step is an optimizer step).
         submodule: the name (for ``pl_module.get_submodule``) of the module whose ``forward``
             takes the probe and returns the logits, e.g. ``"net"``; default: the
             LightningModule itself.
-        labels, output_fn, chunk_size, threshold, growth_factor, loss_threshold, seed, prefix:
-            see :class:`~fisher_optim.integrations.tracking.FisherTracking`.
+        prefix: put before every metric name.
+        **monitor_kwargs: forwarded to :class:`~fisher_optim.monitor.FisherMonitor` as they
+            are, with its defaults (see
+            :class:`~fisher_optim.integrations.tracking.FisherTracking`): ``every`` (measure
+            Tr(F) every ``every`` optimizer steps: ``trainer.global_step`` = every, 2·every,
+            ...; with ``accumulate_grad_batches`` a step is an optimizer step), ``labels``,
+            ``output_fn``, ``likelihood``, ``target_mask``, ``threshold``, ...
 
     Logged metrics (``prefix`` = ``"fisher/"``): at each measurement ``fisher/trace``
     (Tr(F), eval mode, the model left exactly as found), ``fisher/duration`` (seconds),
@@ -69,26 +75,16 @@ class FisherLightningCallback(pl.Callback):
         self,
         probe: Any,
         *,
-        every: int = 100,
         submodule: str | None = None,
-        labels: str = "sample",
-        output_fn: OutputFn | None = None,
-        chunk_size: int = 256,
-        threshold: float | None = None,
-        growth_factor: float | None = None,
-        loss_threshold: float | None = None,
-        seed: int = 0,
         prefix: str = "fisher/",
+        **monitor_kwargs: Any,
     ) -> None:
         super().__init__()
+        check_monitor_keywords(type(self).__name__, monitor_kwargs)
         if submodule is not None and not isinstance(submodule, str):
             raise TypeError(f"submodule must be a module name (str) or None, got {submodule!r}")
         self.submodule = submodule
-        self.tracking = FisherTracking(
-            probe, every=every, labels=labels, output_fn=output_fn, chunk_size=chunk_size,
-            threshold=threshold, growth_factor=growth_factor, loss_threshold=loss_threshold,
-            seed=seed, prefix=prefix,
-        )
+        self.tracking = FisherTracking(probe, prefix=prefix, **monitor_kwargs)
         self._last_step = 0
         self._loss_sum, self._loss_count = 0.0, 0
 

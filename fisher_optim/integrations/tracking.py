@@ -27,15 +27,22 @@ Accelerate's ``AcceleratedOptimizer``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn
 from fisher_optim.monitor import FisherMonitor
+from fisher_optim.validate import check_keywords
 
-__all__ = ["OPTIMIZER_STATS", "ROW_SKIP", "FisherTracking", "optimizer_metrics"]
+__all__ = [
+    "OPTIMIZER_STATS",
+    "ROW_SKIP",
+    "FisherTracking",
+    "check_monitor_keywords",
+    "optimizer_metrics",
+]
 
 #: Optimizer attribute → logged name (after the prefix). FisherPenaltySGD: the last penalty
 #: Tr(F_B) and the norm of its gradient, the penalty gradients computed, those dropped as
@@ -101,44 +108,40 @@ def optimizer_metrics(optimizers: Iterable[Any], prefix: str = "fisher/") -> dic
     return out
 
 
+def check_monitor_keywords(owner: str, monitor_kwargs: dict[str, Any]) -> None:
+    """Refuse a keyword that :class:`~fisher_optim.monitor.FisherMonitor` does not take,
+    naming ``owner`` and the closest one (``evry=10``: did you mean ``every``?)."""
+    accepted = [
+        name for name, p in inspect.signature(FisherMonitor.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    check_keywords(owner, monitor_kwargs, [*accepted, "prefix"])
+
+
 class FisherTracking:
     """A :class:`~fisher_optim.monitor.FisherMonitor` whose rows become flat metrics.
 
     Args:
         probe: the fixed probe inputs (a tensor, a dict of tensors as a Hugging Face model
             takes them, an ``(x, y)`` batch or a list of batches; targets are ignored).
-        every: measure Tr(F) every ``every`` optimizer steps.
-        labels, output_fn, chunk_size, threshold, growth_factor, loss_threshold, seed: as for
-            :class:`~fisher_optim.monitor.FisherMonitor` (``threshold`` / ``growth_factor``
-            raise the explosion warning).
         prefix: put before every metric name.
+        **monitor_kwargs: forwarded to :class:`~fisher_optim.monitor.FisherMonitor` as they
+            are, with its defaults for those not given: ``every`` (measure Tr(F) every
+            ``every`` optimizer steps), ``labels``, ``output_fn``, ``likelihood``,
+            ``target_mask``, ``chunk_size``, ``threshold`` / ``growth_factor`` (the explosion
+            warning), ``loss_threshold``, ``seed``, ...; a keyword the monitor does not take
+            raises ``TypeError`` naming the closest one.
 
     The arguments are checked here (a monitor is built on a placeholder model); the monitor
     of the trained model is built by :meth:`bind`, once the trainer has placed the model.
     """
 
-    def __init__(
-        self,
-        probe: Any,
-        *,
-        every: int = 100,
-        labels: str = "sample",
-        output_fn: OutputFn | None = None,
-        chunk_size: int = 256,
-        threshold: float | None = None,
-        growth_factor: float | None = None,
-        loss_threshold: float | None = None,
-        seed: int = 0,
-        prefix: str = "fisher/",
-    ) -> None:
+    def __init__(self, probe: Any, *, prefix: str = "fisher/", **monitor_kwargs: Any) -> None:
+        check_monitor_keywords(type(self).__name__, monitor_kwargs)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
         self.probe, self.prefix = probe, prefix
-        self.monitor_kwargs: dict[str, Any] = {
-            "every": every, "labels": labels, "output_fn": output_fn, "chunk_size": chunk_size,
-            "threshold": threshold, "growth_factor": growth_factor,
-            "loss_threshold": loss_threshold, "seed": seed,
-        }
+        self.monitor_kwargs: dict[str, Any] = dict(monitor_kwargs)
         FisherMonitor(nn.Module(), probe, **self.monitor_kwargs)  # validates, measures nothing
         self.monitor: FisherMonitor | None = None
 

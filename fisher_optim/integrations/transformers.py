@@ -29,9 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisher_optim._logits import OutputFn
 from fisher_optim.fisher_penalty_sgd import FisherPenaltySGD
-from fisher_optim.integrations.tracking import FisherTracking, optimizer_metrics
+from fisher_optim.integrations.tracking import (
+    FisherTracking,
+    check_monitor_keywords,
+    optimizer_metrics,
+)
 
 try:
     from transformers import DefaultFlowCallback, Trainer, TrainerCallback
@@ -61,12 +64,13 @@ class FisherTrainerCallback(TrainerCallback):
     Args:
         probe: the fixed probe inputs, as the model takes them: a dict of tensors
             (``{"input_ids": ..., "attention_mask": ...}``), a tensor, or a list of batches.
-        every: measure Tr(F) every ``every`` optimizer steps (``state.global_step`` = every,
-            2·every, ...).
-        output_fn: the logits from the model's output; for a Hugging Face model
-            ``lambda out: out.logits``.
-        labels, chunk_size, threshold, growth_factor, loss_threshold, seed, prefix: see
-            :class:`~fisher_optim.integrations.tracking.FisherTracking`.
+        prefix: put before every metric name.
+        **monitor_kwargs: forwarded to :class:`~fisher_optim.monitor.FisherMonitor` as they
+            are, with its defaults (see
+            :class:`~fisher_optim.integrations.tracking.FisherTracking`): ``every`` (measure
+            Tr(F) every ``every`` optimizer steps: ``state.global_step`` = every, 2·every,
+            ...), ``output_fn`` (not needed for outputs with ``.logits``), ``labels``,
+            ``likelihood``, ``target_mask``, ``threshold``, ...
 
     Install it with :meth:`attach` (``FisherTrainerCallback(probe).attach(trainer)``), which
     puts it ahead of the reporting callbacks: ``Trainer(callbacks=[...])`` and
@@ -83,25 +87,9 @@ class FisherTrainerCallback(TrainerCallback):
     records is the last logged ``loss`` (the Trainer's mean over its logging window).
     """
 
-    def __init__(
-        self,
-        probe: Any,
-        *,
-        every: int = 100,
-        output_fn: OutputFn | None = None,
-        labels: str = "sample",
-        chunk_size: int = 256,
-        threshold: float | None = None,
-        growth_factor: float | None = None,
-        loss_threshold: float | None = None,
-        seed: int = 0,
-        prefix: str = "fisher/",
-    ) -> None:
-        self.tracking = FisherTracking(
-            probe, every=every, labels=labels, output_fn=output_fn, chunk_size=chunk_size,
-            threshold=threshold, growth_factor=growth_factor, loss_threshold=loss_threshold,
-            seed=seed, prefix=prefix,
-        )
+    def __init__(self, probe: Any, *, prefix: str = "fisher/", **monitor_kwargs: Any) -> None:
+        check_monitor_keywords(type(self).__name__, monitor_kwargs)
+        self.tracking = FisherTracking(probe, prefix=prefix, **monitor_kwargs)
         self._pending: dict[str, float] = {}
         self._last_loss: float | None = None
         self._attached = False
