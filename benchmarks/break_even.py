@@ -102,47 +102,95 @@ class BreakEvenOptions:
     values is not reused by --resume)."""
 
     dataset: str = option("cifar10", "image data set", choices=DATASETS, tags=("run",))
-    data_root: Path = option(default_factory=default_data_root, type=Path,
-                             help="where the data set lies (any layout "
-                             "benchmarks/common/data.py reads)")
-    cache_dir: Path = option(default_factory=default_cache_dir, type=Path,
-                             help="cache of decoded images")
-    model: str = option("simplecnn", "the network (benchmarks/common/models.py)",
-                        choices=sorted(MODELS), tags=("run",))
-    init: str = option("kaiming", "initialisation of conv/linear layers "
-                       "(benchmarks/common/models.py)", choices=INITS, tags=("run",))
+    data_root: Path = option(
+        default_factory=default_data_root,
+        type=Path,
+        help="where the data set lies (any layout benchmarks/common/data.py reads)",
+    )
+    cache_dir: Path = option(
+        default_factory=default_cache_dir, type=Path, help="cache of decoded images"
+    )
+    model: str = option(
+        "simplecnn",
+        "the network (benchmarks/common/models.py)",
+        choices=sorted(MODELS),
+        tags=("run",),
+    )
+    init: str = option(
+        "kaiming",
+        "initialisation of conv/linear layers (benchmarks/common/models.py)",
+        choices=INITS,
+        tags=("run",),
+    )
     settings: list[tuple[float, int]] = option(
-        [(0.1, 128), (0.01, 128), (0.1, 512)], "SGD settings LR:BATCH; the first is the "
+        [(0.1, 128), (0.01, 128), (0.1, 512)],
+        "SGD settings LR:BATCH; the first is the "
         "reference that the others are compared with (larger LR or smaller batch first); "
-        "none: only the gradient-descent run", type=_setting, nargs="*")
-    seeds: list[int] = option([0, 1, 2], "seeds (initialisation and data order)",
-                              type=nonnegative_int, nargs="+")
-    train_subset: int = option(2560, "training examples (class-stratified, the same for every "
-                               "run)", type=positive_int, tags=("run",))
+        "none: only the gradient-descent run",
+        type=_setting,
+        nargs="*",
+    )
+    seeds: list[int] = option(
+        [0, 1, 2], "seeds (initialisation and data order)", type=nonnegative_int, nargs="+"
+    )
+    train_subset: int = option(
+        2560,
+        "training examples (class-stratified, the same for every run)",
+        type=positive_int,
+        tags=("run",),
+    )
     epochs: int = option(8, "SGD epochs per run", type=positive_int, tags=("run",))
-    momentum: float = option(0.0, "SGD momentum (plain SGD: 0)", type=momentum,
-                             tags=("run",))
-    measure_every_examples: int = option(2048, "measure every this many training examples "
-                                         "(rounded to steps)", type=positive_int,
-                                         tags=("run",))
-    probe_size: int = option(128, "probe examples for K and Tr(F) (training examples)",
-                             type=positive_int, tags=("run",))
-    hessian_probe_size: int = option(64, "probe examples for the Hessian (the first of the "
-                                     "probe set)", type=positive_int, tags=("run",))
-    top_k: int = option(5, "top eigenvalues of K and H; conditioning proxy λ^k/λ^1",
-                        type=positive_int, tags=("run",))
-    lanczos_iters: int = option(15, "Lanczos steps (Hessian-vector products) per Hessian "
-                                "measurement", type=positive_int, tags=("run",))
-    lanczos_tol: float = option(1e-2, "relative residual tolerance: converged when every "
-                                "reported ||Hv_i - λ_i v_i|| <= tol·|λ_i| (reported)",
-                                type=positive_float, tags=("run",))
-    gd_subset: int = option(256, "images for the full-batch gradient-descent run (0: skip it)",
-                            type=nonnegative_int, tags=("run",))
-    gd_lr: float = option(0.02, "learning rate of the full-batch gradient-descent run",
-                          type=positive_float, tags=("run",))
+    momentum: float = option(0.0, "SGD momentum (plain SGD: 0)", type=momentum, tags=("run",))
+    measure_every_examples: int = option(
+        2048,
+        "measure every this many training examples (rounded to steps)",
+        type=positive_int,
+        tags=("run",),
+    )
+    probe_size: int = option(
+        128, "probe examples for K and Tr(F) (training examples)", type=positive_int, tags=("run",)
+    )
+    hessian_probe_size: int = option(
+        64,
+        "probe examples for the Hessian (the first of the probe set)",
+        type=positive_int,
+        tags=("run",),
+    )
+    top_k: int = option(
+        5,
+        "top eigenvalues of K and H; conditioning proxy λ^k/λ^1",
+        type=positive_int,
+        tags=("run",),
+    )
+    lanczos_iters: int = option(
+        15,
+        "Lanczos steps (Hessian-vector products) per Hessian measurement",
+        type=positive_int,
+        tags=("run",),
+    )
+    lanczos_tol: float = option(
+        1e-2,
+        "relative residual tolerance: converged when every "
+        "reported ||Hv_i - λ_i v_i|| <= tol·|λ_i| (reported)",
+        type=positive_float,
+        tags=("run",),
+    )
+    gd_subset: int = option(
+        256,
+        "images for the full-batch gradient-descent run (0: skip it)",
+        type=nonnegative_int,
+        tags=("run",),
+    )
+    gd_lr: float = option(
+        0.02,
+        "learning rate of the full-batch gradient-descent run",
+        type=positive_float,
+        tags=("run",),
+    )
     gd_steps: int = option(100, "gradient-descent steps", type=positive_int, tags=("run",))
-    gd_measure_every: int = option(5, "measure λ_H^1 every this many gradient-descent steps",
-                                   type=positive_int, tags=("run",))
+    gd_measure_every: int = option(
+        5, "measure λ_H^1 every this many gradient-descent steps", type=positive_int, tags=("run",)
+    )
     x_axis: str = option("steps", "x axis of the figure", choices=("steps", "epochs"))
 
 
@@ -152,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    add_options(p, BreakEvenOptions, runner.RunningOptions,
-                defaults={"out": Path("runs/break_even"), "threads": 1})
+    add_options(
+        p,
+        BreakEvenOptions,
+        runner.RunningOptions,
+        defaults={"out": Path("runs/break_even"), "threads": 1},
+    )
     add_options(p, SweepOptions, only=("download",))
     add_options(p, runner.DeviceOptions, only=("device",), defaults={"device": "cpu"})
     return p
@@ -200,9 +252,17 @@ class SGDRun:
     """SGD at ``(lr, batch)`` from seed ``seed``: the records of every measurement (a
     :class:`~benchmarks.common.runner.Trainable`: it checkpoints and resumes mid-epoch)."""
 
-    def __init__(self, args: argparse.Namespace, config: dict[str, Any], train: ImageDataset,
-                 probe: tuple[torch.Tensor, torch.Tensor], lr: float, batch: int, seed: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        config: dict[str, Any],
+        train: ImageDataset,
+        probe: tuple[torch.Tensor, torch.Tensor],
+        lr: float,
+        batch: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         self.args, self.config, self.lr, self.batch, self.seed = args, config, lr, batch, seed
         self.train_set = train.to(device)
         torch.manual_seed(seed)
@@ -225,11 +285,19 @@ class SGDRun:
         self.diverged = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "labels_gen": self.labels_gen.get_state(),
-                "order_gen": self.order_gen.get_state(), **runner.random_state(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                "perm": self.perm, "window": dict(self.window), "records": self.records}
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "labels_gen": self.labels_gen.get_state(),
+            "order_gen": self.order_gen.get_state(),
+            **runner.random_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step": self.step,
+            "perm": self.perm,
+            "window": dict(self.window),
+            "records": self.records,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
@@ -243,8 +311,9 @@ class SGDRun:
         if "sums" not in self.window:  # a checkpoint of the loop that read every step
             old = self.window
             self.window = self._empty_window()
-            self.window["sums"] += torch.tensor([float(old["hits"]), old["loss"]],
-                                                dtype=torch.float64)
+            self.window["sums"] += torch.tensor(
+                [float(old["hits"]), old["loss"]], dtype=torch.float64
+            )
             self.window["seen"] = old["seen"]
 
     def resume_error(self, saved: dict[str, Any]) -> str:
@@ -283,10 +352,13 @@ class SGDRun:
         while self.epoch < self.args.epochs:
             if self.perm is None:
                 self.perm = shuffled_order(len(ds), self.order_gen, ds.images.device)
-            bar = runner.progress_bar(self.steps_per_epoch, self.step_in_epoch,
-                                      f"lr {self.lr:g} batch {self.batch} seed {self.seed} "
-                                      f"ep {self.epoch + 1}/{self.args.epochs}",
-                                      not self.args.no_progress)
+            bar = runner.progress_bar(
+                self.steps_per_epoch,
+                self.step_in_epoch,
+                f"lr {self.lr:g} batch {self.batch} seed {self.seed} "
+                f"ep {self.epoch + 1}/{self.args.epochs}",
+                not self.args.no_progress,
+            )
             while self.step_in_epoch < self.steps_per_epoch:
                 if runner.past(deadline):
                     if bar is not None:
@@ -318,10 +390,12 @@ class SGDRun:
                 bar.close()
             self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
             last = self.records[-1] if self.records else {}
-            print(f"[lr {self.lr:g} batch {self.batch} seed {self.seed}] epoch "
-                  f"{self.epoch}/{self.args.epochs} step {self.step} train acc "
-                  f"{_num(last.get('train_acc'))} Tr(F) {_num(last.get('trace_F'), '.4g')}",
-                  flush=True)
+            print(
+                f"[lr {self.lr:g} batch {self.batch} seed {self.seed}] epoch "
+                f"{self.epoch}/{self.args.epochs} step {self.step} train acc "
+                f"{_num(last.get('train_acc'))} Tr(F) {_num(last.get('trace_F'), '.4g')}",
+                flush=True,
+            )
         if self.step % self.every:
             if self.window_diverged():
                 self.diverged = True
@@ -330,9 +404,15 @@ class SGDRun:
         return COMPLETE
 
     def summary(self, status: str) -> dict[str, Any]:
-        run = {"lr": self.lr, "batch_size": self.batch, "seed": self.seed, "steps": self.step,
-               "steps_per_epoch": self.steps_per_epoch, "diverged": self.diverged,
-               "records": self.records}
+        run = {
+            "lr": self.lr,
+            "batch_size": self.batch,
+            "seed": self.seed,
+            "steps": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "diverged": self.diverged,
+            "records": self.records,
+        }
         return {"status": status, "config": self.config, "run": run}
 
 
@@ -340,9 +420,14 @@ class GDRun:
     """Full-batch gradient descent at ``--gd-lr``: λ_H^1 of the full-batch loss vs ``2/η``
     (a :class:`~benchmarks.common.runner.Trainable`)."""
 
-    def __init__(self, args: argparse.Namespace, config: dict[str, Any],
-                 data: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        config: dict[str, Any],
+        data: tuple[torch.Tensor, torch.Tensor],
+        num_classes: int,
+        device: torch.device,
+    ) -> None:
         self.args, self.config, self.data = args, config, data
         torch.manual_seed(args.seeds[0])
         self.model = build_model(args.model, num_classes, init=args.init).to(device)
@@ -352,9 +437,14 @@ class GDRun:
         self.records: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "gen": self.gen.get_state(), **runner.random_state(), "step": self.step,
-                "records": self.records}
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "gen": self.gen.get_state(),
+            **runner.random_state(),
+            "step": self.step,
+            "records": self.records,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
@@ -397,8 +487,12 @@ class GDRun:
             self.step += 1
 
     def summary(self, status: str) -> dict[str, Any]:
-        run = {"lr": self.args.gd_lr, "num_examples": len(self.data[1]),
-               "two_over_lr": 2 / self.args.gd_lr, "records": self.records}
+        run = {
+            "lr": self.args.gd_lr,
+            "num_examples": len(self.data[1]),
+            "two_over_lr": 2 / self.args.gd_lr,
+            "records": self.records,
+        }
         return {"status": status, "config": self.config, "run": run}
 
 
@@ -438,8 +532,11 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
         # residual of the k-th Ritz pair relative to λ_H^1: how far λ_H^k can be trusted
         "lambda_H_k_relative_residual": statistics.median(
             r["lambda_H_top_residuals"][-1] / r["lambda_H"]
-            for r in recs if r.get("lambda_H_top_residuals")
-        ) if any(r.get("lambda_H_top_residuals") for r in recs) else None,
+            for r in recs
+            if r.get("lambda_H_top_residuals")
+        )
+        if any(r.get("lambda_H_top_residuals") for r in recs)
+        else None,
         "lambda_H_1_relative_residual": statistics.median(
             r["lambda_H_residual"] / r["lambda_H"] for r in recs
         ),
@@ -451,13 +548,19 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarize(settings: list[tuple[float, int]], runs: dict[tuple[float, int, int], dict],
-              gd: dict[str, Any] | None, top_k: int) -> dict[str, Any]:
+def summarize(
+    settings: list[tuple[float, int]],
+    runs: dict[tuple[float, int, int], dict],
+    gd: dict[str, Any] | None,
+    top_k: int,
+) -> dict[str, Any]:
     """Mean ± sd over seeds per setting, and the conjectures' verdicts (reference: the first
     setting, against each other setting with a smaller η or a larger batch)."""
     per_setting = []
     for lr, batch in settings:
-        summaries = [run_summary(r) for (a, b, _), r in sorted(runs.items()) if (a, b) == (lr, batch)]
+        summaries = [
+            run_summary(r) for (a, b, _), r in sorted(runs.items()) if (a, b) == (lr, batch)
+        ]
         if not summaries:
             continue
         row: dict[str, Any] = {"lr": lr, "batch_size": batch, "seeds": len(summaries)}
@@ -474,8 +577,10 @@ def summarize(settings: list[tuple[float, int]], runs: dict[tuple[float, int, in
             favoured = other["lr"] < ref["lr"] or other["batch_size"] > ref["batch_size"]
             if not favoured:
                 continue
-            v = {"reference": (ref["lr"], ref["batch_size"]),
-                 "other": (other["lr"], other["batch_size"])}
+            v = {
+                "reference": (ref["lr"], ref["batch_size"]),
+                "other": (other["lr"], other["batch_size"]),
+            }
             for key in ("max_lambda_K", "max_lambda_H"):
                 v[f"variance_reduction_{key}"] = ref[key][0] < other[key][0]
             for key in ("conditioning_lambda_K", "conditioning_lambda_H"):
@@ -514,16 +619,24 @@ def tables(summary: dict[str, Any]) -> str:
             f"{_fmt(s['conditioning_lambda_K'], '.3f')} | "
             f"{_fmt(s['conditioning_lambda_H'], '.3f')} | {_fmt(s['final_train_acc'], '.1f')} |"
         )
-    lines += ["", f"| η | batch | λ_H^1 residual / λ_H^1 | λ_H^{k} residual / λ_H^1 | "
-              "measurements with every top-k residual ≤ tol·|λ_H^i| |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| η | batch | λ_H^1 residual / λ_H^1 | λ_H^{k} residual / λ_H^1 | "
+        "measurements with every top-k residual ≤ tol·|λ_H^i| |",
+        "|---|---|---|---|---|",
+    ]
     for s in summary["settings"]:
         lines.append(
             f"| {s['lr']:g} | {s['batch_size']} | {s['lambda_H_1_relative_residual'][0]:.1e} | "
             f"{s['lambda_H_k_relative_residual'][0]:.2g} | "
             f"{100 * s['lambda_H_converged_fraction'][0]:.0f}% |"
         )
-    lines += ["", "| reference vs other | variance reduction λ_K | variance reduction λ_H | "
-              "pre-conditioning K | pre-conditioning H |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| reference vs other | variance reduction λ_K | variance reduction λ_H | "
+        "pre-conditioning K | pre-conditioning H |",
+        "|---|---|---|---|---|",
+    ]
     yes = {True: "holds", False: "does not hold"}
     for v in summary["verdicts"]:
         (a, b), (c, d) = v["reference"], v["other"]
@@ -546,8 +659,9 @@ def tables(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
-            gd: dict[str, Any] | None) -> list[Path]:
+def figures(
+    args: argparse.Namespace, runs: dict[tuple[float, int, int], dict], gd: dict[str, Any] | None
+) -> list[Path]:
     """``break_even.png`` (each quantity vs steps/epochs, one line per setting, mean over
     seeds) and ``edge_of_stability.png``."""
     import matplotlib.pyplot as plt
@@ -572,8 +686,13 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
                 vals = []
                 for r in seeds:
                     row = r["records"][i]
-                    v = (_ratio(row, "lambda_K") if key == "cond_K" else
-                         _ratio(row, "lambda_H") if key == "cond_H" else row.get(key))
+                    v = (
+                        _ratio(row, "lambda_K")
+                        if key == "cond_K"
+                        else _ratio(row, "lambda_H")
+                        if key == "cond_H"
+                        else row.get(key)
+                    )
                     if v is not None:
                         vals.append(v)
                 ys.append(statistics.fmean(vals) if vals else float("nan"))
@@ -584,8 +703,10 @@ def figures(args: argparse.Namespace, runs: dict[tuple[float, int, int], dict],
         ax.grid(alpha=0.3)
     if axes.flat[0].lines:
         axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
-                 f"mean over seeds {args.seeds}")
+    fig.suptitle(
+        f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
+        f"mean over seeds {args.seeds}"
+    )
     paths = [save_figure(fig, args.out / "break_even.png")]
     if gd is not None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -621,44 +742,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = runner.deadline_after(args.time_limit)
     config = _config(args)
     try:
-        train, _ = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir,
-                                download=args.download)
+        train, _ = load_dataset(
+            args.dataset, args.data_root, cache_dir=args.cache_dir, download=args.download
+        )
     except MissingData as missing:
         return missing.exit()
     train = train.subset(args.train_subset, seed=0)
     probe = _tensors(train.subset(args.probe_size, seed=1), device)
-    print(f"{args.model} on {args.dataset}: {len(train)} training examples, probe "
-          f"{args.probe_size} (Hessian {args.hessian_probe_size}), top-{args.top_k}")
+    print(
+        f"{args.model} on {args.dataset}: {len(train)} training examples, probe "
+        f"{args.probe_size} (Hessian {args.hessian_probe_size}), top-{args.top_k}"
+    )
 
     def execute(stem: str, start: Callable[[], runner.Trainable]) -> dict[str, Any]:
         begin = time.perf_counter()
-        out = runner.execute(runner.RunFolder(args.out, config, stem=stem), start,
-                             resume=args.resume, deadline=deadline, keep_checkpoint=False,
-                             name=stem)
+        out = runner.execute(
+            runner.RunFolder(args.out, config, stem=stem),
+            start,
+            resume=args.resume,
+            deadline=deadline,
+            keep_checkpoint=False,
+            name=stem,
+        )
         if out.get("status") != runner.INTERRUPTED:  # (older versions saved none)
-            print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}",
-                  flush=True)
+            print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}", flush=True)
         return out
 
     jobs: list[tuple[tuple[float, int, int] | None, Callable[[], dict[str, Any]]]] = []
     if args.gd_subset > 0:  # first: the one run that every summary shows
         gd_data = _tensors(train.subset(min(args.gd_subset, len(train)), seed=2), device)
-        jobs.append((None, lambda: execute(
-            f"gd_lr{args.gd_lr:g}_n{args.gd_subset}",
-            lambda: GDRun(args, config, gd_data, train.num_classes, device))))
+        jobs.append(
+            (
+                None,
+                lambda: execute(
+                    f"gd_lr{args.gd_lr:g}_n{args.gd_subset}",
+                    lambda: GDRun(args, config, gd_data, train.num_classes, device),
+                ),
+            )
+        )
     for seed in args.seeds:
         for lr, batch in args.settings:
-            jobs.append(((lr, batch, seed), lambda lr=lr, batch=batch, seed=seed: execute(
-                f"sgd_lr{lr:g}_bs{batch}_seed{seed}",
-                lambda: SGDRun(args, config, train, probe, lr, batch, seed, device))))
+            jobs.append(
+                (
+                    (lr, batch, seed),
+                    lambda lr=lr, batch=batch, seed=seed: execute(
+                        f"sgd_lr{lr:g}_bs{batch}_seed{seed}",
+                        lambda: SGDRun(args, config, train, probe, lr, batch, seed, device),
+                    ),
+                )
+            )
     results, complete = runner.sweep(job for _, job in jobs)
-    finished = {key: out["run"] for (key, _), out in zip(jobs, results)
-                if out.get("status") != runner.INTERRUPTED}
+    finished = {
+        key: out["run"]
+        for (key, _), out in zip(jobs, results)
+        if out.get("status") != runner.INTERRUPTED
+    }
     gd = finished.pop(None, None)
     runs: dict[tuple[float, int, int], dict] = finished  # type: ignore[assignment]
     if not complete:
-        print(f"time limit of {args.time_limit:g} min reached after {len(runs)} finished runs; "
-              "rerun with --resume to continue (the summary below covers the finished runs)")
+        print(
+            f"time limit of {args.time_limit:g} min reached after {len(runs)} finished runs; "
+            "rerun with --resume to continue (the summary below covers the finished runs)"
+        )
     if runs or gd is not None:
         summary = summarize(args.settings, runs, gd, args.top_k)
         summary["complete"] = complete
@@ -674,8 +819,10 @@ def _last(run: dict[str, Any]) -> str:
     last = run["records"][-1]
     if "lambda_K" not in last:
         return f"last λ_H^1 {last['lambda_H']:.4g} (2/η = {run['two_over_lr']:g})"
-    return (f"{run['steps']} steps; last λ_K^1 {last['lambda_K']:.4g}, λ_H^1 "
-            f"{last['lambda_H']:.4g}, train acc {last['train_acc']}")
+    return (
+        f"{run['steps']} steps; last λ_K^1 {last['lambda_K']:.4g}, λ_H^1 "
+        f"{last['lambda_H']:.4g}, train acc {last['train_acc']}"
+    )
 
 
 if __name__ == "__main__":

@@ -137,21 +137,49 @@ def make_methods(
 class SpeedOptions:
     """What ``benchmarks/curvature_speed.py`` times."""
 
-    models: list[str] = option(["simplecnn", "vgg11"], f"networks, of: {', '.join(MODEL_NAMES)}",
-                               nargs="+", choices=MODEL_NAMES, metavar="MODEL")
-    n: int = option(512, "examples of the random CIFAR-shaped batch Tr(F) is measured on",
-                    type=_cli.positive_int)
-    repeats: int = option(3, "interleaved timed repeats of each method; the median is reported",
-                          type=_cli.positive_int)
-    chunk_size: int = option(256, "chunk_size of fisher_trace and per_example_grad_norms",
-                             type=_cli.positive_int, metavar="N")
-    skip: list[str] = option([], f"methods to leave out, of: {', '.join(METHODS)} (default: "
-                             "none)", nargs="*", choices=METHODS, metavar="METHOD")
-    json: Path | None = option(None, "also write the results to this JSON file",
-                               unset="print only", type=Path, metavar="PATH")
-    covariance: bool = option(False, "also time λ_K^1 (gradient_covariance_eigenvalues, the "
-                              "N×N Gram matrix of the n examples) next to fisher_trace",
-                              action="store_true")
+    models: list[str] = option(
+        ["simplecnn", "vgg11"],
+        f"networks, of: {', '.join(MODEL_NAMES)}",
+        nargs="+",
+        choices=MODEL_NAMES,
+        metavar="MODEL",
+    )
+    n: int = option(
+        512,
+        "examples of the random CIFAR-shaped batch Tr(F) is measured on",
+        type=_cli.positive_int,
+    )
+    repeats: int = option(
+        3,
+        "interleaved timed repeats of each method; the median is reported",
+        type=_cli.positive_int,
+    )
+    chunk_size: int = option(
+        256,
+        "chunk_size of fisher_trace and per_example_grad_norms",
+        type=_cli.positive_int,
+        metavar="N",
+    )
+    skip: list[str] = option(
+        [],
+        f"methods to leave out, of: {', '.join(METHODS)} (default: none)",
+        nargs="*",
+        choices=METHODS,
+        metavar="METHOD",
+    )
+    json: Path | None = option(
+        None,
+        "also write the results to this JSON file",
+        unset="print only",
+        type=Path,
+        metavar="PATH",
+    )
+    covariance: bool = option(
+        False,
+        "also time λ_K^1 (gradient_covariance_eigenvalues, the "
+        "N×N Gram matrix of the n examples) next to fisher_trace",
+        action="store_true",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,10 @@ DIFFERENCES = {
 
 def flat(tensors: list[Tensor | None], like: list[Tensor]) -> Tensor:
     return torch.cat(
-        [(torch.zeros_like(p) if t is None else t).flatten().double() for t, p in zip(tensors, like)]
+        [
+            (torch.zeros_like(p) if t is None else t).flatten().double()
+            for t, p in zip(tensors, like)
+        ]
     )
 
 
@@ -199,18 +202,28 @@ class FdStepOptions:
     """What ``benchmarks/fd_step.py`` measures."""
 
     data_root: str | None = option(None, "where CIFAR-10 is (default: the library's data root)")
-    networks: list[str] = option(list(NETWORKS), "networks to measure", nargs="+",
-                                 choices=list(NETWORKS))
-    differences: list[str] = option(list(DIFFERENCES), "the differences to compare (the "
-                                    "cosine column is the first's)", nargs="+",
-                                    choices=list(DIFFERENCES))
-    batches: int = option(10, "measurement batches per network and state (init, trained)",
-                          type=positive_int)
-    train_steps: int = option(30, "SGD steps (lr 0.01, momentum 0.9) before the trained state",
-                              type=positive_int)
+    networks: list[str] = option(
+        list(NETWORKS), "networks to measure", nargs="+", choices=list(NETWORKS)
+    )
+    differences: list[str] = option(
+        list(DIFFERENCES),
+        "the differences to compare (the cosine column is the first's)",
+        nargs="+",
+        choices=list(DIFFERENCES),
+    )
+    batches: int = option(
+        10, "measurement batches per network and state (init, trained)", type=positive_int
+    )
+    train_steps: int = option(
+        30, "SGD steps (lr 0.01, momentum 0.9) before the trained state", type=positive_int
+    )
     threads: int = option(1, "torch intra-op threads", type=positive_int)
-    output: Path | None = option(None, "also write the table (Markdown) to FILE (default: "
-                                 "print only)", type=Path, metavar="FILE")
+    output: Path | None = option(
+        None,
+        "also write the table (Markdown) to FILE (default: print only)",
+        type=Path,
+        metavar="FILE",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +244,9 @@ def main(argv: list[str] | None = None) -> str:
         "gradient on the same labels, median (worst) over the batches; `exact32`: float32 "
         "exact against float64 exact (first batch).",
         "",
-        "| network | state | batches × size | " + " | ".join(labels) + f" | cosine, {labels[0]} (worst) | exact32 |",
+        "| network | state | batches × size | "
+        + " | ".join(labels)
+        + f" | cosine, {labels[0]} (worst) | exact32 |",
         "|" + "---|" * (len(labels) + 5),
     ]
     for net in args.networks:
@@ -252,13 +267,17 @@ def main(argv: list[str] | None = None) -> str:
             cos = _cell([r[labels[0]][1] for r in runs], min, ".5f")
             ref = f"{runs[0]['exact32'][0]:.1e}" if "exact32" in runs[0] else ""
             lines.append(
-                f"| {net} | {state} | {len(xs)} × {size} | " + " | ".join(errors)
+                f"| {net} | {state} | {len(xs)} × {size} | "
+                + " | ".join(errors)
                 + f" | {cos} | {ref} |"
             )
             print(lines[-1], flush=True)
     command = " ".join(["python benchmarks/fd_step.py", *(sys.argv[1:] if argv is None else argv)])
-    lines += ["", f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} "
-              f"thread(s), {time.perf_counter() - start:.0f} s)."]
+    lines += [
+        "",
+        f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} "
+        f"thread(s), {time.perf_counter() - start:.0f} s).",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.output is not None:

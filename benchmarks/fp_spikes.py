@@ -66,8 +66,11 @@ def running_ratios(values: Sequence[float | None], window: int) -> list[float | 
 def collapses(metrics: Sequence[dict[str, Any]], drop: float = 10.0) -> list[int]:
     """Epochs whose training accuracy fell more than ``drop`` points below the previous one."""
     accs = [(r["epoch"], r.get("train_acc")) for r in metrics if r["epoch"] >= 1]
-    return [e for (_, a0), (e, a1) in zip(accs, accs[1:])
-            if a0 is not None and a1 is not None and a1 < a0 - drop]
+    return [
+        e
+        for (_, a0), (e, a1) in zip(accs, accs[1:])
+        if a0 is not None and a1 is not None and a1 < a0 - drop
+    ]
 
 
 def short_batch_refreshes(n_train: int, batch_size: int, every: int, epochs: int) -> list[int]:
@@ -85,14 +88,19 @@ def short_batch_refreshes(n_train: int, batch_size: int, every: int, epochs: int
 
 def schedule_report(sizes: Sequence[int], batch_size: int, every: int, epochs: int) -> str:
     """Markdown table of :func:`short_batch_refreshes` for each training-set size."""
-    lines = ["| training examples | steps/epoch | last batch | E[Tr(F_B)] there / full batch "
-             f"| epochs (of {epochs}) ending on a refresh |", "|---|---|---|---|---|"]
+    lines = [
+        "| training examples | steps/epoch | last batch | E[Tr(F_B)] there / full batch "
+        f"| epochs (of {epochs}) ending on a refresh |",
+        "|---|---|---|---|---|",
+    ]
     for n in sizes:
         last = n % batch_size or batch_size
         hits = short_batch_refreshes(n, batch_size, every, epochs)
         shown = ", ".join(map(str, hits[:5])) + (", ..." if len(hits) > 5 else "")
-        lines.append(f"| {n} | {-(-n // batch_size)} | {last} | {batch_size / last:.1f} | "
-                     f"{len(hits)}{f' ({shown})' if hits else ''} |")
+        lines.append(
+            f"| {n} | {-(-n // batch_size)} | {last} | {batch_size / last:.1f} | "
+            f"{len(hits)}{f' ({shown})' if hits else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,10 +114,13 @@ def analyse(run: Path, window: int, top: int) -> str:
     lines = [f"## {run.name}: {len(refreshes)} refreshes, {len(metrics) - 1} epochs"]
     if known:
         qs = statistics.quantiles(known, n=100)
-        lines.append(f"||∇P|| / running median: median {statistics.median(known):.2f}, "
-                     f"p90 {qs[89]:.2f}, p99 {qs[98]:.2f}, max {max(known):.2f}")
-    lines.append("| spike_factor | refreshes flagged (norm) | share | flagged by Tr(F_B) ratio "
-                 "at factor² |")
+        lines.append(
+            f"||∇P|| / running median: median {statistics.median(known):.2f}, "
+            f"p90 {qs[89]:.2f}, p99 {qs[98]:.2f}, max {max(known):.2f}"
+        )
+    lines.append(
+        "| spike_factor | refreshes flagged (norm) | share | flagged by Tr(F_B) ratio at factor² |"
+    )
     lines.append("|---|---|---|---|")
     for f in FACTORS:
         n = sum(1 for x in known if x > f)
@@ -131,24 +142,31 @@ def analyse(run: Path, window: int, top: int) -> str:
         for x, i in reversed(ranked):
             r = refreshes[i]
             vr = r_value[i]
-            lines.append(f"| {r['step']} | {r['epoch']:.2f} | {r['value']:.4g} | "
-                         f"{r['grad_norm']:.4g} | {x:.2f} | "
-                         f"{'-' if vr is None else format(vr, '.2f')} |")
+            lines.append(
+                f"| {r['step']} | {r['epoch']:.2f} | {r['value']:.4g} | "
+                f"{r['grad_norm']:.4g} | {x:.2f} | "
+                f"{'-' if vr is None else format(vr, '.2f')} |"
+            )
     return "\n".join(lines)
 
 
 def pull_report(runs: Sequence[Path], epochs: Sequence[int]) -> str:
     """Markdown table: per run, the median ``α · ||∇P||`` over the refreshes of each epoch."""
-    lines = ["| run | method | α | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
-             "|---|---|---|" + "---|" * len(epochs)]
+    lines = [
+        "| run | method | α | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+        "|---|---|---|" + "---|" * len(epochs),
+    ]
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         alpha = config["alpha"]
         refreshes = read_jsonl(run / "refreshes.jsonl")
         cells = []
         for e in epochs:
-            norms = [r["grad_norm"] for r in refreshes
-                     if e <= r["epoch"] < e + 1 and r.get("grad_norm") is not None]
+            norms = [
+                r["grad_norm"]
+                for r in refreshes
+                if e <= r["epoch"] < e + 1 and r.get("grad_norm") is not None
+            ]
             cells.append(f"{alpha * statistics.median(norms):.3g}" if norms else "-")
         lines.append(f"| {run.name} | {config['method']} | {alpha:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -158,27 +176,54 @@ def pull_report(runs: Sequence[Path], epochs: Sequence[int]) -> str:
 class SpikeOptions:
     """What ``benchmarks/fp_spikes.py`` reports."""
 
-    runs: list[Path] = option([], "run directories, each with refreshes.jsonl and metrics.jsonl "
-                              "(default: every FP run under runs/<script>/)", flag="runs",
-                              nargs="*", type=Path)
-    window: int = option(20, "refreshes the running median is taken over (the safeguard's "
-                         "spike_window)", type=positive_int, metavar="N")
-    top: int = option(5, "list the N largest spikes of each run (0: none)",
-                      type=nonnegative_int, metavar="N")
+    runs: list[Path] = option(
+        [],
+        "run directories, each with refreshes.jsonl and metrics.jsonl "
+        "(default: every FP run under runs/<script>/)",
+        flag="runs",
+        nargs="*",
+        type=Path,
+    )
+    window: int = option(
+        20,
+        "refreshes the running median is taken over (the safeguard's spike_window)",
+        type=positive_int,
+        metavar="N",
+    )
+    top: int = option(
+        5, "list the N largest spikes of each run (0: none)", type=nonnegative_int, metavar="N"
+    )
     schedule: list[int] | None = option(
-        None, "instead of analysing runs: for training sets of N examples, the epochs that end "
-        "with a refresh on the short last batch (default: analyse runs)", nargs="+",
-        type=positive_int, metavar="N")
+        None,
+        "instead of analysing runs: for training sets of N examples, the epochs that end "
+        "with a refresh on the short last batch (default: analyse runs)",
+        nargs="+",
+        type=positive_int,
+        metavar="N",
+    )
     pull: list[int] | None = option(
-        None, "per run, the median α·||∇P|| over the refreshes of each epoch E, from its "
-        "config.json and refreshes.jsonl (default: the spike statistics)", nargs="+",
-        type=nonnegative_int, metavar="E")
-    batch_size: int = option(_SCHEDULE.batch_size, "with --schedule: the training batch size",
-                             type=positive_int, metavar="B")
-    every: int = option(_SCHEDULE.every, "with --schedule: FisherPenaltySGD's refresh interval",
-                        type=positive_int, metavar="K")
-    epochs: int = option(_SCHEDULE.epochs, "with --schedule: epochs of training",
-                         type=positive_int, metavar="E")
+        None,
+        "per run, the median α·||∇P|| over the refreshes of each epoch E, from its "
+        "config.json and refreshes.jsonl (default: the spike statistics)",
+        nargs="+",
+        type=nonnegative_int,
+        metavar="E",
+    )
+    batch_size: int = option(
+        _SCHEDULE.batch_size,
+        "with --schedule: the training batch size",
+        type=positive_int,
+        metavar="B",
+    )
+    every: int = option(
+        _SCHEDULE.every,
+        "with --schedule: FisherPenaltySGD's refresh interval",
+        type=positive_int,
+        metavar="K",
+    )
+    epochs: int = option(
+        _SCHEDULE.epochs, "with --schedule: epochs of training", type=positive_int, metavar="E"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,9 @@ def build(args: argparse.Namespace, mp_policy: Any = None) -> nn.Module:
 def local_batch(args: argparse.Namespace, rank: int) -> torch.Tensor:
     """This rank's half of the global batch of byte ids ``[2 · batch, context]``."""
     ids = torch.randint(
-        VOCAB_SIZE, (WORLD * args.batch_size, args.context), generator=torch.Generator().manual_seed(1)
+        VOCAB_SIZE,
+        (WORLD * args.batch_size, args.context),
+        generator=torch.Generator().manual_seed(1),
     )
     return ids[rank * args.batch_size : (rank + 1) * args.batch_size]
 
@@ -258,10 +260,18 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
 class FSDPOptions:
     """What ``benchmarks/fsdp_overhead.py`` measures besides the step times."""
 
-    mp_error: bool = option(False, "also measure the finite difference under a bf16 "
-                            "MixedPrecisionPolicy", action="store_true")
-    output: Path | None = option(None, "also write the tables (Markdown) to FILE",
-                                 unset="print only", type=Path, metavar="FILE")
+    mp_error: bool = option(
+        False,
+        "also measure the finite difference under a bf16 MixedPrecisionPolicy",
+        action="store_true",
+    )
+    output: Path | None = option(
+        None,
+        "also write the tables (Markdown) to FILE",
+        unset="print only",
+        type=Path,
+        metavar="FILE",
+    )
 
 
 #: The model's options, LMOptions' (``benchmarks/lm_stdlib.py``), with this script's defaults;
@@ -271,8 +281,7 @@ MODEL_DEFAULTS = {"layers": 4, "dim": 128, "heads": 4, "context": 64, "batch_siz
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    p = parser("benchmarks/fsdp_overhead.py", __doc__.split("\n\n")[0], FSDPOptions,
-               TimingOptions)
+    p = parser("benchmarks/fsdp_overhead.py", __doc__.split("\n\n")[0], FSDPOptions, TimingOptions)
     add_options(p, LMOptions, only=MODEL_DEFAULTS, defaults=MODEL_DEFAULTS)
     add_options(p, RunningOptions, only=("threads",), defaults={"threads": 1})
     return p

@@ -134,8 +134,16 @@ def step_flops(model_name: str, variant: str, batch_size: int = 128) -> float:
 RUN_SIZES = {"cifar": (45_000, 15_000), "tinyimagenet": (100_000, 10_000)}
 
 
-def run_seconds(sgd: float, refresh: float, tflops: float, train: int, evaluated: int,
-                epochs: int = 300, batch_size: int = 128, every: int = 10) -> float:
+def run_seconds(
+    sgd: float,
+    refresh: float,
+    tflops: float,
+    train: int,
+    evaluated: int,
+    epochs: int = 300,
+    batch_size: int = 128,
+    every: int = 10,
+) -> float:
     """GPU seconds of one run at ``tflops`` sustained: every step's ``sgd`` FLOPs, a
     ``refresh`` (the penalty's extra FLOPs) every ``every`` steps, and a forward (a third of
     a step) of ``evaluated`` images per epoch."""
@@ -157,8 +165,10 @@ def table1_sizing(
     sgd = step_flops("simplecnn", "sgd", batch_size)
     refresh = step_flops("simplecnn", "fp_exact_k1", batch_size) - sgd  # exact, as the paper
     steps = epochs * math.ceil(train / batch_size)
-    per_run = {kind: run_seconds(sgd, extra, tflops, train, 15_000, epochs, batch_size, every)
-               for kind, extra in (("baseline", 0.0), ("penalised", refresh))}
+    per_run = {
+        kind: run_seconds(sgd, extra, tflops, train, 15_000, epochs, batch_size, every)
+        for kind, extra in (("baseline", 0.0), ("penalised", refresh))
+    }
     table_s = budget_s - sum(SHARES.values()) - MARGIN_S  # if the others use all theirs
     row = 2 * per_run["baseline"] + 4 * per_run["penalised"]
     return {
@@ -357,16 +367,25 @@ def run_table1(
     start = time.perf_counter()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    results = harness.run_many(specs, data, root, pack=pack, device=device, resume=True,
-                               progress=False, deadline=deadline, compile=compile,
-                               data_on_device=data_on_device)
+    results = harness.run_many(
+        specs,
+        data,
+        root,
+        pack=pack,
+        device=device,
+        resume=True,
+        progress=False,
+        deadline=deadline,
+        compile=compile,
+        data_on_device=data_on_device,
+    )
     runs = {}
     for spec, result in zip(specs, results):
         state = {"status": result["status"], "epochs_done": result.get("epochs_done", 0)}
         if result["status"] != harness.INTERRUPTED:
             state["summary"] = result
         runs[spec.name] = state
-    for spec in specs[len(results):]:  # not reached before the deadline
+    for spec in specs[len(results) :]:  # not reached before the deadline
         runs[spec.name] = {"status": "not started", "epochs_done": 0}
     return {
         "pack": min(pack, len(specs)),
@@ -414,37 +433,78 @@ def _synthetic_data(train: int, val: int, test: int) -> tuple[ImageDataset, Imag
 class CampaignOptions:
     """The campaign's own options (the data and device options are the scripts' shared)."""
 
-    parts: list[str] = option(list(PARTS), f"what to run, of: {', '.join(PARTS)}", nargs="+",
-                              choices=PARTS, metavar="PART")
-    budget_s: float = option(540.0, "wall-clock budget of the whole command, in seconds",
-                             type=positive_float, metavar="S")
-    out: Path = option(Path("runs") / "gpu_campaign", "output folder (campaign.json, tests.xml, "
-                       "the table1 runs)", type=Path, group=RUNNING)
-    seeds: list[int] = option([0, 1, 2], "seeds of the table1 runs (seed-major: every column "
-                              "of seed 0 first)", type=nonnegative_int, nargs="+",
-                              metavar="SEED")
-    tflops: float = option(DEFAULT_TFLOPS, "sustained TFLOP/s assumed by --sizing",
-                           type=positive_float)
-    sizing: bool = option(False, "print the FLOPs per step and the table1 plan, then stop",
-                          action="store_true")
+    parts: list[str] = option(
+        list(PARTS),
+        f"what to run, of: {', '.join(PARTS)}",
+        nargs="+",
+        choices=PARTS,
+        metavar="PART",
+    )
+    budget_s: float = option(
+        540.0,
+        "wall-clock budget of the whole command, in seconds",
+        type=positive_float,
+        metavar="S",
+    )
+    out: Path = option(
+        Path("runs") / "gpu_campaign",
+        "output folder (campaign.json, tests.xml, the table1 runs)",
+        type=Path,
+        group=RUNNING,
+    )
+    seeds: list[int] = option(
+        [0, 1, 2],
+        "seeds of the table1 runs (seed-major: every column of seed 0 first)",
+        type=nonnegative_int,
+        nargs="+",
+        metavar="SEED",
+    )
+    tflops: float = option(
+        DEFAULT_TFLOPS, "sustained TFLOP/s assumed by --sizing", type=positive_float
+    )
+    sizing: bool = option(
+        False, "print the FLOPs per step and the table1 plan, then stop", action="store_true"
+    )
     sizing_models: list[str] = option(
-        [], "with --sizing: also count the FLOPs of an SGD step and of an exact and a "
+        [],
+        "with --sizing: also count the FLOPs of an SGD step and of an exact and a "
         "finite-difference refresh (every=1 steps) of these networks (default: none)",
-        nargs="*", metavar="MODEL")
+        nargs="*",
+        metavar="MODEL",
+    )
     archive: Path | None = option(
-        None, "at the end, copy campaign.json to DIR and put the table's runs (checkpoints "
+        None,
+        "at the end, copy campaign.json to DIR and put the table's runs (checkpoints "
         "included) into table1-N.tar files there, to carry them to another machine",
-        unset="nothing is archived", type=Path, metavar="DIR", group=RUNNING)
+        unset="nothing is archived",
+        type=Path,
+        metavar="DIR",
+        group=RUNNING,
+    )
     archive_max_mib: float | None = option(
-        None, "with --archive: split the runs into archives of at most this many MiB (a run "
-        "is never split), for a transfer that limits file sizes", unset="one archive",
-        type=positive_float, metavar="MIB", group=RUNNING)
+        None,
+        "with --archive: split the runs into archives of at most this many MiB (a run "
+        "is never split), for a transfer that limits file sizes",
+        unset="one archive",
+        type=positive_float,
+        metavar="MIB",
+        group=RUNNING,
+    )
     unarchive: list[Path] = option(
-        [], "first extract these table1-N.tar files (from --archive) into --out: the runs "
-        "continue where they stopped (default: none)", type=Path, nargs="+", metavar="TAR",
-        group=RUNNING)
-    dry_run: bool = option(False, "CPU smoke test: tiny models, data and budgets (synthetic "
-                           "data without --data-root)", action="store_true", group=RUNNING)
+        [],
+        "first extract these table1-N.tar files (from --archive) into --out: the runs "
+        "continue where they stopped (default: none)",
+        type=Path,
+        nargs="+",
+        metavar="TAR",
+        group=RUNNING,
+    )
+    dry_run: bool = option(
+        False,
+        "CPU smoke test: tiny models, data and budgets (synthetic data without --data-root)",
+        action="store_true",
+        group=RUNNING,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plan["hours_per_run"] = {
             f"{name} {data}": {
                 kind: run_seconds(flops["sgd"] * 1e9, refresh * 1e9, args.tflops, *sizes) / 3600
-                for kind, refresh in (("baseline", 0.0),
-                                      ("penalised", flops["fp_exact_k1"] - flops["sgd"]))}
+                for kind, refresh in (
+                    ("baseline", 0.0),
+                    ("penalised", flops["fp_exact_k1"] - flops["sgd"]),
+                )
+            }
             for name, flops in plan["gflop_per_step"].items()
             for data, sizes in RUN_SIZES.items()
             if data == "cifar" or name.startswith("wresnet")
@@ -629,8 +692,9 @@ class _DataLoad:
                     )
                 )
             else:
-                self.result.append(prepare_data("cifar10", args.data_root, val_size=5000,
-                                                download=args.download))
+                self.result.append(
+                    prepare_data("cifar10", args.data_root, val_size=5000, download=args.download)
+                )
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error.append(err)
 
@@ -652,8 +716,16 @@ def _table1(
     bundle = data.get()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the earlier parts' cached blocks, for the runs
-    result = run_table1(specs, bundle, out / "table1", device, end, pack=args.pack,
-                        compile=args.compile, data_on_device=args.data_on_device)
+    result = run_table1(
+        specs,
+        bundle,
+        out / "table1",
+        device,
+        end,
+        pack=args.pack,
+        compile=args.compile,
+        data_on_device=args.data_on_device,
+    )
     result["train_images"] = len(bundle.train)
     return result
 

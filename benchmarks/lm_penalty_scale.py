@@ -30,8 +30,13 @@ from fisher_optim._cli import integer, positive_int  # noqa: E402
 class ScaleOptions:
     """What ``benchmarks/lm_penalty_scale.py`` measures."""
 
-    draws: int = option(50, "batches per sequence length T, each with one label draw; at "
-                        "least 2 (the standard error needs two)", type=integer(2), metavar="N")
+    draws: int = option(
+        50,
+        "batches per sequence length T, each with one label draw; at "
+        "least 2 (the standard error needs two)",
+        type=integer(2),
+        metavar="N",
+    )
     batch: int = option(4, "sequences per batch", type=positive_int, metavar="B")
 
 
@@ -50,12 +55,22 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=50,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config)
-    print(f"tiny GPT-2 (2 layers, width 32, vocabulary 50), B = {args.batch}, "
-          f"{args.draws} batches per T")
+    print(
+        f"tiny GPT-2 (2 layers, width 32, vocabulary 50), B = {args.batch}, "
+        f"{args.draws} batches per T"
+    )
     print(f"{'T':>4} {'N':>5} {'Tr(F_B) (batch)':>22} {'N·Tr(F_B) (per_row)':>24}")
     data = torch.Generator().manual_seed(1)
     for seq in (8, 16, 32, 64):

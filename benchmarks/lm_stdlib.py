@@ -61,50 +61,112 @@ class LMOptions:
     numbers, ``fp``-tagged ones those of the fp runs (a checkpoint of another configuration
     is refused)."""
 
-    methods: list[str] = option(list(METHODS), "baseline: the base optimizer; fp: "
-                                "FisherPenaltySGD around it", nargs="+", choices=METHODS,
-                                group=_WHAT)
-    seed: int = option(0, "seed of the initialisation, the data order and the penalty's labels",
-                       type=nonnegative_int, group=_WHAT, tags=("run",))
+    methods: list[str] = option(
+        list(METHODS),
+        "baseline: the base optimizer; fp: FisherPenaltySGD around it",
+        nargs="+",
+        choices=METHODS,
+        group=_WHAT,
+    )
+    seed: int = option(
+        0,
+        "seed of the initialisation, the data order and the penalty's labels",
+        type=nonnegative_int,
+        group=_WHAT,
+        tags=("run",),
+    )
     steps: int = option(1500, "optimizer steps", type=positive_int, group=_WHAT, tags=("run",))
-    batch_size: int = option(32, "sequences per step", type=positive_int, group=_WHAT,
-                             tags=("run",))
-    optimizer: str = option("adamw", "base optimizer: AdamW (betas 0.9, 0.99) or SGD with "
-                            "momentum 0.9", choices=OPTIMIZERS, group=_WHAT, tags=("run",))
+    batch_size: int = option(
+        32, "sequences per step", type=positive_int, group=_WHAT, tags=("run",)
+    )
+    optimizer: str = option(
+        "adamw",
+        "base optimizer: AdamW (betas 0.9, 0.99) or SGD with momentum 0.9",
+        choices=OPTIMIZERS,
+        group=_WHAT,
+        tags=("run",),
+    )
     lr: float = option(1e-3, "learning rate", type=positive_float, group=_WHAT, tags=("run",))
-    weight_decay: float = option(0.0, "weight decay of the base optimizer",
-                                 type=nonnegative_float, group=_WHAT, tags=("run",))
-    alphas: list[float] = option([0.1], "fp: the penalty weight α, one fp run per value",
-                                 nargs="+", type=positive_float, group=_WHAT)
-    every: int = option(10, "fp: recompute the penalty gradient every N steps",
-                        type=positive_int, group=_WHAT, tags=("fp",))
-    fd_mode: str = option("exact", "fp: how the penalty gradient is computed",
-                          choices=MODES, group=_WHAT, tags=("fp",))
+    weight_decay: float = option(
+        0.0,
+        "weight decay of the base optimizer",
+        type=nonnegative_float,
+        group=_WHAT,
+        tags=("run",),
+    )
+    alphas: list[float] = option(
+        [0.1],
+        "fp: the penalty weight α, one fp run per value",
+        nargs="+",
+        type=positive_float,
+        group=_WHAT,
+    )
+    every: int = option(
+        10,
+        "fp: recompute the penalty gradient every N steps",
+        type=positive_int,
+        group=_WHAT,
+        tags=("fp",),
+    )
+    fd_mode: str = option(
+        "exact",
+        "fp: how the penalty gradient is computed",
+        choices=MODES,
+        group=_WHAT,
+        tags=("fp",),
+    )
     spike_factor: float | None = option(
-        None, "fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose Tr(F_B) "
+        None,
+        "fp: FisherPenaltySGD's spike safeguard (scale down a refresh whose Tr(F_B) "
         "exceeds this many times the recent median), a number > 1 (default: off, the paper's "
-        "algorithm)", type=real(1.0, low_open=True), group=_WHAT, tags=("fp",))
+        "algorithm)",
+        type=real(1.0, low_open=True),
+        group=_WHAT,
+        tags=("fp",),
+    )
 
-    context: int = option(64, "bytes per sequence", type=positive_int, group=_MODEL,
-                          tags=("run",))
+    context: int = option(64, "bytes per sequence", type=positive_int, group=_MODEL, tags=("run",))
     dim: int = option(128, "embedding width", type=positive_int, group=_MODEL, tags=("run",))
-    layers: int = option(2, "transformer blocks", type=positive_int, group=_MODEL,
-                         tags=("run",))
-    heads: int = option(4, "attention heads (divide --dim)", type=positive_int, group=_MODEL,
-                        tags=("run",))
+    layers: int = option(2, "transformer blocks", type=positive_int, group=_MODEL, tags=("run",))
+    heads: int = option(
+        4, "attention heads (divide --dim)", type=positive_int, group=_MODEL, tags=("run",)
+    )
 
-    val_every_file: int = option(10, "every N-th stdlib file (name order) is validation "
-                                 "(N ≥ 2)", type=integer(2), group=_DATA, tags=("run",))
-    max_bytes: int | None = option(None, "cut the training and the validation text at N bytes "
-                                   "each (default: all of it)", type=positive_int, group=_DATA,
-                                   tags=("run",))
-    eval_every: int = option(100, "measure validation loss and Tr(F) every N steps (and at "
-                             "steps 0 and --steps)", type=positive_int, group=_DATA,
-                             tags=("run",))
-    val_windows: int = option(256, "validation windows, evenly spaced over the validation "
-                              "text", type=positive_int, group=_DATA, tags=("run",))
-    probe_size: int = option(64, "Tr(F) probe: this many training windows, evenly spaced",
-                             type=positive_int, group=_DATA, tags=("run",))
+    val_every_file: int = option(
+        10,
+        "every N-th stdlib file (name order) is validation (N ≥ 2)",
+        type=integer(2),
+        group=_DATA,
+        tags=("run",),
+    )
+    max_bytes: int | None = option(
+        None,
+        "cut the training and the validation text at N bytes each (default: all of it)",
+        type=positive_int,
+        group=_DATA,
+        tags=("run",),
+    )
+    eval_every: int = option(
+        100,
+        "measure validation loss and Tr(F) every N steps (and at steps 0 and --steps)",
+        type=positive_int,
+        group=_DATA,
+        tags=("run",),
+    )
+    val_windows: int = option(
+        256,
+        "validation windows, evenly spaced over the validation text",
+        type=positive_int,
+        group=_DATA,
+        tags=("run",),
+    )
+    probe_size: int = option(
+        64,
+        "Tr(F) probe: this many training windows, evenly spaced",
+        type=positive_int,
+        group=_DATA,
+        tags=("run",),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +199,11 @@ def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     import torch
 
     if args.optimizer == "adamw":
-        return torch.optim.AdamW, {"lr": args.lr, "betas": (0.9, 0.99),
-                                   "weight_decay": args.weight_decay}
+        return torch.optim.AdamW, {
+            "lr": args.lr,
+            "betas": (0.9, 0.99),
+            "weight_decay": args.weight_decay,
+        }
     return torch.optim.SGD, {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
 
 
@@ -146,8 +211,9 @@ class LMRun:
     """One training run: model, optimizer, data generator, logs (checkpointed as a whole), a
     :class:`~benchmarks.common.runner.Trainable`."""
 
-    def __init__(self, config: dict[str, Any], corpus: Any, out: Path,
-                 progress: bool = True) -> None:
+    def __init__(
+        self, config: dict[str, Any], corpus: Any, out: Path, progress: bool = True
+    ) -> None:
         self.progress = progress
         import torch
 
@@ -156,14 +222,21 @@ class LMRun:
 
         self.config, self.corpus, self.out = config, corpus, out
         torch.manual_seed(config["seed"])
-        self.model = ByteTransformerLM(config["context"], config["dim"], config["layers"],
-                                       config["heads"])
+        self.model = ByteTransformerLM(
+            config["context"], config["dim"], config["layers"], config["heads"]
+        )
         base, kwargs = _base_optimizer(argparse.Namespace(**config))
         if config["method"] == "fp":
-            self.opt = FisherPenaltySGD(self.model, base, alpha=config["alpha"],
-                                        every=config["every"], mode=config["fd_mode"],
-                                        spike_factor=config["spike_factor"],
-                                        seed=config["seed"], **kwargs)
+            self.opt = FisherPenaltySGD(
+                self.model,
+                base,
+                alpha=config["alpha"],
+                every=config["every"],
+                mode=config["fd_mode"],
+                spike_factor=config["spike_factor"],
+                seed=config["seed"],
+                **kwargs,
+            )
         else:
             self.opt = base(self.model.parameters(), **kwargs)
         self.data_gen = torch.Generator().manual_seed(config["seed"])
@@ -175,9 +248,15 @@ class LMRun:
 
     def state_dict(self) -> dict[str, Any]:
 
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "data_gen": self.data_gen.get_state(), **runner.random_state(),
-                "step": self.step, "window": dict(self.window), "logs": self.logs}
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            **runner.random_state(),
+            "step": self.step,
+            "window": dict(self.window),
+            "logs": self.logs,
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
 
@@ -204,8 +283,9 @@ class LMRun:
         with torch.no_grad():
             for chunk in self.val.split(64):
                 logits = self.model(chunk[:, :-1])
-                total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
-                                               reduction="sum"))
+                total += float(
+                    F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+                )
                 count += chunk[:, 1:].numel()
         self.model.train(was_training)
         return total / count
@@ -217,8 +297,9 @@ class LMRun:
         from fisher_optim.integrations.tracking import optimizer_metrics
 
         loss = self.val_loss()
-        trace = fisher_trace(self.model, self.probe, labels="sample",
-                             generator=torch.Generator().manual_seed(0))
+        trace = fisher_trace(
+            self.model, self.probe, labels="sample", generator=torch.Generator().manual_seed(0)
+        )
         w = self.window
         row = {
             "step": self.step,
@@ -253,9 +334,12 @@ class LMRun:
             if bar is None:  # one bar per stretch between log points
                 every = cfg["eval_every"]
                 end = min(cfg["steps"], (self.step // every + 1) * every)
-                bar = runner.progress_bar(end - self.step // every * every,
-                                          self.step % every, f"{cfg['method']} to step {end}",
-                                          self.progress)
+                bar = runner.progress_bar(
+                    end - self.step // every * every,
+                    self.step % every,
+                    f"{cfg['method']} to step {end}",
+                    self.progress,
+                )
             if runner.past(deadline):
                 if bar is not None:
                     bar.close()
@@ -284,9 +368,12 @@ class LMRun:
                     return DIVERGED
                 self.logs.append(self.measure())
                 r = self.logs[-1]
-                print(f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
-                      f"{r['train_loss']:.4f} val {r['val_loss']:.4f} (ppl {r['val_ppl']:.3f}) "
-                      f"Tr(F) {r['trace']:.4g}", flush=True)
+                print(
+                    f"[{cfg['method']}] step {r['step']}/{cfg['steps']} train "
+                    f"{r['train_loss']:.4f} val {r['val_loss']:.4f} (ppl {r['val_ppl']:.3f}) "
+                    f"Tr(F) {r['trace']:.4g}",
+                    flush=True,
+                )
                 runner.write_jsonl(self.out / METRICS, self.logs)
         return COMPLETE
 
@@ -294,33 +381,53 @@ class LMRun:
         rows = [r for r in self.logs if "val_loss" in r]
         best = min(rows, key=lambda r: r["val_loss"])
         return {
-            "status": status, "config": self.config, "final": rows[-1],
-            "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
-            "best_step": best["step"], "max_trace": max(r["trace"] for r in rows),
+            "status": status,
+            "config": self.config,
+            "final": rows[-1],
+            "best_val_loss": best["val_loss"],
+            "best_val_ppl": best["val_ppl"],
+            "best_step": best["step"],
+            "max_trace": max(r["trace"] for r in rows),
             "train_seconds": sum(r["train_time"] for r in rows),
         }
 
 
-def run_one(config: dict[str, Any], corpus: Any, out: Path, *, resume: bool,
-            deadline: float | None, progress: bool = True) -> dict[str, Any]:
+def run_one(
+    config: dict[str, Any],
+    corpus: Any,
+    out: Path,
+    *,
+    resume: bool,
+    deadline: float | None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train one run into ``out`` (:func:`benchmarks.common.runner.execute`) and return its
     summary, or ``{"status": "interrupted", ...}``."""
-    return runner.execute(runner.RunFolder(out, config),
-                          lambda: LMRun(config, corpus, out, progress),
-                          resume=resume, deadline=deadline, keep_checkpoint=False,
-                          name=config["method"])
+    return runner.execute(
+        runner.RunFolder(out, config),
+        lambda: LMRun(config, corpus, out, progress),
+        resume=resume,
+        deadline=deadline,
+        keep_checkpoint=False,
+        name=config["method"],
+    )
 
 
 # ------------------------------------------------------------------------------ report
 def results_table(summaries: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per run, final and best validation numbers and Tr(F)."""
-    lines = ["| method | final val loss | final val ppl | best val loss (step) | final Tr(F) | "
-             "max Tr(F) | train s (wall) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | final val loss | final val ppl | best val loss (step) | final Tr(F) | "
+        "max Tr(F) | train s (wall) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         f = s["final"]
-        lines.append(f"| {run_name(s['config'])} | {f['val_loss']:.4f} | {f['val_ppl']:.3f} | "
-                     f"{s['best_val_loss']:.4f} ({s['best_step']}) | {f['trace']:.4g} | "
-                     f"{s['max_trace']:.4g} | {s['train_seconds']:.0f} |")
+        lines.append(
+            f"| {run_name(s['config'])} | {f['val_loss']:.4f} | {f['val_ppl']:.3f} | "
+            f"{s['best_val_loss']:.4f} ({s['best_step']}) | {f['trace']:.4g} | "
+            f"{s['max_trace']:.4g} | {s['train_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -364,32 +471,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = runner.deadline_after(args.time_limit)
     corpus = load_stdlib_corpus(args.val_every_file, args.max_bytes)
     info = corpus.describe()
-    print(f"corpus: {info['train_files']} train files ({info['train_bytes']} bytes), "
-          f"{info['val_files']} validation files ({info['val_bytes']} bytes) from "
-          f"{info['source']} (Python {info['python']})")
+    print(
+        f"corpus: {info['train_files']} train files ({info['train_bytes']} bytes), "
+        f"{info['val_files']} validation files ({info['val_bytes']} bytes) from "
+        f"{info['source']} (Python {info['python']})"
+    )
     root = Path(args.out)
     configs = [_run_config(args, "baseline")] if "baseline" in args.methods else []
     if "fp" in args.methods:
         configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
     summaries, complete = runner.sweep(
-        lambda config=config: run_one(config, corpus, root / run_name(config),
-                                      resume=args.resume, deadline=deadline,
-                                      progress=not args.no_progress)
+        lambda config=config: run_one(
+            config,
+            corpus,
+            root / run_name(config),
+            resume=args.resume,
+            deadline=deadline,
+            progress=not args.no_progress,
+        )
         for config in configs
     )
     if not complete:
         print(runner.STOPPED)
         return runner.EXIT_INTERRUPTED
     table = results_table(summaries)
-    runner.write_json(root / "results.json", {"experiment": NAME, "corpus": info, "args": vars(args),
-                                        "runs": summaries})
+    runner.write_json(
+        root / "results.json",
+        {"experiment": NAME, "corpus": info, "args": vars(args), "runs": summaries},
+    )
     (root / "results.md").write_text(table + "\n")
     print(table)
     if not args.no_plot:
         dirs = [root / run_name(s["config"]) for s in summaries]
-        labels = [s["config"]["method"] if s["config"]["method"] == "baseline"
-                  else f"fp (α={s['config']['alpha']:g}, every={s['config']['every']})"
-                  for s in summaries]
+        labels = [
+            s["config"]["method"]
+            if s["config"]["method"] == "baseline"
+            else f"fp (α={s['config']['alpha']:g}, every={s['config']['every']})"
+            for s in summaries
+        ]
         print(f"figure: {plot(dirs, labels, root / 'figure.png')}")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0

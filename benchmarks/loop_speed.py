@@ -41,13 +41,13 @@ class LoopOptions:
 
     model: str = option("simplecnn", "the network", choices=sorted(MODELS), metavar="MODEL")
     batch_size: int = option(128, "mini-batch size", type=positive_int)
-    images: int = option(2048, "training images of the synthetic CIFAR-shaped data set",
-                         type=positive_int)
+    images: int = option(
+        2048, "training images of the synthetic CIFAR-shaped data set", type=positive_int
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = parser("benchmarks/loop_speed.py", __doc__.split("\n\n")[0], LoopOptions,
-               TimingOptions)
+    p = parser("benchmarks/loop_speed.py", __doc__.split("\n\n")[0], LoopOptions, TimingOptions)
     add_options(p, DeviceOptions, only=("device",))
     add_options(p, RunningOptions, only=("threads",))
     return p
@@ -64,8 +64,15 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The two step functions (each draws the next batch of the same epoch order); each has
     the model it trains as its ``model``."""
     data = _data(args.images, device)
-    spec = RunSpec(experiment="loop_speed", dataset="cifar10", model=args.model,
-                   method="baseline", lr=0.01, batch_size=args.batch_size, probe_size=8)
+    spec = RunSpec(
+        experiment="loop_speed",
+        dataset="cifar10",
+        model=args.model,
+        method="baseline",
+        lr=0.01,
+        batch_size=args.batch_size,
+        probe_size=8,
+    )
     run = harness._Run(spec, data, Path("."), device)  # the scripts' step, as they train
     torch.manual_seed(spec.seed)
     model = build_model(args.model, 10).to(device)
@@ -108,18 +115,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = interleaved_medians(steps(args, device), args.window, args.rounds, args.warmup,
-                                sync)
+    times = interleaved_medians(steps(args, device), args.window, args.rounds, args.warmup, sync)
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
-        "batch_size": args.batch_size, "window": args.window, "rounds": args.rounds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "window": args.window,
+        "rounds": args.rounds,
         "images_per_s": {k: args.batch_size / t for k, t in times.items()},
         "harness_time_over_bare": times["harness"] / times["bare"],
     }
-    print(f"{args.model}, batch {args.batch_size}, {device}, {result['threads']} thread(s): "
-          + ", ".join(f"{k} {v:.0f} images/s" for k, v in result["images_per_s"].items())
-          + f"; the harness's step takes {result['harness_time_over_bare']:.3f}x the bare "
-          "loop's")
+    print(
+        f"{args.model}, batch {args.batch_size}, {device}, {result['threads']} thread(s): "
+        + ", ".join(f"{k} {v:.0f} images/s" for k, v in result["images_per_s"].items())
+        + f"; the harness's step takes {result['harness_time_over_bare']:.3f}x the bare "
+        "loop's"
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -117,33 +117,62 @@ def time_model(
 class OverheadOptions:
     """What ``benchmarks/overhead.py`` times."""
 
-    models: list[str] = option(list(DEFAULT_MODELS), "networks to time, of: "
-                               f"{', '.join(sorted(MODELS))}", nargs="+", choices=sorted(MODELS),
-                               metavar="MODEL")
+    models: list[str] = option(
+        list(DEFAULT_MODELS),
+        f"networks to time, of: {', '.join(sorted(MODELS))}",
+        nargs="+",
+        choices=sorted(MODELS),
+        metavar="MODEL",
+    )
     variants: list[str] | None = option(
-        None, "what to time besides plain SGD, of: "
-        f"{', '.join(v for v in VARIANTS if v != 'sgd')} (default: all)", nargs="+",
-        choices=list(VARIANTS), metavar="VARIANT")
-    batch_size: int = option(128, "batch size of the CIFAR-shaped batch (random, or with "
-                             "--data-root the first CIFAR-10 training images)",
-                             type=positive_int)
-    data_root: str | None = option(None, "take the batch from CIFAR-10 at this directory or "
-                                   "archive, as the forward difference sees it in training "
-                                   "(default: a random batch)")
-    clock: str = option("wall", "wall: perf_counter; process: this process's CPU time, which "
-                        "other jobs on a shared machine do not inflate (CPU only; meaningful "
-                        "with --threads 1)", choices=("wall", "process"))
+        None,
+        "what to time besides plain SGD, of: "
+        f"{', '.join(v for v in VARIANTS if v != 'sgd')} (default: all)",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+    )
+    batch_size: int = option(
+        128,
+        "batch size of the CIFAR-shaped batch (random, or with "
+        "--data-root the first CIFAR-10 training images)",
+        type=positive_int,
+    )
+    data_root: str | None = option(
+        None,
+        "take the batch from CIFAR-10 at this directory or "
+        "archive, as the forward difference sees it in training "
+        "(default: a random batch)",
+    )
+    clock: str = option(
+        "wall",
+        "wall: perf_counter; process: this process's CPU time, which "
+        "other jobs on a shared machine do not inflate (CPU only; meaningful "
+        "with --threads 1)",
+        choices=("wall", "process"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    return parser("benchmarks/overhead.py", __doc__.split("\n\n")[0], OverheadOptions,
-                  TimingOptions, DeviceOptions, RunningOptions, only=OVERHEAD_OPTIONS)
+    return parser(
+        "benchmarks/overhead.py",
+        __doc__.split("\n\n")[0],
+        OverheadOptions,
+        TimingOptions,
+        DeviceOptions,
+        RunningOptions,
+        only=OVERHEAD_OPTIONS,
+    )
 
 
 #: The options of this script (the timing's, ``--device`` and ``--threads`` of the shared).
-OVERHEAD_OPTIONS = (*(f.name for f in fields(OverheadOptions)),
-                    *(f.name for f in fields(TimingOptions)), "device", "threads")
+OVERHEAD_OPTIONS = (
+    *(f.name for f in fields(OverheadOptions)),
+    *(f.name for f in fields(TimingOptions)),
+    "device",
+    "threads",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,8 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
     clock = time.process_time if args.clock == "process" else time.perf_counter
     for name in args.models:
         times = time_model(
-            name, device, args.batch_size, args.window, args.rounds, args.warmup, args.variants,
-            clock, args.data_root,
+            name,
+            device,
+            args.batch_size,
+            args.window,
+            args.rounds,
+            args.warmup,
+            args.variants,
+            clock,
+            args.data_root,
         )
         rows = {}
         for v, t in times.items():

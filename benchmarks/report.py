@@ -63,8 +63,11 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise ValueError(f"{path}: not a directory (give run directories or their parent)")
-        dirs = [path] if (path / "summary.json").is_file() else sorted(
-            p.parent for p in path.glob("*/summary.json"))
+        dirs = (
+            [path]
+            if (path / "summary.json").is_file()
+            else sorted(p.parent for p in path.glob("*/summary.json"))
+        )
         for d in dirs:
             summary = json.loads((d / "summary.json").read_text())
             metrics = d / "metrics.jsonl"
@@ -85,8 +88,7 @@ def _arm_key(spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in spec.items() if k not in drop}, sort_keys=True)
 
 
-def arm_label(spec: dict[str, Any], with_epochs: bool = False,
-              with_batch: bool = False) -> str:
+def arm_label(spec: dict[str, Any], with_epochs: bool = False, with_batch: bool = False) -> str:
     """``method/lr<η>/a<α>[/guard<F>][/e<epochs>][/bs<B>]`` (see the module docstring)."""
     label = f"{spec['method']}/lr{spec['lr']:g}/a{spec['alpha']:g}"
     if spec.get("spike_factor") is not None and PENALTY_OF_METHOD.get(spec["method"]):
@@ -113,8 +115,10 @@ def group_arms(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     for members in by_key.values():
         label = arm_label(members[0]["spec"], with_epochs, with_batch)
         if label in arms:
-            raise ValueError(f"two arms are both labelled {label!r}: their specs differ in "
-                             "a field the label does not show; report them separately")
+            raise ValueError(
+                f"two arms are both labelled {label!r}: their specs differ in "
+                "a field the label does not show; report them separately"
+            )
         seeds = [r["spec"]["seed"] for r in members]
         if len(set(seeds)) < len(seeds):
             raise ValueError(f"arm {label!r} holds seed(s) twice: {sorted(seeds)}")
@@ -140,8 +144,9 @@ def average_ranks(values: Sequence[float]) -> list[float]:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's ρ: the Pearson correlation of the average ranks of ``x`` and ``y``."""
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(x)} "
-                         f"and {len(y)}")
+        raise ValueError(
+            f"spearman needs two sequences of equal length >= 2, got {len(x)} and {len(y)}"
+        )
     rx, ry = average_ranks(x), average_ranks(y)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
     sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
@@ -157,8 +162,11 @@ def paired_differences(
 ) -> dict[int, float]:
     """``{seed: a[key] − b[key]}`` over the seeds both arms ran."""
     vb = {r["spec"]["seed"]: r.get(key) for r in b}
-    return {r["spec"]["seed"]: r[key] - vb[r["spec"]["seed"]] for r in a
-            if r.get(key) is not None and vb.get(r["spec"]["seed"]) is not None}
+    return {
+        r["spec"]["seed"]: r[key] - vb[r["spec"]["seed"]]
+        for r in a
+        if r.get(key) is not None and vb.get(r["spec"]["seed"]) is not None
+    }
 
 
 def arm_table(arms: dict[str, list[dict[str, Any]]]) -> str:
@@ -190,18 +198,38 @@ def _arm(arms: dict[str, list[dict[str, Any]]], label: str) -> list[dict[str, An
 class ReportOptions:
     """What ``benchmarks/report.py`` reports."""
 
-    paths: list[str] = option(help="run directories, or folders holding run directories",
-                              flag="paths", nargs="+", metavar="RUNS")
-    pair: list[list[str]] = option([], "print the per-seed paired difference A − B of "
-                                   "test@best val (repeatable; arms as labelled in the table) "
-                                   "(default: no pair)", nargs=2, action="append",
-                                   metavar=("A", "B"))
-    spearman: bool = option(False, "rank correlation of Tr(F_i) and the final test accuracy "
-                            "over the runs", action="store_true")
-    scatter: str | None = option(None, "write the Tr(F_i) against final test accuracy scatter "
-                                 "plot here", unset="no plot", metavar="PNG")
-    curves: str | None = option(None, "write validation accuracy and Tr(F) against epochs "
-                                "(first seed of each arm) here", unset="no plot", metavar="PNG")
+    paths: list[str] = option(
+        help="run directories, or folders holding run directories",
+        flag="paths",
+        nargs="+",
+        metavar="RUNS",
+    )
+    pair: list[list[str]] = option(
+        [],
+        "print the per-seed paired difference A − B of "
+        "test@best val (repeatable; arms as labelled in the table) "
+        "(default: no pair)",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+    )
+    spearman: bool = option(
+        False,
+        "rank correlation of Tr(F_i) and the final test accuracy over the runs",
+        action="store_true",
+    )
+    scatter: str | None = option(
+        None,
+        "write the Tr(F_i) against final test accuracy scatter plot here",
+        unset="no plot",
+        metavar="PNG",
+    )
+    curves: str | None = option(
+        None,
+        "write validation accuracy and Tr(F) against epochs (first seed of each arm) here",
+        unset="no plot",
+        metavar="PNG",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = "no common seed" if m is None else f"mean {m:+.2f} ± {sd:.2f}"
         print(f"\n{a} − {b}, test@best val: {per_seed} ({summary})")
     if args.spearman:
-        points = [(r["tr_f_i"], r["final_test_acc"]) for r in runs
-                  if r.get("tr_f_i") is not None and r.get("final_test_acc") is not None]
+        points = [
+            (r["tr_f_i"], r["final_test_acc"])
+            for r in runs
+            if r.get("tr_f_i") is not None and r.get("final_test_acc") is not None
+        ]
         try:
             rho = spearman(*zip(*points)) if len(points) > 1 else None
         except ValueError as err:
@@ -242,8 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.scatter:
             print(plots.plot_trace_scatter(runs, args.scatter))
         if args.curves:
-            print(plots.plot_runs([rs[0]["dir"] for rs in arms.values()], args.curves,
-                                  labels=list(arms)))
+            print(
+                plots.plot_runs(
+                    [rs[0]["dir"] for rs in arms.values()], args.curves, labels=list(arms)
+                )
+            )
     return 0
 
 

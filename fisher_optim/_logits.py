@@ -25,6 +25,7 @@ from fisher_optim.likelihoods import (  # noqa: F401 - importable from here as b
 
 OutputFn = Callable[[Any], Tensor]
 
+
 def as_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
     """Map a model output to logits of shape ``[N, C]``.
 

@@ -77,8 +77,17 @@ def _arg(args: Args, kwargs: Kwargs, i: int, name: str, default: Any = None) -> 
 
 
 #: Position of ``inplace=`` in ``torch.nn.functional``'s signatures.
-_INPLACE_POSITION = {"relu": 1, "leaky_relu": 2, "hardtanh": 3, "relu6": 1, "threshold": 3,
-                     "hardsigmoid": 1, "hardswish": 1, "elu": 2, "selu": 1}
+_INPLACE_POSITION = {
+    "relu": 1,
+    "leaky_relu": 2,
+    "hardtanh": 3,
+    "relu6": 1,
+    "threshold": 3,
+    "hardsigmoid": 1,
+    "hardswish": 1,
+    "elu": 2,
+    "selu": 1,
+}
 
 
 def _inplace(name: str, args: Args, kwargs: Kwargs) -> bool:
@@ -347,18 +356,26 @@ def _indexed_record(func: Callable[..., Any], name: str, args: Args, kwargs: Kwa
     return out, out[1]
 
 
-_DIM_POSITION = {"topk": 2, "kthvalue": 2, "sort": 1, "median": 1, "nanmedian": 1, "mode": 1,
-                 "cummax": 1, "cummin": 1}
-_DIM_DEFAULT = {"topk": -1, "kthvalue": -1, "sort": -1, "median": -1, "nanmedian": -1,
-                "mode": -1}
+_DIM_POSITION = {
+    "topk": 2,
+    "kthvalue": 2,
+    "sort": 1,
+    "median": 1,
+    "nanmedian": 1,
+    "mode": 1,
+    "cummax": 1,
+    "cummin": 1,
+}
+_DIM_DEFAULT = {"topk": -1, "kthvalue": -1, "sort": -1, "median": -1, "nanmedian": -1, "mode": -1}
 _KEEPDIM_POSITION = {"kthvalue": 3, "median": 2, "nanmedian": 2, "mode": 2}
 
 
 def _indexed_replay(idx: Tensor, name: str, args: Args, kwargs: Kwargs) -> Any:
     x = args[0]
     dim = _arg(args, kwargs, _DIM_POSITION[name], "dim", _DIM_DEFAULT.get(name))
-    keep = name not in _KEEPDIM_POSITION or _arg(args, kwargs, _KEEPDIM_POSITION[name],
-                                                 "keepdim", False)
+    keep = name not in _KEEPDIM_POSITION or _arg(
+        args, kwargs, _KEEPDIM_POSITION[name], "keepdim", False
+    )
     values = x.gather(dim, idx) if keep else _values_at(x, idx, dim, False)
     return getattr(torch.return_types, name)((values, idx))
 
@@ -402,45 +419,118 @@ RULES: dict[str, _Rule] = {
     **dict.fromkeys(("leaky_relu", "leaky_relu_"), _Rule(_MASK_POSITIVE, _leaky_replay)),
     "prelu": _Rule(_MASK_POSITIVE, _prelu_replay),
     **dict.fromkeys(
-        ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
-         "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"), _CLAMP),
+        (
+            "hardtanh",
+            "hardtanh_",
+            "relu6",
+            "relu6_",
+            "clamp",
+            "clamp_",
+            "clip",
+            "clip_",
+            "clamp_min",
+            "clamp_min_",
+            "clamp_max",
+            "clamp_max_",
+        ),
+        _CLAMP,
+    ),
     **dict.fromkeys(
         ("threshold", "threshold_"),
-        _Rule(_record_mask(lambda x, n, a, k: x > _arg(a, k, 1, "threshold")),
-              _threshold_replay)),
-    **dict.fromkeys(("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"),
-                    _Rule(_record_mask(_hard_test), _hard_replay)),
+        _Rule(_record_mask(lambda x, n, a, k: x > _arg(a, k, 1, "threshold")), _threshold_replay),
+    ),
+    **dict.fromkeys(
+        ("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"),
+        _Rule(_record_mask(_hard_test), _hard_replay),
+    ),
     **dict.fromkeys(("elu", "elu_", "selu", "selu_"), _Rule(_MASK_POSITIVE, _elu_replay)),
-    **dict.fromkeys(("abs", "abs_", "absolute", "__abs__"),
-                    _Rule(_record_mask(lambda x, *_: torch.sign(x)), _abs_replay)),
-    **dict.fromkeys(("hardshrink", "softshrink"),
-                    _Rule(_record_mask(_shrink_test), _shrink_replay)),
+    **dict.fromkeys(
+        ("abs", "abs_", "absolute", "__abs__"),
+        _Rule(_record_mask(lambda x, *_: torch.sign(x)), _abs_replay),
+    ),
+    **dict.fromkeys(
+        ("hardshrink", "softshrink"), _Rule(_record_mask(_shrink_test), _shrink_replay)
+    ),
     **dict.fromkeys(("maximum", "minimum", "fmax", "fmin"), _PICK),
     **dict.fromkeys(("max", "min"), _Rule(_max_record, _max_replay)),
     **dict.fromkeys(("amax", "amin"), _Rule(_amax_record, _amax_replay)),
     **dict.fromkeys(
-        ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-         "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d",
-         "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices",
-         "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices"),
-        _Rule(_pool_record, _pool_replay)),
-    **dict.fromkeys(("topk", "sort", "kthvalue", "mode", "cummax", "cummin"),
-                    _Rule(_indexed_record, _indexed_replay)),
+        (
+            "max_pool1d",
+            "max_pool2d",
+            "max_pool3d",
+            "max_pool1d_with_indices",
+            "max_pool2d_with_indices",
+            "max_pool3d_with_indices",
+            "adaptive_max_pool1d",
+            "adaptive_max_pool2d",
+            "adaptive_max_pool3d",
+            "adaptive_max_pool1d_with_indices",
+            "adaptive_max_pool2d_with_indices",
+            "adaptive_max_pool3d_with_indices",
+        ),
+        _Rule(_pool_record, _pool_replay),
+    ),
+    **dict.fromkeys(
+        ("topk", "sort", "kthvalue", "mode", "cummax", "cummin"),
+        _Rule(_indexed_record, _indexed_replay),
+    ),
     **dict.fromkeys(("median", "nanmedian"), _Rule(_median_record, _median_replay)),
     **dict.fromkeys(
-        ("gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal",
-         "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "argmax",
-         "argmin", "argsort", "sign", "sgn", "signbit", "heaviside", "floor", "ceil", "round",
-         "trunc", "fix", "floor_divide", "bucketize", "searchsorted"),
-        _Rule(_discrete_record, _discrete_replay)),
+        (
+            "gt",
+            "lt",
+            "ge",
+            "le",
+            "eq",
+            "ne",
+            "greater",
+            "less",
+            "greater_equal",
+            "less_equal",
+            "not_equal",
+            "__gt__",
+            "__lt__",
+            "__ge__",
+            "__le__",
+            "__eq__",
+            "__ne__",
+            "argmax",
+            "argmin",
+            "argsort",
+            "sign",
+            "sgn",
+            "signbit",
+            "heaviside",
+            "floor",
+            "ceil",
+            "round",
+            "trunc",
+            "fix",
+            "floor_divide",
+            "bucketize",
+            "searchsorted",
+        ),
+        _Rule(_discrete_record, _discrete_replay),
+    ),
 }
 
 #: Piecewise operations whose piece is not recorded: counted, and warned about by the finite difference.
-UNREPLAYED = frozenset((
-    "rrelu", "rrelu_", "fractional_max_pool2d", "fractional_max_pool3d",
-    "fractional_max_pool2d_with_indices", "fractional_max_pool3d_with_indices", "grid_sample",
-    "quantile", "nanquantile", "msort", "embedding_bag",
-))
+UNREPLAYED = frozenset(
+    (
+        "rrelu",
+        "rrelu_",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+        "fractional_max_pool2d_with_indices",
+        "fractional_max_pool3d_with_indices",
+        "grid_sample",
+        "quantile",
+        "nanquantile",
+        "msort",
+        "embedding_bag",
+    )
+)
 
 _NAMESPACES = (torch, torch.Tensor, F, torch._C._nn, torch.special, torch.linalg)
 
@@ -527,8 +617,10 @@ class ActivationPattern(TorchFunctionMode):
             self.entries.append(_Entry(name, shape, state))
             return out
         i = self._next
-        if i >= len(self.entries) or self.entries[i].name != name or (
-            self.entries[i].shape != shape
+        if (
+            i >= len(self.entries)
+            or self.entries[i].name != name
+            or (self.entries[i].shape != shape)
         ):
             got = self.entries[i].name if i < len(self.entries) else "nothing"
             raise PatternMismatch(

@@ -78,8 +78,10 @@ def load_digits_split(test_fraction: float, seed: int) -> Split:
 
 def make_model(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, width), nn.ReLU(),
-        nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(64, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
         nn.Linear(width, 10),
     )
 
@@ -149,30 +151,66 @@ def build_parser() -> argparse.ArgumentParser:
         description="Plain SGD vs FisherPenaltySGD on sklearn's digits; prints accuracy and Tr(F).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--lr", type=positive_float, default=0.01,
-                   help="the small learning rate, shared by the small-LR SGD run and the FP runs")
-    p.add_argument("--large-lr", type=positive_float, default=0.05,
-                   help="learning rate of the reference SGD run")
-    p.add_argument("--alpha", type=positive_float, nargs="+", default=[0.1, 0.3],
-                   help="Fisher penalty weights α > 0, one FP run each")
-    p.add_argument("--every", type=positive_int, metavar="N", default=1,
-                   help="penalty refresh period in steps (1: cheap for this small MLP; the "
-                   "paper uses 10 on CIFAR, where a stale penalty gradient with α ≥ 0.3 can "
-                   "diverge here)")
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=0.01,
+        help="the small learning rate, shared by the small-LR SGD run and the FP runs",
+    )
+    p.add_argument(
+        "--large-lr",
+        type=positive_float,
+        default=0.05,
+        help="learning rate of the reference SGD run",
+    )
+    p.add_argument(
+        "--alpha",
+        type=positive_float,
+        nargs="+",
+        default=[0.1, 0.3],
+        help="Fisher penalty weights α > 0, one FP run each",
+    )
+    p.add_argument(
+        "--every",
+        type=positive_int,
+        metavar="N",
+        default=1,
+        help="penalty refresh period in steps (1: cheap for this small MLP; the "
+        "paper uses 10 on CIFAR, where a stale penalty gradient with α ≥ 0.3 can "
+        "diverge here)",
+    )
     p.add_argument("--epochs", type=positive_int, default=30, help="training epochs of each run")
     p.add_argument("--batch-size", type=positive_int, default=32, help="mini-batch size")
     p.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--width", type=positive_int, default=128, help="hidden units per layer")
-    p.add_argument("--probe", type=positive_int, metavar="N", default=256,
-                   help="Tr(F) is measured on the first N training examples (all of them "
-                   "when N exceeds the training set)")
-    p.add_argument("--test-fraction", type=open_fraction, default=0.3,
-                   help="fraction of the 1,797 digits held out for testing, in (0, 1)")
-    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0,
-                   help="seed of the initialisation, the mini-batch order and the split")
+    p.add_argument(
+        "--probe",
+        type=positive_int,
+        metavar="N",
+        default=256,
+        help="Tr(F) is measured on the first N training examples (all of them "
+        "when N exceeds the training set)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=open_fraction,
+        default=0.3,
+        help="fraction of the 1,797 digits held out for testing, in (0, 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=integer(0, 2**32 - 1),
+        default=0,
+        help="seed of the initialisation, the mini-batch order and the split",
+    )
     p.add_argument("--threads", type=positive_int, metavar="N", default=1, help="torch CPU threads")
-    p.add_argument("--print-every", type=positive_int, metavar="N", default=5,
-                   help="print progress every N epochs (and after the first and last)")
+    p.add_argument(
+        "--print-every",
+        type=positive_int,
+        metavar="N",
+        default=5,
+        help="print progress every N epochs (and after the first and last)",
+    )
     return p
 
 

@@ -143,9 +143,7 @@ def check_fd_scheme(scheme: str | None) -> str | None:
     return scheme
 
 
-def check_fd_dtypes(
-    params: Sequence[Tensor], compute_dtypes: Iterable[torch.dtype] = ()
-) -> None:
+def check_fd_dtypes(params: Sequence[Tensor], compute_dtypes: Iterable[torch.dtype] = ()) -> None:
     """Refuse parameters the finite difference cannot resolve (anything but float32/64), and
     an FSDP2 ``MixedPrecisionPolicy`` whose ``param_dtype`` (the passes' dtype) is lower."""
     low = sorted({str(d) for d in compute_dtypes if d not in DEFAULT_FD_STEP})
@@ -443,10 +441,16 @@ def penalty_gradient(
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
     objective = PenaltyObjective(
-        model, batch, penalty=penalty,
+        model,
+        batch,
+        penalty=penalty,
         params=trainable_parameters(model) if params is None else params,
-        output_fn=output_fn, loss_fn=loss_fn, generator=generator, likelihood=likelihood,
-        target_mask=target_mask, penalty_scale=penalty_scale,
+        output_fn=output_fn,
+        loss_fn=loss_fn,
+        generator=generator,
+        likelihood=likelihood,
+        target_mask=target_mask,
+        penalty_scale=penalty_scale,
     )
     with torch.enable_grad():
         return compute_penalty_gradient(objective, mode, fd_step, fd_scheme).grads

@@ -240,9 +240,7 @@ class FisherNoiseSGD(GradientWrapper):
             for i, group in enumerate(self.param_groups)
         ]
 
-    def _sample_noise(
-        self, batch: Batch, draws: int | None = None
-    ) -> list[Tensor | None] | None:
+    def _sample_noise(self, batch: Batch, draws: int | None = None) -> list[Tensor | None] | None:
         """The noise ``n`` per parameter (aligned with ``flat_params()``, None where frozen).
 
         ``draws=K`` returns ``K`` independent draws stacked in a leading dimension (for
@@ -419,8 +417,7 @@ def standard_normal_like(
     lead = () if draws is None else (draws,)
     flat = torch.randn((*lead, sum(sizes)), generator=generator, device=device, dtype=dtype)
     return [
-        x.reshape(*lead, *p.shape).to(p.device)
-        for x, p in zip(flat.split(sizes, dim=-1), params)
+        x.reshape(*lead, *p.shape).to(p.device) for x, p in zip(flat.split(sizes, dim=-1), params)
     ]
 
 

@@ -218,7 +218,8 @@ class FisherPenaltySGD(GradientWrapper):
         if guard_early and spike_factor is None:
             raise ValueError("guard_early=True needs the safeguard: give a spike_factor, not None")
         guard = (
-            None if spike_factor is None
+            None
+            if spike_factor is None
             else SpikeGuard(spike_factor, spike_window, min(5, spike_window), early=guard_early)
         )
         # with every=1 no gradient is reused: each step's is exact and nothing is guarded
@@ -285,11 +286,14 @@ class FisherPenaltySGD(GradientWrapper):
             self._cache, self._cache_step = None, None
         if self._cache is None:
             return
-        for group, weight, cached in zip(self.param_groups, weights, self.group_slices(self._cache)):
+        for group, weight, cached in zip(
+            self.param_groups, weights, self.group_slices(self._cache)
+        ):
             if weight == 0:
                 continue
             pairs = [
-                (p.grad, c) for p, c in zip(group["params"], cached)
+                (p.grad, c)
+                for p, c in zip(group["params"], cached)
                 if p.grad is not None and c is not None
             ]
             if pairs:
@@ -308,10 +312,15 @@ class FisherPenaltySGD(GradientWrapper):
             )
         batch = self.cut(self.current_batch(), self.penalty_batch_size, self.output_fn)
         objective = PenaltyObjective(
-            self.module, batch, penalty=self.penalty,
-            params=[params[i] for i in trainable], output_fn=self.output_fn,
-            loss_fn=self.loss_fn, generator=self.generator(self._batch_device()),
-            target_mask=self.target_mask, penalty_scale=self.penalty_scale,
+            self.module,
+            batch,
+            penalty=self.penalty,
+            params=[params[i] for i in trainable],
+            output_fn=self.output_fn,
+            loss_fn=self.loss_fn,
+            generator=self.generator(self._batch_device()),
+            target_mask=self.target_mask,
+            penalty_scale=self.penalty_scale,
             likelihood=self.likelihood,
         )
         scheme = self._refresh_scheme(objective.params)
@@ -322,7 +331,9 @@ class FisherPenaltySGD(GradientWrapper):
             )
         grads = result.grads
         if self._process_group() is not None:  # every rank adds the same mean gradient
-            grads = [torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)]
+            grads = [
+                torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)
+            ]
             *grads, value = self.all_reduce_mean([*grads, result.value])
         else:
             value = result.value

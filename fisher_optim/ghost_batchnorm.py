@@ -184,8 +184,12 @@ def _is_plain_batchnorm(m: nn.Module) -> bool:
 
 def _ghost_of(bn: _BatchNorm, virtual_batch_size: int) -> GhostBatchNorm:
     ghost = GhostBatchNorm(
-        bn.num_features, virtual_batch_size, eps=bn.eps, momentum=bn.momentum,
-        affine=False, track_running_stats=False,
+        bn.num_features,
+        virtual_batch_size,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=False,
+        track_running_stats=False,
     )
     ghost.affine = bn.affine
     ghost.track_running_stats = bn.track_running_stats

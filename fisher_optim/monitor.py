@@ -386,8 +386,10 @@ class CurvatureMonitor(_StepSchedule):
             raise ValueError(
                 "lambda_H_eta_over_2 needs the learning rate: pass lr=<float> or lr=optimizer"
             )
-        if lr is not None and not isinstance(lr, torch.optim.Optimizer) and (
-            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+        if (
+            lr is not None
+            and not isinstance(lr, torch.optim.Optimizer)
+            and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0)
         ):
             raise ValueError(f"lr must be a positive number or an optimizer, got {lr!r}")
         _check_log(log)
@@ -432,8 +434,11 @@ class CurvatureMonitor(_StepSchedule):
     def measure(self, step: int | None = None, loss: float | Tensor | None = None) -> dict:
         """Measure the tracked quantities now, record and log the row, and return it."""
         begin = time.perf_counter()
-        row: dict[str, Any] = {"step": self.num_calls if step is None else step,
-                               "loss": _as_float(loss), "time": begin - self._start}
+        row: dict[str, Any] = {
+            "step": self.num_calls if step is None else step,
+            "loss": _as_float(loss),
+            "time": begin - self._start,
+        }
         qs = self.quantities
         if "trace_F" in qs:
             row["trace_F"] = fisher_trace(
@@ -478,4 +483,3 @@ class CurvatureMonitor(_StepSchedule):
         if self.num_calls % self.every:
             return None
         return self.measure(step=step, loss=loss_value)
-

@@ -403,9 +403,16 @@ def fisher_penalty(
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
     objective = PenaltyObjective(
-        model, batch, penalty=penalty, params=params, output_fn=output_fn,
-        loss_fn=loss_fn, generator=generator, target_mask=target_mask,
-        penalty_scale=penalty_scale, likelihood=likelihood,
+        model,
+        batch,
+        penalty=penalty,
+        params=params,
+        output_fn=output_fn,
+        loss_fn=loss_fn,
+        generator=generator,
+        target_mask=target_mask,
+        penalty_scale=penalty_scale,
+        likelihood=likelihood,
     )
     wrt = objective.wrt()
     grads = torch.autograd.grad(objective.loss(), wrt, create_graph=True, allow_unused=True)

@@ -66,8 +66,10 @@ class SpikeGuard:
     def __init__(
         self, factor: float = 4.0, window: int = 20, min_history: int = 5, early: bool = False
     ) -> None:
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
-            math.isfinite(factor) and factor > 1
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not (math.isfinite(factor) and factor > 1)
         ):
             raise ValueError(f"spike factor must be a finite number > 1, got {factor!r}")
         for name, value in (("window", window), ("min_history", min_history)):
@@ -124,8 +126,7 @@ class SpikeGuard:
         return self.last_scale
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "spikes": self.spikes,
-                "last_scale": self.last_scale}
+        return {"history": list(self.history), "spikes": self.spikes, "last_scale": self.last_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state["history"], maxlen=self.window)

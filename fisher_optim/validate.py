@@ -69,14 +69,18 @@ def check_function_or_none(name: str, value: Any, called: str = "like the model"
         )
 
 
-def check_keywords(owner: str, given: Mapping[str, Any] | Iterable[str], accepted: Iterable[str]) -> None:
+def check_keywords(
+    owner: str, given: Mapping[str, Any] | Iterable[str], accepted: Iterable[str]
+) -> None:
     """Raise ``TypeError`` for the first keyword in ``given`` that is not in ``accepted``,
     naming ``owner`` and the closest accepted keyword (a typo such as ``evry=10``)."""
     accepted = list(accepted)
     for key in given:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else (
-                f"; it takes {', '.join(sorted(accepted))}"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else (f"; it takes {', '.join(sorted(accepted))}")
             )
             raise TypeError(f"{owner} got an unexpected keyword argument {key!r}{hint}")

@@ -151,7 +151,8 @@ class GradientWrapper(torch.optim.Optimizer):
                 f". It sees the calls of the module it was built on ({type(self.model).__name__}) "
                 f"only: if the training loop calls a submodule of it directly (such as "
                 f"model.{children[0]}(x)), build the optimizer on that submodule"
-                if children else ""
+                if children
+                else ""
             )
             raise RuntimeError(
                 f"{type(self).__name__} has seen no training-mode forward of the model since "
@@ -512,7 +513,8 @@ def _check_base_keywords(
     if any(p.kind is p.VAR_KEYWORD for p in base_params.values()):
         return  # the base takes any keyword: it judges them itself
     own = [
-        name for name, p in inspect.signature(owner.__init__).parameters.items()
+        name
+        for name, p in inspect.signature(owner.__init__).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     ]
     check_keywords(

@@ -36,47 +36,115 @@ def _unfold_argmax(x: Tensor, k: int) -> Tensor:
 # (name, the operation, the piece at base x evaluated at shifted x1, written by hand)
 CASES: list[tuple[str, Op, Callable[[Tensor, Tensor], Tensor]]] = [
     ("relu", F.relu, lambda x, x1: torch.where(x > 0, x1, 0.0)),
-    ("relu inplace", lambda t: F.relu(t.clone(), inplace=True), lambda x, x1: torch.where(x > 0, x1, 0.0)),
+    (
+        "relu inplace",
+        lambda t: F.relu(t.clone(), inplace=True),
+        lambda x, x1: torch.where(x > 0, x1, 0.0),
+    ),
     ("Tensor.relu", lambda t: t.relu(), lambda x, x1: torch.where(x > 0, x1, 0.0)),
     ("leaky_relu", lambda t: F.leaky_relu(t, 0.2), lambda x, x1: torch.where(x > 0, x1, 0.2 * x1)),
     ("relu6", F.relu6, lambda x, x1: torch.where(x <= 0, 0.0, torch.where(x >= 6, 6.0, x1))),
-    ("hardtanh", lambda t: F.hardtanh(t, -1.5, 0.5),
-     lambda x, x1: torch.where(x <= -1.5, -1.5, torch.where(x >= 0.5, 0.5, x1))),
-    ("clamp", lambda t: t.clamp(-1.0, 2.0),
-     lambda x, x1: torch.where(x < -1, -1.0, torch.where(x > 2, 2.0, x1))),
+    (
+        "hardtanh",
+        lambda t: F.hardtanh(t, -1.5, 0.5),
+        lambda x, x1: torch.where(x <= -1.5, -1.5, torch.where(x >= 0.5, 0.5, x1)),
+    ),
+    (
+        "clamp",
+        lambda t: t.clamp(-1.0, 2.0),
+        lambda x, x1: torch.where(x < -1, -1.0, torch.where(x > 2, 2.0, x1)),
+    ),
     ("clamp_min", lambda t: torch.clamp_min(t, 0.3), lambda x, x1: torch.where(x < 0.3, 0.3, x1)),
-    ("threshold", lambda t: F.threshold(t, 0.5, -2.0), lambda x, x1: torch.where(x > 0.5, x1, -2.0)),
-    ("hardswish", F.hardswish, lambda x, x1: torch.where(
-        (x > -3) & (x < 3), x1 * (x1 + 3) / 6, torch.where(x >= 3, x1, 0.0))),
-    ("hardsigmoid", F.hardsigmoid, lambda x, x1: torch.where(
-        (x > -3) & (x < 3), x1 / 6 + 0.5, (x >= 3).double())),
-    ("elu alpha 2", lambda t: F.elu(t, 2.0), lambda x, x1: torch.where(x > 0, x1, 2.0 * torch.expm1(x1))),
-    ("selu", F.selu, lambda x, x1: 1.0507009873554805 * torch.where(
-        x > 0, x1, 1.6732632423543772 * torch.expm1(x1))),
+    (
+        "threshold",
+        lambda t: F.threshold(t, 0.5, -2.0),
+        lambda x, x1: torch.where(x > 0.5, x1, -2.0),
+    ),
+    (
+        "hardswish",
+        F.hardswish,
+        lambda x, x1: torch.where(
+            (x > -3) & (x < 3), x1 * (x1 + 3) / 6, torch.where(x >= 3, x1, 0.0)
+        ),
+    ),
+    (
+        "hardsigmoid",
+        F.hardsigmoid,
+        lambda x, x1: torch.where((x > -3) & (x < 3), x1 / 6 + 0.5, (x >= 3).double()),
+    ),
+    (
+        "elu alpha 2",
+        lambda t: F.elu(t, 2.0),
+        lambda x, x1: torch.where(x > 0, x1, 2.0 * torch.expm1(x1)),
+    ),
+    (
+        "selu",
+        F.selu,
+        lambda x, x1: (
+            1.0507009873554805 * torch.where(x > 0, x1, 1.6732632423543772 * torch.expm1(x1))
+        ),
+    ),
     ("abs", torch.abs, lambda x, x1: torch.sign(x) * x1),
-    ("softshrink", lambda t: F.softshrink(t, 0.5), lambda x, x1: torch.where(
-        x > 0.5, x1 - 0.5, torch.where(x < -0.5, x1 + 0.5, 0.0))),
-    ("maximum", lambda t: torch.maximum(t, t.flip(-1) * 0.5),
-     lambda x, x1: torch.where(x >= x.flip(-1) * 0.5, x1, x1.flip(-1) * 0.5)),
-    ("max over dim", lambda t: t.max(dim=1).values,
-     lambda x, x1: x1.gather(1, x.argmax(1, keepdim=True)).squeeze(1)),
-    ("max keepdim", lambda t: torch.max(t, 1, keepdim=True)[0],
-     lambda x, x1: x1.gather(1, x.argmax(1, keepdim=True))),
-    ("max all", lambda t: t.max().reshape(1), lambda x, x1: x1.reshape(-1)[x.reshape(-1).argmax()].reshape(1)),
-    ("amax", lambda t: t.amax(dim=(2, 3)),
-     lambda x, x1: x1.flatten(2).gather(2, x.flatten(2).argmax(2, keepdim=True)).squeeze(2)),
-    ("topk", lambda t: t.topk(2, dim=1).values,
-     lambda x, x1: x1.gather(1, x.topk(2, dim=1).indices)),
+    (
+        "softshrink",
+        lambda t: F.softshrink(t, 0.5),
+        lambda x, x1: torch.where(x > 0.5, x1 - 0.5, torch.where(x < -0.5, x1 + 0.5, 0.0)),
+    ),
+    (
+        "maximum",
+        lambda t: torch.maximum(t, t.flip(-1) * 0.5),
+        lambda x, x1: torch.where(x >= x.flip(-1) * 0.5, x1, x1.flip(-1) * 0.5),
+    ),
+    (
+        "max over dim",
+        lambda t: t.max(dim=1).values,
+        lambda x, x1: x1.gather(1, x.argmax(1, keepdim=True)).squeeze(1),
+    ),
+    (
+        "max keepdim",
+        lambda t: torch.max(t, 1, keepdim=True)[0],
+        lambda x, x1: x1.gather(1, x.argmax(1, keepdim=True)),
+    ),
+    (
+        "max all",
+        lambda t: t.max().reshape(1),
+        lambda x, x1: x1.reshape(-1)[x.reshape(-1).argmax()].reshape(1),
+    ),
+    (
+        "amax",
+        lambda t: t.amax(dim=(2, 3)),
+        lambda x, x1: x1.flatten(2).gather(2, x.flatten(2).argmax(2, keepdim=True)).squeeze(2),
+    ),
+    (
+        "topk",
+        lambda t: t.topk(2, dim=1).values,
+        lambda x, x1: x1.gather(1, x.topk(2, dim=1).indices),
+    ),
     ("sort", lambda t: t.sort(dim=-1).values, lambda x, x1: x1.gather(-1, x.argsort(dim=-1))),
-    ("max_pool2d", lambda t: F.max_pool2d(t, 2),
-     lambda x, x1: x1.flatten(-2).gather(-1, _unfold_argmax(x, 2).flatten(-2)).view(
-         *x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)),
-    ("MaxPool2d module", torch.nn.MaxPool2d(2),
-     lambda x, x1: x1.flatten(-2).gather(-1, _unfold_argmax(x, 2).flatten(-2)).view(
-         *x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)),
+    (
+        "max_pool2d",
+        lambda t: F.max_pool2d(t, 2),
+        lambda x, x1: (
+            x1.flatten(-2)
+            .gather(-1, _unfold_argmax(x, 2).flatten(-2))
+            .view(*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
+        ),
+    ),
+    (
+        "MaxPool2d module",
+        torch.nn.MaxPool2d(2),
+        lambda x, x1: (
+            x1.flatten(-2)
+            .gather(-1, _unfold_argmax(x, 2).flatten(-2))
+            .view(*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
+        ),
+    ),
     ("mask by comparison", lambda t: t * (t > 0.1), lambda x, x1: x1 * (x > 0.1)),
-    ("where on comparison", lambda t: torch.where(t.abs() < 1, t * t, t),
-     lambda x, x1: torch.where(x.abs() < 1, x1 * x1, x1)),
+    (
+        "where on comparison",
+        lambda t: torch.where(t.abs() < 1, t * t, t),
+        lambda x, x1: torch.where(x.abs() < 1, x1 * x1, x1),
+    ),
 ]
 
 

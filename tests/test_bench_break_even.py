@@ -31,7 +31,9 @@ def test_runs_summarizes_and_plots(tmp_path, data):
     assert break_even.main([*TINY, *data, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["lr"], s["batch_size"]) for s in summary["settings"]] == [
-        (0.1, 16), (0.01, 16), (0.1, 32)
+        (0.1, 16),
+        (0.01, 16),
+        (0.1, 32),
     ]
     assert all(s["seeds"] == 2 for s in summary["settings"])
     assert [v["other"] for v in summary["verdicts"]] == [[0.01, 16], [0.1, 32]]
@@ -45,8 +47,19 @@ def test_runs_summarizes_and_plots(tmp_path, data):
 def test_time_limit_then_resume(tmp_path, data, capsys):
     break_even = load("break_even")
     out = tmp_path / "out"
-    args = [*TINY, *data, "--out", str(out), "--seeds", "0", "--gd-subset", "0",
-            "--settings", "0.1:16", "0.01:16"]
+    args = [
+        *TINY,
+        *data,
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "--gd-subset",
+        "0",
+        "--settings",
+        "0.1:16",
+        "0.01:16",
+    ]
     assert break_even.main([*args, "--time-limit", "1e-9"]) == 3
     assert "--resume" in capsys.readouterr().out
     assert break_even.main(args) == 0
@@ -62,10 +75,18 @@ def test_time_limit_then_resume(tmp_path, data, capsys):
 
 @pytest.mark.parametrize(
     "bad",
-    [["--settings", "0.1"], ["--settings", "0.1:0"], ["--top-k", "0"], ["--momentum", "1.5"],
-     ["--gd-lr", "-1"], ["--hessian-probe-size", "200"], ["--x-axis", "time"],
-     ["--settings", "0.1:16", "0.1:16"], ["--settings", "--gd-subset", "0"],
-     ["--seeds", "-1"]],
+    [
+        ["--settings", "0.1"],
+        ["--settings", "0.1:0"],
+        ["--top-k", "0"],
+        ["--momentum", "1.5"],
+        ["--gd-lr", "-1"],
+        ["--hessian-probe-size", "200"],
+        ["--x-axis", "time"],
+        ["--settings", "0.1:16", "0.1:16"],
+        ["--settings", "--gd-subset", "0"],
+        ["--seeds", "-1"],
+    ],
 )
 def test_invalid_options_are_argparse_errors(bad, capsys):
     break_even = load("break_even")
@@ -76,6 +97,7 @@ def test_invalid_options_are_argparse_errors(bad, capsys):
 
 def _runs(out):
     """Every run file of ``out``, less the measurements' timings."""
+
     def strip(obj):
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items() if k not in ("time", "duration")}
@@ -88,8 +110,18 @@ def test_time_limit_mid_run_then_resume_is_bitwise(tmp_path, data, monkeypatch):
     """A run stopped mid-epoch by --time-limit continues from its checkpoint: every record
     is that of the uninterrupted run (GD and SGD alike)."""
     break_even = load("break_even")
-    args = [*TINY, *data, "--seeds", "0", "--settings", "0.1:16", "--epochs", "2",
-            "--gd-steps", "3"]
+    args = [
+        *TINY,
+        *data,
+        "--seeds",
+        "0",
+        "--settings",
+        "0.1:16",
+        "--epochs",
+        "2",
+        "--gd-steps",
+        "3",
+    ]
     assert break_even.main([*args, "--out", str(tmp_path / "whole")]) == 0
     split = tmp_path / "split"
     # the deadline passes at the (n+1)-th check: GD at step 2, then SGD at steps 1 and 5
@@ -97,8 +129,7 @@ def test_time_limit_mid_run_then_resume_is_bitwise(tmp_path, data, monkeypatch):
     for n in (2, 3, 4):
         ticks = iter(range(10**6))
         monkeypatch.setattr(runner, "clock", lambda t=ticks, n=n: 120.0 * (next(t) > n))
-        assert break_even.main([*args, "--out", str(split), "--time-limit", "1",
-                                "--resume"]) == 3
+        assert break_even.main([*args, "--out", str(split), "--time-limit", "1", "--resume"]) == 3
         monkeypatch.undo()
         assert list(split.glob("*.pt"))  # the unfinished run's checkpoint
     assert break_even.main([*args, "--out", str(split), "--resume"]) == 0

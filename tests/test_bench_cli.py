@@ -28,15 +28,19 @@ cli = importlib.import_module("benchmarks.common.cli")
 #: the checks once its parser uses fisher_optim._cli's types and HelpFormatter and is exposed
 #: as ``build_parser()``. A new script not listed here is checked at once.
 PENDING: set[str] = set()
-SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
-                 if p.stem != "__init__" and p.stem not in PENDING)
+SCRIPTS = sorted(
+    p.stem
+    for p in (ROOT / "benchmarks").glob("*.py")
+    if p.stem != "__init__" and p.stem not in PENDING
+)
 _loaded: dict[str, ModuleType] = {}
 
 
 def _script(name: str) -> ModuleType:
     if name not in _loaded:
-        spec = importlib.util.spec_from_file_location(f"_bench_cli_{name}",
-                                                      ROOT / "benchmarks" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"_bench_cli_{name}", ROOT / "benchmarks" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _loaded[name] = module
@@ -70,8 +74,9 @@ def test_defaults_parse_and_every_number_has_a_range(name, capsys):
         option = action.option_strings[0] if action.option_strings else action.dest
         # plain int/float accept -1 and nan: a number option states its range by its type
         assert action.type not in (int, float), f"{name} {option}: use a fisher_optim._cli type"
-        if action.option_strings and (callable(action.type) and action.type not in (str, Path)
-                                      or action.choices):
+        if action.option_strings and (
+            callable(action.type) and action.type not in (str, Path) or action.choices
+        ):
             assert_rejected(parser, [option, "not-a-value"], option, capsys)
 
 
@@ -123,16 +128,20 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "option"), INVALID, ids=[a[0][0] + "=" + " ".join(a[0][1:])
-                                                          for a in INVALID])
+@pytest.mark.parametrize(
+    ("argv", "option"), INVALID, ids=[a[0][0] + "=" + " ".join(a[0][1:]) for a in INVALID]
+)
 def test_invalid_values_are_argparse_errors(argv, option, capsys):
     assert_rejected(parser_of("cifar10_simplecnn"), argv, option, capsys)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--epochs", "10", "--milestones", "10"], "--milestones must lie in 1..9"),
-    (["--batch-sizes", "128", "256", "--batch-lrs", "0.1"], "--batch-lrs needs one"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "10", "--milestones", "10"], "--milestones must lie in 1..9"),
+        (["--batch-sizes", "128", "256", "--batch-lrs", "0.1"], "--batch-lrs needs one"),
+    ],
+)
 def test_options_valid_alone_but_not_together_are_argparse_errors(argv, message, capsys):
     cfg = _script("cifar10_simplecnn").CONFIG
     with pytest.raises(SystemExit) as exc:
@@ -162,13 +171,21 @@ def test_help_shows_the_settings_own_defaults(name):
 
 def test_overhead_and_curvature_speed_refuse_bad_values(capsys):
     overhead, speed = parser_of("overhead"), parser_of("curvature_speed")
-    for argv, option in [(["--rounds", "0"], "--rounds"), (["--window", "0"], "--window"),
-                         (["--warmup", "-1"], "--warmup"), (["--device", "tpu"], "--device"),
-                         (["--models", "nope"], "--models"), (["--variants", "sgd2"],
-                                                              "--variants")]:
+    for argv, option in [
+        (["--rounds", "0"], "--rounds"),
+        (["--window", "0"], "--window"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--device", "tpu"], "--device"),
+        (["--models", "nope"], "--models"),
+        (["--variants", "sgd2"], "--variants"),
+    ]:
         assert_rejected(overhead, argv, option, capsys)
-    for argv, option in [(["--n", "0"], "--n"), (["--repeats", "0"], "--repeats"),
-                         (["--chunk-size", "0"], "--chunk-size"), (["--skip", "lop"], "--skip")]:
+    for argv, option in [
+        (["--n", "0"], "--n"),
+        (["--repeats", "0"], "--repeats"),
+        (["--chunk-size", "0"], "--chunk-size"),
+        (["--skip", "lop"], "--skip"),
+    ]:
         assert_rejected(speed, argv, option, capsys)
     assert overhead.parse_args(["--device", "cuda:1"]).device == "cuda:1"
     assert speed.parse_args(["--skip", "loop", "backpack"]).skip == ["loop", "backpack"]
@@ -228,8 +245,15 @@ def test_a_setting_is_declared_once_by_the_options_and_the_run_spec():
     assert parser.get_default("loss_threshold") == config.LOSS_THRESHOLDS["cifar10"]
     lb = _script("large_batch_noise").CONFIG
     parser = cli.build_parser(lb)
-    for name in ("epochs", "batch_size", "ghost_batch_size", "lr_scaling", "log_every_update",
-                 "weight_decay", "model"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "ghost_batch_size",
+        "lr_scaling",
+        "log_every_update",
+        "weight_decay",
+        "model",
+    ):
         assert parser.get_default(name) == getattr(lb, name), name
     with pytest.raises(TypeError):
         config.ExperimentConfig(name="x", dataset="cifar10", model="tiny", epoch=3)

@@ -42,8 +42,10 @@ def make_cifar10(root: Path, per_batch: int = 3, n_test: int = 4) -> tuple[np.nd
     xs, ys = [], []
     for i in range(1, 6):
         x, y = _images(per_batch), RNG.integers(0, 10, per_batch).tolist()
-        _dump({b"batch_label": b"b", b"data": x.reshape(per_batch, -1), b"labels": y},
-              d / f"data_batch_{i}")
+        _dump(
+            {b"batch_label": b"b", b"data": x.reshape(per_batch, -1), b"labels": y},
+            d / f"data_batch_{i}",
+        )
         xs.append(x)
         ys += y
     xt, yt = _images(n_test), RNG.integers(0, 10, n_test).tolist()
@@ -58,8 +60,10 @@ def make_cifar100(root: Path, n_train: int = 6, n_test: int = 3) -> tuple[np.nda
     out = []
     for name, n in (("train", n_train), ("test", n_test)):
         x, y = _images(n), RNG.integers(0, 100, n).tolist()
-        _dump({b"data": x.reshape(n, -1), b"fine_labels": y,
-               b"coarse_labels": [v // 5 for v in y]}, d / name)
+        _dump(
+            {b"data": x.reshape(n, -1), b"fine_labels": y, b"coarse_labels": [v // 5 for v in y]},
+            d / name,
+        )
         out += [x, np.array(y)]
     _dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, d / "meta")
     return tuple(out)
@@ -119,8 +123,9 @@ def test_cifar10_pickles(tmp_path: Path) -> None:
     assert torch.equal(test.labels, torch.from_numpy(yt))
     assert train.classes[3] == "c3" and train.num_classes == 10
     # the pickle directory itself is also accepted as root
-    tr2, _ = data.load_dataset("cifar10", tmp_path / "data" / "cifar-10-batches-py",
-                               use_cache=False)
+    tr2, _ = data.load_dataset(
+        "cifar10", tmp_path / "data" / "cifar-10-batches-py", use_cache=False
+    )
     assert torch.equal(tr2.images, train.images)
 
 
@@ -239,9 +244,7 @@ def test_download_offline_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         data.load_dataset("cifar10", tmp_path / "dl", download=True, use_cache=False)
 
 
-def test_download_md5_mismatch_and_success(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_md5_mismatch_and_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     payload = _fake_cifar10_targz(tmp_path)
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(payload))
     with pytest.raises(RuntimeError, match="MD5 mismatch"):
@@ -375,8 +378,9 @@ def test_iterate_batches_covers_each_example_once() -> None:
     g = torch.Generator().manual_seed(0)
     seen = []
     batches = list(
-        data.iterate_batches(ds.images, ds.labels, 10, generator=g, mean=ds.mean, std=ds.std,
-                             return_indices=True)
+        data.iterate_batches(
+            ds.images, ds.labels, 10, generator=g, mean=ds.mean, std=ds.std, return_indices=True
+        )
     )
     assert len(batches) == 11
     for xb, yb, idx in batches:
@@ -394,8 +398,7 @@ def test_iterate_batches_covers_each_example_once() -> None:
     assert not torch.equal(epoch1, epoch2)
     replay = ds.loader(10, drop_last=True, augment=True, seed=5, return_indices=True)
     x1, _, i1 = next(iter(replay))
-    x2, _, i2 = next(iter(ds.loader(10, drop_last=True, augment=True, seed=5,
-                                    return_indices=True)))
+    x2, _, i2 = next(iter(ds.loader(10, drop_last=True, augment=True, seed=5, return_indices=True)))
     assert torch.equal(i1, i2) and torch.equal(x1, x2)
     ordered = data.BatchLoader(ds.images, ds.labels, 50, shuffle=False)
     xs, ys = zip(*ordered, strict=True)

@@ -23,8 +23,13 @@ def test_running_ratios_against_a_hand_computed_median():
 
 
 def test_collapses_are_epochs_losing_more_than_ten_points():
-    metrics = [{"epoch": 0}, {"epoch": 1, "train_acc": 50.0}, {"epoch": 2, "train_acc": 70.0},
-               {"epoch": 3, "train_acc": 55.0}, {"epoch": 4, "train_acc": 50.0}]
+    metrics = [
+        {"epoch": 0},
+        {"epoch": 1, "train_acc": 50.0},
+        {"epoch": 2, "train_acc": 70.0},
+        {"epoch": 3, "train_acc": 55.0},
+        {"epoch": 4, "train_acc": 50.0},
+    ]
     assert fp_spikes.collapses(metrics) == [3]
 
 
@@ -32,12 +37,21 @@ def test_report_on_a_written_run(tmp_path, capsys):
     run = tmp_path / "fp_run"
     run.mkdir()
     norms = [1.0, 1.1, 0.9, 1.0, 1.2, 8.0, 1.0, 1.1]
-    (run / "refreshes.jsonl").write_text("".join(
-        json.dumps({"step": 10 * i, "epoch": i / 4, "value": n * n, "grad_norm": n,
-                    "scale": None}) + "\n" for i, n in enumerate(norms)))
-    (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"epoch": e, "train_acc": a}) + "\n"
-        for e, a in [(0, None), (1, 40.0), (2, 20.0)]))
+    (run / "refreshes.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"step": 10 * i, "epoch": i / 4, "value": n * n, "grad_norm": n, "scale": None}
+            )
+            + "\n"
+            for i, n in enumerate(norms)
+        )
+    )
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": e, "train_acc": a}) + "\n"
+            for e, a in [(0, None), (1, 40.0), (2, 20.0)]
+        )
+    )
     assert fp_spikes.main([str(run), "--window", "4", "--top", "1"]) == 0
     out = capsys.readouterr().out
     assert "8 refreshes" in out and "collapses (train acc -10 points in one epoch): [2]" in out
@@ -45,8 +59,17 @@ def test_report_on_a_written_run(tmp_path, capsys):
     assert fp_spikes.main([str(tmp_path)]) == 2
 
 
-@pytest.mark.parametrize("n,b,k", [(10000, 128, 10), (45000, 128, 10), (100000, 128, 10),
-                                   (1000, 100, 10), (50, 8, 3), (37, 5, 4)])
+@pytest.mark.parametrize(
+    "n,b,k",
+    [
+        (10000, 128, 10),
+        (45000, 128, 10),
+        (100000, 128, 10),
+        (1000, 100, 10),
+        (50, 8, 3),
+        (37, 5, 4),
+    ],
+)
 def test_short_batch_refreshes_against_a_simulated_step_counter(n, b, k):
     epochs = 40
     expected, t = [], 0
@@ -67,15 +90,29 @@ def test_schedule_report_names_the_papers_sizes(capsys):
 
 def test_pull_is_alpha_times_the_median_norm_of_each_epoch(tmp_path, capsys):
     runs = []
-    for name, method, alpha, norms in [("fp_run", "fp", 0.01, [1.0, 3.0, 2.0, 10.0, 30.0]),
-                                       ("gpx_run", "gpx", 1000.0, [1e-5, 2e-5, 9e-5, 4e-5, 5e-5])]:
+    for name, method, alpha, norms in [
+        ("fp_run", "fp", 0.01, [1.0, 3.0, 2.0, 10.0, 30.0]),
+        ("gpx_run", "gpx", 1000.0, [1e-5, 2e-5, 9e-5, 4e-5, 5e-5]),
+    ]:
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"method": method, "alpha": alpha}))
         # epochs 0, 0.3, 0.6 (epoch 0), 1.0, 1.3 (epoch 1)
-        (run / "refreshes.jsonl").write_text("".join(
-            json.dumps({"step": i, "epoch": [0, 0.3, 0.6, 1.0, 1.3][i], "value": 1.0,
-                        "grad_norm": n, "scale": 1.0}) + "\n" for i, n in enumerate(norms)))
+        (run / "refreshes.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "step": i,
+                        "epoch": [0, 0.3, 0.6, 1.0, 1.3][i],
+                        "value": 1.0,
+                        "grad_norm": n,
+                        "scale": 1.0,
+                    }
+                )
+                + "\n"
+                for i, n in enumerate(norms)
+            )
+        )
         runs.append(str(run))
     assert fp_spikes.main([*runs, "--pull", "0", "1", "2"]) == 0
     out = capsys.readouterr().out

@@ -44,15 +44,15 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
         assert state["summary"]["test_acc_at_best_val"] is not None
 
     # a rerun of the table resumes: finished runs are not trained again
-    again = campaign.main(
-        ["--dry-run", "--out", str(tmp_path), "--pack", "1", "--parts", "table1"]
-    )
+    again = campaign.main(["--dry-run", "--out", str(tmp_path), "--pack", "1", "--parts", "table1"])
     assert again["parts"]["table1"]["runs"] == table["runs"]
     assert set(again["parts"]) == set(campaign.PARTS)  # the earlier parts are kept
 
     # archived (in one file, or in files of bounded size), unarchived on a "fresh machine"
-    assert campaign.archive(tmp_path, tmp_path / "whole") == [campaign.CAMPAIGN_JSON,
-                                                               "table1-0.tar"]
+    assert campaign.archive(tmp_path, tmp_path / "whole") == [
+        campaign.CAMPAIGN_JSON,
+        "table1-0.tar",
+    ]
     packed = tmp_path / "packed"
     names = campaign.archive(tmp_path, packed, limit=1)  # one run per archive
     assert names == [campaign.CAMPAIGN_JSON, "table1-0.tar", "table1-1.tar"]
@@ -77,8 +77,9 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
 def test_an_interrupted_table_continues(tmp_path: Path) -> None:
     """A deadline already past stops the runs after their first epoch; the same call
     continues them to the end."""
-    specs = [replace(s, model="tiny") for s in
-             campaign.table1_specs([0], epochs=2, batch_size=32)[:2]]
+    specs = [
+        replace(s, model="tiny") for s in campaign.table1_specs([0], epochs=2, batch_size=32)[:2]
+    ]
     data = prepare_data(campaign._synthetic_data(64, 32, 32), val_size=32)
     cpu = torch.device("cpu")
     part = campaign.run_table1(specs, data, tmp_path, cpu, 0.0, pack=1)

@@ -29,9 +29,17 @@ plots = importlib.import_module("benchmarks.common.plots")
 runner = importlib.import_module("benchmarks.common.runner")
 data_mod = importlib.import_module("benchmarks.common.data")
 
-SCRIPTS = ("cifar10_simplecnn", "cifar100_vgg", "cifar100_wresnet", "cifar100_densenet",
-           "tinyimagenet_wresnet", "noisy_labels", "fp_start_epoch", "early_trace_vs_accuracy",
-           "large_batch")
+SCRIPTS = (
+    "cifar10_simplecnn",
+    "cifar100_vgg",
+    "cifar100_wresnet",
+    "cifar100_densenet",
+    "tinyimagenet_wresnet",
+    "noisy_labels",
+    "fp_start_epoch",
+    "early_trace_vs_accuracy",
+    "large_batch",
+)
 NUM_CLASSES = 4
 
 
@@ -40,7 +48,8 @@ def _images(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
     x = base[labels % 4].view(-1, 3, 1, 1).float() + 60 * torch.randn(
-        len(labels), 3, size, size, generator=g)
+        len(labels), 3, size, size, generator=g
+    )
     return x.clamp(0, 255).to(torch.uint8)
 
 
@@ -50,15 +59,28 @@ def tiny_datasets(n_train: int = 96, n_test: int = 32, size: int = 16):
     y_tr = torch.randint(0, NUM_CLASSES, (n_train,), generator=g)
     y_te = torch.randint(0, NUM_CLASSES, (n_test,), generator=g)
     mk = data_mod.ImageDataset
-    return (mk(_images(y_tr, size, 1), y_tr, NUM_CLASSES, name="tiny-train"),
-            mk(_images(y_te, size, 2), y_te, NUM_CLASSES, name="tiny-test"))
+    return (
+        mk(_images(y_tr, size, 1), y_tr, NUM_CLASSES, name="tiny-train"),
+        mk(_images(y_te, size, 2), y_te, NUM_CLASSES, name="tiny-test"),
+    )
 
 
 def tiny_spec(method: str = "baseline", **kw) -> config.RunSpec:
-    base = {"experiment": "test", "dataset": "cifar10", "model": "tiny", "method": method,
-            "lr": 0.05, "alpha": 0.0 if method == "baseline" else 0.01, "epochs": 2,
-            "milestones": (1,), "batch_size": 16, "probe_size": 16, "eval_batch_size": 64,
-            "every": 2, "loss_threshold": 10.0}
+    base = {
+        "experiment": "test",
+        "dataset": "cifar10",
+        "model": "tiny",
+        "method": method,
+        "lr": 0.05,
+        "alpha": 0.0 if method == "baseline" else 0.01,
+        "epochs": 2,
+        "milestones": (1,),
+        "batch_size": 16,
+        "probe_size": 16,
+        "eval_batch_size": 64,
+        "every": 2,
+        "loss_threshold": 10.0,
+    }
     base.update(kw)
     return config.RunSpec(**base)
 
@@ -103,8 +125,9 @@ def _write_image_folder(root: Path, n_train: int = 8, n_test: int = 3) -> None:
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                arr = np.full((32, 32, 3), 25 * c, np.uint8) + rng.integers(0, 30, (32, 32, 3),
-                                                                              dtype=np.uint8)
+                arr = np.full((32, 32, 3), 25 * c, np.uint8) + rng.integers(
+                    0, 30, (32, 32, 3), dtype=np.uint8
+                )
                 Image.fromarray(arr).save(d / f"{i}.png")
 
 
@@ -114,10 +137,30 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     _write_image_folder(tmp_path / "data")
     cfg = config.ExperimentConfig(name="e2e", dataset="cifar10", model="tiny", epochs=300)
     out = tmp_path / "runs"
-    code = cli.main(cfg, ["--data-root", str(tmp_path / "data"), "--out", str(out), "--quick",
-                          "--val-size", "16", "--epochs", "2", "--batch-size", "16",
-                          "--probe-size", "8", "--methods", "baseline", "fp", "--lrs", "0.05",
-                          "--no-progress"])
+    code = cli.main(
+        cfg,
+        [
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--quick",
+            "--val-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--probe-size",
+            "8",
+            "--methods",
+            "baseline",
+            "fp",
+            "--lrs",
+            "0.05",
+            "--no-progress",
+        ],
+    )
     assert code == 0
     for name in ("baseline_lr0.05_s0_bs16", "fp_lr0.05_a0.01_s0_bs16_guard4"):
         run = out / name
@@ -126,8 +169,15 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
         assert all(r["trace"] > 0 and r["trace_fb"] is not None for r in logs)
         assert logs[-1]["lr"] == pytest.approx(0.005)  # milestone 150/300 * 2 = epoch 1
         s = json.loads((run / "summary.json").read_text())
-        for key in ("best_val_acc", "test_acc_at_best_val", "final_test_acc", "max_trace",
-                    "tr_f_i", "sec_per_epoch", "images_per_s"):
+        for key in (
+            "best_val_acc",
+            "test_acc_at_best_val",
+            "final_test_acc",
+            "max_trace",
+            "tr_f_i",
+            "sec_per_epoch",
+            "images_per_s",
+        ):
             assert key in s
         assert s["best_val_acc"] is not None and s["max_trace"] > 0
         assert (run / "checkpoint.pt").is_file()
@@ -138,23 +188,68 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     assert (out / "figure.png").stat().st_size > 1000
     assert (out / "results.md").read_text().startswith("| method")
     # the plots CLI
-    assert plots.main([str(out / "baseline_lr0.05_s0_bs16"), str(out / "fp_lr0.05_a0.01_s0_bs16_guard4"),
-                       "-o", str(tmp_path / "fig.png")]) == 0
+    assert (
+        plots.main(
+            [
+                str(out / "baseline_lr0.05_s0_bs16"),
+                str(out / "fp_lr0.05_a0.01_s0_bs16_guard4"),
+                "-o",
+                str(tmp_path / "fig.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "fig.png").is_file()
-    assert plots.main([str(out / "baseline_lr0.05_s0_bs16"), "--scatter",
-                       "-o", str(tmp_path / "sc.png")]) == 0
+    assert (
+        plots.main(
+            [str(out / "baseline_lr0.05_s0_bs16"), "--scatter", "-o", str(tmp_path / "sc.png")]
+        )
+        == 0
+    )
     # --resume skips finished runs
     t0 = time.perf_counter()
-    assert cli.main(cfg, ["--data-root", str(tmp_path / "data"), "--out", str(out), "--quick",
-                          "--val-size", "16", "--epochs", "2", "--batch-size", "16",
-                          "--probe-size", "8", "--methods", "baseline", "fp", "--lrs", "0.05",
-                          "--no-progress", "--resume", "--no-plot"]) == 0
+    assert (
+        cli.main(
+            cfg,
+            [
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(out),
+                "--quick",
+                "--val-size",
+                "16",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--probe-size",
+                "8",
+                "--methods",
+                "baseline",
+                "fp",
+                "--lrs",
+                "0.05",
+                "--no-progress",
+                "--resume",
+                "--no-plot",
+            ],
+        )
+        == 0
+    )
     assert time.perf_counter() - t0 < 5
 
 
-RESUMED = {"baseline": {}, "fp": {}, "fp_fd": {"method": "fp", "fd_mode": "finite_difference"},
-           "gp": {}, "gpr": {}, "gpx": {"alpha": 1.0}, "mixup": {"alpha": 0.5},
-           "noise_trace": {"small_batch_size": 4}}
+RESUMED = {
+    "baseline": {},
+    "fp": {},
+    "fp_fd": {"method": "fp", "fd_mode": "finite_difference"},
+    "gp": {},
+    "gpr": {},
+    "gpx": {"alpha": 1.0},
+    "mixup": {"alpha": 0.5},
+    "noise_trace": {"small_batch_size": 4},
+}
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
@@ -162,8 +257,13 @@ def test_resume_is_bitwise(tmp_path, name):
     """Straight run == run interrupted after every step (mid-epoch and at epoch ends), for
     every method."""
     fields = {"method": name, **RESUMED[name]}
-    spec = tiny_spec(fields.pop("method"), augment="standard", bn_refresh_batches=2,
-                     trace_every_steps=4, **fields)
+    spec = tiny_spec(
+        fields.pop("method"),
+        augment="standard",
+        bn_refresh_batches=2,
+        trace_every_steps=4,
+        **fields,
+    )
     data = tiny_bundle()
     straight = harness.train_run(spec, data, tmp_path / "a", log=None)
     pieces, s = 0, {"status": "interrupted"}
@@ -178,7 +278,8 @@ def test_resume_is_bitwise(tmp_path, name):
         assert _strip_times(a) == _strip_times(b)
     drop = {"sec_per_epoch", "images_per_s", "train_time", "overhead"}
     assert {k: v for k, v in straight.items() if k not in drop} == {
-        k: v for k, v in s.items() if k not in drop}
+        k: v for k, v in s.items() if k not in drop
+    }
     ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k, v in ca["model"].items():
@@ -205,7 +306,8 @@ def test_extend_lengthens_a_finished_run_to_the_run_it_would_have_been(tmp_path,
     assert [r["lr"] for r in ca["logs"][1:]] == [r["lr"] for r in cb["logs"][1:]]
     train_keys = ("train_loss", "train_acc", "lr", "alpha")
     assert [{k: r.get(k) for k in train_keys} for r in ca["logs"]] == [
-        {k: r.get(k) for k in train_keys} for r in cb["logs"]]
+        {k: r.get(k) for k in train_keys} for r in cb["logs"]
+    ]
 
 
 def test_schedule_change_error_names_what_forbids_extending():
@@ -252,8 +354,9 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
     test accuracy once more at the end on the kept best-validation weights; training and
     every measured number are those of the run that evaluates every epoch."""
     data = tiny_bundle(label_noise=0.25)
-    every = harness.train_run(tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25),
-                              data, tmp_path / "a", log=None)
+    every = harness.train_run(
+        tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25), data, tmp_path / "a", log=None
+    )
     spec = tiny_spec("fp", epochs=6, milestones=(4,), label_noise=0.25, test_every=0)
     assert spec.to_dict()["test_every"] == 0 and "test_every" not in tiny_spec().to_dict()
     sparse = harness.train_run(spec, data, tmp_path / "b", log=None)
@@ -269,8 +372,13 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
         else:
             assert rb["test_acc"] is None and "train_acc_noisy" not in rb
     assert any(r["test_acc"] is None for r in b)  # something was skipped
-    for key in ("best_val_epoch", "test_acc_at_best_val", "final_test_acc",
-                "final_train_acc_noisy", "max_trace"):
+    for key in (
+        "best_val_epoch",
+        "test_acc_at_best_val",
+        "final_test_acc",
+        "final_train_acc_noisy",
+        "max_trace",
+    ):
         assert sparse[key] == every[key], key
     with pytest.raises(ValueError, match="test_every"):
         tiny_spec(test_every=-1)
@@ -278,8 +386,9 @@ def test_test_every_keeps_test_at_best_val_exact(tmp_path):
 
 def test_val_every_measures_every_nth_epoch_and_the_last(tmp_path):
     data = tiny_bundle()
-    every = harness.train_run(tiny_spec("fp", epochs=5, milestones=(4,)), data,
-                              tmp_path / "a", log=None)
+    every = harness.train_run(
+        tiny_spec("fp", epochs=5, milestones=(4,)), data, tmp_path / "a", log=None
+    )
     spec = tiny_spec("fp", epochs=5, milestones=(4,), val_every=2)
     sparse = harness.train_run(spec, data, tmp_path / "b", log=None)
     a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -301,7 +410,9 @@ def test_fp_runs_log_every_refresh_and_the_spike_factor(tmp_path):
     assert "spike_factor" not in tiny_spec("fp").to_dict()  # older runs: safeguard off
     summary = harness.train_run(spec, tiny_bundle(), tmp_path / "a", log=None)
     logs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    refreshes = [json.loads(x) for x in (tmp_path / "a" / "refreshes.jsonl").read_text().splitlines()]
+    refreshes = [
+        json.loads(x) for x in (tmp_path / "a" / "refreshes.jsonl").read_text().splitlines()
+    ]
     assert summary["status"] == "complete"
     assert summary["overhead"] > 0 and all(r["wall_time"] >= r["train_time"] for r in logs[1:])
     assert len(refreshes) == logs[-1]["refreshes"] > 0 and logs[-1]["spikes"] == 0
@@ -315,11 +426,16 @@ def test_fp_start_epoch_trains_plain_sgd_before_it(tmp_path):
     data = tiny_bundle()
     keys = ("train_loss", "train_acc", "val_acc", "val_loss", "trace")
     logs = {}
-    for name, spec in {"sgd": tiny_spec(), "late": tiny_spec("fp", alpha=1.0, fp_start_epoch=2),
-                       "fp": tiny_spec("fp", alpha=1.0)}.items():
+    for name, spec in {
+        "sgd": tiny_spec(),
+        "late": tiny_spec("fp", alpha=1.0, fp_start_epoch=2),
+        "fp": tiny_spec("fp", alpha=1.0),
+    }.items():
         harness.train_run(spec, data, tmp_path / name, log=None)
-        logs[name] = [{k: r[k] for k in keys} for r in map(
-            json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+        logs[name] = [
+            {k: r[k] for k in keys}
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+        ]
     assert logs["late"][:2] == logs["sgd"][:2]  # initialisation and epoch 1
     assert logs["fp"][1] != logs["sgd"][1]  # FP from epoch 1 does change epoch 1
     assert logs["late"][2] != logs["sgd"][2]
@@ -334,8 +450,9 @@ def test_divergence_stops_the_run(tmp_path):
     bad, good = harness.run_many(specs, data, tmp_path, log=lines.append)
     assert bad["status"] == "diverged" and bad["epochs_done"] == 1
     assert any("diverged" in line for line in lines)
-    logs = [json.loads(x) for x in (tmp_path / specs[0].name / "metrics.jsonl").read_text()
-            .splitlines()]
+    logs = [
+        json.loads(x) for x in (tmp_path / specs[0].name / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logs[-1]["epoch"] == 1 and logs[-1]["diverged_at_step"] < 5
     assert good["status"] == "complete"
     rows = cli.aggregate(specs, {s["name"]: s for s in (bad, good)})
@@ -353,8 +470,15 @@ def test_label_noise_run(tmp_path):
     saved = torch.load(tmp_path / "noise.pt")
     assert torch.equal(saved["noisy"], data.noisy)
     logs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    for key in ("train_acc_clean", "train_acc_noisy", "grad_norm_clean", "grad_norm_noisy",
-                "mean_grad_norm_clean", "mean_grad_norm_noisy", "grad_cosine_clean_noisy"):
+    for key in (
+        "train_acc_clean",
+        "train_acc_noisy",
+        "grad_norm_clean",
+        "grad_norm_noisy",
+        "mean_grad_norm_clean",
+        "mean_grad_norm_noisy",
+        "grad_cosine_clean_noisy",
+    ):
         assert logs[-1][key] is not None, key
     assert logs[-1]["noisy_count"] == int(data.noisy.sum())
     assert s["final_train_acc_noisy"] == logs[-1]["train_acc_noisy"]
@@ -368,24 +492,53 @@ def test_label_noise_run(tmp_path):
 
 def test_alpha_grid_selects_on_validation(tmp_path, monkeypatch):
     """Validation accuracy peaks at α=0.01, test accuracy at α=0.1: α=0.01 must win."""
-    cfg = config.ExperimentConfig(name="sel", dataset="cifar10", model="tiny", epochs=2,
-                                  alpha_grids={"fp": (0.001, 0.01, 0.1)})
+    cfg = config.ExperimentConfig(
+        name="sel",
+        dataset="cifar10",
+        model="tiny",
+        epochs=2,
+        alpha_grids={"fp": (0.001, 0.01, 0.1)},
+    )
     val = {0.001: 50.0, 0.01: 70.0, 0.1: 60.0}
     test = {0.001: 40.0, 0.01: 55.0, 0.1: 90.0}
     seen = []
 
     def fake_train_run(spec, data, out_dir, **kw):
         seen.append(spec)
-        return {"name": spec.name, "spec": spec.to_dict(), "status": "complete",
-                "best_val_acc": val[spec.alpha] + spec.seed,
-                "test_acc_at_best_val": test[spec.alpha], "final_test_acc": test[spec.alpha]}
+        return {
+            "name": spec.name,
+            "spec": spec.to_dict(),
+            "status": "complete",
+            "best_val_acc": val[spec.alpha] + spec.seed,
+            "test_acc_at_best_val": test[spec.alpha],
+            "final_test_acc": test[spec.alpha],
+        }
 
     monkeypatch.setattr(harness, "train_run", fake_train_run)
     bundle = tiny_bundle()
     monkeypatch.setattr(harness, "prepare_data", lambda *a, **k: bundle)
     out = tmp_path / "runs"
-    assert cli.main(cfg, ["--alpha-grid", "--methods", "fp", "--lrs", "0.1", "--seeds", "0", "1",
-                          "--out", str(out), "--no-plot", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            cfg,
+            [
+                "--alpha-grid",
+                "--methods",
+                "fp",
+                "--lrs",
+                "0.1",
+                "--seeds",
+                "0",
+                "1",
+                "--out",
+                str(out),
+                "--no-plot",
+                "--device",
+                "cpu",
+            ],
+        )
+        == 0
+    )
     assert sorted({s.alpha for s in seen}) == [0.001, 0.01, 0.1] and len(seen) == 6
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["alpha"] == 0.01
@@ -393,8 +546,16 @@ def test_alpha_grid_selects_on_validation(tmp_path, monkeypatch):
     assert row["best_val_acc"] == pytest.approx(70.5)
     # without validation the selection refuses rather than using test accuracy
     with pytest.raises(ValueError, match="validation"):
-        harness.select_best([{"name": "a", "spec": {"alpha": 1.0}, "best_val_acc": None,
-                              "test_acc_at_best_val": 99.0}])
+        harness.select_best(
+            [
+                {
+                    "name": "a",
+                    "spec": {"alpha": 1.0},
+                    "best_val_acc": None,
+                    "test_acc_at_best_val": 99.0,
+                }
+            ]
+        )
     with pytest.raises(SystemExit):
         cli.main(cfg, ["--alpha-grid", "--val-size", "0", "--out", str(out)])
 
@@ -420,10 +581,16 @@ def test_summary_model_selection():
 
 
 def test_scripts_help():
-    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"),
-                                     "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=str(ROOT))
-             for name in SCRIPTS}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(ROOT),
+        )
+        for name in SCRIPTS
+    }
     for name, p in procs.items():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, (name, err)
@@ -432,8 +599,9 @@ def test_scripts_help():
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_configs(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.CONFIG
@@ -450,7 +618,8 @@ def test_script_configs(name):
     assert all(s.epochs == cfg.epochs for s in default)
     if name == "tinyimagenet_wresnet":
         assert sorted({s.lr for s in default}) == pytest.approx(
-            [cfg.lr_star / 30, cfg.lr_star], rel=1e-5)
+            [cfg.lr_star / 30, cfg.lr_star], rel=1e-5
+        )
     if name == "noisy_labels":
         assert {s.method for s in default} == {"baseline", "mixup", "gpx", "fp", "gpr"}
         assert all(s.label_noise == 0.25 and s.weight_decay == 0 for s in default)
@@ -467,7 +636,9 @@ def test_explicit_alpha_grid_is_searched_for_penalties_only():
     )
     specs = cli.make_specs(cfg, args)
     assert sorted((s.method, s.alpha) for s in specs) == [
-        ("baseline", 0.0), ("fp", 0.01), ("fp", 0.1)
+        ("baseline", 0.0),
+        ("fp", 0.01),
+        ("fp", 0.1),
     ]
 
 
@@ -476,8 +647,12 @@ def test_spike_factor_and_val_every_reach_the_specs():
     parser = cli.build_parser(cfg)
 
     def specs(*argv):
-        return {s.method: s for s in cli.make_specs(
-            cfg, parser.parse_args(["--methods", "baseline", "fp", "--lrs", "0.01", *argv]))}
+        return {
+            s.method: s
+            for s in cli.make_specs(
+                cfg, parser.parse_args(["--methods", "baseline", "fp", "--lrs", "0.01", *argv])
+            )
+        }
 
     default = specs()
     assert default["fp"].spike_factor == 4.0 and default["fp"].name.endswith("guard4")
@@ -496,15 +671,20 @@ def test_spike_factor_and_val_every_reach_the_specs():
 
 
 def test_explicit_milestones_replace_the_scaled_schedule():
-    cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny", epochs=300,
-                                  milestones=(80, 120, 160))
+    cfg = config.ExperimentConfig(
+        name="x", dataset="cifar10", model="tiny", epochs=300, milestones=(80, 120, 160)
+    )
     parser = cli.build_parser(cfg)
-    (scaled,) = cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--lrs", "0.1",
-                                                       "--methods", "baseline"]))
+    (scaled,) = cli.make_specs(
+        cfg, parser.parse_args(["--epochs", "30", "--lrs", "0.1", "--methods", "baseline"])
+    )
     assert scaled.milestones == (8, 12, 16)
-    (given,) = cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--lrs", "0.1",
-                                                      "--methods", "baseline",
-                                                      "--milestones", "20", "15"]))
+    (given,) = cli.make_specs(
+        cfg,
+        parser.parse_args(
+            ["--epochs", "30", "--lrs", "0.1", "--methods", "baseline", "--milestones", "20", "15"]
+        ),
+    )
     assert given.milestones == (15, 20)
     with pytest.raises(ValueError, match="--milestones"):
         cli.make_specs(cfg, parser.parse_args(["--epochs", "30", "--milestones", "30"]))
@@ -525,8 +705,9 @@ def test_dataset_switch_takes_the_data_sets_loss_threshold():
 def test_init_option_reaches_the_model(tmp_path):
     cfg = config.ExperimentConfig(name="x", dataset="cifar10", model="tiny")
     parser = cli.build_parser(cfg)
-    (spec,) = cli.make_specs(cfg, parser.parse_args(["--lrs", "0.1", "--methods", "baseline",
-                                                     "--init", "glorot"]))
+    (spec,) = cli.make_specs(
+        cfg, parser.parse_args(["--lrs", "0.1", "--methods", "baseline", "--init", "glorot"])
+    )
     assert spec.init == "glorot" and spec.name.endswith("_init-glorot")
     assert spec.to_dict()["init"] == "glorot" and "init" not in tiny_spec().to_dict()
     with pytest.raises(ValueError, match="init"):

@@ -16,9 +16,34 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 runner = importlib.import_module("benchmarks.common.runner")
-TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "4", "--context", "16", "--dim",
-        "16", "--layers", "1", "--heads", "2", "--max-bytes", "20000", "--val-windows", "8",
-        "--probe-size", "4", "--alphas", "0.5", "--every", "2", "--threads", "1"]
+TINY = [
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--context",
+    "16",
+    "--dim",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--max-bytes",
+    "20000",
+    "--val-windows",
+    "8",
+    "--probe-size",
+    "4",
+    "--alphas",
+    "0.5",
+    "--every",
+    "2",
+    "--threads",
+    "1",
+]
 TIME_KEYS = ("train_time",)
 
 
@@ -60,8 +85,9 @@ def test_tiny_run_same_start_and_data_order(lm_stdlib, tmp_path: Path) -> None:
     assert "| baseline_s0 |" in table and "| fp_a0.5_s0 |" in table
 
 
-def test_time_limit_and_resume_are_bitwise(lm_stdlib, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_limit_and_resume_are_bitwise(
+    lm_stdlib, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = [*TINY, "--methods", "fp", "--no-plot"]
     assert lm_stdlib.main([*args, "--out", str(tmp_path / "whole")]) == 0
     ticks = iter(range(10**6))
@@ -77,10 +103,19 @@ def test_time_limit_and_resume_are_bitwise(lm_stdlib, tmp_path: Path,
     assert lm_stdlib.main([*args, "--out", split, "--resume"]) == 0  # finished: skipped
 
 
-@pytest.mark.parametrize("bad", [["--steps", "0"], ["--heads", "3"], ["--val-every-file", "1"],
-                                 ["--alphas", "-1"], ["--optimizer", "lion"]])
-def test_bad_options_are_argparse_errors(lm_stdlib, bad: list[str],
-                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--steps", "0"],
+        ["--heads", "3"],
+        ["--val-every-file", "1"],
+        ["--alphas", "-1"],
+        ["--optimizer", "lion"],
+    ],
+)
+def test_bad_options_are_argparse_errors(
+    lm_stdlib, bad: list[str], capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as err:
         lm_stdlib.main([*TINY, *bad])
     assert err.value.code == 2

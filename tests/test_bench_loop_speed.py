@@ -18,8 +18,9 @@ loop_speed = importlib.import_module("benchmarks.loop_speed")
 
 
 def test_the_two_loops_train_the_same_model_bitwise():
-    args = loop_speed.build_parser().parse_args(["--model", "tiny", "--images", "64",
-                                                 "--batch-size", "16"])
+    args = loop_speed.build_parser().parse_args(
+        ["--model", "tiny", "--images", "64", "--batch-size", "16"]
+    )
     steps = loop_speed.steps(args, torch.device("cpu"))
     for _ in range(5):
         steps["harness"]()
@@ -31,8 +32,23 @@ def test_the_two_loops_train_the_same_model_bitwise():
 
 def test_the_command_reports_both_throughputs(tmp_path):
     out = tmp_path / "loop.json"
-    result = loop_speed.main(["--model", "tiny", "--images", "64", "--batch-size", "16",
-                              "--window", "1", "--rounds", "1", "--warmup", "0",
-                              "--json", str(out)])
+    result = loop_speed.main(
+        [
+            "--model",
+            "tiny",
+            "--images",
+            "64",
+            "--batch-size",
+            "16",
+            "--window",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert set(result["images_per_s"]) == {"harness", "bare"}
     assert result["harness_time_over_bare"] > 0 and out.is_file()

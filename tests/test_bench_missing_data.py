@@ -45,12 +45,19 @@ def _url(dataset: str) -> str:
 
 @pytest.mark.parametrize("download", [False, True], ids=["no-flag", "download-offline"])
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_an_experiment_without_its_data_ends_in_one_paragraph(name, download, tmp_path,
-                                                               capsys):
+def test_an_experiment_without_its_data_ends_in_one_paragraph(name, download, tmp_path, capsys):
     cfg = _script(name).CONFIG
     empty = tmp_path / "empty"
-    argv = ["--data-root", str(empty), "--out", str(tmp_path / "out"), "--no-plot",
-            "--device", "cpu", *(["--download"] if download else [])]
+    argv = [
+        "--data-root",
+        str(empty),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-plot",
+        "--device",
+        "cpu",
+        *(["--download"] if download else []),
+    ]
     assert cli.main(cfg, argv) == 2
     err = capsys.readouterr().err
     _assert_paragraph(err, empty, _url(cfg.dataset))
@@ -62,8 +69,13 @@ def test_an_experiment_without_its_data_ends_in_one_paragraph(name, download, tm
 def test_break_even_without_its_data_ends_in_one_paragraph(download, tmp_path, capsys):
     break_even = _script("break_even")
     empty = tmp_path / "empty"
-    argv = ["--data-root", str(empty), "--out", str(tmp_path / "out"),
-            *(["--download"] if download else [])]
+    argv = [
+        "--data-root",
+        str(empty),
+        "--out",
+        str(tmp_path / "out"),
+        *(["--download"] if download else []),
+    ]
     assert break_even.main(argv) == 2
     _assert_paragraph(capsys.readouterr().err, empty, _url("cifar10"))
 
@@ -71,8 +83,20 @@ def test_break_even_without_its_data_ends_in_one_paragraph(download, tmp_path, c
 def test_the_campaign_without_its_data_records_the_paragraph(tmp_path, capsys):
     campaign = importlib.import_module("benchmarks.gpu_campaign")
     empty = tmp_path / "empty"
-    result = campaign.main(["--parts", "table1", "--data-root", str(empty), "--out",
-                            str(tmp_path / "out"), "--device", "cpu", "--pack", "1"])
+    result = campaign.main(
+        [
+            "--parts",
+            "table1",
+            "--data-root",
+            str(empty),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--pack",
+            "1",
+        ]
+    )
     _assert_paragraph(capsys.readouterr().err, empty, _url("cifar10"))
     assert "--download" in result["parts"]["table1"]["error"]
 
@@ -95,8 +119,11 @@ PENDING = {"fd_step.py"}
 
 def test_every_option_is_declared_once_as_a_dataclass_field():
     """``add_argument`` appears only in benchmarks/common/options.py."""
-    files = [p for p in (ROOT / "benchmarks").rglob("*.py")
-             if p.name != "options.py" and p.name not in PENDING]
+    files = [
+        p
+        for p in (ROOT / "benchmarks").rglob("*.py")
+        if p.name != "options.py" and p.name not in PENDING
+    ]
     assert len(files) > 20
     offenders = [str(p.relative_to(ROOT)) for p in files if "add_argument" in p.read_text()]
     assert offenders == []

@@ -53,8 +53,12 @@ def test_output_shape_and_head(name: str, num_classes: int) -> None:
 
 def test_simplecnn_param_count() -> None:
     expected = (
-        conv(3, 32) + conv(32, 32) + conv(32, 64) + conv(64, 64)
-        + linear(64 * 6 * 6, 128) + linear(128, 10)
+        conv(3, 32)
+        + conv(32, 32)
+        + conv(32, 64)
+        + conv(64, 64)
+        + linear(64 * 6 * 6, 128)
+        + linear(128, 10)
     )
     assert expected == 361_898
     assert n_params(build_model("simplecnn", 10)) == expected
@@ -77,8 +81,15 @@ def test_wide_resnet_params() -> None:
 
     convs = conv(3, 16, bias=False) + stage(16, 16 * k) + stage(16 * k, 32 * k)
     convs += stage(32 * k, 64 * k)
-    norm_channels = sum([16] + [16 * k] * (2 * n - 1) + [16 * k, 32 * k] + [32 * k] * (2 * n - 2)
-                        + [32 * k, 64 * k] + [64 * k] * (2 * n - 2) + [64 * k])
+    norm_channels = sum(
+        [16]
+        + [16 * k] * (2 * n - 1)
+        + [16 * k, 32 * k]
+        + [32 * k] * (2 * n - 2)
+        + [32 * k, 64 * k]
+        + [64 * k] * (2 * n - 2)
+        + [64 * k]
+    )
     with_bn = build_model("wresnet44_3", 10)
     no_bn = build_model("wresnet44_3_nobn", 10)
     assert n_params(with_bn) == convs + 2 * norm_channels + linear(64 * k, 10)
@@ -109,8 +120,17 @@ def test_fixup_resnets() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["simplecnn", "vgg11", "wresnet44_3_nobn", "resnet26_nobn", "resnet56_nobn",
-             "tiny_mlp", "small_cnn", "mlp"]
+    "name",
+    [
+        "simplecnn",
+        "vgg11",
+        "wresnet44_3_nobn",
+        "resnet26_nobn",
+        "resnet56_nobn",
+        "tiny_mlp",
+        "small_cnn",
+        "mlp",
+    ],
 )
 def test_bn_free_models(name: str) -> None:
     assert not has_bn(build_model(name, 10))
@@ -210,8 +230,7 @@ def test_init_schemes() -> None:
     ref = build_model("simplecnn")
     torch.manual_seed(0)
     same = build_model("simplecnn", init="kaiming")
-    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), same.parameters(),
-                                                  strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), same.parameters(), strict=True))
     for init in ("torch", "glorot"):
         model = build_model("simplecnn", init=init)
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -221,7 +240,7 @@ def test_init_schemes() -> None:
             fan_in = w[0].numel()
             fan_out = w.shape[0] * w[0, 0].numel()
             if init == "torch":
-                bound = fan_in ** -0.5
+                bound = fan_in**-0.5
                 assert w.abs().max() <= bound and m.bias.abs().max() <= bound
                 want = (3 * fan_in) ** -0.5
             else:

@@ -33,7 +33,8 @@ from fisher_optim.ghost_batchnorm import GhostBatchNorm  # noqa: E402
 
 def _load_script():
     spec = importlib.util.spec_from_file_location(
-        "_bench_large_batch_noise", ROOT / "benchmarks" / "large_batch_noise.py")
+        "_bench_large_batch_noise", ROOT / "benchmarks" / "large_batch_noise.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.CONFIG
@@ -44,8 +45,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def noise_spec(method: str = "noise_diag", **kw) -> config.RunSpec:
-    base = {"batch_size": 36, "small_batch_size": 8, "ghost_batch_size": 12,
-            "log_every_update": True, "alpha": 0.0, "epochs": 2}
+    base = {
+        "batch_size": 36,
+        "small_batch_size": 8,
+        "ghost_batch_size": 12,
+        "log_every_update": True,
+        "alpha": 0.0,
+        "epochs": 2,
+    }
     base.update(kw)
     return tiny_spec(method, **base)
 
@@ -53,8 +60,13 @@ def noise_spec(method: str = "noise_diag", **kw) -> config.RunSpec:
 def test_spec_fields_are_backward_compatible():
     old = tiny_spec("fp")
     d = old.to_dict()
-    for key in ("small_batch_size", "noise_fisher", "noise_every", "ghost_batch_size",
-                "log_every_update"):
+    for key in (
+        "small_batch_size",
+        "noise_fisher",
+        "noise_every",
+        "ghost_batch_size",
+        "log_every_update",
+    ):
         assert key not in d  # config.json / checkpoints of other runs are unchanged
     assert old.name == "fp_lr0.05_a0.01_s0_bs16" and old.noise_covariance is None
     assert not old.ghost
@@ -66,8 +78,9 @@ def test_spec_fields_are_backward_compatible():
         noise_spec(noise_fisher="exact")
 
 
-@pytest.mark.parametrize("method,cov", [("noise_diag", "diagonal"), ("noise_trace", "trace"),
-                                        ("noise_full", "full")])
+@pytest.mark.parametrize(
+    "method,cov", [("noise_diag", "diagonal"), ("noise_trace", "trace"), ("noise_full", "full")]
+)
 def test_noise_run(tmp_path, method, cov):
     data = tiny_bundle()
     spec = noise_spec(method, epochs=1 if method == "noise_full" else 2)
@@ -128,20 +141,44 @@ def test_script_config_and_cli_options():
     parser = cli.build_parser(cfg)
     default = cli.make_specs(cfg, parser.parse_args([]))
     assert [(s.method, s.batch_size) for s in default] == [
-        ("baseline", 128), ("baseline", 4096), ("noise_trace", 4096), ("noise_diag", 4096)]
+        ("baseline", 128),
+        ("baseline", 4096),
+        ("noise_trace", 4096),
+        ("noise_diag", 4096),
+    ]
     assert {s.epochs for s in default} == {164}
     assert default[0].lr == pytest.approx(0.1) and not default[0].ghost
     for s in default[1:]:
         assert s.lr == pytest.approx(0.1 * (4096 / 128) ** 0.5, rel=1e-5)
         assert s.ghost and s.ghost_batch_size == 128 and s.small_batch_size == 128
         assert s.noise_fisher == "empirical" and s.noise_every == 1 and s.log_every_update
-    args = parser.parse_args(["--batch-sizes", "128", "1024", "--lr-scaling", "linear",
-                              "--lr-cap", "0.5", "--methods", "baseline", "noise_full",
-                              "--fisher", "true", "--noise-every", "5", "--model", "vgg16_bn",
-                              "--no-log-every-update"])
+    args = parser.parse_args(
+        [
+            "--batch-sizes",
+            "128",
+            "1024",
+            "--lr-scaling",
+            "linear",
+            "--lr-cap",
+            "0.5",
+            "--methods",
+            "baseline",
+            "noise_full",
+            "--fisher",
+            "true",
+            "--noise-every",
+            "5",
+            "--model",
+            "vgg16_bn",
+            "--no-log-every-update",
+        ]
+    )
     specs = cli.make_specs(cfg, args)
     assert [(s.method, s.batch_size, s.lr) for s in specs] == [
-        ("baseline", 128, 0.1), ("baseline", 1024, 0.5), ("noise_full", 1024, 0.5)]
+        ("baseline", 128, 0.1),
+        ("baseline", 1024, 0.5),
+        ("noise_full", 1024, 0.5),
+    ]
     assert all(s.model == "vgg16_bn" and not s.log_every_update for s in specs)
     assert specs[-1].noise_fisher == "true"
     args = parser.parse_args(["--batch-lrs", "0.05", "0.4"])
@@ -160,14 +197,41 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     _write_image_folder(tmp_path / "data")
     cfg = _load_script().with_overrides(model="tiny")
     out = tmp_path / "runs"
-    code = cli.main(cfg, ["--data-root", str(tmp_path / "data"), "--out", str(out), "--quick",
-                          "--val-size", "16", "--epochs", "2", "--batch-sizes", "16", "64",
-                          "--small-batch-size", "16", "--ghost-batch-size", "16",
-                          "--probe-size", "8", "--no-progress", "--no-plot", "--threads", "1"])
+    code = cli.main(
+        cfg,
+        [
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--quick",
+            "--val-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-sizes",
+            "16",
+            "64",
+            "--small-batch-size",
+            "16",
+            "--ghost-batch-size",
+            "16",
+            "--probe-size",
+            "8",
+            "--no-progress",
+            "--no-plot",
+            "--threads",
+            "1",
+        ],
+    )
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["batch_size"]) for r in rows] == [
-        ("baseline", 16), ("baseline", 64), ("noise_trace", 64), ("noise_diag", 64)]
+        ("baseline", 16),
+        ("baseline", 64),
+        ("noise_trace", 64),
+        ("noise_diag", 64),
+    ]
     assert all(r["final_train_err"] is not None for r in rows)
     assert "train err" in (out / "results.md").read_text()
     for r in rows:

@@ -23,8 +23,25 @@ def test_overhead_times_variants_side_by_side(tmp_path):
     overhead = load("overhead")
     out = tmp_path / "o.json"
     results = overhead.main(
-        ["--models", "tiny", "--variants", "fp_fd_k1", "gpx_exact_k10", "--batch-size", "8",
-         "--rounds", "2", "--window", "2", "--warmup", "1", "--threads", "1", "--json", str(out)]
+        [
+            "--models",
+            "tiny",
+            "--variants",
+            "fp_fd_k1",
+            "gpx_exact_k10",
+            "--batch-size",
+            "8",
+            "--rounds",
+            "2",
+            "--window",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
     )
     rows = results["tiny"]
     assert set(rows) == {"sgd", "fp_fd_k1", "gpx_exact_k10"}
@@ -41,13 +58,16 @@ def test_fd_step_table_on_a_small_setting(tmp_path, monkeypatch):
     def images(root, n, batch, train_steps):
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n)]
-        return xs, [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,)))
-                    for _ in range(train_steps)]
+        return xs, [
+            (torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,)))
+            for _ in range(train_steps)
+        ]
 
     monkeypatch.setattr(fd_step, "image_batches", images)
     out = tmp_path / "fd.md"
-    table = fd_step.main(["--networks", "simplecnn", "--batches", "2", "--train-steps", "1",
-                          "--output", str(out)])
+    table = fd_step.main(
+        ["--networks", "simplecnn", "--batches", "2", "--train-steps", "1", "--output", str(out)]
+    )
     assert out.read_text() == table + "\n"
     rows = [line for line in table.splitlines() if line.startswith("| simplecnn")]
     assert [r.split(" | ")[1] for r in rows] == ["init", "trained"]
@@ -67,6 +87,12 @@ def test_fd_step_rejects_invalid_options(capsys):
     with pytest.raises(SystemExit):
         fd_step.main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--data-root", "--networks", "--batches", "--train-steps", "--threads",
-                   "--output"):
+    for option in (
+        "--data-root",
+        "--networks",
+        "--batches",
+        "--train-steps",
+        "--threads",
+        "--output",
+    ):
         assert option in text

@@ -20,21 +20,41 @@ from benchmarks import report  # noqa: E402
 
 
 def _spec(method="baseline", lr=0.01, alpha=0.0, seed=0, spike_factor=None, epochs=60):
-    return {"method": method, "lr": lr, "alpha": alpha, "seed": seed, "epochs": epochs,
-            "spike_factor": spike_factor, "milestones": [50]}
+    return {
+        "method": method,
+        "lr": lr,
+        "alpha": alpha,
+        "seed": seed,
+        "epochs": epochs,
+        "spike_factor": spike_factor,
+        "milestones": [50],
+    }
 
 
 def _write_run(root: Path, spec: dict, test: float, train_accs=(50.0, 90.0, 95.0), **extra):
-    d = root / f"{spec['method']}_{spec['lr']}_{spec['alpha']}_{spec['spike_factor']}_s{spec['seed']}"
+    d = (
+        root
+        / f"{spec['method']}_{spec['lr']}_{spec['alpha']}_{spec['spike_factor']}_s{spec['seed']}"
+    )
     d.mkdir(parents=True)
-    summary = {"name": d.name, "spec": spec, "status": "complete", "best_val_acc": test + 1,
-               "test_acc_at_best_val": test, "final_test_acc": test - 0.5,
-               "final_train_acc": train_accs[-1], "max_trace": 100.0 + test,
-               "tr_f_i": 10.0 * test, "overhead": 0.1, **extra}
+    summary = {
+        "name": d.name,
+        "spec": spec,
+        "status": "complete",
+        "best_val_acc": test + 1,
+        "test_acc_at_best_val": test,
+        "final_test_acc": test - 0.5,
+        "final_train_acc": train_accs[-1],
+        "max_trace": 100.0 + test,
+        "tr_f_i": 10.0 * test,
+        "overhead": 0.1,
+        **extra,
+    }
     (d / "summary.json").write_text(json.dumps(summary))
     rows = [{"epoch": 0, "train_acc": None}] + [
         {"epoch": i + 1, "train_acc": a, "val_acc": 50.0, "trace": 5.0}
-        for i, a in enumerate(train_accs)]
+        for i, a in enumerate(train_accs)
+    ]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d
 
@@ -73,14 +93,23 @@ def test_average_ranks_by_enumeration():
 
 
 def test_arms_mean_sd_pairs_and_collapses(tmp_path):
-    tests = {("baseline", 0): 57.0, ("baseline", 1): 58.5, ("baseline", 2): 56.0,
-             ("fp", 0): 60.0, ("fp", 1): 58.0, ("fp", 3): 61.0}
+    tests = {
+        ("baseline", 0): 57.0,
+        ("baseline", 1): 58.5,
+        ("baseline", 2): 56.0,
+        ("fp", 0): 60.0,
+        ("fp", 1): 58.0,
+        ("fp", 3): 61.0,
+    }
     for (method, seed), acc in tests.items():
         alpha = 0.01 if method == "fp" else 0.0
         spike = 4.0 if method == "fp" else None
         # fp seed 1 collapses twice: 90 -> 70 (-20), 80 -> 60 (-20); a 10-point drop is not one
-        accs = (50.0, 90.0, 70.0, 80.0, 60.0) if (method, seed) == ("fp", 1) else (
-            50.0, 60.0, 50.0, 55.0)
+        accs = (
+            (50.0, 90.0, 70.0, 80.0, 60.0)
+            if (method, seed) == ("fp", 1)
+            else (50.0, 60.0, 50.0, 55.0)
+        )
         _write_run(tmp_path, _spec(method, 0.001, alpha, seed, spike), acc, accs)
     arms = report.group_arms(report.load_runs([tmp_path]))
     assert list(arms) == ["baseline/lr0.001/a0", "fp/lr0.001/a0.01/guard4"]
@@ -89,8 +118,7 @@ def test_arms_mean_sd_pairs_and_collapses(tmp_path):
     m, sd = statistics.fmean(base), statistics.stdev(base)
     assert f"| {m:.2f} ± {sd:.2f} |" in table.splitlines()[2]
     assert table.splitlines()[3].endswith("| 2 (0/2/0) |")
-    diffs = report.paired_differences(arms["fp/lr0.001/a0.01/guard4"],
-                                      arms["baseline/lr0.001/a0"])
+    diffs = report.paired_differences(arms["fp/lr0.001/a0.01/guard4"], arms["baseline/lr0.001/a0"])
     assert diffs == {0: pytest.approx(3.0), 1: pytest.approx(-0.5)}  # seed 3: no partner
 
 
@@ -99,8 +127,12 @@ def test_main_end_to_end_and_errors(tmp_path, capsys):
         _write_run(tmp_path / "a", _spec("baseline", 0.01, seed=seed), acc)
         _write_run(tmp_path / "a", _spec("baseline", 0.1, seed=seed), acc - 3)
     (tmp_path / "a" / "unfinished").mkdir()  # no summary.json: left out
-    assert report.main([str(tmp_path / "a"), "--spearman", "--pair", "baseline/lr0.01/a0",
-                        "baseline/lr0.1/a0"]) == 0
+    assert (
+        report.main(
+            [str(tmp_path / "a"), "--spearman", "--pair", "baseline/lr0.01/a0", "baseline/lr0.1/a0"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "seed 0: +3.00, seed 1: +3.00 (mean +3.00 ± 0.00)" in out
     # Tr(F_i) = 10 · test and final test = test − 0.5: perfectly concordant
@@ -158,10 +190,13 @@ def test_batch_size_joins_the_label_when_batch_sizes_differ(tmp_path):
     assert sorted(arms) == ["baseline/lr0.03/a0/bs32", "baseline/lr0.03/a0/bs512"]
     assert [len(arms["baseline/lr0.03/a0/bs512"])] == [2]
     # the safeguard acts only on a penalty: a noise run's spike_factor is not in its label
-    _write_run(tmp_path / "lb", {**_spec("noise_diag", 0.01, spike_factor=4.0), "batch_size": 512},
-               46.0)
+    _write_run(
+        tmp_path / "lb", {**_spec("noise_diag", 0.01, spike_factor=4.0), "batch_size": 512}, 46.0
+    )
     arms = report.group_arms(report.load_runs([tmp_path / "sb", tmp_path / "lb"]))
     assert "noise_diag/lr0.01/a0/bs512" in arms
     # one batch size: no /bs in the label
     assert sorted(report.group_arms(report.load_runs([tmp_path / "lb"]))) == [
-        "baseline/lr0.03/a0", "noise_diag/lr0.01/a0"]
+        "baseline/lr0.03/a0",
+        "noise_diag/lr0.01/a0",
+    ]

@@ -93,8 +93,9 @@ def test_interrupt_resume_skip_and_restart(tmp_path, monkeypatch):
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
     runner.RunFolder(tmp_path, {"steps": 5}).save(Count(5).state_dict())
     with pytest.raises(ValueError, match="different run configuration .another count."):
-        runner.execute(runner.RunFolder(tmp_path, {"steps": 6}), lambda: Count(6),
-                       resume=True, log=None)
+        runner.execute(
+            runner.RunFolder(tmp_path, {"steps": 6}), lambda: Count(6), resume=True, log=None
+        )
 
 
 def test_runs_sharing_a_folder_and_sweep_stops_at_the_interrupted(tmp_path, monkeypatch):
@@ -102,8 +103,7 @@ def test_runs_sharing_a_folder_and_sweep_stops_at_the_interrupted(tmp_path, monk
 
     def job(steps, deadline):
         folder = runner.RunFolder(tmp_path, {"steps": steps}, stem=f"count{steps}")
-        return lambda: runner.execute(folder, lambda: Count(steps), deadline=deadline,
-                                      log=None)
+        return lambda: runner.execute(folder, lambda: Count(steps), deadline=deadline, log=None)
 
     results, complete = runner.sweep([job(2, None), job(3, 0.0), job(4, None)])
     assert not complete and [r["status"] for r in results] == ["complete", "interrupted"]
@@ -114,8 +114,7 @@ def test_runs_sharing_a_folder_and_sweep_stops_at_the_interrupted(tmp_path, monk
 class Opts:
     steps: int = options.option(10, "optimizer steps", type=int, group="run", tags=("run",))
     names: list[str] = options.option(["a"], "names", nargs="+", tags=("run",))
-    limit: float | None = options.option(None, "a limit", unset="none", type=float,
-                                         flag="--cap")
+    limit: float | None = options.option(None, "a limit", unset="none", type=float, flag="--cap")
     other: int = 3
 
 

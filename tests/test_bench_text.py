@@ -18,8 +18,13 @@ from benchmarks.common.text import (
 
 
 def test_corpus_is_deterministic_and_split_by_file(tmp_path) -> None:
-    for name, text in [("b.py", "bb"), ("a.py", "aaa"), ("c.py", "c"), ("d.py", "dddd"),
-                       ("notes.txt", "x")]:
+    for name, text in [
+        ("b.py", "bb"),
+        ("a.py", "aaa"),
+        ("c.py", "c"),
+        ("d.py", "dddd"),
+        ("notes.txt", "x"),
+    ]:
         (tmp_path / name).write_text(text)
     assert [f.name for f in stdlib_files(tmp_path)] == ["a.py", "b.py", "c.py", "d.py"]
     corpus = load_stdlib_corpus(val_every=2, root=tmp_path)

@@ -35,8 +35,11 @@ def _shown(value: object) -> str:
 def option_helps(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, str]]:
     """Each option's help as ``--help`` renders it (before line wrapping)."""
     formatter = parser._get_formatter()
-    return {a.option_strings[0]: (a, formatter._expand_help(a)) for a in parser._actions
-            if a.option_strings and not isinstance(a, argparse._HelpAction)}
+    return {
+        a.option_strings[0]: (a, formatter._expand_help(a))
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, argparse._HelpAction)
+    }
 
 
 def assert_help_complete(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +58,12 @@ def assert_help_complete(parser: argparse.ArgumentParser) -> None:
             assert f"default: {_shown(default)}" in shown, (name, shown)
 
 
-def assert_rejected(parser: argparse.ArgumentParser, argv: list[str], option: str,
-                    capsys: pytest.CaptureFixture[str]) -> str:
+def assert_rejected(
+    parser: argparse.ArgumentParser,
+    argv: list[str],
+    option: str,
+    capsys: pytest.CaptureFixture[str],
+) -> str:
     """``argv`` is an argparse error (exit code 2) that names ``option``."""
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(argv)
@@ -71,15 +78,18 @@ def assert_rejected(parser: argparse.ArgumentParser, argv: list[str], option: st
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "good", "bad"), [
-    (positive_int, ["1", "7", "100000"], ["0", "-1", "1.5", "x", ""]),
-    (nonnegative_int, ["0", "3"], ["-1", "2.0", "nan"]),
-    (positive_float, ["1e-6", "0.1", "3"], ["0", "-0.1", "nan", "inf", "-inf", "x"]),
-    (nonnegative_float, ["0", "0.5", "10"], ["-1e-9", "nan", "inf"]),
-    (fraction, ["0", "0.25", "1"], ["-0.1", "1.01", "nan"]),
-    (open_fraction, ["0.01", "0.5", "0.99"], ["0", "1", "2"]),
-    (momentum, ["0", "0.9", "0.999"], ["1", "-0.1", "1.5"]),
-])
+@pytest.mark.parametrize(
+    ("kind", "good", "bad"),
+    [
+        (positive_int, ["1", "7", "100000"], ["0", "-1", "1.5", "x", ""]),
+        (nonnegative_int, ["0", "3"], ["-1", "2.0", "nan"]),
+        (positive_float, ["1e-6", "0.1", "3"], ["0", "-0.1", "nan", "inf", "-inf", "x"]),
+        (nonnegative_float, ["0", "0.5", "10"], ["-1e-9", "nan", "inf"]),
+        (fraction, ["0", "0.25", "1"], ["-0.1", "1.01", "nan"]),
+        (open_fraction, ["0.01", "0.5", "0.99"], ["0", "1", "2"]),
+        (momentum, ["0", "0.9", "0.999"], ["1", "-0.1", "1.5"]),
+    ],
+)
 def test_types_accept_the_range_and_refuse_the_rest(kind, good, bad):
     for text in good:
         assert kind(text) == (float(text) if "." in text or "e" in text else int(text))
@@ -121,8 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/x)")
     p.add_argument("--pct", type=float, default=5.0, help="share in %% of the data")
     p.add_argument("--quick", action="store_true", help="a short smoke run")
-    p.add_argument("--log", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the log file")
+    p.add_argument(
+        "--log", action=argparse.BooleanOptionalAction, default=True, help="write the log file"
+    )
     return p
 
 

@@ -154,9 +154,13 @@ def test_each_likelihood_matches_dense_brute_force(name, likelihood):
     g = loop_likelihood_grads(model, x, y, likelihood, output_fn, SIGMA)
     centred = g - g.mean(0)
     k = centred.T @ centred / len(g)
-    result = gradient_covariance(model, (x, y), k=3, output_fn=output_fn, likelihood=_lik(likelihood))
+    result = gradient_covariance(
+        model, (x, y), k=3, output_fn=output_fn, likelihood=_lik(likelihood)
+    )
     assert result.trace == pytest.approx(float(k.trace()), rel=1e-10)
     expected = torch.linalg.eigvalsh(k).flip(0)[:3]
     torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=1e-12)
-    trace = gradient_covariance_trace(model, (x, y), output_fn=output_fn, likelihood=_lik(likelihood))
+    trace = gradient_covariance_trace(
+        model, (x, y), output_fn=output_fn, likelihood=_lik(likelihood)
+    )
     assert trace == pytest.approx(float(k.trace()), rel=1e-10)

@@ -180,15 +180,18 @@ def test_sampled_fisher_trace_and_minibatch_trace_per_likelihood(likelihood):
     within 4 standard errors of the brute force."""
     model, x = _head(1), torch.randn(8, 5).double()
     exact = (
-        _loop_exact_bernoulli(model, x) if likelihood == "bernoulli"
+        _loop_exact_bernoulli(model, x)
+        if likelihood == "bernoulli"
         else _loop_exact_gaussian(model, x, 1.0)
     )
     g = torch.Generator().manual_seed(0)
-    sampled = torch.tensor([fisher_trace(model, x, likelihood=likelihood, generator=g)
-                            for _ in range(300)])
+    sampled = torch.tensor(
+        [fisher_trace(model, x, likelihood=likelihood, generator=g) for _ in range(300)]
+    )
     assert abs(sampled.mean() - exact) < 4 * sampled.std() / 300**0.5
-    batch = torch.tensor([minibatch_fisher_trace(model, x, likelihood=likelihood, generator=g)
-                          for _ in range(300)])
+    batch = torch.tensor(
+        [minibatch_fisher_trace(model, x, likelihood=likelihood, generator=g) for _ in range(300)]
+    )
     assert abs(batch.mean() - exact / 8) < 4 * batch.std() / 300**0.5
 
 

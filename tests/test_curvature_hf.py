@@ -53,8 +53,14 @@ ATTENTION = ["sdpa", "eager"]
 def gpt2(attn: str) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=8, n_embd=4, n_layer=1, n_head=2,
-        bos_token_id=0, eos_token_id=0, attn_implementation=attn,
+        vocab_size=VOCAB,
+        n_positions=8,
+        n_embd=4,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
     )
     model = transformers.GPT2LMHeadModel(config).double()
     assert model.config._attn_implementation == attn
@@ -64,8 +70,14 @@ def gpt2(attn: str) -> nn.Module:
 def bert(attn: str) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=8, max_position_embeddings=8, num_labels=CLASSES, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=8,
+        num_labels=CLASSES,
+        pad_token_id=0,
         attn_implementation=attn,
     )
     return transformers.BertForSequenceClassification(config).double().train()
@@ -164,8 +176,10 @@ def brute_hessian(kind: str, model: nn.Module, data: dict[str, Tensor]) -> Tenso
     eye = torch.eye(flat.numel(), dtype=flat.dtype)
     rows = torch.autograd.grad(flat, params, eye, is_grads_batched=True, allow_unused=True)
     return torch.cat(
-        [(r if r is not None else torch.zeros(len(eye), *p.shape, dtype=p.dtype)).flatten(1)
-         for r, p in zip(rows, params, strict=True)],
+        [
+            (r if r is not None else torch.zeros(len(eye), *p.shape, dtype=p.dtype)).flatten(1)
+            for r, p in zip(rows, params, strict=True)
+        ],
         dim=1,
     )
 
@@ -179,8 +193,9 @@ def test_per_example_grad_norms_over_real_tokens(kind: str, attn: str) -> None:
     norms = per_example_grad_norms(model, data)  # the targets: the dict's labels
     assert_unchanged(model, snap)
     torch.testing.assert_close(norms, brute_norms(kind, model, data), rtol=1e-10, atol=1e-14)
-    explicit = per_example_grad_norms(model, Batch((), {k: data[k] for k in data}, None),
-                                      data["labels"])
+    explicit = per_example_grad_norms(
+        model, Batch((), {k: data[k] for k in data}, None), data["labels"]
+    )
     torch.testing.assert_close(explicit, norms, rtol=1e-12, atol=0)
 
 
@@ -216,8 +231,9 @@ def test_sampled_fisher_trace_over_real_tokens(kind: str, attn: str) -> None:
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
         logits = ref(**data).logits
-        drawn = sample_labels(logits.reshape(-1, logits.shape[-1]),
-                              generator=torch.Generator().manual_seed(4))
+        drawn = sample_labels(
+            logits.reshape(-1, logits.shape[-1]), generator=torch.Generator().manual_seed(4)
+        )
     drawn = drawn.reshape(logits.shape[:-1])
     total = 0.0
     for i in range(BATCH):
@@ -239,8 +255,9 @@ def test_minibatch_fisher_trace_over_real_tokens(kind: str) -> None:
     ref = copy.deepcopy(model)
     with torch.no_grad():
         logits = ref(**data).logits
-        drawn = sample_labels(logits.reshape(-1, logits.shape[-1]),
-                              generator=torch.Generator().manual_seed(6))
+        drawn = sample_labels(
+            logits.reshape(-1, logits.shape[-1]), generator=torch.Generator().manual_seed(6)
+        )
     drawn = drawn.reshape(logits.shape[:-1])
     rows, labels = [], []
     for i in range(BATCH):
@@ -265,10 +282,15 @@ def test_hessian_functions_over_real_tokens(kind: str, attn: str) -> None:
     probes = [random_probe(d, generator=g, dtype=torch.float64) for _ in range(2)]
     expected = float(sum(z @ h @ z for z in probes)) / 2
     inputs = {k: v for k, v in data.items() if k != "labels"}
-    loader = DataLoader([{k: v[i] for k, v in data.items()} for i in range(BATCH)],
-                        batch_size=BATCH)  # a DataLoader of HF dicts (with "labels")
-    for given in (data, loader, (Batch((), inputs), data["labels"]),
-                  Batch((), inputs, data["labels"])):
+    loader = DataLoader(
+        [{k: v[i] for k, v in data.items()} for i in range(BATCH)], batch_size=BATCH
+    )  # a DataLoader of HF dicts (with "labels")
+    for given in (
+        data,
+        loader,
+        (Batch((), inputs), data["labels"]),
+        Batch((), inputs, data["labels"]),
+    ):
         est = hessian_trace(model, given, num_probes=2, generator=torch.Generator().manual_seed(7))
         assert est.estimate == pytest.approx(expected, rel=1e-9)
     top = top_hessian_eigenvalue(model, data, iters=d, tol=1e-12)
@@ -294,8 +316,7 @@ def test_group_gradient_stats_over_real_tokens() -> None:
     for k in (False, True):
         members = [i for i in range(BATCH) if bool(groups[i]) == k]
         loss = sum(
-            example_loss(real_logits(ref, data, i), real_targets("gpt2", data, i))
-            for i in members
+            example_loss(real_logits(ref, data, i), real_targets("gpt2", data, i)) for i in members
         ) / len(members)
         grads = torch.autograd.grad(loss, params)
         norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())

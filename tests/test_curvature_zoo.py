@@ -50,9 +50,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.batch_first = batch_first
         self.emb = nn.Embedding(VOCAB, D)
-        self.layer = nn.TransformerEncoderLayer(
-            D, 2, 12, dropout=0.0, batch_first=batch_first
-        )
+        self.layer = nn.TransformerEncoderLayer(D, 2, 12, dropout=0.0, batch_first=batch_first)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, CLASSES)
 
@@ -301,6 +299,7 @@ def test_a_diverged_model_gives_nan_norms_not_an_error() -> None:
     model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    norms = per_example_grad_norms(model, torch.randn(4, 5, dtype=torch.float64),
-                                   torch.tensor([0, 1, 2, 0]))
+    norms = per_example_grad_norms(
+        model, torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    )
     assert torch.isnan(norms).all()

@@ -103,7 +103,9 @@ def test_finite_difference_replays_dropout_masks():
     model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 4)).double()
     x = torch.randn(64, 5, dtype=torch.float64)
     torch.manual_seed(11)
-    fd = penalty_gradient(model, x, mode="finite_difference", generator=torch.Generator().manual_seed(2))
+    fd = penalty_gradient(
+        model, x, mode="finite_difference", generator=torch.Generator().manual_seed(2)
+    )
     torch.manual_seed(11)
     exact = penalty_gradient(model, x, generator=torch.Generator().manual_seed(2))
     assert cosine(exact, fd) > 1 - 1e-8
@@ -144,7 +146,9 @@ def test_exact_mode_works_through_fused_attention():
 
     model, x = Attention(), torch.randn(4, 6, 8)
     exact = penalty_gradient(model, x, generator=torch.Generator().manual_seed(0))
-    fd = penalty_gradient(model, x, mode="finite_difference", generator=torch.Generator().manual_seed(0))
+    fd = penalty_gradient(
+        model, x, mode="finite_difference", generator=torch.Generator().manual_seed(0)
+    )
     assert cosine(exact, fd) > 0.99
 
 
@@ -159,9 +163,11 @@ def test_penalty_gradient_per_likelihood_matches_explicit_hessian(mode, key):
     labels = drawn_labels(model, x, lik, 7)
     loss, theta = flat_loss(model, x, labels, NLLS[key])
     expected = 2 * hessian(loss)(theta) @ grad(loss)(theta)
-    got = flat(penalty_gradient(
-        model, x, mode=mode, likelihood=lik, generator=torch.Generator().manual_seed(7)
-    ))
+    got = flat(
+        penalty_gradient(
+            model, x, mode=mode, likelihood=lik, generator=torch.Generator().manual_seed(7)
+        )
+    )
     rtol = 1e-10 if mode == "exact" else 1e-5
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
@@ -174,9 +180,9 @@ def test_gradient_penalty_with_mse_on_one_output_matches_explicit_hessian():
     loss, theta = flat_loss(model, x, y, F.mse_loss)
     expected = 2 * hessian(loss)(theta) @ grad(loss)(theta)
     for mode in MODES:
-        got = flat(penalty_gradient(
-            model, x, penalty="gradient", targets=y, loss_fn=F.mse_loss, mode=mode
-        ))
+        got = flat(
+            penalty_gradient(model, x, penalty="gradient", targets=y, loss_fn=F.mse_loss, mode=mode)
+        )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
@@ -254,8 +260,13 @@ def test_penalty_gradient_passes_target_mask_and_penalty_scale():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
     x = torch.randn(6, 3, dtype=torch.float64)
     keep = torch.tensor([True, False, True, True, False, True])
-    got = penalty_gradient(model, x, penalty="random_label", target_mask=lambda x: keep,
-                           generator=torch.Generator().manual_seed(3))
+    got = penalty_gradient(
+        model,
+        x,
+        penalty="random_label",
+        target_mask=lambda x: keep,
+        generator=torch.Generator().manual_seed(3),
+    )
     labels = torch.randint(4, (int(keep.sum()),), generator=torch.Generator().manual_seed(3))
     params = list(model.parameters())
     g = torch.autograd.grad(F.cross_entropy(model(x[keep]), labels), params, create_graph=True)
@@ -369,5 +380,9 @@ def test_check_exact_reports_the_distance_from_the_exact_gradient():
 
 def test_guarded_scheme_is_gone_with_a_pointer():
     with pytest.raises(ValueError, match="'guarded' was removed.*activation pattern"):
-        penalty_gradient(tiny_mlp(), torch.randn(4, 5, dtype=torch.float64),
-                         mode="finite_difference", fd_scheme="guarded")
+        penalty_gradient(
+            tiny_mlp(),
+            torch.randn(4, 5, dtype=torch.float64),
+            mode="finite_difference",
+            fd_scheme="guarded",
+        )

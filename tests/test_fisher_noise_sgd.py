@@ -199,9 +199,12 @@ def test_sequence_model_examples_are_sequences() -> None:
 def test_validation_errors() -> None:
     model = _mlp()
     for kw in (
-        {"small_batch_size": 0}, {"small_batch_size": 2.5},
-        {"small_batch_size": 2, "covariance": "block"}, {"small_batch_size": 2, "fisher": "x"},
-        {"small_batch_size": 2, "every": 0}, {"small_batch_size": 2, "estimate_batch_size": 0},
+        {"small_batch_size": 0},
+        {"small_batch_size": 2.5},
+        {"small_batch_size": 2, "covariance": "block"},
+        {"small_batch_size": 2, "fisher": "x"},
+        {"small_batch_size": 2, "every": 0},
+        {"small_batch_size": 2, "estimate_batch_size": 0},
         {"small_batch_size": 2, "covariance": "full", "every": 2},
     ):
         with pytest.raises(ValueError):
@@ -260,8 +263,11 @@ def test_seed_reproducibility(covariance: str) -> None:
     runs = []
     for seed in (5, 5, 6):
         model = _mlp()
-        _train(model, FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance=covariance,
-                                     seed=seed), range(3))
+        _train(
+            model,
+            FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance=covariance, seed=seed),
+            range(3),
+        )
         runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -271,7 +277,10 @@ def test_state_dict_round_trip_gives_identical_next_steps(covariance: str) -> No
     every = 1 if covariance == "full" else 3
     model = _mlp()
     kw = {
-        "lr": LR, "momentum": 0.9, "small_batch_size": M_S, "covariance": covariance,
+        "lr": LR,
+        "momentum": 0.9,
+        "small_batch_size": M_S,
+        "covariance": covariance,
         "every": every,
     }
     opt = FisherNoiseSGD(model, seed=7, **kw)
@@ -288,7 +297,9 @@ def test_state_dict_round_trip_gives_identical_next_steps(covariance: str) -> No
     for p, q in zip(model.parameters(), restored.parameters()):
         assert torch.equal(p, q)
     assert (opt2.refreshes, opt2.fisher_trace, opt2.noise_norm) == (
-        opt.refreshes, opt.fisher_trace, opt.noise_norm
+        opt.refreshes,
+        opt.fisher_trace,
+        opt.noise_norm,
     )
 
 
@@ -317,9 +328,16 @@ def test_wraps_an_optimizer_instance() -> None:
 def test_per_group_small_batch_size() -> None:
     model = _mlp()
     opt = FisherNoiseSGD(
-        model, small_batch_size=M_S, lr=LR, covariance="full", fisher="empirical", seed=0,
-        params=[{"params": model[0].parameters(), "small_batch_size": 4},
-                {"params": model[2].parameters()}],
+        model,
+        small_batch_size=M_S,
+        lr=LR,
+        covariance="full",
+        fisher="empirical",
+        seed=0,
+        params=[
+            {"params": model[0].parameters(), "small_batch_size": 4},
+            {"params": model[2].parameters()},
+        ],
     )
     x, y = _batch()
     model(x)
@@ -440,13 +458,17 @@ def test_module_registered_twice_is_left_intact(layout: str, covariance: str) ->
 
     torch.manual_seed(0)
     block = nn.Linear(3, 3)
-    model = (nn.Sequential(block, nn.Tanh(), block, nn.Tanh(), nn.Linear(3, 3))
-             if layout == "sequential" else Stack(block)).to(D)
+    model = (
+        nn.Sequential(block, nn.Tanh(), block, nn.Tanh(), nn.Linear(3, 3))
+        if layout == "sequential"
+        else Stack(block)
+    ).to(D)
     params = list(model.parameters())
     x, y = _batch()
     fisher_diag = (_per_example_grads(copy.deepcopy(model), x, y) ** 2).mean(0)
-    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance=covariance,
-                         fisher="empirical", seed=0)
+    opt = FisherNoiseSGD(
+        model, lr=LR, small_batch_size=M_S, covariance=covariance, fisher="empirical", seed=0
+    )
     w0 = block.weight.detach().clone()
     for step in range(3):
         opt.zero_grad()
@@ -553,8 +575,9 @@ def test_shared_input_cut_by_estimate_batch_size_is_an_error() -> None:
     torch.manual_seed(0)
     model = _Mixed().to(D)
     x, y = _batch()
-    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0,
-                         estimate_batch_size=4)
+    opt = FisherNoiseSGD(
+        model, lr=LR, small_batch_size=M_S, fisher="empirical", seed=0, estimate_batch_size=4
+    )
     model(x, torch.randn(N, N, dtype=D))
     opt.set_targets(y)
     with pytest.raises(ValueError, match="first example alone"):
@@ -568,8 +591,9 @@ def test_shared_input_cut_by_estimate_batch_size_is_an_error_with_the_full_covar
     torch.manual_seed(0)
     model = _Mixed().to(D)
     x, y = _batch()
-    opt = FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, covariance="full", seed=0,
-                         estimate_batch_size=4)
+    opt = FisherNoiseSGD(
+        model, lr=LR, small_batch_size=M_S, covariance="full", seed=0, estimate_batch_size=4
+    )
     opt.zero_grad()
     F.cross_entropy(model(x, torch.randn(N, N, dtype=D)), y).backward()
     with pytest.raises(ValueError, match="first example alone.*functools.partial"):

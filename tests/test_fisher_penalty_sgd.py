@@ -18,7 +18,10 @@ from .conftest import small_cnn, tiny_mlp
 def batches(n, dtype=torch.float64, shape=(5,), classes=4, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(size, *shape, generator=g, dtype=dtype), torch.randint(classes, (size,), generator=g))
+        (
+            torch.randn(size, *shape, generator=g, dtype=dtype),
+            torch.randint(classes, (size,), generator=g),
+        )
         for _ in range(n)
     ]
 
@@ -70,7 +73,9 @@ def test_alpha_zero_is_the_base_optimizer_bitwise(base, kwargs):
 def test_penalty_is_computed_every_k_steps_and_the_cache_added_in_between(monkeypatch):
     calls = []
     real = fps.compute_penalty_gradient
-    monkeypatch.setattr(fps, "compute_penalty_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        fps, "compute_penalty_gradient", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     model = tiny_mlp()
     opt = FisherPenaltySGD(model, lr=0.05, alpha=0.5, every=3)
     added = []
@@ -119,7 +124,10 @@ def test_wraps_instance_and_class_and_lr_scheduler_reaches_base():
     assert base.param_groups[0]["lr"] == 0.5
     opt2 = FisherPenaltySGD(model, torch.optim.Adam, alpha=0.1, lr=3e-4, betas=(0.8, 0.9))
     assert isinstance(opt2.base_optimizer, torch.optim.Adam)
-    assert opt2.param_groups[0]["betas"] == (0.8, 0.9) and opt2.param_groups[0]["penalty_weight"] == 0.1
+    assert (
+        opt2.param_groups[0]["betas"] == (0.8, 0.9)
+        and opt2.param_groups[0]["penalty_weight"] == 0.1
+    )
 
 
 def test_param_groups_and_frozen_parameters():
@@ -329,10 +337,21 @@ def test_a_base_optimizer_that_uses_the_weight_key_raises():
     class Clashing(torch.optim.SGD):
         def __init__(self, params, lr=0.1, penalty_weight=1.0):
             torch.optim.Optimizer.__init__(
-                self, params, {"lr": lr, "penalty_weight": penalty_weight, "momentum": 0,
-                               "dampening": 0, "weight_decay": 0, "nesterov": False,
-                               "maximize": False, "foreach": None, "differentiable": False,
-                               "fused": None})
+                self,
+                params,
+                {
+                    "lr": lr,
+                    "penalty_weight": penalty_weight,
+                    "momentum": 0,
+                    "dampening": 0,
+                    "weight_decay": 0,
+                    "nesterov": False,
+                    "maximize": False,
+                    "foreach": None,
+                    "differentiable": False,
+                    "fused": None,
+                },
+            )
 
     with pytest.raises(ValueError, match="penalty_weight"):
         FisherPenaltySGD(tiny_mlp(), Clashing, alpha=0.1)
@@ -347,8 +366,15 @@ def test_a_group_alpha_for_a_base_without_one_points_to_the_weight_key():
 
 @pytest.mark.parametrize(
     ("alpha", "error"),
-    [(float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError),
-     ("0.1", TypeError), (True, TypeError), (None, TypeError), (torch.tensor(0.1), TypeError)],
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (-1.0, ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        (torch.tensor(0.1), TypeError),
+    ],
 )
 def test_invalid_alpha_is_rejected_at_construction(alpha, error):
     with pytest.raises(error, match="alpha"):
@@ -357,8 +383,12 @@ def test_invalid_alpha_is_rejected_at_construction(alpha, error):
 
 @pytest.mark.parametrize(
     ("weight", "error"),
-    [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
-     ("0.1", TypeError)],
+    [
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("0.1", TypeError),
+    ],
 )
 def test_invalid_group_weight_set_at_run_time_raises_naming_the_group(weight, error):
     model = tiny_mlp()
@@ -709,8 +739,9 @@ def test_a_forward_that_changes_its_piecewise_calls_falls_back_with_a_warning():
 
     model = Alternating().double()
     with pytest.warns(fps.FiniteDifferenceWarning, match="did not repeat"):
-        grads = penalty_gradient(model, torch.randn(8, 5, dtype=torch.float64),
-                                 mode="finite_difference")
+        grads = penalty_gradient(
+            model, torch.randn(8, 5, dtype=torch.float64), mode="finite_difference"
+        )
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 

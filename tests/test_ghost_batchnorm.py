@@ -91,7 +91,10 @@ def test_no_affine_and_errors() -> None:
 
 def test_convert_swaps_layers_and_preserves_eval_outputs() -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Sequential(nn.Linear(16, 5), nn.BatchNorm1d(5, momentum=None)),
     ).to(D)
     x = torch.randn(16, 3, 4, 4, dtype=D)

@@ -24,7 +24,6 @@ from .conftest import seeded_mlp as _model
 SEED = 7
 
 
-
 @pytest.mark.parametrize("mode", ["exact", "finite_difference"])
 def test_bf16_autocast_penalty_precision(mode: str) -> None:
     """The cached penalty gradient equals penalty_gradient computed under bf16 autocast (exact)

@@ -48,9 +48,7 @@ def _build(name: str, torch_seed: int):
     """Everything fresh; ``torch_seed`` sets the initial weights and the optimizer's default
     seed, so a resumed run only matches if the checkpoint restores them."""
     torch.manual_seed(torch_seed)
-    model = nn.Sequential(
-        nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 5)
-    )
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 5))
     opt = FACTORIES[name](model)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)

@@ -25,7 +25,6 @@ SEED = 3
 BACKEND = "aot_eager"
 
 
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -88,9 +87,14 @@ def test_activation_pattern_is_replayed_through_the_compiled_module():
 
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 10),
     )
     x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
@@ -99,6 +103,9 @@ def test_activation_pattern_is_replayed_through_the_compiled_module():
 
     exact = flat(penalty_gradient(net, x, generator=torch.Generator().manual_seed(2)))
     compiled = torch.compile(net, backend=BACKEND)
-    fd = flat(penalty_gradient(compiled, x, mode="finite_difference",
-                               generator=torch.Generator().manual_seed(2)))
+    fd = flat(
+        penalty_gradient(
+            compiled, x, mode="finite_difference", generator=torch.Generator().manual_seed(2)
+        )
+    )
     assert ((fd - exact).norm() / exact.norm()).item() < 0.01

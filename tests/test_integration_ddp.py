@@ -59,15 +59,14 @@ SCENARIOS: dict[str, tuple[str, torch.dtype, dict[str, Any]]] = {
     # deterministic penalties, compared with a single-process reference (float64)
     "gp_exact": ("penalty", torch.float64, dict(mode="exact", every=1, penalty="gradient")),
     "gpr_fd": (
-        "penalty", torch.float64,
+        "penalty",
+        torch.float64,
         dict(mode="finite_difference", every=1, penalty="random_label"),
     ),
 }
 if HAS_NOISE:
     SCENARIOS["noise"] = ("noise", torch.float32, dict(small_batch_size=2, every=2))
-    SCENARIOS["noise_full"] = (
-        "noise", torch.float32, dict(small_batch_size=2, covariance="full")
-    )
+    SCENARIOS["noise_full"] = ("noise", torch.float32, dict(small_batch_size=2, covariance="full"))
 
 
 def _make_optimizer(kind: str, model: nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -192,7 +191,10 @@ def test_equals_single_process_mean_of_rank_penalties(ranks: list[dict], name: s
             for acc, g in zip(grads, torch.autograd.grad(F.cross_entropy(model(xr), yr), params)):
                 acc += g / WORLD
             pen = penalty_gradient(
-                model, xr, penalty=kwargs["penalty"], mode=kwargs["mode"],
+                model,
+                xr,
+                penalty=kwargs["penalty"],
+                mode=kwargs["mode"],
                 targets=yr if kwargs["penalty"] == "gradient" else None,
                 generator=generators[r],
             )

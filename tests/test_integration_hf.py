@@ -32,8 +32,16 @@ MODES = ["exact", "finite_difference"]
 def gpt2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config).to(dtype)
 
@@ -41,11 +49,22 @@ def gpt2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 def bert(head: str = "seq", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
     )
-    cls = transformers.BertForSequenceClassification if head == "seq" else transformers.BertForMaskedLM
+    cls = (
+        transformers.BertForSequenceClassification
+        if head == "seq"
+        else transformers.BertForMaskedLM
+    )
     return cls(config).to(dtype)
 
 
@@ -303,10 +322,13 @@ class TokenData(torch.utils.data.Dataset):
         for i in range(n):
             ids, mask = padded(0, seed=100 + i // BATCH)
             row = i % BATCH
-            self.items.append({
-                "input_ids": ids[row], "attention_mask": mask[row],
-                "labels": ids[row].masked_fill(mask[row] == 0, -100),
-            })
+            self.items.append(
+                {
+                    "input_ids": ids[row],
+                    "attention_mask": mask[row],
+                    "labels": ids[row].masked_fill(mask[row] == 0, -100),
+                }
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -330,9 +352,17 @@ class AppliedNorms(transformers.TrainerCallback):
 
 def trainer_args(out_dir, **kw) -> transformers.TrainingArguments:
     defaults = dict(
-        output_dir=str(out_dir), per_device_train_batch_size=BATCH, learning_rate=0.1,
-        lr_scheduler_type="constant", use_cpu=True, report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=BATCH,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
     return transformers.TrainingArguments(**{**defaults, **kw})
 
@@ -421,8 +451,9 @@ def test_fisher_noise_ignores_positions_without_a_target(covariance: str):
         inputs, _ = causal_inputs(pad_id, "attention_mask")
         opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2, covariance=covariance, seed=0)
         opt.zero_grad()
-        model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0,
-                                                               -100)).loss.backward()
+        model(
+            **inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        ).loss.backward()
         opt.step()
         results.append((opt.fisher_trace, flat_params(model)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
@@ -432,13 +463,26 @@ def test_fisher_noise_ignores_positions_without_a_target(covariance: str):
 def test_causal_lm_detection():
     from fisher_optim._targets import is_causal_lm
 
-    tiny = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                num_hidden_layers=1, num_key_value_heads=2)
+    tiny = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        num_key_value_heads=2,
+    )
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny))
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        decoder_start_token_id=0,
-    ))
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=VOCAB,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+        )
+    )
     assert is_causal_lm(gpt2()) and is_causal_lm(llama)
     assert not is_causal_lm(bert("seq")) and not is_causal_lm(bert("mlm"))
     assert not is_causal_lm(t5)  # encoder-decoder: logits line up with the labels

@@ -53,8 +53,13 @@ def test_lightning_automatic_optimization(mode: str) -> None:
     module = Classifier()
     before = [p.detach().clone() for p in module.parameters()]
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(_dataset(), batch_size=BATCH))
     opt = trainer.optimizers[0]
@@ -96,8 +101,14 @@ def _clipped_classifier(L, optimizer):
 
 def _fit(L, module, **trainer_kwargs):
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
     )
     trainer.fit(module, DataLoader(_dataset(), batch_size=BATCH))
     return trainer.optimizers[0]
@@ -108,27 +119,30 @@ def test_lightning_clipping_recipe_bounds_the_applied_gradient_with_accumulation
     """The recipe: ``gradient_clip_val=None`` and ``max_grad_norm`` on the optimizer, which
     clips loss gradient + alpha * penalty gradient; with ``accumulate_grad_batches=2``."""
     L = pytest.importorskip("lightning")
-    module = _clipped_classifier(L, lambda net: FisherPenaltySGD(
-        net, lr=LR, alpha=0.1, every=EVERY, mode=mode, max_grad_norm=CLIP
-    ))
+    module = _clipped_classifier(
+        L,
+        lambda net: FisherPenaltySGD(
+            net, lr=LR, alpha=0.1, every=EVERY, mode=mode, max_grad_norm=CLIP
+        ),
+    )
     opt = _fit(L, module, accumulate_grad_batches=2)
     steps = N // BATCH // 2
     assert opt.step_count == steps and opt.refreshes == -(-steps // EVERY)
     assert len(module.applied) == steps and max(module.applied) <= CLIP * (1 + 1e-5)
 
     # Lightning's own clipping runs before step() and sees only the loss gradient
-    module = _clipped_classifier(L, lambda net: FisherPenaltySGD(
-        net, lr=LR, alpha=10.0, every=EVERY, mode=mode
-    ))
+    module = _clipped_classifier(
+        L, lambda net: FisherPenaltySGD(net, lr=LR, alpha=10.0, every=EVERY, mode=mode)
+    )
     _fit(L, module, gradient_clip_val=CLIP, accumulate_grad_batches=2)
     assert max(module.applied) > 2 * CLIP
 
 
 def test_lightning_alpha_zero_with_max_grad_norm_equals_gradient_clip_val_bitwise():
     L = pytest.importorskip("lightning")
-    ours = _clipped_classifier(L, lambda net: FisherPenaltySGD(
-        net, lr=LR, momentum=0.9, alpha=0.0, max_grad_norm=CLIP
-    ))
+    ours = _clipped_classifier(
+        L, lambda net: FisherPenaltySGD(net, lr=LR, momentum=0.9, alpha=0.0, max_grad_norm=CLIP)
+    )
     _fit(L, ours, accumulate_grad_batches=2)
     base = _clipped_classifier(
         L, lambda net: torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)

@@ -58,15 +58,23 @@ class Recorder(L.Callback):
         self.counters[step] = (opt.penalty_value, opt.refreshes, opt.skipped_refreshes)
 
 
-def _fit(tmp_path: Path, callback: FisherLightningCallback, recorder: Recorder,
-         accumulate: int = 1) -> list[dict[str, str]]:
+def _fit(
+    tmp_path: Path, callback: FisherLightningCallback, recorder: Recorder, accumulate: int = 1
+) -> list[dict[str, str]]:
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(96, 5, generator=g, dtype=torch.float64),
-                         torch.randint(4, (96,), generator=g))
+    data = TensorDataset(
+        torch.randn(96, 5, generator=g, dtype=torch.float64), torch.randint(4, (96,), generator=g)
+    )
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"),
-        log_every_n_steps=1, accumulate_grad_batches=accumulate, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=1,
+        accumulate_grad_batches=accumulate,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     # the recorder runs first: it plants the explosion before the monitor measures
     trainer.callbacks[:0] = [recorder]
@@ -109,13 +117,15 @@ def test_logs_trace_and_counters_at_optimizer_steps(tmp_path: Path, accumulate: 
 
 def test_planted_explosion_warns_and_is_logged(tmp_path: Path) -> None:
     probe = _probe()
-    callback = FisherLightningCallback(probe, every=EVERY, submodule="net", labels="exact",
-                                       growth_factor=5.0)
+    callback = FisherLightningCallback(
+        probe, every=EVERY, submodule="net", labels="exact", growth_factor=5.0
+    )
     recorder = Recorder(scale_at=4)  # right before the measurement at step 4
     with pytest.warns(FisherExplosionWarning, match="step 4"):
         rows = _fit(tmp_path, callback, recorder)
-    exploding = {int(r["step"]): float(r["fisher/exploding"]) for r in rows
-                 if r.get("fisher/trace")}
+    exploding = {
+        int(r["step"]): float(r["fisher/exploding"]) for r in rows if r.get("fisher/trace")
+    }
     assert exploding == {2: 0.0, 4: 1.0, 6: 1.0}
     trace = {int(r["step"]): float(r["fisher/trace"]) for r in rows if r.get("fisher/trace")}
     assert trace[4] > 5.0 * trace[2]

@@ -37,8 +37,11 @@ def _trained_fp() -> FisherPenaltySGD:
 
 def test_optimizer_metrics_through_wrappers_and_several_optimizers() -> None:
     opt = _trained_fp()
-    expected = {f"fisher/{name}": float(getattr(opt, attr))
-                for attr, name in OPTIMIZER_STATS.items() if getattr(opt, attr, None) is not None}
+    expected = {
+        f"fisher/{name}": float(getattr(opt, attr))
+        for attr, name in OPTIMIZER_STATS.items()
+        if getattr(opt, attr, None) is not None
+    }
     assert expected["fisher/penalty_value"] == opt.penalty_value
     assert expected["fisher/refreshes"] == 2.0 and expected["fisher/skipped_refreshes"] == 0.0
     assert optimizer_metrics([opt]) == expected
@@ -50,8 +53,11 @@ def test_optimizer_metrics_through_wrappers_and_several_optimizers() -> None:
     assert optimizer_metrics([plain]) == {}
     noise = FisherNoiseSGD(seeded_mlp(), lr=0.1, small_batch_size=2)  # nothing computed yet
     both = optimizer_metrics([plain, opt, noise])
-    assert both == {**{f"{k}_1": v for k, v in expected.items()},
-                    "fisher/refreshes_2": 0.0, "fisher/skipped_refreshes_2": 0.0}
+    assert both == {
+        **{f"{k}_1": v for k, v in expected.items()},
+        "fisher/refreshes_2": 0.0,
+        "fisher/skipped_refreshes_2": 0.0,
+    }
 
 
 def test_early_guard_decisions_are_logged_only_when_the_early_guard_is_on() -> None:
@@ -107,8 +113,7 @@ def test_import_fisher_optim_needs_no_framework() -> None:
         "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers') "
         "if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -163,10 +168,16 @@ def test_callbacks_forward_the_monitors_arguments(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_callbacks_name_a_typo_and_check_values(kind: str) -> None:
     probe = seeded_batch(0)[0]
-    name = {"tracking": "FisherTracking", "lightning": "FisherLightningCallback",
-            "transformers": "FisherTrainerCallback"}[kind]
-    with pytest.raises(TypeError, match=rf"{name} got an unexpected keyword argument 'evry'; "
-                                        "did you mean 'every'"):
+    name = {
+        "tracking": "FisherTracking",
+        "lightning": "FisherLightningCallback",
+        "transformers": "FisherTrainerCallback",
+    }[kind]
+    with pytest.raises(
+        TypeError,
+        match=rf"{name} got an unexpected keyword argument 'evry'; "
+        "did you mean 'every'",
+    ):
         _callback(kind, probe, evry=10)
     with pytest.raises(ValueError, match="every must be a positive integer"):
         _callback(kind, probe, every=True)

@@ -65,15 +65,15 @@ class Recorder(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         opt = optimizer.optimizer  # the Trainer's AcceleratedOptimizer wraps ours
         self.models[state.global_step] = copy.deepcopy(model)
-        self.counters[state.global_step] = (opt.penalty_value, opt.refreshes,
-                                            opt.skipped_refreshes)
+        self.counters[state.global_step] = (opt.penalty_value, opt.refreshes, opt.skipped_refreshes)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.reported.append(dict(logs))
 
 
-def _train(tmp_path, callback, recorder, model=None, dataset=None, opt=None, planter=None,
-           accumulate=1):
+def _train(
+    tmp_path, callback, recorder, model=None, dataset=None, opt=None, planter=None, accumulate=1
+):
     torch.manual_seed(0)
     if model is None:
         model = DictClassifier()
@@ -81,16 +81,23 @@ def _train(tmp_path, callback, recorder, model=None, dataset=None, opt=None, pla
         xs = torch.randn(96, 5, generator=g, dtype=torch.float64)
         ys = torch.randint(4, (96,), generator=g)
         dataset = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
-        opt = FisherPenaltySGD(model, lr=0.2, momentum=0.9, alpha=0.1, every=3,
-                               output_fn=logits_of)
+        opt = FisherPenaltySGD(model, lr=0.2, momentum=0.9, alpha=0.1, every=3, output_fn=logits_of)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8,
-        logging_steps=LOGGING, report_to="none", save_strategy="no", use_cpu=True,
-        disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0,
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        logging_steps=LOGGING,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
         gradient_accumulation_steps=accumulate,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
-                                   optimizers=(opt, None), callbacks=[recorder])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=dataset, optimizers=(opt, None), callbacks=[recorder]
+    )
     callback.attach(trainer)  # ahead of the Recorder, which stands for report_to integrations
     if planter is not None:
         trainer.callback_handler.callbacks.insert(0, planter)  # before the measurement
@@ -131,14 +138,18 @@ def test_logs_trace_and_counters_into_the_trainer_logs(tmp_path, accumulate: int
     ]
     assert [r["step"] for r in callback.monitor.history] == traced
     # the loss a measurement records is the last logged one: none yet at step 2, step 3's at 4
-    assert [r["loss"] for r in callback.monitor.history] == [None, history[1]["loss"],
-                                                             history[2]["loss"]]
+    assert [r["loss"] for r in callback.monitor.history] == [
+        None,
+        history[1]["loss"],
+        history[2]["loss"],
+    ]
 
 
 def test_planted_explosion_warns_and_is_logged(tmp_path) -> None:
     probe = _probe()
-    callback = FisherTrainerCallback(probe, every=EVERY, output_fn=logits_of, labels="exact",
-                                     growth_factor=5.0)
+    callback = FisherTrainerCallback(
+        probe, every=EVERY, output_fn=logits_of, labels="exact", growth_factor=5.0
+    )
     recorder = Recorder()
     with pytest.warns(FisherExplosionWarning, match="step 4"):
         trainer = _train(tmp_path, callback, recorder, planter=Planter(at=4))
@@ -150,16 +161,24 @@ def test_planted_explosion_warns_and_is_logged(tmp_path) -> None:
 
 
 def test_tiny_gpt2_with_a_dict_probe(tmp_path) -> None:
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
-                                     n_head=2, attn_implementation="eager")
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, attn_implementation="eager"
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(32, (24, 8), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    opt = FisherPenaltySGD(model, lr=0.05, alpha=0.1, every=2, mode="finite_difference",
-                           output_fn=lambda out: out.logits)
-    callback = FisherTrainerCallback({"input_ids": ids[:4]}, every=EVERY,
-                                     output_fn=lambda out: out.logits)
+    opt = FisherPenaltySGD(
+        model,
+        lr=0.05,
+        alpha=0.1,
+        every=2,
+        mode="finite_difference",
+        output_fn=lambda out: out.logits,
+    )
+    callback = FisherTrainerCallback(
+        {"input_ids": ids[:4]}, every=EVERY, output_fn=lambda out: out.logits
+    )
     trainer = _train(tmp_path, callback, Recorder(), model=model, dataset=dataset, opt=opt)
     traces = [r["fisher/trace"] for r in trainer.state.log_history if "fisher/trace" in r]
     assert len(traces) == 3 and all(t > 0 for t in traces)
@@ -206,15 +225,32 @@ def test_factory_builds_the_trainers_optimizer(tmp_path) -> None:
     xs = torch.randn(48, 5, generator=g, dtype=torch.float64)
     ys = torch.randint(4, (48,), generator=g)
     dataset = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
-    kwargs = dict(base_optimizer=torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=0.01,
-                  alpha=0.1, every=2, output_fn=logits_of, seed=3)
+    kwargs = dict(
+        base_optimizer=torch.optim.SGD,
+        lr=0.2,
+        momentum=0.9,
+        weight_decay=0.01,
+        alpha=0.1,
+        every=2,
+        output_fn=logits_of,
+        seed=3,
+    )
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-        lr_scheduler_type="constant", max_grad_norm=0.0, learning_rate=123.0,  # not used
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        learning_rate=123.0,  # not used
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=dataset,
+        model=model,
+        args=args,
+        train_dataset=dataset,
         optimizer_cls_and_kwargs=(FisherPenaltyFactory, kwargs),
     )
     trainer.train()

@@ -63,8 +63,9 @@ LIKELIHOOD_CASES = [
     (
         "bernoulli",
         3,
-        lambda z, y: -(y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z)))
-        .sum(-1),
+        lambda z, y: (
+            -(y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z))).sum(-1)
+        ),
     ),
     ("gaussian", 2, lambda z, y: (y - z).square().sum(-1) / (2 * 0.7**2)),
 ]

@@ -228,8 +228,7 @@ def test_monitors_pass_likelihood_and_target_mask_to_the_fisher_trace():
         z = net(x[i : i + 1]).squeeze()
         p1 = torch.sigmoid(z)
         for y, prob in ((1.0, p1), (0.0, 1 - p1)):
-            nll = F.binary_cross_entropy_with_logits(
-                z, torch.tensor(y, dtype=torch.float64))
+            nll = F.binary_cross_entropy_with_logits(z, torch.tensor(y, dtype=torch.float64))
             g = torch.autograd.grad(nll, params, retain_graph=True)
             total += float(prob.detach()) * float(sum((t * t).sum() for t in g))
     want = total / int(keep.sum())

@@ -43,7 +43,9 @@ def test_random_label_and_gradient_penalties():
     torch.testing.assert_close(gp, grad(loss)(theta).pow(2).sum(), rtol=1e-12, atol=0)
     uniform = sample_labels(torch.zeros(16, 4), "uniform", torch.Generator().manual_seed(5))
     loss, theta = flat_loss(model, x, uniform)
-    gpr = fisher_penalty(model, x, penalty="random_label", generator=torch.Generator().manual_seed(5))
+    gpr = fisher_penalty(
+        model, x, penalty="random_label", generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(gpr, grad(loss)(theta).pow(2).sum(), rtol=1e-12, atol=0)
 
 
@@ -57,8 +59,9 @@ def test_input_gradient_penalty_is_input_gradient_norm():
 def test_input_gradient_penalty_is_per_example_norms_over_b_squared():
     """docs/science.md: ||∇_x L||² = B⁻² Σ_i ||∇_{x_i} ℓ(x_i, y_i)||² for the batch-mean L."""
     model, x, y = tiny_mlp(), torch.randn(16, 5, dtype=torch.float64), torch.randint(4, (16,))
-    per_example = [grad(lambda inp, t=t: F.cross_entropy(model(inp[None]), t[None]))(xi)
-                   for xi, t in zip(x, y)]
+    per_example = [
+        grad(lambda inp, t=t: F.cross_entropy(model(inp[None]), t[None]))(xi) for xi, t in zip(x, y)
+    ]
     expected = sum(g.pow(2).sum() for g in per_example) / 16**2
     value = fisher_penalty(model, x, penalty="input_gradient", targets=y)
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
@@ -89,7 +92,8 @@ def test_errors():
         fisher_penalty(model, x, penalty="gradient")
     with pytest.raises(TypeError, match="floating-point"):
         PenaltyObjective(
-            torch.nn.Embedding(5, 3), Batch((torch.arange(4),), {}, torch.arange(4)),
+            torch.nn.Embedding(5, 3),
+            Batch((torch.arange(4),), {}, torch.arange(4)),
             penalty="input_gradient",
         )
 
@@ -123,7 +127,10 @@ def likelihood_arg(key):
 def drawn_labels(model, x, likelihood, seed, penalty="fisher"):
     """The labels the objective draws with this seed (inputs of the brute force)."""
     obj = PenaltyObjective(
-        model, Batch((x,)), penalty=penalty, likelihood=likelihood,
+        model,
+        Batch((x,)),
+        penalty=penalty,
+        likelihood=likelihood,
         generator=torch.Generator().manual_seed(seed),
     )
     obj.loss()
@@ -171,11 +178,14 @@ def test_expected_bernoulli_penalty_by_enumerating_labels():
         weight = torch.where(y == 1, p, 1 - p).prod()
         loss, theta = flat_loss(model, x, y[:, None], bernoulli_nll)
         expected += weight * grad(loss)(theta).pow(2).sum()
-    draws = torch.stack([
-        fisher_penalty(model, x, likelihood="bernoulli", generator=torch.Generator().manual_seed(s))
-        .detach()
-        for s in range(600)
-    ])
+    draws = torch.stack(
+        [
+            fisher_penalty(
+                model, x, likelihood="bernoulli", generator=torch.Generator().manual_seed(s)
+            ).detach()
+            for s in range(600)
+        ]
+    )
     assert abs(draws.mean() - expected) < 4 * draws.std() / 600**0.5
 
 
@@ -183,18 +193,23 @@ def test_expected_gaussian_penalty_is_the_closed_form():
     """E_ŷ ||(1/B) Σ_i J_i^T (f_i - ŷ_i)/σ²||² = (1/B²) Σ_i ||J_i||_F² / σ², ŷ_i ~ N(f_i, σ²)."""
     model, x, sigma = head(2), torch.randn(6, 5, dtype=torch.float64), 0.5
     expected = sum(j.square().sum() for j in jacobians(model, x)) / (6**2 * sigma**2)
-    draws = torch.stack([
-        fisher_penalty(model, x, likelihood=Gaussian(sigma),
-                       generator=torch.Generator().manual_seed(s)).detach()
-        for s in range(600)
-    ])
+    draws = torch.stack(
+        [
+            fisher_penalty(
+                model, x, likelihood=Gaussian(sigma), generator=torch.Generator().manual_seed(s)
+            ).detach()
+            for s in range(600)
+        ]
+    )
     assert abs(draws.mean() - expected) < 4 * draws.std() / 600**0.5
 
 
 def test_one_output_with_the_categorical_likelihood_raises_and_names_the_fix():
     model, x = head(1), torch.randn(8, 5, dtype=torch.float64)
     for penalty, kw in [
-        ("fisher", {}), ("random_label", {}), ("gradient", {"targets": torch.zeros(8).long()}),
+        ("fisher", {}),
+        ("random_label", {}),
+        ("gradient", {"targets": torch.zeros(8).long()}),
     ]:
         with pytest.raises(ValueError, match="identically 0.*likelihood='bernoulli'"):
             fisher_penalty(model, x, penalty=penalty, **kw)
@@ -207,7 +222,10 @@ def test_random_label_penalty_per_likelihood():
     assert set(labels.unique().tolist()) <= {0.0, 1.0}
     loss, theta = flat_loss(model, x, labels, bernoulli_nll)
     value = fisher_penalty(
-        model, x, penalty="random_label", likelihood="bernoulli",
+        model,
+        x,
+        penalty="random_label",
+        likelihood="bernoulli",
         generator=torch.Generator().manual_seed(5),
     )
     torch.testing.assert_close(value, grad(loss)(theta).pow(2).sum(), rtol=1e-12, atol=0)
@@ -245,7 +263,9 @@ LOSS_CASES = {
     "mse_B1": (lambda: head(1), (16, 5), lambda: torch.randn(16, 1).double(), F.mse_loss),
     "mse_B3": (lambda: head(3), (16, 5), lambda: torch.randn(16, 3).double(), F.mse_loss),
     "l1_sum_B1": (
-        lambda: head(1), (16, 5), lambda: torch.randn(16, 1).double(),
+        lambda: head(1),
+        (16, 5),
+        lambda: torch.randn(16, 1).double(),
         lambda o, y: F.l1_loss(o, y, reduction="sum"),
     ),
     "ce_BTC": (PerPosition, (4, 3, 5), lambda: torch.randint(4, (4, 3)), seq_ce),
@@ -277,9 +297,7 @@ def test_loss_fn_sees_the_output_fn_output_unflattened():
         return out[:, 0]
 
     loss, theta = flat_loss(model, x, y, lambda o, t: F.mse_loss(o[:, 0], t))
-    gp = fisher_penalty(
-        model, x, penalty="gradient", targets=y, loss_fn=loss_fn, output_fn=squeeze
-    )
+    gp = fisher_penalty(model, x, penalty="gradient", targets=y, loss_fn=loss_fn, output_fn=squeeze)
     torch.testing.assert_close(gp, grad(loss)(theta).pow(2).sum(), rtol=1e-12, atol=0)
     assert seen == [((16,), (16,))]
 

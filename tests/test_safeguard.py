@@ -38,8 +38,14 @@ def test_guard_state_round_trip():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"factor": 1.0}, {"factor": float("inf")}, {"factor": "10"}, {"window": 0},
-     {"min_history": 0}, {"window": 3, "min_history": 4}],
+    [
+        {"factor": 1.0},
+        {"factor": float("inf")},
+        {"factor": "10"},
+        {"window": 0},
+        {"min_history": 0},
+        {"window": 3, "min_history": 4},
+    ],
 )
 def test_guard_rejects_invalid_settings(kwargs):
     with pytest.raises(ValueError, match="spike"):
@@ -86,8 +92,10 @@ SPIKE_SCALE = 300.0
 
 def _stream(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(4, (16,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(4, (16,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def _run(data, spike_factor, lr=0.05, alpha=0.5, every=5, spike_at=None, guard_early=False):
@@ -96,9 +104,17 @@ def _run(data, spike_factor, lr=0.05, alpha=0.5, every=5, spike_at=None, guard_e
     while the loss gradient is the ordinary batch's."""
     torch.manual_seed(0)
     model = tiny_mlp(act=nn.ReLU)
-    opt = FisherPenaltySGD(model, alpha=alpha, lr=lr, momentum=0.9, every=every,
-                           penalty="gradient", spike_factor=spike_factor, spike_window=20,
-                           guard_early=guard_early)
+    opt = FisherPenaltySGD(
+        model,
+        alpha=alpha,
+        lr=lr,
+        momentum=0.9,
+        every=every,
+        penalty="gradient",
+        spike_factor=spike_factor,
+        spike_window=20,
+        guard_early=guard_early,
+    )
     records = []
     for step, (x, y) in enumerate(data):
         before = [p.detach().clone() for p in model.parameters()]
@@ -162,7 +178,9 @@ def test_a_planted_spike_is_scaled_used_once_and_the_update_stays_bounded():
         return math.sqrt(sum(float((e - s).pow(2).sum()) for s, e in zip(start, end)))
 
     typical = max(
-        math.sqrt(sum(float((e - s).pow(2).sum()) for s, e in zip(rec_on[i][0], rec_on[i + every - 1][1])))
+        math.sqrt(
+            sum(float((e - s).pow(2).sum()) for s, e in zip(rec_on[i][0], rec_on[i + every - 1][1]))
+        )
         for i in range(5, spike_at - every, every)
     )
     assert moved(rec_on) < 10 * typical
@@ -214,8 +232,9 @@ def test_guard_early_uses_a_huge_first_refresh_once_instead_of_reusing_it():
         assert torch.equal(a, b)
 
     def moved(records):
-        return math.sqrt(sum(float((e - s).pow(2).sum())
-                             for s, e in zip(records[0][0], records[-1][1])))
+        return math.sqrt(
+            sum(float((e - s).pow(2).sum()) for s, e in zip(records[0][0], records[-1][1]))
+        )
 
     # reused through momentum 0.9 for 5 steps, one gradient moves (1 + 1.9 + 2.71 + 3.44 +
     # 4.10) / 4.10 = 3.2 times as far as used once

@@ -126,7 +126,9 @@ def test_penalty_with_target_mask_is_brute_force_over_real_rows(pad_id: int):
     )
     other_ids, _ = _padded_batch(3 if pad_id == 0 else 0)
     other = fisher_penalty(
-        model, Batch((other_ids,), {"attention_mask": mask}), target_mask=_causal_mask,
+        model,
+        Batch((other_ids,), {"attention_mask": mask}),
+        target_mask=_causal_mask,
         generator=torch.Generator().manual_seed(5),
     )
     torch.testing.assert_close(public, expected, rtol=1e-10, atol=0)
@@ -147,7 +149,10 @@ def test_per_row_scale_is_n_times_the_batch_penalty():
     batch = Batch((ids,), {"attention_mask": mask})
     rows = _expected_causal_rows(mask)
     per_row = PenaltyObjective(
-        model, batch, target_mask=_causal_mask, penalty_scale="per_row",
+        model,
+        batch,
+        target_mask=_causal_mask,
+        penalty_scale="per_row",
         generator=torch.Generator().manual_seed(5),
     )
     params = list(model.parameters())
@@ -174,9 +179,9 @@ def test_per_row_scale_is_unbiased_for_the_mean_row_trace():
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
     grads = [[row_grad(n, c) for c in range(3)] for n in range(2)]
-    mean_trace = sum(
-        probs[n, c] * grads[n][c].dot(grads[n][c]) for n in range(2) for c in range(3)
-    ) / 2
+    mean_trace = (
+        sum(probs[n, c] * grads[n][c].dot(grads[n][c]) for n in range(2) for c in range(3)) / 2
+    )
     expectation = 0.0
     for c0, c1 in itertools.product(range(3), repeat=2):
         g = (grads[0][c0] + grads[1][c1]) / 2
@@ -194,7 +199,9 @@ def test_fisher_noise_diagonal_with_target_mask_ignores_padding():
         ids, mask = _padded_batch(pad_id)
         opt = FisherNoiseSGD(model, lr=0.1, small_batch_size=2, seed=0, target_mask=_causal_mask)
         opt.zero_grad()
-        F.cross_entropy(model(ids, attention_mask=mask).reshape(-1, VOCAB), ids.reshape(-1)).backward()
+        F.cross_entropy(
+            model(ids, attention_mask=mask).reshape(-1, VOCAB), ids.reshape(-1)
+        ).backward()
         opt.step()
         estimates.append(opt.fisher_trace)
     assert estimates[0] == pytest.approx(estimates[1], rel=1e-10)
@@ -212,7 +219,9 @@ def test_optimizer_takes_target_mask_and_penalty_scale(mode: str):
             ids, mask = _padded_batch(pad_id)
             rows = _expected_causal_rows(mask)
             objective = PenaltyObjective(  # the optimizer's first label draw (same seed)
-                model, Batch((ids,), {"attention_mask": mask}), target_mask=_causal_mask,
+                model,
+                Batch((ids,), {"attention_mask": mask}),
+                target_mask=_causal_mask,
                 generator=torch.Generator().manual_seed(9),
             )
             objective.loss()
@@ -221,13 +230,20 @@ def test_optimizer_takes_target_mask_and_penalty_scale(mode: str):
                 lambda m=model, i=ids: m(i), list(model.parameters()), rows, objective.labels
             )
             opt = FisherPenaltySGD(
-                model, lr=0.1, alpha=0.1, every=1, mode=mode, seed=9,
-                target_mask=_causal_mask, penalty_scale=scale,
+                model,
+                lr=0.1,
+                alpha=0.1,
+                every=1,
+                mode=mode,
+                seed=9,
+                target_mask=_causal_mask,
+                penalty_scale=scale,
             )
             next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).masked_fill(~rows, -100)
             opt.zero_grad()  # the training loss: next tokens, real positions only
-            F.cross_entropy(model(ids, attention_mask=mask).reshape(-1, VOCAB),
-                            next_tokens.reshape(-1)).backward()
+            F.cross_entropy(
+                model(ids, attention_mask=mask).reshape(-1, VOCAB), next_tokens.reshape(-1)
+            ).backward()
             opt.step()
             assert opt.penalty_value == pytest.approx(float(expected), rel=1e-6)  # fp32 value
             results[scale, pad_id] = torch.cat([p.detach().flatten() for p in model.parameters()])

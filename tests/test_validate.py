@@ -116,7 +116,9 @@ def test_fd_options_refused_in_exact_mode(option: dict) -> None:
 
 @pytest.mark.parametrize("make", CONSTRUCTORS)
 def test_typo_in_a_keyword_names_the_wrapper(make) -> None:
-    with pytest.raises(TypeError, match=r"\(with base optimizer SGD\).*'evry'; did you mean 'every'"):
+    with pytest.raises(
+        TypeError, match=r"\(with base optimizer SGD\).*'evry'; did you mean 'every'"
+    ):
         make(_net(), evry=10)
     with pytest.raises(TypeError, match="'momentun'; did you mean 'momentum'"):
         make(_net(), momentun=0.9)

@@ -55,8 +55,16 @@ from benchmarks.common.data import MissingData
 from benchmarks.common.options import from_args, option_fields, parser, tagged
 from benchmarks.common.runner import FINISHED
 
-__all__ = ["CLI_DEFAULTS", "QUICK", "SweepOptions", "aggregate", "build_parser", "main",
-           "make_specs", "results_table"]
+__all__ = [
+    "CLI_DEFAULTS",
+    "QUICK",
+    "SweepOptions",
+    "aggregate",
+    "build_parser",
+    "main",
+    "make_specs",
+    "results_table",
+]
 
 
 def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
@@ -69,12 +77,18 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     """
     classes = (SweepOptions, RunSpec, runner.DeviceOptions, runner.RunningOptions)
     names = {f.name for cls in classes for f in option_fields(cls)} - set(
-        tagged(SweepOptions, "resolved"))
+        tagged(SweepOptions, "resolved")
+    )
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
     defaults.update(loss_threshold=cfg.threshold, out=f"runs/{cfg.name}")
-    p = parser(f"benchmarks/{cfg.name}.py", cfg.description or cfg.name, *classes,
-               defaults=defaults, context=cfg,
-               sections=(WHAT, SETTING, NOISE, DATA, MEASURE, runner.DEVICE, runner.RUNNING))
+    p = parser(
+        f"benchmarks/{cfg.name}.py",
+        cfg.description or cfg.name,
+        *classes,
+        defaults=defaults,
+        context=cfg,
+        sections=(WHAT, SETTING, NOISE, DATA, MEASURE, runner.DEVICE, runner.RUNNING),
+    )
     return p
 
 
@@ -142,27 +156,41 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
     if args.milestones is not None:
         bad = [m for m in args.milestones if not 0 < m < args.epochs]
         if bad:
-            raise ValueError(f"--milestones must lie in 1..{args.epochs - 1} (--epochs "
-                             f"{args.epochs}), got {bad}")
+            raise ValueError(
+                f"--milestones must lie in 1..{args.epochs - 1} (--epochs {args.epochs}), got {bad}"
+            )
         milestones = sorted(set(args.milestones))
     else:
         milestones = scale_milestones(cfg.milestones, cfg.epochs, args.epochs)
-    fixed = {f.name: getattr(cfg, f.name) for f in fields(RunSpec)  # gamma, momentum, ...
-             if f.name not in PER_RUN and "argparse" not in f.metadata}
-    base = from_args(RunSpec, args, **{
-        **fixed, "experiment": cfg.name, "method": "baseline", "lr": 0.1,
-        "milestones": tuple(milestones), "augment": augment,
-        "probe_size": args.probe_size or args.batch_size,
-        "track_groups": cfg.track_groups or args.label_noise > 0,
-    })
+    fixed = {
+        f.name: getattr(cfg, f.name)
+        for f in fields(RunSpec)  # gamma, momentum, ...
+        if f.name not in PER_RUN and "argparse" not in f.metadata
+    }
+    base = from_args(
+        RunSpec,
+        args,
+        **{
+            **fixed,
+            "experiment": cfg.name,
+            "method": "baseline",
+            "lr": 0.1,
+            "milestones": tuple(milestones),
+            "augment": augment,
+            "probe_size": args.probe_size or args.batch_size,
+            "track_groups": cfg.track_groups or args.label_noise > 0,
+        },
+    )
     batch_lrs = args.batch_lrs
     if batch_lrs is not None and len(batch_lrs) != len(batch_sizes):
-        raise ValueError(f"--batch-lrs needs one learning rate per batch size {batch_sizes}, "
-                         f"got {batch_lrs}")
+        raise ValueError(
+            f"--batch-lrs needs one learning rate per batch size {batch_sizes}, got {batch_lrs}"
+        )
     specs = []
     for method, lr in _run_pairs(cfg, args):
-        method_starts = [s for s in starts if s <= args.epochs] if (
-            starts and method == "fp") else [1]
+        method_starts = (
+            [s for s in starts if s <= args.epochs] if (starts and method == "fp") else [1]
+        )
         for bs, start, alpha, seed in itertools.product(
             batch_sizes, method_starts, _alphas(cfg, args, method), seeds
         ):
@@ -172,9 +200,18 @@ def make_specs(cfg: ExperimentConfig, args: argparse.Namespace) -> list[RunSpec]
                 run_lr = float(batch_lrs[batch_sizes.index(bs)])
             else:
                 run_lr = _scaled_lr(lr, bs, args)
-            specs.append(replace(base, method=method, lr=run_lr, alpha=float(alpha), seed=seed,
-                                 batch_size=bs, fp_start_epoch=start,
-                                 probe_size=args.probe_size or base.probe_size))
+            specs.append(
+                replace(
+                    base,
+                    method=method,
+                    lr=run_lr,
+                    alpha=float(alpha),
+                    seed=seed,
+                    batch_size=bs,
+                    fp_start_epoch=start,
+                    probe_size=args.probe_size or base.probe_size,
+                )
+            )
     return specs
 
 
@@ -184,7 +221,7 @@ def _scaled_lr(lr: float, batch_size: int, args: argparse.Namespace) -> float:
     if scaling == "none":
         return lr
     ratio = batch_size / args.lr_base_batch
-    out = lr * (ratio if scaling == "linear" else ratio ** 0.5)
+    out = lr * (ratio if scaling == "linear" else ratio**0.5)
     if args.lr_cap is not None:
         out = min(out, args.lr_cap)
     return float(f"{out:.6g}")
@@ -213,39 +250,64 @@ def aggregate(specs: Sequence[RunSpec], summaries: dict[str, dict[str, Any]]) ->
         cells.setdefault(s.group_key, []).append(s)
     rows = []
     for cell in cells.values():
-        done = [summaries[s.name] for s in cell if s.name in summaries
-                and summaries[s.name].get("status") in FINISHED]
+        done = [
+            summaries[s.name]
+            for s in cell
+            if s.name in summaries and summaries[s.name].get("status") in FINISHED
+        ]
         if len(done) < len(cell):
             continue
         by_alpha: dict[float, list[dict]] = {}
         for s in done:
             by_alpha.setdefault(s["spec"]["alpha"], []).append(s)
         if len(by_alpha) > 1:
-            means = [{"spec": {"alpha": a}, "name": f"alpha={a}",
-                      "best_val_acc": mean_std([r["best_val_acc"] for r in runs])[0]}
-                     for a, runs in by_alpha.items()]
+            means = [
+                {
+                    "spec": {"alpha": a},
+                    "name": f"alpha={a}",
+                    "best_val_acc": mean_std([r["best_val_acc"] for r in runs])[0],
+                }
+                for a, runs in by_alpha.items()
+            ]
             alpha = harness.select_best(means)["spec"]["alpha"]
         else:
             alpha = next(iter(by_alpha))
         runs = by_alpha[alpha]
         spec = runs[0]["spec"]
         row: dict[str, Any] = {
-            "method": spec["method"], "lr": spec["lr"], "alpha": alpha,
-            "batch_size": spec["batch_size"], "fp_start_epoch": spec["fp_start_epoch"],
-            "augment": spec["augment"], "label_noise": spec["label_noise"],
+            "method": spec["method"],
+            "lr": spec["lr"],
+            "alpha": alpha,
+            "batch_size": spec["batch_size"],
+            "fp_start_epoch": spec["fp_start_epoch"],
+            "augment": spec["augment"],
+            "label_noise": spec["label_noise"],
             "seeds": [r["spec"]["seed"] for r in runs],
             "alphas_searched": sorted(by_alpha),
-            "val_acc_by_alpha": {str(a): mean_std([r["best_val_acc"] for r in rs])[0]
-                                 for a, rs in sorted(by_alpha.items())},
+            "val_acc_by_alpha": {
+                str(a): mean_std([r["best_val_acc"] for r in rs])[0]
+                for a, rs in sorted(by_alpha.items())
+            },
             "runs": [r["name"] for r in runs],
         }
-        for key in ("best_val_acc", "test_acc_at_best_val", "final_test_acc", "max_trace",
-                    "tr_f_i", "sec_per_epoch", "images_per_s", "final_train_acc",
-                    "final_train_acc_clean", "final_train_acc_noisy"):
+        for key in (
+            "best_val_acc",
+            "test_acc_at_best_val",
+            "final_test_acc",
+            "max_trace",
+            "tr_f_i",
+            "sec_per_epoch",
+            "images_per_s",
+            "final_train_acc",
+            "final_train_acc_clean",
+            "final_train_acc_noisy",
+        ):
             row[key], row[f"{key}_std"] = mean_std([r.get(key) for r in runs])
         if spec["method"] in NOISE_OF_METHOD or spec.get("ghost_batch_size"):
-            errs = [None if r.get("final_train_acc") is None else 100.0 - r["final_train_acc"]
-                    for r in runs]
+            errs = [
+                None if r.get("final_train_acc") is None else 100.0 - r["final_train_acc"]
+                for r in runs
+            ]
             row["final_train_err"], row["final_train_err_std"] = mean_std(errs)
         rows.append(row)
     return rows
@@ -260,11 +322,23 @@ def _fmt(v: Any, std: Any = None) -> str:
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`aggregate` rows."""
-    cols = [("method", "method"), ("lr", "lr"), ("alpha", "α"), ("best_val_acc", "best val"),
-            ("test_acc_at_best_val", "test@best val"), ("final_test_acc", "final test"),
-            ("max_trace", "max Tr(F)"), ("tr_f_i", "Tr(F_i)"), ("sec_per_epoch", "s/epoch")]
-    extra = [("batch_size", "batch"), ("fp_start_epoch", "FP from"),
-             ("final_train_acc_clean", "train clean"), ("final_train_acc_noisy", "train noisy")]
+    cols = [
+        ("method", "method"),
+        ("lr", "lr"),
+        ("alpha", "α"),
+        ("best_val_acc", "best val"),
+        ("test_acc_at_best_val", "test@best val"),
+        ("final_test_acc", "final test"),
+        ("max_trace", "max Tr(F)"),
+        ("tr_f_i", "Tr(F_i)"),
+        ("sec_per_epoch", "s/epoch"),
+    ]
+    extra = [
+        ("batch_size", "batch"),
+        ("fp_start_epoch", "FP from"),
+        ("final_train_acc_clean", "train clean"),
+        ("final_train_acc_noisy", "train noisy"),
+    ]
     for key, head in extra:
         if len({json.dumps(r.get(key)) for r in rows}) > 1 or (
             key.startswith("final_train_acc_") and any(r.get(key) is not None for r in rows)
@@ -272,8 +346,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
             cols.insert(3, (key, head))
     if any("final_train_err" in r for r in rows):  # large-batch noise experiments
         cols.insert(-3, ("final_train_err", "train err"))
-    lines = ["| " + " | ".join(h for _, h in cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
         for key, _ in cols:
@@ -286,8 +359,12 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _figure(cfg: ExperimentConfig, root: Path, rows: Sequence[dict[str, Any]],
-            summaries: dict[str, dict[str, Any]]) -> Path | None:
+def _figure(
+    cfg: ExperimentConfig,
+    root: Path,
+    rows: Sequence[dict[str, Any]],
+    summaries: dict[str, dict[str, Any]],
+) -> Path | None:
     from benchmarks.common import plots
 
     if not rows:
@@ -331,8 +408,10 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     if args.alpha_grid and args.val_size <= 0:
-        parser.error("--alpha-grid needs a validation split (--val-size > 0): α is never "
-                     "chosen on test accuracy")
+        parser.error(
+            "--alpha-grid needs a validation split (--val-size > 0): α is never "
+            "chosen on test accuracy"
+        )
     import torch
 
     from benchmarks.common import harness
@@ -343,28 +422,44 @@ def main(cfg: ExperimentConfig, argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         data = harness.prepare_data(
-            cfg.dataset, args.data_root, val_size=args.val_size, train_subset=args.train_subset,
-            test_subset=args.test_subset, split_seed=args.split_seed,
-            label_noise=args.label_noise, download=args.download,
+            cfg.dataset,
+            args.data_root,
+            val_size=args.val_size,
+            train_subset=args.train_subset,
+            test_subset=args.test_subset,
+            split_seed=args.split_seed,
+            label_noise=args.label_noise,
+            download=args.download,
         )
     except MissingData as missing:
         return missing.exit()
     data = harness.place_data(data, device, args.data_on_device)
     val_n = 0 if data.val is None else len(data.val)
-    print(f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on "
-          f"{data.train.images.device} ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"data: {len(data.train)} train / {val_n} val / {len(data.test)} test on "
+        f"{data.train.images.device} ({time.perf_counter() - t0:.1f}s)"
+    )
     deadline = runner.deadline_after(args.time_limit)
-    results = harness.run_many(specs, data, root, device=device, resume=args.resume,
-                               extend=args.extend, progress=not args.no_progress,
-                               deadline=deadline, pack=args.pack, compile=args.compile,
-                               data_on_device=args.data_on_device)
+    results = harness.run_many(
+        specs,
+        data,
+        root,
+        device=device,
+        resume=args.resume,
+        extend=args.extend,
+        progress=not args.no_progress,
+        deadline=deadline,
+        pack=args.pack,
+        compile=args.compile,
+        data_on_device=args.data_on_device,
+    )
     summaries = {s["name"]: s for s in results}
-    interrupted = any(s.get("status") not in FINISHED for s in results) or len(results) < len(
-        specs)
+    interrupted = any(s.get("status") not in FINISHED for s in results) or len(results) < len(specs)
     rows = aggregate(specs, summaries)
     root.mkdir(parents=True, exist_ok=True)
-    runner.write_json(root / "results.json", {"experiment": cfg.name, "rows": rows,
-                                              "args": vars(args)})
+    runner.write_json(
+        root / "results.json", {"experiment": cfg.name, "rows": rows, "args": vars(args)}
+    )
     table = results_table(rows)
     (root / "results.md").write_text(table + "\n")
     print(table)

@@ -113,8 +113,12 @@ def vgg_milestones(epochs: int = 300, start: int = 80, every: int = 40) -> tuple
 
 
 #: The ``--help`` sections of the experiments' options.
-WHAT, SETTING, NOISE, MEASURE = ("what to run", "training setting",
-                                 "large-batch noise (Wen et al., AISTATS 2020)", "measurements")
+WHAT, SETTING, NOISE, MEASURE = (
+    "what to run",
+    "training setting",
+    "large-batch noise (Wen et al., AISTATS 2020)",
+    "measurements",
+)
 
 
 def spike_factor_value(text: str) -> float | None:
@@ -139,113 +143,222 @@ class RunSpec:
     field of the same name gives the default of its script)."""
 
     experiment: str
-    dataset: str = option(help="train on another data set than the paper's setting (its loss "
-                          "threshold ε follows unless --loss-threshold is given)",
-                          choices=("cifar10", "cifar100", "tinyimagenet"), group=SETTING)
-    model: str = option(help=f"network, of: {', '.join(sorted(MODELS))} (see "
-                        "benchmarks/common/models.py)", choices=sorted(MODELS), metavar="MODEL",
-                        group=SETTING)
+    dataset: str = option(
+        help="train on another data set than the paper's setting (its loss "
+        "threshold ε follows unless --loss-threshold is given)",
+        choices=("cifar10", "cifar100", "tinyimagenet"),
+        group=SETTING,
+    )
+    model: str = option(
+        help=f"network, of: {', '.join(sorted(MODELS))} (see benchmarks/common/models.py)",
+        choices=sorted(MODELS),
+        metavar="MODEL",
+        group=SETTING,
+    )
     method: str
     lr: float
     alpha: float = 0.0
     seed: int = 0
-    epochs: int = option(300, lambda cfg: f"epochs; the setting's LR milestones "
-                         f"{list(cfg.milestones)} (for {cfg.epochs} epochs) are scaled to it",
-                         type=positive_int, group=SETTING)
+    epochs: int = option(
+        300,
+        lambda cfg: (
+            f"epochs; the setting's LR milestones "
+            f"{list(cfg.milestones)} (for {cfg.epochs} epochs) are scaled to it"
+        ),
+        type=positive_int,
+        group=SETTING,
+    )
     milestones: tuple[int, ...] = (150, 225)
     gamma: float = 0.1
-    weight_decay: float = option(0.0, "L2 weight decay of SGD", type=nonnegative_float,
-                                 group=SETTING)
+    weight_decay: float = option(
+        0.0, "L2 weight decay of SGD", type=nonnegative_float, group=SETTING
+    )
     momentum: float = 0.9
     batch_size: int = option(128, "mini-batch size", type=positive_int, group=SETTING)
     augment: str = "none"
-    every: int = option(10, "recompute the penalty gradient every N steps", type=positive_int,
-                        metavar="N", group=SETTING)
+    every: int = option(
+        10,
+        "recompute the penalty gradient every N steps",
+        type=positive_int,
+        metavar="N",
+        group=SETTING,
+    )
     penalty_batch_size: int | None = option(
-        None, "compute the penalty on the first N examples of the batch",
-        unset="the whole batch", type=positive_int, metavar="N", group=SETTING)
-    fd_mode: str = option("exact", "how FisherPenaltySGD computes the penalty gradient",
-                          choices=MODES, group=SETTING)
+        None,
+        "compute the penalty on the first N examples of the batch",
+        unset="the whole batch",
+        type=positive_int,
+        metavar="N",
+        group=SETTING,
+    )
+    fd_mode: str = option(
+        "exact", "how FisherPenaltySGD computes the penalty gradient", choices=MODES, group=SETTING
+    )
     fp_start_epoch: int = 1
-    label_noise: float = option(0.0, "fraction of training labels replaced by random labels, "
-                                "in [0, 1]", flag="--noise", type=fraction, metavar="FRACTION",
-                                group=WHAT)
-    probe_size: int = option(128, "Tr(F) on the first N training examples",
-                             unset="the batch size", type=positive_int, metavar="N",
-                             group=MEASURE)
-    trace_labels: str = option("sample", "Tr(F) with sampled labels (fixed generator) or "
-                               "summed over classes", choices=LABEL_MODES,
-                               group=MEASURE)
-    trace_every_steps: int = option(0, "also measure Tr(F) every N steps (finer Tr(F_i)); 0: "
-                                    "per epoch", type=nonnegative_int, metavar="N",
-                                    group=MEASURE)
-    loss_threshold: float = option(1.2, "ε of Tr(F_i): the Tr(F) of the first measurement "
-                                   "whose training loss is below ε", type=positive_float,
-                                   group=MEASURE)
-    bn_refresh_batches: int = option(0, "re-estimate BatchNorm statistics on N train batches "
-                                     "before evaluating (0: keep the running statistics)",
-                                     type=nonnegative_int, metavar="N", group=SETTING)
+    label_noise: float = option(
+        0.0,
+        "fraction of training labels replaced by random labels, in [0, 1]",
+        flag="--noise",
+        type=fraction,
+        metavar="FRACTION",
+        group=WHAT,
+    )
+    probe_size: int = option(
+        128,
+        "Tr(F) on the first N training examples",
+        unset="the batch size",
+        type=positive_int,
+        metavar="N",
+        group=MEASURE,
+    )
+    trace_labels: str = option(
+        "sample",
+        "Tr(F) with sampled labels (fixed generator) or summed over classes",
+        choices=LABEL_MODES,
+        group=MEASURE,
+    )
+    trace_every_steps: int = option(
+        0,
+        "also measure Tr(F) every N steps (finer Tr(F_i)); 0: per epoch",
+        type=nonnegative_int,
+        metavar="N",
+        group=MEASURE,
+    )
+    loss_threshold: float = option(
+        1.2,
+        "ε of Tr(F_i): the Tr(F) of the first measurement whose training loss is below ε",
+        type=positive_float,
+        group=MEASURE,
+    )
+    bn_refresh_batches: int = option(
+        0,
+        "re-estimate BatchNorm statistics on N train batches "
+        "before evaluating (0: keep the running statistics)",
+        type=nonnegative_int,
+        metavar="N",
+        group=SETTING,
+    )
     eval_batch_size: int = 500
-    eval_train: bool = option(False, lambda cfg: "also evaluate the whole training set every "
-                              "epoch (eval mode)" + (" (default: on in this setting)"
-                                                     if cfg.eval_train else ""),
-                              action="store_true", group=MEASURE)
+    eval_train: bool = option(
+        False,
+        lambda cfg: (
+            "also evaluate the whole training set every "
+            "epoch (eval mode)" + (" (default: on in this setting)" if cfg.eval_train else "")
+        ),
+        action="store_true",
+        group=MEASURE,
+    )
     track_groups: bool = False
-    group_probe_size: int = option(1000, "examples for clean/noisy gradient norms (label-noise "
-                                   "runs)", type=positive_int, metavar="N", group=MEASURE)
+    group_probe_size: int = option(
+        1000,
+        "examples for clean/noisy gradient norms (label-noise runs)",
+        type=positive_int,
+        metavar="N",
+        group=MEASURE,
+    )
     # Noise experiments (defaults: absent from to_dict(), so older runs keep their config).
-    small_batch_size: int = option(128, "M_S: the small batch whose gradient noise the noise_* "
-                                   "methods imitate (they run only at batch sizes above it)",
-                                   type=positive_int, group=NOISE)
-    noise_fisher: str = option("empirical", "noise_*: empirical Fisher (true labels, the paper) "
-                               "or true Fisher (labels sampled from the model)",
-                               flag="--fisher", choices=NOISE_FISHERS, group=NOISE)
-    noise_every: int = option(1, "noise_trace/noise_diag: re-estimate the Fisher every N steps "
-                              "(1: every step, the paper; noise_full always uses 1)",
-                              type=positive_int, metavar="N", group=NOISE)
-    ghost_batch_size: int = option(0, "Ghost BatchNorm with this virtual batch for runs with a "
-                                   "larger batch (0: plain BatchNorm)", type=nonnegative_int,
-                                   group=NOISE)
-    log_every_update: bool = option(False, "write train_curve.jsonl: loss and error of every "
-                                    "update's batch", action=argparse.BooleanOptionalAction,
-                                    group=NOISE)
+    small_batch_size: int = option(
+        128,
+        "M_S: the small batch whose gradient noise the noise_* "
+        "methods imitate (they run only at batch sizes above it)",
+        type=positive_int,
+        group=NOISE,
+    )
+    noise_fisher: str = option(
+        "empirical",
+        "noise_*: empirical Fisher (true labels, the paper) "
+        "or true Fisher (labels sampled from the model)",
+        flag="--fisher",
+        choices=NOISE_FISHERS,
+        group=NOISE,
+    )
+    noise_every: int = option(
+        1,
+        "noise_trace/noise_diag: re-estimate the Fisher every N steps "
+        "(1: every step, the paper; noise_full always uses 1)",
+        type=positive_int,
+        metavar="N",
+        group=NOISE,
+    )
+    ghost_batch_size: int = option(
+        0,
+        "Ghost BatchNorm with this virtual batch for runs with a larger batch (0: plain BatchNorm)",
+        type=nonnegative_int,
+        group=NOISE,
+    )
+    log_every_update: bool = option(
+        False,
+        "write train_curve.jsonl: loss and error of every update's batch",
+        action=argparse.BooleanOptionalAction,
+        group=NOISE,
+    )
     #: Evaluate the test set (and, with label noise, the training set) every N epochs, at
     #: the last epoch and at every new best validation accuracy, so test@best-val is exact;
     #: 0: at the last epoch only, and once more at the end on a copy of the weights of the
     #: best validation epoch (kept in memory and in the checkpoint): the same numbers, with
     #: one test pass instead of one per new best.
-    test_every: int = option(1, "evaluate test (and noisy-train) accuracy every N epochs, at "
-                             "the last epoch and at each new best validation accuracy; 0: at "
-                             "the last epoch, plus once at the end on the kept best-validation "
-                             "weights (the same test@best-val, one test pass per run)",
-                             type=nonnegative_int, metavar="N", group=MEASURE)
+    test_every: int = option(
+        1,
+        "evaluate test (and noisy-train) accuracy every N epochs, at "
+        "the last epoch and at each new best validation accuracy; 0: at "
+        "the last epoch, plus once at the end on the kept best-validation "
+        "weights (the same test@best-val, one test pass per run)",
+        type=nonnegative_int,
+        metavar="N",
+        group=MEASURE,
+    )
     #: Measure validation accuracy and the epoch's Tr(F) probe every N epochs (and at the
     #: last epoch); 1: every epoch. Model selection sees only the measured epochs.
-    val_every: int = option(1, "measure validation accuracy and the epoch's Tr(F) every N "
-                            "epochs and at the last epoch (model selection sees only those "
-                            "epochs)", type=positive_int, metavar="N", group=MEASURE)
+    val_every: int = option(
+        1,
+        "measure validation accuracy and the epoch's Tr(F) every N "
+        "epochs and at the last epoch (model selection sees only those "
+        "epochs)",
+        type=positive_int,
+        metavar="N",
+        group=MEASURE,
+    )
     #: FisherPenaltySGD's spike safeguard factor (None: off, the paper's algorithm; runs
     #: made before the safeguard existed read as None; the command line's default is 4).
     spike_factor: float | None = option(
-        None, "FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over this many "
+        None,
+        "FisherPenaltySGD's spike safeguard: a refreshed penalty gradient over this many "
         "times the running median norm is scaled down to that bound and used for one step "
-        "only; 'none' turns it off (the paper's FP)", type=spike_factor_value, metavar="F",
-        group=MEASURE)
+        "only; 'none' turns it off (the paper's FP)",
+        type=spike_factor_value,
+        metavar="F",
+        group=MEASURE,
+    )
     #: FisherPenaltySGD's ``guard_early``: the first refreshes (no median yet) are used once.
-    guard_early: bool = option(False, "FisherPenaltySGD(guard_early=True): the first 5 "
-                               "refreshes, before a median exists, are each used for one step "
-                               "only", action="store_true", group=MEASURE)
+    guard_early: bool = option(
+        False,
+        "FisherPenaltySGD(guard_early=True): the first 5 "
+        "refreshes, before a median exists, are each used for one step "
+        "only",
+        action="store_true",
+        group=MEASURE,
+    )
     #: Initialisation of the model's conv and linear layers (one of ``models.INITS``).
-    init: str = option("kaiming", "initialisation of the conv and linear layers: kaiming (the "
-                       "models' own), torch (PyTorch's layer default) or glorot (Keras's "
-                       "default); the paper does not state its own, and the scale of Tr(F) "
-                       "depends on it", choices=INITS, group=SETTING)
+    init: str = option(
+        "kaiming",
+        "initialisation of the conv and linear layers: kaiming (the "
+        "models' own), torch (PyTorch's layer default) or glorot (Keras's "
+        "default); the paper does not state its own, and the scale of Tr(F) "
+        "depends on it",
+        choices=INITS,
+        group=SETTING,
+    )
     #: Mixed precision of the training forward (None: float32): ``torch.autocast`` with
     #: bfloat16, or float16 with a ``GradScaler``.
-    amp: str | None = option(None, "train under torch.autocast in this precision (fp16 with a "
-                             "GradScaler, which reads its inf check back every step; bf16 "
-                             "reads nothing)", unset="float32", choices=AMP_MODES,
-                             group=SETTING)
+    amp: str | None = option(
+        None,
+        "train under torch.autocast in this precision (fp16 with a "
+        "GradScaler, which reads its inf check back every step; bf16 "
+        "reads nothing)",
+        unset="float32",
+        choices=AMP_MODES,
+        group=SETTING,
+    )
 
     def __post_init__(self) -> None:
         if self.method not in PENALTY_OF_METHOD:
@@ -254,14 +367,19 @@ class RunSpec:
             raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {self.augment!r}")
         for f in option_fields(RunSpec):  # the options' choices hold for any RunSpec
             choices, value = f.metadata["argparse"].get("choices"), getattr(self, f.name)
-            if choices is not None and value not in choices and not (
-                    value is None and f.default is None):
+            if (
+                choices is not None
+                and value not in choices
+                and not (value is None and f.default is None)
+            ):
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.guard_early and self.spike_factor is None:
             raise ValueError("--guard-early needs the spike safeguard: drop --spike-factor none")
         if self.test_every < 0:
-            raise ValueError(f"test_every must be >= 0 (0: only at new best validation "
-                             f"accuracy and the last epoch), got {self.test_every}")
+            raise ValueError(
+                f"test_every must be >= 0 (0: only at new best validation "
+                f"accuracy and the last epoch), got {self.test_every}"
+            )
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -340,33 +458,69 @@ class RunSpec:
 #: The RunSpec fields of the first experiments' ``config.json``. A field added since is left
 #: out of ``to_dict()`` at its default: the ``config.json`` / checkpoint spec of every other
 #: run stays as before, so ``--resume`` keeps recognising runs started by older code.
-FIRST_SPEC_FIELDS = frozenset((
-    "experiment", "dataset", "model", "method", "lr", "alpha", "seed", "epochs", "milestones",
-    "gamma", "weight_decay", "momentum", "batch_size", "augment", "every",
-    "penalty_batch_size", "fd_mode", "fp_start_epoch", "label_noise", "probe_size",
-    "trace_labels", "trace_every_steps", "loss_threshold", "bn_refresh_batches",
-    "eval_batch_size", "eval_train", "track_groups", "group_probe_size",
-))
+FIRST_SPEC_FIELDS = frozenset(
+    (
+        "experiment",
+        "dataset",
+        "model",
+        "method",
+        "lr",
+        "alpha",
+        "seed",
+        "epochs",
+        "milestones",
+        "gamma",
+        "weight_decay",
+        "momentum",
+        "batch_size",
+        "augment",
+        "every",
+        "penalty_batch_size",
+        "fd_mode",
+        "fp_start_epoch",
+        "label_noise",
+        "probe_size",
+        "trace_labels",
+        "trace_every_steps",
+        "loss_threshold",
+        "bn_refresh_batches",
+        "eval_batch_size",
+        "eval_train",
+        "track_groups",
+        "group_probe_size",
+    )
+)
 
 
 #: What ``--quick`` sets (unless given explicitly).
-QUICK = {"train_subset": 1000, "val_size": 500, "test_subset": 500, "epochs": 3,
-         "probe_size": 32, "group_probe_size": 200, "bn_refresh_batches": 4}
+QUICK = {
+    "train_subset": 1000,
+    "val_size": 500,
+    "test_subset": 500,
+    "epochs": 3,
+    "probe_size": 32,
+    "group_probe_size": 200,
+    "bn_refresh_batches": 4,
+}
 
 
 def _default_lrs_text(cfg: ExperimentConfig) -> str:
     """What a plain run's learning rates are (mirrors :func:`_run_pairs`)."""
     if cfg.lr_factors:
         return "every method at " + ", ".join(
-            "η*" if f == 1 else f"{f:g}·η*" for f in cfg.lr_factors)
+            "η*" if f == 1 else f"{f:g}·η*" for f in cfg.lr_factors
+        )
     if cfg.lrs:
         return "every method at " + " ".join(f"{lr:g}" for lr in cfg.lrs)
     return f"the table's: baseline at η*, the others at η*/{cfg.small_lr_divisor:g}"
 
 
 def _default_alphas_text(cfg: ExperimentConfig) -> str:
-    methods = [m for m in dict.fromkeys((*cfg.default_methods, *cfg.augment_methods))
-               if m not in ("baseline", "mixup") and m not in NOISE_OF_METHOD]
+    methods = [
+        m
+        for m in dict.fromkeys((*cfg.default_methods, *cfg.augment_methods))
+        if m not in ("baseline", "mixup") and m not in NOISE_OF_METHOD
+    ]
     if not methods:
         return "none of this setting's methods is penalised"
     return "each method's own: " + ", ".join(f"{m} {cfg.default_alpha(m):g}" for m in methods)
@@ -391,89 +545,208 @@ class SweepOptions:
     that config."""
 
     methods: list[str] | None = option(
-        None, lambda cfg: f"training methods, of: {', '.join(METHODS)} (default: "
-        f"{' '.join(cfg.default_methods)}, each at the table's learning rate)", nargs="+",
-        choices=METHODS, metavar="METHOD", group=WHAT)
+        None,
+        lambda cfg: (
+            f"training methods, of: {', '.join(METHODS)} (default: "
+            f"{' '.join(cfg.default_methods)}, each at the table's learning rate)"
+        ),
+        nargs="+",
+        choices=METHODS,
+        metavar="METHOD",
+        group=WHAT,
+    )
     lrs: list[float] | None = option(
-        None, lambda cfg: "learning rates, each crossed with every method (default: "
-        f"{_default_lrs_text(cfg)})", nargs="+", type=positive_float, metavar="LR",
-        group=WHAT, tags=("resolved",))
-    lr_star: float = option(0.1, "η*, the paper's tuned large learning rate (a guess; see "
-                            "config)", type=positive_float, group=WHAT)
-    alpha: float | None = option(None, lambda cfg: "single α for every penalised method "
-                                 f"(default: {_default_alphas_text(cfg)})",
-                                 type=nonnegative_float, group=WHAT)
-    alpha_grid: bool = option(False, "search α on the paper's grid and choose it by validation "
-                              "accuracy", action="store_true", group=WHAT)
+        None,
+        lambda cfg: (
+            f"learning rates, each crossed with every method (default: {_default_lrs_text(cfg)})"
+        ),
+        nargs="+",
+        type=positive_float,
+        metavar="LR",
+        group=WHAT,
+        tags=("resolved",),
+    )
+    lr_star: float = option(
+        0.1,
+        "η*, the paper's tuned large learning rate (a guess; see config)",
+        type=positive_float,
+        group=WHAT,
+    )
+    alpha: float | None = option(
+        None,
+        lambda cfg: f"single α for every penalised method (default: {_default_alphas_text(cfg)})",
+        type=nonnegative_float,
+        group=WHAT,
+    )
+    alpha_grid: bool = option(
+        False,
+        "search α on the paper's grid and choose it by validation accuracy",
+        action="store_true",
+        group=WHAT,
+    )
     alphas: list[float] | None = option(
-        None, "with --alpha-grid: search these α (one grid for every penalised method; "
-        "default: the paper's 10 log-spaced values per method)", nargs="+",
-        type=nonnegative_float, metavar="ALPHA", group=WHAT)
-    alpha_center: float = option(0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr",
-                                 type=positive_float, group=WHAT)
-    gpx_center: float = option(100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float,
-                               group=WHAT)
-    mixup_beta: float | None = option(None, lambda cfg: "mixup's Beta(β, β) parameter (default: "
-                                      f"{cfg.default_alpha('mixup'):g})", type=positive_float,
-                                      group=WHAT)
-    seeds: list[int] | None = option(None, "seeds, one run each (default: --seed)", nargs="+",
-                                     type=nonnegative_int, metavar="SEED", group=WHAT)
+        None,
+        "with --alpha-grid: search these α (one grid for every penalised method; "
+        "default: the paper's 10 log-spaced values per method)",
+        nargs="+",
+        type=nonnegative_float,
+        metavar="ALPHA",
+        group=WHAT,
+    )
+    alpha_center: float = option(
+        0.01, "v of the α grid [0.1v, 10v] for FP, GP, GPr", type=positive_float, group=WHAT
+    )
+    gpx_center: float = option(
+        100.0, "v of the α grid [0.1v, 10v] for GPx", type=positive_float, group=WHAT
+    )
+    mixup_beta: float | None = option(
+        None,
+        lambda cfg: f"mixup's Beta(β, β) parameter (default: {cfg.default_alpha('mixup'):g})",
+        type=positive_float,
+        group=WHAT,
+    )
+    seeds: list[int] | None = option(
+        None,
+        "seeds, one run each (default: --seed)",
+        nargs="+",
+        type=nonnegative_int,
+        metavar="SEED",
+        group=WHAT,
+    )
     seed: int = option(0, "seed of a single-seed run", type=nonnegative_int, group=WHAT)
     augment: str | None = option(
-        None, lambda cfg: "augmentation (standard: random crop + flip; the bare flag means "
-        f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
-        f"{cfg.augment}, the plain run's methods)", nargs="?", const="standard",
-        choices=AUGMENT_MODES, group=WHAT, tags=("resolved",))
+        None,
+        lambda cfg: (
+            "augmentation (standard: random crop + flip; the bare flag means "
+            f"standard); giving it makes Table 2's runs: {_augment_runs_text(cfg)} (default: "
+            f"{cfg.augment}, the plain run's methods)"
+        ),
+        nargs="?",
+        const="standard",
+        choices=AUGMENT_MODES,
+        group=WHAT,
+        tags=("resolved",),
+    )
     fp_start_epochs: list[int] | None = option(
-        None, lambda cfg: "switch FP on at these epochs, one run each (Fig. 3; default: "
-        + (" ".join(map(str, cfg.fp_start_epochs)) if cfg.fp_start_epochs
-           else "from the first epoch") + ")", nargs="+", type=positive_int, metavar="EPOCH",
-        group=WHAT, tags=("resolved",))
+        None,
+        lambda cfg: (
+            "switch FP on at these epochs, one run each (Fig. 3; default: "
+            + (
+                " ".join(map(str, cfg.fp_start_epochs))
+                if cfg.fp_start_epochs
+                else "from the first epoch"
+            )
+            + ")"
+        ),
+        nargs="+",
+        type=positive_int,
+        metavar="EPOCH",
+        group=WHAT,
+        tags=("resolved",),
+    )
     batch_sizes: list[int] | None = option(
-        None, lambda cfg: "sweep batch sizes, one run each (default: "
-        + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size") + ")",
-        nargs="+", type=positive_int, metavar="B", group=WHAT, tags=("resolved",))
+        None,
+        lambda cfg: (
+            "sweep batch sizes, one run each (default: "
+            + (" ".join(map(str, cfg.batch_sizes)) if cfg.batch_sizes else "--batch-size")
+            + ")"
+        ),
+        nargs="+",
+        type=positive_int,
+        metavar="B",
+        group=WHAT,
+        tags=("resolved",),
+    )
     milestones: list[int] | None = option(
-        None, lambda cfg: f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
-        "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
-        "milestones, scaled to --epochs)", nargs="*", type=positive_int, metavar="EPOCH",
-        group=SETTING, tags=("resolved",))
-    lr_scaling: str = option("none", "scale each run's learning rate by (B / --lr-base-batch) "
-                             "(linear) or its square root (sqrt), B the run's batch size",
-                             choices=LR_SCALINGS, group=NOISE)
-    lr_base_batch: int = option(128, "batch size at which the learning rate is not scaled",
-                                type=positive_int, group=NOISE)
-    lr_cap: float | None = option(None, "upper bound of the scaled learning rate",
-                                  unset="no cap", type=positive_float, group=NOISE)
+        None,
+        lambda cfg: (
+            f"multiply the LR by {cfg.gamma:g} at these epochs of this run (each "
+            "in 1..EPOCHS-1); the bare flag keeps the LR constant (default: the setting's "
+            "milestones, scaled to --epochs)"
+        ),
+        nargs="*",
+        type=positive_int,
+        metavar="EPOCH",
+        group=SETTING,
+        tags=("resolved",),
+    )
+    lr_scaling: str = option(
+        "none",
+        "scale each run's learning rate by (B / --lr-base-batch) "
+        "(linear) or its square root (sqrt), B the run's batch size",
+        choices=LR_SCALINGS,
+        group=NOISE,
+    )
+    lr_base_batch: int = option(
+        128, "batch size at which the learning rate is not scaled", type=positive_int, group=NOISE
+    )
+    lr_cap: float | None = option(
+        None,
+        "upper bound of the scaled learning rate",
+        unset="no cap",
+        type=positive_float,
+        group=NOISE,
+    )
     batch_lrs: list[float] | None = option(
-        None, "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
-        "--lrs/--lr-star and --lr-scaling; default: not used)", nargs="+",
-        type=positive_float, metavar="LR", group=NOISE)
-    data_root: str | None = option(None, "dataset directory/archive",
-                                   unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
-                                   group=DATA)
-    download: bool = option(False, "download the data set into --data-root if it is not there "
-                            "(CIFAR-10/100, TinyImageNet; the checksum is verified)",
-                            action="store_true", group=DATA)
-    train_subset: int | None = option(None, "use N training examples (after holding out "
-                                      "validation)", unset="all", type=positive_int,
-                                      metavar="N", group=DATA)
-    val_size: int = option(5000, "validation examples held out of the training set (0: none)",
-                           type=nonnegative_int, group=DATA)
-    test_subset: int | None = option(None, "evaluate on N test examples", unset="all",
-                                     type=positive_int, metavar="N", group=DATA)
-    split_seed: int = option(0, "seed of the validation split, subsets and label noise",
-                             type=nonnegative_int, group=DATA)
-    extend: bool = option(False, "as --resume, and lengthen runs trained on a shorter "
-                          "schedule: a run whose checkpoint differs only in "
-                          "--epochs/--milestones, with the same milestones over the epochs it "
-                          "has done, continues on the new schedule", action="store_true",
-                          group=runner.RUNNING)
-    quick: bool = option(False, "CPU smoke test: " + ", ".join(f"{k}={v}"
-                                                               for k, v in QUICK.items()),
-                         action="store_true", group=runner.RUNNING)
-    dry_run: bool = option(False, "list the runs and exit", action="store_true",
-                           group=runner.RUNNING)
+        None,
+        "explicit learning rate per batch size (aligned with --batch-sizes; overrides "
+        "--lrs/--lr-star and --lr-scaling; default: not used)",
+        nargs="+",
+        type=positive_float,
+        metavar="LR",
+        group=NOISE,
+    )
+    data_root: str | None = option(
+        None,
+        "dataset directory/archive",
+        unset="$FISHER_OPTIM_DATA, else ~/.cache/fisher_optim/data",
+        group=DATA,
+    )
+    download: bool = option(
+        False,
+        "download the data set into --data-root if it is not there "
+        "(CIFAR-10/100, TinyImageNet; the checksum is verified)",
+        action="store_true",
+        group=DATA,
+    )
+    train_subset: int | None = option(
+        None,
+        "use N training examples (after holding out validation)",
+        unset="all",
+        type=positive_int,
+        metavar="N",
+        group=DATA,
+    )
+    val_size: int = option(
+        5000,
+        "validation examples held out of the training set (0: none)",
+        type=nonnegative_int,
+        group=DATA,
+    )
+    test_subset: int | None = option(
+        None, "evaluate on N test examples", unset="all", type=positive_int, metavar="N", group=DATA
+    )
+    split_seed: int = option(
+        0, "seed of the validation split, subsets and label noise", type=nonnegative_int, group=DATA
+    )
+    extend: bool = option(
+        False,
+        "as --resume, and lengthen runs trained on a shorter "
+        "schedule: a run whose checkpoint differs only in "
+        "--epochs/--milestones, with the same milestones over the epochs it "
+        "has done, continues on the new schedule",
+        action="store_true",
+        group=runner.RUNNING,
+    )
+    quick: bool = option(
+        False,
+        "CPU smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+        action="store_true",
+        group=runner.RUNNING,
+    )
+    dry_run: bool = option(
+        False, "list the runs and exit", action="store_true", group=runner.RUNNING
+    )
 
 
 #: Command-line (and setting) defaults that differ from the RunSpec field's default, which
@@ -489,7 +762,8 @@ def _setting_fields() -> list[tuple[str, Any, Any]]:
     fields (but those resolved from the setting's own fields), each with the field's default
     (or its :data:`CLI_DEFAULTS` one), for :func:`dataclasses.make_dataclass`."""
     declared = [f for f in fields(RunSpec) if f.name not in PER_RUN] + [
-        f for f in option_fields(SweepOptions) if "resolved" not in f.metadata["tags"]]
+        f for f in option_fields(SweepOptions) if "resolved" not in f.metadata["tags"]
+    ]
     out: dict[str, tuple[str, Any, Any]] = {}
     for f in declared:
         if f.name in CLI_DEFAULTS:
@@ -569,8 +843,10 @@ class ExperimentConfig(Setting):
             return tuple(self.alpha_grids[method])
         if method not in TUNED_METHODS:
             return (0.0,)
-        center = self.default_alpha(method) if method == "mixup" else (
-            self.gpx_center if method == "gpx" else self.alpha_center
+        center = (
+            self.default_alpha(method)
+            if method == "mixup"
+            else (self.gpx_center if method == "gpx" else self.alpha_center)
         )
         return log_grid(0.1 * center, 10.0 * center, self.alpha_grid_size)
 

@@ -424,12 +424,16 @@ class MissingData(FileNotFoundError, RuntimeError):
     def __init__(self, name: str, root: Path, looked: Sequence[str], reason: str = "") -> None:
         url, md5, _ = _source(name)
         where = "; ".join(looked)
-        text = (f"No {name} data was found under {root} (looked for: {where}). "
-                f"Point --data-root at a folder or archive that holds it, or add --download "
-                f"to fetch {url} (MD5 {md5}) into {root}.")
+        text = (
+            f"No {name} data was found under {root} (looked for: {where}). "
+            f"Point --data-root at a folder or archive that holds it, or add --download "
+            f"to fetch {url} (MD5 {md5}) into {root}."
+        )
         if reason:
-            text += (f" The download failed: {reason}. Download it manually and put the file, "
-                     f"or what it extracts to, in {root}.")
+            text += (
+                f" The download failed: {reason}. Download it manually and put the file, "
+                f"or what it extracts to, in {root}."
+            )
         super().__init__(text)
         self.name, self.root, self.looked, self.reason = name, root, list(looked), reason
 
@@ -438,8 +442,10 @@ class MissingData(FileNotFoundError, RuntimeError):
         import sys
         import textwrap
 
-        print(textwrap.fill(str(self), 88, break_on_hyphens=False, break_long_words=False),
-              file=sys.stderr)
+        print(
+            textwrap.fill(str(self), 88, break_on_hyphens=False, break_long_words=False),
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -458,8 +464,12 @@ def _fetch(url: str, dest: Path) -> None:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                       desc=dest.name.removesuffix(".part"))
+            bar = tqdm(
+                total=int(total) if total else None,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name.removesuffix(".part"),
+            )
         for chunk in iter(lambda: response.read(1 << 20), b""):
             f.write(chunk)
             if bar is not None:
@@ -483,8 +493,9 @@ def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
     url, md5, dirname = _source(key)
     root = Path(root) if root is not None else default_data_root()
     target = root / dirname
-    ready = _is_tinyimagenet_dir if key == "tinyimagenet" else (
-        lambda d: _is_cifar_python_dir(d, key))
+    ready = (
+        _is_tinyimagenet_dir if key == "tinyimagenet" else (lambda d: _is_cifar_python_dir(d, key))
+    )
     if ready(target):
         return target
     archive = root / url.rsplit("/", 1)[1]
@@ -595,8 +606,9 @@ def _load_raw(
         found = _detect_dir(key, root, looked)
         if found is not None:
             fmt, path = found
-            return _cached(f"{key}-{fmt}", path, lambda: _load_layout(key, fmt, path),
-                           cache_dir, use_cache)
+            return _cached(
+                f"{key}-{fmt}", path, lambda: _load_layout(key, fmt, path), cache_dir, use_cache
+            )
     for archive in _find_archives(key, root, looked):
 
         def build(archive: Path = archive) -> RawData:
@@ -607,8 +619,9 @@ def _load_raw(
     if download:
         path = download_dataset(key, root)
         fmt = "tiny" if key == "tinyimagenet" else "pickle"
-        return _cached(f"{key}-{fmt}", path, lambda: _load_layout(key, fmt, path),
-                       cache_dir, use_cache)
+        return _cached(
+            f"{key}-{fmt}", path, lambda: _load_layout(key, fmt, path), cache_dir, use_cache
+        )
     raise MissingData(key, root, looked)
 
 
@@ -642,10 +655,12 @@ def load_dataset(
     mean, std = _MEAN_STD[key]
     common = {"num_classes": NUM_CLASSES[key], "mean": mean, "std": std}
     classes = tuple(raw.classes)
-    train = ImageDataset(raw.train_images, raw.train_labels, name=f"{key}-train",
-                         classes=classes, **common)
-    test = ImageDataset(raw.test_images, raw.test_labels, name=f"{key}-test",
-                        classes=classes, **common)
+    train = ImageDataset(
+        raw.train_images, raw.train_labels, name=f"{key}-train", classes=classes, **common
+    )
+    test = ImageDataset(
+        raw.test_images, raw.test_labels, name=f"{key}-test", classes=classes, **common
+    )
     return train, test
 
 
@@ -770,9 +785,7 @@ class ImageDataset:
         """``n`` examples (class-proportional if ``stratified``), e.g. for ``--quick`` runs."""
         return self.select(subset_indices(self.labels, n, seed, stratified))
 
-    def with_label_noise(
-        self, fraction: float, seed: int = 0
-    ) -> tuple[ImageDataset, torch.Tensor]:
+    def with_label_noise(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, torch.Tensor]:
         """Copy with noisy labels (see :func:`add_label_noise`) and the replaced mask."""
         labels, mask = add_label_noise(self.labels, fraction, self.num_classes, seed)
         return replace(self, labels=labels), mask
@@ -788,8 +801,9 @@ class ImageDataset:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The normalised float inputs of the examples ``idx`` (:func:`make_batch`)."""
-        return make_batch(self.images, idx, augment=augment, generator=generator,
-                          mean=self.mean, std=self.std)
+        return make_batch(
+            self.images, idx, augment=augment, generator=generator, mean=self.mean, std=self.std
+        )
 
     def loader(self, batch_size: int, **kwargs) -> BatchLoader:
         """A :class:`BatchLoader` over this dataset normalised with its ``mean``/``std``."""
@@ -803,9 +817,7 @@ def split_validation(
     return dataset.split_validation(n_val, seed)
 
 
-def subset(
-    dataset: ImageDataset, n: int, seed: int = 0, stratified: bool = True
-) -> ImageDataset:
+def subset(dataset: ImageDataset, n: int, seed: int = 0, stratified: bool = True) -> ImageDataset:
     """Function form of :meth:`ImageDataset.subset`."""
     return dataset.subset(n, seed, stratified)
 

@@ -332,7 +332,9 @@ def _tr_f_i(records: Sequence[dict[str, Any]], key: str, eps: float) -> tuple[An
 
 
 def summarize(
-    spec: RunSpec, logs: list[dict[str, Any]], traces: list[dict[str, Any]],
+    spec: RunSpec,
+    logs: list[dict[str, Any]],
+    traces: list[dict[str, Any]],
     status: str = "complete",
 ) -> dict[str, Any]:
     """The run summary: accuracies, model selection on validation, Tr(F) statistics.
@@ -342,18 +344,27 @@ def summarize(
     """
     trained = [r for r in logs if r["epoch"] >= 1]
     last = trained[-1] if trained else logs[-1]
-    s: dict[str, Any] = {"name": spec.name, "spec": spec.to_dict(), "status": status,
-                         "epochs_done": len(trained)}
+    s: dict[str, Any] = {
+        "name": spec.name,
+        "spec": spec.to_dict(),
+        "status": status,
+        "epochs_done": len(trained),
+    }
     with_val = [r for r in trained if r.get("val_acc") is not None]
     if with_val:
         best = max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))
-        s.update(best_val_acc=best["val_acc"], best_val_epoch=best["epoch"],
-                 test_acc_at_best_val=best["test_acc"])
+        s.update(
+            best_val_acc=best["val_acc"],
+            best_val_epoch=best["epoch"],
+            test_acc_at_best_val=best["test_acc"],
+        )
     else:
         s.update(best_val_acc=None, best_val_epoch=None, test_acc_at_best_val=None)
     s.update(
-        final_test_acc=last.get("test_acc"), final_val_acc=last.get("val_acc"),
-        final_train_acc=last.get("train_acc"), final_train_loss=last.get("train_loss"),
+        final_test_acc=last.get("test_acc"),
+        final_val_acc=last.get("val_acc"),
+        final_train_acc=last.get("train_acc"),
+        final_train_loss=last.get("train_loss"),
     )
     points = [(r["trace"], r["epoch"]) for r in [*trained, *traces] if r.get("trace") is not None]
     if points:
@@ -372,8 +383,11 @@ def summarize(
     s["train_time"] = sum(r.get("train_time") or 0.0 for r in trained)
     walls = [r["wall_time"] for r in trained if r.get("wall_time") is not None]
     #: (wall time − time in training steps) / time in training steps, over the run's epochs
-    s["overhead"] = (sum(walls) / s["train_time"] - 1.0
-                     if walls and len(walls) == len(trained) and s["train_time"] > 0 else None)
+    s["overhead"] = (
+        sum(walls) / s["train_time"] - 1.0
+        if walls and len(walls) == len(trained) and s["train_time"] > 0
+        else None
+    )
     for key in ("train_acc_clean", "train_acc_noisy", "train_eval_acc"):
         if key in last:
             s[f"final_{key}"] = last[key]
@@ -401,8 +415,10 @@ def schedule_change_error(old: dict[str, Any], new: dict[str, Any], epochs_done:
     past_old = sorted(m for m in old["milestones"] if m <= epochs_done)
     past_new = sorted(m for m in new["milestones"] if m <= epochs_done)
     if past_old != past_new:
-        return (f"its first {epochs_done} epochs ran with LR milestones {past_old}, the new "
-                f"schedule has {past_new} there")
+        return (
+            f"its first {epochs_done} epochs ran with LR milestones {past_old}, the new "
+            f"schedule has {past_new} there"
+        )
     return None
 
 
@@ -433,18 +449,29 @@ def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     kw = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
     if spec.noise_covariance is not None:
         return FisherNoiseSGD(
-            model, torch.optim.SGD, small_batch_size=spec.small_batch_size,
-            covariance=spec.noise_covariance, fisher=spec.noise_fisher,
+            model,
+            torch.optim.SGD,
+            small_batch_size=spec.small_batch_size,
+            covariance=spec.noise_covariance,
+            fisher=spec.noise_fisher,
             every=1 if spec.noise_covariance == "full" else spec.noise_every,
-            seed=spec.seed + 10_007, **kw,
+            seed=spec.seed + 10_007,
+            **kw,
         )
     if spec.penalty is None:
         return torch.optim.SGD(model.parameters(), **kw)
     return FisherPenaltySGD(
-        model, torch.optim.SGD, alpha=spec.alpha, every=spec.every, mode=spec.fd_mode,
-        penalty=spec.penalty, penalty_batch_size=spec.penalty_batch_size,
-        seed=spec.seed + 10_007, spike_factor=spec.spike_factor,
-        guard_early=spec.guard_early, **kw,
+        model,
+        torch.optim.SGD,
+        alpha=spec.alpha,
+        every=spec.every,
+        mode=spec.fd_mode,
+        penalty=spec.penalty,
+        penalty_batch_size=spec.penalty_batch_size,
+        seed=spec.seed + 10_007,
+        spike_factor=spec.spike_factor,
+        guard_early=spec.guard_early,
+        **kw,
     )
 
 
@@ -467,9 +494,18 @@ class _Run:
     ``torch.autocast`` (``"fp16"`` with a ``GradScaler``, whose inf check reads one value
     per step)."""
 
-    def __init__(self, spec: RunSpec, data: DataBundle, out: Path, device: torch.device, *,
-                 extend: bool = False, progress: bool = False, compile: bool = False,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        data: DataBundle,
+        out: Path,
+        device: torch.device,
+        *,
+        extend: bool = False,
+        progress: bool = False,
+        compile: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.spec, self.data, self.out, self.device = spec, data, out, device
         #: ``--extend`` (continue a checkpoint on a longer schedule), the tqdm bar, the log.
         self.extend, self.progress, self.log = extend, progress, log
@@ -481,7 +517,8 @@ class _Run:
         if spec.ghost:
             convert_to_ghost_batchnorm(self.model, spec.ghost_batch_size)
         self.forward: Callable[[Tensor], Tensor] = (
-            torch.compile(self.model) if compile else self.model)
+            torch.compile(self.model) if compile else self.model
+        )
         self.opt = build_optimizer(spec, self.model)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
@@ -506,8 +543,7 @@ class _Run:
         self.pending: list[tuple[dict[str, Any], Tensor]] = []
         n_probe = min(spec.probe_size, len(ds))
         self.probe_x = to_device(ds.batch(slice(0, n_probe)), device)
-        self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)),
-                                      device=self.data_device)
+        self.group_idx = torch.arange(min(spec.group_probe_size, len(ds)), device=self.data_device)
         #: One record per FisherPenaltySGD refresh (``refreshes.jsonl``).
         self.refresh_log: list[dict[str, Any]] = []
         #: ``(epoch, weights)`` of the best validation epoch so far (``test_every=0``).
@@ -568,8 +604,15 @@ class _Run:
             self.acc = self._zeros()
             norms = st.get("noise_norms", [])
             self.acc[:_BAD] = torch.tensor(
-                [sums.get("loss", 0.0), sums.get("correct", 0.0), sums.get("win_loss", 0.0),
-                 sum(norms), len(norms)], dtype=torch.float64)
+                [
+                    sums.get("loss", 0.0),
+                    sums.get("correct", 0.0),
+                    sums.get("win_loss", 0.0),
+                    sum(norms),
+                    len(norms),
+                ],
+                dtype=torch.float64,
+            )
         self.sums = {k: sums.get(k, 0) for k in ("count", "win_n", "time", "wall")}
         self.global_step = st["global_step"]
         self.logs, self.traces = st["logs"], st["traces"]
@@ -594,8 +637,10 @@ class _Run:
         return batches
 
     def _new_best(self, val_acc: float | None) -> bool:
-        best = max((r["val_acc"] for r in self.logs
-                    if r["epoch"] >= 1 and r.get("val_acc") is not None), default=None)
+        best = max(
+            (r["val_acc"] for r in self.logs if r["epoch"] >= 1 and r.get("val_acc") is not None),
+            default=None,
+        )
         return val_acc is not None and (best is None or val_acc > best)
 
     def _wants_test(self, epoch: int, val_acc: float | None, final: bool) -> bool:
@@ -620,8 +665,9 @@ class _Run:
         if rec.get("test_acc") is None:
             current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(state)
-            rec["test_loss"], rec["test_acc"], _ = evaluate(self.model, self.data.test,
-                                                            self.spec.eval_batch_size)
+            rec["test_loss"], rec["test_acc"], _ = evaluate(
+                self.model, self.data.test, self.spec.eval_batch_size
+            )
             self.model.load_state_dict(current)
         self.best_state = None
 
@@ -638,13 +684,16 @@ class _Run:
             else:
                 rec["val_loss"] = rec["val_acc"] = None
             if self._wants_test(epoch, rec["val_acc"], final):
-                rec["test_loss"], rec["test_acc"], _ = evaluate(model, data.test,
-                                                                spec.eval_batch_size)
+                rec["test_loss"], rec["test_acc"], _ = evaluate(
+                    model, data.test, spec.eval_batch_size
+                )
             else:
                 rec["test_loss"] = rec["test_acc"] = None
             if spec.test_every == 0 and epoch >= 1 and self._new_best(rec["val_acc"]):
-                self.best_state = (epoch, {k: v.detach().clone()
-                                           for k, v in model.state_dict().items()})
+                self.best_state = (
+                    epoch,
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                )
             if rec["test_acc"] is not None and (spec.eval_train or data.noisy is not None):
                 loss, acc, hits = evaluate(model, data.train, spec.eval_batch_size)
                 rec["train_eval_loss"], rec["train_eval_acc"] = loss, acc
@@ -679,8 +728,9 @@ class _Run:
         return rec
 
     def trace(self) -> float:
-        return _fisher_trace(self.model, self.probe_x, self.spec.trace_labels,
-                             self.spec.seed + 50_021)
+        return _fisher_trace(
+            self.model, self.probe_x, self.spec.trace_labels, self.spec.seed + 50_021
+        )
 
     # ---------------------------------------------------------------- training
     def _set_alpha(self, epoch: int) -> None:
@@ -714,8 +764,7 @@ class _Run:
                 other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
                 other = other.to(x.device)
                 out = self.forward(lam * x + (1 - lam) * x[other])
-                loss = (lam * F.cross_entropy(out, y)
-                        + (1 - lam) * F.cross_entropy(out, y[other]))
+                loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
             else:
                 out = self.forward(x)
                 loss = F.cross_entropy(out, y)
@@ -738,21 +787,30 @@ class _Run:
         lv = loss.detach().double()
         hits = (out.detach().argmax(1) == y).sum().double()
         noise = _noise_norm(self.opt, lv.device) if spec.noise_covariance is not None else None
-        step = torch.stack([lv * b, hits, lv,
-                            lv.new_zeros(()) if noise is None else noise.double(),
-                            lv.new_full((), float(noise is not None))])
+        step = torch.stack(
+            [
+                lv * b,
+                hits,
+                lv,
+                lv.new_zeros(()) if noise is None else noise.double(),
+                lv.new_full((), float(noise is not None)),
+            ]
+        )
         self.acc[:_BAD] += step
         first = self.acc[_BAD]
-        self.acc[_BAD] = torch.where((first == 0) & ~torch.isfinite(lv),
-                                     float(self.global_step + 1), first)
+        self.acc[_BAD] = torch.where(
+            (first == 0) & ~torch.isfinite(lv), float(self.global_step + 1), first
+        )
         if spec.log_every_update:
             rec: dict[str, Any] = {
                 "step": self.global_step + 1,
                 "epoch": self.epoch + (self.step_in_epoch + 1) / self._steps_per_epoch(),
-                "lr": lr, "batch": b,
+                "lr": lr,
+                "batch": b,
             }
-            values = torch.stack([lv, hits, lv.new_full((), math.nan) if noise is None
-                                  else noise.double()])
+            values = torch.stack(
+                [lv, hits, lv.new_full((), math.nan) if noise is None else noise.double()]
+            )
             self.pending.append((rec, values))
         self.sums["count"] += b
         self.sums["win_n"] += 1
@@ -775,15 +833,18 @@ class _Run:
         """One record per penalty refresh: its Tr(F_B), ``||∇P||`` and the safeguard's call."""
         opt = self.opt
         guard = getattr(opt, "guard", None)
-        self.refresh_log.append({
-            "step": self.global_step,
-            "epoch": self.epoch + self.step_in_epoch / self._steps_per_epoch(),
-            "value": _finite(opt.penalty_value) if opt.penalty_value is not None else None,
-            "grad_norm": (None if opt.penalty_grad_norm is None
-                          else _finite(opt.penalty_grad_norm)),
-            "skipped": opt.skipped_refreshes,
-            "scale": None if guard is None else guard.last_scale,
-        })
+        self.refresh_log.append(
+            {
+                "step": self.global_step,
+                "epoch": self.epoch + self.step_in_epoch / self._steps_per_epoch(),
+                "value": _finite(opt.penalty_value) if opt.penalty_value is not None else None,
+                "grad_norm": (
+                    None if opt.penalty_grad_norm is None else _finite(opt.penalty_grad_norm)
+                ),
+                "skipped": opt.skipped_refreshes,
+                "scale": None if guard is None else guard.last_scale,
+            }
+        )
 
     def _steps_per_epoch(self) -> int:
         n, bs = len(self.data.train), self.spec.batch_size
@@ -800,8 +861,16 @@ class _Run:
         n, bs = len(ds), spec.batch_size
         if not self.logs:  # epoch 0: the measurement at initialisation
             self.epoch_noise = (0.0, 0)
-            self.logs.append({"epoch": 0, "lr": spec.lr, "alpha": spec.alpha,
-                              "train_loss": None, "train_acc": None, **self.measure()})
+            self.logs.append(
+                {
+                    "epoch": 0,
+                    "lr": spec.lr,
+                    "alpha": spec.alpha,
+                    "train_loss": None,
+                    "train_acc": None,
+                    **self.measure(),
+                }
+            )
         write_jsonl(self.out / METRICS, self.logs)
         steps = self._steps_per_epoch()
         while self.epoch < spec.epochs:
@@ -813,8 +882,9 @@ class _Run:
                 self.sums = {"count": 0, "win_n": 0, "time": 0.0, "wall": 0.0}
                 self.acc = self._zeros()
             wall0 = time.perf_counter() - self.sums["wall"]
-            bar = runner.progress_bar(steps, self.step_in_epoch,
-                                      f"{spec.name} ep {e}/{spec.epochs}", self.progress)
+            bar = runner.progress_bar(
+                steps, self.step_in_epoch, f"{spec.name} ep {e}/{spec.epochs}", self.progress
+            )
             diverged = False
             t0 = time.perf_counter()
             while self.step_in_epoch < steps:
@@ -827,12 +897,14 @@ class _Run:
                 if k > 0 and self.global_step % k == 0:  # a log point
                     win, bad = self.acc[[_WIN, _BAD]].tolist()
                     self.sums["time"] += time.perf_counter() - t0
-                    self.traces.append({
-                        "step": self.global_step,
-                        "epoch": self.global_step / steps,
-                        "window_loss": win / max(self.sums["win_n"], 1),
-                        "trace": _finite(self.trace()),
-                    })
+                    self.traces.append(
+                        {
+                            "step": self.global_step,
+                            "epoch": self.global_step / steps,
+                            "window_loss": win / max(self.sums["win_n"], 1),
+                            "trace": _finite(self.trace()),
+                        }
+                    )
                     self.acc[_WIN] = 0.0
                     self.sums["win_n"] = 0
                     t0 = time.perf_counter()
@@ -894,19 +966,23 @@ class _Run:
             write_jsonl(out / TRAIN_CURVE, self.updates)
         if self.log:
             r = self.logs[-1]
-            self.log(f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
-                     f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
-                     f"val {_fmt(r.get('val_acc'))} test {_fmt(r.get('test_acc'))} "
-                     f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
-                     f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s")
+            self.log(
+                f"[{spec.name}] epoch {r['epoch']}/{spec.epochs} "
+                f"loss {_fmt(r['train_loss'], '.4f')} train {r['train_acc']:.2f} "
+                f"val {_fmt(r.get('val_acc'))} test {_fmt(r.get('test_acc'))} "
+                f"Tr(F) {_fmt(r.get('trace'), '.3g')} "
+                f"{r['epoch_time']:.1f}s {r.get('images_per_s') or 0:.0f} img/s"
+            )
 
     def summary(self, status: str) -> dict[str, Any]:
         """Evaluate the kept best-validation weights (``test_every=0``) and summarize."""
         self.test_best()
         write_jsonl(self.out / METRICS, self.logs)
         if status == DIVERGED and self.log:
-            self.log(f"[{self.spec.name}] diverged (non-finite training loss) at step "
-                     f"{self.logs[-1]['diverged_at_step']}; stopped")
+            self.log(
+                f"[{self.spec.name}] diverged (non-finite training loss) at step "
+                f"{self.logs[-1]['diverged_at_step']}; stopped"
+            )
         return summarize(self.spec, self.logs, self.traces, status)
 
 
@@ -963,15 +1039,36 @@ def train_run(
     data = place_data(data, device, data_on_device)
 
     def start() -> _Run:
-        run = _Run(spec, data, folder.path, device, extend=extend, progress=progress,
-                   compile=compile, log=log)
+        run = _Run(
+            spec,
+            data,
+            folder.path,
+            device,
+            extend=extend,
+            progress=progress,
+            compile=compile,
+            log=log,
+        )
         if data.noisy is not None:
-            torch.save({"noisy": data.noisy.cpu(), "clean_labels": data.clean_labels.cpu(),
-                        "labels": data.train.labels.cpu()}, folder.path / "noise.pt")
+            torch.save(
+                {
+                    "noisy": data.noisy.cpu(),
+                    "clean_labels": data.clean_labels.cpu(),
+                    "labels": data.train.labels.cpu(),
+                },
+                folder.path / "noise.pt",
+            )
         return run
 
-    out = runner.execute(folder, start, resume=resume or extend, deadline=deadline,
-                         map_location=device, name=spec.name, log=log)
+    out = runner.execute(
+        folder,
+        start,
+        resume=resume or extend,
+        deadline=deadline,
+        map_location=device,
+        name=spec.name,
+        log=log,
+    )
     if out["status"] == INTERRUPTED:
         out["epochs_done"] = out["epoch"]
     return out
@@ -995,14 +1092,14 @@ def run_many(
     if pack > 1 and len(specs) > 1:
         return _run_packed(specs, data, Path(root), min(pack, len(specs)), kwargs)
     results, _ = runner.sweep(
-        lambda spec=spec: train_run(spec, data, Path(root) / spec.name, **kwargs)
-        for spec in specs
+        lambda spec=spec: train_run(spec, data, Path(root) / spec.name, **kwargs) for spec in specs
     )
     return results
 
 
-def _run_packed(specs: Sequence[RunSpec], data: DataBundle, root: Path, pack: int,
-                kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+def _run_packed(
+    specs: Sequence[RunSpec], data: DataBundle, root: Path, pack: int, kwargs: dict[str, Any]
+) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     root.mkdir(parents=True, exist_ok=True)
@@ -1014,16 +1111,27 @@ def _run_packed(specs: Sequence[RunSpec], data: DataBundle, root: Path, pack: in
     wall = None if deadline is None else time.time() + (deadline - runner.clock())
     kwargs.pop("log", None)  # a worker prints its lines (a function does not pickle)
     try:
-        mp.spawn(_packed_worker, nprocs=pack, join=True,
-                 args=(pack, list(specs), str(shared), str(root), wall, kwargs,
-                       torch.get_num_threads()))
+        mp.spawn(
+            _packed_worker,
+            nprocs=pack,
+            join=True,
+            args=(pack, list(specs), str(shared), str(root), wall, kwargs, torch.get_num_threads()),
+        )
     finally:
         shared.unlink(missing_ok=True)
     return [_packed_result(spec, root / spec.name) for spec in specs]
 
 
-def _packed_worker(rank: int, pack: int, specs: list[RunSpec], data_file: str, root: str,
-                   wall: float | None, kwargs: dict[str, Any], threads: int) -> None:
+def _packed_worker(
+    rank: int,
+    pack: int,
+    specs: list[RunSpec],
+    data_file: str,
+    root: str,
+    wall: float | None,
+    kwargs: dict[str, Any],
+    threads: int,
+) -> None:
     """Process ``rank`` of :func:`run_many`'s ``pack``: its share of the runs, in order."""
     torch.set_num_threads(max(1, threads // pack))
     deadline = None if wall is None else runner.clock() + (wall - time.time())
@@ -1043,5 +1151,4 @@ def _packed_result(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         return done
     metrics = run_dir / METRICS
     epochs = runner.read_jsonl(metrics)[-1]["epoch"] if metrics.is_file() else 0
-    return {"name": spec.name, "spec": spec.to_dict(), "status": INTERRUPTED,
-            "epochs_done": epochs}
+    return {"name": spec.name, "spec": spec.to_dict(), "status": INTERRUPTED, "epochs_done": epochs}

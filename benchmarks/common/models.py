@@ -105,22 +105,45 @@ def simple_cnn(num_classes: int = 10) -> nn.Sequential:
     """Keras ``cifar10_cnn`` without dropout (``Linear(64*6*6, 128)`` head) for 32x32."""
     return init_weights(
         nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 6 * 6, 128), nn.ReLU(inplace=True),
+            nn.Linear(64 * 6 * 6, 128),
+            nn.ReLU(inplace=True),
             nn.Linear(128, num_classes),
         )
     )
 
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 def vgg(
@@ -172,8 +195,12 @@ def small_cnn(
             layers.append(nn.BatchNorm2d(cout))
         layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         cin = cout
-    layers += [nn.Flatten(), nn.Linear(cin * (pool // 4) ** 2, 128), nn.ReLU(inplace=True),
-               nn.Linear(128, num_classes)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(cin * (pool // 4) ** 2, 128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    ]
     return init_weights(nn.Sequential(*layers))
 
 
@@ -181,10 +208,14 @@ def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
     """About 1.6k parameters (10 classes) with one BatchNorm; any input size."""
     return init_weights(
         nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(16, num_classes),
         )
     )
@@ -193,8 +224,10 @@ def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
 def tiny_mlp(num_classes: int = 10, hidden: int = 32) -> nn.Sequential:
     """MLP on the 8x8-average-pooled image: ``192 -> hidden -> C`` (6.5k params at C=10)."""
     return nn.Sequential(
-        nn.AdaptiveAvgPool2d(8), nn.Flatten(),
-        nn.Linear(3 * 8 * 8, hidden), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(8),
+        nn.Flatten(),
+        nn.Linear(3 * 8 * 8, hidden),
+        nn.ReLU(inplace=True),
         nn.Linear(hidden, num_classes),
     )
 
@@ -395,8 +428,9 @@ class _BasicBlock(nn.Module):
         self.stride, self.extra = stride, cout - cin
         self.proj: nn.Module | None = None
         if shortcut == "B" and (stride != 1 or cin != cout):
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+            self.proj = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual block forward pass."""
@@ -548,9 +582,7 @@ def build_model(name: str, num_classes: int = 10, init: str = "kaiming") -> nn.M
     try:
         factory = MODELS[name.lower()]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; valid names: {', '.join(MODELS)}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}") from None
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     model = factory(num_classes)

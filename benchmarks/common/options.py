@@ -58,8 +58,14 @@ def option(
         argparse_kwargs: ``type``, ``choices``, ``nargs``, ``metavar``, ``action``,
             ``const`` as for ``ArgumentParser.add_argument``.
     """
-    metadata = {"help": help, "flag": flag, "group": group, "tags": tags, "unset": unset,
-                "argparse": argparse_kwargs}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "group": group,
+        "tags": tags,
+        "unset": unset,
+        "argparse": argparse_kwargs,
+    }
     if default_factory is None and isinstance(default, list):
         default_factory, default = (lambda d=tuple(default): list(d)), _MISSING
     if default_factory is not None:
@@ -122,8 +128,9 @@ def add_options(
             if default is None and meta["unset"] is not None:
                 text = f"{text} (default: {meta['unset']})"
             if flag.startswith("-"):
-                target.add_argument(*flags, dest=f.name, default=default, help=text,
-                                    **meta["argparse"])
+                target.add_argument(
+                    *flags, dest=f.name, default=default, help=text, **meta["argparse"]
+                )
             else:  # a positional argument (``flag`` is the field's name)
                 target.add_argument(flag, default=default, help=text, **meta["argparse"])
     return groups
@@ -137,8 +144,7 @@ def parser(
     the ``--help`` sections ``sections`` first, in that order."""
     from fisher_optim._cli import HelpFormatter
 
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     groups = {title: p.add_argument_group(title) for title in sections}
     add_options(p, *classes, groups=groups, **kwargs)
     return p

@@ -28,11 +28,19 @@ import matplotlib.pyplot as plt
 from benchmarks.common.options import option, parser
 from benchmarks.common.runner import read_jsonl
 
-__all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter",
-           "save_figure"]
+__all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter", "save_figure"]
 
-_LABEL_FIELDS = ("method", "lr", "alpha", "batch_size", "fp_start_epoch", "augment",
-                 "label_noise", "seed", "model")
+_LABEL_FIELDS = (
+    "method",
+    "lr",
+    "alpha",
+    "batch_size",
+    "fp_start_epoch",
+    "augment",
+    "label_noise",
+    "seed",
+    "model",
+)
 
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -47,17 +55,24 @@ def _config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def label_runs(configs: Sequence[dict[str, Any]]) -> list[str]:
     """Short legend labels: the method plus whichever fields differ between the runs."""
-    varying = [
-        k for k in _LABEL_FIELDS[1:]
-        if len({json.dumps(c.get(k)) for c in configs}) > 1
-    ]
-    short = {"batch_size": "bs", "fp_start_epoch": "start", "label_noise": "noise",
-             "alpha": "α", "lr": "lr", "seed": "seed"}
+    varying = [k for k in _LABEL_FIELDS[1:] if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    short = {
+        "batch_size": "bs",
+        "fp_start_epoch": "start",
+        "label_noise": "noise",
+        "alpha": "α",
+        "lr": "lr",
+        "seed": "seed",
+    }
     labels = []
     for c in configs:
         parts = [str(c.get("method", "?"))]
-        parts += [f"{short.get(k, k)}={c.get(k):g}" if isinstance(c.get(k), float)
-                  else f"{short.get(k, k)}={c.get(k)}" for k in varying]
+        parts += [
+            f"{short.get(k, k)}={c.get(k):g}"
+            if isinstance(c.get(k), float)
+            else f"{short.get(k, k)}={c.get(k)}"
+            for k in varying
+        ]
         labels.append(" ".join(parts))
     return labels
 
@@ -122,8 +137,10 @@ def plot_trace_scatter(
         ax.scatter([x], [y])
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     eps = summaries[0].get("loss_threshold") if summaries else None
-    ax.set(xlabel=f"Tr(F_i) (Tr(F) when the training loss first < {eps})",
-           ylabel="final test accuracy (%)")
+    ax.set(
+        xlabel=f"Tr(F_i) (Tr(F) when the training loss first < {eps})",
+        ylabel="final test accuracy (%)",
+    )
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
@@ -134,18 +151,23 @@ def plot_trace_scatter(
 class PlotOptions:
     """``python -m benchmarks.common.plots``'s options."""
 
-    run_dirs: list[str] = option(help="run directories (with metrics.jsonl)", flag="run_dirs",
-                                 nargs="+")
+    run_dirs: list[str] = option(
+        help="run directories (with metrics.jsonl)", flag="run_dirs", nargs="+"
+    )
     output: str = option("figure.png", "output PNG", flag=("-o", "--output"))
-    scatter: bool = option(False, "Tr(F_i) vs final test accuracy (needs summary.json in each "
-                           "run)", action="store_true")
+    scatter: bool = option(
+        False,
+        "Tr(F_i) vs final test accuracy (needs summary.json in each run)",
+        action="store_true",
+    )
     title: str | None = option(None, "the figure's title", unset="none")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.common.plots RUN_DIR... --output fig.png [--scatter]``."""
-    args = parser("python -m benchmarks.common.plots", __doc__.split("\n\n")[0],
-                  PlotOptions).parse_args(argv)
+    args = parser(
+        "python -m benchmarks.common.plots", __doc__.split("\n\n")[0], PlotOptions
+    ).parse_args(argv)
     if args.scatter:
         summaries = []
         for d in args.run_dirs:

@@ -88,19 +88,38 @@ class RunningOptions:
     script sets its own ``out`` default)."""
 
     out: str = option("runs", "output folder", group=RUNNING)
-    threads: int | None = option(None, "torch CPU threads", unset="torch's choice",
-                                 type=positive_int, metavar="N", group=RUNNING)
+    threads: int | None = option(
+        None,
+        "torch CPU threads",
+        unset="torch's choice",
+        type=positive_int,
+        metavar="N",
+        group=RUNNING,
+    )
     time_limit: float | None = option(
-        None, "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
-        f"{EXIT_INTERRUPTED}; the same command with --resume continues it", unset="no limit",
-        type=positive_float, metavar="MINUTES", group=RUNNING)
-    resume: bool = option(False, "continue interrupted runs from their checkpoints, skip "
-                          "finished ones", action="store_true", group=RUNNING)
-    no_plot: bool = option(False, "do not draw the figure", action="store_true",
-                           group=RUNNING)
-    no_progress: bool = option(False, "no progress bar (one is drawn per epoch when the "
-                               "output is a terminal; one line per epoch is printed either "
-                               "way)", action="store_true", group=RUNNING)
+        None,
+        "minutes; once exceeded, checkpoint the unfinished run and stop with exit code "
+        f"{EXIT_INTERRUPTED}; the same command with --resume continues it",
+        unset="no limit",
+        type=positive_float,
+        metavar="MINUTES",
+        group=RUNNING,
+    )
+    resume: bool = option(
+        False,
+        "continue interrupted runs from their checkpoints, skip finished ones",
+        action="store_true",
+        group=RUNNING,
+    )
+    no_plot: bool = option(False, "do not draw the figure", action="store_true", group=RUNNING)
+    no_progress: bool = option(
+        False,
+        "no progress bar (one is drawn per epoch when the "
+        "output is a terminal; one line per epoch is printed either "
+        "way)",
+        action="store_true",
+        group=RUNNING,
+    )
 
 
 def device_name(text: str) -> str:
@@ -115,18 +134,35 @@ class DeviceOptions:
     """Where and how a script's runs train, shared by every script that trains (none of it
     changes a run's configuration; ``--amp`` does and is a run option)."""
 
-    device: str = option("auto", "auto (CUDA if available, else CPU), cpu, cuda or "
-                         "cuda:INDEX", type=device_name, group=DEVICE)
-    compile: bool = option(False, "train through torch.compile(model) (the first steps "
-                           "compile; worth it for long runs on a GPU)", action="store_true",
-                           group=DEVICE)
+    device: str = option(
+        "auto",
+        "auto (CUDA if available, else CPU), cpu, cuda or cuda:INDEX",
+        type=device_name,
+        group=DEVICE,
+    )
+    compile: bool = option(
+        False,
+        "train through torch.compile(model) (the first steps "
+        "compile; worth it for long runs on a GPU)",
+        action="store_true",
+        group=DEVICE,
+    )
     data_on_device: str = option(
-        "auto", "keep the data set resident on the device, where batches are shuffled and "
+        "auto",
+        "keep the data set resident on the device, where batches are shuffled and "
         "augmented (auto: if it takes at most half the free device memory; no: batches are "
-        "made on the host and copied)", choices=DATA_ON_DEVICE, group=DEVICE)
-    pack: int = option(1, "train N runs at once, each in its own process on the same "
-                       "device (small models leave a GPU mostly idle; see the GPU guide)",
-                       type=positive_int, metavar="N", group=DEVICE)
+        "made on the host and copied)",
+        choices=DATA_ON_DEVICE,
+        group=DEVICE,
+    )
+    pack: int = option(
+        1,
+        "train N runs at once, each in its own process on the same "
+        "device (small models leave a GPU mostly idle; see the GPU guide)",
+        type=positive_int,
+        metavar="N",
+        group=DEVICE,
+    )
 
 
 # ------------------------------------------------------------------------------ files
@@ -188,8 +224,10 @@ def random_state() -> dict[str, Any]:
     """torch's global random states (CPU and CUDA), for a checkpoint."""
     import torch
 
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_random_state(state: dict[str, Any]) -> None:
@@ -212,8 +250,13 @@ class RunFolder:
     ``summary.json``, ``checkpoint.pt`` and ``config.json``.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], key: str = "config",
-                 stem: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: dict[str, Any],
+        key: str = "config",
+        stem: str | None = None,
+    ):
         self.path, self.config, self.key, self.stem = Path(path), config, key, stem
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -246,8 +289,7 @@ class RunFolder:
         """Write the checkpoint (``state`` records the configuration under ``key``)."""
         import torch
 
-        _atomic(self.checkpoint_path, lambda tmp: torch.save({self.key: self.config, **state},
-                                                             tmp))
+        _atomic(self.checkpoint_path, lambda tmp: torch.save({self.key: self.config, **state}, tmp))
 
     def load(self, map_location: Any = None) -> dict[str, Any] | None:
         """The checkpoint, or None if there is none."""
@@ -322,8 +364,10 @@ def execute(
         if saved[folder.key] != folder.config:
             why = run.resume_error(saved)
             if why is not None:
-                raise ValueError(f"{folder.checkpoint_path} belongs to a different run "
-                                 f"configuration ({why}); remove it or drop --resume")
+                raise ValueError(
+                    f"{folder.checkpoint_path} belongs to a different run "
+                    f"configuration ({why}); remove it or drop --resume"
+                )
         run.load_state_dict(saved)
         say(f"[{name}] resumed at {_where(run)}")
 
@@ -333,10 +377,8 @@ def execute(
     status = run.train(deadline, checkpoint)
     if status == INTERRUPTED:
         checkpoint()
-        say(f"[{name}] time limit: checkpointed at {_where(run)}; rerun with --resume to "
-            "continue")
-        return {"name": name, folder.key: folder.config, "status": INTERRUPTED,
-                **run.position()}
+        say(f"[{name}] time limit: checkpointed at {_where(run)}; rerun with --resume to continue")
+        return {"name": name, folder.key: folder.config, "status": INTERRUPTED, **run.position()}
     summary = run.summary(status)
     write_json(folder.summary_path, summary)
     if not keep_checkpoint:

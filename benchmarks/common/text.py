@@ -119,8 +119,10 @@ class TextCorpus:
         ``[:, :-1]``, next-byte targets ``[:, 1:]``); the generator fixes the data order."""
         high = len(self.train) - context
         if high < 1:
-            raise ValueError(f"the training text ({len(self.train)} bytes) is shorter than a "
-                             f"window of {context + 1} bytes")
+            raise ValueError(
+                f"the training text ({len(self.train)} bytes) is shorter than a "
+                f"window of {context + 1} bytes"
+            )
         starts = torch.randint(high, (batch_size,), generator=generator)
         return self._windows(self.train, starts, context + 1)
 
@@ -136,8 +138,10 @@ class TextCorpus:
     def _fixed(self, stream: Tensor, count: int, context: int, name: str) -> Tensor:
         high = len(stream) - context - 1
         if high < 0:
-            raise ValueError(f"the {name} text ({len(stream)} bytes) is shorter than a window "
-                             f"of {context + 1} bytes")
+            raise ValueError(
+                f"the {name} text ({len(stream)} bytes) is shorter than a window "
+                f"of {context + 1} bytes"
+            )
         starts = torch.linspace(0, high, count).round().long()
         return self._windows(stream, starts, context + 1)
 
@@ -191,8 +195,12 @@ class ByteTransformerLM(nn.Module):
 
     def __init__(self, context: int = 64, dim: int = 128, layers: int = 2, heads: int = 4) -> None:
         super().__init__()
-        for name, value in (("context", context), ("dim", dim), ("layers", layers),
-                            ("heads", heads)):
+        for name, value in (
+            ("context", context),
+            ("dim", dim),
+            ("layers", layers),
+            ("heads", heads),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if dim % heads:

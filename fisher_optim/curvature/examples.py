@@ -83,9 +83,7 @@ def probe_indices(n: int) -> tuple[int, ...]:
     return (0,) if n == 1 else (0, n - 1) if n > 1 else ()
 
 
-def check_examples_alone(
-    pairs: Sequence[tuple[int, Tensor, Tensor]], n: int, who: str
-) -> None:
+def check_examples_alone(pairs: Sequence[tuple[int, Tensor, Tensor]], n: int, who: str) -> None:
     """Raise ``ValueError`` unless, for each ``(i, in_batch, alone)``, ``alone`` (the model's
     output for example ``i`` run alone) equals ``in_batch`` (that example's rows of the
     output for the whole batch of ``n``), up to rounding. One host read for all pairs; a

@@ -223,7 +223,9 @@ def example_grad_draws(
     labels = labels.to(logits.device)
     z = torch.randn((k * n, 1, 1), generator=generator, device=logits.device, dtype=logits.dtype)
     many = detached.expand(k, -1, -1, -1).reshape(k * n, per, classes)
-    cotangent = (likelihood.example_score(many, labels) * z / math.sqrt(n)).reshape(k, rows, classes)
+    cotangent = (likelihood.example_score(many, labels) * z / math.sqrt(n)).reshape(
+        k, rows, classes
+    )
     grads = torch.autograd.grad(
         logits, params, cotangent[0] if draws is None else cotangent,
         allow_unused=True, is_grads_batched=draws is not None,

@@ -321,8 +321,11 @@ def group_gradient_stats(
             chunk = slice_batch(inputs, start, stop)
             logits = as_logits(call_model(model, chunk), output_fn)
             rows = logits.shape[0] // (stop - start)
-            ends = [(i, logits[(i - start) * rows : (i - start + 1) * rows], a)
-                    for i, a in alone.items() if start <= i < stop]
+            ends = [
+                (i, logits[(i - start) * rows : (i - start + 1) * rows], a)
+                for i, a in alone.items()
+                if start <= i < stop
+            ]
             check_examples_alone(ends, n, "group_gradient_stats")
             logits3 = logits.reshape(stop - start, -1, logits.shape[-1])
             lik.check_outputs(logits3, "group_gradient_stats")

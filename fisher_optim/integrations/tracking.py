@@ -112,7 +112,8 @@ def check_monitor_keywords(owner: str, monitor_kwargs: dict[str, Any]) -> None:
     """Refuse a keyword that :class:`~fisher_optim.monitor.FisherMonitor` does not take,
     naming ``owner`` and the closest one (``evry=10``: did you mean ``every``?)."""
     accepted = [
-        name for name, p in inspect.signature(FisherMonitor.__init__).parameters.items()
+        name
+        for name, p in inspect.signature(FisherMonitor.__init__).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     ]
     check_keywords(owner, monitor_kwargs, [*accepted, "prefix"])
@@ -161,8 +162,11 @@ class FisherTracking:
         row = monitor.step(loss=loss, step=step)
         if row is None:
             return {}
-        out = {f"{self.prefix}{k}": float(v) for k, v in row.items()
-               if k not in ROW_SKIP and _number(v) is not None}
+        out = {
+            f"{self.prefix}{k}": float(v)
+            for k, v in row.items()
+            if k not in ROW_SKIP and _number(v) is not None
+        }
         if monitor.early_value is not None and monitor.early_step == row["step"]:
             out[f"{self.prefix}early_trace"] = float(monitor.early_value)
         return out

@@ -106,14 +106,16 @@ class FisherTrainerCallback(TrainerCallback):
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
-        index = next((i + 1 for i, cb in enumerate(callbacks)
-                      if isinstance(cb, DefaultFlowCallback)), 0)
+        index = next(
+            (i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0
+        )
         callbacks.insert(index, self)
         self._attached = True
         return self
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         if model is None:
             raise RuntimeError("FisherTrainerCallback needs the Trainer's model")
         self.tracking.bind(model)
@@ -126,8 +128,15 @@ class FisherTrainerCallback(TrainerCallback):
             control.should_log = True
         return control
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               optimizer: Any = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: dict[str, Any] | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or any(k.startswith(EVAL_PREFIXES) for k in logs):
             return
         if isinstance(logs.get("loss"), (int, float)):
@@ -185,8 +194,11 @@ class FisherPenaltyFactory:
                 raise ValueError(
                     f"FisherPenaltyFactory needs {key}=... in the kwargs of "
                     f"optimizer_cls_and_kwargs, e.g. {{{key!r}: {example}}}"
-                    + (" (TrainingArguments.learning_rate does not reach a factory)"
-                       if key == "lr" else "")
+                    + (
+                        " (TrainingArguments.learning_rate does not reach a factory)"
+                        if key == "lr"
+                        else ""
+                    )
                 )
         decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
