@@ -174,3 +174,23 @@ def test_bad_options_are_argparse_errors(
         lm_stdlib.main([*TINY, *bad])
     assert err.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("amp", [[], ["--amp", "bf16"]], ids=["float32", "bf16"])
+def test_ordinary_training_steps_read_nothing_back(
+    lm_stdlib, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: list[str]
+) -> None:
+    """Between two deadline checks (one per step) a step reads the device only at the log
+    points (every 2nd step here), with and without --amp bf16. (With SGD: AdamW reads its
+    step counters, which it keeps on the host, so they are no device read on a GPU, but the
+    counter sees them on the CPU.)"""
+    from benchmarks.common.syncs import SyncCounter
+
+    counter, marks = SyncCounter(), []
+    monkeypatch.setattr(runner, "past", lambda deadline: marks.append(counter.count) or False)
+    argv = [*TINY, "--methods", "baseline", "--optimizer", "sgd", "--no-plot", "--out",
+            str(tmp_path), *amp]  # fmt: skip
+    with counter:
+        assert lm_stdlib.main(argv) == 0
+    reads = [b - a for a, b in zip(marks, marks[1:])]
+    assert len(reads) == 3 and reads[0] == reads[2] == 0 and reads[1] > 0, reads
