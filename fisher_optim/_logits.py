@@ -1,8 +1,8 @@
 """Turning model outputs into flat logits.
 
 Shared by the penalty (what is penalized) and the curvature measurements: both need
-``[N, C]`` logits, and labels sampled from them by a likelihood (the public module
-:mod:`fisher_optim.likelihoods`, whose names are importable from here as before).
+``[N, C]`` logits, and labels sampled from them by a likelihood
+(:mod:`fisher_optim.likelihoods`).
 """
 
 from __future__ import annotations
@@ -11,17 +11,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
-
-from fisher_optim.likelihoods import (  # noqa: F401 - importable from here as before
-    LABEL_KINDS,
-    LIKELIHOODS,
-    Bernoulli,
-    Categorical,
-    Gaussian,
-    Likelihood,
-    get_likelihood,
-    sample_labels,
-)
 
 OutputFn = Callable[[Any], Tensor]
 

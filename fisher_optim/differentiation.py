@@ -78,11 +78,13 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     is_sharded,
 )
-from fisher_optim._logits import Likelihood, OutputFn
+from fisher_optim._logits import OutputFn
 from fisher_optim._modules import math_attention, trainable_parameters
-from fisher_optim._targets import TargetMask
 from fisher_optim.activation_pattern import ActivationPattern, PatternMismatch
-from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
+from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood
+from fisher_optim.penalty import LossFn, PenaltyObjective, squared_norm
+from fisher_optim.targets import TargetMask
 
 MODES = ("exact", "finite_difference")
 #: Difference schemes of the finite-difference engine (see the module docstring).

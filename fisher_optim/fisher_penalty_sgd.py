@@ -25,8 +25,7 @@ from fisher_optim._fsdp import (
     is_fsdp,
     local_shard,
 )
-from fisher_optim._logits import Likelihood, OutputFn
-from fisher_optim._targets import TargetMask
+from fisher_optim._logits import OutputFn
 from fisher_optim.differentiation import (
     AUTO_FORWARD_REFRESHES,
     AUTO_TOLERANCE,
@@ -39,6 +38,7 @@ from fisher_optim.differentiation import (
     check_mode,
     compute_penalty_gradient,
 )
+from fisher_optim.likelihoods import Likelihood
 from fisher_optim.penalty import (
     LossFn,
     Penalty,
@@ -48,6 +48,7 @@ from fisher_optim.penalty import (
     get_penalty,
 )
 from fisher_optim.safeguard import SpikeGuard
+from fisher_optim.targets import TargetMask
 from fisher_optim.validate import (
     check_bool,
     check_function_or_none,
@@ -97,7 +98,7 @@ class FisherPenaltySGD(GradientWrapper):
             automatically): a function called like the model, ``target_mask(*args,
             **kwargs)``, returning a boolean tensor shaped like the logits without their class
             dimension (or None: every row). Rows without a target get no label and do not
-            enter ``Tr(F_B)``. See :mod:`fisher_optim._targets`.
+            enter ``Tr(F_B)``. See :mod:`fisher_optim.targets`.
         penalty_scale: ``"batch"`` (default): penalise ``Tr(F_B)`` as the paper does, which
             shrinks as 1/N with the number N of target rows (1/T for a language model);
             ``"per_row"``: penalise ``N · Tr(F_B)``, an unbiased estimate of the mean per-row
@@ -118,7 +119,7 @@ class FisherPenaltySGD(GradientWrapper):
             or ``"gaussian"`` (regression, ŷ ~ N(f(x), σ²), σ = 1;
             ``fisher_optim.Gaussian(sigma=...)`` otherwise). A one-output model with
             ``"categorical"`` raises (its Tr(F_B) would be identically 0). See
-            :mod:`fisher_optim._logits`.
+            :mod:`fisher_optim.likelihoods`.
         penalty_batch_size: use only the first N examples of the batch for the penalty. The
             batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
             holds the examples in its first dimension; pass shared tensors through the

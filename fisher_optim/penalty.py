@@ -13,7 +13,7 @@ Every penalty here is the squared norm of a gradient of a *surrogate loss* ``L``
 
 ``p`` is the ``likelihood``: ``"categorical"`` (the default and the paper's: softmax,
 ``−log p = CE``), ``"bernoulli"`` (independent binary labels, one logit each) or
-``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim._logits`. A model with
+``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim.likelihoods`. A model with
 one output needs ``"bernoulli"`` or ``"gaussian"``: a softmax over one class makes the penalty
 identically 0, so the categorical likelihood refuses it. ``loss_fn`` (GP, GPx) gets the model's
 output (after ``output_fn``) and the targets as they are, like the training loss; without
@@ -47,17 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._logits import (
-    Likelihood,
-    OutputFn,
-    as_logits,
-    get_likelihood,
-    model_output,
-    pick_logits,
-)
+from fisher_optim._logits import OutputFn, as_logits, model_output, pick_logits
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
-from fisher_optim._targets import TargetMask, target_rows
 from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood, get_likelihood
+from fisher_optim.targets import TargetMask, target_rows
 
 #: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
 PENALTY_SCALES = ("batch", "per_row")
@@ -253,7 +247,7 @@ class PenaltyObjective:
     very forward); later calls, e.g. at shifted parameters or shifted inputs, reuse them.
     ``wrt()`` gives the tensors whose gradient norm is penalized.
 
-    Rows without a target (:mod:`fisher_optim._targets`: padding, ``-100`` labels, the last
+    Rows without a target (:mod:`fisher_optim.targets`: padding, ``-100`` labels, the last
     position of a causal LM; or ``target_mask``) get no label and do not enter ``L``, which is
     the mean over the ``N`` rows that have one. With true targets (GP, GPx) ``loss_fn`` sees
     every row and its own ``ignore_index`` decides.
@@ -390,12 +384,12 @@ def fisher_penalty(
     tensor, or a :class:`Batch` for models called with several arguments.
 
     Only rows with a target enter ``L`` (automatic for Hugging Face models; ``target_mask``
-    for any other model, see :mod:`fisher_optim._targets`); ``penalty_scale="per_row"``
+    for any other model, see :mod:`fisher_optim.targets`); ``penalty_scale="per_row"``
     returns ``N · Tr(F_B)`` (see :class:`PenaltyObjective`).
 
     ``likelihood`` is the model's predictive distribution ``p_θ(y|x)``: ``"categorical"``
     (softmax, needs ≥ 2 outputs), ``"bernoulli"`` (one logit per binary label) or
-    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim._logits`.
+    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim.likelihoods`.
     ``loss_fn`` (GP, GPx) receives the model output (after ``output_fn``) and ``targets``
     exactly as given; without it, the likelihood's negative log-likelihood is used.
     """

@@ -27,9 +27,8 @@ from fisher_optim._as_found import left_as_found
 from fisher_optim._fsdp import local_shard
 from fisher_optim._logits import OutputFn, model_output
 from fisher_optim._modules import eval_mode, unwrap
-from fisher_optim.batch import holds_examples
+from fisher_optim.batch import Batch, holds_examples
 from fisher_optim.curvature.examples import check_examples_alone, probe_indices
-from fisher_optim.penalty import Batch
 from fisher_optim.validate import check_keywords
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
