@@ -343,8 +343,8 @@ class FisherNoiseSGD(GradientWrapper):
         self.skipped_refreshes += 1
         what = what.replace("...", f"at step {self.step_count} is not finite")
         warnings.warn(
-            f"FisherNoiseSGD: the {what}; it was dropped and {effect} "
-            f"({self.skipped_refreshes} dropped so far). Training continues.",
+            f"FisherNoiseSGD: the {what}; it was dropped ({self.skipped_refreshes} dropped so "
+            "far)" + self._after_dropped(effect),
             RuntimeWarning,
             stacklevel=stacklevel,
         )

@@ -23,7 +23,6 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     global_norms,
     is_fsdp,
-    local_shard,
 )
 from fisher_optim._logits import OutputFn
 from fisher_optim.differentiation import (
@@ -33,6 +32,7 @@ from fisher_optim.differentiation import (
     EXACT_CHECK_TOLERANCE,
     FiniteDifferenceWarning,
     check_fd_dtypes,
+    check_fd_options,
     check_fd_scheme,
     check_fd_step,
     check_mode,
@@ -200,7 +200,7 @@ class FisherPenaltySGD(GradientWrapper):
         check_fd_step(fd_step)
         self.every = every
         self.mode = check_mode(mode)
-        _check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
         self.penalty = get_penalty(penalty)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
@@ -427,19 +427,10 @@ class FisherPenaltySGD(GradientWrapper):
     def _not_finite_message(self, penalty_value: float) -> str:
         """What a dropped, non-finite refresh means: harmless if the loss gradient is finite;
         if not (NaN/Inf in the batch or the loss), the base step will spread it."""
-        dropped = (
+        return (
             f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not finite "
             f"(penalty value {penalty_value}); it was dropped ({self.skipped_refreshes} dropped "
-            "so far)"
-        )
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return f"{dropped} and no parameter was changed by it. Training continues."
-        return (
-            f"{dropped}, but the loss gradient in p.grad is not finite either: the batch or "
-            "the loss holds NaN/Inf, and the base optimizer's step writes it into the weights. "
-            "Check the inputs (torch.isfinite(x).all()) and the loss before step(); under "
-            "mixed precision, a torch.amp.GradScaler skips such steps"
+            "so far)" + self._after_dropped("no parameter was changed by it")
         )
 
     def _process_group(self) -> Any | None:
@@ -502,18 +493,6 @@ def check_weight(value: Any, name: str) -> float:
             "use 0 to switch the penalty off"
         )
     return float(value)
-
-
-def _check_fd_options(mode: str, **options: Any) -> None:
-    """The finite-difference options are refused in exact mode, which would ignore them."""
-    if mode == "finite_difference":
-        return
-    for name, value in options.items():
-        if value is not None:
-            raise ValueError(
-                f"{name}={value!r} sets the finite difference, which mode={mode!r} does not "
-                f"take: remove {name}, or set mode='finite_difference'"
-            )
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisher_optim._logits import OutputFn, as_logits, model_output, pick_logits
+from fisher_optim._logits import OutputFn, as_logits, check_batched, model_output, pick_logits
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
 from fisher_optim.batch import Batch
 from fisher_optim.likelihoods import Likelihood, get_likelihood
@@ -100,7 +100,7 @@ class SampledLabelPenalty(Penalty):
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
         lik = objective.likelihood
-        shaped = pick_logits(output, objective.output_fn)
+        shaped = pick_logits(output, objective.output_fn, objective.examples)
         logits = shaped.reshape(-1, shaped.shape[-1])
         if objective.labels is None:  # first call: decide the rows, then draw their labels
             batch = objective.batch
@@ -159,9 +159,12 @@ class TrueTargetPenalty(Penalty):
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
         if objective.loss_fn is not None:  # the user's loss sees output and targets as they are
-            return objective.loss_fn(model_output(output, objective.output_fn), objective.targets)
+            out = model_output(output, objective.output_fn)
+            if objective.examples is not None:
+                check_batched(out, objective.examples)
+            return objective.loss_fn(out, objective.targets)
         lik = objective.likelihood
-        logits = as_logits(output, objective.output_fn)
+        logits = as_logits(output, objective.output_fn, objective.examples)
         lik.check_outputs(logits)
         return lik.nll(logits, lik.as_targets(objective.targets, logits))
 
@@ -295,6 +298,15 @@ class PenaltyObjective:
         self.model = model
         self.batch = batch
         self.params = list(trainable_parameters(model) if params is None else params)
+        if not self.params:
+            raise ValueError(
+                "every parameter of the model is frozen (requires_grad=False), so the penalty "
+                "has no gradient and Tr(F_B) sums over no parameter; unfreeze the ones to "
+                "penalise (model.requires_grad_(True), or p.requires_grad_(True) for some)"
+            )
+        #: The number of examples the model is called on (None if the batch has no batch
+        #: dimension to read it from), to tell an unbatched call in the error.
+        self.examples = _examples(batch)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.generator = generator
@@ -334,6 +346,13 @@ class PenaltyObjective:
         forward run inside ``forward`` (e.g. an
         :class:`~fisher_optim.activation_pattern.ActivationPattern` recording or replaying)."""
         return self.penalty.loss(self, self._call(input_shift, forward))
+
+
+def _examples(batch: Batch) -> int | None:
+    try:
+        return batch.num_examples()
+    except ValueError:
+        return None
 
 
 def _replace_first_tensor(

@@ -203,7 +203,7 @@ def example_grad_draws(
     True
     """
     n = batch.num_examples()
-    shaped = pick_logits(model(*batch.args, **batch.kwargs), output_fn)
+    shaped = pick_logits(model(*batch.args, **batch.kwargs), output_fn, n)
     logits = _upcast(shaped.reshape(-1, shaped.shape[-1]))
     rows, classes = logits.shape
     if rows % n:
