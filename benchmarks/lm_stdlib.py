@@ -42,11 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.config import RunSpec  # noqa: E402
-from benchmarks.common.options import add_options, option, tagged  # noqa: E402
-from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
-from fisher_optim import MODES  # noqa: E402
-from fisher_optim._cli import (  # noqa: E402
+from benchmarks.common.arg_types import (  # noqa: E402
     HelpFormatter,
     integer,
     nonnegative_float,
@@ -55,6 +51,10 @@ from fisher_optim._cli import (  # noqa: E402
     positive_int,
     real,
 )
+from benchmarks.common.config import RunSpec  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
+from fisher_optim import MODES  # noqa: E402
 
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")

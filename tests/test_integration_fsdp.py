@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_optim import FisherPenaltySGD
+from fisher_optim.batch import Batch
 from fisher_optim.differentiation import finite_difference_penalty_gradient
-from fisher_optim.penalty import Batch, PenaltyObjective
+from fisher_optim.penalty import PenaltyObjective
 
 from .distributed_utils import run_on_ranks
 

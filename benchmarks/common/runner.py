@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.common.arg_types import positive_float, positive_int
 from benchmarks.common.options import option
-from fisher_optim._cli import positive_float, positive_int
 
 __all__ = [
     "COMPLETE",
@@ -215,8 +215,6 @@ def past(deadline: float | None) -> bool:
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar of one epoch's ``total`` steps when stderr is a terminal and ``enabled``
     (else None: the caller prints one line per epoch either way), the same in every script."""
-    import sys
-
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
