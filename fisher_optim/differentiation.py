@@ -66,6 +66,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,11 +81,13 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     is_sharded,
 )
-from fisher_optim._logits import Likelihood, OutputFn
+from fisher_optim._logits import OutputFn
 from fisher_optim._modules import math_attention, trainable_parameters
-from fisher_optim._targets import TargetMask
 from fisher_optim.activation_pattern import ActivationPattern, PatternMismatch
-from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
+from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood
+from fisher_optim.penalty import LossFn, PenaltyObjective, squared_norm
+from fisher_optim.targets import TargetMask
 
 MODES = ("exact", "finite_difference")
 #: Difference schemes of the finite-difference engine (see the module docstring).
@@ -143,6 +146,18 @@ def check_fd_scheme(scheme: str | None) -> str | None:
     if scheme is not None and scheme not in FD_SCHEMES:
         raise ValueError(f"fd_scheme must be one of {FD_SCHEMES} or None, got {scheme!r}")
     return scheme
+
+
+def check_fd_options(mode: str, **options: Any) -> None:
+    """The finite-difference options are refused in exact mode, which would ignore them."""
+    if mode == "finite_difference":
+        return
+    for name, value in options.items():
+        if value is not None:
+            raise ValueError(
+                f"{name}={value!r} sets the finite difference, which mode={mode!r} does not "
+                f"take: remove {name}, or set mode='finite_difference'"
+            )
 
 
 def check_fd_dtypes(params: Sequence[Tensor], compute_dtypes: Iterable[torch.dtype] = ()) -> None:
@@ -504,6 +519,7 @@ def penalty_gradient(
     check_mode(mode)
     check_fd_step(fd_step)
     check_fd_scheme(fd_scheme)
+    check_fd_options(mode, fd_step=fd_step, fd_scheme=fd_scheme)
     batch = inputs if isinstance(inputs, Batch) else Batch((inputs,), {}, targets)
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)

@@ -67,7 +67,6 @@ from torch import Tensor, nn
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import OutputFn
 from fisher_optim._modules import frozen_batchnorm_stats
-from fisher_optim._targets import TargetMask
 from fisher_optim.batch import Batch
 from fisher_optim.curvature.gradient_moment import (
     accumulation_dtype,
@@ -75,6 +74,7 @@ from fisher_optim.curvature.gradient_moment import (
     sum_sq_example_grads,
 )
 from fisher_optim.likelihoods import Likelihood, get_likelihood
+from fisher_optim.targets import TargetMask
 from fisher_optim.validate import (
     check_choice,
     check_function_or_none,
@@ -125,7 +125,7 @@ class FisherNoiseSGD(GradientWrapper):
         target_mask: which rows of the logits have a target, for models other than Hugging
             Face ones (automatic there: padding, ``-100`` labels, the causal shift); a function
             called like the model returning a boolean tensor shaped like the logits without
-            their class dimension (see :mod:`fisher_optim._targets`). With ``fisher="true"``,
+            their class dimension (see :mod:`fisher_optim.targets`). With ``fisher="true"``,
             rows without a target get no sampled label (as a ``-100`` target); with
             ``"empirical"`` the targets' own ``-100`` entries decide.
         seed: seed of the noise generator (default: derived from ``torch.initial_seed()``;
@@ -341,8 +341,8 @@ class FisherNoiseSGD(GradientWrapper):
         self.skipped_refreshes += 1
         what = what.replace("...", f"at step {self.step_count} is not finite")
         warnings.warn(
-            f"FisherNoiseSGD: the {what}; it was dropped and {effect} "
-            f"({self.skipped_refreshes} dropped so far). Training continues.",
+            f"FisherNoiseSGD: the {what}; it was dropped ({self.skipped_refreshes} dropped so "
+            "far)" + self._after_dropped(effect),
             RuntimeWarning,
             stacklevel=stacklevel,
         )

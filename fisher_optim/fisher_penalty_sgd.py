@@ -24,11 +24,9 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     global_norms,
     is_fsdp,
-    local_shard,
 )
 from fisher_optim._global_rows import rank_share
-from fisher_optim._logits import Likelihood, OutputFn
-from fisher_optim._targets import TargetMask
+from fisher_optim._logits import OutputFn
 from fisher_optim.differentiation import (
     AUTO_FORWARD_REFRESHES,
     AUTO_TOLERANCE,
@@ -36,11 +34,13 @@ from fisher_optim.differentiation import (
     EXACT_CHECK_TOLERANCE,
     FiniteDifferenceWarning,
     check_fd_dtypes,
+    check_fd_options,
     check_fd_scheme,
     check_fd_step,
     check_mode,
     compute_penalty_gradient,
 )
+from fisher_optim.likelihoods import Likelihood
 from fisher_optim.penalty import (
     LossFn,
     Penalty,
@@ -50,6 +50,7 @@ from fisher_optim.penalty import (
     get_penalty,
 )
 from fisher_optim.safeguard import SpikeGuard
+from fisher_optim.targets import TargetMask
 from fisher_optim.validate import (
     check_bool,
     check_function_or_none,
@@ -99,7 +100,7 @@ class FisherPenaltySGD(GradientWrapper):
             automatically): a function called like the model, ``target_mask(*args,
             **kwargs)``, returning a boolean tensor shaped like the logits without their class
             dimension (or None: every row). Rows without a target get no label and do not
-            enter ``Tr(F_B)``. See :mod:`fisher_optim._targets`.
+            enter ``Tr(F_B)``. See :mod:`fisher_optim.targets`.
         penalty_scale: ``"batch"`` (default): penalise ``Tr(F_B)`` as the paper does, which
             shrinks as 1/N with the number N of target rows (1/T for a language model);
             ``"per_row"``: penalise ``N · Tr(F_B)``, an unbiased estimate of the mean per-row
@@ -120,7 +121,7 @@ class FisherPenaltySGD(GradientWrapper):
             or ``"gaussian"`` (regression, ŷ ~ N(f(x), σ²), σ = 1;
             ``fisher_optim.Gaussian(sigma=...)`` otherwise). A one-output model with
             ``"categorical"`` raises (its Tr(F_B) would be identically 0). See
-            :mod:`fisher_optim._logits`.
+            :mod:`fisher_optim.likelihoods`.
         penalty_batch_size: use only the first N examples of the batch for the penalty. The
             batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
             holds the examples in its first dimension; pass shared tensors through the
@@ -201,7 +202,7 @@ class FisherPenaltySGD(GradientWrapper):
         check_fd_step(fd_step)
         self.every = every
         self.mode = check_mode(mode)
-        _check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
         self.penalty = get_penalty(penalty)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
@@ -428,19 +429,10 @@ class FisherPenaltySGD(GradientWrapper):
     def _not_finite_message(self, penalty_value: float) -> str:
         """What a dropped, non-finite refresh means: harmless if the loss gradient is finite;
         if not (NaN/Inf in the batch or the loss), the base step will spread it."""
-        dropped = (
+        return (
             f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not finite "
             f"(penalty value {penalty_value}); it was dropped ({self.skipped_refreshes} dropped "
-            "so far)"
-        )
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return f"{dropped} and no parameter was changed by it. Training continues."
-        return (
-            f"{dropped}, but the loss gradient in p.grad is not finite either: the batch or "
-            "the loss holds NaN/Inf, and the base optimizer's step writes it into the weights. "
-            "Check the inputs (torch.isfinite(x).all()) and the loss before step(); under "
-            "mixed precision, a torch.amp.GradScaler skips such steps"
+            "so far)" + self._after_dropped("no parameter was changed by it")
         )
 
     def _data_parallel_group(self) -> Any | None:
@@ -506,18 +498,6 @@ def check_weight(value: Any, name: str) -> float:
             "use 0 to switch the penalty off"
         )
     return float(value)
-
-
-def _check_fd_options(mode: str, **options: Any) -> None:
-    """The finite-difference options are refused in exact mode, which would ignore them."""
-    if mode == "finite_difference":
-        return
-    for name, value in options.items():
-        if value is not None:
-            raise ValueError(
-                f"{name}={value!r} sets the finite difference, which mode={mode!r} does not "
-                f"take: remove {name}, or set mode='finite_difference'"
-            )
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fisher_optim._global_rows import RowSlice, draw_rows
-from fisher_optim._targets import IGNORE_INDEX
+from fisher_optim.targets import IGNORE_INDEX
 
 __all__ = [
     "LABEL_KINDS",
@@ -102,8 +102,9 @@ class Likelihood:
     (FP paper, Eq. 2); by the chain rule ``∇_θ ℓ = J^T s`` with ``J = ∂z/∂θ`` and the score
     ``s = ∂ℓ/∂z``, so ``F = E_x J^T Λ(z) J`` with ``Λ(z) = E_ŷ[s s^T]``, the Fisher of the
     likelihood in its own parameters ``z``. A subclass gives the sampling of ``ŷ``, ``ℓ``,
-    ``s`` and a factorisation ``Λ = Σ_k u_k u_k^T``. Rows are ``[N, C]`` (see
-    :func:`fisher_optim._logits.as_logits`); the surrogate loss of a batch is the mean of ``ℓ`` over its rows.
+    ``s`` and a factorisation ``Λ = Σ_k u_k u_k^T``. Rows are ``[N, C]``: logits
+    ``[..., C]`` flattened, one row per position; the surrogate loss of a batch is the mean
+    of ``ℓ`` over its rows.
     """
 
     name = "likelihood"

@@ -13,7 +13,7 @@ Every penalty here is the squared norm of a gradient of a *surrogate loss* ``L``
 
 ``p`` is the ``likelihood``: ``"categorical"`` (the default and the paper's: softmax,
 ``−log p = CE``), ``"bernoulli"`` (independent binary labels, one logit each) or
-``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim._logits`. A model with
+``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim.likelihoods`. A model with
 one output needs ``"bernoulli"`` or ``"gaussian"``: a softmax over one class makes the penalty
 identically 0, so the categorical likelihood refuses it. ``loss_fn`` (GP, GPx) gets the model's
 output (after ``output_fn``) and the targets as they are, like the training loss; without
@@ -49,17 +49,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._global_rows import RowSlice, rank_counts
-from fisher_optim._logits import (
-    Likelihood,
-    OutputFn,
-    as_logits,
-    get_likelihood,
-    model_output,
-    pick_logits,
-)
+from fisher_optim._logits import OutputFn, as_logits, check_batched, model_output, pick_logits
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
-from fisher_optim._targets import TargetMask, target_rows
 from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood, get_likelihood
+from fisher_optim.targets import TargetMask, target_rows
 
 #: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
 PENALTY_SCALES = ("batch", "per_row")
@@ -108,7 +102,7 @@ class SampledLabelPenalty(Penalty):
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
         lik = objective.likelihood
-        shaped = pick_logits(output, objective.output_fn)
+        shaped = pick_logits(output, objective.output_fn, objective.examples)
         logits = shaped.reshape(-1, shaped.shape[-1])
         if objective.labels is None:  # first call: decide the rows, then draw their labels
             batch = objective.batch
@@ -171,10 +165,12 @@ class TrueTargetPenalty(Penalty):
         if objective.total is None:
             objective.place(objective.batch.num_examples(), objective.batch.first_tensor().device)
         if objective.loss_fn is not None:  # the user's loss sees output and targets as they are
-            loss = objective.loss_fn(model_output(output, objective.output_fn), objective.targets)
-            return loss * objective.weight
+            out = model_output(output, objective.output_fn)
+            if objective.examples is not None:
+                check_batched(out, objective.examples)
+            return objective.loss_fn(out, objective.targets) * objective.weight
         lik = objective.likelihood
-        logits = as_logits(output, objective.output_fn)
+        logits = as_logits(output, objective.output_fn, objective.examples)
         lik.check_outputs(logits)
         return lik.nll(logits, lik.as_targets(objective.targets, logits)) * objective.weight
 
@@ -260,7 +256,7 @@ class PenaltyObjective:
     very forward); later calls, e.g. at shifted parameters or shifted inputs, reuse them.
     ``wrt()`` gives the tensors whose gradient norm is penalized.
 
-    Rows without a target (:mod:`fisher_optim._targets`: padding, ``-100`` labels, the last
+    Rows without a target (:mod:`fisher_optim.targets`: padding, ``-100`` labels, the last
     position of a causal LM; or ``target_mask``) get no label and do not enter ``L``, which is
     the mean over the ``N`` rows that have one. With true targets (GP, GPx) ``loss_fn`` sees
     every row and its own ``ignore_index`` decides.
@@ -319,6 +315,15 @@ class PenaltyObjective:
         self.model = model
         self.batch = batch
         self.params = list(trainable_parameters(model) if params is None else params)
+        if not self.params:
+            raise ValueError(
+                "every parameter of the model is frozen (requires_grad=False), so the penalty "
+                "has no gradient and Tr(F_B) sums over no parameter; unfreeze the ones to "
+                "penalise (model.requires_grad_(True), or p.requires_grad_(True) for some)"
+            )
+        #: The number of examples the model is called on (None if the batch has no batch
+        #: dimension to read it from), to tell an unbatched call in the error.
+        self.examples = _examples(batch)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.generator = generator
@@ -378,6 +383,13 @@ class PenaltyObjective:
         return self.penalty.loss(self, self._call(input_shift, forward))
 
 
+def _examples(batch: Batch) -> int | None:
+    try:
+        return batch.num_examples()
+    except ValueError:
+        return None
+
+
 def _replace_first_tensor(
     args: tuple[Any, ...], kwargs: dict[str, Any], old: Tensor, new: Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -426,12 +438,12 @@ def fisher_penalty(
     tensor, or a :class:`Batch` for models called with several arguments.
 
     Only rows with a target enter ``L`` (automatic for Hugging Face models; ``target_mask``
-    for any other model, see :mod:`fisher_optim._targets`); ``penalty_scale="per_row"``
+    for any other model, see :mod:`fisher_optim.targets`); ``penalty_scale="per_row"``
     returns ``N · Tr(F_B)`` (see :class:`PenaltyObjective`).
 
     ``likelihood`` is the model's predictive distribution ``p_θ(y|x)``: ``"categorical"``
     (softmax, needs ≥ 2 outputs), ``"bernoulli"`` (one logit per binary label) or
-    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim._logits`.
+    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim.likelihoods`.
     ``loss_fn`` (GP, GPx) receives the model output (after ``output_fn``) and ``targets``
     exactly as given; without it, the likelihood's negative log-likelihood is used.
     """

@@ -26,11 +26,10 @@ from torch import Tensor, nn
 from fisher_optim._as_found import left_as_found
 from fisher_optim._data_parallel import mean_over_ranks
 from fisher_optim._fsdp import local_shard
-from fisher_optim._logits import OutputFn, model_output
+from fisher_optim._logits import OutputFn, check_batched, model_output
 from fisher_optim._modules import eval_mode, unwrap
-from fisher_optim.batch import holds_examples
+from fisher_optim.batch import Batch, holds_examples
 from fisher_optim.curvature.examples import check_examples_alone, probe_indices
-from fisher_optim.penalty import Batch
 from fisher_optim.validate import check_keywords
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
@@ -195,6 +194,7 @@ class GradientWrapper(torch.optim.Optimizer):
         inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
         with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
             whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
+            check_batched(whole, n)
             alone = {}
             for i in probe_indices(n):
                 part = batch.slice(i, i + 1)
@@ -285,6 +285,20 @@ class GradientWrapper(torch.optim.Optimizer):
         self._batch = None
         self._targets = None
         return loss
+
+    def _after_dropped(self, unchanged: str) -> str:
+        """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
+        drop spared) and "Training continues." while the loss gradient in ``p.grad`` is
+        finite; else that it is not, so that the base step spreads it, and what to check."""
+        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return f" and {unchanged}. Training continues."
+        return (
+            ", but the loss gradient in p.grad is not finite either: the batch or the loss "
+            "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
+            "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
+            "precision, a torch.amp.GradScaler skips such steps"
+        )
 
     def _initialises_state(self) -> bool:
         """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
