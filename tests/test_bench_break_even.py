@@ -189,13 +189,16 @@ def test_amp_and_compile_train_and_resume_bitwise(tmp_path, data, monkeypatch):
 
 
 def test_pack_two_gives_the_runs_of_pack_one(tmp_path, data):
-    """--pack 2: the GD and the SGD run train in two processes, with the numbers of
-    --pack 1."""
+    """--pack 2: the GD and the SGD run train in two processes, both stopped by
+    --time-limit and both resumed, with the numbers of --pack 1."""
     break_even = load("break_even")
     args = [*TINY, *data, "--seeds", "0", "--settings", "0.1:16", "--no-plot"]
     assert break_even.main([*args, "--out", str(tmp_path / "one")]) == 0
-    assert break_even.main([*args, "--out", str(tmp_path / "two"), "--pack", "2"]) == 0
-    one, two = _runs(tmp_path / "one"), _runs(tmp_path / "two")
-    assert len(one) == 2 and two == one
+    two = ["--out", str(tmp_path / "two"), "--pack", "2"]
+    assert break_even.main([*args, *two, "--time-limit", "1e-9"]) == 3
+    assert len(list((tmp_path / "two").glob("*.pt"))) == 2  # each process's checkpoint
+    assert break_even.main([*args, *two, "--resume"]) == 0
+    runs = _runs(tmp_path / "one")
+    assert len(runs) == 2 and _runs(tmp_path / "two") == runs
     summary = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
     assert summary[0] == summary[1]

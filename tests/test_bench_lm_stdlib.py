@@ -194,3 +194,16 @@ def test_ordinary_training_steps_read_nothing_back(
         assert lm_stdlib.main(argv) == 0
     reads = [b - a for a, b in zip(marks, marks[1:])]
     assert len(reads) == 3 and reads[0] == reads[2] == 0 and reads[1] > 0, reads
+
+
+@pytest.mark.slow
+def test_compile_trains_the_eager_runs_numbers(lm_stdlib, tmp_path: Path) -> None:
+    """With the real torch.compile (a minute on a CPU): the fp run's numbers are the eager
+    run's, up to the compiled kernels' rounding."""
+    args = [*TINY, "--methods", "fp", "--no-plot"]
+    assert lm_stdlib.main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert lm_stdlib.main([*args, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager, compiled = (_metrics(tmp_path / d / "fp_a0.5_s0") for d in ("eager", "compiled"))
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["trace"] == pytest.approx(a["trace"], rel=1e-3)
