@@ -4,7 +4,8 @@
 #   1. build the sdist and the wheel (in a build environment of its own) and check them: one of
 #      each, named for fisher_optim.__version__ (the one place the version is written), the
 #      wheel carries fisher_optim/py.typed, the sdist carries CHANGELOG.md and the tests, and
-#      CHANGELOG.md's newest entry is this version; with --tag, the tag is "v" + the version;
+#      CHANGELOG.md's newest entry is this version; with --tag, the tag is "v" + the version
+#      and that entry carries its release date (not "Unreleased");
 #   2. install the wheel in a fresh virtual environment (the CPU build of torch first), import
 #      it from there (not from the source tree) and run the demo;
 #   3. with --timm, follow README.md's timm route there (torchvision from the index torch came
@@ -54,8 +55,12 @@ echo "fisher_optim $version"
 if [ -n "$tag" ] && [ "$tag" != "v$version" ]; then
   fail "the tag '$tag' is not 'v$version' (fisher_optim.__version__): bump the version or retag"
 fi
-changelog=$(grep -m 1 -E '^## \[[0-9]' "$repo/CHANGELOG.md" | sed -E 's/^## \[([^]]*)\].*/\1/')
+heading=$(grep -m 1 -E '^## \[[0-9]' "$repo/CHANGELOG.md")
+changelog=$(echo "$heading" | sed -E 's/^## \[([^]]*)\].*/\1/')
 [ "$changelog" = "$version" ] || fail "CHANGELOG.md's newest entry is $changelog, not $version"
+if [ -n "$tag" ] && ! echo "$heading" | grep -qE '^## \[[^]]+\] - [0-9]{4}-[0-9]{2}-[0-9]{2}$'; then
+  fail "CHANGELOG.md's entry '$heading' has no release date: write '## [$version] - YYYY-MM-DD'"
+fi
 
 if [ -z "$dist" ]; then
   step "build the sdist and the wheel"
