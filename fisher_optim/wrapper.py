@@ -145,19 +145,7 @@ class GradientWrapper(torch.optim.Optimizer):
     def current_batch(self) -> Batch:
         """The latest training-mode batch (with the targets given to :meth:`set_targets`)."""
         if self._batch is None:
-            children = [name for name, _ in self.model.named_children()][:3]
-            hint = (
-                f". It sees the calls of the module it was built on ({type(self.model).__name__}) "
-                f"only: if the training loop calls a submodule of it directly (such as "
-                f"model.{children[0]}(x)), build the optimizer on that submodule"
-                if children
-                else ""
-            )
-            raise RuntimeError(
-                f"{type(self).__name__} has seen no training-mode forward of the model since "
-                f"the last step: call the model (in train mode, with grad enabled) before "
-                f"step(){hint}"
-            )
+            raise RuntimeError(_no_forward(type(self).__name__, self.model))
         return Batch(self._batch.args, self._batch.kwargs, self._targets)
 
     def cut(
@@ -183,21 +171,9 @@ class GradientWrapper(torch.optim.Optimizer):
         if layout in self._checked_layouts:
             return
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        n = batch.num_examples()
         inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
         with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
-            whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
-            check_batched(whole, n)
-            alone = {}
-            for i in probe_indices(n):
-                part = batch.slice(i, i + 1)
-                alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
-        dtype = torch.promote_types(whole.dtype, torch.float32)
-        check_examples_alone(
-            [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()],
-            n,
-            type(self).__name__,
-        )
+            check_alone(module, batch, output_fn, type(self).__name__)
         self._checked_layouts.add(layout)
 
     @contextlib.contextmanager
@@ -249,7 +225,7 @@ class GradientWrapper(torch.optim.Optimizer):
         on to the base optimizer (which may call it several times, as LBFGS does); the
         gradients are edited after its first call.
         """
-        if self._initialises_state():
+        if _initialises_state(self):
             return self.base_optimizer.step(closure)
         _check_one_wrapper(self)
         done = False
@@ -259,7 +235,9 @@ class GradientWrapper(torch.optim.Optimizer):
             if not done:
                 with torch.enable_grad():
                     self._before_base_step()
-                self._clip()
+                if self.max_grad_norm is not None:
+                    norm = clip_full_gradient(self.flat_params(), self.max_grad_norm)
+                    self.grad_norm = self.grad_norm if norm is None else norm
                 done = True
 
         if closure is None:
@@ -278,46 +256,6 @@ class GradientWrapper(torch.optim.Optimizer):
         self._batch = None
         self._targets = None
         return loss
-
-    def _after_dropped(self, unchanged: str) -> str:
-        """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
-        drop spared) and "Training continues." while the loss gradient in ``p.grad`` is
-        finite; else that it is not, so that the base step spreads it, and what to check."""
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return f" and {unchanged}. Training continues."
-        return (
-            ", but the loss gradient in p.grad is not finite either: the batch or the loss "
-            "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
-            "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
-            "precision, a torch.amp.GradScaler skips such steps"
-        )
-
-    def _initialises_state(self) -> bool:
-        """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
-        create an empty optimizer state: no forward since the last step, no state yet, every
-        ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
-        if self._batch is not None or self.state:
-            return False
-        if any(g.get("lr", 1.0) != 0 for g in self.param_groups):
-            return False
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        return bool(grads) and not any(bool(g.any()) for g in grads)
-
-    def _clip(self) -> None:
-        """Clip the full gradient (the loss's plus what :meth:`_before_base_step` added) to
-        ``max_grad_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would.
-
-        Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
-        ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
-        bounds the gradient the base optimizer applies. Gradients are unscaled here (a
-        ``GradScaler`` unscales before calling ``step``).
-        """
-        if self.max_grad_norm is None:
-            return
-        params = [p for p in self.flat_params() if p.grad is not None]
-        if params:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
@@ -368,23 +306,6 @@ class GradientWrapper(torch.optim.Optimizer):
             offset += len(group["params"])
         return out
 
-    def load_per_param(
-        self, saved: list[Tensor | None] | None, what: str, dtype: Callable[[Tensor], Any]
-    ) -> list[Tensor | None] | None:
-        """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
-        if saved is None:
-            return None
-        params = self.flat_params()
-        if len(saved) != len(params):
-            raise ValueError(
-                f"the saved {what} has {len(saved)} entries but the optimizer has "
-                f"{len(params)} parameters; load a state_dict of the same model"
-            )
-        return [
-            None if c is None else c.to(device=p.device, dtype=dtype(p))
-            for c, p in zip(saved, params)
-        ]
-
     def _extra_state(self) -> dict[str, Any]:
         if not self._generators:  # created now as it would be later: same seed, same state
             self.generator(self.flat_params()[0].device)
@@ -400,6 +321,100 @@ class GradientWrapper(torch.optim.Optimizer):
         self._generators = {}
         for key, state in extra["generators"].items():
             self.generator(torch.device(key)).set_state(state.cpu())
+
+
+def after_dropped(params: list[Tensor], unchanged: str) -> str:
+    """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
+    drop spared) and "Training continues." while the loss gradient in ``p.grad`` of
+    ``params`` is finite; else that it is not, so that the base step spreads it, and what to
+    check."""
+    grads = [local_shard(p.grad) for p in params if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return f" and {unchanged}. Training continues."
+    return (
+        ", but the loss gradient in p.grad is not finite either: the batch or the loss "
+        "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
+        "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
+        "precision, a torch.amp.GradScaler skips such steps"
+    )
+
+
+def load_per_param(
+    saved: list[Tensor | None] | None,
+    params: list[Tensor],
+    what: str,
+    dtype: Callable[[Tensor], Any],
+) -> list[Tensor | None] | None:
+    """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
+    if saved is None:
+        return None
+    if len(saved) != len(params):
+        raise ValueError(
+            f"the saved {what} has {len(saved)} entries but the optimizer has "
+            f"{len(params)} parameters; load a state_dict of the same model"
+        )
+    return [
+        None if c is None else c.to(device=p.device, dtype=dtype(p)) for c, p in zip(saved, params)
+    ]
+
+
+def check_alone(module: nn.Module, batch: Batch, output_fn: OutputFn | None, owner: str) -> None:
+    """The model on the first and the last example of ``batch`` alone must reproduce their
+    outputs in the whole batch (:func:`~fisher_optim.curvature.examples.check_examples_alone`),
+    and the batch's output must have a batch dimension."""
+    n = batch.num_examples()
+    whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
+    check_batched(whole, n)
+    alone = {}
+    for i in probe_indices(n):
+        part = batch.slice(i, i + 1)
+        alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
+    dtype = torch.promote_types(whole.dtype, torch.float32)
+    check_examples_alone(
+        [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()], n, owner
+    )
+
+
+def _no_forward(owner: str, model: nn.Module) -> str:
+    """The error of a step without a captured forward, with a hint at submodules."""
+    children = [name for name, _ in model.named_children()][:3]
+    hint = (
+        f". It sees the calls of the module it was built on ({type(model).__name__}) only: if "
+        f"the training loop calls a submodule of it directly (such as model.{children[0]}(x)), "
+        "build the optimizer on that submodule"
+        if children
+        else ""
+    )
+    return (
+        f"{owner} has seen no training-mode forward of the model since the last step: call "
+        f"the model (in train mode, with grad enabled) before step(){hint}"
+    )
+
+
+def _initialises_state(wrapper: GradientWrapper) -> bool:
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
+    create an empty optimizer state: no forward since the last step, no state yet, every
+    ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
+    if wrapper._batch is not None or wrapper.state:
+        return False
+    if any(g.get("lr", 1.0) != 0 for g in wrapper.param_groups):
+        return False
+    grads = [local_shard(p.grad) for p in wrapper.flat_params() if p.grad is not None]
+    return bool(grads) and not any(bool(g.any()) for g in grads)
+
+
+def clip_full_gradient(params: list[Tensor], max_norm: float) -> Tensor | None:
+    """Clip the full gradient (the loss's plus what the wrapper added) of ``params`` to
+    ``max_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would; its norm before, or
+    None if no parameter has a gradient.
+
+    Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
+    ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
+    bounds the gradient the base optimizer applies. Gradients are unscaled here (a
+    ``GradScaler`` unscales before calling ``step``).
+    """
+    params = [p for p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
 
 
 def input_layout(batch: Batch) -> tuple[Any, ...]:
