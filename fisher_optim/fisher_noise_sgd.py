@@ -186,7 +186,6 @@ class FisherNoiseSGD(GradientWrapper):
         #: per input layout, the layers the rules covered in its checked estimate
         self._covered_layers: dict[tuple[Any, ...], frozenset[nn.Module]] = {}
         self._local_draws = 0
-        self._seed_synced = False
 
     @property
     def noise_norm(self) -> float | None:
@@ -200,8 +199,7 @@ class FisherNoiseSGD(GradientWrapper):
     def _before_base_step(self) -> None:
         batch = self.current_batch()
         self._scales(batch)  # raises early if small_batch_size ≥ M_L
-        if self._process_group() is not None and not self._seed_synced:
-            self._sync_seed()
+        self.sync_seed(self._process_group())
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
@@ -332,17 +330,6 @@ class FisherNoiseSGD(GradientWrapper):
         if group is None:
             return 1, 0
         return dist.get_world_size(group), dist.get_rank(group)
-
-    def _sync_seed(self) -> None:
-        """Broadcast the seed from rank 0 so that ξ is the same on every rank."""
-        group = self._process_group()
-        device = next(iter(self.flat_params())).device
-        t = torch.tensor([self.seed], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-        if int(t) != self.seed:
-            self.seed = int(t)
-            self._generators = {}
-        self._seed_synced = True
 
     def _local_generator(self, device: torch.device) -> torch.Generator:
         """A fresh generator for labels and ``z``: seeded by (seed, rank, draw counter), so it

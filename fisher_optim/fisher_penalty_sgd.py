@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._fsdp import (
@@ -25,6 +26,7 @@ from fisher_optim._fsdp import (
     global_norms,
     is_fsdp,
 )
+from fisher_optim._global_rows import rank_share
 from fisher_optim._logits import OutputFn
 from fisher_optim.differentiation import (
     FiniteDifferenceSchedule,
@@ -247,7 +249,12 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = _trainable(params, self.step_count)
-        batch = self.cut(self.current_batch(), self.penalty_batch_size, self.output_fn)
+        group = self._data_parallel_group()
+        self.sync_seed(group)
+        size = self.penalty_batch_size
+        batch = self.cut(
+            self.current_batch(), None if size is None else rank_share(size, group), self.output_fn
+        )
         objective = PenaltyObjective(
             self.module,
             batch,
@@ -259,6 +266,7 @@ class FisherPenaltySGD(GradientWrapper):
             target_mask=self.target_mask,
             penalty_scale=self.penalty_scale,
             likelihood=self.likelihood,
+            group=group,
         )
         scheme = self._schedule.choose(objective.params)
         check = self.fd_check and self.refreshes == 0 and not self._sharded
@@ -266,14 +274,8 @@ class FisherPenaltySGD(GradientWrapper):
             result = compute_penalty_gradient(
                 objective, self.mode, self.fd_step, scheme, check_exact=check
             )
-        grads = result.grads
-        if self._process_group() is not None:  # every rank adds the same mean gradient
-            grads = [
-                torch.zeros_like(params[i]) if g is None else g for i, g in zip(trainable, grads)
-            ]
-            *grads, value = self.all_reduce_mean([*grads, result.value])
-        else:
-            value = result.value
+        # the penalty gradient of the global batch, the same on every rank
+        grads, value = result.grads, result.value
         present = [g for g in grads if g is not None]
         penalty_value, check, grad_norm, gap, error = read_back(
             value, present, result.forward_gap, result.exact_error
@@ -308,10 +310,13 @@ class FisherPenaltySGD(GradientWrapper):
             cache[i] = None if g is None else g.detach()
         self._cached.grads = cache
 
-    def _process_group(self) -> Any | None:
-        """None under FSDP2: its backward already averages the gradients over the ranks, so
-        the penalty gradient is that of the global batch on every rank."""
-        return None if self._sharded else super()._process_group()
+    def _data_parallel_group(self) -> Any | None:
+        """The ranks that hold the other slices of the global batch: under FSDP2 those of the
+        parameters' device mesh, else the DDP group (:meth:`GradientWrapper._process_group`)."""
+        if not self._sharded:
+            return self._process_group()
+        mesh = next(p.device_mesh for p in self.flat_params() if hasattr(p, "device_mesh"))
+        return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:

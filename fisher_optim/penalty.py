@@ -45,8 +45,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from fisher_optim._global_rows import RowSlice, rank_counts
 from fisher_optim._logits import OutputFn, as_logits, check_batched, model_output, pick_logits
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
 from fisher_optim.batch import Batch
@@ -112,12 +114,14 @@ class SampledLabelPenalty(Penalty):
             logits = logits[objective.rows]
         if objective.labels is None:
             lik.check_outputs(logits)
-            objective.labels = self.draw(lik, logits, objective.generator)
-        n = logits.shape[0]
-        if n == 0:  # no row has a target: no penalty (zero gradient, not NaN)
+            generator = objective.place(logits.shape[0], logits.device)
+            objective.labels = self.draw(lik, logits, generator)
+        if logits.shape[0] == 0:  # no row has a target: no penalty (zero gradient, not NaN)
             return _upcast(logits).sum() * 0.0
-        loss = lik.nll(logits, objective.labels)
-        return loss * math.sqrt(n) if objective.penalty_scale == "per_row" else loss
+        loss = lik.nll(logits, objective.labels) * objective.weight
+        if objective.penalty_scale == "per_row":
+            return loss * math.sqrt(objective.total)
+        return loss
 
 
 class FisherPenalty(SampledLabelPenalty):
@@ -158,15 +162,17 @@ class TrueTargetPenalty(Penalty):
     needs_targets = True
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
+        if objective.total is None:
+            objective.place(objective.batch.num_examples(), objective.batch.first_tensor().device)
         if objective.loss_fn is not None:  # the user's loss sees output and targets as they are
             out = model_output(output, objective.output_fn)
             if objective.examples is not None:
                 check_batched(out, objective.examples)
-            return objective.loss_fn(out, objective.targets)
+            return objective.loss_fn(out, objective.targets) * objective.weight
         lik = objective.likelihood
         logits = as_logits(output, objective.output_fn, objective.examples)
         lik.check_outputs(logits)
-        return lik.nll(logits, lik.as_targets(objective.targets, logits))
+        return lik.nll(logits, lik.as_targets(objective.targets, logits)) * objective.weight
 
 
 class GradientPenalty(TrueTargetPenalty):
@@ -269,6 +275,16 @@ class PenaltyObjective:
     ``"per_row"`` equals ``alpha`` of ``"batch"`` divided by ``N`` at the ``N`` it was tuned at.
     (The paper's ``E[Tr(F_B)] = Tr(F)/N + ||E g||²`` has ``E g = 0`` here; with uniform or true
     labels ``E g ≠ 0``, so the option is offered for ``penalty="fisher"`` only.)
+
+    ``group``: the data-parallel process group whose ranks hold the other slices of the
+    global batch (None: this process holds the whole batch). ``L`` is then the rank's part
+    of the global batch's surrogate loss: its labels are those one process would draw for
+    these rows of the whole batch (:mod:`fisher_optim._global_rows`: the ranks' rows laid end
+    to end in rank order, one all-gather of the row counts on the first call), and ``L`` is
+    weighted by ``R n_r / N`` (``n_r`` this rank's rows, ``N`` the global batch's), so that
+    the mean over the ranks is the mean over the global batch; with ``"per_row"``, ``N`` is
+    the global batch's. How the ranks' gradients are combined:
+    :mod:`fisher_optim._data_parallel`.
     """
 
     def __init__(
@@ -284,6 +300,7 @@ class PenaltyObjective:
         target_mask: TargetMask | None = None,
         penalty_scale: str = "batch",
         likelihood: str | Likelihood = "categorical",
+        group: Any = None,
     ) -> None:
         self.penalty = get_penalty(penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
@@ -310,6 +327,10 @@ class PenaltyObjective:
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.generator = generator
+        self.group = group
+        #: this rank's weight ``R n_r / N`` and the global batch's ``N`` (set on the first call)
+        self.weight = 1.0
+        self.total: int | None = None
         self.labels: Tensor | None = None
         self.targets = batch.targets if self.penalty.needs_targets else None
         self.inputs: Tensor | None = None
@@ -324,6 +345,20 @@ class PenaltyObjective:
 
     def wrt(self) -> list[Tensor]:
         return [self.inputs] if self.inputs is not None else self.params
+
+    def place(self, count: int, device: torch.device) -> torch.Generator | RowSlice | None:
+        """Set this rank's place in the global batch from its ``count`` rows (one
+        all-gather under a ``group``) and return the generator to draw its labels with."""
+        if self.group is None:
+            self.total = count
+            return self.generator
+        counts = rank_counts(count, self.group, device)
+        rank = dist.get_rank(self.group)
+        self.total = sum(counts)
+        self.weight = len(counts) * count / self.total if self.total else 0.0
+        if self.generator is None:
+            return None
+        return RowSlice(self.generator, sum(counts[:rank]), self.total)
 
     def _call(
         self,

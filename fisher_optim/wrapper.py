@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
+from fisher_optim._data_parallel import broadcast_seed, mean_over_ranks
 from fisher_optim._fsdp import local_shard
 from fisher_optim._logits import OutputFn, check_batched, model_output
 from fisher_optim._modules import eval_mode, unwrap
@@ -77,6 +78,9 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets: Tensor | None = None
         self._in_own_pass = False
         self._warned_not_ddp = False
+        #: the process group of the DDP wrapper seen calling the model (built before the wrap)
+        self._ddp_group: Any | None = None
+        self._seed_synced = False
         self._checked_layouts: set[tuple[Any, ...]] = set()
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         #: ``||∇||`` of the full gradient before clipping (a 0-dim tensor), when clipping.
@@ -126,6 +130,9 @@ class GradientWrapper(torch.optim.Optimizer):
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._in_own_pass or not module.training or not torch.is_grad_enabled():
             return
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is not None and ddp.module is module:  # the optimizer was built before the wrap
+            self._ddp_group = ddp.process_group
         self._batch = Batch(args, dict(kwargs))
         device = self._batch_device()
         if torch.is_autocast_enabled(device.type):
@@ -259,39 +266,37 @@ class GradientWrapper(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
-        """The DDP process group to average over, or None outside DDP."""
+        """The data-parallel process group to average over, or None outside DDP: the group
+        of the DDP-wrapped model; of the DDP wrapper seen calling the model, when the
+        optimizer was built on the model before it was wrapped (as nanoGPT does); else, in a
+        process group of more than one rank, the whole group (with a warning, once)."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.process_group
-        if dist.get_world_size() > 1 and not self._warned_not_ddp:
+        if self._ddp_group is not None:
+            return self._ddp_group
+        if dist.get_world_size() == 1:
+            return None
+        if not self._warned_not_ddp:
             self._warned_not_ddp = True
-            warnings.warn(
-                f"{type(self).__name__} runs in a process group of {dist.get_world_size()} "
-                "ranks but was given a model that is not DistributedDataParallel: each rank "
-                "adds its own term and the replicas drift apart. Build the optimizer on the "
-                "DDP-wrapped model (with Accelerate: prepare the model first).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
+            warnings.warn(_not_ddp(type(self).__name__), RuntimeWarning, stacklevel=3)
+        return dist.group.WORLD
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
         """Average ``tensors`` over the DDP ranks with one all-reduce (no-op outside DDP)."""
         group = self._process_group()
-        if group is None or dist.get_world_size(group) == 1:
-            return tensors
-        dtype = torch.float32  # at least float32; float64 tensors are reduced in float64
-        for t in tensors:
-            dtype = torch.promote_types(dtype, t.dtype)
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-        dist.all_reduce(flat, group=group)
-        flat.div_(dist.get_world_size(group))
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
-        return out
+        return tensors if group is None else mean_over_ranks(tensors, group)
+
+    def sync_seed(self, group: Any) -> None:
+        """Broadcast the seed from the group's first rank (once), so that every rank draws
+        the same random numbers (labels, noise) as one process would."""
+        if self._seed_synced or group is None or dist.get_world_size(group) == 1:
+            return
+        seed = broadcast_seed(self.seed, group, next(iter(self.flat_params())).device)
+        if seed != self.seed:
+            self.seed, self._generators = seed, {}
+        self._seed_synced = True
 
     # ----------------------------------------------------------------- state
     def flat_params(self) -> list[Tensor]:
@@ -415,6 +420,17 @@ def clip_full_gradient(params: list[Tensor], max_norm: float) -> Tensor | None:
     """
     params = [p for p in params if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
+
+
+def _not_ddp(owner: str) -> str:
+    """The warning of a wrapper in a process group whose model is not DDP."""
+    return (
+        f"{owner} runs in a process group of {dist.get_world_size()} ranks, but its model is "
+        "not DistributedDataParallel and was not called through a DDP wrapper: it treats "
+        "the ranks as data-parallel replicas and averages its term over all of them, as "
+        "under DDP. Build the optimizer on the DDP-wrapped model (with Accelerate: prepare "
+        "the model first) to say so."
+    )
 
 
 def input_layout(batch: Batch) -> tuple[Any, ...]:

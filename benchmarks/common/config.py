@@ -354,7 +354,8 @@ class RunSpec:
         None,
         "train under torch.autocast in this precision (fp16 with a "
         "GradScaler, which reads its inf check back every step; bf16 "
-        "reads nothing)",
+        "reads nothing); evaluation and the curvature measurements (Tr(F), "
+        "eigenvalues) stay in float32",
         unset="float32",
         choices=AMP_MODES,
         group=SETTING,
