@@ -31,7 +31,16 @@ It writes one JSON file per run into ``--out``, then ``summary.json``, ``break_e
 ``edge_of_stability.png``, and prints the tables of ``docs/break-even.md``. Runs can be cut by
 ``--time-limit`` (the unfinished run is checkpointed, even mid-epoch) and continued with
 ``--resume`` (finished runs are kept; the result is bitwise that of an uninterrupted run on
-CPU). Example (about 30 minutes on one CPU core)::
+CPU). ``--pack N`` trains N runs at once, one process each.
+
+``--device``, ``--compile``, ``--amp`` and ``--pack`` are the shared runner's
+(``benchmarks/common/runner.py``). The training steps go through ``torch.compile(model)``
+with ``--compile`` and under ``torch.autocast`` with ``--amp`` (part of the run: its files get
+an ``_amp-<precision>`` suffix); every measurement uses the eager model, which shares the
+parameters (λ_H needs double backward, which a compiled module does not support), in
+float32. An ordinary training step reads nothing back from the device: SGD's hits and loss
+and gradient descent's loss are read at the measurements. Example (about 30 minutes on one
+CPU core)::
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/break_even.py --threads 1
 """
@@ -54,7 +63,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.config import SweepOptions  # noqa: E402
+from benchmarks.common.arg_types import (  # noqa: E402
+    HelpFormatter,
+    momentum,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
 from benchmarks.common.data import (  # noqa: E402
     DATASETS,
     ImageDataset,
@@ -70,13 +86,6 @@ from benchmarks.common.options import add_options, option, tagged  # noqa: E402
 from benchmarks.common.plots import save_figure  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
-from fisher_optim._cli import (  # noqa: E402
-    HelpFormatter,
-    momentum,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
 from fisher_optim.curvature import hessian_eigenvalues  # noqa: E402
 
 QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")
@@ -200,15 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    add_options(
+    groups = add_options(
         p,
         BreakEvenOptions,
         runner.RunningOptions,
         defaults={"out": Path("runs/break_even"), "threads": 1},
     )
-    add_options(p, SweepOptions, only=("download",))
-    add_options(p, runner.DeviceOptions, only=("device",), defaults={"device": "cpu"})
+    add_options(p, SweepOptions, only=("download",), groups=groups)
+    add_options(p, RunSpec, only=("amp",), groups=groups)
+    add_options(
+        p, runner.DeviceOptions, only=DEVICE_OPTIONS, defaults={"device": "cpu"}, groups=groups
+    )
     return p
+
+
+#: The shared device options the script takes (its data always live on the device).
+DEVICE_OPTIONS = ("device", "compile", "pack")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -267,6 +283,8 @@ class SGDRun:
         self.train_set = train.to(device)
         torch.manual_seed(seed)
         self.model = build_model(args.model, train.num_classes, init=args.init).to(device)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.precision = runner.Precision(args.amp, device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=args.momentum)
         hx, hy = probe[0][: args.hessian_probe_size], probe[1][: args.hessian_probe_size]
         self.labels_gen = torch.Generator().manual_seed(seed)
@@ -291,6 +309,7 @@ class SGDRun:
             "labels_gen": self.labels_gen.get_state(),
             "order_gen": self.order_gen.get_state(),
             **runner.random_state(),
+            **self.precision.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "step": self.step,
@@ -305,6 +324,7 @@ class SGDRun:
         self.labels_gen.set_state(st["labels_gen"])
         self.order_gen.set_state(st["order_gen"].cpu())
         runner.set_random_state(st)
+        self.precision.load_state_dict(st)
         self.epoch, self.step_in_epoch, self.step = st["epoch"], st["step_in_epoch"], st["step"]
         self.perm = st["perm"]
         self.window, self.records = dict(st["window"]), st["records"]
@@ -367,11 +387,12 @@ class SGDRun:
                 idx = self.perm[self.step_in_epoch * bs : (self.step_in_epoch + 1) * bs]
                 x, y = ds.batch(idx), ds.labels[idx]
                 model.train()
-                out = model(x)
-                loss = F.cross_entropy(out, y)
+                with self.precision.autocast():
+                    out = self.forward(x)
+                    loss = F.cross_entropy(out, y)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+                self.precision.backward(loss)
+                self.precision.step(self.opt)
                 self.step += 1
                 self.step_in_epoch += 1
                 hits = (out.detach().argmax(1) == y).sum().double()
@@ -431,6 +452,8 @@ class GDRun:
         self.args, self.config, self.data = args, config, data
         torch.manual_seed(args.seeds[0])
         self.model = build_model(args.model, num_classes, init=args.init).to(device)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.precision = runner.Precision(args.amp, device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.gd_lr)
         self.gen = torch.Generator().manual_seed(args.seeds[0])
         self.step = 0
@@ -442,6 +465,7 @@ class GDRun:
             "opt": self.opt.state_dict(),
             "gen": self.gen.get_state(),
             **runner.random_state(),
+            **self.precision.state_dict(),
             "step": self.step,
             "records": self.records,
         }
@@ -451,6 +475,7 @@ class GDRun:
         self.opt.load_state_dict(st["opt"])
         self.gen.set_state(st["gen"])
         runner.set_random_state(st)
+        self.precision.load_state_dict(st)
         self.step, self.records = st["step"], st["records"]
 
     resume_error = SGDRun.resume_error
@@ -464,10 +489,13 @@ class GDRun:
             if runner.past(deadline):
                 return INTERRUPTED
             model.train()
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            value = float(loss.detach())
+            with self.precision.autocast():
+                out = self.forward(x)
+                loss = F.cross_entropy(out, y)
             if self.step % args.gd_measure_every == 0 or self.step == args.gd_steps:
+                value = float(loss.detach())  # a measurement: the loop's one read
+                if runner.diverged(value):  # (the weights are not finite: nothing to measure)
+                    return DIVERGED
                 spec = hessian_eigenvalues(model, (x, y), k=1, iters=args.lanczos_iters,
                                            tol=args.lanczos_tol, generator=self.gen)  # fmt: skip
                 self.records.append({
@@ -477,13 +505,11 @@ class GDRun:
                     "lambda_H_residual": float(spec.residuals[0]),
                     "lambda_H_converged": spec.converged,
                 })  # fmt: skip
-            if self.step == args.gd_steps:
-                return COMPLETE
-            if runner.diverged(value):
-                return DIVERGED
+                if self.step == args.gd_steps:
+                    return COMPLETE
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.precision.backward(loss)
+            self.precision.step(self.opt)
             self.step += 1
 
     def summary(self, status: str) -> dict[str, Any]:
@@ -736,8 +762,80 @@ def figures(
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    """What determines a run's numbers (the ``run``-tagged options)."""
-    return {k: getattr(args, k) for k in tagged(BreakEvenOptions, "run")}
+    """What determines a run's numbers (the ``run``-tagged options, and ``--amp``)."""
+    config = {k: getattr(args, k) for k in tagged(BreakEvenOptions, "run")}
+    if args.amp is not None:  # (left out in float32: the runs made before --amp resume)
+        config["amp"] = args.amp
+    return config
+
+
+def _execute(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    stem: str,
+    start: Callable[[], runner.Trainable],
+    deadline: float | None,
+) -> dict[str, Any]:
+    """Train (or resume, or find finished) the run ``stem`` of ``args.out``."""
+    if args.amp is not None:
+        stem = f"{stem}_amp-{args.amp}"
+    begin = time.perf_counter()
+    out = runner.execute(
+        runner.RunFolder(args.out, config, stem=stem),
+        start,
+        resume=args.resume,
+        deadline=deadline,
+        keep_checkpoint=False,
+        name=stem,
+    )
+    if out.get("status") != runner.INTERRUPTED:  # (older versions saved none)
+        print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}", flush=True)
+    return out
+
+
+def run_gd(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    data: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    deadline: float | None,
+) -> dict[str, Any]:
+    """The gradient-descent run on ``data`` (on the host; moved to ``args.device``), a
+    :class:`~benchmarks.common.runner.Job`'s function."""
+    device = resolve_device(args.device)
+    data = (data[0].to(device), data[1].to(device))
+    return _execute(
+        args,
+        config,
+        f"gd_lr{args.gd_lr:g}_n{args.gd_subset}",
+        lambda: GDRun(args, config, data, num_classes, device),
+        deadline,
+    )
+
+
+def run_sgd(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    train: ImageDataset,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    lr: float,
+    batch: int,
+    seed: int,
+    *,
+    deadline: float | None,
+) -> dict[str, Any]:
+    """The SGD run at ``(lr, batch)`` from ``seed`` (data on the host; moved to
+    ``args.device``), a :class:`~benchmarks.common.runner.Job`'s function."""
+    device = resolve_device(args.device)
+    probe = (probe[0].to(device), probe[1].to(device))
+    return _execute(
+        args,
+        config,
+        f"sgd_lr{lr:g}_bs{batch}_seed{seed}",
+        lambda: SGDRun(args, config, train, probe, lr, batch, seed, device),
+        deadline,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -745,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (then the summary and figures cover the finished runs)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    args.no_progress = args.no_progress or args.pack > 1  # (one bar per process: garbled)
     deadline = runner.deadline_after(args.time_limit)
     config = _config(args)
     try:
@@ -755,50 +853,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingData as missing:
         return missing.exit()
     train = train.subset(args.train_subset, seed=0)
-    probe = _tensors(train.subset(args.probe_size, seed=1), device)
+    probe = _tensors(train.subset(args.probe_size, seed=1), torch.device("cpu"))
     print(
         f"{args.model} on {args.dataset}: {len(train)} training examples, probe "
         f"{args.probe_size} (Hessian {args.hessian_probe_size}), top-{args.top_k}"
     )
 
-    def execute(stem: str, start: Callable[[], runner.Trainable]) -> dict[str, Any]:
-        begin = time.perf_counter()
-        out = runner.execute(
-            runner.RunFolder(args.out, config, stem=stem),
-            start,
-            resume=args.resume,
-            deadline=deadline,
-            keep_checkpoint=False,
-            name=stem,
-        )
-        if out.get("status") != runner.INTERRUPTED:  # (older versions saved none)
-            print(f"{stem}: {time.perf_counter() - begin:.0f} s; {_last(out['run'])}", flush=True)
-        return out
-
-    jobs: list[tuple[tuple[float, int, int] | None, Callable[[], dict[str, Any]]]] = []
+    jobs: list[tuple[tuple[float, int, int] | None, runner.Job]] = []
     if args.gd_subset > 0:  # first: the one run that every summary shows
-        gd_data = _tensors(train.subset(min(args.gd_subset, len(train)), seed=2), device)
-        jobs.append(
-            (
-                None,
-                lambda: execute(
-                    f"gd_lr{args.gd_lr:g}_n{args.gd_subset}",
-                    lambda: GDRun(args, config, gd_data, train.num_classes, device),
-                ),
-            )
+        gd_data = _tensors(
+            train.subset(min(args.gd_subset, len(train)), seed=2), torch.device("cpu")
         )
+        jobs.append((None, runner.Job(run_gd, args, config, gd_data, train.num_classes)))
     for seed in args.seeds:
         for lr, batch in args.settings:
-            jobs.append(
-                (
-                    (lr, batch, seed),
-                    lambda lr=lr, batch=batch, seed=seed: execute(
-                        f"sgd_lr{lr:g}_bs{batch}_seed{seed}",
-                        lambda: SGDRun(args, config, train, probe, lr, batch, seed, device),
-                    ),
-                )
-            )
-    results, complete = runner.sweep(job for _, job in jobs)
+            job = runner.Job(run_sgd, args, config, train, probe, lr, batch, seed)
+            jobs.append(((lr, batch, seed), job))
+    results, complete = runner.sweep(
+        [job for _, job in jobs], deadline=deadline, pack=args.pack, folder=args.out
+    )
     finished = {
         key: out["run"]
         for (key, _), out in zip(jobs, results)

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.options import add_options, option, parser  # noqa: E402
@@ -49,9 +50,8 @@ from benchmarks.common.runner import DeviceOptions  # noqa: E402
 
 MODEL_NAMES = tuple(sorted(MODELS))
 # imported after the repository root is on sys.path
-sample_labels = importlib.import_module("fisher_optim._logits").sample_labels
+sample_labels = importlib.import_module("fisher_optim.likelihoods").sample_labels
 curvature = importlib.import_module("fisher_optim.curvature")
-_cli = importlib.import_module("fisher_optim._cli")
 #: The timed methods (``backpack`` only when BackPACK is installed).
 METHODS = ("loop", "vmap", "fisher_trace", "backpack", "batched")
 
@@ -147,17 +147,17 @@ class SpeedOptions:
     n: int = option(
         512,
         "examples of the random CIFAR-shaped batch Tr(F) is measured on",
-        type=_cli.positive_int,
+        type=positive_int,
     )
     repeats: int = option(
         3,
         "interleaved timed repeats of each method; the median is reported",
-        type=_cli.positive_int,
+        type=positive_int,
     )
     chunk_size: int = option(
         256,
         "chunk_size of fisher_trace and per_example_grad_norms",
-        type=_cli.positive_int,
+        type=positive_int,
         metavar="N",
     )
     skip: list[str] = option(

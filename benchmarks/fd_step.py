@@ -41,17 +41,18 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
-from fisher_optim._cli import positive_int  # noqa: E402
+from fisher_optim.batch import Batch  # noqa: E402
 from fisher_optim.differentiation import (  # noqa: E402
     DEFAULT_FD_STEP,
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )
-from fisher_optim.penalty import Batch, PenaltyObjective, squared_norm  # noqa: E402
+from fisher_optim.penalty import PenaltyObjective, squared_norm  # noqa: E402
 
 #: network -> batch size (VGG-11 and DenseNet smaller: the exact reference is costly on a CPU)
 NETWORKS = {

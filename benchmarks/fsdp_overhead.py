@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,12 +47,12 @@ from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
-from fisher_optim._fsdp import local_shard  # noqa: E402
+from fisher_optim.batch import Batch  # noqa: E402
 from fisher_optim.differentiation import (  # noqa: E402
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )
-from fisher_optim.penalty import Batch, PenaltyObjective  # noqa: E402
+from fisher_optim.penalty import PenaltyObjective  # noqa: E402
 
 WORLD = 2
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD on the sharded model).
@@ -108,6 +109,11 @@ def make_step(
         opt.step()
 
     return step, opt
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a sharded parameter); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def held_mib(model: nn.Module, opt: torch.optim.Optimizer) -> float:

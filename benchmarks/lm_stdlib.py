@@ -16,6 +16,15 @@ Writes ``OUT/<method>_s<seed>/metrics.jsonl`` and ``summary.json`` per run, and
 checkpoints and stops (exit code 3); rerun the same command with ``--resume`` to continue
 (on CPU the result is bitwise that of an uninterrupted run).
 
+``--device`` (the corpus, a few MB, lives there; the data order is drawn on the host, so a
+run sees the same batches on every device), ``--compile`` (the training forward through
+``torch.compile``; the penalty and the measurements use the eager model, which shares its
+parameters), ``--amp bf16|fp16`` (the training step under ``torch.autocast``; part of the
+run, whose folder gets an ``_amp-<precision>`` suffix; validation loss and Tr(F) are
+measured in float32) and ``--pack N`` (N runs at once, one process each) are the shared
+runner's (``benchmarks/common/runner.py``). An ordinary training step reads nothing back
+from the device: its loss is summed there and read at the log points.
+
     python benchmarks/lm_stdlib.py --threads 1
 """
 
@@ -33,10 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.options import add_options, option, tagged  # noqa: E402
-from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
-from fisher_optim import MODES  # noqa: E402
-from fisher_optim._cli import (  # noqa: E402
+from benchmarks.common.arg_types import (  # noqa: E402
     HelpFormatter,
     integer,
     nonnegative_float,
@@ -45,6 +51,10 @@ from fisher_optim._cli import (  # noqa: E402
     positive_int,
     real,
 )
+from benchmarks.common.config import RunSpec  # noqa: E402
+from benchmarks.common.options import add_options, option, tagged  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
+from fisher_optim import MODES  # noqa: E402
 
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")
@@ -176,8 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=HelpFormatter,
     )
-    add_options(p, LMOptions, runner.RunningOptions, defaults={"out": f"runs/{NAME}"})
+    groups = add_options(p, LMOptions, runner.RunningOptions, defaults={"out": f"runs/{NAME}"})
+    add_options(p, RunSpec, only=("amp",), groups=groups)
+    add_options(p, runner.DeviceOptions, only=DEVICE_OPTIONS, groups=groups)
     return p
+
+
+#: The shared device options the script takes (the corpus always lives on the device).
+DEVICE_OPTIONS = ("device", "compile", "pack")
 
 
 # ------------------------------------------------------------------------------ training
@@ -186,13 +202,17 @@ def _run_config(args: argparse.Namespace, method: str, alpha: float = 0.0) -> di
     config = {"method": method, **{k: getattr(args, k) for k in tagged(LMOptions, "run")}}
     if method == "fp":
         config.update(alpha=alpha, **{k: getattr(args, k) for k in tagged(LMOptions, "fp")})
+    if args.amp is not None:  # (left out in float32: the runs made before --amp resume)
+        config["amp"] = args.amp
     return config
 
 
 def run_name(config: dict[str, Any]) -> str:
-    """``baseline_s<seed>`` or ``fp_a<alpha>_s<seed>``."""
+    """``baseline_s<seed>`` or ``fp_a<alpha>_s<seed>``, then ``_amp-<precision>`` with
+    ``--amp``."""
     alpha = f"_a{config['alpha']:g}" if config["method"] == "fp" else ""
-    return f"{config['method']}{alpha}_s{config['seed']}"
+    amp = f"_amp-{config['amp']}" if config.get("amp") else ""
+    return f"{config['method']}{alpha}_s{config['seed']}{amp}"
 
 
 def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
@@ -209,10 +229,18 @@ def _base_optimizer(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
 
 class LMRun:
     """One training run: model, optimizer, data generator, logs (checkpointed as a whole), a
-    :class:`~benchmarks.common.runner.Trainable`."""
+    :class:`~benchmarks.common.runner.Trainable`, on ``device``; ``compile``: the training
+    forward through ``torch.compile`` (the optimizer's penalty and the measurements use the
+    eager model, which shares its parameters)."""
 
     def __init__(
-        self, config: dict[str, Any], corpus: Any, out: Path, progress: bool = True
+        self,
+        config: dict[str, Any],
+        corpus: Any,
+        out: Path,
+        progress: bool = True,
+        device: str = "cpu",
+        compile: bool = False,
     ) -> None:
         self.progress = progress
         import torch
@@ -220,11 +248,14 @@ class LMRun:
         from benchmarks.common.text import ByteTransformerLM
         from fisher_optim import FisherPenaltySGD
 
-        self.config, self.corpus, self.out = config, corpus, out
+        device = torch.device(device)
+        self.config, self.corpus, self.out = config, corpus.to(device), out
         torch.manual_seed(config["seed"])
         self.model = ByteTransformerLM(
             config["context"], config["dim"], config["layers"], config["heads"]
-        )
+        ).to(device)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.precision = runner.Precision(config.get("amp"), device)
         base, kwargs = _base_optimizer(argparse.Namespace(**config))
         if config["method"] == "fp":
             self.opt = FisherPenaltySGD(
@@ -240,8 +271,8 @@ class LMRun:
         else:
             self.opt = base(self.model.parameters(), **kwargs)
         self.data_gen = torch.Generator().manual_seed(config["seed"])
-        self.val = corpus.val_windows(config["val_windows"], config["context"])
-        self.probe = corpus.probe_windows(config["probe_size"], config["context"])[:, :-1]
+        self.val = self.corpus.val_windows(config["val_windows"], config["context"])
+        self.probe = self.corpus.probe_windows(config["probe_size"], config["context"])[:, :-1]
         self.step = 0
         self.window = {"loss": 0.0, "count": 0, "time": 0.0}
         self.logs: list[dict[str, Any]] = []
@@ -253,6 +284,7 @@ class LMRun:
             "opt": self.opt.state_dict(),
             "data_gen": self.data_gen.get_state(),
             **runner.random_state(),
+            **self.precision.state_dict(),
             "step": self.step,
             "window": dict(self.window),
             "logs": self.logs,
@@ -264,6 +296,7 @@ class LMRun:
         self.opt.load_state_dict(st["opt"])
         self.data_gen.set_state(st["data_gen"])
         runner.set_random_state(st)
+        self.precision.load_state_dict(st)
         self.step, self.window, self.logs = st["step"], dict(st["window"]), st["logs"]
 
     def resume_error(self, saved: dict[str, Any]) -> str:
@@ -347,10 +380,11 @@ class LMRun:
             begin = time.perf_counter()
             batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
             self.opt.zero_grad()
-            logits = self.model(batch[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            loss.backward()
-            self.opt.step()
+            with self.precision.autocast():
+                logits = self.forward(batch[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            self.precision.backward(loss)
+            self.precision.step(self.opt)
             self.step += 1
             # summed on the device, read at the log point: a step reads nothing back
             self.window["loss"] = self.window["loss"] + loss.detach().double()
@@ -400,12 +434,14 @@ def run_one(
     resume: bool,
     deadline: float | None,
     progress: bool = True,
+    device: str = "cpu",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train one run into ``out`` (:func:`benchmarks.common.runner.execute`) and return its
     summary, or ``{"status": "interrupted", ...}``."""
     return runner.execute(
         runner.RunFolder(out, config),
-        lambda: LMRun(config, corpus, out, progress),
+        lambda: LMRun(config, corpus, out, progress, device, compile),
         resume=resume,
         deadline=deadline,
         keep_checkpoint=False,
@@ -463,10 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--heads ({args.heads}) must divide --dim ({args.dim})")
     import torch
 
+    from benchmarks.common.harness import resolve_device
     from benchmarks.common.text import load_stdlib_corpus
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
     start = time.perf_counter()
     deadline = runner.deadline_after(args.time_limit)
     corpus = load_stdlib_corpus(args.val_every_file, args.max_bytes)
@@ -480,17 +520,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [_run_config(args, "baseline")] if "baseline" in args.methods else []
     if "fp" in args.methods:
         configs += [_run_config(args, "fp", alpha) for alpha in args.alphas]
-    summaries, complete = runner.sweep(
-        lambda config=config: run_one(
+    jobs = [
+        runner.Job(
+            run_one,
             config,
             corpus,
             root / run_name(config),
             resume=args.resume,
-            deadline=deadline,
-            progress=not args.no_progress,
+            progress=not args.no_progress and args.pack == 1,
+            device=device,
+            compile=args.compile,
         )
         for config in configs
-    )
+    ]
+    summaries, complete = runner.sweep(jobs, deadline=deadline, pack=args.pack, folder=root)
     if not complete:
         print(runner.STOPPED)
         return runner.EXIT_INTERRUPTED

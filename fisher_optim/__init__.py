@@ -6,7 +6,6 @@ Gradient Descent with Structured Covariance Noise", AISTATS 2020.
 """
 
 from fisher_optim import _requires  # noqa: F401  (first: the torch floor, checked at import)
-from fisher_optim._targets import causal_target_rows
 from fisher_optim.activation_pattern import ActivationPattern
 from fisher_optim.batch import Batch
 from fisher_optim.differentiation import MODES, FiniteDifferenceWarning, penalty_gradient
@@ -17,6 +16,7 @@ from fisher_optim.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussi
 from fisher_optim.monitor import CurvatureMonitor, FisherExplosionWarning, FisherMonitor
 from fisher_optim.penalty import PENALTIES, fisher_penalty
 from fisher_optim.safeguard import SpikeGuard
+from fisher_optim.targets import causal_target_rows
 
 #: The package version, read by pyproject.toml (the one place it is written).
 __version__ = "0.3.0"

@@ -1,31 +1,15 @@
-"""Command-line helpers shared by ``python -m fisher_optim.demo`` and ``benchmarks/*.py``.
+"""The argument types and help formatter of ``python -m fisher_optim.demo``.
 
-Argument types that turn an invalid value into an argparse error naming the option and the
-valid range (``error: argument --epochs: must be an integer >= 1, got '0'``), never a
-traceback from deep inside a run or a run that silently does something else; and a help
-formatter that shows each option's default exactly once.
+An invalid value is an argparse error naming the option and the valid range
+(``error: argument --epochs: must be an integer >= 1, got '0'``), never a traceback from
+inside a run; ``--help`` shows each option's default exactly once. (``benchmarks/`` has the
+same types, and more, in ``benchmarks/common/arg_types.py``: it is not part of the installed
+package.)
 
->>> import argparse
->>> p = argparse.ArgumentParser(prog="demo", formatter_class=HelpFormatter)
->>> _ = p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
->>> _ = p.add_argument("--alpha", type=positive_float, nargs="+", default=[0.1, 0.3],
-...                    help="penalty weights")
->>> _ = p.add_argument("--out", default=None, help="output folder (default: runs/demo)")
->>> print(p.format_help().split("options:")[1].strip())  # doctest: +NORMALIZE_WHITESPACE
--h, --help show this help message and exit
---epochs EPOCHS training epochs (default: 30)
---alpha ALPHA [ALPHA ...] penalty weights (default: 0.1 0.3)
---out OUT output folder (default: runs/demo)
->>> p.parse_args(["--alpha", "0.5", "1"]).alpha
-[0.5, 1.0]
 >>> positive_int("0")
 Traceback (most recent call last):
     ...
 argparse.ArgumentTypeError: must be an integer >= 1, got '0'
->>> fraction("1.5")
-Traceback (most recent call last):
-    ...
-argparse.ArgumentTypeError: must be a number in [0, 1], got '1.5'
 """
 
 from __future__ import annotations
@@ -37,11 +21,8 @@ from typing import Any
 
 __all__ = [
     "HelpFormatter",
-    "fraction",
     "integer",
     "momentum",
-    "nonnegative_float",
-    "nonnegative_int",
     "open_fraction",
     "positive_float",
     "positive_int",
@@ -108,14 +89,8 @@ def real(
 
 #: Counts, sizes, periods (epochs, batch sizes, ``every``, threads, ...).
 positive_int = integer(1)
-#: Seeds, and sizes or periods where 0 means "none" / "off".
-nonnegative_int = integer(0)
 #: Learning rates, penalty weights of a run that must be penalised, Beta parameters, ...
 positive_float = real(0.0, low_open=True)
-#: Weight decay, penalty weights where 0 is plain SGD.
-nonnegative_float = real(0.0)
-#: Fractions and probabilities.
-fraction = real(0.0, 1.0)
 #: A fraction that leaves something on both sides (a train/test split).
 open_fraction = real(0.0, 1.0, low_open=True, high_open=True)
 #: SGD momentum: 0 <= m < 1 (m = 1 never forgets a gradient).

@@ -11,7 +11,9 @@ unchanged on :class:`ShardedPasses`: each gradient is taken by ``backward()`` in
 sharded ``.grad`` (the training gradient is set aside and put back), the shift ``θ + r v`` is
 applied to each rank's own shard, and the norms ``||g||``, ``||θ||`` are summed over the
 ranks with one all-reduce, so every rank computes the same ``∇P`` of the global batch —
-the penalty an unsharded model would get on the whole batch.
+the penalty an unsharded model would get on the whole batch. HSDP (``fully_shard`` over a
+2-D mesh of replicas × shards) works alike: the backward averages over every rank, and the
+norms are summed over the shard dimension only (the replicas hold the same shards).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from torch import Tensor, nn
 
 try:
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch without FSDP2 / DTensor
-    FSDPModule = DTensor = Shard = None  # type: ignore[assignment,misc]
+    FSDPModule = DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 EXACT_UNSUPPORTED = (
     "mode='exact' (double backprop) does not pass FSDP2's all-gather/reduce-scatter hooks: "
@@ -81,15 +83,26 @@ class ShardedPasses:
                 "whole model with fully_shard (the root module last)"
             )
         meshes = {p.device_mesh for p in params}
-        sharded = all(isinstance(pl, Shard) for p in params for pl in p.placements)
-        if len(meshes) != 1 or next(iter(meshes)).ndim != 1 or not sharded:
+        layouts = {tuple(p.placements) for p in params}
+        shard_dims = set()
+        for placements in layouts:
+            dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+            others = [pl for pl in placements if not isinstance(pl, (Shard, Replicate))]
+            if len(dims) != 1 or others:
+                shard_dims.add(None)
+            else:
+                shard_dims.add(dims[0])
+        if len(meshes) != 1 or len(shard_dims) != 1 or None in shard_dims:
             raise ValueError(
-                "the finite difference under FSDP2 supports parameters sharded over one 1-D "
-                "device mesh (fully_shard's default); HSDP or tensor parallelism is not "
-                "supported"
+                "the finite difference under FSDP2 supports parameters sharded over one "
+                "dimension of one device mesh (fully_shard's default, or HSDP: a 2-D mesh of "
+                "replicas and shards); tensor parallelism is not supported"
             )
         self.params = list(params)
-        self.group = next(iter(meshes)).get_group()
+        mesh = next(iter(meshes))
+        # the shards' partial sums add up over the ranks of the shard dimension; replicas
+        # (HSDP's other dimension) hold the same shards
+        self.group = mesh.get_group(shard_dims.pop()) if mesh.ndim > 1 else mesh.get_group()
 
     def tensors(self) -> list[Tensor]:
         with torch.no_grad():

@@ -1,8 +1,8 @@
 """Turning model outputs into flat logits.
 
 Shared by the penalty (what is penalized) and the curvature measurements: both need
-``[N, C]`` logits, and labels sampled from them by a likelihood (the public module
-:mod:`fisher_optim.likelihoods`, whose names are importable from here as before).
+``[N, C]`` logits, and labels sampled from them by a likelihood
+(:mod:`fisher_optim.likelihoods`).
 """
 
 from __future__ import annotations
@@ -12,21 +12,12 @@ from typing import Any
 
 from torch import Tensor
 
-from fisher_optim.likelihoods import (  # noqa: F401 - importable from here as before
-    LABEL_KINDS,
-    LIKELIHOODS,
-    Bernoulli,
-    Categorical,
-    Gaussian,
-    Likelihood,
-    get_likelihood,
-    sample_labels,
-)
-
 OutputFn = Callable[[Any], Tensor]
 
 
-def as_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
+def as_logits(
+    output: Any, output_fn: OutputFn | None = None, examples: int | None = None
+) -> Tensor:
     """Map a model output to logits of shape ``[N, C]``.
 
     ``output_fn`` picks the logits out of whatever the model returns (a dict, a tuple, a
@@ -38,22 +29,28 @@ def as_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
     >>> as_logits(torch.zeros(2, 3, 5)).shape
     torch.Size([6, 5])
     """
-    logits = pick_logits(output, output_fn)
+    logits = pick_logits(output, output_fn, examples)
     return logits.reshape(-1, logits.shape[-1])
 
 
-def pick_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
+def pick_logits(
+    output: Any, output_fn: OutputFn | None = None, examples: int | None = None
+) -> Tensor:
     """The logits ``[..., C]`` of a model output, not flattened.
 
     ``output_fn(output)`` if given; else the output itself if it is a tensor; else its
     ``"logits"`` entry (a dict, a Hugging Face ``ModelOutput``) or ``.logits`` attribute (a
-    dataclass), so that Hugging Face models need no ``output_fn``.
+    dataclass), so that Hugging Face models need no ``output_fn``. ``examples``, the number
+    of examples the model was called on, if known, tells an output without a batch dimension
+    (:func:`check_batched`) from one number per example.
 
     >>> import torch
     >>> pick_logits({"loss": torch.tensor(0.0), "logits": torch.zeros(2, 3, 5)}).shape
     torch.Size([2, 3, 5])
     """
     logits = model_output(output, output_fn)
+    if examples is not None:
+        check_batched(logits, examples)
     if logits.dim() == 1 and output_fn is None:
         raise ValueError(
             f"the model's output has shape {tuple(logits.shape)}: one dimension, where "
@@ -69,6 +66,26 @@ def pick_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
             "pass output_fn=... that returns the class logits"
         )
     return logits
+
+
+def check_batched(output: Tensor, examples: int) -> None:
+    """Refuse a one-dimensional output whose length is not the number of examples the model
+    was called on: the model ran on one unbatched example (an ``nn.Linear`` takes a ``[4]``
+    input as one example and returns ``[C]``).
+
+    >>> import torch
+    >>> check_batched(torch.zeros(3), examples=4)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the model's output has shape (3,) for inputs whose first dimension is 4: ...
+    """
+    if output.dim() == 1 and output.shape[0] != examples:
+        raise ValueError(
+            f"the model's output has shape {tuple(output.shape)} for inputs whose first "
+            f"dimension is {examples}: it has no batch dimension, so the model was called on "
+            "one unbatched example. Call it on a batch, the examples in the first dimension "
+            "of the input (x.unsqueeze(0) for one example)"
+        )
 
 
 def model_output(output: Any, output_fn: OutputFn | None = None) -> Tensor:

@@ -66,11 +66,14 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
+from fisher_optim._data_parallel import ReplicatedPasses, mean_over_ranks
 from fisher_optim._fsdp import (
     EXACT_UNSUPPORTED,
     INPUT_GRADIENT_UNSUPPORTED,
@@ -78,11 +81,13 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     is_sharded,
 )
-from fisher_optim._logits import Likelihood, OutputFn
+from fisher_optim._logits import OutputFn
 from fisher_optim._modules import math_attention, trainable_parameters
-from fisher_optim._targets import TargetMask
 from fisher_optim.activation_pattern import ActivationPattern, PatternMismatch
-from fisher_optim.penalty import Batch, LossFn, PenaltyObjective, squared_norm
+from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood
+from fisher_optim.penalty import LossFn, PenaltyObjective, squared_norm
+from fisher_optim.targets import TargetMask
 
 MODES = ("exact", "finite_difference")
 #: Difference schemes of the finite-difference engine (see the module docstring).
@@ -143,6 +148,18 @@ def check_fd_scheme(scheme: str | None) -> str | None:
     return scheme
 
 
+def check_fd_options(mode: str, **options: Any) -> None:
+    """The finite-difference options are refused in exact mode, which would ignore them."""
+    if mode == "finite_difference":
+        return
+    for name, value in options.items():
+        if value is not None:
+            raise ValueError(
+                f"{name}={value!r} sets the finite difference, which mode={mode!r} does not "
+                f"take: remove {name}, or set mode='finite_difference'"
+            )
+
+
 def check_fd_dtypes(params: Sequence[Tensor], compute_dtypes: Iterable[torch.dtype] = ()) -> None:
     """Refuse parameters the finite difference cannot resolve (anything but float32/64), and
     an FSDP2 ``MixedPrecisionPolicy`` whose ``param_dtype`` (the passes' dtype) is lower."""
@@ -188,17 +205,64 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
     """``∇_θ ||∇L||²`` by double backprop.
 
     Attention through ``F.scaled_dot_product_attention`` runs on its math backend here: the
-    fused (flash, memory-efficient) kernels have no double backward.
+    fused (flash, memory-efficient) kernels have no double backward. With a data-parallel
+    ``objective.group`` (DDP), the penalty of the global batch
+    (:mod:`fisher_optim._data_parallel`): ``ḡ`` and ``H_r ḡ`` are averaged over the ranks.
     """
     params = objective.params
+    group = objective.group
     with math_attention():
         loss = objective.loss()
     g = torch.autograd.grad(loss, objective.wrt(), create_graph=True, allow_unused=True)
+    if group is not None and objective.inputs is None:
+        return _replicated_exact(g, params, group)
     value = squared_norm(g)
     if not value.requires_grad:  # the gradient does not depend on θ (e.g. a linear loss)
-        return PenaltyGradient([None] * len(params), value.detach())
-    grads = torch.autograd.grad(value, params, allow_unused=True)
-    return PenaltyGradient(list(grads), value.detach())
+        result = PenaltyGradient([None] * len(params), value.detach())
+    else:
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        result = PenaltyGradient(list(grads), value.detach())
+    return _global_input_penalty(result, params, group)
+
+
+def _replicated_exact(
+    g: Sequence[Tensor | None], params: Sequence[Tensor], group: object
+) -> PenaltyGradient:
+    """``∇||ḡ||² = 2 H̄ ḡ`` from this rank's ``g_r`` (with its graph): one all-reduce of
+    ``ḡ``, ``H_r ḡ`` as the gradient of ``g_r · ḡ``, one all-reduce of it."""
+    mean = mean_over_ranks(
+        [torch.zeros_like(p) if t is None else t.detach() for t, p in zip(g, params)], group
+    )
+    value = squared_norm(mean)
+    pairs = [(t, m) for t, m in zip(g, mean) if t is not None and t.requires_grad]
+    hv: Sequence[Tensor | None] = [None] * len(params)
+    if pairs:
+        dot = torch.stack([(t * m.to(t.dtype)).sum() for t, m in pairs]).sum()
+        hv = torch.autograd.grad(dot, params, allow_unused=True)
+    dense = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)]
+    return PenaltyGradient([2 * h for h in mean_over_ranks(dense, group)], value)
+
+
+def _global_input_penalty(
+    result: PenaltyGradient, params: Sequence[Tensor], group: object
+) -> PenaltyGradient:
+    """The input-gradient penalty of the global batch from this rank's own, ``P = (1/R²)
+    Σ_r P_r`` (:mod:`fisher_optim._data_parallel`); ``result`` itself without a group."""
+    if group is None:
+        return result
+    world = dist.get_world_size(group)
+    extra = [t for t in (result.forward_gap, result.exact_error) if t is not None]
+    dense = [torch.zeros_like(p) if g is None else g for g, p in zip(result.grads, params)]
+    *grads, value, rest = mean_over_ranks(
+        [*dense, result.value, torch.stack(extra) if extra else result.value.new_zeros(0)], group
+    )
+    it = iter(rest)
+    return PenaltyGradient(
+        [g / world for g in grads],
+        value / world,
+        None if result.forward_gap is None else next(it),
+        None if result.exact_error is None else next(it),
+    )
 
 
 def finite_difference_penalty_gradient(
@@ -217,7 +281,9 @@ def finite_difference_penalty_gradient(
     dtype. With ``replay`` (the default) the shifted passes run on the unshifted pass's
     activation pattern (:mod:`fisher_optim.activation_pattern`). Every pass runs in the
     parameters' precision (autocast off) and sees the dropout masks of the first. On
-    FSDP2-sharded parameters the passes are sharded (:mod:`fisher_optim._fsdp`).
+    FSDP2-sharded parameters the passes are sharded (:mod:`fisher_optim._fsdp`); with a
+    data-parallel ``objective.group`` (DDP) each pass's gradient is averaged over the ranks
+    (:mod:`fisher_optim._data_parallel`): the penalty of the global batch.
     ``check_exact``: also take the exact gradient on the same labels (unsharded only) and
     return the relative distance as ``exact_error``.
     """
@@ -226,7 +292,8 @@ def finite_difference_penalty_gradient(
     check_fd_dtypes(params)
     scheme = DEFAULT_FD_SCHEME[params[0].dtype] if scheme is None else check_fd_scheme(scheme)
     shift_inputs = objective.inputs is not None
-    passes = gradient_passes(params)
+    group = objective.group
+    passes = gradient_passes(params, None if shift_inputs else group)
     if isinstance(passes, ShardedPasses):
         check_fd_dtypes(params, compute_dtypes(objective.model))
     if shift_inputs and isinstance(passes, ShardedPasses):
@@ -295,13 +362,18 @@ def finite_difference_penalty_gradient(
         error = None
         if check_exact and not isinstance(passes, ShardedPasses):
             rng.restore()
+            if shift_inputs:  # compared with this rank's own, before the ranks are combined
+                objective.group = None
             try:
                 exact = exact_penalty_gradient(objective).grads
             except (RuntimeError, NotImplementedError):  # no double backward here: no check
                 exact = None
+            finally:
+                objective.group = group
             if exact is not None:
                 error = _relative_distance(grads, exact)
-    return PenaltyGradient(passes.wrap(grads), value, gap, error)
+    result = PenaltyGradient(passes.wrap(grads), value, gap, error)
+    return _global_input_penalty(result, params, group) if shift_inputs else result
 
 
 def _dense(ts: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
@@ -355,9 +427,14 @@ class LocalPasses:
         return grads
 
 
-def gradient_passes(params: Sequence[Tensor]) -> LocalPasses | ShardedPasses:
-    """How the finite difference takes gradients: sharded under FSDP2, else by autograd."""
-    return ShardedPasses(params) if is_sharded(params) else LocalPasses(params)
+def gradient_passes(
+    params: Sequence[Tensor], group: object = None
+) -> LocalPasses | ReplicatedPasses | ShardedPasses:
+    """How the finite difference takes gradients: sharded under FSDP2, averaged over the
+    ranks of a data-parallel ``group`` (DDP), else by autograd."""
+    if is_sharded(params):
+        return ShardedPasses(params)
+    return LocalPasses(params) if group is None else ReplicatedPasses(params, group)
 
 
 def default_fd_step(params: Sequence[Tensor]) -> float:
@@ -413,6 +490,7 @@ def penalty_gradient(
     fd_scheme: str | None = None,
     target_mask: TargetMask | None = None,
     penalty_scale: str = "batch",
+    group: object = None,
 ) -> list[Tensor | None]:
     """``∇_θ P`` for ``P = fisher_penalty(model, inputs, ...)``, one tensor per parameter.
 
@@ -420,8 +498,12 @@ def penalty_gradient(
     not depend on that parameter. ``likelihood``, ``loss_fn``, ``target_mask``,
     ``penalty_scale``: as in
     :func:`~fisher_optim.penalty.fisher_penalty`. ``fd_step``, ``fd_scheme``: the finite
-    difference's step and scheme (None: the dtype's default, see the module docstring). Nothing is written to ``.grad`` and
-    BatchNorm running statistics are left as they were.
+    difference's step and scheme (None: the dtype's default, see the module docstring).
+    ``group``: a data-parallel process group (DDP) whose ranks hold the other slices of the
+    global batch: every rank then returns the penalty gradient of the global batch
+    (:mod:`fisher_optim._data_parallel`; the labels one process would draw for the whole
+    batch when the ranks pass generators in the same state, :mod:`fisher_optim._global_rows`).
+    Nothing is written to ``.grad`` and BatchNorm running statistics are left as they were.
 
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -437,6 +519,7 @@ def penalty_gradient(
     check_mode(mode)
     check_fd_step(fd_step)
     check_fd_scheme(fd_scheme)
+    check_fd_options(mode, fd_step=fd_step, fd_scheme=fd_scheme)
     batch = inputs if isinstance(inputs, Batch) else Batch((inputs,), {}, targets)
     if targets is not None:
         batch = Batch(batch.args, batch.kwargs, targets)
@@ -451,6 +534,7 @@ def penalty_gradient(
         likelihood=likelihood,
         target_mask=target_mask,
         penalty_scale=penalty_scale,
+        group=group,
     )
     with torch.enable_grad():
         return compute_penalty_gradient(objective, mode, fd_step, fd_scheme).grads
@@ -458,6 +542,73 @@ def penalty_gradient(
 
 class FiniteDifferenceWarning(UserWarning):
     """The finite difference could not keep to the base point's linear piece."""
+
+
+class FiniteDifferenceSchedule:
+    """Which difference scheme each refresh of :class:`~fisher_optim.FisherPenaltySGD` takes,
+    and what its checks say.
+
+    ``fd_scheme`` None takes the dtype's default (:data:`DEFAULT_FD_SCHEME`). ``"auto"``
+    takes the central difference, and the forward one for the next
+    :data:`AUTO_FORWARD_REFRESHES` refreshes whenever a central refresh finds the forward
+    difference within :data:`AUTO_TOLERANCE` of it (its ``forward_gap``). A first refresh
+    checked against the exact penalty gradient (``fd_check``) warns when the difference is
+    farther than :data:`EXACT_CHECK_TOLERANCE` from it. No scheme in exact mode, which takes
+    no ``fd_scheme`` or ``fd_step`` (``ValueError``).
+
+    >>> schedule = FiniteDifferenceSchedule("finite_difference", None)
+    >>> schedule.choose([torch.zeros(1)]), schedule.choose([torch.zeros(1, dtype=torch.float64)])
+    ('central', 'forward')
+    >>> schedule.judge("central", gap=0.001, error=-1.0)
+    >>> schedule.choose([torch.zeros(1)])
+    'forward'
+    """
+
+    def __init__(self, mode: str, fd_scheme: str | None, fd_step: float | None = None) -> None:
+        self.mode = check_mode(mode)
+        check_fd_step(fd_step)
+        self.fd_scheme = check_fd_scheme(fd_scheme)
+        check_fd_options(mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        #: ``"auto"``: refreshes left that take the forward difference.
+        self.forward_refreshes = 0
+
+    def choose(self, params: Sequence[Tensor]) -> str | None:
+        """The scheme of this refresh, for ``params`` (their dtype picks the default)."""
+        if self.mode != "finite_difference":
+            return None
+        scheme = self.fd_scheme
+        if scheme is None and params:
+            scheme = DEFAULT_FD_SCHEME.get(params[0].dtype)
+        if scheme != "auto":
+            return scheme
+        if self.forward_refreshes > 0:
+            self.forward_refreshes -= 1
+            return "forward"
+        return "central"
+
+    def judge(self, scheme: str | None, gap: float, error: float) -> None:
+        """Act on a refresh's checks: the forward difference's relative ``gap`` from the
+        central one, the ``error`` from the exact penalty gradient (-1: not taken)."""
+        if gap >= 0 and (self.fd_scheme or "auto") == "auto":
+            self.forward_refreshes = AUTO_FORWARD_REFRESHES if gap <= AUTO_TOLERANCE else 0
+        if error > EXACT_CHECK_TOLERANCE or math.isnan(error):
+            why = (
+                "The forward difference's truncation error at this step may be the cause: "
+                "fd_scheme='auto' (the default) or 'central' avoid it"
+                if scheme == "forward"
+                else "The model may call a piecewise operation that the activation pattern "
+                "cannot see (an extension kernel, a torch.ops call), or its forward may depend "
+                "on more than the parameters (a power iteration). Use mode='exact', or check "
+                "fd_step"
+            )
+            warnings.warn(
+                f"FisherPenaltySGD: on the first refresh the finite-difference penalty "
+                f"gradient ({scheme} difference) is {error:.3g} (relative L2) from the exact "
+                f"one on the same labels (tolerance {EXACT_CHECK_TOLERANCE:g}). {why}; "
+                "fd_check=False silences this check",
+                FiniteDifferenceWarning,
+                stacklevel=7,
+            )
 
 
 _WARNED: set[str] = set()

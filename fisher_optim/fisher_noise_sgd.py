@@ -67,7 +67,6 @@ from torch import Tensor, nn
 from fisher_optim._fsdp import is_fsdp
 from fisher_optim._logits import OutputFn
 from fisher_optim._modules import frozen_batchnorm_stats
-from fisher_optim._targets import TargetMask
 from fisher_optim.batch import Batch
 from fisher_optim.curvature.gradient_moment import (
     accumulation_dtype,
@@ -75,13 +74,14 @@ from fisher_optim.curvature.gradient_moment import (
     sum_sq_example_grads,
 )
 from fisher_optim.likelihoods import Likelihood, get_likelihood
+from fisher_optim.targets import TargetMask
 from fisher_optim.validate import (
     check_choice,
     check_function_or_none,
     check_positive_int,
     check_positive_int_or_none,
 )
-from fisher_optim.wrapper import GradientWrapper, input_layout
+from fisher_optim.wrapper import GradientWrapper, after_dropped, input_layout, load_per_param
 
 COVARIANCES = ("diagonal", "full", "trace")
 FISHERS = ("true", "empirical")
@@ -125,7 +125,7 @@ class FisherNoiseSGD(GradientWrapper):
         target_mask: which rows of the logits have a target, for models other than Hugging
             Face ones (automatic there: padding, ``-100`` labels, the causal shift); a function
             called like the model returning a boolean tensor shaped like the logits without
-            their class dimension (see :mod:`fisher_optim._targets`). With ``fisher="true"``,
+            their class dimension (see :mod:`fisher_optim.targets`). With ``fisher="true"``,
             rows without a target get no sampled label (as a ``-100`` target); with
             ``"empirical"`` the targets' own ``-100`` entries decide.
         seed: seed of the noise generator (default: derived from ``torch.initial_seed()``;
@@ -164,22 +164,8 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        check_positive_int("small_batch_size", small_batch_size)
-        check_choice("covariance", covariance, COVARIANCES)
-        check_choice("fisher", fisher, FISHERS)
-        check_positive_int("every", every)
-        if covariance == "full" and every != 1:
-            raise ValueError(
-                "covariance='full' draws every noise vector from the current batch's per-example "
-                f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
-            )
-        check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
+        _check_arguments(model, small_batch_size, covariance, fisher, every, estimate_batch_size)
         check_function_or_none("target_mask", target_mask)
-        if is_fsdp(model):
-            raise ValueError(
-                "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-                "gradients need the unsharded parameters); use DistributedDataParallel"
-            )
         self.covariance = covariance
         self.fisher = fisher
         self.likelihood = get_likelihood(likelihood)
@@ -200,7 +186,6 @@ class FisherNoiseSGD(GradientWrapper):
         #: per input layout, the layers the rules covered in its checked estimate
         self._covered_layers: dict[tuple[Any, ...], frozenset[nn.Module]] = {}
         self._local_draws = 0
-        self._seed_synced = False
 
     @property
     def noise_norm(self) -> float | None:
@@ -214,23 +199,12 @@ class FisherNoiseSGD(GradientWrapper):
     def _before_base_step(self) -> None:
         batch = self.current_batch()
         self._scales(batch)  # raises early if small_batch_size ≥ M_L
-        if self._process_group() is not None and not self._seed_synced:
-            self._sync_seed()
+        self.sync_seed(self._process_group())
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
-        if noise is None:
-            self._noise_norm = None
-            return
-        total = None
-        for p, n in zip(self.flat_params(), noise):
-            if n is None or p.grad is None:
-                continue
-            p.grad.add_(n.to(p.grad.dtype))
-            sq = n.double().pow(2).sum()
-            total = sq if total is None else total + sq
         # kept on the device and read when asked for: no host sync per step
-        self._noise_norm = None if total is None else total.sqrt()
+        self._noise_norm = None if noise is None else add_noise(self.flat_params(), noise)
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
@@ -251,7 +225,7 @@ class FisherNoiseSGD(GradientWrapper):
         if self.covariance == "full":
             directions = self._full_directions(batch, draws)
         else:
-            directions = None if self._cache is None else self._cached_directions(draws)
+            directions = None if self._cache is None else self._scaled_normal(draws)
         if directions is None:
             return None
         out: list[Tensor | None] = []
@@ -271,11 +245,7 @@ class FisherNoiseSGD(GradientWrapper):
             self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
-        cache: list[Tensor | None] = [None] * len(params)
-        numel = sum(params[i].numel() for i in trainable)
-        for i, d in zip(trainable, diag):
-            cache[i] = d.detach() if self.covariance == "diagonal" else (trace / numel).to(d.dtype)
-        self._cache = cache
+        self._cache = noise_variances(params, trainable, diag, trace, self.covariance)
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
         """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``
@@ -299,12 +269,10 @@ class FisherNoiseSGD(GradientWrapper):
             self._covered_layers.setdefault(layout, frozenset(covered))
         return [s / n for s in sums]
 
-    def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
+    def _scaled_normal(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
-        assert self._cache is not None
         params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
-        it = iter(standard_normal_like(params, draws, self.generator(params[0].device)))
-        return [None if c is None else next(it) * c.sqrt() for c in self._cache]
+        return scaled_normal(self._cache, params, draws, self.generator(params[0].device))
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
@@ -343,8 +311,8 @@ class FisherNoiseSGD(GradientWrapper):
         self.skipped_refreshes += 1
         what = what.replace("...", f"at step {self.step_count} is not finite")
         warnings.warn(
-            f"FisherNoiseSGD: the {what}; it was dropped and {effect} "
-            f"({self.skipped_refreshes} dropped so far). Training continues.",
+            f"FisherNoiseSGD: the {what}; it was dropped ({self.skipped_refreshes} dropped so "
+            "far)" + after_dropped(self.flat_params(), effect),
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -362,17 +330,6 @@ class FisherNoiseSGD(GradientWrapper):
         if group is None:
             return 1, 0
         return dist.get_world_size(group), dist.get_rank(group)
-
-    def _sync_seed(self) -> None:
-        """Broadcast the seed from rank 0 so that ξ is the same on every rank."""
-        group = self._process_group()
-        device = next(iter(self.flat_params())).device
-        t = torch.tensor([self.seed], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-        if int(t) != self.seed:
-            self.seed = int(t)
-            self._generators = {}
-        self._seed_synced = True
 
     def _local_generator(self, device: torch.device) -> torch.Generator:
         """A fresh generator for labels and ``z``: seeded by (seed, rank, draw counter), so it
@@ -400,9 +357,73 @@ class FisherNoiseSGD(GradientWrapper):
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._local_draws = extra["local_draws"]
-        self._cache = self.load_per_param(
-            extra["cache"], "Fisher estimate", lambda p: accumulation_dtype(p.dtype)
+        self._cache = load_per_param(
+            extra["cache"],
+            self.flat_params(),
+            "Fisher estimate",
+            lambda p: accumulation_dtype(p.dtype),
         )
+
+
+def _check_arguments(
+    model: nn.Module,
+    small_batch_size: Any,
+    covariance: Any,
+    fisher: Any,
+    every: Any,
+    estimate_batch_size: Any,
+) -> None:
+    """``FisherNoiseSGD``'s own arguments, each refused with a message naming it."""
+    check_positive_int("small_batch_size", small_batch_size)
+    check_choice("covariance", covariance, COVARIANCES)
+    check_choice("fisher", fisher, FISHERS)
+    check_positive_int("every", every)
+    if covariance == "full" and every != 1:
+        raise ValueError(
+            "covariance='full' draws every noise vector from the current batch's per-example "
+            f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
+        )
+    check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
+    if is_fsdp(model):
+        raise ValueError(
+            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
+            "gradients need the unsharded parameters); use DistributedDataParallel"
+        )
+
+
+def add_noise(params: list[Tensor], noise: list[Tensor | None]) -> Tensor | None:
+    """``p.grad += n`` for each parameter with a gradient and a noise; ``||n||`` over them
+    (a 0-dim float64 tensor, on the device), or None if there was none."""
+    total = None
+    for p, n in zip(params, noise):
+        if n is None or p.grad is None:
+            continue
+        p.grad.add_(n.to(p.grad.dtype))
+        sq = n.double().pow(2).sum()
+        total = sq if total is None else total + sq
+    return None if total is None else total.sqrt()
+
+
+def noise_variances(
+    params: list[Tensor], trainable: list[int], diag: list[Tensor], trace: Tensor, covariance: str
+) -> list[Tensor | None]:
+    """The variances the noise is drawn with, aligned with ``params`` (None where frozen):
+    ``diag F`` of each of the ``trainable`` ones, or for ``"trace"`` ``Tr F / d`` (``d``
+    their number of entries) as a 0-dim tensor each."""
+    out: list[Tensor | None] = [None] * len(params)
+    numel = sum(params[i].numel() for i in trainable)
+    for i, d in zip(trainable, diag):
+        out[i] = d.detach() if covariance == "diagonal" else (trace / numel).to(d.dtype)
+    return out
+
+
+def scaled_normal(
+    variances: list[Tensor | None], params: list[Tensor], draws: int | None, generator: Any
+) -> list[Tensor | None]:
+    """``sqrt(v) ⊙ ξ`` for each entry ``v`` of ``variances`` (None stays None), with
+    ``ξ ~ N(0, I)`` drawn once over all ``params`` (:func:`standard_normal_like`)."""
+    it = iter(standard_normal_like(params, draws, generator))
+    return [None if v is None else next(it) * v.sqrt() for v in variances]
 
 
 def standard_normal_like(

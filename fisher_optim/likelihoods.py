@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fisher_optim._targets import IGNORE_INDEX
+from fisher_optim._global_rows import RowSlice, draw_rows
+from fisher_optim.targets import IGNORE_INDEX
 
 __all__ = [
     "LABEL_KINDS",
@@ -44,7 +45,10 @@ def sample_labels(
     """Draw one label per row of ``logits`` (``[N, C]``), without gradient.
 
     ``kind="sample"``: ŷ ~ softmax(logits), the model's own predictive distribution
-    (FP paper, Eq. 2). ``kind="uniform"``: ŷ uniform over the C classes (the GPr penalty).
+    (FP paper, Eq. 2), by one uniform per row and the inverse cumulative distribution.
+    ``kind="uniform"``: ŷ uniform over the C classes (the GPr penalty). ``generator`` may be
+    a :class:`~fisher_optim._global_rows.RowSlice`: the rows are then a rank's slice of a
+    global batch, labelled as one process would label them.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> sample_labels(torch.tensor([[0.0, 50.0], [50.0, 0.0]]), generator=g).tolist()
@@ -62,21 +66,33 @@ def sample_labels(
         return sample_labels(logits.detach().to(generator.device), kind, generator).to(
             logits.device
         )
+    rows, classes = logits.shape
+    device = logits.device
     with torch.no_grad():
         if kind == "uniform":
-            return torch.randint(
-                logits.shape[-1], (logits.shape[0],), device=logits.device, generator=generator
+            return draw_rows(
+                generator,
+                rows,
+                lambda n, g: torch.randint(classes, (n,), device=device, generator=g),
             )
         probs = torch.softmax(logits.detach().float(), dim=-1)
         # Rows with non-finite logits get uniform labels: the loss at them is then non-finite
         # and the caller (e.g. FisherPenaltySGD) skips the result, instead of crashing here.
         bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
         probs = torch.where(bad, torch.ones_like(probs), probs)
-        # what torch.multinomial(probs, 1) draws, bit for bit (the argmax of p / q with
-        # q ~ Exp(1)), without its checks of the probabilities, which read them on the host
-        # (two syncs on a GPU); the rows here are finite, ≥ 0 and not all zero
-        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        return (probs / q).argmax(-1)
+        # one uniform u per row and the inverse of the cumulative distribution (in float64):
+        # the first class whose cumulative probability exceeds u. One random number per row,
+        # so that a rank can draw those of the whole global batch (fisher_optim._global_rows);
+        # no check of the probabilities on the host (torch.multinomial reads them: two syncs
+        # on a GPU)
+        u = draw_rows(
+            generator,
+            rows,
+            lambda n, g: torch.rand(n, 1, dtype=torch.float64, device=device, generator=g),
+        )
+        cdf = probs.to(torch.float64).cumsum(-1)
+        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        return picked.squeeze(-1).clamp_max(classes - 1)
 
 
 class Likelihood:
@@ -86,8 +102,9 @@ class Likelihood:
     (FP paper, Eq. 2); by the chain rule ``∇_θ ℓ = J^T s`` with ``J = ∂z/∂θ`` and the score
     ``s = ∂ℓ/∂z``, so ``F = E_x J^T Λ(z) J`` with ``Λ(z) = E_ŷ[s s^T]``, the Fisher of the
     likelihood in its own parameters ``z``. A subclass gives the sampling of ``ŷ``, ``ℓ``,
-    ``s`` and a factorisation ``Λ = Σ_k u_k u_k^T``. Rows are ``[N, C]`` (see
-    :func:`fisher_optim._logits.as_logits`); the surrogate loss of a batch is the mean of ``ℓ`` over its rows.
+    ``s`` and a factorisation ``Λ = Σ_k u_k u_k^T``. Rows are ``[N, C]``: logits
+    ``[..., C]`` flattened, one row per position; the surrogate loss of a batch is the mean
+    of ``ℓ`` over its rows.
     """
 
     name = "likelihood"
@@ -312,11 +329,11 @@ class Bernoulli(Likelihood):
         with torch.no_grad():
             probs = torch.sigmoid(_float(logits.detach()))
             probs = torch.where(torch.isfinite(probs), probs, torch.full_like(probs, 0.5))
-            return _on(generator, probs, lambda p: torch.bernoulli(p, generator=generator))
+            return (_uniform_like(generator, probs) < probs).to(probs.dtype)
 
     def sample_uniform(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         half = torch.full(logits.shape, 0.5, dtype=_float(logits).dtype, device=logits.device)
-        return _on(generator, half, lambda p: torch.bernoulli(p, generator=generator))
+        return (_uniform_like(generator, half) < half).to(half.dtype)
 
     def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
         z = _float(logits)
@@ -372,7 +389,13 @@ class Gaussian(Likelihood):
             noise = _on(
                 generator,
                 mean,
-                lambda m: torch.randn(m.shape, dtype=m.dtype, device=m.device, generator=generator),
+                lambda m: draw_rows(
+                    generator,
+                    m.shape[0],
+                    lambda n, g: torch.randn(
+                        (n, *m.shape[1:]), dtype=m.dtype, device=m.device, generator=g
+                    ),
+                ),
             )
             return mean + self.sigma * noise
 
@@ -427,8 +450,23 @@ def _float(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _uniform_like(generator: torch.Generator | RowSlice | None, like: Tensor) -> Tensor:
+    """Uniforms on [0, 1) shaped like ``like`` (rows in its first dimension), drawn on the
+    generator's device (:func:`~fisher_optim._global_rows.draw_rows`: this rank's rows of
+    the global batch's draw for a :class:`~fisher_optim._global_rows.RowSlice`)."""
+    return _on(
+        generator,
+        like,
+        lambda t: draw_rows(
+            generator,
+            t.shape[0],
+            lambda n, g: torch.rand((n, *t.shape[1:]), dtype=t.dtype, device=t.device, generator=g),
+        ),
+    )
+
+
 def _on(
-    generator: torch.Generator | None, like: Tensor, draw: Callable[[Tensor], Tensor]
+    generator: torch.Generator | RowSlice | None, like: Tensor, draw: Callable[[Tensor], Tensor]
 ) -> Tensor:
     """``draw(like)`` on the generator's device, returned on ``like``'s device."""
     if generator is not None and generator.device != like.device:

@@ -33,12 +33,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._logits import OutputFn
-from ._targets import TargetMask
 from .batch import iter_batches
 from .curvature.covariance import gradient_covariance
 from .curvature.eigenvalue import hessian_eigenvalues
 from .curvature.fisher import LABEL_MODES, fisher_trace
 from .likelihoods import Likelihood, get_likelihood
+from .targets import TargetMask
 from .validate import check_choice, check_function_or_none, check_positive_int
 
 __all__ = ["CURVATURE_QUANTITIES", "CurvatureMonitor", "FisherExplosionWarning", "FisherMonitor"]

@@ -13,7 +13,7 @@ Every penalty here is the squared norm of a gradient of a *surrogate loss* ``L``
 
 ``p`` is the ``likelihood``: ``"categorical"`` (the default and the paper's: softmax,
 ``−log p = CE``), ``"bernoulli"`` (independent binary labels, one logit each) or
-``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim._logits`. A model with
+``"gaussian"`` (regression, ``N(f(x), σ²)``); see :mod:`fisher_optim.likelihoods`. A model with
 one output needs ``"bernoulli"`` or ``"gaussian"``: a softmax over one class makes the penalty
 identically 0, so the categorical likelihood refuses it. ``loss_fn`` (GP, GPx) gets the model's
 output (after ``output_fn``) and the targets as they are, like the training loss; without
@@ -45,19 +45,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._logits import (
-    Likelihood,
-    OutputFn,
-    as_logits,
-    get_likelihood,
-    model_output,
-    pick_logits,
-)
+from fisher_optim._global_rows import RowSlice, rank_counts
+from fisher_optim._logits import OutputFn, as_logits, check_batched, model_output, pick_logits
 from fisher_optim._modules import frozen_batchnorm_stats, trainable_parameters
-from fisher_optim._targets import TargetMask, target_rows
 from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import Likelihood, get_likelihood
+from fisher_optim.targets import TargetMask, target_rows
 
 #: ``penalty_scale``: ``"batch"``, ``P = Tr(F_B)`` (the paper's); ``"per_row"``, ``N · Tr(F_B)``.
 PENALTY_SCALES = ("batch", "per_row")
@@ -106,7 +102,7 @@ class SampledLabelPenalty(Penalty):
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
         lik = objective.likelihood
-        shaped = pick_logits(output, objective.output_fn)
+        shaped = pick_logits(output, objective.output_fn, objective.examples)
         logits = shaped.reshape(-1, shaped.shape[-1])
         if objective.labels is None:  # first call: decide the rows, then draw their labels
             batch = objective.batch
@@ -118,12 +114,14 @@ class SampledLabelPenalty(Penalty):
             logits = logits[objective.rows]
         if objective.labels is None:
             lik.check_outputs(logits)
-            objective.labels = self.draw(lik, logits, objective.generator)
-        n = logits.shape[0]
-        if n == 0:  # no row has a target: no penalty (zero gradient, not NaN)
+            generator = objective.place(logits.shape[0], logits.device)
+            objective.labels = self.draw(lik, logits, generator)
+        if logits.shape[0] == 0:  # no row has a target: no penalty (zero gradient, not NaN)
             return _upcast(logits).sum() * 0.0
-        loss = lik.nll(logits, objective.labels)
-        return loss * math.sqrt(n) if objective.penalty_scale == "per_row" else loss
+        loss = lik.nll(logits, objective.labels) * objective.weight
+        if objective.penalty_scale == "per_row":
+            return loss * math.sqrt(objective.total)
+        return loss
 
 
 class FisherPenalty(SampledLabelPenalty):
@@ -164,12 +162,17 @@ class TrueTargetPenalty(Penalty):
     needs_targets = True
 
     def loss(self, objective: PenaltyObjective, output: Any) -> Tensor:
+        if objective.total is None:
+            objective.place(objective.batch.num_examples(), objective.batch.first_tensor().device)
         if objective.loss_fn is not None:  # the user's loss sees output and targets as they are
-            return objective.loss_fn(model_output(output, objective.output_fn), objective.targets)
+            out = model_output(output, objective.output_fn)
+            if objective.examples is not None:
+                check_batched(out, objective.examples)
+            return objective.loss_fn(out, objective.targets) * objective.weight
         lik = objective.likelihood
-        logits = as_logits(output, objective.output_fn)
+        logits = as_logits(output, objective.output_fn, objective.examples)
         lik.check_outputs(logits)
-        return lik.nll(logits, lik.as_targets(objective.targets, logits))
+        return lik.nll(logits, lik.as_targets(objective.targets, logits)) * objective.weight
 
 
 class GradientPenalty(TrueTargetPenalty):
@@ -253,7 +256,7 @@ class PenaltyObjective:
     very forward); later calls, e.g. at shifted parameters or shifted inputs, reuse them.
     ``wrt()`` gives the tensors whose gradient norm is penalized.
 
-    Rows without a target (:mod:`fisher_optim._targets`: padding, ``-100`` labels, the last
+    Rows without a target (:mod:`fisher_optim.targets`: padding, ``-100`` labels, the last
     position of a causal LM; or ``target_mask``) get no label and do not enter ``L``, which is
     the mean over the ``N`` rows that have one. With true targets (GP, GPx) ``loss_fn`` sees
     every row and its own ``ignore_index`` decides.
@@ -272,6 +275,16 @@ class PenaltyObjective:
     ``"per_row"`` equals ``alpha`` of ``"batch"`` divided by ``N`` at the ``N`` it was tuned at.
     (The paper's ``E[Tr(F_B)] = Tr(F)/N + ||E g||²`` has ``E g = 0`` here; with uniform or true
     labels ``E g ≠ 0``, so the option is offered for ``penalty="fisher"`` only.)
+
+    ``group``: the data-parallel process group whose ranks hold the other slices of the
+    global batch (None: this process holds the whole batch). ``L`` is then the rank's part
+    of the global batch's surrogate loss: its labels are those one process would draw for
+    these rows of the whole batch (:mod:`fisher_optim._global_rows`: the ranks' rows laid end
+    to end in rank order, one all-gather of the row counts on the first call), and ``L`` is
+    weighted by ``R n_r / N`` (``n_r`` this rank's rows, ``N`` the global batch's), so that
+    the mean over the ranks is the mean over the global batch; with ``"per_row"``, ``N`` is
+    the global batch's. How the ranks' gradients are combined:
+    :mod:`fisher_optim._data_parallel`.
     """
 
     def __init__(
@@ -287,6 +300,7 @@ class PenaltyObjective:
         target_mask: TargetMask | None = None,
         penalty_scale: str = "batch",
         likelihood: str | Likelihood = "categorical",
+        group: Any = None,
     ) -> None:
         self.penalty = get_penalty(penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
@@ -301,9 +315,22 @@ class PenaltyObjective:
         self.model = model
         self.batch = batch
         self.params = list(trainable_parameters(model) if params is None else params)
+        if not self.params:
+            raise ValueError(
+                "every parameter of the model is frozen (requires_grad=False), so the penalty "
+                "has no gradient and Tr(F_B) sums over no parameter; unfreeze the ones to "
+                "penalise (model.requires_grad_(True), or p.requires_grad_(True) for some)"
+            )
+        #: The number of examples the model is called on (None if the batch has no batch
+        #: dimension to read it from), to tell an unbatched call in the error.
+        self.examples = _examples(batch)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.generator = generator
+        self.group = group
+        #: this rank's weight ``R n_r / N`` and the global batch's ``N`` (set on the first call)
+        self.weight = 1.0
+        self.total: int | None = None
         self.labels: Tensor | None = None
         self.targets = batch.targets if self.penalty.needs_targets else None
         self.inputs: Tensor | None = None
@@ -318,6 +345,20 @@ class PenaltyObjective:
 
     def wrt(self) -> list[Tensor]:
         return [self.inputs] if self.inputs is not None else self.params
+
+    def place(self, count: int, device: torch.device) -> torch.Generator | RowSlice | None:
+        """Set this rank's place in the global batch from its ``count`` rows (one
+        all-gather under a ``group``) and return the generator to draw its labels with."""
+        if self.group is None:
+            self.total = count
+            return self.generator
+        counts = rank_counts(count, self.group, device)
+        rank = dist.get_rank(self.group)
+        self.total = sum(counts)
+        self.weight = len(counts) * count / self.total if self.total else 0.0
+        if self.generator is None:
+            return None
+        return RowSlice(self.generator, sum(counts[:rank]), self.total)
 
     def _call(
         self,
@@ -340,6 +381,13 @@ class PenaltyObjective:
         forward run inside ``forward`` (e.g. an
         :class:`~fisher_optim.activation_pattern.ActivationPattern` recording or replaying)."""
         return self.penalty.loss(self, self._call(input_shift, forward))
+
+
+def _examples(batch: Batch) -> int | None:
+    try:
+        return batch.num_examples()
+    except ValueError:
+        return None
 
 
 def _replace_first_tensor(
@@ -390,12 +438,12 @@ def fisher_penalty(
     tensor, or a :class:`Batch` for models called with several arguments.
 
     Only rows with a target enter ``L`` (automatic for Hugging Face models; ``target_mask``
-    for any other model, see :mod:`fisher_optim._targets`); ``penalty_scale="per_row"``
+    for any other model, see :mod:`fisher_optim.targets`); ``penalty_scale="per_row"``
     returns ``N · Tr(F_B)`` (see :class:`PenaltyObjective`).
 
     ``likelihood`` is the model's predictive distribution ``p_θ(y|x)``: ``"categorical"``
     (softmax, needs ≥ 2 outputs), ``"bernoulli"`` (one logit per binary label) or
-    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim._logits`.
+    ``"gaussian"`` (regression; ``Gaussian(sigma=...)``), see :mod:`fisher_optim.likelihoods`.
     ``loss_fn`` (GP, GPx) receives the model output (after ``output_fn``) and ``targets``
     exactly as given; without it, the likelihood's negative log-likelihood is used.
     """

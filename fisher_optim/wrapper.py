@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
+from fisher_optim._data_parallel import broadcast_seed, mean_over_ranks
 from fisher_optim._fsdp import local_shard
-from fisher_optim._logits import OutputFn, model_output
+from fisher_optim._logits import OutputFn, check_batched, model_output
 from fisher_optim._modules import eval_mode, unwrap
-from fisher_optim.batch import holds_examples
+from fisher_optim.batch import Batch, holds_examples
 from fisher_optim.curvature.examples import check_examples_alone, probe_indices
-from fisher_optim.penalty import Batch
 from fisher_optim.validate import check_keywords
 
 #: Key under which a wrapper's own state is stored in ``state_dict()``.
@@ -78,6 +78,9 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets: Tensor | None = None
         self._in_own_pass = False
         self._warned_not_ddp = False
+        #: the process group of the DDP wrapper seen calling the model (built before the wrap)
+        self._ddp_group: Any | None = None
+        self._seed_synced = False
         self._checked_layouts: set[tuple[Any, ...]] = set()
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         #: ``||∇||`` of the full gradient before clipping (a 0-dim tensor), when clipping.
@@ -127,6 +130,9 @@ class GradientWrapper(torch.optim.Optimizer):
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._in_own_pass or not module.training or not torch.is_grad_enabled():
             return
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is not None and ddp.module is module:  # the optimizer was built before the wrap
+            self._ddp_group = ddp.process_group
         self._batch = Batch(args, dict(kwargs))
         device = self._batch_device()
         if torch.is_autocast_enabled(device.type):
@@ -146,19 +152,7 @@ class GradientWrapper(torch.optim.Optimizer):
     def current_batch(self) -> Batch:
         """The latest training-mode batch (with the targets given to :meth:`set_targets`)."""
         if self._batch is None:
-            children = [name for name, _ in self.model.named_children()][:3]
-            hint = (
-                f". It sees the calls of the module it was built on ({type(self.model).__name__}) "
-                f"only: if the training loop calls a submodule of it directly (such as "
-                f"model.{children[0]}(x)), build the optimizer on that submodule"
-                if children
-                else ""
-            )
-            raise RuntimeError(
-                f"{type(self).__name__} has seen no training-mode forward of the model since "
-                f"the last step: call the model (in train mode, with grad enabled) before "
-                f"step(){hint}"
-            )
+            raise RuntimeError(_no_forward(type(self).__name__, self.model))
         return Batch(self._batch.args, self._batch.kwargs, self._targets)
 
     def cut(
@@ -184,20 +178,9 @@ class GradientWrapper(torch.optim.Optimizer):
         if layout in self._checked_layouts:
             return
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        n = batch.num_examples()
         inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
         with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
-            whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
-            alone = {}
-            for i in probe_indices(n):
-                part = batch.slice(i, i + 1)
-                alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
-        dtype = torch.promote_types(whole.dtype, torch.float32)
-        check_examples_alone(
-            [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()],
-            n,
-            type(self).__name__,
-        )
+            check_alone(module, batch, output_fn, type(self).__name__)
         self._checked_layouts.add(layout)
 
     @contextlib.contextmanager
@@ -249,7 +232,7 @@ class GradientWrapper(torch.optim.Optimizer):
         on to the base optimizer (which may call it several times, as LBFGS does); the
         gradients are edited after its first call.
         """
-        if self._initialises_state():
+        if _initialises_state(self):
             return self.base_optimizer.step(closure)
         _check_one_wrapper(self)
         done = False
@@ -259,7 +242,9 @@ class GradientWrapper(torch.optim.Optimizer):
             if not done:
                 with torch.enable_grad():
                     self._before_base_step()
-                self._clip()
+                if self.max_grad_norm is not None:
+                    norm = clip_full_gradient(self.flat_params(), self.max_grad_norm)
+                    self.grad_norm = self.grad_norm if norm is None else norm
                 done = True
 
         if closure is None:
@@ -279,67 +264,39 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets = None
         return loss
 
-    def _initialises_state(self) -> bool:
-        """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
-        create an empty optimizer state: no forward since the last step, no state yet, every
-        ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
-        if self._batch is not None or self.state:
-            return False
-        if any(g.get("lr", 1.0) != 0 for g in self.param_groups):
-            return False
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        return bool(grads) and not any(bool(g.any()) for g in grads)
-
-    def _clip(self) -> None:
-        """Clip the full gradient (the loss's plus what :meth:`_before_base_step` added) to
-        ``max_grad_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would.
-
-        Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
-        ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
-        bounds the gradient the base optimizer applies. Gradients are unscaled here (a
-        ``GradScaler`` unscales before calling ``step``).
-        """
-        if self.max_grad_norm is None:
-            return
-        params = [p for p in self.flat_params() if p.grad is not None]
-        if params:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
-        """The DDP process group to average over, or None outside DDP."""
+        """The data-parallel process group to average over, or None outside DDP: the group
+        of the DDP-wrapped model; of the DDP wrapper seen calling the model, when the
+        optimizer was built on the model before it was wrapped (as nanoGPT does); else, in a
+        process group of more than one rank, the whole group (with a warning, once)."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.process_group
-        if dist.get_world_size() > 1 and not self._warned_not_ddp:
+        if self._ddp_group is not None:
+            return self._ddp_group
+        if dist.get_world_size() == 1:
+            return None
+        if not self._warned_not_ddp:
             self._warned_not_ddp = True
-            warnings.warn(
-                f"{type(self).__name__} runs in a process group of {dist.get_world_size()} "
-                "ranks but was given a model that is not DistributedDataParallel: each rank "
-                "adds its own term and the replicas drift apart. Build the optimizer on the "
-                "DDP-wrapped model (with Accelerate: prepare the model first).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
+            warnings.warn(_not_ddp(type(self).__name__), RuntimeWarning, stacklevel=3)
+        return dist.group.WORLD
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
         """Average ``tensors`` over the DDP ranks with one all-reduce (no-op outside DDP)."""
         group = self._process_group()
-        if group is None or dist.get_world_size(group) == 1:
-            return tensors
-        dtype = torch.float32  # at least float32; float64 tensors are reduced in float64
-        for t in tensors:
-            dtype = torch.promote_types(dtype, t.dtype)
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-        dist.all_reduce(flat, group=group)
-        flat.div_(dist.get_world_size(group))
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
-        return out
+        return tensors if group is None else mean_over_ranks(tensors, group)
+
+    def sync_seed(self, group: Any) -> None:
+        """Broadcast the seed from the group's first rank (once), so that every rank draws
+        the same random numbers (labels, noise) as one process would."""
+        if self._seed_synced or group is None or dist.get_world_size(group) == 1:
+            return
+        seed = broadcast_seed(self.seed, group, next(iter(self.flat_params())).device)
+        if seed != self.seed:
+            self.seed, self._generators = seed, {}
+        self._seed_synced = True
 
     # ----------------------------------------------------------------- state
     def flat_params(self) -> list[Tensor]:
@@ -353,23 +310,6 @@ class GradientWrapper(torch.optim.Optimizer):
             out.append(flat[offset : offset + len(group["params"])])
             offset += len(group["params"])
         return out
-
-    def load_per_param(
-        self, saved: list[Tensor | None] | None, what: str, dtype: Callable[[Tensor], Any]
-    ) -> list[Tensor | None] | None:
-        """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
-        if saved is None:
-            return None
-        params = self.flat_params()
-        if len(saved) != len(params):
-            raise ValueError(
-                f"the saved {what} has {len(saved)} entries but the optimizer has "
-                f"{len(params)} parameters; load a state_dict of the same model"
-            )
-        return [
-            None if c is None else c.to(device=p.device, dtype=dtype(p))
-            for c, p in zip(saved, params)
-        ]
 
     def _extra_state(self) -> dict[str, Any]:
         if not self._generators:  # created now as it would be later: same seed, same state
@@ -386,6 +326,111 @@ class GradientWrapper(torch.optim.Optimizer):
         self._generators = {}
         for key, state in extra["generators"].items():
             self.generator(torch.device(key)).set_state(state.cpu())
+
+
+def after_dropped(params: list[Tensor], unchanged: str) -> str:
+    """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
+    drop spared) and "Training continues." while the loss gradient in ``p.grad`` of
+    ``params`` is finite; else that it is not, so that the base step spreads it, and what to
+    check."""
+    grads = [local_shard(p.grad) for p in params if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return f" and {unchanged}. Training continues."
+    return (
+        ", but the loss gradient in p.grad is not finite either: the batch or the loss "
+        "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
+        "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
+        "precision, a torch.amp.GradScaler skips such steps"
+    )
+
+
+def load_per_param(
+    saved: list[Tensor | None] | None,
+    params: list[Tensor],
+    what: str,
+    dtype: Callable[[Tensor], Any],
+) -> list[Tensor | None] | None:
+    """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
+    if saved is None:
+        return None
+    if len(saved) != len(params):
+        raise ValueError(
+            f"the saved {what} has {len(saved)} entries but the optimizer has "
+            f"{len(params)} parameters; load a state_dict of the same model"
+        )
+    return [
+        None if c is None else c.to(device=p.device, dtype=dtype(p)) for c, p in zip(saved, params)
+    ]
+
+
+def check_alone(module: nn.Module, batch: Batch, output_fn: OutputFn | None, owner: str) -> None:
+    """The model on the first and the last example of ``batch`` alone must reproduce their
+    outputs in the whole batch (:func:`~fisher_optim.curvature.examples.check_examples_alone`),
+    and the batch's output must have a batch dimension."""
+    n = batch.num_examples()
+    whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
+    check_batched(whole, n)
+    alone = {}
+    for i in probe_indices(n):
+        part = batch.slice(i, i + 1)
+        alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
+    dtype = torch.promote_types(whole.dtype, torch.float32)
+    check_examples_alone(
+        [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()], n, owner
+    )
+
+
+def _no_forward(owner: str, model: nn.Module) -> str:
+    """The error of a step without a captured forward, with a hint at submodules."""
+    children = [name for name, _ in model.named_children()][:3]
+    hint = (
+        f". It sees the calls of the module it was built on ({type(model).__name__}) only: if "
+        f"the training loop calls a submodule of it directly (such as model.{children[0]}(x)), "
+        "build the optimizer on that submodule"
+        if children
+        else ""
+    )
+    return (
+        f"{owner} has seen no training-mode forward of the model since the last step: call "
+        f"the model (in train mode, with grad enabled) before step(){hint}"
+    )
+
+
+def _initialises_state(wrapper: GradientWrapper) -> bool:
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
+    create an empty optimizer state: no forward since the last step, no state yet, every
+    ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
+    if wrapper._batch is not None or wrapper.state:
+        return False
+    if any(g.get("lr", 1.0) != 0 for g in wrapper.param_groups):
+        return False
+    grads = [local_shard(p.grad) for p in wrapper.flat_params() if p.grad is not None]
+    return bool(grads) and not any(bool(g.any()) for g in grads)
+
+
+def clip_full_gradient(params: list[Tensor], max_norm: float) -> Tensor | None:
+    """Clip the full gradient (the loss's plus what the wrapper added) of ``params`` to
+    ``max_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would; its norm before, or
+    None if no parameter has a gradient.
+
+    Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
+    ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
+    bounds the gradient the base optimizer applies. Gradients are unscaled here (a
+    ``GradScaler`` unscales before calling ``step``).
+    """
+    params = [p for p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
+
+
+def _not_ddp(owner: str) -> str:
+    """The warning of a wrapper in a process group whose model is not DDP."""
+    return (
+        f"{owner} runs in a process group of {dist.get_world_size()} ranks, but its model is "
+        "not DistributedDataParallel and was not called through a DDP wrapper: it treats "
+        "the ranks as data-parallel replicas and averages its term over all of them, as "
+        "under DDP. Build the optimizer on the DDP-wrapped model (with Accelerate: prepare "
+        "the model first) to say so."
+    )
 
 
 def input_layout(batch: Batch) -> tuple[Any, ...]:

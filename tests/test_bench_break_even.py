@@ -6,6 +6,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 from .test_bench_data import make_cifar10
 from .test_bench_overhead import load
@@ -135,3 +136,69 @@ def test_time_limit_mid_run_then_resume_is_bitwise(tmp_path, data, monkeypatch):
     assert break_even.main([*args, "--out", str(split), "--resume"]) == 0
     assert not list(split.glob("*.pt"))
     assert _runs(split) == _runs(tmp_path / "whole")
+
+
+def _steps_reads(main, argv, monkeypatch):
+    """Host reads between consecutive deadline checks (one per training step) of ``main``."""
+    from benchmarks.common.syncs import SyncCounter
+
+    counter, marks = SyncCounter(), []
+    monkeypatch.setattr(runner, "past", lambda deadline: marks.append(counter.count) or False)
+    with counter:
+        assert main(argv) == 0
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+@pytest.mark.parametrize("amp", [[], ["--amp", "bf16"]], ids=["float32", "bf16"])
+def test_ordinary_training_steps_read_nothing_back(tmp_path, data, monkeypatch, amp):
+    """Gradient descent and SGD read the device only at their measurements (every 2nd
+    step here), with and without --amp bf16."""
+    break_even = load("break_even")
+    argv = [*TINY, *data, "--out", str(tmp_path / "out"), "--seeds", "0", "--settings",
+            "0.1:16", "--gd-steps", "4", "--gd-measure-every", "2", "--no-plot", *amp]  # fmt: skip
+    reads = _steps_reads(break_even.main, argv, monkeypatch)
+    # GD: steps 0..3, measured at 0 and 2 (the 4th diff leads into the SGD run, which
+    # records at its start); SGD: 4 steps, measured after steps 2 and 4
+    gd, sgd = reads[:4], reads[5:]
+    assert gd[1] == gd[3] == 0 and gd[0] > 0 and gd[2] > 0, reads
+    assert sgd[0] == sgd[2] == 0 and sgd[1] > 0, reads
+
+
+def test_amp_and_compile_train_and_resume_bitwise(tmp_path, data, monkeypatch):
+    """--amp bf16 is part of the runs (config and file names); --compile trains through
+    torch.compile (here the identity: compiling takes a minute on a CPU) while λ_H, λ_K and
+    Tr(F) are measured on the eager model; cut mid-run by --time-limit, the runs resume
+    bitwise."""
+    break_even = load("break_even")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    args = [*TINY, *data, "--seeds", "0", "--settings", "0.1:16", "--epochs", "2",
+            "--gd-steps", "3", "--amp", "bf16", "--compile", "--no-plot"]  # fmt: skip
+    assert break_even.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert len(compiled) == 2  # the GD run's model and the SGD run's
+    whole = _runs(tmp_path / "whole")
+    assert sorted(whole) == ["gd_lr0.02_n16_amp-bf16.json", "sgd_lr0.1_bs16_seed0_amp-bf16.json"]
+    assert all(r["config"]["amp"] == "bf16" for r in whole.values())
+    split = tmp_path / "split"
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(runner, "clock", lambda: 120.0 * (next(ticks) > 2))
+    assert break_even.main([*args, "--out", str(split), "--time-limit", "1"]) == 3
+    monkeypatch.setattr(runner, "clock", lambda: 0.0)
+    assert break_even.main([*args, "--out", str(split), "--resume"]) == 0
+    assert _runs(split) == whole
+
+
+def test_pack_two_gives_the_runs_of_pack_one(tmp_path, data):
+    """--pack 2: the GD and the SGD run train in two processes, both stopped by
+    --time-limit and both resumed, with the numbers of --pack 1."""
+    break_even = load("break_even")
+    args = [*TINY, *data, "--seeds", "0", "--settings", "0.1:16", "--no-plot"]
+    assert break_even.main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = ["--out", str(tmp_path / "two"), "--pack", "2"]
+    assert break_even.main([*args, *two, "--time-limit", "1e-9"]) == 3
+    assert len(list((tmp_path / "two").glob("*.pt"))) == 2  # each process's checkpoint
+    assert break_even.main([*args, *two, "--resume"]) == 0
+    runs = _runs(tmp_path / "one")
+    assert len(runs) == 2 and _runs(tmp_path / "two") == runs
+    summary = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert summary[0] == summary[1]

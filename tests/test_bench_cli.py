@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from .test_cli import assert_help_complete, assert_rejected
+from .cli_utils import assert_help_complete, assert_rejected
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:
 cli = importlib.import_module("benchmarks.common.cli")
 
 #: Scripts being written or rewritten by others at the time of writing (issue 13): each joins
-#: the checks once its parser uses fisher_optim._cli's types and HelpFormatter and is exposed
-#: as ``build_parser()``. A new script not listed here is checked at once.
+#: the checks once its parser uses benchmarks.common.arg_types' types and HelpFormatter and is
+#: exposed as ``build_parser()``. A new script not listed here is checked at once.
 PENDING: set[str] = set()
 SCRIPTS = sorted(
     p.stem
@@ -73,7 +73,9 @@ def test_defaults_parse_and_every_number_has_a_range(name, capsys):
     for action in parser._actions:
         option = action.option_strings[0] if action.option_strings else action.dest
         # plain int/float accept -1 and nan: a number option states its range by its type
-        assert action.type not in (int, float), f"{name} {option}: use a fisher_optim._cli type"
+        assert action.type not in (int, float), (
+            f"{name} {option}: use a benchmarks.common.arg_types type"
+        )
         if action.option_strings and (
             callable(action.type) and action.type not in (str, Path) or action.choices
         ):

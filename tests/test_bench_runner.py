@@ -103,11 +103,35 @@ def test_runs_sharing_a_folder_and_sweep_stops_at_the_interrupted(tmp_path, monk
 
     def job(steps, deadline):
         folder = runner.RunFolder(tmp_path, {"steps": steps}, stem=f"count{steps}")
-        return lambda: runner.execute(folder, lambda: Count(steps), deadline=deadline, log=None)
+        return lambda _: runner.execute(folder, lambda: Count(steps), deadline=deadline, log=None)
 
     results, complete = runner.sweep([job(2, None), job(3, 0.0), job(4, None)])
     assert not complete and [r["status"] for r in results] == ["complete", "interrupted"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["count2.json", "count2.pt", "count3.pt"]
+
+
+def count_run(root: str, steps: int, *, deadline: float | None) -> dict:
+    """A packed sweep's job: count to ``steps`` in ``root/count<steps>``."""
+    folder = runner.RunFolder(Path(root) / f"count{steps}", {"steps": steps})
+    return runner.execute(folder, lambda: Count(steps), deadline=deadline, log=None)
+
+
+def test_a_packed_sweep_trains_in_processes_as_one_would(tmp_path):
+    """--pack 2: the jobs rebuilt in two processes give the results of the plain sweep, in
+    the runs' order; a deadline that has passed interrupts each process's first run, and
+    the runs no process reached are left out. A run that is not a Job cannot travel."""
+    jobs = lambda root: [runner.Job(count_run, str(root), n) for n in (2, 3, 4)]  # noqa: E731
+    plain, complete = runner.sweep(jobs(tmp_path / "plain"))
+    assert complete and [r["seen"] for r in plain] == [[1, 2], [1, 2, 3], [1, 2, 3, 4]]
+    packed, complete = runner.sweep(jobs(tmp_path / "packed"), pack=2, folder=tmp_path)
+    assert complete and packed == plain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed", "plain"]  # no job file left
+    late, complete = runner.sweep(
+        jobs(tmp_path / "late"), pack=2, deadline=runner.clock() - 1.0, folder=tmp_path
+    )
+    assert not complete and [r["status"] for r in late] == ["interrupted", "interrupted"]
+    with pytest.raises(TypeError, match="Jobs"):
+        runner.sweep([lambda d: {}, lambda d: {}], pack=2)
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fisher_optim._logits import Gaussian, sample_labels
 from fisher_optim.curvature import fisher_trace, minibatch_fisher_trace
+from fisher_optim.likelihoods import Gaussian, sample_labels
 
 from .conftest import small_cnn, tiny_mlp
 from .curvature_utils import (

@@ -24,7 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from fisher_optim import Batch, FisherMonitor
-from fisher_optim._logits import sample_labels
 from fisher_optim.curvature import (
     fisher_trace,
     group_gradient_stats,
@@ -34,6 +33,7 @@ from fisher_optim.curvature import (
     random_probe,
     top_hessian_eigenvalue,
 )
+from fisher_optim.likelihoods import sample_labels
 
 from .curvature_utils import assert_unchanged, snapshot
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim._logits import sample_labels
 from fisher_optim.curvature import fisher_trace, per_example_grad_norms
 from fisher_optim.curvature import per_example as pe
+from fisher_optim.likelihoods import sample_labels
 
 from .curvature_utils import (
     assert_unchanged,

@@ -7,7 +7,7 @@ import torch
 
 from fisher_optim import demo
 
-from .test_cli import assert_help_complete, assert_rejected
+from .cli_utils import assert_help_complete, assert_rejected
 
 
 def test_help_is_complete():

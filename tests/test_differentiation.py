@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import grad, hessian
 
 from fisher_optim import penalty_gradient
-from fisher_optim._logits import sample_labels
+from fisher_optim.batch import Batch
 from fisher_optim.differentiation import (
     DEFAULT_FD_STEP,
     MODES,
@@ -18,7 +18,8 @@ from fisher_optim.differentiation import (
     exact_penalty_gradient,
     finite_difference_penalty_gradient,
 )
-from fisher_optim.penalty import Batch, PenaltyObjective
+from fisher_optim.likelihoods import sample_labels
+from fisher_optim.penalty import PenaltyObjective
 
 from .conftest import small_cnn, tiny_mlp
 from .test_penalty import flat_loss

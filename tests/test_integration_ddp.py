@@ -1,16 +1,21 @@
-"""DistributedDataParallel on CPU (gloo, two processes).
+"""DistributedDataParallel on CPU (gloo, two processes): one objective on every layout.
 
-The penalty gradient is computed per rank on the local batch through the unwrapped module (no
-DDP reducer hook fires) and averaged over the ranks with one all-reduce per refresh, so every
-rank adds the same ``alpha * mean_r ∇||g_r||²`` and the parameters stay bitwise identical.
+Under DDP the penalty is that of the global batch, ``||ḡ||²`` with ``ḡ`` the mean gradient
+over all ranks' examples, and the sampled labels are those one process draws for the whole
+batch. So the update on two ranks equals, to float64 rounding, a brute-force update
+(explicit double backprop, written out here) on the whole batch in one process, and the
+library's own update there; for true targets (GP), sampled labels (FP), the input-gradient
+penalty (GPx), exact and finite difference, with and without ``penalty_batch_size`` and
+``penalty_scale="per_row"``. An optimizer built on the model before the DDP wrap (nanoGPT's
+order) gives the wrapped model's update.
 
-All the scenarios run inside one ``torch.multiprocessing.spawn`` (module-scoped fixture), so
-the processes and the process group start only once.
+All the scenarios run inside one ``torch.multiprocessing.spawn`` (module-scoped fixture).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import pytest
@@ -19,14 +24,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fisher_optim import FisherPenaltySGD, penalty_gradient
+from fisher_optim import FisherPenaltySGD
 
 from .distributed_utils import run_on_ranks
 
 WORLD = 2
 LOCAL_BATCH = 6
-STEPS = 5
+STEPS = 3
 SEED = 1234
+LR, ALPHA = 0.1, 0.5
 
 HAS_NOISE = importlib.util.find_spec("fisher_optim.fisher_noise_sgd") is not None
 
@@ -36,12 +42,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _model(dtype: torch.dtype) -> nn.Module:
+def _model(dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
 
 
-def _global_batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _global_batch(step: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(WORLD * LOCAL_BATCH, 5, generator=g).to(dtype)
     y = torch.randint(4, (WORLD * LOCAL_BATCH,), generator=g)
@@ -52,99 +58,118 @@ def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
     return t[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
 
 
-# name -> (optimizer, dtype, optimizer kwargs); "penalty" is FisherPenaltySGD.
-SCENARIOS: dict[str, tuple[str, torch.dtype, dict[str, Any]]] = {
-    "fp_exact": ("penalty", torch.float32, dict(mode="exact", every=2)),
-    "fp_fd": ("penalty", torch.float32, dict(mode="finite_difference", every=2)),
-    # deterministic penalties, compared with a single-process reference (float64)
-    "gp_exact": ("penalty", torch.float64, dict(mode="exact", every=1, penalty="gradient")),
-    "gpr_fd": (
-        "penalty",
-        torch.float64,
-        dict(mode="finite_difference", every=1, penalty="random_label"),
-    ),
+# name -> FisherPenaltySGD keywords (float64, every step a refresh)
+PENALTY: dict[str, dict[str, Any]] = {
+    f"{short}_{mode}": dict(penalty=penalty, mode=full, every=1)
+    for short, penalty in (("fp", "fisher"), ("gp", "gradient"), ("gpx", "input_gradient"))
+    for mode, full in (("exact", "exact"), ("fd", "finite_difference"))
 }
-if HAS_NOISE:
-    SCENARIOS["noise"] = ("noise", torch.float32, dict(small_batch_size=2, every=2))
-    SCENARIOS["noise_full"] = ("noise", torch.float32, dict(small_batch_size=2, covariance="full"))
+PENALTY["fp_exact_head"] = dict(mode="exact", every=1, penalty_batch_size=4)
+PENALTY["fp_fd_head"] = dict(mode="finite_difference", every=1, penalty_batch_size=4)
+PENALTY["fp_exact_per_row"] = dict(mode="exact", every=1, penalty_scale="per_row")
+PENALTY["fp_fd_every2"] = dict(mode="finite_difference", every=2, momentum=0.9)
 
 
-def _make_optimizer(kind: str, model: nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    if kind == "penalty":
-        return FisherPenaltySGD(model, lr=0.1, alpha=0.5, seed=SEED, **kwargs)
-    from fisher_optim.fisher_noise_sgd import FisherNoiseSGD
-
-    return FisherNoiseSGD(model, lr=0.1, seed=SEED, **kwargs)
+def _penalty_optimizer(model: nn.Module, kwargs: dict[str, Any]) -> FisherPenaltySGD:
+    return FisherPenaltySGD(model, lr=LR, alpha=ALPHA, seed=SEED, **kwargs)
 
 
-def _run_rank(rank: int, kind: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> dict:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+def _needs_targets(kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("penalty") in ("gradient", "input_gradient")
 
-    ddp = nn.parallel.DistributedDataParallel(_model(dtype))
-    buckets = {"n": 0}
 
-    def counting_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
-        # counts DDP's own gradient reductions
-        buckets["n"] += 1
-        buckets["inside"] = True
-        try:
-            return default_hooks.allreduce_hook(None, bucket)
-        finally:
-            buckets["inside"] = False
+def _train(call: nn.Module, opt: torch.optim.Optimizer, xs: list, ys: list, targets: bool) -> None:
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        F.cross_entropy(call(x), y).backward()
+        if targets:
+            opt.set_targets(y)
+        opt.step()
 
-    ddp.register_comm_hook(None, counting_hook)
-    opt = _make_optimizer(kind, ddp, kwargs)
 
+def _local_batches(rank: int) -> tuple[list, list]:
+    batches = [_global_batch(s) for s in range(STEPS)]
+    return [_shard(x, rank) for x, _ in batches], [_shard(y, rank) for _, y in batches]
+
+
+def _run_penalty(rank: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    opt = _penalty_optimizer(ddp, kwargs)
     calls = {"n": 0}
     real_all_reduce = dist.all_reduce
 
     def counting_all_reduce(*args: Any, **kw: Any) -> Any:
-        if not buckets.get("inside"):  # not DDP's gradient reduction (the hook above)
-            calls["n"] += 1
+        calls["n"] += 1
         return real_all_reduce(*args, **kw)
 
-    dist.all_reduce = counting_all_reduce
+    xs, ys = _local_batches(rank)
+    dist.all_reduce = counting_all_reduce  # DDP's reducer runs in C++: not counted
     try:
-        for step in range(STEPS):
-            x, y = _global_batch(step, dtype)
-            opt.zero_grad()
-            F.cross_entropy(ddp(_shard(x, rank)), _shard(y, rank)).backward()
-            if kwargs.get("penalty") == "gradient":
-                opt.set_targets(_shard(y, rank))
-            opt.step()
+        _train(ddp, opt, xs, ys, _needs_targets(kwargs))
     finally:
         dist.all_reduce = real_all_reduce
     return {
         "params": [p.detach().clone() for p in ddp.module.parameters()],
         "all_reduces": calls["n"],
-        "ddp_buckets": buckets["n"],
-        "refreshes": getattr(opt, "refreshes", None),
-        "penalty_value": getattr(opt, "penalty_value", None),
+        "refreshes": opt.refreshes,
     }
 
 
-def _bare_model_warnings(rank: int) -> list[str]:
-    """Messages warned when the optimizer is built on the model without its DDP wrapper."""
-    import warnings
-
-    model = _model(torch.float32)
-    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.5, every=1)
-    x, y = _global_batch(0, torch.float32)
+def _run_bare(rank: int) -> dict[str, Any]:
+    """nanoGPT's order: the optimizer on the bare model, then the DDP wrap."""
+    model = _model()
+    opt = _penalty_optimizer(model, PENALTY["fp_exact"])
+    ddp = nn.parallel.DistributedDataParallel(model)
+    xs, ys = _local_batches(rank)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(_shard(x, rank)), _shard(y, rank)).backward()
-            opt.step()
+        _train(ddp, opt, xs, ys, False)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+def _run_unwrapped(rank: int) -> list[str]:
+    """An optimizer on a model never wrapped, in a group of 2: warned about once."""
+    model = _model()
+    opt = _penalty_optimizer(model, PENALTY["fp_exact"])
+    xs, ys = _local_batches(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, xs[:2], ys[:2], False)
     return [str(w.message) for w in caught]
 
 
+def _run_noise(rank: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from fisher_optim import FisherNoiseSGD
+
+    ddp = nn.parallel.DistributedDataParallel(_model(torch.float32))
+    opt = FisherNoiseSGD(ddp, lr=LR, seed=SEED, **kwargs)
+    batches = [_global_batch(s, torch.float32) for s in range(STEPS)]
+    _train(
+        ddp,
+        opt,
+        [_shard(x, rank) for x, _ in batches],
+        [_shard(y, rank) for _, y in batches],
+        False,
+    )
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()]}
+
+
+NOISE = {
+    "noise": dict(small_batch_size=2, every=2),
+    "noise_full": dict(small_batch_size=2, covariance="full"),
+}
+
+
 def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        name: _run_rank(rank, kind, dtype, kwargs)
-        for name, (kind, dtype, kwargs) in SCENARIOS.items()
-    }
-    results["bare_model_warnings"] = _bare_model_warnings(rank)
+    results: dict[str, Any] = {name: _run_penalty(rank, kw) for name, kw in PENALTY.items()}
+    results["bare"] = _run_bare(rank)
+    results["unwrapped_warnings"] = _run_unwrapped(rank)
+    if HAS_NOISE:
+        for name, kw in NOISE.items():
+            results[name] = _run_noise(rank, kw)
     return results
 
 
@@ -153,82 +178,126 @@ def ranks() -> list[dict]:
     return run_on_ranks(_scenarios, WORLD)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_parameters_bitwise_identical_across_ranks(ranks: list[dict], name: str) -> None:
-    first, second = ranks[0][name], ranks[1][name]
-    initial = list(_model(SCENARIOS[name][1]).parameters())
-    assert any(not torch.equal(p, q) for p, q in zip(first["params"], initial))  # it trained
-    for p, q in zip(first["params"], second["params"]):
-        assert torch.equal(p, q)
+# ------------------------------------------------------------------ one process, by hand
 
 
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if SCENARIOS[n][0] == "penalty"])
-def test_one_all_reduce_per_refresh_and_no_reducer_hook(ranks: list[dict], name: str) -> None:
-    kwargs = SCENARIOS[name][2]
-    expected_refreshes = -(-STEPS // kwargs["every"])
-    for rank in ranks:
-        result = rank[name]
-        assert result["refreshes"] == expected_refreshes
-        assert result["all_reduces"] == expected_refreshes
-        # DDP reduced gradients once per training backward (one bucket for this tiny model);
-        # the penalty passes went through the unwrapped module and fired no reducer hook.
-        assert result["ddp_buckets"] == STEPS
+def _ordered(x: torch.Tensor, head: int | None) -> torch.Tensor:
+    """The global batch as one process sees it: with a penalty batch of ``head`` examples
+    (``head / R`` from the front of each rank's slice), those examples first."""
+    if head is None:
+        return x
+    share = head // WORLD
+    parts = [_shard(x, r) for r in range(WORLD)]
+    return torch.cat([p[:share] for p in parts] + [p[share:] for p in parts])
 
 
-@pytest.mark.parametrize("name", ["gp_exact", "gpr_fd"])
-def test_equals_single_process_mean_of_rank_penalties(ranks: list[dict], name: str) -> None:
-    """θ ← θ − lr (mean_r ∇L_r + α mean_r ∇||∇L_r||²), simulated in this process."""
-    _, dtype, kwargs = SCENARIOS[name]
-    model = _model(dtype)
+def _sampled_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ŷ ~ softmax: one uniform per row, the first class whose cumulative probability
+    exceeds it (the documented rule)."""
+    u = torch.rand(logits.shape[0], 1, dtype=torch.float64, generator=generator)
+    cdf = torch.softmax(logits.float(), -1).double().cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+
+
+def _brute_force(kwargs: dict[str, Any], alpha: float = ALPHA) -> list[torch.Tensor]:
+    """θ ← θ − lr (∇L + α ∇P) on the whole batch, ∇P by explicit double backprop."""
+    model = _model()
     params = list(model.parameters())
-    generators = [torch.Generator().manual_seed(SEED) for _ in range(WORLD)]
+    penalty = kwargs.get("penalty", "fisher")
+    head = kwargs.get("penalty_batch_size")
+    generator = torch.Generator().manual_seed(SEED)
+    momentum = kwargs.get("momentum", 0.0)
+    buffers = [torch.zeros_like(p) for p in params]
+    cache = None
     for step in range(STEPS):
-        x, y = _global_batch(step, dtype)
-        grads = [torch.zeros_like(p) for p in params]
-        penalties = [torch.zeros_like(p) for p in params]
-        for r in range(WORLD):
-            xr, yr = _shard(x, r), _shard(y, r)
-            for acc, g in zip(grads, torch.autograd.grad(F.cross_entropy(model(xr), yr), params)):
-                acc += g / WORLD
-            pen = penalty_gradient(
-                model,
-                xr,
-                penalty=kwargs["penalty"],
-                mode=kwargs["mode"],
-                targets=yr if kwargs["penalty"] == "gradient" else None,
-                generator=generators[r],
-            )
-            for acc, g in zip(penalties, pen):
-                acc += g / WORLD
+        x, y = _global_batch(step)
+        x, y = _ordered(x, head), _ordered(y, head)
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        if step % kwargs["every"] == 0:
+            xp, yp = (x, y) if head is None else (x[:head], y[:head])
+            if penalty == "input_gradient":
+                xp = xp.clone().requires_grad_(True)
+            logits = model(xp)
+            if penalty == "fisher":
+                labels = _sampled_labels(logits.detach(), generator)
+                loss = F.cross_entropy(logits, labels)
+                if kwargs.get("penalty_scale") == "per_row":
+                    loss = loss * len(labels) ** 0.5
+            else:
+                loss = F.cross_entropy(logits, yp)
+            wrt = [xp] if penalty == "input_gradient" else params
+            g = torch.autograd.grad(loss, wrt, create_graph=True)
+            cache = torch.autograd.grad(sum(t.pow(2).sum() for t in g), params)
         with torch.no_grad():
-            for p, g, h in zip(params, grads, penalties):
-                p -= 0.1 * (g + 0.5 * h)
-    # Summing the ranks' penalties in another order changes the last bit; the finite
-    # difference (step ~1e-7 |θ| in float64) amplifies such differences over the steps.
-    tol = dict(rtol=1e-10, atol=1e-12) if kwargs["mode"] == "exact" else dict(rtol=1e-7, atol=1e-9)
+            for p, b, g, h in zip(params, buffers, grads, cache):
+                d = g + alpha * h
+                b.mul_(momentum).add_(d) if momentum else b.copy_(d)
+                p -= LR * b
+    return [p.detach() for p in params]
+
+
+def _one_process(kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The library on the whole batch in this process (no process group)."""
+    model = _model()
+    opt = _penalty_optimizer(model, kwargs)
+    head = kwargs.get("penalty_batch_size")
+    batches = [_global_batch(s) for s in range(STEPS)]
+    xs = [_ordered(x, head) for x, _ in batches]
+    ys = [_ordered(y, head) for _, y in batches]
+    _train(model, opt, xs, ys, _needs_targets(kwargs))
+    return [p.detach() for p in model.parameters()]
+
+
+def _relative(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """``||got − expected|| / ||expected − θ₀||``: the error relative to the update."""
+    start = [p.detach() for p in _model().parameters()]
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, expected))
+    den = sum(float((b - s).pow(2).sum()) for b, s in zip(expected, start))
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("name", list(PENALTY))
+def test_two_ranks_equal_one_process_on_the_global_batch(ranks: list[dict], name: str) -> None:
+    kwargs = PENALTY[name]
+    expected = _brute_force(kwargs)
+    # the penalty moves the parameters far more than the tolerance
+    assert _relative(_brute_force(kwargs, alpha=0.0), expected) > 1e-3
+    assert _relative(_one_process(kwargs), expected) < 1e-6
     for rank in ranks:
-        for p, q in zip(rank[name]["params"], params):
-            torch.testing.assert_close(p, q, **tol)
+        assert _relative(rank[name]["params"], expected) < 1e-6
+    for p, q in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+        assert torch.equal(p, q)  # the replicas stay bitwise identical
 
 
-def test_penalty_estimator_is_mean_of_squared_norms_not_squared_norm_of_mean() -> None:
-    """Documented estimator: mean_r ||g_r||² (what DDP computes), which differs from
-    ||mean_r g_r||² (the penalty of the global batch)."""
-    model = _model(torch.float64)
-    x, y = _global_batch(0, torch.float64)
-    params = list(model.parameters())
-
-    def grad_of(xs: torch.Tensor, ys: torch.Tensor) -> list[torch.Tensor]:
-        return torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
-
-    per_rank = [grad_of(_shard(x, r), _shard(y, r)) for r in range(WORLD)]
-    mean_sq = sum(sum(g.pow(2).sum() for g in gs) for gs in per_rank) / WORLD
-    global_g = grad_of(x, y)
-    sq_mean = sum(g.pow(2).sum() for g in global_g)
-    assert float(mean_sq) > float(sq_mean)  # Jensen: the mean of squares is larger
-
-
-def test_a_model_without_its_ddp_wrapper_is_warned_about_once(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("name", [n for n in PENALTY if n.startswith("fp_")])
+def test_all_reduces_per_refresh(ranks: list[dict], name: str) -> None:
+    """Exact: ḡ and H̄ḡ (2). Forward difference (float64's default): the two passes' gradients
+    (2), plus the exact check of the first refresh (2)."""
+    kwargs = PENALTY[name]
+    refreshes = -(-STEPS // kwargs["every"])
+    extra = 2 if kwargs["mode"] == "finite_difference" else 0
     for rank in ranks:
-        messages = [m for m in rank["bare_model_warnings"] if "DistributedDataParallel" in m]
-        assert len(messages) == 1 and "replicas drift apart" in messages[0]
+        assert rank[name]["refreshes"] == refreshes
+        assert rank[name]["all_reduces"] == 2 * refreshes + extra
+
+
+def test_optimizer_built_before_the_ddp_wrap_gives_the_wrapped_update(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert not [m for m in rank["bare"]["warnings"] if "DistributedDataParallel" in m]
+        for p, q in zip(rank["bare"]["params"], rank["fp_exact"]["params"]):
+            assert torch.equal(p, q)
+
+
+def test_a_model_never_wrapped_is_averaged_with_a_warning(ranks: list[dict]) -> None:
+    for rank in ranks:
+        messages = [m for m in rank["unwrapped_warnings"] if "DistributedDataParallel" in m]
+        assert len(messages) == 1 and "averages its term over all of them" in messages[0]
+
+
+@pytest.mark.skipif(not HAS_NOISE, reason="FisherNoiseSGD is not available")
+@pytest.mark.parametrize("name", list(NOISE))
+def test_fisher_noise_replicas_stay_bitwise_identical(ranks: list[dict], name: str) -> None:
+    first, second = ranks[0][name]["params"], ranks[1][name]["params"]
+    initial = list(_model(torch.float32).parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(first, initial))  # it trained
+    assert all(torch.equal(p, q) for p, q in zip(first, second))

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fisher_optim.batch import Batch
 from fisher_optim.differentiation import exact_penalty_gradient, finite_difference_penalty_gradient
-from fisher_optim.penalty import Batch, PenaltyObjective
+from fisher_optim.penalty import PenaltyObjective
 
 from .distributed_utils import run_on_ranks
 

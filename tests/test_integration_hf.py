@@ -461,7 +461,7 @@ def test_fisher_noise_ignores_positions_without_a_target(covariance: str):
 
 
 def test_causal_lm_detection():
-    from fisher_optim._targets import is_causal_lm
+    from fisher_optim.targets import is_causal_lm
 
     tiny = dict(
         vocab_size=VOCAB,

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 from fisher_optim import FisherPenaltySGD, penalty_gradient
-from fisher_optim._logits import sample_labels
+from fisher_optim.likelihoods import sample_labels
 
 
 class LoRALinear(nn.Module):

@@ -2,14 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fisher_optim._logits import (
-    Bernoulli,
-    Categorical,
-    Gaussian,
-    as_logits,
-    get_likelihood,
-    sample_labels,
-)
+from fisher_optim._logits import as_logits
+from fisher_optim.likelihoods import Bernoulli, Categorical, Gaussian, get_likelihood, sample_labels
 
 
 def test_as_logits_flattens_sequence_and_applies_output_fn():

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from fisher_optim import Gaussian, fisher_penalty
-from fisher_optim._logits import sample_labels
-from fisher_optim.penalty import Batch, PenaltyObjective
+from fisher_optim.batch import Batch
+from fisher_optim.likelihoods import sample_labels
+from fisher_optim.penalty import PenaltyObjective
 
 from .conftest import small_cnn, tiny_mlp
 

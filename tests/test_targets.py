@@ -1,4 +1,4 @@
-"""Which rows have a target (fisher_optim._targets), and the penalty over those rows only.
+"""Which rows have a target (fisher_optim.targets), and the penalty over those rows only.
 
 Hugging Face models are tested in tests/test_integration_hf.py; here: the explicit
 ``target_mask`` on a model of our own, its errors, and ``penalty_scale="per_row"``, each against
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_optim import Batch, FisherPenaltySGD, fisher_penalty
-from fisher_optim._targets import causal_target_rows, target_rows
 from fisher_optim.penalty import PenaltyObjective
+from fisher_optim.targets import causal_target_rows, target_rows
 
 VOCAB = 11
 

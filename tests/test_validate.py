@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from fisher_optim import FisherNoiseSGD, FisherPenaltySGD, GhostBatchNorm
+from fisher_optim import (
+    FisherNoiseSGD,
+    FisherPenaltySGD,
+    GhostBatchNorm,
+    fisher_penalty,
+    penalty_gradient,
+)
 from fisher_optim.validate import (
     check_bool,
     check_function_or_none,
@@ -22,6 +28,15 @@ CONSTRUCTORS = [
     lambda m, **kw: FisherPenaltySGD(m, lr=0.1, alpha=0.1, **kw),
     lambda m, **kw: FisherNoiseSGD(m, lr=0.1, small_batch_size=2, **kw),
 ]
+#: Both optimizers, refreshing at every step.
+EVERY_STEP = pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: FisherPenaltySGD(m, lr=0.1, alpha=0.1, every=1),
+        lambda m: FisherNoiseSGD(m, lr=0.1, small_batch_size=2, every=1),
+    ],
+    ids=["FisherPenaltySGD", "FisherNoiseSGD"],
+)
 
 
 def _net() -> nn.Module:
@@ -97,6 +112,14 @@ def test_every_parameter_frozen(make) -> None:
         make(model)
 
 
+def test_every_parameter_frozen_in_the_functions() -> None:
+    for f in (fisher_penalty, penalty_gradient):
+        with pytest.raises(
+            ValueError, match=r"every parameter of the model is frozen.*requires_gr"
+        ):
+            f(_net().requires_grad_(False), torch.randn(8, 4))
+
+
 def test_frozen_after_construction() -> None:
     model = _net()
     opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
@@ -112,6 +135,8 @@ def test_fd_options_refused_in_exact_mode(option: dict) -> None:
     with pytest.raises(ValueError, match=rf"{name}=.* mode='exact' does not take: remove {name}"):
         FisherPenaltySGD(_net(), lr=0.1, alpha=0.1, mode="exact", **option)
     FisherPenaltySGD(_net(), lr=0.1, alpha=0.1, mode="finite_difference", **option)
+    with pytest.raises(ValueError, match=rf"{name}=.* mode='exact' does not take: remove {name}"):
+        penalty_gradient(_net(), torch.randn(8, 4), mode="exact", **option)
 
 
 @pytest.mark.parametrize("make", CONSTRUCTORS)
@@ -124,17 +149,39 @@ def test_typo_in_a_keyword_names_the_wrapper(make) -> None:
         make(_net(), momentun=0.9)
 
 
-def test_unbatched_input_is_told_to_batch() -> None:
+UNBATCHED = (
+    r"shape \(3,\) for inputs whose first dimension is 4.*unbatched example.*x\.unsqueeze\(0\)"
+)
+
+
+@EVERY_STEP
+def test_unbatched_input_is_told_to_batch(make) -> None:
     model = _net()
-    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
+    opt = make(model)
     _backward(model, torch.randn(4))
-    with pytest.raises(ValueError, match=r"shape \(3,\).*unbatched example.*x\.unsqueeze\(0\)"):
+    with pytest.raises(ValueError, match=UNBATCHED) as error:
         opt.step()
+    assert "output_fn" not in str(error.value)  # not a model with one output per example
 
 
-def test_nan_inputs_say_the_weights_are_hit() -> None:
+def test_unbatched_input_to_the_functions() -> None:
+    for f in (fisher_penalty, penalty_gradient):
+        with pytest.raises(ValueError, match=UNBATCHED) as error:
+            f(_net(), torch.randn(4))
+        assert "output_fn" not in str(error.value)
+
+
+def test_one_output_per_example_is_told_about_output_fn() -> None:
+    """A 1-D output as long as the batch: one number per example, or an unbatched call."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"x\.unsqueeze\(0\).*output_fn=lambda out: out\.unsq"):
+        fisher_penalty(model, torch.randn(8, 4))
+
+
+@EVERY_STEP
+def test_nan_inputs_say_the_weights_are_hit(make) -> None:
     model = _net()
-    opt = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
+    opt = make(model)
     x = torch.randn(8, 4)
     x[0, 0] = float("nan")
     _backward(model, x)
@@ -158,7 +205,8 @@ def test_nan_penalty_alone_continues() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_outer_module_never_called_hints_at_submodules() -> None:
+@EVERY_STEP
+def test_outer_module_never_called_hints_at_submodules(make) -> None:
     class Outer(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -168,26 +216,32 @@ def test_outer_module_never_called_hints_at_submodules() -> None:
             return self.backbone(x)
 
     outer = Outer()
-    opt = FisherPenaltySGD(outer, lr=0.1, alpha=0.1, every=1)
+    opt = make(outer)
     _backward(outer.backbone)
     with pytest.raises(RuntimeError, match=r"model\.backbone\(x\)\), build the optimizer on that"):
         opt.step()
 
 
-def test_two_optimizers_on_one_model_warn_once() -> None:
+@pytest.mark.parametrize("second", ["FisherPenaltySGD", "FisherNoiseSGD"])
+def test_two_optimizers_on_one_model_warn_once(second: str) -> None:
     model = _net()
     first = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
-    second = FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
+    other = (
+        FisherPenaltySGD(model, lr=0.1, alpha=0.1, every=1)
+        if second == "FisherPenaltySGD"
+        else FisherNoiseSGD(model, lr=0.1, small_batch_size=2, every=1)
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(3):
-            for opt in (first, second):
+            for opt in (first, other):
                 opt.zero_grad()
                 _backward(model)
                 opt.step()
     messages = [str(w.message) for w in record]
     assert len(messages) == 1
     assert "another optimizer on this model, a FisherPenaltySGD, steps too" in messages[0]
+    assert "Build one such optimizer per model" in messages[0]
 
 
 def test_replacing_an_optimizer_does_not_warn() -> None:

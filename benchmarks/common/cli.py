@@ -72,7 +72,7 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     :class:`SweepOptions`, :class:`~benchmarks.common.config.RunSpec` and
     :class:`~benchmarks.common.runner.RunningOptions`.
 
-    ``--help`` shows each option's default once (:class:`fisher_optim._cli.HelpFormatter`);
+    ``--help`` shows each option's default once (:class:`benchmarks.common.arg_types.HelpFormatter`);
     every value is range-checked here, so a bad one is an argparse error naming the option.
     """
     classes = (SweepOptions, RunSpec, runner.DeviceOptions, runner.RunningOptions)

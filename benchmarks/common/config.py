@@ -39,17 +39,17 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclas
 from typing import Any
 
 from benchmarks.common import runner
-from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
-from benchmarks.common.models import INITS, MODELS
-from benchmarks.common.options import option, option_fields
-from fisher_optim import MODES
-from fisher_optim._cli import (
+from benchmarks.common.arg_types import (
     fraction,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
 )
+from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
+from benchmarks.common.models import INITS, MODELS
+from benchmarks.common.options import option, option_fields
+from fisher_optim import MODES
 from fisher_optim.curvature import LABEL_MODES
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
@@ -354,7 +354,8 @@ class RunSpec:
         None,
         "train under torch.autocast in this precision (fp16 with a "
         "GradScaler, which reads its inf check back every step; bf16 "
-        "reads nothing)",
+        "reads nothing); evaluation and the curvature measurements (Tr(F), "
+        "eigenvalues) stay in float32",
         unset="float32",
         choices=AMP_MODES,
         group=SETTING,

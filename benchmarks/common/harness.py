@@ -523,8 +523,7 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
         )
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
-        self.scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
+        self.precision = runner.Precision(spec.amp, device)
         self.gen = torch.Generator(device=self.data_device).manual_seed(spec.seed)
         self.mix_rng = np.random.default_rng(spec.seed + 20_011)
         self.epoch = 0  # completed epochs
@@ -562,7 +561,7 @@ class _Run:
             "gen": self.gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
             **runner.random_state(),
-            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            **self.precision.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "perm": self.perm,
@@ -593,8 +592,7 @@ class _Run:
         self.gen.set_state(st["gen"].cpu())
         self.mix_rng.bit_generator.state = st["mix_rng"]
         runner.set_random_state(st)
-        if self.scaler is not None and "scaler" in st:
-            self.scaler.load_state_dict(st["scaler"])
+        self.precision.load_state_dict(st)
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.perm = None if st["perm"] is None else st["perm"].to(self.data_device)
         sums = dict(st["sums"])
@@ -747,18 +745,13 @@ class _Run:
         x = ds.batch(idx, augment, self.gen)
         return to_device(x, self.device), to_device(ds.labels[idx], self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _step(self, idx: Tensor) -> None:
         """One training step on the examples ``idx``; reads nothing back (see the class
         doc): its statistics are added to ``self.acc``."""
         spec, model = self.spec, self.model
         x, y = self._batch(idx, spec.augment)
         model.train()
-        with self._autocast():
+        with self.precision.autocast():
             if spec.method == "mixup":
                 lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
                 other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
@@ -769,18 +762,14 @@ class _Run:
                 out = self.forward(x)
                 loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.precision.backward(loss)
         if isinstance(self.opt, FisherPenaltySGD) and self.opt.penalty.needs_targets:
             self.opt.set_targets(y)
         if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
             self.opt.set_targets(y)
         lr = self.opt.param_groups[0]["lr"]
         refreshes = self.opt.refreshes if isinstance(self.opt, FisherPenaltySGD) else None
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+        self.precision.step(self.opt)
         if refreshes is not None and self.opt.refreshes != refreshes:
             self._log_refresh()
         b = len(idx)
@@ -1080,75 +1069,22 @@ def run_many(
     root: str | os.PathLike,
     *,
     pack: int = 1,
+    deadline: float | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Train ``specs`` into ``root/<spec.name>``, one after the other, stopping at the first
-    interrupted run (time limit); uses the module-level :func:`train_run` (patchable).
+    """Train ``specs`` into ``root/<spec.name>`` by :func:`benchmarks.common.runner.sweep`,
+    one after the other, stopping at the first interrupted run (time limit); uses the
+    module-level :func:`train_run` (patchable).
 
-    With ``pack > 1``, ``pack`` processes train at once on the same device, process ``r``
-    the runs ``specs[r::pack]`` in order (each stops at its first interrupted run); the
-    results are read back from the run folders, in the order of ``specs``.
+    With ``pack > 1``, ``pack`` processes train at once on the same device (see ``sweep``):
+    the data travel on the host and each run places it on the device, and a process prints
+    its own lines (no progress bar).
     """
+    root = Path(root)
     if pack > 1 and len(specs) > 1:
-        return _run_packed(specs, data, Path(root), min(pack, len(specs)), kwargs)
-    results, _ = runner.sweep(
-        lambda spec=spec: train_run(spec, data, Path(root) / spec.name, **kwargs) for spec in specs
-    )
+        data = data.to("cpu")
+        kwargs = dict(kwargs, progress=False, device=str(kwargs.get("device", "cpu")))
+        kwargs.pop("log", None)
+    jobs = [runner.Job(train_run, spec, data, root / spec.name, **kwargs) for spec in specs]
+    results, _ = runner.sweep(jobs, deadline=deadline, pack=pack, folder=root)
     return results
-
-
-def _run_packed(
-    specs: Sequence[RunSpec], data: DataBundle, root: Path, pack: int, kwargs: dict[str, Any]
-) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    root.mkdir(parents=True, exist_ok=True)
-    # through a file, not shared memory (a container's /dev/shm is often small)
-    shared = root / ".packed-data.pt"
-    torch.save(data.to("cpu"), shared)
-    kwargs = dict(kwargs, progress=False, device=str(kwargs.get("device", "cpu")))
-    deadline = kwargs.pop("deadline", None)
-    wall = None if deadline is None else time.time() + (deadline - runner.clock())
-    kwargs.pop("log", None)  # a worker prints its lines (a function does not pickle)
-    try:
-        mp.spawn(
-            _packed_worker,
-            nprocs=pack,
-            join=True,
-            args=(pack, list(specs), str(shared), str(root), wall, kwargs, torch.get_num_threads()),
-        )
-    finally:
-        shared.unlink(missing_ok=True)
-    return [_packed_result(spec, root / spec.name) for spec in specs]
-
-
-def _packed_worker(
-    rank: int,
-    pack: int,
-    specs: list[RunSpec],
-    data_file: str,
-    root: str,
-    wall: float | None,
-    kwargs: dict[str, Any],
-    threads: int,
-) -> None:
-    """Process ``rank`` of :func:`run_many`'s ``pack``: its share of the runs, in order."""
-    torch.set_num_threads(max(1, threads // pack))
-    deadline = None if wall is None else runner.clock() + (wall - time.time())
-    data = torch.load(data_file, weights_only=False)
-    data = place_data(data, torch.device(kwargs["device"]), kwargs.get("data_on_device", "auto"))
-    kwargs = {k: v for k, v in kwargs.items() if k != "data_on_device"}
-    for spec in specs[rank::pack]:
-        out = train_run(spec, data, Path(root) / spec.name, deadline=deadline, **kwargs)
-        if out["status"] == INTERRUPTED:
-            return
-
-
-def _packed_result(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """A packed run's result: its summary if it finished, else where it stopped."""
-    done = RunFolder(run_dir, spec.to_dict(), key="spec").finished() if run_dir.is_dir() else None
-    if done is not None:
-        return done
-    metrics = run_dir / METRICS
-    epochs = runner.read_jsonl(metrics)[-1]["epoch"] if metrics.is_file() else 0
-    return {"name": spec.name, "spec": spec.to_dict(), "status": INTERRUPTED, "epochs_done": epochs}

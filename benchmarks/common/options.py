@@ -25,6 +25,8 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from benchmarks.common.arg_types import HelpFormatter
+
 __all__ = ["add_options", "from_args", "option", "option_fields", "parser", "tagged"]
 
 _MISSING = dataclasses.MISSING
@@ -142,8 +144,6 @@ def parser(
     """A script's parser (``--help`` states each default once): the option fields of
     ``classes``, by :func:`add_options` (``kwargs``: its ``defaults``, ``only``...), with
     the ``--help`` sections ``sections`` first, in that order."""
-    from fisher_optim._cli import HelpFormatter
-
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     groups = {title: p.add_argument_group(title) for title in sections}
     add_options(p, *classes, groups=groups, **kwargs)

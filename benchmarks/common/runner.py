@@ -16,25 +16,32 @@ killed at any moment leaves either the old file or the new one.
    the deadline passes (``--time-limit``): then it is checkpointed and "interrupted", and
    the same command with ``--resume`` continues it (bitwise, on CPU).
 
-:func:`sweep` trains runs one after the other and stops at the first interrupted one;
-:data:`EXIT_INTERRUPTED` is the exit code of a command the time limit stopped.
+:func:`sweep` trains runs one after the other and stops at the first interrupted one, or,
+with ``pack=N`` (``--pack``), in N processes at once on the same device: each run is then a
+:class:`Job`, which a child process rebuilds. :data:`EXIT_INTERRUPTED` is the exit code of a
+command the time limit stopped. :class:`Precision` is ``--amp``'s autocast and gradient
+scaler, for a training step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import json
 import math
 import os
 import re
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.common.arg_types import positive_float, positive_int
 from benchmarks.common.options import option
-from fisher_optim._cli import positive_float, positive_int
 
 __all__ = [
     "COMPLETE",
@@ -45,6 +52,8 @@ __all__ = [
     "INTERRUPTED",
     "STOPPED",
     "DeviceOptions",
+    "Job",
+    "Precision",
     "RunFolder",
     "RunningOptions",
     "Trainable",
@@ -206,8 +215,6 @@ def past(deadline: float | None) -> bool:
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar of one epoch's ``total`` steps when stderr is a terminal and ``enabled``
     (else None: the caller prints one line per epoch either way), the same in every script."""
-    import sys
-
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -390,12 +397,195 @@ def _where(run: Trainable) -> str:
     return " ".join(f"{k} {v}" for k, v in run.position().items())
 
 
-def sweep(runs: Iterable[Callable[[], dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
-    """Call each run (a function returning an :func:`execute` result) in order, stopping at
-    the first interrupted one. Returns the results and whether every run finished."""
+class Job:
+    """One run of a :func:`sweep`: ``job(deadline)`` is ``fn(*args, deadline=deadline,
+    **kwargs)``, which returns an :func:`execute` result.
+
+    A job pickles, so that a child process of a packed sweep can rebuild it: ``fn`` must be
+    a module-level function (found again by its module's name, or, for a script loaded from
+    its file, by that file, before its arguments are rebuilt) and ``args``, ``kwargs``
+    must pickle (tensors, data sets, dicts; not a lambda).
+    """
+
+    def __init__(self, fn: Callable[..., dict[str, Any]], /, *args: Any, **kwargs: Any):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self, deadline: float | None) -> dict[str, Any]:
+        return self.fn(*self.args, deadline=deadline, **self.kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        module = sys.modules.get(self.fn.__module__)
+        where = (self.fn.__module__, getattr(module, "__file__", None), self.fn.__qualname__)
+        # the function first: its module is loaded before the arguments, whose classes
+        # may live there
+        return (_job, (_Function(*where), self.args, self.kwargs))
+
+
+class _Function:
+    """A module-level function, pickled by its module's name and file (see :class:`Job`)."""
+
+    def __init__(self, module: str, file: str | None, qualname: str):
+        self.where = (module, file, qualname)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_find_function, self.where)
+
+
+def _find_function(module: str, file: str | None, qualname: str) -> Any:
+    """The function ``qualname`` of ``module`` (imported, or loaded from ``file``)."""
+    found = sys.modules.get(module)
+    if found is None:
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if file is None or e.name != module:
+                raise
+            spec = importlib.util.spec_from_file_location(module, file)
+            found = importlib.util.module_from_spec(spec)
+            sys.modules[module] = found
+            spec.loader.exec_module(found)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _job(fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict[str, Any]) -> Job:
+    return Job(fn, *args, **kwargs)
+
+
+def sweep(
+    runs: Sequence[Callable[[float | None], dict[str, Any]]],
+    *,
+    deadline: float | None = None,
+    pack: int = 1,
+    folder: str | os.PathLike | None = None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Train ``runs``: call each (``run(deadline)``, an :func:`execute` result) in order,
+    stopping at the first interrupted one. Returns the results and whether every run
+    finished.
+
+    With ``pack > 1`` (and more than one run), ``pack`` processes train at once on the same
+    device, process ``r`` the runs ``runs[r::pack]`` in order (each stops at its first
+    interrupted run) with ``1/pack`` of torch's CPU threads; every run is then a
+    :class:`Job`. The jobs reach the processes through a file in ``folder`` (default: the
+    system's temporary folder), not shared memory (a container's ``/dev/shm`` is often
+    small). The results are those of ``runs``, in order, up to the first run no process
+    reached; a run that finished after that one is on disk, and ``--resume`` finds it.
+    """
+    if pack > 1 and len(runs) > 1:
+        return _sweep_packed(list(runs), deadline, min(pack, len(runs)), folder)
     out = []
     for run in runs:
-        out.append(run())
+        out.append(run(deadline))
         if out[-1].get("status") == INTERRUPTED:
             return out, False
     return out, True
+
+
+def _sweep_packed(
+    runs: list[Callable[[float | None], dict[str, Any]]],
+    deadline: float | None,
+    pack: int,
+    folder: str | os.PathLike | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    bad = [type(r).__name__ for r in runs if not isinstance(r, Job)]
+    if bad:
+        raise TypeError(f"a packed sweep trains Jobs (a child process rebuilds them), got {bad}")
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    # a child's clock is its own: the deadline travels as a wall time
+    wall = None if deadline is None else time.time() + (deadline - clock())
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix=".pack-", dir=folder) as tmp:
+        jobs = Path(tmp) / "jobs.pt"
+        torch.save(runs, jobs)  # once: data shared by several runs is written once
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(pack, mp_context=context) as pool:
+            shares = [
+                pool.submit(_train_share, str(jobs), rank, pack, wall, threads)
+                for rank in range(pack)
+            ]
+            done = [share.result() for share in shares]
+    results: list[dict[str, Any]] = []
+    for i in range(len(runs)):
+        share = done[i % pack]
+        if i // pack >= len(share):
+            break
+        results.append(share[i // pack])
+    complete = len(results) == len(runs) and all(r.get("status") != INTERRUPTED for r in results)
+    return results, complete
+
+
+def _train_share(
+    jobs: str, rank: int, pack: int, wall: float | None, threads: int
+) -> list[dict[str, Any]]:
+    """Process ``rank`` of a packed :func:`sweep`: its share of the runs, in order."""
+    import torch
+
+    torch.set_num_threads(max(1, threads // pack))
+    deadline = None if wall is None else clock() + (wall - time.time())
+    out = []
+    for run in torch.load(jobs, weights_only=False)[rank::pack]:
+        out.append(run(deadline))
+        if out[-1].get("status") == INTERRUPTED:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------ precision
+class Precision:
+    """``--amp`` for a training step: the forward under ``torch.autocast`` in bfloat16
+    (``"bf16"``) or float16 with a ``GradScaler`` (``"fp16"``, whose inf check reads one
+    value per step), or float32 (None). Measurements run outside :meth:`autocast`, in
+    float32.
+
+    >>> import torch
+    >>> p = Precision(None, torch.device("cpu"))
+    >>> p.scaler is None and p.state_dict() == {}
+    True
+    """
+
+    DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+    def __init__(self, amp: str | None, device: Any):
+        import torch
+
+        if amp is not None and amp not in self.DTYPES:
+            raise ValueError(f"amp must be None or one of {tuple(self.DTYPES)}, got {amp!r}")
+        self.amp, self.device = amp, torch.device(device)
+        self.dtype = None if amp is None else getattr(torch, self.DTYPES[amp])
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of the training forward (and its loss)."""
+        import torch
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: Any) -> None:
+        """``loss.backward()``, scaled with fp16."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, opt: Any) -> None:
+        """``opt.step()``, through the scaler with fp16 (skipped on an inf or NaN gradient)."""
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        """For a checkpoint: ``{"scaler": ...}`` with fp16, else empty."""
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

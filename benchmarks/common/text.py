@@ -111,12 +111,26 @@ class TextCorpus:
             "val_file_names": self.val_files,
         }
 
+    def to(self, device: torch.device | str) -> TextCorpus:
+        """The corpus with its byte streams on ``device`` (windows are then cut there; the
+        random positions of :meth:`train_batch` are still drawn by its generator)."""
+        return TextCorpus(
+            self.train.to(device),
+            self.val.to(device),
+            self.train_files,
+            self.val_files,
+            self.source,
+        )
+
     def _windows(self, stream: Tensor, starts: Tensor, length: int) -> Tensor:
-        return stream[starts.unsqueeze(1) + torch.arange(length)].long()
+        if starts.device != stream.device:  # positions drawn on the host: copied, no wait
+            starts = starts.pin_memory().to(stream.device, non_blocking=True)
+        return stream[starts.unsqueeze(1) + torch.arange(length, device=stream.device)].long()
 
     def train_batch(self, batch_size: int, context: int, generator: torch.Generator) -> Tensor:
         """``[batch_size, context + 1]`` windows at random training positions (inputs are
-        ``[:, :-1]``, next-byte targets ``[:, 1:]``); the generator fixes the data order."""
+        ``[:, :-1]``, next-byte targets ``[:, 1:]``), on the streams' device; the generator
+        fixes the data order (a CPU generator: the same batches on every device)."""
         high = len(self.train) - context
         if high < 1:
             raise ValueError(

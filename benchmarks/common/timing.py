@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common.arg_types import nonnegative_int, positive_int
 from benchmarks.common.options import option
-from fisher_optim._cli import nonnegative_int, positive_int
 
 __all__ = ["TimingOptions", "interleaved_medians"]
 

@@ -26,7 +26,6 @@ Every measurement leaves the model exactly as found: parameters, buffers, ``.gra
 training flags.
 """
 
-from ._hvp import DISTRIBUTIONS, HessianOperator, random_probe
 from .covariance import (
     GradientCovariance,
     gradient_covariance,
@@ -44,6 +43,7 @@ from .eigenvalue import (
     top_hessian_eigenvalue,
 )
 from .fisher import LABEL_MODES, fisher_trace, minibatch_fisher_trace
+from .hessian import DISTRIBUTIONS, HessianOperator, random_probe
 from .hutchinson import TRACE_METHODS, TraceEstimate, hessian_trace, hutchinson, hutchpp
 from .per_example import (
     group_gradient_stats,

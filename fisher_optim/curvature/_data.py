@@ -1,4 +1,4 @@
-"""Shared plumbing of the measurements: batches, devices, argument checks.
+"""Shared plumbing of the measurements: chunks of a batch, devices, the labels a batch carries.
 
 A *batch of inputs* is a tensor whose first dimension indexes examples, a mapping of
 such tensors (keyword arguments of the model, as for Hugging Face models), or a
@@ -24,44 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._targets import row_targets, rows_shape, target_row_mask
-from ..batch import (
-    Batch as CallBatch,
-)
-from ..batch import (
-    Inputs,
-    InputsAndTargets,
-    batch_size,
-    call_model,
-    is_single_batch,
-    iter_batches,
-    model_inputs,
-    num_examples,
-    slice_batch,
-)
-from ..validate import check_choice, check_positive_int
+from ..batch import Batch, Inputs, batch_size
 
-__all__ = [
-    "CallBatch",
-    "Inputs",
-    "InputsAndTargets",
-    "batch_size",
-    "call_model",
-    "check_choice",
-    "check_positive_int",
-    "is_single_batch",
-    "iter_batches",
-    "iter_chunks",
-    "labels_of",
-    "model_device",
-    "model_inputs",
-    "num_examples",
-    "row_targets",
-    "rows_shape",
-    "slice_batch",
-    "target_row_mask",
-    "to_device",
-]
+__all__ = ["iter_chunks", "labels_of", "model_device", "to_device"]
 
 
 def iter_chunks(x: Inputs, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -79,8 +44,8 @@ def to_device(x: Inputs, device: torch.device) -> Inputs:
     def move(v: Any) -> Any:
         return v.to(device) if isinstance(v, Tensor) else v
 
-    if isinstance(x, CallBatch):
-        return CallBatch(
+    if isinstance(x, Batch):
+        return Batch(
             tuple(move(a) for a in x.args),
             {k: move(v) for k, v in x.kwargs.items()},
             None if x.targets is None else move(x.targets),
@@ -98,7 +63,7 @@ def model_device(model: nn.Module) -> torch.device:
 def labels_of(x: Inputs) -> Tensor | None:
     """The targets a batch of inputs carries itself: a mapping's ``"labels"`` (a Hugging
     Face batch), a ``Batch``'s ``targets``; else None."""
-    if isinstance(x, CallBatch):
+    if isinstance(x, Batch):
         return x.targets
     if isinstance(x, Mapping) and isinstance(x.get("labels"), Tensor):
         return x["labels"]

@@ -50,16 +50,10 @@ from torch import Tensor, nn
 from .._as_found import left_as_found
 from .._logits import OutputFn
 from .._modules import eval_mode
+from ..batch import Inputs, batch_size, iter_batches
 from ..likelihoods import Likelihood
-from ._data import (
-    Inputs,
-    batch_size,
-    check_positive_int,
-    iter_batches,
-    labels_of,
-    model_device,
-    to_device,
-)
+from ..validate import check_positive_int
+from ._data import labels_of, model_device, to_device
 from .ghost import CotangentFn, ghost_backward
 from .layers import LayerRule, dense_gram
 from .per_example import cotangent_grads, row_target_cotangents

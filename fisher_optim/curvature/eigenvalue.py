@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .._logits import OutputFn
 from .._modules import eval_mode
 from ..validate import check_positive_int
-from ._hvp import HessianOperator, LossFn, MatVec, random_probe
+from .hessian import HessianOperator, LossFn, MatVec, random_probe
 
 __all__ = [
     "EigenEstimate",

@@ -2,7 +2,7 @@
 gradients by ``torch.func.vmap(grad)`` or a loop.
 
 Every tensor of a batch holds the examples in its first dimension (see
-:mod:`fisher_optim.curvature._data`); a tensor shared by all examples (an attention mask
+:mod:`fisher_optim.batch`); a tensor shared by all examples (an attention mask
 ``[T, T]``, a table ``[T, 1]``) whose first dimension happens to equal the batch size
 cannot be told apart from one that holds examples, and is never guessed about: pass it
 through the model itself (an attribute, ``functools.partial`` or a wrapper module), not in
@@ -24,8 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._as_found import left_as_found, renormalising_parameters, substituted_parameters
 from .._logits import OutputFn, as_logits
-from ..batch import holds_examples
-from ._data import Inputs, call_model, model_inputs, num_examples, slice_batch
+from ..batch import Inputs, call_model, holds_examples, model_inputs, num_examples, slice_batch
 
 __all__ = [
     "SHARED_INPUT_HINT",

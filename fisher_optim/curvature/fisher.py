@@ -15,9 +15,9 @@ For ``[B, T, C]`` logits (a sequence model) every position draws its own label a
 example's loss is the mean cross-entropy over its positions that have a target: for a
 Hugging Face model, positions that are padding (``attention_mask`` 0), labelled ``-100``,
 or the last position of a causal language model (no next token) take no part
-(:mod:`fisher_optim._targets`); other models use every position.
+(:mod:`fisher_optim.targets`); other models use every position.
 
-``likelihood=`` chooses ``p_θ(y|x)`` (:mod:`fisher_optim._logits`): ``"categorical"``
+``likelihood=`` chooses ``p_θ(y|x)`` (:mod:`fisher_optim.likelihoods`): ``"categorical"``
 (softmax, the default), ``"bernoulli"`` (one logit per binary label) or ``"gaussian"``
 (regression, ``N(f(x), σ²)``, whose Fisher is ``J^T J / σ²``). With one output per row the
 categorical likelihood raises: a softmax over one class has Tr(F) identically 0.
@@ -34,22 +34,13 @@ from torch import Tensor, nn
 from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import eval_mode, frozen_batchnorm_stats, trainable_parameters
-from .._targets import TargetMask
+from ..batch import Inputs, batch_size, call_model, iter_batches, slice_batch
 from ..likelihoods import Categorical, Likelihood, get_likelihood
-from ._data import (
-    Inputs,
-    batch_size,
-    call_model,
-    check_choice,
-    check_positive_int,
-    iter_batches,
-    iter_chunks,
-    model_device,
-    slice_batch,
-    target_row_mask,
-    to_device,
-)
-from .per_example import CotangentFn, per_example_sq_norms
+from ..targets import TargetMask, target_row_mask
+from ..validate import check_choice, check_positive_int
+from ._data import iter_chunks, model_device, to_device
+from .ghost import CotangentFn
+from .per_example import per_example_sq_norms
 
 __all__ = ["LABEL_MODES", "fisher_trace", "minibatch_fisher_trace"]
 
@@ -163,7 +154,7 @@ def fisher_trace(
     ``(x, y)`` or ``x``, Hugging Face batch dicts, :class:`fisher_optim.Batch`); targets
     are ignored. Rows without a target take no part (see the module doc), and N counts the
     examples with at least one row with a target; ``target_mask``
-    (called like the model, returning a boolean row mask, see :mod:`fisher_optim._targets`)
+    (called like the model, returning a boolean row mask, see :mod:`fisher_optim.targets`)
     says which rows have one for any other model. Memory is bounded by ``chunk_size``
     examples. The model is evaluated in eval mode (BatchNorm with running statistics,
     no dropout) and left exactly as found: parameters, buffers, ``.grad``, training flags.

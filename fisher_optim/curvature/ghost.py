@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import trainable_parameters
-from ._data import CallBatch, Inputs, batch_size, call_model, slice_batch
+from ..batch import Batch, Inputs, batch_size, call_model, slice_batch
 from .examples import check_examples_alone, renormalise_first, values_close
 from .layers import LayerRule, rule_for
 
@@ -212,9 +212,9 @@ def _input_leaves(inputs: Inputs) -> tuple[Inputs, list[Tensor], set[int]]:
     def maybe(v: Any) -> Any:
         return convert(v) if isinstance(v, Tensor) else v
 
-    if isinstance(inputs, CallBatch):
+    if isinstance(inputs, Batch):
         args = tuple(maybe(a) for a in inputs.args)
-        return CallBatch(args, {k: maybe(v) for k, v in inputs.kwargs.items()}), leaves, storages
+        return Batch(args, {k: maybe(v) for k, v in inputs.kwargs.items()}), leaves, storages
     return {k: maybe(v) for k, v in inputs.items()}, leaves, storages
 
 

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from .._logits import OutputFn, pick_logits
-from .._targets import TargetMask, target_rows
 from ..batch import Batch
 from ..likelihoods import Likelihood
+from ..targets import TargetMask, target_rows
 from .examples import example_grads
 from .ghost import ghost_backward
 from .layers import LayerRule, trained
@@ -102,7 +102,7 @@ def sum_sq_example_grads(
     The labels are ``targets`` (``[n, ...]``: one label per logit row, as the likelihood
     takes them; the empirical Fisher) or, when None, drawn from the model with
     ``generator`` (:func:`sample_row_labels`; the Fisher), rows without a target
-    (:func:`fisher_optim._targets.target_rows`, ``target_mask``) left out. The model runs in
+    (:func:`fisher_optim.targets.target_rows`, ``target_mask``) left out. The model runs in
     the mode it is in (BatchNorm must use running statistics) and as in an optimizer's own
     pass (:func:`~fisher_optim.curvature.ghost.ghost_backward` ``optimizer_pass``);
     ``trusted`` layers are covered without host reads, and the layers the rules took are
@@ -203,7 +203,7 @@ def example_grad_draws(
     True
     """
     n = batch.num_examples()
-    shaped = pick_logits(model(*batch.args, **batch.kwargs), output_fn)
+    shaped = pick_logits(model(*batch.args, **batch.kwargs), output_fn, n)
     logits = _upcast(shaped.reshape(-1, shaped.shape[-1]))
     rows, classes = logits.shape
     if rows % n:

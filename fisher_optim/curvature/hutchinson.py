@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from .._logits import OutputFn
 from .._modules import eval_mode
-from ._data import check_choice, check_positive_int
-from ._hvp import DISTRIBUTIONS, HessianOperator, LossFn, MatVec, random_probe
+from ..validate import check_choice, check_positive_int
+from .hessian import DISTRIBUTIONS, HessianOperator, LossFn, MatVec, random_probe
 
 __all__ = ["TRACE_METHODS", "TraceEstimate", "hessian_trace", "hutchinson", "hutchpp"]
 
@@ -141,7 +141,7 @@ def hessian_trace(
     Face batch dict carrying ``"labels"``, or an iterable of them, e.g. a ``DataLoader``);
     θ are the trainable parameters. With the default loss the logits are taken row by row
     and rows without a target are left out, as the model's own loss does (see
-    :mod:`fisher_optim.curvature._hvp`). ``num_probes`` Hessian-vector products by double backprop,
+    :mod:`fisher_optim.curvature.hessian`). ``num_probes`` Hessian-vector products by double backprop,
     combined by Hutchinson (1989) or Hutch++ (Meyer et al. 2021). The model is evaluated in
     eval mode, so BatchNorm uses its running statistics (a fixed, per-example function
     whose Hessian is well defined) and dropout is off; it is left exactly as found,

@@ -42,22 +42,11 @@ from torch import Tensor, nn
 from .._as_found import left_as_found
 from .._logits import OutputFn, as_logits
 from .._modules import eval_mode, trainable_parameters
-from .._targets import IGNORE_INDEX, TargetMask
+from ..batch import Inputs, batch_size, call_model, slice_batch
 from ..likelihoods import Likelihood, get_likelihood
-from ._data import (
-    Inputs,
-    batch_size,
-    call_model,
-    check_positive_int,
-    iter_chunks,
-    labels_of,
-    model_device,
-    row_targets,
-    rows_shape,
-    slice_batch,
-    target_row_mask,
-    to_device,
-)
+from ..targets import IGNORE_INDEX, TargetMask, row_targets, rows_shape, target_row_mask
+from ..validate import check_positive_int
+from ._data import iter_chunks, labels_of, model_device, to_device
 from .examples import (
     check_examples_alone,
     example_grads,
@@ -68,7 +57,6 @@ from .ghost import CotangentFn, ghost_backward
 from .layers import LayerRule, sq_norms
 
 __all__ = [
-    "CotangentFn",
     "cotangent_grads",
     "group_gradient_stats",
     "per_example_grad_norms",
@@ -184,7 +172,7 @@ def row_labels(
     target_mask: TargetMask | None = None,
 ) -> Tensor:
     """The true targets as the labels ``[n, R, *label_shape]`` of the ``logits``
-    ``[n, R, C]`` (on their device), rows without a target marked so (:func:`fisher_optim._targets.row_targets`
+    ``[n, R, C]`` (on their device), rows without a target marked so (:func:`fisher_optim.targets.row_targets`
     for class indices: a Hugging Face causal LM's shift, padding; ``target_mask`` for any
     model)."""
     n, rows, classes = logits.shape
@@ -231,7 +219,7 @@ def per_example_grad_norms(
     parameters.
     ``targets`` default to those the batch carries (a Hugging Face dict's ``"labels"``, a
     :class:`fisher_optim.Batch`'s ``targets``); for a Hugging Face model its conventions
-    apply (:mod:`fisher_optim._targets`: padding excluded, a causal LM's ``labels``
+    apply (:mod:`fisher_optim.targets`: padding excluded, a causal LM's ``labels``
     shifted by one, as its own loss does); ``target_mask`` (called like the model, a
     boolean row mask) excludes rows for any other model. The model is evaluated in eval
     mode (BatchNorm with running statistics) and left exactly as found; ``.grad`` is not

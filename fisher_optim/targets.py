@@ -237,7 +237,7 @@ def target_row_mask(
 ) -> Tensor | None:
     """``[n, rows]``: which logit rows of ``model(x)`` have a target, or None for all.
 
-    The conventions of :mod:`fisher_optim._targets` (Hugging Face models: padding,
+    The conventions of :mod:`fisher_optim.targets` (Hugging Face models: padding,
     labels ``-100``, the causal shift; every row for other models; or the explicit
     ``target_mask``, called like the model), for logits of ``n`` examples with ``rows``
     rows each (``[n, C]`` when ``rows == 1``, except for a causal language model, whose
@@ -267,7 +267,7 @@ def row_targets(
 
     ``y`` holds one class per row; for a Hugging Face causal language model it is the
     model's ``labels`` (unshifted, the Hugging Face convention) and row ``t`` gets
-    ``y[t + 1]``, the last row none. Rows that :mod:`fisher_optim._targets` finds without
+    ``y[t + 1]``, the last row none. Rows that :mod:`fisher_optim.targets` finds without
     a target (padding, ..., or where ``target_mask`` says so) get ``IGNORE_INDEX`` too.
     """
     numel = 1

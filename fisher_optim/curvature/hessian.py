@@ -8,7 +8,7 @@ examples, each ``L_b = loss_fn(output_b, y_b)`` a mean over its batch.
 With the default ``loss_fn=F.cross_entropy`` and integer targets, ``L_b`` is the mean
 cross-entropy over the logit rows that have a target: logits ``[..., C]`` are taken as rows
 (a language model's ``[B, T, V]`` included), rows whose target is ``-100`` are ignored, and
-for a Hugging Face model the conventions of :mod:`fisher_optim._targets` apply (padding
+for a Hugging Face model the conventions of :mod:`fisher_optim.targets` apply (padding
 excluded; a causal LM's targets are its ``labels`` shifted by one, as its own loss does).
 The targets may come with the batch: ``(x, y)``, a :class:`fisher_optim.Batch` with
 ``targets``, or a Hugging Face batch dict carrying ``"labels"``. Attention runs on the
@@ -27,18 +27,10 @@ from torch import Tensor, nn
 from .._as_found import left_as_found, renormalised_on_copies
 from .._logits import OutputFn, pick_logits
 from .._modules import math_attention, trainable_parameters
-from ._data import (
-    Inputs,
-    call_model,
-    check_choice,
-    is_single_batch,
-    iter_batches,
-    labels_of,
-    model_device,
-    num_examples,
-    row_targets,
-    to_device,
-)
+from ..batch import Inputs, call_model, is_single_batch, iter_batches, num_examples
+from ..targets import row_targets
+from ..validate import check_choice
+from ._data import labels_of, model_device, to_device
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 

@@ -1,0 +1,113 @@
+"""benchmarks/common/arg_types.py, and the demo's copy of its types (fisher_optim/_cli.py):
+argument types that refuse bad values, and --help with one default."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from benchmarks.common import arg_types
+from fisher_optim import _cli
+
+from .cli_utils import assert_help_complete, assert_rejected, option_helps
+
+#: Both modules: the demo's holds the types it uses, each the same as the benchmarks'.
+BOTH = pytest.mark.parametrize("cli", [arg_types, _cli], ids=["benchmarks", "demo"])
+
+
+# --------------------------------------------------------------------------------------
+# the argument types
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad"),
+    [
+        ("positive_int", ["1", "7", "100000"], ["0", "-1", "1.5", "x", ""]),
+        ("nonnegative_int", ["0", "3"], ["-1", "2.0", "nan"]),
+        ("positive_float", ["1e-6", "0.1", "3"], ["0", "-0.1", "nan", "inf", "-inf", "x"]),
+        ("nonnegative_float", ["0", "0.5", "10"], ["-1e-9", "nan", "inf"]),
+        ("fraction", ["0", "0.25", "1"], ["-0.1", "1.01", "nan"]),
+        ("open_fraction", ["0.01", "0.5", "0.99"], ["0", "1", "2"]),
+        ("momentum", ["0", "0.9", "0.999"], ["1", "-0.1", "1.5"]),
+    ],
+)
+@BOTH
+def test_types_accept_the_range_and_refuse_the_rest(cli, kind, good, bad):
+    if not hasattr(cli, kind):
+        assert cli is _cli
+        pytest.skip(f"the demo uses no {kind}")
+    kind = getattr(cli, kind)
+    for text in good:
+        assert kind(text) == (float(text) if "." in text or "e" in text else int(text))
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text).replace(".", r"\.")):
+            kind(text)
+
+
+@BOTH
+def test_bounds_and_messages(cli):
+    integer, real = cli.integer, cli.real
+    assert integer(2, 4)("4") == 4
+    with pytest.raises(argparse.ArgumentTypeError, match=r"an integer in \[2, 4\], got '5'"):
+        integer(2, 4)("5")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"an integer <= 3"):
+        integer(high=3)("4")
+    assert real()("-1e300") == -1e300
+    with pytest.raises(argparse.ArgumentTypeError, match="a finite number"):
+        real()("nan")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"a number < 2"):
+        real(high=2, high_open=True)("2")
+    assert math.isclose(real(0, 1, low_open=True)("1"), 1.0)
+
+
+@BOTH
+def test_parser_error_names_the_option(cli, capsys):
+    p = argparse.ArgumentParser(prog="x")
+    p.add_argument("--epochs", type=cli.positive_int, default=3)
+    err = assert_rejected(p, ["--epochs", "0"], "--epochs", capsys)
+    assert "must be an integer >= 1, got '0'" in err
+
+
+# --------------------------------------------------------------------------------------
+# the help formatter
+# --------------------------------------------------------------------------------------
+
+
+def _parser(cli) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="batch sizes")
+    p.add_argument("--out", default=None, help="output folder (default: runs/x)")
+    p.add_argument("--pct", type=float, default=5.0, help="share in %% of the data")
+    p.add_argument("--quick", action="store_true", help="a short smoke run")
+    p.add_argument(
+        "--log", action=argparse.BooleanOptionalAction, default=True, help="write the log file"
+    )
+    return p
+
+
+@BOTH
+def test_help_states_each_default_once(cli):
+    p = _parser(cli)
+    helps = {k: v for k, (_, v) in option_helps(p).items()}
+    assert helps["--lr"] == "learning rate (default: 0.1)"
+    assert helps["--sizes"] == "batch sizes (default: 1 2)"
+    assert helps["--out"] == "output folder (default: runs/x)"  # stated by hand: not twice
+    assert helps["--pct"] == "share in % of the data (default: 5.0)"  # a '%' is no format
+    assert helps["--quick"] == "a short smoke run"
+    assert helps["--log"].count("default") == 1 and helps["--log"].endswith("--log)")
+    assert_help_complete(p)
+
+
+def test_assert_help_complete_catches_the_old_double_default():
+    p = argparse.ArgumentParser(prog="x", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: a b)")
+    with pytest.raises(AssertionError):
+        assert_help_complete(p)
+    q = argparse.ArgumentParser(prog="x", formatter_class=arg_types.HelpFormatter)
+    q.add_argument("--batch-size", type=int, default=128)  # no help
+    with pytest.raises(AssertionError, match="no help"):
+        assert_help_complete(q)
