@@ -225,7 +225,7 @@ class FisherNoiseSGD(GradientWrapper):
         if self.covariance == "full":
             directions = self._full_directions(batch, draws)
         else:
-            directions = None if self._cache is None else self._scaled_normal(draws)
+            directions = None if self._cache is None else self._cached_directions(draws)
         if directions is None:
             return None
         out: list[Tensor | None] = []
@@ -269,10 +269,12 @@ class FisherNoiseSGD(GradientWrapper):
             self._covered_layers.setdefault(layout, frozenset(covered))
         return [s / n for s in sums]
 
-    def _scaled_normal(self, draws: int | None) -> list[Tensor | None]:
+    def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
+        assert self._cache is not None
         params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
-        return scaled_normal(self._cache, params, draws, self.generator(params[0].device))
+        it = iter(standard_normal_like(params, draws, self.generator(params[0].device)))
+        return [None if c is None else next(it) * c.sqrt() for c in self._cache]
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
@@ -415,15 +417,6 @@ def noise_variances(
     for i, d in zip(trainable, diag):
         out[i] = d.detach() if covariance == "diagonal" else (trace / numel).to(d.dtype)
     return out
-
-
-def scaled_normal(
-    variances: list[Tensor | None], params: list[Tensor], draws: int | None, generator: Any
-) -> list[Tensor | None]:
-    """``sqrt(v) ⊙ ξ`` for each entry ``v`` of ``variances`` (None stays None), with
-    ``ξ ~ N(0, I)`` drawn once over all ``params`` (:func:`standard_normal_like`)."""
-    it = iter(standard_normal_like(params, draws, generator))
-    return [None if v is None else next(it) * v.sqrt() for v in variances]
 
 
 def standard_normal_like(
