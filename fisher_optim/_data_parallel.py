@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ReplicatedPasses", "mean_over_ranks"]
+__all__ = ["ReplicatedPasses", "broadcast_seed", "mean_over_ranks"]
 
 
 def mean_over_ranks(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
@@ -79,3 +79,13 @@ class ReplicatedPasses:
 
     def wrap(self, grads: list[Tensor | None]) -> list[Tensor | None]:
         return grads
+
+
+def broadcast_seed(seed: int, group: Any, device: torch.device) -> int:
+    """The seed of the group's first rank, broadcast to every rank of ``group`` (on
+    ``device``, or the current CUDA device under NCCL)."""
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return int(t)

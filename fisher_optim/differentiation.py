@@ -544,6 +544,73 @@ class FiniteDifferenceWarning(UserWarning):
     """The finite difference could not keep to the base point's linear piece."""
 
 
+class FiniteDifferenceSchedule:
+    """Which difference scheme each refresh of :class:`~fisher_optim.FisherPenaltySGD` takes,
+    and what its checks say.
+
+    ``fd_scheme`` None takes the dtype's default (:data:`DEFAULT_FD_SCHEME`). ``"auto"``
+    takes the central difference, and the forward one for the next
+    :data:`AUTO_FORWARD_REFRESHES` refreshes whenever a central refresh finds the forward
+    difference within :data:`AUTO_TOLERANCE` of it (its ``forward_gap``). A first refresh
+    checked against the exact penalty gradient (``fd_check``) warns when the difference is
+    farther than :data:`EXACT_CHECK_TOLERANCE` from it. No scheme in exact mode, which takes
+    no ``fd_scheme`` or ``fd_step`` (``ValueError``).
+
+    >>> schedule = FiniteDifferenceSchedule("finite_difference", None)
+    >>> schedule.choose([torch.zeros(1)]), schedule.choose([torch.zeros(1, dtype=torch.float64)])
+    ('central', 'forward')
+    >>> schedule.judge("central", gap=0.001, error=-1.0)
+    >>> schedule.choose([torch.zeros(1)])
+    'forward'
+    """
+
+    def __init__(self, mode: str, fd_scheme: str | None, fd_step: float | None = None) -> None:
+        self.mode = check_mode(mode)
+        check_fd_step(fd_step)
+        self.fd_scheme = check_fd_scheme(fd_scheme)
+        check_fd_options(mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        #: ``"auto"``: refreshes left that take the forward difference.
+        self.forward_refreshes = 0
+
+    def choose(self, params: Sequence[Tensor]) -> str | None:
+        """The scheme of this refresh, for ``params`` (their dtype picks the default)."""
+        if self.mode != "finite_difference":
+            return None
+        scheme = self.fd_scheme
+        if scheme is None and params:
+            scheme = DEFAULT_FD_SCHEME.get(params[0].dtype)
+        if scheme != "auto":
+            return scheme
+        if self.forward_refreshes > 0:
+            self.forward_refreshes -= 1
+            return "forward"
+        return "central"
+
+    def judge(self, scheme: str | None, gap: float, error: float) -> None:
+        """Act on a refresh's checks: the forward difference's relative ``gap`` from the
+        central one, the ``error`` from the exact penalty gradient (-1: not taken)."""
+        if gap >= 0 and (self.fd_scheme or "auto") == "auto":
+            self.forward_refreshes = AUTO_FORWARD_REFRESHES if gap <= AUTO_TOLERANCE else 0
+        if error > EXACT_CHECK_TOLERANCE or math.isnan(error):
+            why = (
+                "The forward difference's truncation error at this step may be the cause: "
+                "fd_scheme='auto' (the default) or 'central' avoid it"
+                if scheme == "forward"
+                else "The model may call a piecewise operation that the activation pattern "
+                "cannot see (an extension kernel, a torch.ops call), or its forward may depend "
+                "on more than the parameters (a power iteration). Use mode='exact', or check "
+                "fd_step"
+            )
+            warnings.warn(
+                f"FisherPenaltySGD: on the first refresh the finite-difference penalty "
+                f"gradient ({scheme} difference) is {error:.3g} (relative L2) from the exact "
+                f"one on the same labels (tolerance {EXACT_CHECK_TOLERANCE:g}). {why}; "
+                "fd_check=False silences this check",
+                FiniteDifferenceWarning,
+                stacklevel=7,
+            )
+
+
 _WARNED: set[str] = set()
 
 

@@ -81,7 +81,7 @@ from fisher_optim.validate import (
     check_positive_int,
     check_positive_int_or_none,
 )
-from fisher_optim.wrapper import GradientWrapper, input_layout
+from fisher_optim.wrapper import GradientWrapper, after_dropped, input_layout, load_per_param
 
 COVARIANCES = ("diagonal", "full", "trace")
 FISHERS = ("true", "empirical")
@@ -164,22 +164,8 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        check_positive_int("small_batch_size", small_batch_size)
-        check_choice("covariance", covariance, COVARIANCES)
-        check_choice("fisher", fisher, FISHERS)
-        check_positive_int("every", every)
-        if covariance == "full" and every != 1:
-            raise ValueError(
-                "covariance='full' draws every noise vector from the current batch's per-example "
-                f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
-            )
-        check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
+        _check_arguments(model, small_batch_size, covariance, fisher, every, estimate_batch_size)
         check_function_or_none("target_mask", target_mask)
-        if is_fsdp(model):
-            raise ValueError(
-                "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-                "gradients need the unsharded parameters); use DistributedDataParallel"
-            )
         self.covariance = covariance
         self.fisher = fisher
         self.likelihood = get_likelihood(likelihood)
@@ -217,18 +203,8 @@ class FisherNoiseSGD(GradientWrapper):
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
-        if noise is None:
-            self._noise_norm = None
-            return
-        total = None
-        for p, n in zip(self.flat_params(), noise):
-            if n is None or p.grad is None:
-                continue
-            p.grad.add_(n.to(p.grad.dtype))
-            sq = n.double().pow(2).sum()
-            total = sq if total is None else total + sq
         # kept on the device and read when asked for: no host sync per step
-        self._noise_norm = None if total is None else total.sqrt()
+        self._noise_norm = None if noise is None else add_noise(self.flat_params(), noise)
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
@@ -269,11 +245,7 @@ class FisherNoiseSGD(GradientWrapper):
             self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
-        cache: list[Tensor | None] = [None] * len(params)
-        numel = sum(params[i].numel() for i in trainable)
-        for i, d in zip(trainable, diag):
-            cache[i] = d.detach() if self.covariance == "diagonal" else (trace / numel).to(d.dtype)
-        self._cache = cache
+        self._cache = noise_variances(params, trainable, diag, trace, self.covariance)
 
     def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
         """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``
@@ -342,7 +314,7 @@ class FisherNoiseSGD(GradientWrapper):
         what = what.replace("...", f"at step {self.step_count} is not finite")
         warnings.warn(
             f"FisherNoiseSGD: the {what}; it was dropped ({self.skipped_refreshes} dropped so "
-            "far)" + self._after_dropped(effect),
+            "far)" + after_dropped(self.flat_params(), effect),
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -387,9 +359,64 @@ class FisherNoiseSGD(GradientWrapper):
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._local_draws = extra["local_draws"]
-        self._cache = self.load_per_param(
-            extra["cache"], "Fisher estimate", lambda p: accumulation_dtype(p.dtype)
+        self._cache = load_per_param(
+            extra["cache"],
+            self.flat_params(),
+            "Fisher estimate",
+            lambda p: accumulation_dtype(p.dtype),
         )
+
+
+def _check_arguments(
+    model: nn.Module,
+    small_batch_size: Any,
+    covariance: Any,
+    fisher: Any,
+    every: Any,
+    estimate_batch_size: Any,
+) -> None:
+    """``FisherNoiseSGD``'s own arguments, each refused with a message naming it."""
+    check_positive_int("small_batch_size", small_batch_size)
+    check_choice("covariance", covariance, COVARIANCES)
+    check_choice("fisher", fisher, FISHERS)
+    check_positive_int("every", every)
+    if covariance == "full" and every != 1:
+        raise ValueError(
+            "covariance='full' draws every noise vector from the current batch's per-example "
+            f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
+        )
+    check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
+    if is_fsdp(model):
+        raise ValueError(
+            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
+            "gradients need the unsharded parameters); use DistributedDataParallel"
+        )
+
+
+def add_noise(params: list[Tensor], noise: list[Tensor | None]) -> Tensor | None:
+    """``p.grad += n`` for each parameter with a gradient and a noise; ``||n||`` over them
+    (a 0-dim float64 tensor, on the device), or None if there was none."""
+    total = None
+    for p, n in zip(params, noise):
+        if n is None or p.grad is None:
+            continue
+        p.grad.add_(n.to(p.grad.dtype))
+        sq = n.double().pow(2).sum()
+        total = sq if total is None else total + sq
+    return None if total is None else total.sqrt()
+
+
+def noise_variances(
+    params: list[Tensor], trainable: list[int], diag: list[Tensor], trace: Tensor, covariance: str
+) -> list[Tensor | None]:
+    """The variances the noise is drawn with, aligned with ``params`` (None where frozen):
+    ``diag F`` of each of the ``trainable`` ones, or for ``"trace"`` ``Tr F / d`` (``d``
+    their number of entries) as a 0-dim tensor each."""
+    out: list[Tensor | None] = [None] * len(params)
+    numel = sum(params[i].numel() for i in trainable)
+    for i, d in zip(trainable, diag):
+        out[i] = d.detach() if covariance == "diagonal" else (trace / numel).to(d.dtype)
+    return out
 
 
 def standard_normal_like(

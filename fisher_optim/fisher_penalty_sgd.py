@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,16 +29,8 @@ from fisher_optim._fsdp import (
 from fisher_optim._global_rows import rank_share
 from fisher_optim._logits import OutputFn
 from fisher_optim.differentiation import (
-    AUTO_FORWARD_REFRESHES,
-    AUTO_TOLERANCE,
-    DEFAULT_FD_SCHEME,
-    EXACT_CHECK_TOLERANCE,
-    FiniteDifferenceWarning,
+    FiniteDifferenceSchedule,
     check_fd_dtypes,
-    check_fd_options,
-    check_fd_scheme,
-    check_fd_step,
-    check_mode,
     compute_penalty_gradient,
 )
 from fisher_optim.likelihoods import Likelihood
@@ -49,7 +42,7 @@ from fisher_optim.penalty import (
     check_penalty_scale,
     get_penalty,
 )
-from fisher_optim.safeguard import SpikeGuard
+from fisher_optim.safeguard import spike_guard
 from fisher_optim.targets import TargetMask
 from fisher_optim.validate import (
     check_bool,
@@ -57,7 +50,7 @@ from fisher_optim.validate import (
     check_positive_int,
     check_positive_int_or_none,
 )
-from fisher_optim.wrapper import GradientWrapper
+from fisher_optim.wrapper import GradientWrapper, after_dropped, load_per_param
 
 #: The param-group key of the penalty weight α (used by no ``torch.optim`` optimizer).
 WEIGHT_KEY = "penalty_weight"
@@ -205,56 +198,31 @@ class FisherPenaltySGD(GradientWrapper):
         check_weight(alpha, "alpha")
         check_positive_int("every", every)
         check_positive_int_or_none("penalty_batch_size", penalty_batch_size)
-        check_fd_step(fd_step)
         self.every = every
-        self.mode = check_mode(mode)
-        check_fd_options(self.mode, fd_step=fd_step, fd_scheme=fd_scheme)
+        self._schedule = FiniteDifferenceSchedule(mode, fd_scheme, fd_step)
+        self.mode, self.fd_step, self.fd_scheme = mode, fd_step, fd_scheme
         self.penalty = get_penalty(penalty)
         self.output_fn = output_fn
         self.loss_fn = loss_fn
         self.penalty_batch_size = penalty_batch_size
-        self.fd_step = fd_step
-        self.fd_scheme = check_fd_scheme(fd_scheme)
         check_bool("fd_check", fd_check)
         self.fd_check = fd_check
-        #: ``fd_scheme="auto"``: refreshes left that take the forward difference.
-        self._forward_refreshes = 0
         check_function_or_none("target_mask", target_mask)
         self.target_mask = target_mask
         self.penalty_scale = check_penalty_scale(penalty_scale, self.penalty)
         self.likelihood = check_likelihood(likelihood, self.penalty)
-        check_bool("guard_early", guard_early)
-        if guard_early and spike_factor is None:
-            raise ValueError("guard_early=True needs the safeguard: give a spike_factor, not None")
-        guard = (
-            None
-            if spike_factor is None
-            else SpikeGuard(spike_factor, spike_window, min(5, spike_window), early=guard_early)
-        )
-        # with every=1 no gradient is reused: each step's is exact and nothing is guarded
-        self.guard = guard if every > 1 else None
+        self.guard = spike_guard(spike_factor, spike_window, guard_early, every)
         super().__init__(
             model, base_optimizer, {WEIGHT_KEY: float(alpha)}, base_kwargs, seed, max_grad_norm
         )
         _check_group_keys(self.base_optimizer)
-        sharded = self._sharded = is_fsdp(self.module)
-        if self.mode == "exact" and sharded:
-            raise ValueError(EXACT_UNSUPPORTED)
-        if self.penalty.wrt_inputs and sharded:
-            raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
-        if self.mode == "finite_difference":
-            check_fd_dtypes(
-                [p for p in self.flat_params() if p.requires_grad],
-                compute_dtypes(self.module) if sharded else (),
-            )
+        self._sharded = _check_layout(self.module, self.flat_params(), mode, self.penalty)
         if mode == "exact" and hasattr(self.module, "_orig_mod"):
             self.module = self.module._orig_mod  # double backward needs the eager module
         self.penalty_value: float | None = None
         self.refreshes = 0
         self.skipped_refreshes = 0
-        self._cache: list[Tensor | None] | None = None
-        self._cache_step: int | None = None  # the step whose batch the cache was computed on
-        self._refresh_next = False  # the cache is used for one step only (spike or unjudged)
+        self._cached = PenaltyGradientCache()
         #: ``||∇P||`` of the last accepted refresh (before any spike scaling), or None.
         self.penalty_grad_norm: float | None = None
 
@@ -270,55 +238,23 @@ class FisherPenaltySGD(GradientWrapper):
         return self.guard.unjudged if self.guard is not None and self.guard.early else None
 
     # ----------------------------------------------------------------- step
-    def _weights(self) -> list[float]:
-        """Every group's penalty weight, validated (they may be changed between steps)."""
-        return [
-            check_weight(g[WEIGHT_KEY], f"param_groups[{i}][{WEIGHT_KEY!r}]")
-            for i, g in enumerate(self.param_groups)
-        ]
-
-    def _refresh_due(self, weights: list[float]) -> bool:
-        """Every ``every`` steps while some weight is positive; and at once when a weight turns
-        positive with no cache of the current cycle (it was 0 when the last refresh was due),
-        so that a gradient computed more than ``every`` steps ago is never applied."""
-        if not any(w > 0 for w in weights):
-            return False
-        if self.step_count % self.every == 0 or self._refresh_next:
-            return True
-        return self._cache_step is None or self.step_count - self._cache_step >= self.every
-
     def _before_base_step(self) -> None:
-        weights = self._weights()
-        if self._refresh_due(weights):
+        weights = penalty_weights(self.param_groups)
+        if self._cached.due(self.step_count, self.every, weights):
             self._refresh()
         elif self.step_count % self.every == 0:  # all weights 0: the old cache goes stale
-            self._cache, self._cache_step = None, None
-        if self._cache is None:
-            return
-        for group, weight, cached in zip(
-            self.param_groups, weights, self.group_slices(self._cache)
-        ):
-            if weight == 0:
-                continue
-            pairs = [
-                (p.grad, c)
-                for p, c in zip(group["params"], cached)
-                if p.grad is not None and c is not None
-            ]
-            if pairs:
-                grads, penalty_grads = zip(*pairs)
-                torch._foreach_add_(list(grads), list(penalty_grads), alpha=weight)
+            self._cached.grads, self._cached.step = None, None
+        self._cached.add_to(self.param_groups, weights, self.group_slices)
+
+    @property
+    def _cache(self) -> list[Tensor | None] | None:
+        """The penalty gradient in use, per parameter (None where frozen), or None."""
+        return self._cached.grads
 
     def _refresh(self) -> None:
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
-        trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                f"FisherPenaltySGD: every parameter of the optimizer is frozen "
-                f"(requires_grad=False) at step {self.step_count}, so the penalty has no "
-                "gradient; unfreeze some, or set the penalty weight to 0 while all are frozen"
-            )
+        trainable = _trainable(params, self.step_count)
         group = self._data_parallel_group()
         self.sync_seed(group)
         size = self.penalty_batch_size
@@ -338,7 +274,7 @@ class FisherPenaltySGD(GradientWrapper):
             likelihood=self.likelihood,
             group=group,
         )
-        scheme = self._refresh_scheme(objective.params)
+        scheme = self._schedule.choose(objective.params)
         check = self.fd_check and self.refreshes == 0 and not self._sharded
         with self.own_pass(autocast=self.mode == "exact"):
             result = compute_penalty_gradient(
@@ -347,99 +283,38 @@ class FisherPenaltySGD(GradientWrapper):
         # the penalty gradient of the global batch, the same on every rank
         grads, value = result.grads, result.value
         present = [g for g in grads if g is not None]
-        # read in the penalty's precision (at least float32): a float64 model's value is
-        # not rounded to float32
-        dtype = torch.promote_types(value.dtype, torch.float32)
-        norms = global_norms(present).to(dtype) if present else value[None].to(dtype)
-        # one host sync per refresh: the penalty value, whether every entry is finite, and
-        # the finite difference's own checks (-1: not taken)
-        unset = value.new_full((), -1.0, dtype=dtype)
-        gap, error = (
-            unset if t is None else t.to(dtype) for t in (result.forward_gap, result.exact_error)
+        penalty_value, check, grad_norm, gap, error = read_back(
+            value, present, result.forward_gap, result.exact_error
         )
-        penalty_value, check, grad_norm, gap, error = torch.stack(
-            [value.to(dtype), norms.sum(), norms.norm(), gap, error]
-        ).tolist()
-        self._judge_difference(scheme, gap, error)
+        self._schedule.judge(scheme, gap, error)
         finite = math.isfinite(penalty_value) and math.isfinite(check)
         self.refreshes += 1
-        self._cache_step = self.step_count
-        self._refresh_next = False
+        self._cached.step, self._cached.once = self.step_count, False
         if not finite:
             self.skipped_refreshes += 1
-            self._cache = None
-            warnings.warn(self._not_finite_message(penalty_value), RuntimeWarning, stacklevel=7)
+            self._cached.grads = None
+            message = (
+                f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not "
+                f"finite (penalty value {penalty_value}); it was dropped "
+                f"({self.skipped_refreshes} dropped so far)"
+            ) + after_dropped(self.flat_params(), "no parameter was changed by it")
+            warnings.warn(message, RuntimeWarning, stacklevel=7)
             return
         self.penalty_value = penalty_value
         self.penalty_grad_norm = grad_norm
         scale = 1.0
         if self.guard is not None:
             scale = self.guard.check(grad_norm)
-            self._refresh_next = not self.guard.reusable
+            self._cached.once = not self.guard.reusable
         if scale < 1.0:
             torch._foreach_mul_(present, scale)
             if self.guard.spikes == 1:
-                warnings.warn(
-                    f"FisherPenaltySGD: the penalty gradient at step {self.step_count} (norm "
-                    f"{grad_norm:.4g}, Tr(F_B) {penalty_value:.4g}) is over "
-                    f"{self.guard.factor:g}x the median norm of the recent refreshes (a "
-                    f"spike): it was scaled by {scale:.3g} and is used "
-                    "for this step only. Further spikes are counted in `opt.spikes` without "
-                    "a warning (spike_factor=None turns the safeguard off).",
-                    RuntimeWarning,
-                    stacklevel=7,
-                )
+                message = self.guard.spike_message(self.step_count, grad_norm, penalty_value)
+                warnings.warn(message, RuntimeWarning, stacklevel=7)
         cache: list[Tensor | None] = [None] * len(params)
         for i, g in zip(trainable, grads):
             cache[i] = None if g is None else g.detach()
-        self._cache = cache
-
-    def _refresh_scheme(self, params: list[Tensor]) -> str | None:
-        """The difference scheme of this refresh (None in exact mode). ``"auto"`` takes the
-        central difference, or the forward one while the last central refresh trusted it."""
-        if self.mode != "finite_difference":
-            return None
-        scheme = self.fd_scheme
-        if scheme is None and params:
-            scheme = DEFAULT_FD_SCHEME.get(params[0].dtype)
-        if scheme != "auto":
-            return scheme
-        if self._forward_refreshes > 0:
-            self._forward_refreshes -= 1
-            return "forward"
-        return "central"
-
-    def _judge_difference(self, scheme: str | None, gap: float, error: float) -> None:
-        """Act on a refresh's finite-difference checks (-1: not taken)."""
-        if gap >= 0 and (self.fd_scheme or "auto") == "auto":
-            self._forward_refreshes = AUTO_FORWARD_REFRESHES if gap <= AUTO_TOLERANCE else 0
-        if error > EXACT_CHECK_TOLERANCE or math.isnan(error):
-            why = (
-                "The forward difference's truncation error at this step may be the cause: "
-                "fd_scheme='auto' (the default) or 'central' avoid it"
-                if scheme == "forward"
-                else "The model may call a piecewise operation that the activation pattern "
-                "cannot see (an extension kernel, a torch.ops call), or its forward may depend "
-                "on more than the parameters (a power iteration). Use mode='exact', or check "
-                "fd_step"
-            )
-            warnings.warn(
-                f"FisherPenaltySGD: on the first refresh the finite-difference penalty "
-                f"gradient ({scheme} difference) is {error:.3g} (relative L2) from the exact "
-                f"one on the same labels (tolerance {EXACT_CHECK_TOLERANCE:g}). {why}; "
-                "fd_check=False silences this check",
-                FiniteDifferenceWarning,
-                stacklevel=7,
-            )
-
-    def _not_finite_message(self, penalty_value: float) -> str:
-        """What a dropped, non-finite refresh means: harmless if the loss gradient is finite;
-        if not (NaN/Inf in the batch or the loss), the base step will spread it."""
-        return (
-            f"FisherPenaltySGD: the penalty gradient at step {self.step_count} is not finite "
-            f"(penalty value {penalty_value}); it was dropped ({self.skipped_refreshes} dropped "
-            "so far)" + self._after_dropped("no parameter was changed by it")
-        )
+        self._cached.grads = cache
 
     def _data_parallel_group(self) -> Any | None:
         """The ranks that hold the other slices of the global batch: under FSDP2 those of the
@@ -465,24 +340,11 @@ class FisherPenaltySGD(GradientWrapper):
             "penalty_value": self.penalty_value,
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
-            "cache": self._checkpoint_cache(),
-            "has_cache": self._cache is not None,
-            "cache_step": self._cache_step,
-            "refresh_next": self._refresh_next,
-            "forward_refreshes": self._forward_refreshes,
+            **self._cached.state_dict(self.flat_params()),
+            "forward_refreshes": self._schedule.forward_refreshes,
             "penalty_grad_norm": self.penalty_grad_norm,
             "guard": None if self.guard is None else self.guard.state_dict(),
         }
-
-    def _checkpoint_cache(self) -> list[Tensor | None]:
-        """The cache with a tensor for every trainable parameter (zeros where there is none,
-        which add nothing): ``torch.distributed.checkpoint`` loads into a template of the
-        same structure, so a fresh optimizer's state dict must already hold them."""
-        cache = self._cache or [None] * len(self.flat_params())
-        return [
-            c if c is not None or not p.requires_grad else torch.zeros_like(p)
-            for c, p in zip(cache, self.flat_params())
-        ]
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
@@ -490,13 +352,89 @@ class FisherPenaltySGD(GradientWrapper):
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
         cache = extra["cache"] if extra.get("has_cache", True) else None
-        self._cache = self.load_per_param(cache, "penalty cache", lambda p: p.dtype)
-        self._cache_step = extra.get("cache_step", self._cache_step)
-        self._refresh_next = extra.get("refresh_next", False)
-        self._forward_refreshes = extra.get("forward_refreshes", 0)
+        self._cached.grads = load_per_param(
+            cache, self.flat_params(), "penalty cache", lambda p: p.dtype
+        )
+        self._cached.step = extra.get("cache_step", self._cached.step)
+        self._cached.once = extra.get("refresh_next", False)
+        self._schedule.forward_refreshes = extra.get("forward_refreshes", 0)
         self.penalty_grad_norm = extra.get("penalty_grad_norm")
         if self.guard is not None and extra.get("guard") is not None:
             self.guard.load_state_dict(extra["guard"])
+
+
+def read_back(
+    value: Tensor, grads: list[Tensor], gap: Tensor | None, error: Tensor | None
+) -> list[float]:
+    """What a refresh reads on the host, in one sync: the penalty value, the sum of the
+    gradient's norms (finite iff every entry is), its norm, and the finite difference's own
+    checks (-1: not taken). Read in the penalty's precision, at least float32 (a float64
+    model's value is not rounded to float32)."""
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    norms = global_norms(grads).to(dtype) if grads else value[None].to(dtype)
+    unset = value.new_full((), -1.0, dtype=dtype)
+    gap, error = (unset if t is None else t.to(dtype) for t in (gap, error))
+    return torch.stack([value.to(dtype), norms.sum(), norms.norm(), gap, error]).tolist()
+
+
+class PenaltyGradientCache:
+    """The penalty gradient of the last refresh, reused for ``every`` steps.
+
+    ``grads`` is aligned with the optimizer's parameters (None where frozen), or None (no
+    refresh yet, or the last one dropped); ``step`` the step whose batch it was computed on;
+    ``once``: it is used for this step only (a spike, or unjudged by the safeguard).
+    """
+
+    def __init__(self) -> None:
+        self.grads: list[Tensor | None] | None = None
+        self.step: int | None = None
+        self.once = False
+
+    def due(self, step: int, every: int, weights: list[float]) -> bool:
+        """Every ``every`` steps while some weight is positive; and at once when a weight turns
+        positive with no cache of the current cycle (it was 0 when the last refresh was due),
+        so that a gradient computed more than ``every`` steps ago is never applied."""
+        if not any(w > 0 for w in weights):
+            return False
+        if step % every == 0 or self.once:
+            return True
+        return self.step is None or step - self.step >= every
+
+    def add_to(
+        self,
+        param_groups: list[dict[str, Any]],
+        weights: list[float],
+        group_slices: Callable[[list[Any]], list[list[Any]]],
+    ) -> None:
+        """``p.grad += weight · cached`` in every param group of positive weight."""
+        if self.grads is None:
+            return
+        for group, weight, cached in zip(param_groups, weights, group_slices(self.grads)):
+            if weight == 0:
+                continue
+            pairs = [
+                (p.grad, c)
+                for p, c in zip(group["params"], cached)
+                if p.grad is not None and c is not None
+            ]
+            if pairs:
+                grads, penalty_grads = zip(*pairs)
+                torch._foreach_add_(list(grads), list(penalty_grads), alpha=weight)
+
+    def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
+        """The cache with a tensor for every trainable parameter (zeros where there is none,
+        which add nothing): ``torch.distributed.checkpoint`` loads into a template of the
+        same structure, so a fresh optimizer's state dict must already hold them."""
+        grads = self.grads or [None] * len(params)
+        return {
+            "cache": [
+                c if c is not None or not p.requires_grad else torch.zeros_like(p)
+                for c, p in zip(grads, params)
+            ],
+            "has_cache": self.grads is not None,
+            "cache_step": self.step,
+            "refresh_next": self.once,
+        }
 
 
 def check_weight(value: Any, name: str) -> float:
@@ -513,6 +451,41 @@ def check_weight(value: Any, name: str) -> float:
             "use 0 to switch the penalty off"
         )
     return float(value)
+
+
+def penalty_weights(param_groups: list[dict[str, Any]]) -> list[float]:
+    """Every group's penalty weight, validated (they may be changed between steps)."""
+    return [
+        check_weight(g[WEIGHT_KEY], f"param_groups[{i}][{WEIGHT_KEY!r}]")
+        for i, g in enumerate(param_groups)
+    ]
+
+
+def _trainable(params: list[Tensor], step: int) -> list[int]:
+    """The indices of the trainable ``params``; ValueError if every one is frozen."""
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"FisherPenaltySGD: every parameter of the optimizer is frozen (requires_grad="
+            f"False) at step {step}, so the penalty has no gradient; unfreeze some, or set "
+            "the penalty weight to 0 while all are frozen"
+        )
+    return trainable
+
+
+def _check_layout(module: nn.Module, params: list[Tensor], mode: str, penalty: Penalty) -> bool:
+    """Whether ``module`` is FSDP2-sharded; refuse what its sharded passes cannot do, and
+    parameters the finite difference cannot resolve."""
+    sharded = is_fsdp(module)
+    if mode == "exact" and sharded:
+        raise ValueError(EXACT_UNSUPPORTED)
+    if penalty.wrt_inputs and sharded:
+        raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
+    if mode == "finite_difference":
+        check_fd_dtypes(
+            [p for p in params if p.requires_grad], compute_dtypes(module) if sharded else ()
+        )
+    return sharded
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -50,6 +50,8 @@ import math
 from collections import deque
 from typing import Any
 
+from fisher_optim.validate import check_bool
+
 
 class SpikeGuard:
     """Flags penalty-gradient norms above ``factor`` times the running median (module doc).
@@ -125,6 +127,16 @@ class SpikeGuard:
             self.last_scale = limit / value
         return self.last_scale
 
+    def spike_message(self, step: int, norm: float, penalty_value: float) -> str:
+        """The warning of the first spike (the later ones are only counted)."""
+        return (
+            f"FisherPenaltySGD: the penalty gradient at step {step} (norm {norm:.4g}, Tr(F_B) "
+            f"{penalty_value:.4g}) is over {self.factor:g}x the median norm of the recent "
+            f"refreshes (a spike): it was scaled by {self.last_scale:.3g} and is used for this "
+            "step only. Further spikes are counted in `opt.spikes` without a warning "
+            "(spike_factor=None turns the safeguard off)."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "spikes": self.spikes, "last_scale": self.last_scale}
 
@@ -132,3 +144,19 @@ class SpikeGuard:
         self.history = deque(state["history"], maxlen=self.window)
         self.spikes = int(state["spikes"])
         self.last_scale = float(state["last_scale"])
+
+
+def spike_guard(
+    spike_factor: float | None, spike_window: int, guard_early: bool, every: int
+) -> SpikeGuard | None:
+    """The safeguard of ``FisherPenaltySGD(spike_factor=..., spike_window=...,
+    guard_early=..., every=...)``, its arguments checked: None when it is off
+    (``spike_factor=None``) or has nothing to guard (``every=1``: no gradient is reused, each
+    step's is exact)."""
+    check_bool("guard_early", guard_early)
+    if guard_early and spike_factor is None:
+        raise ValueError("guard_early=True needs the safeguard: give a spike_factor, not None")
+    if spike_factor is None:
+        return None
+    guard = SpikeGuard(spike_factor, spike_window, min(5, spike_window), early=guard_early)
+    return guard if every > 1 else None

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
-from fisher_optim._data_parallel import mean_over_ranks
+from fisher_optim._data_parallel import broadcast_seed, mean_over_ranks
 from fisher_optim._fsdp import local_shard
 from fisher_optim._logits import OutputFn, check_batched, model_output
 from fisher_optim._modules import eval_mode, unwrap
@@ -152,19 +152,7 @@ class GradientWrapper(torch.optim.Optimizer):
     def current_batch(self) -> Batch:
         """The latest training-mode batch (with the targets given to :meth:`set_targets`)."""
         if self._batch is None:
-            children = [name for name, _ in self.model.named_children()][:3]
-            hint = (
-                f". It sees the calls of the module it was built on ({type(self.model).__name__}) "
-                f"only: if the training loop calls a submodule of it directly (such as "
-                f"model.{children[0]}(x)), build the optimizer on that submodule"
-                if children
-                else ""
-            )
-            raise RuntimeError(
-                f"{type(self).__name__} has seen no training-mode forward of the model since "
-                f"the last step: call the model (in train mode, with grad enabled) before "
-                f"step(){hint}"
-            )
+            raise RuntimeError(_no_forward(type(self).__name__, self.model))
         return Batch(self._batch.args, self._batch.kwargs, self._targets)
 
     def cut(
@@ -190,21 +178,9 @@ class GradientWrapper(torch.optim.Optimizer):
         if layout in self._checked_layouts:
             return
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        n = batch.num_examples()
         inside = self._in_own_pass  # FisherNoiseSGD's per-example pass: a measuring pass
         with contextlib.nullcontext() if inside else self.measuring_pass(), torch.no_grad():
-            whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
-            check_batched(whole, n)
-            alone = {}
-            for i in probe_indices(n):
-                part = batch.slice(i, i + 1)
-                alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
-        dtype = torch.promote_types(whole.dtype, torch.float32)
-        check_examples_alone(
-            [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()],
-            n,
-            type(self).__name__,
-        )
+            check_alone(module, batch, output_fn, type(self).__name__)
         self._checked_layouts.add(layout)
 
     @contextlib.contextmanager
@@ -256,7 +232,7 @@ class GradientWrapper(torch.optim.Optimizer):
         on to the base optimizer (which may call it several times, as LBFGS does); the
         gradients are edited after its first call.
         """
-        if self._initialises_state():
+        if _initialises_state(self):
             return self.base_optimizer.step(closure)
         _check_one_wrapper(self)
         done = False
@@ -266,7 +242,9 @@ class GradientWrapper(torch.optim.Optimizer):
             if not done:
                 with torch.enable_grad():
                     self._before_base_step()
-                self._clip()
+                if self.max_grad_norm is not None:
+                    norm = clip_full_gradient(self.flat_params(), self.max_grad_norm)
+                    self.grad_norm = self.grad_norm if norm is None else norm
                 done = True
 
         if closure is None:
@@ -286,46 +264,6 @@ class GradientWrapper(torch.optim.Optimizer):
         self._targets = None
         return loss
 
-    def _after_dropped(self, unchanged: str) -> str:
-        """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
-        drop spared) and "Training continues." while the loss gradient in ``p.grad`` is
-        finite; else that it is not, so that the base step spreads it, and what to check."""
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return f" and {unchanged}. Training continues."
-        return (
-            ", but the loss gradient in p.grad is not finite either: the batch or the loss "
-            "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
-            "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
-            "precision, a torch.amp.GradScaler skips such steps"
-        )
-
-    def _initialises_state(self) -> bool:
-        """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
-        create an empty optimizer state: no forward since the last step, no state yet, every
-        ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
-        if self._batch is not None or self.state:
-            return False
-        if any(g.get("lr", 1.0) != 0 for g in self.param_groups):
-            return False
-        grads = [local_shard(p.grad) for p in self.flat_params() if p.grad is not None]
-        return bool(grads) and not any(bool(g.any()) for g in grads)
-
-    def _clip(self) -> None:
-        """Clip the full gradient (the loss's plus what :meth:`_before_base_step` added) to
-        ``max_grad_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would.
-
-        Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
-        ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
-        bounds the gradient the base optimizer applies. Gradients are unscaled here (a
-        ``GradScaler`` unscales before calling ``step``).
-        """
-        if self.max_grad_norm is None:
-            return
-        params = [p for p in self.flat_params() if p.grad is not None]
-        if params:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-
     # ----------------------------------------------------------------- distributed
     def _process_group(self) -> Any | None:
         """The data-parallel process group to average over, or None outside DDP: the group
@@ -342,15 +280,7 @@ class GradientWrapper(torch.optim.Optimizer):
             return None
         if not self._warned_not_ddp:
             self._warned_not_ddp = True
-            warnings.warn(
-                f"{type(self).__name__} runs in a process group of {dist.get_world_size()} "
-                "ranks, but its model is not DistributedDataParallel and was not called "
-                "through a DDP wrapper: it treats the ranks as data-parallel replicas and "
-                "averages its term over all of them, as under DDP. Build the optimizer on the "
-                "DDP-wrapped model (with Accelerate: prepare the model first) to say so.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warnings.warn(_not_ddp(type(self).__name__), RuntimeWarning, stacklevel=3)
         return dist.group.WORLD
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
@@ -363,14 +293,9 @@ class GradientWrapper(torch.optim.Optimizer):
         the same random numbers (labels, noise) as one process would."""
         if self._seed_synced or group is None or dist.get_world_size(group) == 1:
             return
-        device = next(iter(self.flat_params())).device
-        if dist.get_backend(group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        t = torch.tensor([self.seed], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-        if int(t) != self.seed:
-            self.seed = int(t)
-            self._generators = {}
+        seed = broadcast_seed(self.seed, group, next(iter(self.flat_params())).device)
+        if seed != self.seed:
+            self.seed, self._generators = seed, {}
         self._seed_synced = True
 
     # ----------------------------------------------------------------- state
@@ -385,23 +310,6 @@ class GradientWrapper(torch.optim.Optimizer):
             out.append(flat[offset : offset + len(group["params"])])
             offset += len(group["params"])
         return out
-
-    def load_per_param(
-        self, saved: list[Tensor | None] | None, what: str, dtype: Callable[[Tensor], Any]
-    ) -> list[Tensor | None] | None:
-        """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
-        if saved is None:
-            return None
-        params = self.flat_params()
-        if len(saved) != len(params):
-            raise ValueError(
-                f"the saved {what} has {len(saved)} entries but the optimizer has "
-                f"{len(params)} parameters; load a state_dict of the same model"
-            )
-        return [
-            None if c is None else c.to(device=p.device, dtype=dtype(p))
-            for c, p in zip(saved, params)
-        ]
 
     def _extra_state(self) -> dict[str, Any]:
         if not self._generators:  # created now as it would be later: same seed, same state
@@ -418,6 +326,111 @@ class GradientWrapper(torch.optim.Optimizer):
         self._generators = {}
         for key, state in extra["generators"].items():
             self.generator(torch.device(key)).set_state(state.cpu())
+
+
+def after_dropped(params: list[Tensor], unchanged: str) -> str:
+    """How a warning about a dropped, non-finite refresh ends: ``unchanged`` (what the
+    drop spared) and "Training continues." while the loss gradient in ``p.grad`` of
+    ``params`` is finite; else that it is not, so that the base step spreads it, and what to
+    check."""
+    grads = [local_shard(p.grad) for p in params if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return f" and {unchanged}. Training continues."
+    return (
+        ", but the loss gradient in p.grad is not finite either: the batch or the loss "
+        "holds NaN/Inf, and the base optimizer's step writes it into the weights. Check "
+        "the inputs (torch.isfinite(x).all()) and the loss before step(); under mixed "
+        "precision, a torch.amp.GradScaler skips such steps"
+    )
+
+
+def load_per_param(
+    saved: list[Tensor | None] | None,
+    params: list[Tensor],
+    what: str,
+    dtype: Callable[[Tensor], Any],
+) -> list[Tensor | None] | None:
+    """A saved per-parameter list, moved to each parameter's device and ``dtype(p)``."""
+    if saved is None:
+        return None
+    if len(saved) != len(params):
+        raise ValueError(
+            f"the saved {what} has {len(saved)} entries but the optimizer has "
+            f"{len(params)} parameters; load a state_dict of the same model"
+        )
+    return [
+        None if c is None else c.to(device=p.device, dtype=dtype(p)) for c, p in zip(saved, params)
+    ]
+
+
+def check_alone(module: nn.Module, batch: Batch, output_fn: OutputFn | None, owner: str) -> None:
+    """The model on the first and the last example of ``batch`` alone must reproduce their
+    outputs in the whole batch (:func:`~fisher_optim.curvature.examples.check_examples_alone`),
+    and the batch's output must have a batch dimension."""
+    n = batch.num_examples()
+    whole = model_output(module(*batch.args, **batch.kwargs), output_fn)
+    check_batched(whole, n)
+    alone = {}
+    for i in probe_indices(n):
+        part = batch.slice(i, i + 1)
+        alone[i] = model_output(module(*part.args, **part.kwargs), output_fn)
+    dtype = torch.promote_types(whole.dtype, torch.float32)
+    check_examples_alone(
+        [(i, whole[i : i + 1].to(dtype), a.to(dtype)) for i, a in alone.items()], n, owner
+    )
+
+
+def _no_forward(owner: str, model: nn.Module) -> str:
+    """The error of a step without a captured forward, with a hint at submodules."""
+    children = [name for name, _ in model.named_children()][:3]
+    hint = (
+        f". It sees the calls of the module it was built on ({type(model).__name__}) only: if "
+        f"the training loop calls a submodule of it directly (such as model.{children[0]}(x)), "
+        "build the optimizer on that submodule"
+        if children
+        else ""
+    )
+    return (
+        f"{owner} has seen no training-mode forward of the model since the last step: call "
+        f"the model (in train mode, with grad enabled) before step(){hint}"
+    )
+
+
+def _initialises_state(wrapper: GradientWrapper) -> bool:
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to
+    create an empty optimizer state: no forward since the last step, no state yet, every
+    ``lr`` 0 and every gradient zero. It goes to the base optimizer alone, uncounted."""
+    if wrapper._batch is not None or wrapper.state:
+        return False
+    if any(g.get("lr", 1.0) != 0 for g in wrapper.param_groups):
+        return False
+    grads = [local_shard(p.grad) for p in wrapper.flat_params() if p.grad is not None]
+    return bool(grads) and not any(bool(g.any()) for g in grads)
+
+
+def clip_full_gradient(params: list[Tensor], max_norm: float) -> Tensor | None:
+    """Clip the full gradient (the loss's plus what the wrapper added) of ``params`` to
+    ``max_norm``, exactly as ``torch.nn.utils.clip_grad_norm_`` would; its norm before, or
+    None if no parameter has a gradient.
+
+    Clipping in the training loop (by hand, ``Trainer``'s ``max_grad_norm``, Lightning's
+    ``gradient_clip_val``) runs before ``step()`` and so sees only the loss gradient; this
+    bounds the gradient the base optimizer applies. Gradients are unscaled here (a
+    ``GradScaler`` unscales before calling ``step``).
+    """
+    params = [p for p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
+
+
+def _not_ddp(owner: str) -> str:
+    """The warning of a wrapper in a process group whose model is not DDP."""
+    return (
+        f"{owner} runs in a process group of {dist.get_world_size()} ranks, but its model is "
+        "not DistributedDataParallel and was not called through a DDP wrapper: it treats "
+        "the ranks as data-parallel replicas and averages its term over all of them, as "
+        "under DDP. Build the optimizer on the DDP-wrapped model (with Accelerate: prepare "
+        "the model first) to say so."
+    )
 
 
 def input_layout(batch: Batch) -> tuple[Any, ...]:

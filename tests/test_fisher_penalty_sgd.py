@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisher_optim.fisher_penalty_sgd as fps
-from fisher_optim import FisherPenaltySGD, penalty_gradient
+from fisher_optim import FiniteDifferenceWarning, FisherPenaltySGD, penalty_gradient
 from fisher_optim.differentiation import PenaltyGradient
 
 from .conftest import small_cnn, tiny_mlp
@@ -714,7 +714,7 @@ def test_first_refresh_is_checked_against_the_exact_gradient(opaque):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
-    found = [w for w in caught if issubclass(w.category, fps.FiniteDifferenceWarning)]
+    found = [w for w in caught if issubclass(w.category, FiniteDifferenceWarning)]
     assert bool(found) == opaque, [str(w.message) for w in found]
     if opaque:
         assert "from the exact one" in str(found[0].message)
@@ -722,7 +722,7 @@ def test_first_refresh_is_checked_against_the_exact_gradient(opaque):
 
 def test_an_unreplayable_piecewise_operation_is_warned_about_once():
     model = nn.Sequential(nn.Linear(5, 16), nn.RReLU(), nn.Linear(16, 4)).double().eval()
-    with pytest.warns(fps.FiniteDifferenceWarning, match=r"cannot be replayed: rrelu \(1x\)"):
+    with pytest.warns(FiniteDifferenceWarning, match=r"cannot be replayed: rrelu \(1x\)"):
         penalty_gradient(model, torch.randn(8, 5, dtype=torch.float64), mode="finite_difference")
 
 
@@ -738,7 +738,7 @@ def test_a_forward_that_changes_its_piecewise_calls_falls_back_with_a_warning():
             return self.b(F.relu(h) if self.calls % 2 else torch.tanh(h))
 
     model = Alternating().double()
-    with pytest.warns(fps.FiniteDifferenceWarning, match="did not repeat"):
+    with pytest.warns(FiniteDifferenceWarning, match="did not repeat"):
         grads = penalty_gradient(
             model, torch.randn(8, 5, dtype=torch.float64), mode="finite_difference"
         )

@@ -518,7 +518,7 @@ def _sweep_packed(
         if i // pack >= len(share):
             break
         results.append(share[i // pack])
-    complete = len(results) == len(runs) and all(r.get("status") in FINISHED for r in results)
+    complete = len(results) == len(runs) and all(r.get("status") != INTERRUPTED for r in results)
     return results, complete
 
 

@@ -1,0 +1,153 @@
+"""Step time of the optimizers at two checkouts of fisher_optim, side by side.
+
+Times a training step of SimpleCNN on one batch of random CIFAR-sized inputs with
+``FisherNoiseSGD`` (diagonal and full covariance) and ``FisherPenaltySGD`` (exact and finite
+difference, refreshed at every step) once with the ``fisher_optim`` of ``--baseline`` (a
+folder holding another checkout of this repository) and once with this checkout's. Each
+measurement is a fresh process (one thread, the process's CPU time over ``--steps`` steps
+after ``--warmup`` untimed ones); the two checkouts alternate within each of ``--repeats``
+rounds, their order flipped every round, and the median of each is reported with the ratio
+this checkout / baseline (below 1: faster now).
+
+    git worktree add BASELINE 5fb4978
+    python benchmarks/step_time_across_commits.py --baseline BASELINE --repeats 5 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common.arg_types import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+
+#: variant -> the optimizer it builds (``model`` in scope), at the API both checkouts share.
+VARIANTS = {
+    "noise_diagonal": "FisherNoiseSGD(model, lr=0.01, small_batch_size=16, covariance='diagonal')",
+    "noise_full": "FisherNoiseSGD(model, lr=0.01, small_batch_size=16, covariance='full')",
+    "fp_exact": "FisherPenaltySGD(model, lr=0.01, alpha=0.01, every=1, mode='exact')",
+    "fp_fd": "FisherPenaltySGD(model, lr=0.01, alpha=0.01, every=1, mode='finite_difference')",
+}
+
+#: The timed process, in the checkout's folder (its ``fisher_optim`` is imported), with the
+#: model of this checkout's ``benchmarks/common/models.py`` (loaded by path).
+WORKER = """
+import json, sys, time
+import torch
+import torch.nn.functional as F
+import importlib.util
+import fisher_optim
+from fisher_optim import FisherNoiseSGD, FisherPenaltySGD
+
+variant, steps, warmup, batch = sys.argv[1], *map(int, sys.argv[2:5])
+spec = importlib.util.spec_from_file_location("models", sys.argv[6])  # this checkout's models
+models = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(models)
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = models.build_model("simplecnn")
+opt = eval(sys.argv[5])
+x, y = torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,))
+
+def step():
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+for _ in range(warmup):
+    step()
+start = time.process_time()
+for _ in range(steps):
+    step()
+seconds = (time.process_time() - start) / steps
+print(json.dumps({"seconds": seconds, "fisher_optim": fisher_optim.__file__}))
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="step_time_across_commits.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        required=True,
+        help="the folder of the checkout to compare with, whose fisher_optim/ is imported "
+        "(default: none, it must be given)",
+    )
+    p.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
+        help="the optimizers timed",
+    )  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=5, help="rounds of both checkouts")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per process")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="examples per step")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="also write the table to this file (default: print it only)",
+    )
+    return p
+
+
+def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
+    """Seconds per step of ``variant`` in a fresh process importing ``checkout``'s package."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
+    models = ROOT / "benchmarks" / "common" / "models.py"
+    argv = [variant, args.steps, args.warmup, args.batch_size, VARIANTS[variant], models]
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, *map(str, argv)],
+        env=env,
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} at {checkout} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    imported = Path(result["fisher_optim"]).resolve()
+    if not imported.is_relative_to(checkout.resolve()):
+        raise RuntimeError(f"the worker imported {imported}, not the package of {checkout}")
+    return result["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.baseline / "fisher_optim" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {args.baseline}: no fisher_optim/ package in it")
+    checkouts = {"baseline": args.baseline, "this": ROOT}
+    samples = {(v, c): [] for v in args.variants for c in checkouts}
+    for r in range(args.repeats):
+        for v in args.variants:
+            order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
+            for c in order:
+                samples[v, c].append(time_once(checkouts[c], v, args))
+        print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    lines = [
+        "| variant | baseline ms/step | this ms/step | this / baseline |",
+        "|---|---|---|---|",
+    ]
+    for v in args.variants:
+        base, this = (statistics.median(samples[v, c]) for c in checkouts)
+        lines.append(f"| {v} | {base * 1e3:.1f} | {this * 1e3:.1f} | {this / base:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.output is not None:
+        args.output.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
