@@ -209,7 +209,8 @@ def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, floa
         elif spec[0] == "penalty":
             opt = FisherPenaltySGD(model, alpha=0.01, **common, **spec[1])
         else:
-            opt = FisherNoiseSGD(model, **common, **spec[1])
+            small = min(spec[1]["small_batch_size"], WORLD * args.batch_size // 2)  # < M_L
+            opt = FisherNoiseSGD(model, **common, **{**spec[1], "small_batch_size": small})
 
         def step() -> None:
             current["name"] = name
