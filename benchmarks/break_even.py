@@ -725,15 +725,22 @@ def figures(
             ax.plot(xs, ys, marker=".", label=f"η={lr:g}, B={batch}")
             ax.set_title(title)
     for ax in axes.flat:
-        ax.set_xlabel(args.x_axis)
+        ax.set_xlabel(args.x_axis, fontsize=11)
+        ax.set_title(ax.get_title(), fontsize=12)
+        ax.tick_params(labelsize=10)
         ax.grid(alpha=0.3)
-    if axes.flat[0].lines:
-        axes.flat[0].legend(fontsize=8)
     fig.suptitle(
         f"{args.model} on {args.dataset}, {args.train_subset} training examples, "
-        f"mean over seeds {args.seeds}"
+        f"mean over seeds {args.seeds}",
+        fontsize=13,
     )
-    paths = [save_figure(fig, args.out / "break_even.png")]
+    # One legend for the eight panels (they share their lines), in a row below them.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles, labels, loc="lower center", ncol=len(labels), fontsize=12, frameon=False
+        )
+    paths = [save_figure(fig, args.out / "break_even.png", rect=(0, 0.06, 1, 1))]
     if gd is not None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         steps = [r["step"] for r in gd["records"]]

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,15 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp_fd_k10_forward": {"every": 10, "fd_scheme": "forward"},
     "fp_fd_k1": {"every": 1},
     "fp_fd_k1_forward": {"every": 1, "fd_scheme": "forward"},
+}
+#: ``--ddp``: name -> (optimizer, keyword arguments) on the DDP-wrapped, unsharded model
+#: (None: plain SGD). Exact mode and Fisher noise, which FSDP2 refuses, run here.
+DDP_VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "ddp_sgd": None,
+    "ddp_fp_fd_k1": ("penalty", {"every": 1, "mode": "finite_difference"}),
+    "ddp_fp_exact_k1": ("penalty", {"every": 1, "mode": "exact"}),
+    "ddp_noise_diag_k1": ("noise", {"every": 1, "small_batch_size": 4}),
+    "ddp_noise_trace_k1": ("noise", {"every": 1, "small_batch_size": 4, "covariance": "trace"}),
 }
 MP_STEPS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 MP_SCHEMES = ("forward", "central")
@@ -169,6 +179,64 @@ def measure_overhead(args: argparse.Namespace, rank: int) -> dict[str, dict[str,
     return {v: {"s_per_step": float(t), **memory[v]} for v, t in zip(VARIANTS, slowest)}
 
 
+def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, float]]:
+    """Step time of each :data:`DDP_VARIANTS` entry, and the time spent per step in the
+    optimizer's own all-reduces (those of the penalty of the global batch: every gradient of
+    a refresh averaged over the ranks; DDP's reducer runs in C++ and is not counted)."""
+    from fisher_optim import FisherNoiseSGD
+
+    ids = local_batch(args, rank)
+    common = {"lr": 1e-3, "momentum": 0.9}
+    spent = {name: 0.0 for name in DDP_VARIANTS}
+    counted = {name: 0 for name in DDP_VARIANTS}
+    current = {"name": ""}
+    real_all_reduce = dist.all_reduce
+
+    def timed_all_reduce(*a: Any, **kw: Any) -> Any:
+        begin = time.perf_counter()
+        try:
+            return real_all_reduce(*a, **kw)
+        finally:
+            spent[current["name"]] += time.perf_counter() - begin
+
+    def make(name: str, spec: tuple[str, dict[str, Any]] | None) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(
+            ByteTransformerLM(args.context, args.dim, args.layers, args.heads)
+        )
+        if spec is None:
+            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
+        elif spec[0] == "penalty":
+            opt = FisherPenaltySGD(model, alpha=0.01, **common, **spec[1])
+        else:
+            small = min(spec[1]["small_batch_size"], WORLD * args.batch_size // 2)  # < M_L
+            opt = FisherNoiseSGD(model, **common, **{**spec[1], "small_batch_size": small})
+
+        def step() -> None:
+            current["name"] = name
+            counted[name] += 1
+            opt.zero_grad()
+            lm_loss(model, ids).backward()
+            opt.step()
+
+        return step
+
+    steps = {name: make(name, spec) for name, spec in DDP_VARIANTS.items()}
+    dist.all_reduce = timed_all_reduce
+    try:
+        times = interleaved_medians(steps, args.window, args.rounds, args.warmup)
+    finally:
+        dist.all_reduce = real_all_reduce
+    per_step = [spent[v] / max(counted[v], 1) for v in DDP_VARIANTS]
+    values = torch.tensor([*(times[v] for v in DDP_VARIANTS), *per_step], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    n = len(DDP_VARIANTS)
+    return {
+        v: {"s_per_step": float(values[i]), "all_reduce_s_per_step": float(values[n + i])}
+        for i, v in enumerate(DDP_VARIANTS)
+    }
+
+
 def measure_mp_error(args: argparse.Namespace, rank: int) -> dict[str, float]:
     """``{"<scheme> <c>": relative error}`` of the bf16-compute finite difference against the
     float32 exact gradient of the unsharded model (and the float32 default, for reference)."""
@@ -217,6 +285,8 @@ def worker(rank: int, init_file: str, out_dir: str, args: argparse.Namespace) ->
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results: dict[str, Any] = {"overhead": measure_overhead(args, rank)}
+        if args.ddp:
+            results["ddp"] = measure_ddp(args, rank)
         if args.mp_error:
             results["mp_error"] = measure_mp_error(args, rank)
         if rank == 0:
@@ -243,6 +313,24 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
             f"| {name} | {1e3 * r['s_per_step']:.1f} | {r['s_per_step'] / plain['s_per_step']:.2f} "
             f"| {r['held_mib']:.2f} | {r['peak_mib']:.2f} | {r['peak_mib'] / plain['peak_mib']:.2f} |"
         )
+    if "ddp" in results:
+        base = results["ddp"]["ddp_sgd"]["s_per_step"]
+        lines += [
+            "",
+            "The same model and batch under DDP (unsharded), where the exact mode and Fisher "
+            "noise run (FSDP2 refuses both); `all-reduce ms/step`: the time per step spent in "
+            "the optimizer's own all-reduces (every gradient of a refresh averaged over the "
+            "ranks, for the penalty of the global batch; DDP's own gradient reduction is not "
+            "counted).",
+            "",
+            "| variant | ms/step | × DDP SGD | all-reduce ms/step | share of the step |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in results["ddp"].items():
+            t, ar = r["s_per_step"], r["all_reduce_s_per_step"]
+            lines.append(
+                f"| {name} | {1e3 * t:.1f} | {t / base:.2f} | {1e3 * ar:.2f} | {ar / t:.1%} |"
+            )
     if "mp_error" in results:
         lines += [
             "",
@@ -269,6 +357,12 @@ class FSDPOptions:
     mp_error: bool = option(
         False,
         "also measure the finite difference under a bf16 MixedPrecisionPolicy",
+        action="store_true",
+    )
+    ddp: bool = option(
+        False,
+        "also time the same model under DDP: exact mode, Fisher noise and the penalty's "
+        "all-reduces",
         action="store_true",
     )
     output: Path | None = option(

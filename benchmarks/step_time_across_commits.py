@@ -13,21 +13,23 @@ this checkout / baseline (below 1: faster now).
     python benchmarks/step_time_across_commits.py --baseline BASELINE --repeats 5 --steps 20
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: dataclasses then look the script up in
+# sys.modules, where a script loaded from its file is not)
 import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common.arg_types import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from benchmarks.common.arg_types import nonnegative_int, positive_int  # noqa: E402
+from benchmarks.common.options import option, parser  # noqa: E402
 
 #: variant -> the optimizer it builds (``model`` in scope), at the API both checkouts share.
 VARIANTS = {
@@ -72,34 +74,34 @@ print(json.dumps({"seconds": seconds, "fisher_optim": fisher_optim.__file__}))
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="step_time_across_commits.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "--baseline",
+@dataclass
+class StepTimeOptions:
+    """What ``benchmarks/step_time_across_commits.py`` compares."""
+
+    baseline: Path = option(
+        None,
+        "the folder of the checkout to compare with, whose fisher_optim/ is imported",
+        unset="none, it must be given",
         type=Path,
         required=True,
-        help="the folder of the checkout to compare with, whose fisher_optim/ is imported "
-        "(default: none, it must be given)",
     )
-    p.add_argument(
-        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
+    variants: list[str] = option(
+        default_factory=lambda: list(VARIANTS),
         help="the optimizers timed",
-    )  # fmt: skip
-    p.add_argument("--repeats", type=positive_int, default=5, help="rounds of both checkouts")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per process")
-    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="examples per step")
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="also write the table to this file (default: print it only)",
+        nargs="+",
+        choices=sorted(VARIANTS),
     )
-    return p
+    repeats: int = option(5, "rounds of both checkouts", type=positive_int)
+    steps: int = option(20, "timed steps per process", type=positive_int)
+    warmup: int = option(2, "untimed steps first", type=nonnegative_int)
+    batch_size: int = option(128, "examples per step", type=positive_int)
+    output: Path | None = option(
+        None, "also write the table to this file", unset="print it only", type=Path
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return parser("step_time_across_commits.py", __doc__.split("\n\n")[0], StepTimeOptions)
 
 
 def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:

@@ -115,7 +115,10 @@ class FisherPenaltySGD(GradientWrapper):
             ``fisher_optim.Gaussian(sigma=...)`` otherwise). A one-output model with
             ``"categorical"`` raises (its Tr(F_B) would be identically 0). See
             :mod:`fisher_optim.likelihoods`.
-        penalty_batch_size: use only the first N examples of the batch for the penalty. The
+        penalty_batch_size: take the penalty on N examples of the (global) batch: the first N
+            on one process; under DDP or FSDP2 the first N/R of each of the R ranks' batches
+            (one more on the first N mod R ranks), so that Tr(F_B) has the scale of N examples
+            on any number of ranks (docs/guides/distributed.md). The
             batch is cut by the one rule of :mod:`fisher_optim.batch` (every tensor input
             holds the examples in its first dimension; pass shared tensors through the
             model), checked once per input layout (:meth:`GradientWrapper.cut`).
@@ -131,7 +134,10 @@ class FisherPenaltySGD(GradientWrapper):
             than 1% from it (unsharded models; skipped where double backprop cannot run).
         seed: seed of the label-sampling generator (default: derived from
             ``torch.initial_seed()``, so seeding torch seeds it; nothing is drawn from
-            torch's global generator).
+            torch's global generator). Under DDP or FSDP2 rank 0's seed is broadcast at the
+            first refresh and every rank draws the labels of the whole global batch's rows,
+            keeping its own (:mod:`fisher_optim._global_rows`): the labels, and so the update,
+            are the same on any number of ranks.
         spike_factor: the spike safeguard (:mod:`fisher_optim.safeguard`): a refreshed
             penalty gradient whose norm exceeds ``spike_factor`` times the median norm of the
             last ``spike_window`` refreshes is scaled down to that bound and used for one step
@@ -316,7 +322,16 @@ class FisherPenaltySGD(GradientWrapper):
         if not self._sharded:
             return self._process_group()
         mesh = next(p.device_mesh for p in self.flat_params() if hasattr(p, "device_mesh"))
-        return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+        if mesh.ndim == 1:
+            return mesh.get_group()
+        if mesh.size() != dist.get_world_size():
+            raise ValueError(
+                f"FisherPenaltySGD: the model is sharded over a {mesh.ndim}-D device mesh of "
+                f"{mesh.size()} ranks inside a process group of {dist.get_world_size()}: HSDP "
+                "is supported over a mesh of every rank (init_device_mesh(device, (replicas, "
+                "shards)))"
+            )
+        return dist.group.WORLD  # HSDP: every rank holds its own slice of the batch
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:

@@ -4,20 +4,26 @@
 #   1. build the sdist and the wheel (in a build environment of its own) and check them: one of
 #      each, named for fisher_optim.__version__ (the one place the version is written), the
 #      wheel carries fisher_optim/py.typed, the sdist carries CHANGELOG.md and the tests, and
-#      CHANGELOG.md's newest entry is this version; with --tag, the tag is "v" + the version;
+#      CHANGELOG.md's newest entry is this version; with --tag, the tag is "v" + the version
+#      and that entry carries its release date (not "Unreleased");
 #   2. install the wheel in a fresh virtual environment (the CPU build of torch first), import
 #      it from there (not from the source tree) and run the demo;
-#   3. with --tests, run the test suite from the unpacked sdist against the installed wheel.
+#   3. with --timm, follow README.md's timm route there (torchvision from the index torch came
+#      from, at constraints.txt's pin, then timm) and check that timm, torchvision's operators
+#      and transformers.Trainer import;
+#   4. with --tests, run the test suite from the unpacked sdist against the installed wheel.
 #
 # Usage: bash scripts/release_check.sh [--out DIR] [--dist DIR] [--build-only] [--tag vX.Y.Z]
-#                                      [--torch VERSION] [--torch-index URL] [--tests [PYTEST ARGS...]]
+#                                      [--torch VERSION] [--torch-index URL] [--timm]
+#                                      [--tests [PYTEST ARGS...]]
 #   --out DIR        where the sdist and wheel are written (default: a temporary folder)
 #   --dist DIR       check and install the sdist and wheel already in DIR instead of building
 #   --build-only     stop after step 1
 #   --torch VERSION  the torch to test against (default: constraints.txt's pin)
 #   --torch-index U  the index torch comes from, e.g. https://download.pytorch.org/whl/cpu
 #                    (default: pip's configuration)
-#   --tests ARGS     run the test suite; the arguments after it go to pytest
+#   --timm           step 3 (with constraints.txt's torch: its torchvision pin is for that torch)
+#   --tests ARGS     run the test suite; the arguments after it go to pytest (last option)
 # Exits non-zero on the first failure.
 set -euo pipefail
 
@@ -25,7 +31,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/fisher-optim-release.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 pytest_args=()
-out="" dist="" build_only=0 tag="" torch_version="" torch_index="" tests=0
+out="" dist="" build_only=0 tag="" torch_version="" torch_index="" tests=0 timm=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
@@ -34,6 +40,7 @@ while [ $# -gt 0 ]; do
     --tag) tag=$2; shift 2 ;;
     --torch) torch_version=$2; shift 2 ;;
     --torch-index) torch_index=$2; shift 2 ;;
+    --timm) timm=1; shift ;;
     --tests) tests=1; shift; pytest_args=("$@"); break ;;
     *) echo "release_check: unknown argument '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
@@ -48,8 +55,12 @@ echo "fisher_optim $version"
 if [ -n "$tag" ] && [ "$tag" != "v$version" ]; then
   fail "the tag '$tag' is not 'v$version' (fisher_optim.__version__): bump the version or retag"
 fi
-changelog=$(grep -m 1 -E '^## \[[0-9]' "$repo/CHANGELOG.md" | sed -E 's/^## \[([^]]*)\].*/\1/')
+heading=$(grep -m 1 -E '^## \[[0-9]' "$repo/CHANGELOG.md")
+changelog=$(echo "$heading" | sed -E 's/^## \[([^]]*)\].*/\1/')
 [ "$changelog" = "$version" ] || fail "CHANGELOG.md's newest entry is $changelog, not $version"
+if [ -n "$tag" ] && ! echo "$heading" | grep -qE '^## \[[^]]+\] - [0-9]{4}-[0-9]{2}-[0-9]{2}$'; then
+  fail "CHANGELOG.md's entry '$heading' has no release date: write '## [$version] - YYYY-MM-DD'"
+fi
 
 if [ -z "$dist" ]; then
   step "build the sdist and the wheel"
@@ -104,6 +115,26 @@ assert (where / "py.typed").is_file(), "py.typed is not installed"
 print(f"fisher_optim {fisher_optim.__version__} from {where}, torch {torch.__version__}")
 PY
 python -m fisher_optim.demo
+
+if [ "$timm" -eq 1 ]; then
+  step "README.md's timm route: torchvision built for this torch, then timm"
+  tv=$(sed -n 's/^torchvision==//p' "$work/constraints.txt")
+  [ "$torch_version" = "$(sed -n 's/^torch==//p' "$repo/constraints.txt")" ] \
+    || fail "--timm needs constraints.txt's torch (its torchvision==$tv is built for that torch)"
+  pip install -q "torch==$torch_version" "torchvision==$tv" ${torch_index:+--index-url "$torch_index"}
+  pip install -q -c "$work/constraints.txt" timm transformers
+  python - <<'PY'
+import torch, torchvision, torchvision.ops, timm.optim
+from transformers import Trainer  # fails when torchvision's operators do not load
+from fisher_optim.integrations.timm import TIMM_NAMES, register_timm_optimizers
+register_timm_optimizers()
+assert set(TIMM_NAMES) <= set(timm.optim.list_optimizers("fisher*"))
+boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+assert torchvision.ops.nms(boxes, torch.ones(1), 0.5).tolist() == [0]
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}:"
+      f" torchvision's operators, timm's factory and transformers.Trainer load")
+PY
+fi
 
 if [ "$tests" -eq 1 ]; then
   step "the test suite from the sdist, against the installed wheel"

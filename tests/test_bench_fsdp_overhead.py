@@ -46,6 +46,7 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
             "0",
             "--json",
             str(out),
+            "--ddp",
         ]
     )
     rows = results["overhead"]
@@ -56,9 +57,15 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     # the penalty's variants hold the cached penalty gradient on top of SGD's state
     assert rows["fp_fd_k10"]["held_mib"] > rows["fsdp_sgd"]["held_mib"]
     assert json.loads(out.read_text())["results"]["overhead"].keys() == rows.keys()
+    ddp = results["ddp"]
+    assert list(ddp) == list(bench.DDP_VARIANTS)
+    assert ddp["ddp_sgd"]["all_reduce_s_per_step"] == 0  # the optimizer's own only
+    assert all(ddp[v]["all_reduce_s_per_step"] > 0 for v in ("ddp_fp_fd_k1", "ddp_fp_exact_k1"))
     text = capsys.readouterr().out
     assert (
-        "| fp_fd_k1_forward |" in text and "Produced by `python benchmarks/fsdp_overhead.py" in text
+        "| fp_fd_k1_forward |" in text
+        and "| ddp_fp_exact_k1 |" in text
+        and "Produced by `python benchmarks/fsdp_overhead.py" in text
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -202,3 +203,50 @@ def test_without_timm_the_error_says_what_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(ImportError, match="pip install timm"):
         register_timm_optimizers()
+
+
+# README.md's timm route: torchvision from the index torch came from, at the version built for
+# the pinned torch. (scripts/release_check.sh --timm runs the route itself in a fresh venv.)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_constraints_pin_the_torchvision_built_for_the_pinned_torch() -> None:
+    from packaging.specifiers import SpecifierSet
+
+    pins = _pins()
+    major, minor, patch = map(int, pins["torch"].split("."))
+    # torchvision 0.(m + 15).p is built for torch 2.m.p (0.15 for 2.0, ..., 0.28 for 2.13)
+    assert major == 2 and pins["torchvision"] == f"0.{minor + 15}.{patch}", pins
+    # the CPU build installed first satisfies the pin, so `pip install -c constraints.txt
+    # timm` keeps it
+    assert SpecifierSet(f"=={pins['torchvision']}").contains(f"{pins['torchvision']}+cpu")
+    route = (
+        f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']} "
+        "--index-url https://download.pytorch.org/whl/cpu\npip install -c constraints.txt timm\n"
+    )
+    for page in ("README.md", "docs/guides/integration.md"):
+        if (ROOT / page).is_file():
+            assert route in (ROOT / page).read_text(encoding="utf-8"), page
+
+
+def test_transformers_trainer_imports_beside_the_installed_torchvision() -> None:
+    """``from transformers import Trainer`` in a fresh interpreter, with whatever torchvision
+    this environment has (none, or the route's build): a torchvision built for another torch
+    fails it."""
+    pytest.importorskip("transformers")
+    code = (
+        "import importlib.util\n"
+        "from transformers import Trainer\n"
+        "if importlib.util.find_spec('torchvision'):\n"
+        "    import torch, torchvision.ops\n"
+        "    torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

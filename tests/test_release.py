@@ -4,6 +4,8 @@ the sdist and wheel must carry (scripts/release_check.sh builds and installs the
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,29 @@ def test_workflow_tests_the_floors_and_publishes_by_trusted_publishing() -> None
     assert "https://download.pytorch.org/whl/cpu" in text
     assert "id-token: write" in text and "pypa/gh-action-pypi-publish@release/v1" in text
     assert "--tag" in text and "scripts/release_check.sh" in text
+    assert 'timm: "--timm"' in text and "${{ matrix.timm }}" in text  # README's timm route
+
+
+def _release_check(tmp_path: Path, heading: str, tag: str) -> subprocess.CompletedProcess:
+    """scripts/release_check.sh on a copy of the tree's version and changelog: the tag checks
+    run before anything is built."""
+    (tmp_path / "scripts").mkdir(parents=True)
+    (tmp_path / "fisher_optim").mkdir()
+    shutil.copy(ROOT / "scripts" / "release_check.sh", tmp_path / "scripts")
+    (tmp_path / "fisher_optim" / "__init__.py").write_text('__version__ = "1.2.3"\n')
+    (tmp_path / "CHANGELOG.md").write_text(f"# Changelog\n\n{heading}\n\n- a change\n")
+    return subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "release_check.sh"), "--build-only", "--tag", tag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_tag_must_equal_the_version_and_its_entry_carry_a_date(tmp_path: Path) -> None:
+    wrong = _release_check(tmp_path / "wrong", "## [1.2.3] - 2026-01-02", "v1.2.4")
+    assert wrong.returncode == 1 and "the tag 'v1.2.4' is not 'v1.2.3'" in wrong.stderr
+    undated = _release_check(tmp_path / "undated", "## [1.2.3] - Unreleased", "v1.2.3")
+    assert undated.returncode == 1 and "has no release date" in undated.stderr
+    other = _release_check(tmp_path / "other", "## [1.2.2] - 2026-01-02", "v1.2.3")
+    assert other.returncode == 1 and "newest entry is 1.2.2, not 1.2.3" in other.stderr

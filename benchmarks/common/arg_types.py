@@ -1,23 +1,12 @@
 """Command-line argument types of ``benchmarks/*.py``, and their help formatter.
 
-Argument types that turn an invalid value into an argparse error naming the option and the
+Argument types (used by :mod:`benchmarks.common.options`) that turn an invalid value into an argparse error naming the option and the
 valid range (``error: argument --epochs: must be an integer >= 1, got '0'``), never a
 traceback from deep inside a run or a run that silently does something else; and a help
 formatter that shows each option's default exactly once.
 
->>> import argparse
->>> p = argparse.ArgumentParser(prog="demo", formatter_class=HelpFormatter)
->>> _ = p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
->>> _ = p.add_argument("--alpha", type=positive_float, nargs="+", default=[0.1, 0.3],
-...                    help="penalty weights")
->>> _ = p.add_argument("--out", default=None, help="output folder (default: runs/demo)")
->>> print(p.format_help().split("options:")[1].strip())  # doctest: +NORMALIZE_WHITESPACE
--h, --help show this help message and exit
---epochs EPOCHS training epochs (default: 30)
---alpha ALPHA [ALPHA ...] penalty weights (default: 0.1 0.3)
---out OUT output folder (default: runs/demo)
->>> p.parse_args(["--alpha", "0.5", "1"]).alpha
-[0.5, 1.0]
+>>> positive_int("3"), positive_float("0.5")
+(3, 0.5)
 >>> positive_int("0")
 Traceback (most recent call last):
     ...

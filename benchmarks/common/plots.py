@@ -111,9 +111,12 @@ def plot_runs(
     return save_figure(fig, out_png)
 
 
-def save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
-    """Lay out, write (creating the folder) and close a figure."""
-    fig.tight_layout()
+def save_figure(
+    fig: Any, out_png: str | os.PathLike, rect: tuple[float, float, float, float] = (0, 0, 1, 1)
+) -> Path:
+    """Lay out the axes inside ``rect`` (figure fractions: left, bottom, right, top; the rest
+    is room for a figure legend), write (creating the folder) and close a figure."""
+    fig.tight_layout(rect=rect)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
