@@ -5,9 +5,11 @@ all-gathers each block's parameters into unsharded copies and the backward reduc
 the gradient into the sharded ``.grad``, averaged over the ranks: after ``loss.backward()``
 each rank holds its shard of the gradient of the *global* batch. Double backprop does not
 pass these hooks (``torch.autograd.grad`` over the sharded parameters finds them unused in
-the graph, which holds the unsharded copies), so ``mode="exact"`` is refused with a pointer
-to ``mode="finite_difference"``. The finite difference (:mod:`fisher_optim.differentiation`) runs
-unchanged on :class:`ShardedPasses`: each gradient is taken by ``backward()`` into the
+the graph, which holds the unsharded copies), so ``mode="exact"`` runs on gathered copies
+instead: each parameter's ``full_tensor()``, the model called on them with FSDP2's forward
+hooks off (:class:`GatheredForward`), ``2 H̄ ḡ`` of the global batch as under DDP, and each
+rank keeps its shard; the full parameters are held on every rank during a refresh. The
+finite difference (:mod:`fisher_optim.differentiation`) runs unchanged on :class:`ShardedPasses`: each gradient is taken by ``backward()`` into the
 sharded ``.grad`` (the training gradient is set aside and put back), the shift ``θ + r v`` is
 applied to each rank's own shard, and the norms ``||g||``, ``||θ||`` are summed over the
 ranks with one all-reduce, so every rank computes the same ``∇P`` of the global batch —
@@ -19,6 +21,7 @@ norms are summed over the shard dimension only (the replicas hold the same shard
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,15 +32,6 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch without FSDP2 / DTensor
     FSDPModule = DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
-
-EXACT_UNSUPPORTED = (
-    "mode='exact' (double backprop) is not supported on an FSDP2-sharded model: its "
-    "all-gather/reduce-scatter hooks keep the sharded parameters out of the graph of the "
-    "gradient, so their penalty gradient would be missing. Use mode='finite_difference' "
-    "(two sharded backwards, or three with fd_scheme='central'; same objective, the "
-    "global batch's), or mode='exact' with DistributedDataParallel instead of fully_shard"
-)
-
 
 INPUT_GRADIENT_UNSUPPORTED = (
     "penalty='input_gradient' is not supported on an FSDP2-sharded model (the input gradient "
@@ -137,6 +131,13 @@ class ShardedPasses:
         ]
 
 
+def shard_like(t: Tensor, param: Tensor) -> Tensor:
+    """The full tensor ``t`` laid out as the ``DTensor`` ``param`` (each rank its shard)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t, param.device_mesh, param.placements)
+
+
 def local_shard(t: Tensor) -> Tensor:
     """This rank's shard of a ``DTensor``; any other tensor as it is."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
@@ -151,3 +152,29 @@ def global_norms(tensors: Sequence[Tensor]) -> Tensor:
         [t.to_local().to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum() for t in tensors]
     )
     return ShardedPasses(tensors).total(local).sqrt()
+
+
+class GatheredForward(nn.Module):
+    """The sharded ``model`` called on its gathered, full ``params`` (``{name: tensor}``),
+    with FSDP2's forward hooks of every submodule off for the call: a plain forward on
+    tensors of autograd's own, so double backprop reaches them. Relies on FSDP2 keeping its
+    hooks in the modules' forward-hook registries (as torch 2.13 does; with its hooks left
+    on, the call raises rather than returning a wrong gradient)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.wrapped = model  # a submodule, so that BatchNorm layers are found through it
+        self.__dict__["full"] = params  # not parameters of this module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        saved = []
+        for mod in self.wrapped.modules():
+            for attr in ("_forward_pre_hooks", "_forward_hooks"):
+                hooks = getattr(mod, attr)
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+        try:
+            return torch.func.functional_call(self.wrapped, self.full, args, kwargs)
+        finally:
+            for hooks, kept in saved:
+                hooks.update(kept)

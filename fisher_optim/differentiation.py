@@ -15,7 +15,7 @@ ordinary forward-backward passes only (two for the forward difference, three for
 central one), the shifted ones with the *same* labels, dropout masks and buffers as the
 first; the parameters are then restored bitwise. For the input-gradient penalty (GPx,
 ``g = ∇_x L``) the inputs are shifted instead of θ. No double backward is needed, so it runs
-where that cannot: FSDP2, fused attention kernels.
+where that cannot: fused attention kernels, and FSDP2 without gathering the parameters.
 
 **Kinks.** On ReLU, max-pool, clamp or top-k-routed networks the gradient jumps where a
 unit changes side, and a network of 10⁵–10⁶ units per batch always has units within any
@@ -75,11 +75,12 @@ from torch import Tensor, nn
 from fisher_optim._as_found import left_as_found
 from fisher_optim._data_parallel import ReplicatedPasses, mean_over_ranks
 from fisher_optim._fsdp import (
-    EXACT_UNSUPPORTED,
     INPUT_GRADIENT_UNSUPPORTED,
+    GatheredForward,
     ShardedPasses,
     compute_dtypes,
     is_sharded,
+    shard_like,
 )
 from fisher_optim._logits import OutputFn
 from fisher_optim._modules import math_attention, trainable_parameters
@@ -209,6 +210,8 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
     ``objective.group`` (DDP), the penalty of the global batch
     (:mod:`fisher_optim._data_parallel`): ``ḡ`` and ``H_r ḡ`` are averaged over the ranks.
     """
+    if is_sharded(objective.params):
+        return _gathered_exact(objective)
     params = objective.params
     group = objective.group
     with math_attention():
@@ -223,6 +226,24 @@ def exact_penalty_gradient(objective: PenaltyObjective) -> PenaltyGradient:
         grads = torch.autograd.grad(value, params, allow_unused=True)
         result = PenaltyGradient(list(grads), value.detach())
     return _global_input_penalty(result, params, group)
+
+
+def _gathered_exact(objective: PenaltyObjective) -> PenaltyGradient:
+    """FSDP2: ``2 H̄ ḡ`` of the global batch on the gathered, full parameters (one
+    ``full_tensor()`` each, so the full parameters are held on every rank for the
+    refresh), as DDP takes it (:func:`_replicated_exact`), each rank keeping its shard."""
+    sharded = objective.params
+    names = {id(p): n for n, p in objective.model.named_parameters()}
+    full = [p.full_tensor().detach().requires_grad_(True) for p in sharded]
+    model, params = objective.model, objective.params
+    objective.model = GatheredForward(model, {names[id(p)]: f for p, f in zip(sharded, full)})
+    objective.params = full
+    try:
+        result = exact_penalty_gradient(objective)
+    finally:
+        objective.model, objective.params = model, params
+    grads = [None if g is None else shard_like(g, p) for g, p in zip(result.grads, sharded)]
+    return PenaltyGradient(grads, result.value)
 
 
 def _replicated_exact(
@@ -463,8 +484,7 @@ def compute_penalty_gradient(
     rest of the model's state as the user's training forward left it, as without the
     penalty.
     """
-    if check_mode(mode) == "exact" and is_sharded(objective.params):
-        raise ValueError(EXACT_UNSUPPORTED)
+    check_mode(mode)
     # check=False: the finite-difference engine moves the parameters and restores them itself
     with left_as_found(objective.model, check=False, read_back=False):
         if mode == "exact":

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._fsdp import (
-    EXACT_UNSUPPORTED,
     INPUT_GRADIENT_UNSUPPORTED,
     compute_dtypes,
     global_norms,
@@ -78,7 +77,9 @@ class FisherPenaltySGD(GradientWrapper):
             alpha=0.01)``.
         every: recompute the penalty gradient every ``every`` steps and reuse it in between.
         mode: ``"exact"`` (double backprop, ≈3x a gradient) or ``"finite_difference"``
-            (two gradients, ≈2x; see :mod:`fisher_optim.differentiation`).
+            (two gradients, ≈2x; see :mod:`fisher_optim.differentiation`). Under FSDP2 the
+            exact mode gathers the full parameters at each refresh (:mod:`fisher_optim._fsdp`);
+            the finite difference stays sharded.
         penalty: ``"fisher"`` (FP, labels sampled from the model), ``"random_label"`` (GPr),
             ``"gradient"`` (GP, true labels) or ``"input_gradient"`` (GPx, true labels), or a
             :class:`~fisher_optim.penalty.Penalty` instance (kept as ``opt.penalty``). Those
@@ -477,8 +478,6 @@ def _check_layout(module: nn.Module, params: list[Tensor], mode: str, penalty: P
     """Whether ``module`` is FSDP2-sharded; refuse what its sharded passes cannot do, and
     parameters the finite difference cannot resolve."""
     sharded = is_fsdp(module)
-    if mode == "exact" and sharded:
-        raise ValueError(EXACT_UNSUPPORTED)
     if penalty.wrt_inputs and sharded:
         raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
     if mode == "finite_difference":

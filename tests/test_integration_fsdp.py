@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) on CPU (gloo, two processes): the finite-difference penalty.
+"""FSDP2 (``fully_shard``) on CPU (gloo, two processes): the finite-difference and exact penalty.
 
 Each rank holds a shard of every parameter; the penalty gradient is taken from two sharded
 backwards (:mod:`fisher_optim._fsdp`), so it is the penalty of the *global* batch, and the
@@ -88,10 +88,10 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _optimizer(model: nn.Module, **kwargs: Any) -> FisherPenaltySGD:
-    return FisherPenaltySGD(
-        model, lr=LR, alpha=ALPHA, every=EVERY, seed=SEED, mode="finite_difference", **kwargs
-    )
+def _optimizer(
+    model: nn.Module, mode: str = "finite_difference", **kwargs: Any
+) -> FisherPenaltySGD:
+    return FisherPenaltySGD(model, lr=LR, alpha=ALPHA, every=EVERY, seed=SEED, mode=mode, **kwargs)
 
 
 def _resume(rank: int) -> dict[str, Any]:
@@ -182,10 +182,14 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
         "refreshes": head_opt.refreshes,
         "grad_dtype": type(head_opt._cache[0]).__name__,
     }
-    try:
-        FisherPenaltySGD(_sharded(), lr=LR, alpha=ALPHA, mode="exact")
-    except ValueError as e:
-        results["exact_error"] = str(e)
+    exact = _sharded()
+    exact_opt = _optimizer(exact, mode="exact")
+    _train(exact, exact_opt, rank, range(STEPS))
+    results["exact"] = {
+        "params": _full(exact),
+        "refreshes": exact_opt.refreshes,
+        "grad_dtype": type(exact_opt._cache[0]).__name__,
+    }
     try:
         _optimizer(_sharded(), penalty="input_gradient")
     except ValueError as e:
@@ -308,10 +312,16 @@ def test_lora_on_fsdp2_penalises_only_the_adapters(ranks: list[dict]) -> None:
             assert torch.equal(p, p0) == (not p0.requires_grad)
 
 
-def test_exact_mode_raises_naming_the_finite_difference(ranks: list[dict]) -> None:
+def test_exact_mode_equals_brute_force_and_the_finite_difference(ranks: list[dict]) -> None:
+    """mode="exact" on the gathered parameters: the 2-rank update equals the brute-force
+    one-process update to 1e-6, and the sharded finite-difference update to 1e-4."""
+    expected = _reference()
     for rank in ranks:
-        assert "mode='finite_difference'" in rank["exact_error"]
-        assert "FSDP2" in rank["exact_error"]
+        got = rank["exact"]["params"]
+        assert rank["exact"]["refreshes"] == STEPS // EVERY
+        assert rank["exact"]["grad_dtype"] == "DTensor"
+        assert _relative(got, expected, _model()) < 1e-6
+        assert _relative(got, rank["fd"]["params"], _model()) < 1e-4
 
 
 def test_input_gradient_penalty_and_fisher_noise_are_refused(ranks: list[dict]) -> None:
