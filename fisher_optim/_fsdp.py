@@ -31,11 +31,13 @@ except ImportError:  # torch without FSDP2 / DTensor
     FSDPModule = DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 EXACT_UNSUPPORTED = (
-    "mode='exact' (double backprop) does not pass FSDP2's all-gather/reduce-scatter hooks: "
-    "the sharded parameters are not in the graph of the gradient, so their penalty gradient "
-    "would be missing. Use mode='finite_difference', which takes two or three sharded "
-    "backwards"
+    "mode='exact' (double backprop) is not supported on an FSDP2-sharded model: its "
+    "all-gather/reduce-scatter hooks keep the sharded parameters out of the graph of the "
+    "gradient, so their penalty gradient would be missing. Use mode='finite_difference' "
+    "(two sharded backwards, or three with fd_scheme='central'; same objective, the "
+    "global batch's), or mode='exact' with DistributedDataParallel instead of fully_shard"
 )
+
 
 INPUT_GRADIENT_UNSUPPORTED = (
     "penalty='input_gradient' is not supported on an FSDP2-sharded model (the input gradient "
