@@ -9,8 +9,9 @@ the graph, which holds the unsharded copies), so ``mode="exact"`` runs on gather
 instead: each parameter's ``full_tensor()``, the model called on them with FSDP2's forward
 hooks off (:class:`GatheredForward`), ``2 H̄ ḡ`` of the global batch as under DDP, and each
 rank keeps its shard; the full parameters are held on every rank during a refresh. The
-finite difference (:mod:`fisher_optim.differentiation`) runs unchanged on :class:`ShardedPasses`: each gradient is taken by ``backward()`` into the
-sharded ``.grad`` (the training gradient is set aside and put back), the shift ``θ + r v`` is
+finite difference (:mod:`fisher_optim.differentiation`) runs unchanged on
+:class:`ShardedPasses`: each gradient is taken by ``backward()`` into the sharded
+``.grad`` (the training gradient is set aside and put back), the shift ``θ + r v`` is
 applied to each rank's own shard, and the norms ``||g||``, ``||θ||`` are summed over the
 ranks with one all-reduce, so every rank computes the same ``∇P`` of the global batch —
 the penalty an unsharded model would get on the whole batch. HSDP (``fully_shard`` over a
