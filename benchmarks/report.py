@@ -15,9 +15,9 @@ epoch whose training accuracy is more than 10 points below the previous epoch's,
   against epochs for the first seed of each arm (the paper's Fig. 1 style).
 
 Arms are named ``method/lr<η>/a<α>`` plus ``/guard<F>`` for the spike safeguard of a
-penalised method, ``/e<epochs>`` when the arms' schedules differ and ``/bs<B>`` when their
-batch sizes differ (Wen et al.'s SB and LB), e.g. ``fp/lr0.001/a0.01/guard4``,
-``noise_diag/lr0.1/a0/bs512``.
+penalised method, ``/e<epochs>`` when the arms' schedules differ, ``/bs<B>`` when their
+batch sizes differ (Wen et al.'s SB and LB) and ``/gbn<G>`` (``/gbn0``: none) when their Ghost
+BatchNorm differs, e.g. ``fp/lr0.001/a0.01/guard4``, ``noise_diag/lr0.1/a0/bs512/gbn32``.
 
     python benchmarks/report.py runs/c16L --pair fp/lr0.001/a0.01/guard4 baseline/lr0.001/a0
 """
@@ -88,8 +88,14 @@ def _arm_key(spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in spec.items() if k not in drop}, sort_keys=True)
 
 
-def arm_label(spec: dict[str, Any], with_epochs: bool = False, with_batch: bool = False) -> str:
-    """``method/lr<η>/a<α>[/guard<F>][/e<epochs>][/bs<B>]`` (see the module docstring)."""
+def arm_label(
+    spec: dict[str, Any],
+    with_epochs: bool = False,
+    with_batch: bool = False,
+    with_ghost: bool = False,
+) -> str:
+    """``method/lr<η>/a<α>[/guard<F>][/e<epochs>][/bs<B>][/gbn<G>]`` (see the module
+    docstring)."""
     label = f"{spec['method']}/lr{spec['lr']:g}/a{spec['alpha']:g}"
     if spec.get("spike_factor") is not None and PENALTY_OF_METHOD.get(spec["method"]):
         label += f"/guard{spec['spike_factor']:g}" + ("e" if spec.get("guard_early") else "")
@@ -97,7 +103,15 @@ def arm_label(spec: dict[str, Any], with_epochs: bool = False, with_batch: bool 
         label += f"/e{spec['epochs']}"
     if with_batch:
         label += f"/bs{spec['batch_size']}"
+    if with_ghost:
+        label += f"/gbn{_ghost(spec)}"
     return label
+
+
+def _ghost(spec: dict[str, Any]) -> int:
+    """The run's Ghost BatchNorm virtual batch (0: none, also when it is the whole batch)."""
+    ghost = spec.get("ghost_batch_size") or 0
+    return ghost if 0 < ghost < spec.get("batch_size", ghost + 1) else 0
 
 
 def group_arms(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -111,9 +125,10 @@ def group_arms(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
         by_key.setdefault(_arm_key(r["spec"]), []).append(r)
     with_epochs = len({r["spec"]["epochs"] for r in runs}) > 1
     with_batch = len({r["spec"].get("batch_size") for r in runs}) > 1
+    with_ghost = len({_ghost(r["spec"]) for r in runs}) > 1
     arms: dict[str, list[dict[str, Any]]] = {}
     for members in by_key.values():
-        label = arm_label(members[0]["spec"], with_epochs, with_batch)
+        label = arm_label(members[0]["spec"], with_epochs, with_batch, with_ghost)
         if label in arms:
             raise ValueError(
                 f"two arms are both labelled {label!r}: their specs differ in "
