@@ -63,13 +63,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.arg_types import (  # noqa: E402
-    HelpFormatter,
-    momentum,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
 from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
 from benchmarks.common.data import (  # noqa: E402
     DATASETS,
@@ -82,10 +75,19 @@ from benchmarks.common.data import (  # noqa: E402
 )
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
-from benchmarks.common.options import add_options, option, tagged  # noqa: E402
 from benchmarks.common.plots import save_figure  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402  # noqa: E402
+    HelpFormatter,
+    add_options,
+    momentum,
+    nonnegative_int,
+    option,
+    positive_float,
+    positive_int,
+    tagged,
+)
 from fisher_optim.curvature import hessian_eigenvalues  # noqa: E402
 
 QUANTITIES = ("trace_F", "trace_K", "lambda_K", "lambda_H", "lambda_H_eta_over_2")

@@ -42,11 +42,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.options import add_options, option, parser  # noqa: E402
 from benchmarks.common.runner import DeviceOptions  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
+    add_options,
+    option,
+    parser,
+    positive_int,  # noqa: E402
+)
 
 MODEL_NAMES = tuple(sorted(MODELS))
 # imported after the repository root is on sys.path

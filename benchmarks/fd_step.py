@@ -41,12 +41,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
+    option,
+    parser,
+    positive_int,  # noqa: E402
+)
 from fisher_optim.differentiation import (  # noqa: E402
     DEFAULT_FD_STEP,
     exact_penalty_gradient,

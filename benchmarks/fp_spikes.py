@@ -38,10 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.arg_types import nonnegative_int, positive_int  # noqa: E402
 from benchmarks.common.config import SIMPLECNN_CIFAR10, Setting  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.runner import read_jsonl  # noqa: E402
+from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402  # noqa: E402
 
 FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
 #: ``--schedule``'s default batch size, refresh interval and epochs: SimpleCNN's setting.

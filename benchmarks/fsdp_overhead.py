@@ -42,13 +42,13 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.options import add_options, option, parser  # noqa: E402
 from benchmarks.common.runner import RunningOptions  # noqa: E402
 from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
+from fisher_optim.cli import add_options, option, parser  # noqa: E402
 from fisher_optim.differentiation import (  # noqa: E402
     exact_penalty_gradient,
     finite_difference_penalty_gradient,

@@ -66,14 +66,13 @@ if str(ROOT) not in sys.path:
 from benchmarks import curvature_speed, overhead  # noqa: E402
 from benchmarks.cifar10_simplecnn import CONFIG as SIMPLECNN  # noqa: E402
 from benchmarks.common import harness  # noqa: E402
-from benchmarks.common.arg_types import nonnegative_int, positive_float  # noqa: E402
 from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
 from benchmarks.common.data import ImageDataset, MissingData  # noqa: E402
 from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
-from benchmarks.common.options import add_options, option, parser  # noqa: E402
 from benchmarks.common.runner import RUNNING, DeviceOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
+from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
 #: Share of the budget each part may use (what it leaves passes on; table1 takes the rest).

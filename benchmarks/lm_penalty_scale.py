@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.arg_types import integer, positive_int  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
+from fisher_optim.cli import integer, option, parser, positive_int  # noqa: E402  # noqa: E402
 
 
 @dataclass

@@ -42,19 +42,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.arg_types import (  # noqa: E402
+from benchmarks.common.config import RunSpec  # noqa: E402
+from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
+from fisher_optim import MODES  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402  # noqa: E402
     HelpFormatter,
+    add_options,
     integer,
     nonnegative_float,
     nonnegative_int,
+    option,
     positive_float,
     positive_int,
     real,
+    tagged,
 )
-from benchmarks.common.config import RunSpec  # noqa: E402
-from benchmarks.common.options import add_options, option, tagged  # noqa: E402
-from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
-from fisher_optim import MODES  # noqa: E402
 
 NAME = "lm_stdlib"
 METHODS = ("baseline", "fp")

@@ -26,13 +26,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import harness  # noqa: E402
-from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.config import RunSpec  # noqa: E402
 from benchmarks.common.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataset  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.options import add_options, option, parser  # noqa: E402
 from benchmarks.common.runner import DeviceOptions, RunningOptions  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
+    add_options,
+    option,
+    parser,
+    positive_int,  # noqa: E402
+)
 
 
 @dataclass

@@ -31,14 +31,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.arg_types import positive_int  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.common.runner import DeviceOptions, RunningOptions  # noqa: E402
 from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
+    option,
+    parser,
+    positive_int,  # noqa: E402
+)
 
 #: name -> FisherPenaltySGD keyword arguments (None: plain SGD).
 VARIANTS: dict[str, dict | None] = {

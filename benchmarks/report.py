@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import mean_std  # noqa: E402
 from benchmarks.common.config import PENALTY_OF_METHOD  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
 from benchmarks.fp_spikes import collapses, read_jsonl  # noqa: E402
+from fisher_optim.cli import option, parser  # noqa: E402
 
 #: (summary key, column head, format of the value) of the per-arm table.
 COLUMNS = (

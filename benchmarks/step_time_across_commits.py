@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common.arg_types import nonnegative_int, positive_int  # noqa: E402
-from benchmarks.common.options import option, parser  # noqa: E402
+from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402  # noqa: E402
 
 #: variant -> the optimizer it builds (``model`` in scope), at the API both checkouts share.
 VARIANTS = {

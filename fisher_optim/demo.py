@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisher_optim._cli import (
-    HelpFormatter,
+from fisher_optim.cli import (
+    from_args,
     integer,
     momentum,
     open_fraction,
+    option,
+    parser,
     positive_float,
     positive_int,
 )
@@ -92,7 +94,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def train(
-    name: str, data: Split, probe: Tensor, args: argparse.Namespace, *, lr: float, alpha: float
+    name: str, data: Split, probe: Tensor, args: DemoOptions, *, lr: float, alpha: float
 ) -> Result:
     """Train one model; measure Tr(F) on ``probe`` after every epoch."""
     from fisher_optim import curvature  # imported here so that ``--help`` stays light
@@ -143,79 +145,66 @@ def train(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The demo's command line; every value is checked here (an invalid one is an argparse
-    error, never a traceback or a run that silently does something else)."""
-    p = argparse.ArgumentParser(
-        prog="python -m fisher_optim.demo",
-        description="Plain SGD vs FisherPenaltySGD on sklearn's digits; prints accuracy and Tr(F).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "--lr",
+@dataclass
+class DemoOptions:
+    """The demo's command line: every value is checked by its type (an invalid one is an
+    argparse error, never a traceback or a run that silently does something else)."""
+
+    lr: float = option(
+        0.01,
+        "the small learning rate, shared by the small-LR SGD run and the FP runs",
         type=positive_float,
-        default=0.01,
-        help="the small learning rate, shared by the small-LR SGD run and the FP runs",
     )
-    p.add_argument(
-        "--large-lr",
-        type=positive_float,
-        default=0.05,
-        help="learning rate of the reference SGD run",
+    large_lr: float = option(0.05, "learning rate of the reference SGD run", type=positive_float)
+    alpha: list[float] = option(
+        [0.1, 0.3], "Fisher penalty weights α > 0, one FP run each", type=positive_float, nargs="+"
     )
-    p.add_argument(
-        "--alpha",
-        type=positive_float,
-        nargs="+",
-        default=[0.1, 0.3],
-        help="Fisher penalty weights α > 0, one FP run each",
-    )
-    p.add_argument(
-        "--every",
+    every: int = option(
+        1,
+        "penalty refresh period in steps (1: cheap for this small MLP; the paper uses 10 on "
+        "CIFAR, where a stale penalty gradient with α ≥ 0.3 can diverge here)",
         type=positive_int,
         metavar="N",
-        default=1,
-        help="penalty refresh period in steps (1: cheap for this small MLP; the "
-        "paper uses 10 on CIFAR, where a stale penalty gradient with α ≥ 0.3 can "
-        "diverge here)",
     )
-    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs of each run")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="mini-batch size")
-    p.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum, in [0, 1)")
-    p.add_argument("--width", type=positive_int, default=128, help="hidden units per layer")
-    p.add_argument(
-        "--probe",
+    epochs: int = option(30, "training epochs of each run", type=positive_int)
+    batch_size: int = option(32, "mini-batch size", type=positive_int)
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)", type=momentum)
+    width: int = option(128, "hidden units per layer", type=positive_int)
+    probe: int = option(
+        256,
+        "Tr(F) is measured on the first N training examples (all of them when N exceeds the "
+        "training set)",
         type=positive_int,
         metavar="N",
-        default=256,
-        help="Tr(F) is measured on the first N training examples (all of them "
-        "when N exceeds the training set)",
     )
-    p.add_argument(
-        "--test-fraction",
-        type=open_fraction,
-        default=0.3,
-        help="fraction of the 1,797 digits held out for testing, in (0, 1)",
+    test_fraction: float = option(
+        0.3, "fraction of the 1,797 digits held out for testing, in (0, 1)", type=open_fraction
     )
-    p.add_argument(
-        "--seed",
+    seed: int = option(
+        0,
+        "seed of the initialisation, the mini-batch order and the split",
         type=integer(0, 2**32 - 1),
-        default=0,
-        help="seed of the initialisation, the mini-batch order and the split",
     )
-    p.add_argument("--threads", type=positive_int, metavar="N", default=1, help="torch CPU threads")
-    p.add_argument(
-        "--print-every",
+    threads: int = option(1, "torch CPU threads", type=positive_int, metavar="N")
+    print_every: int = option(
+        5,
+        "print progress every N epochs (and after the first and last)",
         type=positive_int,
         metavar="N",
-        default=5,
-        help="print progress every N epochs (and after the first and last)",
     )
-    return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line: the fields of :class:`DemoOptions`."""
+    return parser(
+        "python -m fisher_optim.demo",
+        "Plain SGD vs FisherPenaltySGD on sklearn's digits; prints accuracy and Tr(F).",
+        DemoOptions,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> DemoOptions:
+    return from_args(DemoOptions, build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

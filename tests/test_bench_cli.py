@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 cli = importlib.import_module("benchmarks.common.cli")
 
 #: Scripts being written or rewritten by others at the time of writing (issue 13): each joins
-#: the checks once its parser uses benchmarks.common.arg_types' types and HelpFormatter and is
+#: the checks once its parser uses fisher_optim.cli' types and HelpFormatter and is
 #: exposed as ``build_parser()``. A new script not listed here is checked at once.
 PENDING: set[str] = set()
 SCRIPTS = sorted(
@@ -73,9 +73,7 @@ def test_defaults_parse_and_every_number_has_a_range(name, capsys):
     for action in parser._actions:
         option = action.option_strings[0] if action.option_strings else action.dest
         # plain int/float accept -1 and nan: a number option states its range by its type
-        assert action.type not in (int, float), (
-            f"{name} {option}: use a benchmarks.common.arg_types type"
-        )
+        assert action.type not in (int, float), f"{name} {option}: use a fisher_optim.cli type"
         if action.option_strings and (
             callable(action.type) and action.type not in (str, Path) or action.choices
         ):
@@ -210,7 +208,7 @@ def _other_value(action: argparse.Action) -> list[str]:
 
 def test_every_run_spec_option_reaches_the_runs():
     """An option is one RunSpec field: given on the command line, its value is the runs'."""
-    options = importlib.import_module("benchmarks.common.options")
+    options = importlib.import_module("fisher_optim.cli")
     config = importlib.import_module("benchmarks.common.config")
     cfg = _script("cifar10_simplecnn").CONFIG
     parser = cli.build_parser(cfg)
@@ -228,7 +226,7 @@ def test_a_setting_is_declared_once_by_the_options_and_the_run_spec():
     """A setting's fields are RunSpec's fields and the sweep's options, with their declared
     defaults (no copy to drift); a script's value of one is the default of its option; a
     name that is neither is a TypeError."""
-    options = importlib.import_module("benchmarks.common.options")
+    options = importlib.import_module("fisher_optim.cli")
     config = importlib.import_module("benchmarks.common.config")
     setting = {f.name for f in dataclasses.fields(config.Setting)}
     run_fields = {f.name for f in dataclasses.fields(config.RunSpec)} - set(config.PER_RUN)

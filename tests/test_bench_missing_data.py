@@ -112,18 +112,15 @@ def test_download_verifies_the_checksum_and_shows_progress(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
-#: Scripts still declaring options by hand (none but this one, whose measurements are
-#: being changed at the same time).
-PENDING = {"fd_step.py"}
-
-
 def test_every_option_is_declared_once_as_a_dataclass_field():
-    """``add_argument`` appears only in benchmarks/common/options.py."""
+    """``add_argument`` appears only in fisher_optim/cli.py (the benchmarks' and the demo's
+    options are dataclass fields)."""
     files = [
         p
-        for p in (ROOT / "benchmarks").rglob("*.py")
-        if p.name != "options.py" and p.name not in PENDING
+        for folder in ("benchmarks", "fisher_optim")
+        for p in (ROOT / folder).rglob("*.py")
+        if p != ROOT / "fisher_optim" / "cli.py"
     ]
-    assert len(files) > 20
+    assert len(files) > 40
     offenders = [str(p.relative_to(ROOT)) for p in files if "add_argument" in p.read_text()]
     assert offenders == []

@@ -1,14 +1,11 @@
 """benchmarks/common/runner.py: one run's folder and life cycle (skip-if-finished, resume,
-time limit, divergence, atomic writes) on a toy counting run, and benchmarks/common/options.py
-(an option is one dataclass field)."""
+time limit, divergence, atomic writes) on a toy counting run."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 runner = importlib.import_module("benchmarks.common.runner")
-options = importlib.import_module("benchmarks.common.options")
 
 
 class Count:
@@ -132,24 +128,3 @@ def test_a_packed_sweep_trains_in_processes_as_one_would(tmp_path):
     assert not complete and [r["status"] for r in late] == ["interrupted", "interrupted"]
     with pytest.raises(TypeError, match="Jobs"):
         runner.sweep([lambda d: {}, lambda d: {}], pack=2)
-
-
-@dataclass
-class Opts:
-    steps: int = options.option(10, "optimizer steps", type=int, group="run", tags=("run",))
-    names: list[str] = options.option(["a"], "names", nargs="+", tags=("run",))
-    limit: float | None = options.option(None, "a limit", unset="none", type=float, flag="--cap")
-    other: int = 3
-
-
-def test_options_are_dataclass_fields():
-    parser = argparse.ArgumentParser()
-    options.add_options(parser, Opts, defaults={"steps": 20})
-    assert [f.name for f in options.option_fields(Opts)] == ["steps", "names", "limit"]
-    assert options.tagged(Opts, "run") == ["steps", "names"]
-    assert options.from_args(Opts, parser.parse_args([])) == Opts(steps=20)
-    args = parser.parse_args(["--steps", "3", "--names", "x", "y", "--cap", "0.5"])
-    assert options.from_args(Opts, args, other=4) == Opts(3, ["x", "y"], 0.5, 4)
-    helps = {a.dest: a.help for a in parser._actions}
-    assert helps["limit"] == "a limit (default: none)" and helps["steps"] == "optimizer steps"
-    assert Opts().names is not Opts().names  # a list default is copied per instance

@@ -52,8 +52,8 @@ from benchmarks.common.config import (
     scale_milestones,
 )
 from benchmarks.common.data import MissingData
-from benchmarks.common.options import from_args, option_fields, parser, tagged
 from benchmarks.common.runner import FINISHED
+from fisher_optim.cli import from_args, option_fields, parser, tagged
 
 __all__ = [
     "CLI_DEFAULTS",
@@ -72,7 +72,7 @@ def build_parser(cfg: ExperimentConfig) -> argparse.ArgumentParser:
     :class:`SweepOptions`, :class:`~benchmarks.common.config.RunSpec` and
     :class:`~benchmarks.common.runner.RunningOptions`.
 
-    ``--help`` shows each option's default once (:class:`benchmarks.common.arg_types.HelpFormatter`);
+    ``--help`` shows each option's default once (:class:`fisher_optim.cli.HelpFormatter`);
     every value is range-checked here, so a bad one is an argparse error naming the option.
     """
     classes = (SweepOptions, RunSpec, runner.DeviceOptions, runner.RunningOptions)

@@ -39,17 +39,18 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclas
 from typing import Any
 
 from benchmarks.common import runner
-from benchmarks.common.arg_types import (
+from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
+from benchmarks.common.models import INITS, MODELS
+from fisher_optim import MODES
+from fisher_optim.cli import (
     fraction,
     nonnegative_float,
     nonnegative_int,
+    option,
+    option_fields,
     positive_float,
     positive_int,
 )
-from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
-from benchmarks.common.models import INITS, MODELS
-from benchmarks.common.options import option, option_fields
-from fisher_optim import MODES
 from fisher_optim.curvature import LABEL_MODES
 
 #: Training methods: name -> FisherPenaltySGD ``penalty`` (None: plain SGD).
@@ -138,7 +139,7 @@ def spike_factor_value(text: str) -> float | None:
 class RunSpec:
     """Everything that defines one training run (saved in its ``config.json``).
 
-    The fields made by :func:`~benchmarks.common.options.option` are also the command
+    The fields made by :func:`~fisher_optim.cli.option` are also the command
     line's options (:mod:`benchmarks.common.cli`; an experiment's ``ExperimentConfig``
     field of the same name gives the default of its script)."""
 

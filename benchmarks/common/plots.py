@@ -25,8 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from benchmarks.common.options import option, parser
 from benchmarks.common.runner import read_jsonl
+from fisher_optim.cli import option, parser
 
 __all__ = ["label_runs", "load_metrics", "main", "plot_runs", "plot_trace_scatter", "save_figure"]
 

@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks.common.arg_types import positive_float, positive_int
-from benchmarks.common.options import option
+from fisher_optim.cli import option, positive_float, positive_int
 
 __all__ = [
     "COMPLETE",

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common.arg_types import nonnegative_int, positive_int
-from benchmarks.common.options import option
+from fisher_optim.cli import nonnegative_int, option, positive_int
 
 __all__ = ["TimingOptions", "interleaved_medians"]
 

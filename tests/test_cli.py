@@ -1,21 +1,17 @@
-"""benchmarks/common/arg_types.py, and the demo's copy of its types (fisher_optim/_cli.py):
-argument types that refuse bad values, and --help with one default."""
+"""fisher_optim/cli.py: argument types that refuse bad values, --help with one default, and
+options declared once as dataclass fields."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.common import arg_types
-from fisher_optim import _cli
+from fisher_optim import cli
 
 from .cli_utils import assert_help_complete, assert_rejected, option_helps
-
-#: Both modules: the demo's holds the types it uses, each the same as the benchmarks'.
-BOTH = pytest.mark.parametrize("cli", [arg_types, _cli], ids=["benchmarks", "demo"])
-
 
 # --------------------------------------------------------------------------------------
 # the argument types
@@ -34,11 +30,7 @@ BOTH = pytest.mark.parametrize("cli", [arg_types, _cli], ids=["benchmarks", "dem
         ("momentum", ["0", "0.9", "0.999"], ["1", "-0.1", "1.5"]),
     ],
 )
-@BOTH
-def test_types_accept_the_range_and_refuse_the_rest(cli, kind, good, bad):
-    if not hasattr(cli, kind):
-        assert cli is _cli
-        pytest.skip(f"the demo uses no {kind}")
+def test_types_accept_the_range_and_refuse_the_rest(kind, good, bad):
     kind = getattr(cli, kind)
     for text in good:
         assert kind(text) == (float(text) if "." in text or "e" in text else int(text))
@@ -47,8 +39,7 @@ def test_types_accept_the_range_and_refuse_the_rest(cli, kind, good, bad):
             kind(text)
 
 
-@BOTH
-def test_bounds_and_messages(cli):
+def test_bounds_and_messages():
     integer, real = cli.integer, cli.real
     assert integer(2, 4)("4") == 4
     with pytest.raises(argparse.ArgumentTypeError, match=r"an integer in \[2, 4\], got '5'"):
@@ -63,8 +54,7 @@ def test_bounds_and_messages(cli):
     assert math.isclose(real(0, 1, low_open=True)("1"), 1.0)
 
 
-@BOTH
-def test_parser_error_names_the_option(cli, capsys):
+def test_parser_error_names_the_option(capsys):
     p = argparse.ArgumentParser(prog="x")
     p.add_argument("--epochs", type=cli.positive_int, default=3)
     err = assert_rejected(p, ["--epochs", "0"], "--epochs", capsys)
@@ -76,7 +66,7 @@ def test_parser_error_names_the_option(cli, capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _parser(cli) -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
     p.add_argument("--lr", type=float, default=0.1, help="learning rate")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="batch sizes")
@@ -89,9 +79,8 @@ def _parser(cli) -> argparse.ArgumentParser:
     return p
 
 
-@BOTH
-def test_help_states_each_default_once(cli):
-    p = _parser(cli)
+def test_help_states_each_default_once():
+    p = _parser()
     helps = {k: v for k, (_, v) in option_helps(p).items()}
     assert helps["--lr"] == "learning rate (default: 0.1)"
     assert helps["--sizes"] == "batch sizes (default: 1 2)"
@@ -107,7 +96,33 @@ def test_assert_help_complete_catches_the_old_double_default():
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: a b)")
     with pytest.raises(AssertionError):
         assert_help_complete(p)
-    q = argparse.ArgumentParser(prog="x", formatter_class=arg_types.HelpFormatter)
+    q = argparse.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
     q.add_argument("--batch-size", type=int, default=128)  # no help
     with pytest.raises(AssertionError, match="no help"):
         assert_help_complete(q)
+
+
+# --------------------------------------------------------------------------------------
+# options declared once
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Opts:
+    steps: int = cli.option(10, "optimizer steps", type=int, group="run", tags=("run",))
+    names: list[str] = cli.option(["a"], "names", nargs="+", tags=("run",))
+    limit: float | None = cli.option(None, "a limit", unset="none", type=float, flag="--cap")
+    other: int = 3
+
+
+def test_options_are_dataclass_fields():
+    parser = argparse.ArgumentParser()
+    cli.add_options(parser, Opts, defaults={"steps": 20})
+    assert [f.name for f in cli.option_fields(Opts)] == ["steps", "names", "limit"]
+    assert cli.tagged(Opts, "run") == ["steps", "names"]
+    assert cli.from_args(Opts, parser.parse_args([])) == Opts(steps=20)
+    args = parser.parse_args(["--steps", "3", "--names", "x", "y", "--cap", "0.5"])
+    assert cli.from_args(Opts, args, other=4) == Opts(3, ["x", "y"], 0.5, 4)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["limit"] == "a limit (default: none)" and helps["steps"] == "optimizer steps"
+    assert Opts().names is not Opts().names  # a list default is copied per instance
