@@ -72,7 +72,7 @@ from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.runner import RUNNING, DeviceOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
-from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402  # noqa: E402
+from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
 #: Share of the budget each part may use (what it leaves passes on; table1 takes the rest).

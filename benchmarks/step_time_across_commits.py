@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402  # noqa: E402
+from benchmarks.common.config import add_shared_options  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED  # noqa: E402
+from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402
 
 #: variant -> the optimizer it builds (``model`` in scope), at the API both checkouts share.
 VARIANTS = {
@@ -100,7 +102,21 @@ class StepTimeOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser("step_time_across_commits.py", __doc__.split("\n\n")[0], StepTimeOptions)
+    p = parser("step_time_across_commits.py", __doc__.split("\n\n")[0], StepTimeOptions)
+    add_shared_options(p, refused=REFUSED, defaults={"device": "cpu"})
+    return p
+
+
+#: The shared options this script declares but does not take, and why.
+REFUSED = {
+    "device": "it times the CPU step of two checkouts, each in fresh one-thread processes",
+    **dict.fromkeys(
+        ("compile", "amp"),
+        "it times the optimizers' eager float32 step through the API both checkouts share; "
+        "--compile and --amp are not part of that API",
+    ),
+    "pack": PACK_REFUSED,
+}
 
 
 def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
