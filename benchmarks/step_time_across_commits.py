@@ -6,8 +6,10 @@ difference, refreshed at every step) once with the ``fisher_optim`` of ``--basel
 folder holding another checkout of this repository) and once with this checkout's. Each
 measurement is a fresh process (one thread, the process's CPU time over ``--steps`` steps
 after ``--warmup`` untimed ones); the two checkouts alternate within each of ``--repeats``
-rounds, their order flipped every round, and the median of each is reported with the ratio
-this checkout / baseline (below 1: faster now).
+rounds, their order flipped every round. Reported: the median of each, and the median (and
+range) of the rounds' ratios this checkout / baseline (below 1: faster now), each ratio taken
+between two processes that ran back to back, so that a load that changes during the run
+cancels in it.
 
     git worktree add BASELINE 5fb4978
     python benchmarks/step_time_across_commits.py --baseline BASELINE --repeats 5 --steps 20
@@ -153,12 +155,16 @@ def main(argv: list[str] | None = None) -> int:
                 samples[v, c].append(time_once(checkouts[c], v, args))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     lines = [
-        "| variant | baseline ms/step | this ms/step | this / baseline |",
-        "|---|---|---|---|",
+        "| variant | baseline ms/step | this ms/step | this / baseline | rounds' range |",
+        "|---|---|---|---|---|",
     ]
     for v in args.variants:
         base, this = (statistics.median(samples[v, c]) for c in checkouts)
-        lines.append(f"| {v} | {base * 1e3:.1f} | {this * 1e3:.1f} | {this / base:.3f} |")
+        ratios = [t / b for b, t in zip(samples[v, "baseline"], samples[v, "this"])]
+        lines.append(
+            f"| {v} | {base * 1e3:.1f} | {this * 1e3:.1f} | {statistics.median(ratios):.3f} "
+            f"| {min(ratios):.3f} – {max(ratios):.3f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.output is not None:
