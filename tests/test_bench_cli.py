@@ -195,16 +195,11 @@ def test_overhead_and_curvature_speed_refuse_bad_values(capsys):
 
 #: ``--device``, ``--compile``, ``--amp`` and ``--pack``, which every script takes.
 SHARED = ("device", "compile", "amp", "pack")
-#: Scripts not yet declaring all of them: the GPU campaign takes no ``--amp`` (its runs are
-#: the float32 table runs).
-SHARED_PENDING = {"gpu_campaign"}
-
-
 #: The arguments a script requires.
 REQUIRED = {"step_time_across_commits": ["--baseline", "."], "report": ["runs"]}
 
 
-@pytest.mark.parametrize("name", [n for n in SCRIPTS if n not in SHARED_PENDING])
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_takes_the_shared_options(name, capsys):
     """Each is declared once (``runner.DeviceOptions``, ``RunSpec.amp``). One a script cannot
     honour keeps its flag and default (which parses), says so in ``--help``, and refuses any
