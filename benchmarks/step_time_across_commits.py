@@ -73,7 +73,11 @@ start = time.process_time()
 for _ in range(steps):
     step()
 seconds = (time.process_time() - start) / steps
-print(json.dumps({"seconds": seconds, "fisher_optim": fisher_optim.__file__}))
+with torch.profiler.profile(with_flops=True) as prof:  # the work of one step, untimed
+    step()
+events = [e for e in prof.events() if e.name.startswith("aten::")]
+work = {"gflop": sum(e.flops or 0 for e in events) / 1e9, "aten_calls": len(events)}
+print(json.dumps({"seconds": seconds, **work, "fisher_optim": fisher_optim.__file__}))
 """
 
 
@@ -121,8 +125,9 @@ REFUSED = {
 }
 
 
-def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
-    """Seconds per step of ``variant`` in a fresh process importing ``checkout``'s package."""
+def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step of ``variant`` in a fresh process importing ``checkout``'s package,
+    and the work of one step (``gflop``, ``aten_calls``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     models = ROOT / "benchmarks" / "common" / "models.py"
     argv = [variant, args.steps, args.warmup, args.batch_size, VARIANTS[variant], models]
@@ -139,7 +144,7 @@ def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
     imported = Path(result["fisher_optim"]).resolve()
     if not imported.is_relative_to(checkout.resolve()):
         raise RuntimeError(f"the worker imported {imported}, not the package of {checkout}")
-    return result["seconds"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.baseline / "fisher_optim" / "__init__.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no fisher_optim/ package in it")
     checkouts = {"baseline": args.baseline, "this": ROOT}
-    samples = {(v, c): [] for v in args.variants for c in checkouts}
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {
+        (v, c): [] for v in args.variants for c in checkouts
+    }
     for r in range(args.repeats):
         for v in args.variants:
             order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
@@ -155,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
                 samples[v, c].append(time_once(checkouts[c], v, args))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     lines = [
-        "| variant | baseline ms/step | this ms/step | this / baseline | rounds' range |",
-        "|---|---|---|---|---|",
+        "| variant | baseline ms/step | this ms/step | this / baseline | rounds' range "
+        "| GFLOP/step, baseline / this | ATen calls/step, baseline / this |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
-        base, this = (statistics.median(samples[v, c]) for c in checkouts)
-        ratios = [t / b for b, t in zip(samples[v, "baseline"], samples[v, "this"])]
+        base, this = (samples[v, c] for c in checkouts)
+        ms = [statistics.median(r["seconds"] for r in runs) * 1e3 for runs in (base, this)]
+        ratios = [t["seconds"] / b["seconds"] for b, t in zip(base, this)]
         lines.append(
-            f"| {v} | {base * 1e3:.1f} | {this * 1e3:.1f} | {statistics.median(ratios):.3f} "
-            f"| {min(ratios):.3f} – {max(ratios):.3f} |"
+            f"| {v} | {ms[0]:.1f} | {ms[1]:.1f} | {statistics.median(ratios):.3f} "
+            f"| {min(ratios):.3f} – {max(ratios):.3f} "
+            f"| {base[0]['gflop']:.2f} / {this[0]['gflop']:.2f} "
+            f"| {base[0]['aten_calls']} / {this[0]['aten_calls']} |"
         )
     table = "\n".join(lines)
     print(table)
