@@ -752,25 +752,30 @@ class _Run:
         spec, model = self.spec, self.model
         x, y = self._batch(idx, spec.augment)
         model.train()
-        with self.precision.autocast():
-            if spec.method == "mixup":
-                lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
-                other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
-                other = other.to(x.device)
-                out = self.forward(lam * x + (1 - lam) * x[other])
-                loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
-            else:
-                out = self.forward(x)
-                loss = F.cross_entropy(out, y)
-        self.opt.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
-        if isinstance(self.opt, FisherPenaltySGD) and self.opt.penalty.needs_targets:
-            self.opt.set_targets(y)
-        if spec.noise_covariance is not None and spec.noise_fisher == "empirical":
-            self.opt.set_targets(y)
+        loss_fn = None  # cross-entropy
+        if spec.method == "mixup":
+            lam = float(self.mix_rng.beta(spec.alpha, spec.alpha))
+            other = torch.randperm(len(idx), generator=self.gen, device=self.gen.device)
+            other = other.to(x.device)
+            x = lam * x + (1 - lam) * x[other]
+
+            def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+                return lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
+
+        needs_targets = (
+            isinstance(self.opt, FisherPenaltySGD) and self.opt.penalty.needs_targets
+        ) or (spec.noise_covariance is not None and spec.noise_fisher == "empirical")
         lr = self.opt.param_groups[0]["lr"]
         refreshes = self.opt.refreshes if isinstance(self.opt, FisherPenaltySGD) else None
-        self.precision.step(self.opt)
+        out, loss = runner.train_step(
+            self.forward,
+            self.opt,
+            self.precision,
+            x,
+            y,
+            loss_fn,
+            (lambda: self.opt.set_targets(y)) if needs_targets else None,
+        )
         if refreshes is not None and self.opt.refreshes != refreshes:
             self._log_refresh()
         b = len(idx)

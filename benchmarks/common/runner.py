@@ -20,7 +20,8 @@ killed at any moment leaves either the old file or the new one.
 with ``pack=N`` (``--pack``), in N processes at once on the same device: each run is then a
 :class:`Job`, which a child process rebuilds. :data:`EXIT_INTERRUPTED` is the exit code of a
 command the time limit stopped. :class:`Precision` is ``--amp``'s autocast and gradient
-scaler, for a training step.
+scaler, and :func:`train_step` the one training step every loop takes with it
+(:func:`forward_loss`, then :func:`backward_step`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ __all__ = [
     "RunFolder",
     "RunningOptions",
     "Trainable",
+    "backward_step",
     "clock",
     "deadline_after",
     "device_name",
     "diverged",
     "execute",
+    "forward_loss",
     "load_summary",
     "past",
     "progress_bar",
@@ -70,6 +73,7 @@ __all__ = [
     "read_jsonl",
     "set_random_state",
     "sweep",
+    "train_step",
     "write_json",
     "write_jsonl",
 ]
@@ -602,3 +606,62 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+# ------------------------------------------------------------------------- training step
+def forward_loss(
+    forward: Callable[[Any], Any],
+    precision: Precision,
+    x: Any,
+    y: Any,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+) -> tuple[Any, Any]:
+    """The training forward and its loss under ``precision``'s autocast: ``out = forward(x)``
+    and ``loss_fn(out, y)`` (default: :func:`torch.nn.functional.cross_entropy`)."""
+    if loss_fn is None:
+        import torch.nn.functional as F
+
+        loss_fn = F.cross_entropy
+    with precision.autocast():
+        out = forward(x)
+        return out, loss_fn(out, y)
+
+
+def backward_step(
+    opt: Any, precision: Precision, loss: Any, before_step: Callable[[], None] | None = None
+) -> None:
+    """The update of a training step: ``opt.zero_grad(set_to_none=True)``, the backward of
+    ``loss`` (scaled with fp16), ``before_step()`` (e.g. an optimizer's ``set_targets``),
+    then ``opt.step()`` (through the scaler with fp16)."""
+    opt.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    if before_step is not None:
+        before_step()
+    precision.step(opt)
+
+
+def train_step(
+    forward: Callable[[Any], Any],
+    opt: Any,
+    precision: Precision,
+    x: Any,
+    y: Any,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    before_step: Callable[[], None] | None = None,
+) -> tuple[Any, Any]:
+    """One training step on the batch ``(x, y)``: :func:`forward_loss`, then
+    :func:`backward_step`. Returns ``(out, loss)`` (not detached); reads nothing back from
+    the device.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> before = model.weight.detach().clone()
+    >>> out, loss = train_step(model, opt, Precision(None, "cpu"), x, y)
+    >>> out.shape, bool((model.weight != before).any())
+    (torch.Size([4, 2]), True)
+    """
+    out, loss = forward_loss(forward, precision, x, y, loss_fn)
+    backward_step(opt, precision, loss, before_step)
+    return out, loss
