@@ -1,10 +1,11 @@
 """How the Fisher penalty's scale follows the sequence length (docs/guides/language-models.md).
 
-A tiny GPT-2 from a config (random weights, no download), batches of B = 4 random token
-sequences of length T = 8, 16, 32, 64 (no padding). For each T: the mean and standard error,
-over batches and label draws, of ``Tr(F_B)`` (``penalty_scale="batch"``, the paper's) and of
-``N · Tr(F_B)`` (``penalty_scale="per_row"``), with N = B · (T − 1) target rows (the last
-position of each sequence has no next token).
+The tiny GPT-2 of ``benchmarks/common/text.py`` (from a config: random weights, no
+download), batches of B = 4 random token sequences of length T = 8, 16, 32, 64 (no
+padding). For each T: the mean and standard error, over batches and label draws, of
+``Tr(F_B)`` (``penalty_scale="batch"``, the paper's) and of ``N · Tr(F_B)``
+(``penalty_scale="per_row"``), with N = B · (T − 1) target rows (the last position of each
+sequence has no next token).
 
     python benchmarks/lm_penalty_scale.py [--draws 50]
 
@@ -22,7 +23,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.runner import COMPLETE, Job, Precision, sweep  # noqa: E402
+from benchmarks.common.text import build_language_model  # noqa: E402
 from fisher_optim.cli import integer, option, parser, positive_int  # noqa: E402
 
 
@@ -65,27 +66,6 @@ REFUSED = {
 LENGTHS = (8, 16, 32, 64)
 
 
-def tiny_gpt2() -> Any:
-    """The tiny GPT-2 at its seeded random initialisation (no download)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
 def measure_length(seq: int, args: argparse.Namespace, deadline: float | None = None) -> dict:
     """The table line of sequence length ``seq``: mean and standard error of ``Tr(F_B)`` over
     ``--draws`` batches (as a :class:`~benchmarks.common.runner.Job` of a sweep returns it).
@@ -94,7 +74,8 @@ def measure_length(seq: int, args: argparse.Namespace, deadline: float | None = 
     from fisher_optim import fisher_penalty
 
     device = resolve_device(args.device)
-    model = tiny_gpt2().to(device)
+    torch.manual_seed(0)
+    model = build_language_model("tiny_gpt2").to(device)
     precision = Precision(args.amp, device)
     data = torch.Generator().manual_seed(1)
     for earlier in LENGTHS[: LENGTHS.index(seq)]:

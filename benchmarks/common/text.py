@@ -15,7 +15,10 @@ version, so :class:`TextCorpus` records the version, the file names and a SHA-25
   self-attention (written out, so that it is twice differentiable on every backend) and a GELU
   MLP, a final LayerNorm and a linear head; it maps ``[B, T]`` bytes to ``[B, T, 256]`` logits.
   Every parameter lives in a ``Linear``, ``Embedding`` or ``LayerNorm``, so per-example
-  gradients (Tr(F)) need no ``vmap``.
+  gradients (Tr(F)) need no ``vmap``;
+* :data:`LANGUAGE_MODELS` / :func:`build_language_model`: the language models the scripts
+  build by name (the byte transformer at its default size, a tiny Hugging Face GPT-2 from a
+  config); :func:`token_cross_entropy` is the next-token loss over every position.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import hashlib
 import math
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LANGUAGE_MODELS",
     "VOCAB_SIZE",
     "ByteTransformerLM",
     "TextCorpus",
+    "build_language_model",
     "load_stdlib_corpus",
     "split_files",
     "stdlib_files",
+    "tiny_gpt2",
+    "token_cross_entropy",
 ]
 
 #: Byte-level vocabulary.
@@ -139,6 +146,16 @@ class TextCorpus:
             )
         starts = torch.randint(high, (batch_size,), generator=generator)
         return self._windows(self.train, starts, context + 1)
+
+    def seeded_batches(
+        self, count: int, batch_size: int, context: int, seed: int = 0
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``count`` batches ``(inputs, targets)`` of :meth:`train_batch` windows drawn by a
+        generator seeded with ``seed``: ``[batch_size, context]`` byte ids and their next
+        bytes (the same batches on every call)."""
+        g = torch.Generator().manual_seed(seed)
+        windows = [self.train_batch(batch_size, context, g) for _ in range(count)]
+        return [(w[:, :-1], w[:, 1:]) for w in windows]
 
     def val_windows(self, count: int, context: int) -> Tensor:
         """``count`` windows of ``context + 1`` bytes evenly spaced over the validation text."""
@@ -241,3 +258,61 @@ class ByteTransformerLM(nn.Module):
         for block in self.blocks:
             h = block(h, self.causal)
         return self.head(self.ln(h))
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy over every position: ``[..., V]`` logits against ``[...]`` targets,
+    flattened to ``[N, V]`` and ``[N]`` (``[B, C]`` logits of a classifier are unchanged).
+
+    >>> logits = torch.zeros(2, 3, 4)
+    >>> float(token_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long)))  # log 4
+    1.3862943649291992
+    """
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction=reduction)
+
+
+def tiny_gpt2() -> nn.Module:
+    """A tiny Hugging Face ``GPT2LMHeadModel`` from a config (random weights, no download):
+    2 layers, width 32, 2 heads, vocabulary 50, 64 positions, no dropout. Needs
+    ``transformers``."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+#: The language models built by name: :class:`ByteTransformerLM` at its default size
+#: (context 64, width 128, 2 layers, 4 heads) and :func:`tiny_gpt2`.
+LANGUAGE_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "byte_transformer": ByteTransformerLM,
+    "tiny_gpt2": tiny_gpt2,
+}
+
+
+def build_language_model(name: str) -> nn.Module:
+    """Instantiate language model ``name`` (a key of :data:`LANGUAGE_MODELS`) at its
+    initialisation from the global random state (seed it first for the same weights).
+
+    >>> _ = torch.manual_seed(0)
+    >>> type(build_language_model("byte_transformer")).__name__
+    'ByteTransformerLM'
+    """
+    try:
+        factory = LANGUAGE_MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown language model {name!r}; valid names: {', '.join(LANGUAGE_MODELS)}"
+        ) from None
+    return factory()
