@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -383,12 +382,7 @@ class SGDRun:
                 idx = self.perm[self.step_in_epoch * bs : (self.step_in_epoch + 1) * bs]
                 x, y = ds.batch(idx), ds.labels[idx]
                 model.train()
-                with self.precision.autocast():
-                    out = self.forward(x)
-                    loss = F.cross_entropy(out, y)
-                self.opt.zero_grad(set_to_none=True)
-                self.precision.backward(loss)
-                self.precision.step(self.opt)
+                out, loss = runner.train_step(self.forward, self.opt, self.precision, x, y)
                 self.step += 1
                 self.step_in_epoch += 1
                 hits = (out.detach().argmax(1) == y).sum().double()
@@ -485,9 +479,8 @@ class GDRun:
             if runner.past(deadline):
                 return INTERRUPTED
             model.train()
-            with self.precision.autocast():
-                out = self.forward(x)
-                loss = F.cross_entropy(out, y)
+            # the step in its two halves: a measurement sees the loss before the update
+            out, loss = runner.forward_loss(self.forward, self.precision, x, y)
             if self.step % args.gd_measure_every == 0 or self.step == args.gd_steps:
                 value = float(loss.detach())  # a measurement: the loop's one read
                 if runner.diverged(value):  # (the weights are not finite: nothing to measure)
@@ -503,9 +496,7 @@ class GDRun:
                 })  # fmt: skip
                 if self.step == args.gd_steps:
                     return COMPLETE
-            self.opt.zero_grad(set_to_none=True)
-            self.precision.backward(loss)
-            self.precision.step(self.opt)
+            runner.backward_step(self.opt, self.precision, loss)
             self.step += 1
 
     def summary(self, status: str) -> dict[str, Any]:

@@ -47,11 +47,15 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.config import add_shared_options  # noqa: E402
-from benchmarks.common.data import load_dataset, normalize  # noqa: E402
+from benchmarks.common.data import load_dataset  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
-from benchmarks.common.runner import COMPLETE, Job, Precision, sweep  # noqa: E402
-from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
+from benchmarks.common.runner import COMPLETE, Job, Precision, sweep, train_step  # noqa: E402
+from benchmarks.common.text import (  # noqa: E402
+    build_language_model,
+    load_stdlib_corpus,
+    token_cross_entropy,
+)
 from fisher_optim.batch import Batch  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
     option,
@@ -74,6 +78,8 @@ NETWORKS = {
     "moe_mlp": 64,
     "transformer": 16,
 }
+#: The transformer's window of bytes.
+CONTEXT = 64
 #: label -> (scheme, relative step c, replay the activation pattern)
 DIFFERENCES = {
     "old": ("guarded", 1e-5, False),
@@ -127,34 +133,27 @@ def old_guarded(objective: PenaltyObjective, step: float) -> list[Tensor | None]
     return [2 * s * factor for s in side]
 
 
-def image_batches(
-    root: str | None, n: int, batch: int, train_steps: int
+def network_batches(
+    net: str, args: argparse.Namespace
 ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """``n`` measurement batches and ``train_steps`` training batches of CIFAR-10."""
-    train, _ = load_dataset("cifar10", root)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(train), generator=g)
-
-    def take(i: int) -> tuple[Tensor, Tensor]:
-        idx = order[i * batch : (i + 1) * batch]
-        return normalize(train.images[idx], train.mean, train.std), train.labels[idx]
-
-    return [take(i)[0] for i in range(n)], [take(n + i) for i in range(train_steps)]
-
-
-def text_batches(
-    n: int, batch: int, train_steps: int, context: int = 64
-) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    corpus = load_stdlib_corpus(max_bytes=2_000_000)
-    g = torch.Generator().manual_seed(0)
-    windows = [corpus.train_batch(batch, context, g) for _ in range(n + train_steps)]
-    return [w[:, :-1] for w in windows[:n]], [(w[:, :-1], w[:, 1:]) for w in windows[n:]]
+    """Network ``net``'s ``--batches`` measurement inputs and ``--train-steps`` training
+    batches: disjoint batches of CIFAR-10 in a seeded order, or windows of the stdlib text
+    for the transformer."""
+    count, size = args.batches + args.train_steps, NETWORKS[net]
+    if net == "transformer":
+        corpus = load_stdlib_corpus(max_bytes=2_000_000)
+        batches = corpus.seeded_batches(count, size, CONTEXT)
+    else:
+        train, _ = load_dataset("cifar10", args.data_root)
+        batches = train.seeded_batches(count, size)
+    return [x for x, _ in batches[: args.batches]], batches[args.batches :]
 
 
 def make_network(name: str) -> nn.Module:
+    """Network ``name`` of :data:`NETWORKS` at PyTorch's default initialisation (seed 0)."""
     torch.manual_seed(0)
     if name == "transformer":
-        return ByteTransformerLM(context=64, dim=128, layers=2, heads=4)
+        return build_language_model("byte_transformer")
     return build_model(name, 10, init="torch")
 
 
@@ -164,19 +163,15 @@ def train(
     compile: bool = False,
     amp: str | None = None,
 ) -> None:
-    """SGD steps on ``data``: the forward through ``torch.compile(model)`` with ``compile``,
+    """SGD (lr 0.01, momentum 0.9) on the batches ``data``, a :func:`~benchmarks.common.
+    runner.train_step` each: the forward through ``torch.compile(model)`` with ``compile``,
     under ``torch.autocast`` with ``amp`` (the measurements stay eager, in float32)."""
     device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     forward = torch.compile(model) if compile else model
     precision = Precision(amp, device)
     for x, y in data:
-        opt.zero_grad()
-        with precision.autocast():
-            out = forward(x.to(device))
-            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.to(device).reshape(-1))
-        precision.backward(loss)
-        precision.step(opt)
+        train_step(forward, opt, precision, x.to(device), y.to(device), token_cross_entropy)
 
 
 def measure(
@@ -267,10 +262,7 @@ def measure_network(
     runner.Job` of a sweep returns them (no deadline: a network is measured to the end)."""
     device = resolve_device(args.device)
     labels, size = args.differences, NETWORKS[net]
-    if net == "transformer":
-        xs, steps = text_batches(args.batches, size, args.train_steps)
-    else:
-        xs, steps = image_batches(args.data_root, args.batches, size, args.train_steps)
+    xs, steps = network_batches(net, args)
     xs = [x.to(device) for x in xs]
     model = make_network(net).to(device).train()
     rows = []

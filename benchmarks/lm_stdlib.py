@@ -305,7 +305,8 @@ class LMRun:
     def val_loss(self) -> float:
         """Mean next-byte cross-entropy (nats) over every position of the validation windows."""
         import torch
-        import torch.nn.functional as F
+
+        from benchmarks.common.text import token_cross_entropy
 
         total, count = 0.0, 0
         was_training = self.model.training
@@ -313,9 +314,7 @@ class LMRun:
         with torch.no_grad():
             for chunk in self.val.split(64):
                 logits = self.model(chunk[:, :-1])
-                total += float(
-                    F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-                )
+                total += float(token_cross_entropy(logits, chunk[:, 1:], reduction="sum"))
                 count += chunk[:, 1:].numel()
         self.model.train(was_training)
         return total / count
@@ -353,7 +352,7 @@ class LMRun:
             runner.write_jsonl(self.out / METRICS, self.logs)
 
     def _train(self, deadline: float | None) -> str:
-        import torch.nn.functional as F
+        from benchmarks.common.text import token_cross_entropy
 
         cfg = self.config
         if not self.logs:
@@ -376,12 +375,14 @@ class LMRun:
                 return INTERRUPTED
             begin = time.perf_counter()
             batch = self.corpus.train_batch(cfg["batch_size"], cfg["context"], self.data_gen)
-            self.opt.zero_grad()
-            with self.precision.autocast():
-                logits = self.forward(batch[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            self.precision.backward(loss)
-            self.precision.step(self.opt)
+            _, loss = runner.train_step(
+                self.forward,
+                self.opt,
+                self.precision,
+                batch[:, :-1],
+                batch[:, 1:],
+                token_cross_entropy,
+            )
             self.step += 1
             # summed on the device, read at the log point: a step reads nothing back
             self.window["loss"] = self.window["loss"] + loss.detach().double()

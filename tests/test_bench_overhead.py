@@ -55,15 +55,15 @@ def test_fd_step_table_on_a_small_setting(tmp_path, monkeypatch):
     fd_step = load("fd_step")
     monkeypatch.setitem(fd_step.NETWORKS, "simplecnn", 4)
 
-    def images(root, n, batch, train_steps):
-        g = torch.Generator().manual_seed(0)
-        xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n)]
+    def images(net, args):
+        g, batch = torch.Generator().manual_seed(0), fd_step.NETWORKS[net]
+        xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(args.batches)]
         return xs, [
             (torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,)))
-            for _ in range(train_steps)
+            for _ in range(args.train_steps)
         ]
 
-    monkeypatch.setattr(fd_step, "image_batches", images)
+    monkeypatch.setattr(fd_step, "network_batches", images)
     out = tmp_path / "fd.md"
     table = fd_step.main(
         ["--networks", "simplecnn", "--batches", "2", "--train-steps", "1", "--output", str(out)]

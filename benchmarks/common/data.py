@@ -805,6 +805,16 @@ class ImageDataset:
             self.images, idx, augment=augment, generator=generator, mean=self.mean, std=self.std
         )
 
+    def seeded_batches(
+        self, count: int, batch_size: int, seed: int = 0
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` disjoint batches ``(inputs, labels)`` of ``batch_size`` examples, in the
+        order of one permutation drawn by a generator seeded with ``seed`` (normalised, not
+        augmented; the same batches on every call)."""
+        order = shuffled_order(len(self), torch.Generator().manual_seed(seed))
+        batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+        return [(self.batch(idx), self.labels[idx]) for idx in batches]
+
     def loader(self, batch_size: int, **kwargs) -> BatchLoader:
         """A :class:`BatchLoader` over this dataset normalised with its ``mean``/``std``."""
         return BatchLoader.from_dataset(self, batch_size, **kwargs)
