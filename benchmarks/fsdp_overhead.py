@@ -39,15 +39,18 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.config import add_shared_options  # noqa: E402
-from benchmarks.common.runner import RunningOptions  # noqa: E402
-from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
+from benchmarks.common.runner import Precision, RunningOptions, train_step  # noqa: E402
+from benchmarks.common.text import (  # noqa: E402
+    VOCAB_SIZE,
+    ByteTransformerLM,
+    token_cross_entropy,
+)
 from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
@@ -105,9 +108,13 @@ def local_batch(args: argparse.Namespace, rank: int) -> torch.Tensor:
     return ids[rank * args.batch_size : (rank + 1) * args.batch_size]
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids)[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1))
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The next-byte loss of the logits of ``ids``: position t predicts byte t + 1."""
+    return token_cross_entropy(logits[:, :-1], ids[:, 1:])
+
+
+#: The steps train in float32 (FSDP2's mixed precision is its ``mp_policy``).
+FLOAT32 = Precision(None, "cpu")
 
 
 def make_step(
@@ -122,9 +129,7 @@ def make_step(
         )
 
     def step() -> None:
-        opt.zero_grad()
-        lm_loss(model, ids).backward()
-        opt.step()
+        train_step(model, opt, FLOAT32, ids, ids, lm_loss)
 
     return step, opt
 
@@ -223,9 +228,7 @@ def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, floa
         def step() -> None:
             current["name"] = name
             counted[name] += 1
-            opt.zero_grad()
-            lm_loss(model, ids).backward()
-            opt.step()
+            train_step(model, opt, FLOAT32, ids, ids, lm_loss)
 
         return step
 

@@ -71,7 +71,7 @@ from benchmarks.common.config import RunSpec, SweepOptions, add_shared_options  
 from benchmarks.common.data import ImageDataset, MissingData  # noqa: E402
 from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
-from benchmarks.common.runner import RUNNING, DeviceOptions  # noqa: E402
+from benchmarks.common.runner import RUNNING, DeviceOptions, RunningOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
 from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402
 
@@ -367,9 +367,12 @@ def run_table1(
     pack: int = DEFAULT_PACK,
     compile: bool = False,
     data_on_device: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train the runs by the benchmarks' training loop (``harness.run_many``, ``pack`` at
-    once, resuming what an earlier command left); each run's state read back from disk."""
+    once, resuming what an earlier command left); each run's state read back from disk.
+    ``progress``: a bar per epoch on a terminal when one run trains at a time (one line per
+    epoch is printed either way)."""
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if device.type == "cuda":
@@ -381,7 +384,7 @@ def run_table1(
         pack=pack,
         device=device,
         resume=True,
-        progress=False,
+        progress=progress,
         deadline=deadline,
         compile=compile,
         data_on_device=data_on_device,
@@ -520,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, SweepOptions, only=("data_root", "download"))
     groups = add_shared_options(p, defaults={"pack": DEFAULT_PACK})
     add_options(p, DeviceOptions, only=("data_on_device",), groups=groups)
+    add_options(p, RunningOptions, only=("no_progress",), groups=groups)
     return p
 
 
@@ -734,6 +738,7 @@ def _table1(
         pack=args.pack,
         compile=args.compile,
         data_on_device=args.data_on_device,
+        progress=not args.no_progress,
     )
     result["train_images"] = len(bundle.train)
     return result

@@ -112,6 +112,8 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         run._step(batch("harness"))
 
     def bare_step() -> None:
+        # written out by hand on purpose, not runner.train_step: the bare loop is the
+        # reference the benchmarks' step is measured against
         idx = batch("bare")
         x = (images[idx].float().div_(255) - mean) / std
         with precision.autocast():

@@ -33,7 +33,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +40,7 @@ from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.runner import Precision, RunningOptions  # noqa: E402
+from benchmarks.common.runner import Precision, RunningOptions, train_step  # noqa: E402
 from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
@@ -79,10 +78,11 @@ def make_step(
     compile: bool = False,
     amp: str | None = None,
 ) -> Callable[[], None]:
-    """One training step of the standard loop, for a fresh optimizer of this variant: the
-    forward through ``torch.compile(model)`` with ``compile``, under ``torch.autocast`` with
-    ``amp`` (the penalty is the optimizer's own pass: the finite difference through the
-    compiled module, the exact mode on the eager one, see the integration guide)."""
+    """One training step of the standard loop (:func:`~benchmarks.common.runner.train_step`),
+    for a fresh optimizer of this variant: the forward through ``torch.compile(model)`` with
+    ``compile``, under ``torch.autocast`` with ``amp`` (the penalty is the optimizer's own
+    pass: the finite difference through the compiled module, the exact mode on the eager
+    one, see the integration guide)."""
     common = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
     forward = torch.compile(model) if compile else model
     if kwargs is None:
@@ -91,15 +91,10 @@ def make_step(
         opt = FisherPenaltySGD(forward, alpha=0.01, **common, **kwargs)
     needs_targets = isinstance(opt, FisherPenaltySGD) and opt.penalty.needs_targets
     precision = Precision(amp, x.device)
+    before_step = (lambda: opt.set_targets(y)) if needs_targets else None
 
     def step() -> None:
-        opt.zero_grad()
-        with precision.autocast():
-            loss = F.cross_entropy(forward(x), y)
-        precision.backward(loss)
-        if needs_targets:
-            opt.set_targets(y)
-        precision.step(opt)
+        train_step(forward, opt, precision, x, y, before_step=before_step)
 
     return step
 
