@@ -297,6 +297,22 @@ def test_split_validation() -> None:
         ds.split_validation(200)
 
 
+def test_seeded_batches_are_disjoint_normalised_and_fixed() -> None:
+    ds = _dataset()
+    batches = ds.seeded_batches(3, 16, seed=5)
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(5))
+    for i, (x, y) in enumerate(batches):
+        idx = order[i * 16 : (i + 1) * 16]
+        want = (ds.images[idx].double() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / (
+            torch.tensor(ds.std).view(1, 3, 1, 1)
+        )
+        torch.testing.assert_close(x.double(), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y, ds.labels[idx])
+    assert len({int(i) for i in order[:48]}) == 48
+    again = ds.seeded_batches(3, 16, seed=5)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, again))
+
+
 def test_label_noise() -> None:
     labels = torch.arange(1000) % 10
     new, mask = data.add_label_noise(labels, 0.25, 10, seed=1)

@@ -128,3 +128,62 @@ def test_a_packed_sweep_trains_in_processes_as_one_would(tmp_path):
     assert not complete and [r["status"] for r in late] == ["interrupted", "interrupted"]
     with pytest.raises(TypeError, match="Jobs"):
         runner.sweep([lambda d: {}, lambda d: {}], pack=2)
+
+
+def test_train_step_is_the_hand_written_sgd_step_with_set_targets_before_the_update():
+    """``train_step`` against the step written out in float64: the same weights after two
+    steps of SGD with momentum; ``before_step`` runs once the gradients exist."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    model = model.double()
+    ref = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(3, (6,))) for _ in range(2)]
+    seen = []
+    for x, y in batches:
+        out, loss = runner.train_step(
+            model,
+            opt,
+            runner.Precision(None, "cpu"),
+            x,
+            y,
+            before_step=lambda: seen.append(all(p.grad is not None for p in model.parameters())),
+        )
+        assert out.shape == (6, 3) and loss.requires_grad
+    assert seen == [True, True]
+    velocity = [torch.zeros_like(p) for p in ref]
+    for x, y in batches:  # by hand: cross-entropy as -log softmax, the momentum buffer
+        w1, b1, w2, b2 = (p.requires_grad_() for p in ref)
+        logits = torch.tanh(x @ w1.T + b1) @ w2.T + b2
+        loss = -(logits.log_softmax(1)[torch.arange(6), y]).mean()
+        grads = torch.autograd.grad(loss, ref)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(ref, grads)):
+                velocity[i] = g if velocity[i].abs().sum() == 0 else 0.9 * velocity[i] + g
+                ref[i] = (p - 0.1 * velocity[i]).detach()
+    for p, want in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_loss_then_backward_step_is_train_step():
+    """The two halves, as a loop that measures between them takes them, give the same
+    weights as the whole step; the forward runs under the precision's autocast."""
+    import torch
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    weights = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        precision = runner.Precision("bf16", "cpu")
+        if split:
+            out, loss = runner.forward_loss(model, precision, x, y)
+            runner.backward_step(opt, precision, loss)
+        else:
+            out, _ = runner.train_step(model, opt, precision, x, y)
+        assert out.dtype == torch.bfloat16
+        weights.append(model.weight.detach().clone())
+    assert torch.equal(*weights)

@@ -11,9 +11,11 @@ import torch
 from benchmarks.common.text import (
     VOCAB_SIZE,
     ByteTransformerLM,
+    build_language_model,
     load_stdlib_corpus,
     split_files,
     stdlib_files,
+    token_cross_entropy,
 )
 
 
@@ -78,3 +80,40 @@ def test_model_is_causal_and_loss_matches_per_position_brute_force() -> None:
             row = logits[b, t]
             brute += -(row[targets[b, t]] - math.log(float(row.exp().sum())))
     assert float(loss) == pytest.approx(float(brute) / 16, rel=1e-12)
+
+
+def test_token_cross_entropy_is_the_mean_over_every_position() -> None:
+    """Against float64 ``-log softmax`` at each position's target; ``[B, C]`` logits too."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    targets = torch.randint(7, (3, 5), generator=g)
+    terms = [-torch.log_softmax(logits[b, t], 0)[targets[b, t]] for b in range(3) for t in range(5)]
+    assert math.isclose(float(token_cross_entropy(logits, targets)), float(sum(terms) / 15))
+    total = float(token_cross_entropy(logits, targets, reduction="sum"))
+    assert math.isclose(total, float(sum(terms)))
+    flat = token_cross_entropy(logits[:, 0], targets[:, 0])
+    assert math.isclose(float(flat), float(sum(terms[::5]) / 3))
+
+
+def test_language_models_by_name() -> None:
+    torch.manual_seed(0)
+    lm = build_language_model("byte_transformer")
+    assert isinstance(lm, ByteTransformerLM) and lm.context == 64 and len(lm.blocks) == 2
+    with pytest.raises(ValueError, match="byte_transformer, tiny_gpt2"):
+        build_language_model("gpt3")
+    pytest.importorskip("transformers")
+    gpt2 = build_language_model("tiny_gpt2")
+    assert gpt2(torch.randint(50, (2, 8))).logits.shape == (2, 8, 50)
+
+
+def test_seeded_batches_are_fixed_windows_and_their_next_bytes() -> None:
+    corpus = load_stdlib_corpus(val_every=10, max_bytes=50_000)
+    batches = corpus.seeded_batches(3, 4, 16)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 16)] * 3
+    g = torch.Generator().manual_seed(0)
+    for x, y in batches:
+        window = corpus.train_batch(4, 16, g)
+        assert torch.equal(x, window[:, :-1]) and torch.equal(y, window[:, 1:])
+    assert all(
+        torch.equal(a, b) for (a, _), (b, _) in zip(batches, corpus.seeded_batches(3, 4, 16))
+    )
