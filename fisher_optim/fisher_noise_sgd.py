@@ -48,23 +48,46 @@ Conventions of :class:`FisherNoiseSGD`:
   the examples through the batch statistics. Running statistics are never updated
   (bitwise) and torch's global random state is restored after the pass.
 * The estimate runs in full precision (outside autocast).
-* DDP: ``diag F`` / ``Tr F`` are averaged over ranks (one all-reduce per refresh);
-  ``"full"`` all-reduces ``Σ_i z_i g_i`` (one all-reduce per step) with ``z_i``
-  independent across ranks. The seed is broadcast from rank 0 at the first step, so the
-  noise ``n`` is identical on every rank and the replicas stay in sync.
+* DDP and FSDP2: the estimate is that of the global batch, ``diag F = Σ_i g_i ⊙ g_i / M``
+  over every rank's examples: each rank sums its own and one all-reduce adds the sums and
+  the example counts (per refresh); ``"full"`` (DDP only) all-reduces ``Σ_i z_i g_i``
+  (one all-reduce per step). The seed is broadcast from rank 0 at the first step. The
+  sampled labels (and ``"full"``'s ``z_i``) are functions of the seed, the refresh and
+  the example's row in the global batch (the ranks' rows laid end to end in rank order,
+  :mod:`fisher_optim._global_rows`: one all-gather of the row counts per draw), and ``ξ``
+  is drawn over all the parameters' entries on every rank, so the noise ``n``, and the
+  update, are those of one process on the whole batch, on any number of ranks.
+* FSDP2 (``fully_shard``, ``"diagonal"`` and ``"trace"``): each refresh gathers the full
+  parameters (:func:`fisher_optim._fsdp.gathered_parameters`; held on every rank for the
+  refresh, as exact mode holds them) and takes the rank's per-example gradients on them;
+  each rank keeps its shard of ``diag F``. Every step draws the full-size ``ξ`` on each
+  rank (a transient buffer the size of the full parameters) and adds its shard of ``n``
+  to its shard of the gradient; ``||n||`` costs one all-reduce of a scalar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._fsdp import is_fsdp
+from fisher_optim._data_parallel import mean_over_ranks
+from fisher_optim._fsdp import (
+    ShardedPasses,
+    gathered_parameters,
+    is_fsdp,
+    local_part,
+    local_shard,
+    mesh_group,
+    shard_like,
+)
+from fisher_optim._global_rows import GlobalRows, rank_share
 from fisher_optim._logits import OutputFn
 from fisher_optim._modules import frozen_batchnorm_stats
 from fisher_optim.batch import Batch
@@ -98,7 +121,8 @@ class FisherNoiseSGD(GradientWrapper):
 
     Args:
         model: the model being trained (an ``nn.Module``; a DDP-wrapped or compiled model is
-            fine). A forward pre-hook remembers its latest training-mode input. How the
+            fine; an FSDP2 ``fully_shard``-ed one too, with ``"diagonal"`` or ``"trace"``).
+            A forward pre-hook remembers its latest training-mode input. How the
             per-example gradients are formed: :mod:`fisher_optim.curvature.gradient_moment`.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()`` (or
             on ``params=`` in ``base_kwargs``) with ``base_kwargs``; or an optimizer instance,
@@ -112,9 +136,11 @@ class FisherNoiseSGD(GradientWrapper):
         every: re-estimate ``diag F`` (or ``Tr F``) every ``every`` steps and reuse it in
             between; a fresh ``ξ`` is drawn every step. ``"full"`` needs the current batch's
             per-example gradients for every draw, so it accepts only ``every=1``.
-        estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
-            scale still uses the whole batch's ``M_L``), cut by the one rule of
-            :mod:`fisher_optim.batch` and checked once per input layout.
+        estimate_batch_size: estimate ``F`` on N examples of the (global) batch only (the
+            scale still uses the whole batch's ``M_L``): the first N on one process; under
+            DDP or FSDP2 the first N/R of each of the R ranks' batches (one more on the
+            first N mod R ranks), as ``FisherPenaltySGD``'s ``penalty_batch_size``. Cut by
+            the one rule of :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
         likelihood: ``p_θ(y|z)`` of a row of outputs: ``"categorical"`` (softmax, the
@@ -165,6 +191,7 @@ class FisherNoiseSGD(GradientWrapper):
         **base_kwargs: Any,
     ) -> None:
         _check_arguments(model, small_batch_size, covariance, fisher, every, estimate_batch_size)
+        self._sharded = is_fsdp(model)
         check_function_or_none("target_mask", target_mask)
         self.covariance = covariance
         self.fisher = fisher
@@ -199,12 +226,16 @@ class FisherNoiseSGD(GradientWrapper):
     def _before_base_step(self) -> None:
         batch = self.current_batch()
         self._scales(batch)  # raises early if small_batch_size ≥ M_L
-        self.sync_seed(self._process_group())
+        self.sync_seed(self._data_group())
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
+        params = self.flat_params()
+        total = None  # under FSDP2 the shards' squares are summed over the ranks
+        if self._sharded:
+            total = ShardedPasses([p for p in params if p.requires_grad]).total
         # kept on the device and read when asked for: no host sync per step
-        self._noise_norm = None if noise is None else add_noise(self.flat_params(), noise)
+        self._noise_norm = None if noise is None else add_noise(params, noise, total)
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
@@ -235,26 +266,36 @@ class FisherNoiseSGD(GradientWrapper):
 
     # ----------------------------------------------------------------- diagonal / trace
     def _refresh(self, batch: Batch) -> None:
-        """Estimate ``diag F`` on the batch (per-example gradients) and cache it, or drop it."""
+        """Estimate ``diag F`` on the global batch (per-example gradients) and cache it (each
+        rank its shard under FSDP2), or drop it."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        diag = self.all_reduce_mean(self._estimate_diag(batch, [params[i] for i in trainable]))
+        sums, count = self._estimate_sums(batch, [params[i] for i in trainable])
+        *sums, count = self._sum_over_ranks([*sums, count])
+        diag = [s / count for s in sums]
         trace = torch.stack([d.double().sum() for d in diag]).sum()
         value = float(trace)  # the one host sync of an estimate
         if not self._finite(value, f"Fisher estimate ... (Tr F = {value})", 8):
             self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
+        if self._sharded and self.covariance == "diagonal":  # each rank keeps its shard
+            diag = [shard_like(d, params[i], None) for i, d in zip(trainable, diag)]
         self._cache = noise_variances(params, trainable, diag, trace, self.covariance)
 
-    def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
-        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``
+    def _estimate_sums(self, batch: Batch, params: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """``Σ_i g_i ⊙ g_i`` over this rank's examples for ``params`` (full-size under
+        FSDP2) and their number, a 0-dim tensor
         (:func:`fisher_optim.curvature.gradient_moment.sum_sq_example_grads`), in eval mode;
         the layers the rules take are checked once per input layout and trusted after."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        with self.measuring_pass():
+        size, group = self.estimate_batch_size, self._data_group()
+        with self.measuring_pass(), self._gathered(module, params) as params:
             # checked once per input layout: the examples are independent, and cut as held
-            batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
+            batch = self.cut(
+                batch, None if size is None else rank_share(size, group), self.output_fn,
+                per_example=True,
+            )  # fmt: skip
             n = batch.num_examples()
             targets = self._target_rows(batch, n)
             layout = input_layout(batch)
@@ -262,19 +303,52 @@ class FisherNoiseSGD(GradientWrapper):
             sums = sum_sq_example_grads(
                 module, batch, params, self.likelihood,
                 targets=targets,
-                generator=self._local_generator(params[0].device) if targets is None else None,
+                generator=self._label_generator(params[0].device) if targets is None else None,
                 output_fn=self.output_fn, target_mask=self.target_mask,
                 trusted=self._covered_layers.get(layout), covered=covered,
             )  # fmt: skip
             self._covered_layers.setdefault(layout, frozenset(covered))
-        return [s / n for s in sums]
+        return sums, sums[0].new_tensor(float(n))
+
+    @contextlib.contextmanager
+    def _gathered(self, module: nn.Module, params: list[Tensor]) -> Iterator[list[Tensor]]:
+        """``params`` as they are; under FSDP2 the full parameters, the model called on them
+        (:func:`fisher_optim._fsdp.gathered_parameters`) for the block."""
+        if not self._sharded:
+            yield params
+            return
+        with gathered_parameters(module) as full:
+            missing = [tuple(p.shape) for p in params if id(p) not in full]
+            if missing:
+                raise ValueError(
+                    f"FisherNoiseSGD: parameters of shapes {missing} are not sharded "
+                    "parameters of the FSDP2 model; shard the whole model with fully_shard "
+                    "(the root module last)"
+                )
+            yield [full[id(p)] for p in params]
+
+    def _sum_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The sum of ``tensors`` over the data-parallel ranks (one all-reduce), in at least
+        float32; the tensors themselves on one process."""
+        group = self._data_group()
+        if group is None or dist.get_world_size(group) == 1:
+            return tensors
+        return [t * dist.get_world_size(group) for t in mean_over_ranks(tensors, group)]
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
-        """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
+        """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries
+        (drawn full-size on every rank; under FSDP2 each rank keeps its shard's part)."""
         assert self._cache is not None
         params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
-        it = iter(standard_normal_like(params, draws, self.generator(params[0].device)))
-        return [None if c is None else next(it) * c.sqrt() for c in self._cache]
+        it = zip(params, standard_normal_like(params, draws, self.generator(params[0].device)))
+        out: list[Tensor | None] = []
+        for c in self._cache:
+            if c is None:
+                out.append(None)
+                continue
+            p, xi = next(it)
+            out.append(local_part(xi, p) * local_shard(c).sqrt())
+        return out
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
@@ -283,12 +357,13 @@ class FisherNoiseSGD(GradientWrapper):
         (batch statistics, running statistics frozen) and one backward for all ``draws``."""
         params = self.flat_params()
         wrt = [p for p in params if p.requires_grad]
-        batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
+        size, group = self.estimate_batch_size, self._data_group()
+        batch = self.cut(batch, None if size is None else rank_share(size, group), self.output_fn)
         targets = self._target_rows(batch, batch.num_examples())
         with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
             v = example_grad_draws(
                 self.module, batch, wrt, self.likelihood,
-                targets=targets, generator=self._local_generator(wrt[0].device), draws=draws,
+                targets=targets, generator=self._label_generator(wrt[0].device), draws=draws,
                 output_fn=self.output_fn, target_mask=self.target_mask,
             )  # fmt: skip
         world = self._world()[0]
@@ -327,18 +402,31 @@ class FisherNoiseSGD(GradientWrapper):
             return None
         return empirical_targets(batch, n, self._batch_device())
 
+    def _data_group(self) -> Any | None:
+        """The ranks that hold the other slices of the global batch: under FSDP2 those of
+        the parameters' device mesh, else the DDP group (or None)."""
+        if self._sharded:
+            return mesh_group(self.flat_params(), "FisherNoiseSGD")
+        return self._process_group()
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        group = self._data_group()
+        return tensors if group is None else mean_over_ranks(tensors, group)
+
     def _world(self) -> tuple[int, int]:
-        group = self._process_group()
+        group = self._data_group()
         if group is None:
             return 1, 0
         return dist.get_world_size(group), dist.get_rank(group)
 
-    def _local_generator(self, device: torch.device) -> torch.Generator:
-        """A fresh generator for labels and ``z``: seeded by (seed, rank, draw counter), so it
-        differs across ranks, needs no state beyond the counter and survives a restore."""
+    def _label_generator(self, device: torch.device) -> GlobalRows:
+        """A fresh generator for labels and ``z``, seeded by (seed, draw counter) alike on
+        every rank, its draws placed by the rows of the global batch
+        (:class:`~fisher_optim._global_rows.GlobalRows`); it needs no state beyond the
+        counter and survives a restore."""
         self._local_draws += 1
-        mixed = mixed_seed(self.seed, self._world()[1], self._local_draws)
-        return torch.Generator(device).manual_seed(mixed)
+        mixed = mixed_seed(self.seed, self._local_draws)
+        return GlobalRows(torch.Generator(device).manual_seed(mixed), self._data_group())
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -349,8 +437,24 @@ class FisherNoiseSGD(GradientWrapper):
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
             "local_draws": self._local_draws,
-            "cache": self._cache,
+            # a tensor for every trainable parameter even before the first estimate:
+            # torch.distributed.checkpoint loads into a template of the same structure
+            "cache": self._cache_template() if self._cache is None else self._cache,
+            "has_cache": self._cache is not None,
         }
+
+    def _cache_template(self) -> list[Tensor | None] | None:
+        """Zeros shaped as the cache of an estimate (None for ``"full"``, which keeps none)."""
+        if self.covariance == "full":
+            return None
+        return [
+            None
+            if not p.requires_grad
+            else torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+            if self.covariance == "diagonal"
+            else torch.zeros((), dtype=accumulation_dtype(p.dtype), device=local_shard(p).device)
+            for p in self.flat_params()
+        ]
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
@@ -360,7 +464,7 @@ class FisherNoiseSGD(GradientWrapper):
         self.skipped_refreshes = extra["skipped_refreshes"]
         self._local_draws = extra["local_draws"]
         self._cache = load_per_param(
-            extra["cache"],
+            extra["cache"] if extra.get("has_cache", True) else None,
             self.flat_params(),
             "Fisher estimate",
             lambda p: accumulation_dtype(p.dtype),
@@ -386,23 +490,34 @@ def _check_arguments(
             f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
         )
     check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
-    if is_fsdp(model):
+    if covariance == "full" and is_fsdp(model):
         raise ValueError(
-            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-            "gradients need the unsharded parameters); use DistributedDataParallel"
+            "FisherNoiseSGD: covariance='full' is not supported on an FSDP2-sharded model "
+            "(its noise is a weighted gradient of the full batch's per-example losses, taken "
+            "on the unsharded parameters every step); use covariance='diagonal' or 'trace', "
+            "which support FSDP2, or wrap the model in DistributedDataParallel for 'full'"
         )
 
 
-def add_noise(params: list[Tensor], noise: list[Tensor | None]) -> Tensor | None:
-    """``p.grad += n`` for each parameter with a gradient and a noise; ``||n||`` over them
-    (a 0-dim float64 tensor, on the device), or None if there was none."""
+def add_noise(
+    params: list[Tensor],
+    noise: list[Tensor | None],
+    over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor | None:
+    """``p.grad += n`` for each parameter with a gradient and a noise (under FSDP2, ``n``
+    this rank's part, added to the gradient's local shard); ``||n||`` over them (a 0-dim
+    float64 tensor, on the device; the squares summed over the ranks by ``over_ranks``
+    when given), or None if there was none."""
     total = None
     for p, n in zip(params, noise):
         if n is None or p.grad is None:
             continue
-        p.grad.add_(n.to(p.grad.dtype))
+        grad = local_shard(p.grad)
+        grad.add_(n.to(grad.dtype))
         sq = n.double().pow(2).sum()
         total = sq if total is None else total + sq
+    if over_ranks is not None:
+        total = over_ranks(torch.zeros((), dtype=torch.float64) if total is None else total)
     return None if total is None else total.sqrt()
 
 
@@ -466,8 +581,6 @@ def noise_scale(m_large: int, m_small: int, where: str, step: int) -> float:
     return math.sqrt((m_large - m_small) / (m_large * m_small))
 
 
-def mixed_seed(seed: int, rank: int, count: int) -> int:
-    """A seed in ``[0, 2^62)`` that differs with each of ``seed``, ``rank`` and ``count``."""
-    return (
-        seed * 0x9E3779B97F4A7C15 ^ (rank + 1) * 0xBF58476D1CE4E5B9 ^ count * 0x94D049BB133111EB
-    ) % (2**62)
+def mixed_seed(seed: int, count: int) -> int:
+    """A seed in ``[0, 2^62)`` that differs with each of ``seed`` and ``count``."""
+    return (seed * 0x9E3779B97F4A7C15 ^ 0xBF58476D1CE4E5B9 ^ count * 0x94D049BB133111EB) % (2**62)

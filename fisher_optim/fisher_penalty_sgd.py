@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._fsdp import (
@@ -24,6 +23,7 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     global_norms,
     is_fsdp,
+    mesh_group,
 )
 from fisher_optim._global_rows import rank_share
 from fisher_optim._logits import OutputFn
@@ -320,7 +320,9 @@ class FisherPenaltySGD(GradientWrapper):
     def _data_parallel_group(self) -> Any | None:
         """The ranks that hold the other slices of the global batch: under FSDP2 those of the
         parameters' device mesh, else the DDP group (:meth:`GradientWrapper._process_group`)."""
-        return _mesh_group(self.flat_params()) if self._sharded else self._process_group()
+        if self._sharded:
+            return mesh_group(self.flat_params(), "FisherPenaltySGD")
+        return self._process_group()
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -460,22 +462,6 @@ def _trainable(params: list[Tensor], step: int) -> list[int]:
             "the penalty weight to 0 while all are frozen"
         )
     return trainable
-
-
-def _mesh_group(params: list[Tensor]) -> Any:
-    """The process group of the FSDP2 parameters' device mesh: its group for a 1-D mesh,
-    every rank for HSDP (each holds its own slice of the batch)."""
-    mesh = next(p.device_mesh for p in params if hasattr(p, "device_mesh"))
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() != dist.get_world_size():
-        raise ValueError(
-            f"FisherPenaltySGD: the model is sharded over a {mesh.ndim}-D device mesh of "
-            f"{mesh.size()} ranks inside a process group of {dist.get_world_size()}: HSDP "
-            "is supported over a mesh of every rank (init_device_mesh(device, (replicas, "
-            "shards)))"
-        )
-    return dist.group.WORLD
 
 
 def _check_layout(module: nn.Module, params: list[Tensor], mode: str, penalty: Penalty) -> bool:

@@ -195,12 +195,6 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
     except ValueError as e:
         results["gpx_error"] = str(e)
     try:
-        from fisher_optim import FisherNoiseSGD
-
-        FisherNoiseSGD(_sharded(), lr=LR, small_batch_size=2)
-    except ValueError as e:
-        results["noise_error"] = str(e)
-    try:
         mp_policy = fsdp.MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
@@ -324,10 +318,9 @@ def test_exact_mode_equals_brute_force_and_the_finite_difference(ranks: list[dic
         assert _relative(got, rank["fd"]["params"], _model()) < 1e-4
 
 
-def test_input_gradient_penalty_and_fisher_noise_are_refused(ranks: list[dict]) -> None:
+def test_input_gradient_penalty_is_refused(ranks: list[dict]) -> None:
     for rank in ranks:
         assert "penalty='input_gradient' is not supported" in rank["gpx_error"]
-        assert "FisherNoiseSGD does not support FSDP2" in rank["noise_error"]
 
 
 def test_bf16_mixed_precision_is_refused(ranks: list[dict]) -> None:
