@@ -470,11 +470,33 @@ def _check_layout(module: nn.Module, params: list[Tensor], mode: str, penalty: P
     sharded = is_fsdp(module)
     if penalty.wrt_inputs and sharded:
         raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
+    if mode == "exact" and sharded:
+        check_exact_dtypes([p for p in params if p.requires_grad], compute_dtypes(module))
     if mode == "finite_difference":
         check_fd_dtypes(
             [p for p in params if p.requires_grad], compute_dtypes(module) if sharded else ()
         )
     return sharded
+
+
+def check_exact_dtypes(params: list[Tensor], compute_dtypes: set[torch.dtype]) -> None:
+    """Refuse ``mode="exact"`` on an FSDP2 model whose ``MixedPrecisionPolicy.param_dtype``
+    differs from its parameters' dtype: exact mode runs on the gathered parameters with
+    FSDP2's hooks off (:class:`~fisher_optim._fsdp.GatheredForward`), so FSDP2's casts to
+    ``param_dtype`` do not happen there, while the inputs it captured were cast already."""
+    stored = sorted({str(p.dtype) for p in params})
+    low = sorted({str(d) for d in compute_dtypes if str(d) not in stored})
+    if low:
+        raise ValueError(
+            f"FisherPenaltySGD: mode='exact' on a model sharded with MixedPrecisionPolicy("
+            f"param_dtype={', '.join(low)}) is not supported: exact mode takes its double "
+            f"backward on the gathered parameters ({', '.join(stored)}) with FSDP2's hooks "
+            "off, so FSDP2's casts to param_dtype do not happen there, while the inputs it "
+            "sees were cast already (docs/guides/distributed.md). Shard with "
+            "MixedPrecisionPolicy(param_dtype=None) or torch.float32 (reduce_dtype may stay "
+            "low); to compute in bfloat16, keep float32 parameters and run the forward under "
+            "torch.autocast(device_type, dtype=torch.bfloat16), which exact mode follows"
+        )
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -61,7 +61,8 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def _optimizer(model: nn.Module, **kwargs: Any) -> FisherNoiseSGD:
-    return FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, every=EVERY, seed=SEED, **kwargs)
+    kwargs.setdefault("every", EVERY)
+    return FisherNoiseSGD(model, lr=LR, small_batch_size=M_S, seed=SEED, **kwargs)
 
 
 def _train(
@@ -83,6 +84,9 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return [p.detach().clone() for p in model.module.parameters()]
     return _full(model)
+
+
+FULL = dict(covariance="full", every=1)
 
 
 def _run(rank: int, kwargs: dict[str, Any], ddp: bool = False) -> dict[str, Any]:
@@ -124,6 +128,7 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
     results: dict[str, Any] = {name: _run(rank, kw) for name, kw in CASES.items()}
     results["ddp"] = _run(rank, CASES["diagonal"], ddp=True)
     results["ddp_head"] = _run(rank, CASES["head"], ddp=True)
+    results["ddp_full"] = _run(rank, FULL, ddp=True)
     try:
         FisherNoiseSGD(_sharded(), lr=LR, small_batch_size=M_S, covariance="full")
     except ValueError as e:
@@ -153,9 +158,12 @@ def _brute_force(
     fisher: str = "true",
     estimate_batch_size: int | None = None,
     noise: bool = True,
+    every: int = EVERY,
 ) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
     """θ ← θ − lr (∇L + n) on the whole batch of 12 (see the module docstring); the
-    parameters and ``(||n||, Tr F)`` of every step."""
+    parameters and ``(||n||, Tr F)`` of every step. ``"full"``: ``n = scale · (1/sqrt(M))
+    Σ_i z_i g_i``, the labels and then ``z`` (one normal per example) drawn from the step's
+    generator, and ``Tr F`` the single-draw estimate ``||Σ_i z_i g_i||² / M``."""
     model = _model()
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
@@ -165,7 +173,7 @@ def _brute_force(
     for step in range(STEPS):
         x, y = _global_batch(step)
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        if step % EVERY == 0:
+        if step % every == 0:
             refreshes += 1
             xe, ye = (_ordered(t, estimate_batch_size) for t in (x, y))
             if estimate_batch_size is not None:
@@ -182,8 +190,13 @@ def _brute_force(
             trace = float(diag.sum())
             if covariance == "trace":
                 diag = torch.full_like(diag, trace / d)
-        xi = torch.randn(d, dtype=torch.float64, generator=xi_generator)
-        n = scale * diag.sqrt() * xi
+        if covariance == "full":
+            z = torch.randn(len(xe), dtype=torch.float64, generator=label_generator)
+            v = (z[:, None] * per_example).sum(0) / math.sqrt(len(xe))
+            n, trace = scale * v, float(v.pow(2).sum())
+        else:
+            xi = torch.randn(d, dtype=torch.float64, generator=xi_generator)
+            n = scale * diag.sqrt() * xi
         logged.append((float(n.norm()), trace))
         with torch.no_grad():
             offset = 0
@@ -216,10 +229,14 @@ def test_fsdp2_update_equals_one_process_on_the_global_batch(ranks: list[dict], 
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_head"])
+DDP_CASES = {"ddp": CASES["diagonal"], "ddp_head": CASES["head"], "ddp_full": FULL}
+
+
+@pytest.mark.parametrize("name", list(DDP_CASES))
 def test_ddp_update_equals_one_process_on_the_global_batch(ranks: list[dict], name: str) -> None:
-    """Under DDP the labels are those one process draws for the whole batch, too."""
-    expected = _brute_force(**CASES["diagonal" if name == "ddp" else "head"])
+    """Under DDP the labels (and the full covariance's z) are those one process draws for
+    the whole batch, too."""
+    expected = _brute_force(**DDP_CASES[name])
     for rank in ranks:
         _check(rank[name], expected)
 
