@@ -17,6 +17,9 @@ ranks with one all-reduce, so every rank computes the same ``∇P`` of the globa
 the penalty an unsharded model would get on the whole batch. HSDP (``fully_shard`` over a
 2-D mesh of replicas × shards) works alike: the backward averages over every rank, and the
 norms are summed over the shard dimension only (the replicas hold the same shards).
+``FisherNoiseSGD``'s per-example pass runs on the model with its parameters gathered in
+place (:func:`gathered_parameters`, hooks off), and each rank keeps its part of the
+full-size results (:func:`shard_like`, :func:`local_part`).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._data_parallel import mean_over_ranks
+from fisher_optim._data_parallel import mean_over_ranks, sum_over_ranks
 from fisher_optim._fsdp import (
     ShardedPasses,
     gathered_parameters,
@@ -212,7 +212,7 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache: list[Tensor | None] | None = None
         #: per input layout, the layers the rules covered in its checked estimate
         self._covered_layers: dict[tuple[Any, ...], frozenset[nn.Module]] = {}
-        self._local_draws = 0
+        self._label_draws = 0
 
     @property
     def noise_norm(self) -> float | None:
@@ -271,7 +271,7 @@ class FisherNoiseSGD(GradientWrapper):
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         sums, count = self._estimate_sums(batch, [params[i] for i in trainable])
-        *sums, count = self._sum_over_ranks([*sums, count])
+        *sums, count = sum_over_ranks([*sums, count], self._data_group())
         diag = [s / count for s in sums]
         trace = torch.stack([d.double().sum() for d in diag]).sum()
         value = float(trace)  # the one host sync of an estimate
@@ -326,14 +326,6 @@ class FisherNoiseSGD(GradientWrapper):
                     "(the root module last)"
                 )
             yield [full[id(p)] for p in params]
-
-    def _sum_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The sum of ``tensors`` over the data-parallel ranks (one all-reduce), in at least
-        float32; the tensors themselves on one process."""
-        group = self._data_group()
-        if group is None or dist.get_world_size(group) == 1:
-            return tensors
-        return [t * dist.get_world_size(group) for t in mean_over_ranks(tensors, group)]
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries
@@ -410,6 +402,7 @@ class FisherNoiseSGD(GradientWrapper):
         return self._process_group()
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average ``tensors`` over the data-parallel ranks (one all-reduce; no-op alone)."""
         group = self._data_group()
         return tensors if group is None else mean_over_ranks(tensors, group)
 
@@ -424,8 +417,8 @@ class FisherNoiseSGD(GradientWrapper):
         every rank, its draws placed by the rows of the global batch
         (:class:`~fisher_optim._global_rows.GlobalRows`); it needs no state beyond the
         counter and survives a restore."""
-        self._local_draws += 1
-        mixed = mixed_seed(self.seed, self._local_draws)
+        self._label_draws += 1
+        mixed = mixed_seed(self.seed, self._label_draws)
         return GlobalRows(torch.Generator(device).manual_seed(mixed), self._data_group())
 
     # ----------------------------------------------------------------- state
@@ -436,7 +429,7 @@ class FisherNoiseSGD(GradientWrapper):
             "fisher_trace": self.fisher_trace,
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
-            "local_draws": self._local_draws,
+            "local_draws": self._label_draws,
             # a tensor for every trainable parameter even before the first estimate:
             # torch.distributed.checkpoint loads into a template of the same structure
             "cache": self._cache_template() if self._cache is None else self._cache,
@@ -462,7 +455,7 @@ class FisherNoiseSGD(GradientWrapper):
         self.fisher_trace = extra["fisher_trace"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
-        self._local_draws = extra["local_draws"]
+        self._label_draws = extra["local_draws"]
         self._cache = load_per_param(
             extra["cache"] if extra.get("has_cache", True) else None,
             self.flat_params(),
