@@ -63,7 +63,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
+from benchmarks.common.config import SweepOptions, add_shared_options  # noqa: E402
 from benchmarks.common.data import (  # noqa: E402
     DATASETS,
     ImageDataset,
@@ -78,7 +78,7 @@ from benchmarks.common.models import INITS, MODELS, build_model  # noqa: E402
 from benchmarks.common.plots import save_figure  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import CurvatureMonitor  # noqa: E402
-from fisher_optim.cli import (  # noqa: E402  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
     HelpFormatter,
     add_options,
     momentum,
@@ -218,15 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         defaults={"out": Path("runs/break_even"), "threads": 1},
     )
     add_options(p, SweepOptions, only=("download",), groups=groups)
-    add_options(p, RunSpec, only=("amp",), groups=groups)
-    add_options(
-        p, runner.DeviceOptions, only=DEVICE_OPTIONS, defaults={"device": "cpu"}, groups=groups
-    )
+    # (no --data-on-device: its data always live on the device)
+    add_shared_options(p, groups=groups, defaults={"device": "cpu"})
     return p
-
-
-#: The shared device options the script takes (its data always live on the device).
-DEVICE_OPTIONS = ("device", "compile", "pack")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

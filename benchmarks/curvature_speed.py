@@ -18,6 +18,10 @@ float precision; ``per_example_grad_norms`` (the same engine as ``fisher_trace``
 with those labels too. Run, e.g.::
 
     OMP_NUM_THREADS=2 python benchmarks/curvature_speed.py --n 512 --repeats 3
+
+It takes the options every script takes, and refuses three of them (``--help`` says why):
+``--pack`` (a timing runs alone), ``--compile`` and ``--amp`` (it only measures, and
+measurements run on the eager model in float32).
 """
 
 # (no ``from __future__ import annotations``: dataclasses then look the script up in
@@ -42,9 +46,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.runner import DeviceOptions  # noqa: E402
+from benchmarks.common.runner import MEASURED_EAGER  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED, TimingOptions  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
     add_options,
     option,
@@ -171,13 +177,6 @@ class SpeedOptions:
         choices=METHODS,
         metavar="METHOD",
     )
-    json: Path | None = option(
-        None,
-        "also write the results to this JSON file",
-        unset="print only",
-        type=Path,
-        metavar="PATH",
-    )
     covariance: bool = option(
         False,
         "also time λ_K^1 (gradient_covariance_eigenvalues, the "
@@ -189,8 +188,13 @@ class SpeedOptions:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
     p = parser("benchmarks/curvature_speed.py", __doc__.split("\n")[0], SpeedOptions)
-    add_options(p, DeviceOptions, only=("device",), defaults={"device": "cpu"})
+    add_options(p, TimingOptions, only=("json",))
+    add_shared_options(p, refused=REFUSED, defaults={"device": "cpu"})
     return p
+
+
+#: The shared options this script declares but does not take, and why.
+REFUSED = {"compile": MEASURED_EAGER, "amp": MEASURED_EAGER, "pack": PACK_REFUSED}
 
 
 def main(argv: list[str] | None = None) -> dict:

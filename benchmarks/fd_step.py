@@ -22,6 +22,10 @@ shows that it is a sound reference. Printed (and with ``--output`` written) as a
 Markdown table: median and worst over the batches.
 
     python benchmarks/fd_step.py --data-root DATA --batches 10 --output fd.md
+
+``--device`` measures there; ``--compile`` and ``--amp`` apply to the SGD steps before the
+trained state (through ``torch.compile``, under ``torch.autocast``), the measurements stay
+eager, in float32; ``--pack N`` measures N networks at once, one process each.
 """
 
 # (no ``from __future__ import annotations``: dataclasses then look the script up in
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +46,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
+from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.runner import COMPLETE, Job, Precision, sweep  # noqa: E402
 from benchmarks.common.text import ByteTransformerLM, load_stdlib_corpus  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
@@ -150,13 +158,25 @@ def make_network(name: str) -> nn.Module:
     return build_model(name, 10, init="torch")
 
 
-def train(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
+def train(
+    model: nn.Module,
+    data: list[tuple[Tensor, Tensor]],
+    compile: bool = False,
+    amp: str | None = None,
+) -> None:
+    """SGD steps on ``data``: the forward through ``torch.compile(model)`` with ``compile``,
+    under ``torch.autocast`` with ``amp`` (the measurements stay eager, in float32)."""
+    device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile else model
+    precision = Precision(amp, device)
     for x, y in data:
         opt.zero_grad()
-        out = model(x)
-        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
-        opt.step()
+        with precision.autocast():
+            out = forward(x.to(device))
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.to(device).reshape(-1))
+        precision.backward(loss)
+        precision.step(opt)
 
 
 def measure(
@@ -166,8 +186,8 @@ def measure(
     params = [p for p in model.parameters() if p.requires_grad]
 
     def objective(m: nn.Module = model, inputs: Tensor = x) -> PenaltyObjective:
-        o = PenaltyObjective(m, Batch((inputs,)), generator=torch.Generator().manual_seed(seed))
-        return o
+        labels = torch.Generator(inputs.device).manual_seed(seed)
+        return PenaltyObjective(m, Batch((inputs,)), generator=labels)
 
     base = objective()
     exact = flat(exact_penalty_gradient(base).grads, params)
@@ -231,15 +251,54 @@ class FdStepOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser("benchmarks/fd_step.py", __doc__.split("\n\n")[0], FdStepOptions)
+    p = parser("benchmarks/fd_step.py", __doc__.split("\n\n")[0], FdStepOptions)
+    add_shared_options(p, defaults={"device": "cpu"})  # (its batches are made on the host)
+    return p
 
 
 def _cell(values: list[float], worst: Callable[[list[float]], float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({worst(values):{fmt}})"
 
 
+def measure_network(
+    net: str, args: argparse.Namespace, deadline: float | None = None
+) -> dict[str, Any]:
+    """The table rows of network ``net`` (init, trained), as a :class:`~benchmarks.common.
+    runner.Job` of a sweep returns them (no deadline: a network is measured to the end)."""
+    device = resolve_device(args.device)
+    labels, size = args.differences, NETWORKS[net]
+    if net == "transformer":
+        xs, steps = text_batches(args.batches, size, args.train_steps)
+    else:
+        xs, steps = image_batches(args.data_root, args.batches, size, args.train_steps)
+    xs = [x.to(device) for x in xs]
+    model = make_network(net).to(device).train()
+    rows = []
+    for state in ("init", "trained"):
+        if state == "trained":
+            train(model, steps, args.compile, args.amp)
+        runs = [
+            measure(model, x, i, i == 0 and state == "init", args.differences)
+            for i, x in enumerate(xs)
+        ]
+        errors = [_cell([r[k][0] for r in runs], max, ".2e") for k in labels]
+        cos = _cell([r[labels[0]][1] for r in runs], min, ".5f")
+        ref = f"{runs[0]['exact32'][0]:.1e}" if "exact32" in runs[0] else ""
+        rows.append(
+            f"| {net} | {state} | {len(xs)} × {size} | "
+            + " | ".join(errors)
+            + f" | {cos} | {ref} |"
+        )
+        print(rows[-1], flush=True)
+    return {"status": COMPLETE, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> str:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     labels = args.differences
@@ -253,34 +312,16 @@ def main(argv: list[str] | None = None) -> str:
         + f" | cosine, {labels[0]} (worst) | exact32 |",
         "|" + "---|" * (len(labels) + 5),
     ]
-    for net in args.networks:
-        size = NETWORKS[net]
-        if net == "transformer":
-            xs, steps = text_batches(args.batches, size, args.train_steps)
-        else:
-            xs, steps = image_batches(args.data_root, args.batches, size, args.train_steps)
-        model = make_network(net).train()
-        for state in ("init", "trained"):
-            if state == "trained":
-                train(model, steps)
-            runs = [
-                measure(model, x, i, i == 0 and state == "init", args.differences)
-                for i, x in enumerate(xs)
-            ]
-            errors = [_cell([r[k][0] for r in runs], max, ".2e") for k in labels]
-            cos = _cell([r[labels[0]][1] for r in runs], min, ".5f")
-            ref = f"{runs[0]['exact32'][0]:.1e}" if "exact32" in runs[0] else ""
-            lines.append(
-                f"| {net} | {state} | {len(xs)} × {size} | "
-                + " | ".join(errors)
-                + f" | {cos} | {ref} |"
-            )
-            print(lines[-1], flush=True)
+    jobs = [Job(measure_network, net, args) for net in args.networks]
+    results, _ = sweep(jobs, pack=args.pack)
+    lines += [row for result in results for row in result["rows"]]
     command = " ".join(["python benchmarks/fd_step.py", *(sys.argv[1:] if argv is None else argv)])
+    training = ", trained through torch.compile" if args.compile else ""
+    training += f", trained under amp {args.amp}" if args.amp else ""
     lines += [
         "",
-        f"Produced by `{command}` (CPU, torch {torch.__version__}, {args.threads} "
-        f"thread(s), {time.perf_counter() - start:.0f} s).",
+        f"Produced by `{command}` ({device}{training}, torch {torch.__version__}, "
+        f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s).",
     ]
     text = "\n".join(lines)
     print(text)

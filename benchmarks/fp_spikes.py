@@ -22,6 +22,9 @@ epochs end with a refresh on the short last batch (the spikes' main source, docs
 and how much larger ``E[Tr(F_B)] ≈ Tr(F)/b`` is there than on a full batch.
 
     python benchmarks/fp_spikes.py runs/cifar10_simplecnn/fp_lr0.003_a0.01_s0_init-torch
+
+It reads logs only: of the options every script takes (``--device``, ``--compile``,
+``--amp``, ``--pack``) it accepts the defaults and refuses any other value.
 """
 
 # (no ``from __future__ import annotations``: dataclasses then look the script up in
@@ -38,9 +41,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.config import SIMPLECNN_CIFAR10, Setting  # noqa: E402
-from benchmarks.common.runner import read_jsonl  # noqa: E402
-from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402  # noqa: E402
+from benchmarks.common.config import (  # noqa: E402
+    SHARED_OPTIONS,
+    SIMPLECNN_CIFAR10,
+    Setting,
+    add_shared_options,
+)
+from benchmarks.common.runner import READS_LOGS, read_jsonl  # noqa: E402
+from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402
 
 FACTORS = (2.0, 3.0, 4.0, 6.0, 10.0)
 #: ``--schedule``'s default batch size, refresh interval and epochs: SimpleCNN's setting.
@@ -226,7 +234,13 @@ class SpikeOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser("benchmarks/fp_spikes.py", __doc__.split("\n\n")[0], SpikeOptions)
+    p = parser("benchmarks/fp_spikes.py", __doc__.split("\n\n")[0], SpikeOptions)
+    add_shared_options(p, refused=REFUSED)
+    return p
+
+
+#: It declares the options every script takes, and takes none of them.
+REFUSED = dict.fromkeys(SHARED_OPTIONS, READS_LOGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,10 +10,13 @@ between steps (parameter shards, momentum, the cached penalty gradient) and the 
 tensor memory allocated during a refresh step above that (the torch profiler's memory
 timeline: activations, gradients, all-gathered blocks, the finite difference's copies).
 
+The penalty runs in both modes: the finite difference on the sharded passes, and the exact
+mode (double backprop) on the gathered full parameters, freed after the refresh.
+
 ``--mp-error`` also measures what the finite difference does under
-``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (which
-``FisherPenaltySGD`` refuses): its relative error against the float32 exact penalty gradient of
-the unsharded model on the whole batch, with the same labels, at several steps and schemes.
+``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: its relative error
+against the float32 exact penalty gradient of the unsharded model on the whole batch, with
+the same labels, at several steps and schemes.
 
     OMP_NUM_THREADS=1 python benchmarks/fsdp_overhead.py --mp-error --output docs/fsdp_overhead_measured.md
 """
@@ -42,9 +45,10 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.runner import RunningOptions  # noqa: E402
 from benchmarks.common.text import VOCAB_SIZE, ByteTransformerLM  # noqa: E402
-from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
@@ -63,9 +67,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp_fd_k10_forward": {"every": 10, "fd_scheme": "forward"},
     "fp_fd_k1": {"every": 1},
     "fp_fd_k1_forward": {"every": 1, "fd_scheme": "forward"},
+    "fp_exact_k10": {"every": 10, "mode": "exact"},
+    "fp_exact_k1": {"every": 1, "mode": "exact"},
 }
 #: ``--ddp``: name -> (optimizer, keyword arguments) on the DDP-wrapped, unsharded model
-#: (None: plain SGD). Exact mode and Fisher noise, which FSDP2 refuses, run here.
+#: (None: plain SGD): the penalty in both modes, and Fisher noise, which FSDP2 refuses.
 DDP_VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "ddp_sgd": None,
     "ddp_fp_fd_k1": ("penalty", {"every": 1, "mode": "finite_difference"}),
@@ -111,7 +117,9 @@ def make_step(
     if kwargs is None:
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
     else:
-        opt = FisherPenaltySGD(model, alpha=0.01, mode="finite_difference", **common, **kwargs)
+        opt = FisherPenaltySGD(
+            model, alpha=0.01, **{"mode": "finite_difference", **kwargs}, **common
+        )
 
     def step() -> None:
         opt.zero_grad()
@@ -317,8 +325,9 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
         base = results["ddp"]["ddp_sgd"]["s_per_step"]
         lines += [
             "",
-            "The same model and batch under DDP (unsharded), where the exact mode and Fisher "
-            "noise run (FSDP2 refuses both); `all-reduce ms/step`: the time per step spent in "
+            "The same model and batch under DDP (unsharded), with Fisher noise (which FSDP2 "
+            "refuses); "
+            "`all-reduce ms/step`: the time per step spent in "
             "the optimizer's own all-reduces (every gradient of a refresh averaged over the "
             "ranks, for the penalty of the global batch; DDP's own gradient reduction is not "
             "counted).",
@@ -384,7 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser("benchmarks/fsdp_overhead.py", __doc__.split("\n\n")[0], FSDPOptions, TimingOptions)
     add_options(p, LMOptions, only=MODEL_DEFAULTS, defaults=MODEL_DEFAULTS)
     add_options(p, RunningOptions, only=("threads",), defaults={"threads": 1})
+    add_shared_options(p, refused=REFUSED, defaults={"device": "cpu"})
     return p
+
+
+#: The shared options this script declares but does not take, and why.
+REFUSED = {
+    "device": "its two ranks run on the CPU (gloo); one GPU per rank needs NCCL and torchrun",
+    "compile": "it times the optimizers' steps on the eager FSDP2 and DDP models",
+    "amp": "FSDP2's mixed precision is a MixedPrecisionPolicy, not autocast: --mp-error "
+    "measures the finite difference under one",
+    "pack": PACK_REFUSED,
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

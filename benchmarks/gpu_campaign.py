@@ -17,7 +17,8 @@ does not use to the next):
   training images, 300 epochs, batch 128, ×0.1 at epochs 150 and 225; η* = 0.1 and the rest
   at η*/10; α at the centre of the paper's grid), trained by the benchmarks' one training
   loop (``benchmarks/common/harness.py``): ``--pack`` runs at once on the GPU, the data set
-  resident there, no host read in an ordinary training step. Every run checkpoints after
+  resident there, no host read in an ordinary training step (``--amp bf16``: under
+  ``torch.autocast``; the runs' names then end in ``_amp-bf16``). Every run checkpoints after
   every epoch and when the budget ends; the same command continues it.
 
 Everything lands in ``--out`` (default ``runs/gpu_campaign``); ``campaign.json`` is rewritten
@@ -66,13 +67,13 @@ if str(ROOT) not in sys.path:
 from benchmarks import curvature_speed, overhead  # noqa: E402
 from benchmarks.cifar10_simplecnn import CONFIG as SIMPLECNN  # noqa: E402
 from benchmarks.common import harness  # noqa: E402
-from benchmarks.common.config import RunSpec, SweepOptions  # noqa: E402
+from benchmarks.common.config import RunSpec, SweepOptions, add_shared_options  # noqa: E402
 from benchmarks.common.data import ImageDataset, MissingData  # noqa: E402
 from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  # noqa: E402
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.runner import RUNNING, DeviceOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
-from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402  # noqa: E402
+from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
 #: Share of the budget each part may use (what it leaves passes on; table1 takes the rest).
@@ -317,9 +318,15 @@ def run_curvature(models: Sequence[str], device: torch.device, n: int, out: Path
 
 # ----------------------------------------------------------------------------- table 1
 def table1_specs(
-    seeds: Sequence[int], *, model: str = "simplecnn", epochs: int = 300, batch_size: int = 128
+    seeds: Sequence[int],
+    *,
+    model: str = "simplecnn",
+    epochs: int = 300,
+    batch_size: int = 128,
+    amp: str | None = None,
 ) -> list[RunSpec]:
-    """The row's runs (``TABLE1_RUNS`` × seeds, seed-major), SimpleCNN's paper settings."""
+    """The row's runs (``TABLE1_RUNS`` × seeds, seed-major), SimpleCNN's paper settings;
+    ``amp`` (``--amp``): trained under ``torch.autocast`` in that precision."""
     cfg = SIMPLECNN
     milestones = tuple(m * epochs // cfg.epochs for m in cfg.milestones)
     specs = []
@@ -344,6 +351,7 @@ def table1_specs(
                     fd_mode=cfg.fd_mode,
                     loss_threshold=cfg.threshold,
                     test_every=0,  # test@best-val on the kept weights: one test pass
+                    amp=amp,
                 )
             )
     return specs
@@ -510,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The campaign's options, then the data set's and the device's (shared)."""
     p = parser("benchmarks/gpu_campaign.py", __doc__.split("\n\n")[0], CampaignOptions)
     add_options(p, SweepOptions, only=("data_root", "download"))
-    add_options(p, DeviceOptions, defaults={"pack": DEFAULT_PACK})
+    groups = add_shared_options(p, defaults={"pack": DEFAULT_PACK})
+    add_options(p, DeviceOptions, only=("data_on_device",), groups=groups)
     return p
 
 
@@ -708,10 +717,11 @@ def _table1(
     args: argparse.Namespace, device: torch.device, end: float, out: Path, data: "_DataLoad"
 ) -> dict[str, Any]:
     if args.dry_run:
-        specs = table1_specs(args.seeds[:1], epochs=DRY["epochs"], batch_size=DRY["batch_size"])
+        dry = {"epochs": DRY["epochs"], "batch_size": DRY["batch_size"]}
+        specs = table1_specs(args.seeds[:1], **dry, amp=args.amp)
         specs = [replace(s, model=DRY["model"]) for s in specs[:2]]
     else:
-        specs = table1_specs(args.seeds)
+        specs = table1_specs(args.seeds, amp=args.amp)
     bundle = data.get()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the earlier parts' cached blocks, for the runs

@@ -42,10 +42,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import runner  # noqa: E402
-from benchmarks.common.config import RunSpec  # noqa: E402
+from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.runner import COMPLETE, DIVERGED, INTERRUPTED  # noqa: E402
 from fisher_optim import MODES  # noqa: E402
-from fisher_optim.cli import (  # noqa: E402  # noqa: E402
+from fisher_optim.cli import (  # noqa: E402
     HelpFormatter,
     add_options,
     integer,
@@ -189,13 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     groups = add_options(p, LMOptions, runner.RunningOptions, defaults={"out": f"runs/{NAME}"})
-    add_options(p, RunSpec, only=("amp",), groups=groups)
-    add_options(p, runner.DeviceOptions, only=DEVICE_OPTIONS, groups=groups)
+    add_shared_options(p, groups=groups)  # (no --data-on-device: the corpus lives there)
     return p
-
-
-#: The shared device options the script takes (the corpus always lives on the device).
-DEVICE_OPTIONS = ("device", "compile", "pack")
 
 
 # ------------------------------------------------------------------------------ training
@@ -259,9 +254,9 @@ class LMRun:
         self.forward = torch.compile(self.model) if compile else self.model
         self.precision = runner.Precision(config.get("amp"), device)
         base, kwargs = _base_optimizer(argparse.Namespace(**config))
-        if config["method"] == "fp":
+        if config["method"] == "fp":  # on the module the step calls (it sees its forwards)
             self.opt = FisherPenaltySGD(
-                self.model,
+                self.forward,
                 base,
                 alpha=config["alpha"],
                 every=config["every"],

@@ -9,6 +9,10 @@ same batches; interleaved rounds of ``--window`` steps after a warm-up, the medi
 each (``benchmarks/common/timing.py``). Reports images/s and the ratio.
 
     python benchmarks/loop_speed.py --threads 1
+
+With ``--compile`` both loops train through ``torch.compile(model)``, with ``--amp`` both
+under ``torch.autocast`` (the harness's ``Precision``); ``--pack`` is refused (a timing runs
+alone).
 """
 
 # (no ``from __future__ import annotations``: dataclasses then look the script up in
@@ -25,12 +29,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import harness  # noqa: E402
-from benchmarks.common.config import RunSpec  # noqa: E402
+from benchmarks.common import (
+    harness,  # noqa: E402
+    runner,  # noqa: E402
+)
+from benchmarks.common.config import (
+    RunSpec,  # noqa: E402
+    add_shared_options,  # noqa: E402
+)
 from benchmarks.common.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataset  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.runner import DeviceOptions, RunningOptions  # noqa: E402
-from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.runner import RunningOptions  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
     add_options,
     option,
@@ -52,8 +62,8 @@ class LoopOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("benchmarks/loop_speed.py", __doc__.split("\n\n")[0], LoopOptions, TimingOptions)
-    add_options(p, DeviceOptions, only=("device",))
     add_options(p, RunningOptions, only=("threads",))
+    add_shared_options(p, refused={"pack": PACK_REFUSED})
     return p
 
 
@@ -76,12 +86,16 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         lr=0.01,
         batch_size=args.batch_size,
         probe_size=8,
+        amp=args.amp,
     )
-    run = harness._Run(spec, data, Path("."), device)  # the scripts' step, as they train
+    # the scripts' step, as they train
+    run = harness._Run(spec, data, Path("."), device, compile=args.compile)
     torch.manual_seed(spec.seed)
     model = build_model(args.model, 10).to(device)
     model.load_state_dict(run.model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    forward = torch.compile(model) if args.compile else model
+    precision = runner.Precision(args.amp, device)
     images, labels = data.train.images, data.train.labels
     mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
@@ -100,10 +114,11 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     def bare_step() -> None:
         idx = batch("bare")
         x = (images[idx].float().div_(255) - mean) / std
-        loss = F.cross_entropy(model(x), labels[idx])
+        with precision.autocast():
+            loss = F.cross_entropy(forward(x), labels[idx])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        precision.backward(loss)
+        precision.step(opt)
 
     harness_step.model, bare_step.model = run.model, model  # type: ignore[attr-defined]
     return {"harness": harness_step, "bare": bare_step}
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "model": args.model,
+        "compile": args.compile,
+        "amp": args.amp,
         "batch_size": args.batch_size,
         "window": args.window,
         "rounds": args.rounds,
@@ -131,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "harness_time_over_bare": times["harness"] / times["bare"],
     }
     print(
-        f"{args.model}, batch {args.batch_size}, {device}, {result['threads']} thread(s): "
+        f"{args.model}, batch {args.batch_size}, {device}, {result['threads']} thread(s)"
+        + (", compiled" if args.compile else "")
+        + (f", amp {args.amp}" if args.amp else "")
+        + ": "
         + ", ".join(f"{k} {v:.0f} images/s" for k, v in result["images_per_s"].items())
         + f"; the harness's step takes {result['harness_time_over_bare']:.3f}x the bare "
         "loop's"

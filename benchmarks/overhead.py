@@ -7,6 +7,12 @@ reported as ms/step and as a ratio to plain ``torch.optim.SGD``.
 
     python benchmarks/overhead.py --device cpu --models simplecnn vgg11 --json overhead.json
 
+``--compile`` times every variant's training forward through ``torch.compile`` and ``--amp``
+under ``torch.autocast`` (the penalty is the optimizer's own pass: the finite difference
+through the compiled module in float32, the exact mode on the eager one under the training
+forward's autocast);
+``--pack`` is refused (a timing runs alone).
+
 Cost model (forward = 1, backward = 2, so one SGD step = 3): a refresh adds about 9 in exact
 mode, 6 with the forward difference and 9 with the central one; the float32 default
 (``fd_scheme="auto"``) takes one central refresh in ten where the forward difference is
@@ -31,11 +37,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
-from benchmarks.common.runner import DeviceOptions, RunningOptions  # noqa: E402
-from benchmarks.common.timing import TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.runner import Precision, RunningOptions  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
     option,
@@ -65,22 +72,34 @@ DEFAULT_MODELS = ("simplecnn", "vgg11", "wresnet44_3", "densenet40_12")
 
 
 def make_step(
-    model: torch.nn.Module, kwargs: dict | None, x: torch.Tensor, y: torch.Tensor
+    model: torch.nn.Module,
+    kwargs: dict | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    compile: bool = False,
+    amp: str | None = None,
 ) -> Callable[[], None]:
-    """One training step of the standard loop, for a fresh optimizer of this variant."""
+    """One training step of the standard loop, for a fresh optimizer of this variant: the
+    forward through ``torch.compile(model)`` with ``compile``, under ``torch.autocast`` with
+    ``amp`` (the penalty is the optimizer's own pass: the finite difference through the
+    compiled module, the exact mode on the eager one, see the integration guide)."""
     common = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+    forward = torch.compile(model) if compile else model
     if kwargs is None:
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
-    else:
-        opt = FisherPenaltySGD(model, alpha=0.01, **common, **kwargs)
+    else:  # on the module the loop calls (the compiled one: it sees its forwards)
+        opt = FisherPenaltySGD(forward, alpha=0.01, **common, **kwargs)
     needs_targets = isinstance(opt, FisherPenaltySGD) and opt.penalty.needs_targets
+    precision = Precision(amp, x.device)
 
     def step() -> None:
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with precision.autocast():
+            loss = F.cross_entropy(forward(x), y)
+        precision.backward(loss)
         if needs_targets:
             opt.set_targets(y)
-        opt.step()
+        precision.step(opt)
 
     return step
 
@@ -100,6 +119,8 @@ def time_model(
     variants: list[str],
     clock: Callable[[], float] = time.perf_counter,
     data_root: str | None = None,
+    compile: bool = False,
+    amp: str | None = None,
 ) -> dict[str, float]:
     """Median seconds per step of each variant (plain SGD always included) on one model."""
     torch.manual_seed(0)
@@ -112,7 +133,7 @@ def time_model(
         x = normalize(train.images[:batch], train.mean, train.std).to(device)
         y = train.labels[:batch].to(device)
     names = ["sgd", *(v for v in variants if v != "sgd")]
-    steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y) for v in names}
+    steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y, compile, amp) for v in names}
     return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
@@ -158,22 +179,22 @@ class OverheadOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every value is range-checked (a bad one is an argparse error)."""
-    return parser(
+    p = parser(
         "benchmarks/overhead.py",
         __doc__.split("\n\n")[0],
         OverheadOptions,
         TimingOptions,
-        DeviceOptions,
         RunningOptions,
         only=OVERHEAD_OPTIONS,
     )
+    add_shared_options(p, refused={"pack": PACK_REFUSED})
+    return p
 
 
-#: The options of this script (the timing's, ``--device`` and ``--threads`` of the shared).
+#: The options of this script besides the shared ones: the timing's and ``--threads``.
 OVERHEAD_OPTIONS = (
     *(f.name for f in fields(OverheadOptions)),
     *(f.name for f in fields(TimingOptions)),
-    "device",
     "threads",
 )
 
@@ -190,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = f"{'model':<14}{'variant':<16}{'ms/step':>10}{'ratio':>8}{'target':>8}"
     print(
         f"device={device} threads={torch.get_num_threads()} clock={args.clock} "
+        f"compile={args.compile} amp={args.amp or 'float32'} "
         f"batch={args.batch_size} "
         f"window={args.window} rounds={args.rounds} torch={torch.__version__}"
     )
@@ -206,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.variants,
             clock,
             args.data_root,
+            args.compile,
+            args.amp,
         )
         rows = {}
         for v, t in times.items():
@@ -216,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:<14}{v:<16}{1e3 * t:>10.1f}{ratio:>8.2f} {mark}")
         results[name] = rows
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "results": results}, indent=2))
+        setup = {"device": str(device), "compile": args.compile, "amp": args.amp}
+        args.json.write_text(json.dumps({**setup, "results": results}, indent=2))
     return results
 
 

@@ -37,7 +37,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.cli import mean_std  # noqa: E402
-from benchmarks.common.config import PENALTY_OF_METHOD  # noqa: E402
+from benchmarks.common.config import PENALTY_OF_METHOD, SHARED_OPTIONS, add_shared_options  # noqa: E402
+from benchmarks.common.runner import READS_LOGS  # noqa: E402
 from benchmarks.fp_spikes import collapses, read_jsonl  # noqa: E402
 from fisher_optim.cli import option, parser  # noqa: E402
 
@@ -248,7 +249,9 @@ class ReportOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser("benchmarks/report.py", __doc__.split("\n\n")[0], ReportOptions)
+    p = parser("benchmarks/report.py", __doc__.split("\n\n")[0], ReportOptions)
+    add_shared_options(p, refused=dict.fromkeys(SHARED_OPTIONS, READS_LOGS))
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

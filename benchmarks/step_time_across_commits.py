@@ -6,8 +6,10 @@ difference, refreshed at every step) once with the ``fisher_optim`` of ``--basel
 folder holding another checkout of this repository) and once with this checkout's. Each
 measurement is a fresh process (one thread, the process's CPU time over ``--steps`` steps
 after ``--warmup`` untimed ones); the two checkouts alternate within each of ``--repeats``
-rounds, their order flipped every round, and the median of each is reported with the ratio
-this checkout / baseline (below 1: faster now).
+rounds, their order flipped every round. Reported: the median of each, and the median (and
+range) of the rounds' ratios this checkout / baseline (below 1: faster now), each ratio taken
+between two processes that ran back to back, so that a load that changes during the run
+cancels in it.
 
     git worktree add BASELINE 5fb4978
     python benchmarks/step_time_across_commits.py --baseline BASELINE --repeats 5 --steps 20
@@ -28,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402  # noqa: E402
+from benchmarks.common.config import add_shared_options  # noqa: E402
+from benchmarks.common.timing import PACK_REFUSED  # noqa: E402
+from fisher_optim.cli import nonnegative_int, option, parser, positive_int  # noqa: E402
 
 #: variant -> the optimizer it builds (``model`` in scope), at the API both checkouts share.
 VARIANTS = {
@@ -69,7 +73,11 @@ start = time.process_time()
 for _ in range(steps):
     step()
 seconds = (time.process_time() - start) / steps
-print(json.dumps({"seconds": seconds, "fisher_optim": fisher_optim.__file__}))
+with torch.profiler.profile(with_flops=True) as prof:  # the work of one step, untimed
+    step()
+events = [e for e in prof.events() if e.name.startswith("aten::")]
+work = {"gflop": sum(e.flops or 0 for e in events) / 1e9, "aten_calls": len(events)}
+print(json.dumps({"seconds": seconds, **work, "fisher_optim": fisher_optim.__file__}))
 """
 
 
@@ -100,11 +108,26 @@ class StepTimeOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser("step_time_across_commits.py", __doc__.split("\n\n")[0], StepTimeOptions)
+    p = parser("step_time_across_commits.py", __doc__.split("\n\n")[0], StepTimeOptions)
+    add_shared_options(p, refused=REFUSED, defaults={"device": "cpu"})
+    return p
 
 
-def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
-    """Seconds per step of ``variant`` in a fresh process importing ``checkout``'s package."""
+#: The shared options this script declares but does not take, and why.
+REFUSED = {
+    "device": "it times the CPU step of two checkouts, each in fresh one-thread processes",
+    **dict.fromkeys(
+        ("compile", "amp"),
+        "it times the optimizers' eager float32 step through the API both checkouts share; "
+        "--compile and --amp are not part of that API",
+    ),
+    "pack": PACK_REFUSED,
+}
+
+
+def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step of ``variant`` in a fresh process importing ``checkout``'s package,
+    and the work of one step (``gflop``, ``aten_calls``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     models = ROOT / "benchmarks" / "common" / "models.py"
     argv = [variant, args.steps, args.warmup, args.batch_size, VARIANTS[variant], models]
@@ -121,7 +144,7 @@ def time_once(checkout: Path, variant: str, args: argparse.Namespace) -> float:
     imported = Path(result["fisher_optim"]).resolve()
     if not imported.is_relative_to(checkout.resolve()):
         raise RuntimeError(f"the worker imported {imported}, not the package of {checkout}")
-    return result["seconds"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.baseline / "fisher_optim" / "__init__.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no fisher_optim/ package in it")
     checkouts = {"baseline": args.baseline, "this": ROOT}
-    samples = {(v, c): [] for v in args.variants for c in checkouts}
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {
+        (v, c): [] for v in args.variants for c in checkouts
+    }
     for r in range(args.repeats):
         for v in args.variants:
             order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
@@ -137,12 +162,20 @@ def main(argv: list[str] | None = None) -> int:
                 samples[v, c].append(time_once(checkouts[c], v, args))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     lines = [
-        "| variant | baseline ms/step | this ms/step | this / baseline |",
-        "|---|---|---|---|",
+        "| variant | baseline ms/step | this ms/step | this / baseline | rounds' range "
+        "| GFLOP/step, baseline / this | ATen calls/step, baseline / this |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
-        base, this = (statistics.median(samples[v, c]) for c in checkouts)
-        lines.append(f"| {v} | {base * 1e3:.1f} | {this * 1e3:.1f} | {this / base:.3f} |")
+        base, this = (samples[v, c] for c in checkouts)
+        ms = [statistics.median(r["seconds"] for r in runs) * 1e3 for runs in (base, this)]
+        ratios = [t["seconds"] / b["seconds"] for b, t in zip(base, this)]
+        lines.append(
+            f"| {v} | {ms[0]:.1f} | {ms[1]:.1f} | {statistics.median(ratios):.3f} "
+            f"| {min(ratios):.3f} – {max(ratios):.3f} "
+            f"| {base[0]['gflop']:.2f} / {this[0]['gflop']:.2f} "
+            f"| {base[0]['aten_calls']} / {this[0]['aten_calls']} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.output is not None:

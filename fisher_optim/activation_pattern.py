@@ -130,7 +130,10 @@ def _record_mask(test: Callable[[Tensor, str, Args, Kwargs], Any]) -> Callable[.
 
 def _relu_replay(mask: Tensor, name: str, args: Args, kwargs: Kwargs) -> Tensor:
     x = args[0]
-    return x.mul_(mask) if _inplace(name, args, kwargs) else x * mask
+    # a mask in x's dtype: a product with a boolean one promotes it element by element, in
+    # the forward and again in the backward (on a CPU several times the cost of the ReLU)
+    factor = mask.to(x.dtype)
+    return x.mul_(factor) if _inplace(name, args, kwargs) else x * factor
 
 
 def _leaky_replay(mask: Tensor, name: str, args: Args, kwargs: Kwargs) -> Tensor:

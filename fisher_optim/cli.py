@@ -58,6 +58,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "real",
+    "Refused",
     "tagged",
 ]
 
@@ -237,6 +238,7 @@ def add_options(
     context: Any = None,
     groups: dict[str, Any] | None = None,
     only: Collection[str] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Add the option fields of every class in ``classes`` to ``parser`` (only those named in
     ``only``, if given: a script takes an option another class declares).
@@ -244,8 +246,12 @@ def add_options(
     ``defaults`` overrides fields' defaults by name; a callable help text is called with
     ``context``. Fields with a ``group`` go into that argument group (made on first use;
     ``groups``, returned, holds those made so far, so several calls can share them).
+    ``refused`` maps the names of options the script declares but cannot honour to why: such
+    an option keeps its flag, type and default, its help says why, and any other value is a
+    parser error that says why.
     """
     defaults = defaults or {}
+    refused = refused or {}
     groups = {} if groups is None else groups
     for cls in classes:
         for f in option_fields(cls):
@@ -266,13 +272,39 @@ def add_options(
             default = defaults[f.name] if f.name in defaults else _default(f)
             if default is None and meta["unset"] is not None:
                 text = f"{text} (default: {meta['unset']})"
+            kwargs = meta["argparse"]
+            if f.name in refused:
+                text = f"{text}. Not taken by this script: {refused[f.name]}"
+                flag_only = kwargs.get("action") in ("store_true", "store_false")
+                kwargs = {**kwargs, "action": Refused, "why": refused[f.name]}
+                kwargs["nargs"] = 0 if flag_only else kwargs.get("nargs")
             if flag.startswith("-"):
-                target.add_argument(
-                    *flags, dest=f.name, default=default, help=text, **meta["argparse"]
-                )
+                target.add_argument(*flags, dest=f.name, default=default, help=text, **kwargs)
             else:  # a positional argument (``flag`` is the field's name)
                 target.add_argument(flag, default=default, help=text, **meta["argparse"])
     return groups
+
+
+class Refused(argparse.Action):
+    """The action of an option a script declares but cannot honour (:func:`add_options`'
+    ``refused``): its default passes, any other value is a parser error saying ``why``; a
+    flag (``nargs=0``) is refused whenever it is given."""
+
+    def __init__(self, option_strings: list[str], dest: str, why: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.why = why
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if self.nargs == 0 or values != self.default:
+            given = " ".join(map(str, values if isinstance(values, list) else [values]))
+            parser.error(f"{' '.join([option_string or self.dest, given]).strip()}: {self.why}")
+        setattr(namespace, self.dest, values)
 
 
 def parser(

@@ -31,7 +31,7 @@ def assert_help_complete(parser: argparse.ArgumentParser) -> None:
     for name, (action, shown) in option_helps(parser).items():
         assert action.help and len(action.help) > 10, f"{name}: no help"
         count = shown.count("default:")
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse._StoreTrueAction) or action.nargs == 0:
             assert count <= 1, (name, shown)  # a flag that is off says nothing more
             continue
         assert count == 1, f"{name}: {count} defaults in {shown!r}"

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from fisher_optim.cli import Refused
+
 from .cli_utils import assert_help_complete, assert_rejected
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +191,59 @@ def test_overhead_and_curvature_speed_refuse_bad_values(capsys):
         assert_rejected(speed, argv, option, capsys)
     assert overhead.parse_args(["--device", "cuda:1"]).device == "cuda:1"
     assert speed.parse_args(["--skip", "loop", "backpack"]).skip == ["loop", "backpack"]
+
+
+#: ``--device``, ``--compile``, ``--amp`` and ``--pack``, which every script takes.
+SHARED = ("device", "compile", "amp", "pack")
+#: The arguments a script requires.
+REQUIRED = {"step_time_across_commits": ["--baseline", "."], "report": ["runs"]}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_takes_the_shared_options(name, capsys):
+    """Each is declared once (``runner.DeviceOptions``, ``RunSpec.amp``). One a script cannot
+    honour keeps its flag and default (which parses), says so in ``--help``, and refuses any
+    other value with one paragraph saying why: exit code 2, no traceback."""
+    parser = parser_of(name)
+    by_dest = {a.dest: a for a in parser._actions}
+    assert set(SHARED) <= set(by_dest)
+    for dest in SHARED:
+        action = by_dest[dest]
+        if not isinstance(action, Refused):
+            continue
+        flag = action.option_strings[0]
+        given = REQUIRED.get(name, [])
+        if action.nargs != 0 and action.default is not None:  # the default, given, passes
+            assert getattr(parser.parse_args([*given, flag, str(action.default)]), dest) == (
+                action.default
+            )
+        argv = {"device": [flag, "cuda:1"], "amp": [flag, "bf16"], "pack": [flag, "2"]}
+        err = assert_rejected(parser, [*given, *argv.get(dest, [flag])], flag, capsys)
+        paragraph = err.strip().splitlines()[-1]
+        assert paragraph.endswith(action.why) and "Traceback" not in err
+        assert len(action.why) > 40 and "Not taken by this script" in action.help
+
+
+def test_the_shared_options_refused_are_the_ones_stated():
+    """Every option works where it can: the timing scripts refuse ``--pack`` (packed runs
+    would slow each other), the measurement-only ones ``--compile``/``--amp``, the readers of
+    logs all four."""
+    refused = {
+        name: sorted(a.dest for a in parser_of(name)._actions if isinstance(a, Refused))
+        for name in SCRIPTS
+    }
+    every = sorted(SHARED)
+    assert refused == {
+        **{name: [] for name in SCRIPTS},
+        "curvature_speed": ["amp", "compile", "pack"],
+        "fp_spikes": every,
+        "report": every,
+        "fsdp_overhead": every,
+        "step_time_across_commits": every,
+        "lm_penalty_scale": ["compile"],
+        "loop_speed": ["pack"],
+        "overhead": ["pack"],
+    }
 
 
 def _other_value(action: argparse.Action) -> list[str]:

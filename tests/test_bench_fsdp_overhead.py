@@ -56,6 +56,9 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     )
     # the penalty's variants hold the cached penalty gradient on top of SGD's state
     assert rows["fp_fd_k10"]["held_mib"] > rows["fsdp_sgd"]["held_mib"]
+    # the exact mode runs under FSDP2 (on the gathered full parameters), in both schedules
+    assert {"fp_exact_k10", "fp_exact_k1"} <= set(rows)
+    assert rows["fp_exact_k1"]["held_mib"] == rows["fp_fd_k1"]["held_mib"]
     assert json.loads(out.read_text())["results"]["overhead"].keys() == rows.keys()
     ddp = results["ddp"]
     assert list(ddp) == list(bench.DDP_VARIANTS)
@@ -64,6 +67,7 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     text = capsys.readouterr().out
     assert (
         "| fp_fd_k1_forward |" in text
+        and "| fp_exact_k1 |" in text
         and "| ddp_fp_exact_k1 |" in text
         and "Produced by `python benchmarks/fsdp_overhead.py" in text
     )

@@ -105,6 +105,14 @@ def test_table1_runs_follow_the_paper() -> None:
     assert {s.alpha for s in specs if s.method == "gpx"} == {100.0}
     assert all(s.spike_factor is None for s in specs)  # the paper's FP, no safeguard
     assert all(s.test_every == 0 for s in specs)  # test@best-val on the kept weights
+    assert all(s.amp is None for s in specs)  # float32 unless --amp
+
+
+def test_amp_trains_the_table_runs_under_autocast() -> None:
+    args = campaign.build_parser().parse_args(["--amp", "bf16"])
+    specs = campaign.table1_specs([0], amp=args.amp)
+    assert {s.amp for s in specs} == {"bf16"} and all(s.name.endswith("amp-bf16") for s in specs)
+    assert len({s.name for s in specs}) == len(specs)
 
 
 def test_sizing_arithmetic(monkeypatch) -> None:

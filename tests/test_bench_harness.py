@@ -719,3 +719,29 @@ def test_init_option_reaches_the_model(tmp_path):
         first = json.loads((tmp_path / init / "metrics.jsonl").read_text().splitlines()[0])
         traces[init] = first["trace"]  # Tr(F) at initialisation
     assert traces["kaiming"] != traces["glorot"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("fp", {"alpha": 0.01}), ("fp", {"alpha": 0.01, "fd_mode": "exact"}), ("noise_diag", {})],
+)
+def test_compile_trains_the_optimizers_through_the_compiled_module(method, extra, tmp_path):
+    """``--compile``: the optimizer is built on the module the step calls (the compiled one),
+    so it sees the training forwards; the run trains as the eager one does."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    train = data_mod.ImageDataset(images, torch.randint(10, (64,), generator=g), 10, name="s")
+    data = harness.DataBundle(train, None, train)
+    spec = config.RunSpec(
+        experiment="x", dataset="cifar10", model="tiny", method=method, lr=0.01,
+        batch_size=16, probe_size=8, small_batch_size=4, **extra,
+    )  # fmt: skip
+    weights = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        run = harness._Run(spec, data, tmp_path, torch.device("cpu"), compile=compile)
+        for _ in range(3):
+            run._step(torch.arange(16))
+        weights.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,17 +18,37 @@ if str(ROOT) not in sys.path:
 loop_speed = importlib.import_module("benchmarks.loop_speed")
 
 
-def test_the_two_loops_train_the_same_model_bitwise():
+def _trained(extra: list[str]) -> tuple[dict, dict, list[torch.dtype]]:
+    """Both loops' state after 5 steps each, and the dtypes of the models' outputs."""
     args = loop_speed.build_parser().parse_args(
-        ["--model", "tiny", "--images", "64", "--batch-size", "16"]
+        ["--model", "tiny", "--images", "64", "--batch-size", "16", *extra]
     )
     steps = loop_speed.steps(args, torch.device("cpu"))
+    seen: list[torch.dtype] = []
+    for step in steps.values():
+        step.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     for _ in range(5):
         steps["harness"]()
         steps["bare"]()
-    a, b = steps["harness"].model.state_dict(), steps["bare"].model.state_dict()
+    return steps["harness"].model.state_dict(), steps["bare"].model.state_dict(), seen
+
+
+@pytest.mark.parametrize(
+    ("amp", "dtype"), [([], torch.float32), (["--amp", "bf16"], torch.bfloat16)]
+)
+def test_the_two_loops_train_the_same_model_bitwise(amp, dtype):
+    a, b, seen = _trained(amp)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(seen) == {dtype}  # --amp bf16: both under CPU autocast
+
+
+@pytest.mark.slow
+def test_compile_trains_both_loops_through_torch_compile():
+    torch._dynamo.reset()
+    a, b, _ = _trained(["--compile"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
 def test_the_command_reports_both_throughputs(tmp_path):

@@ -96,3 +96,68 @@ def test_fd_step_rejects_invalid_options(capsys):
         "--output",
     ):
         assert option in text
+
+
+def _output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """The dtypes of the last layer's outputs, one per forward (hooked)."""
+    seen: list[torch.dtype] = []
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize(("amp", "dtype"), [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_overhead_steps_train_under_amp(amp, dtype):
+    """``--amp bf16`` runs the training forward under CPU autocast; the finite difference's
+    forwards (inside ``step()``) stay float32."""
+    overhead = load("overhead")
+    torch.manual_seed(0)
+    model = overhead.build_model("tiny", 10)
+    seen = _output_dtypes(model)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k1"], x, y, amp=amp)
+    step()
+    assert seen[0] == dtype and set(seen[1:]) == {torch.float32}  # training, then the penalty
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_overhead_and_loop_speed_refuse_pack(capsys):
+    for name in ("overhead", "loop_speed", "curvature_speed"):
+        with pytest.raises(SystemExit) as exc:
+            load(name).main(["--pack", "2"])
+        assert exc.value.code == 2
+        assert "a timing runs alone" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_overhead_compile_trains_through_torch_compile():
+    overhead = load("overhead")
+    torch._dynamo.reset()
+    model = overhead.build_model("tiny", 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k10"], x, y, compile=True)
+    step()
+    step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_fd_step_trains_under_amp_and_measures_in_float32():
+    fd_step = load("fd_step")
+    torch.manual_seed(0)
+    model = fd_step.build_model("tiny", 10)
+    seen = _output_dtypes(model)
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(10, (4,)))]
+    fd_step.train(model, data, amp="bf16")
+    assert seen == [torch.bfloat16]
+    out = fd_step.measure(model, torch.randn(4, 3, 32, 32), 0, False, ["central"])
+    assert seen[1:] and set(seen[1:]) == {torch.float32} and out["central"][0] < 0.05
+
+
+def test_fd_step_measures_each_network_as_a_job_a_child_process_rebuilds():
+    """``--pack N`` sends each network's measurement to a process as a pickled Job."""
+    import pickle
+
+    fd_step = load("fd_step")
+    args = fd_step.build_parser().parse_args(["--networks", "transformer", "--pack", "2"])
+    job = pickle.loads(pickle.dumps(fd_step.Job(fd_step.measure_network, "transformer", args)))
+    assert job.fn is fd_step.measure_network and job.args[1].pack == 2

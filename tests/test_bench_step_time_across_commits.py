@@ -26,4 +26,4 @@ def test_one_round_against_this_checkout(capsys):
     argv = ["--baseline", str(ROOT), "--variants", "fp_fd", "noise_diagonal"]
     script.main([*argv, "--repeats", "1", "--steps", "1", "--warmup", "0", "--batch-size", "32"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp_fd")]
-    assert len(rows) == 1 and len(rows[0].split("|")) == 6
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9

@@ -126,3 +126,23 @@ def test_options_are_dataclass_fields():
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["limit"] == "a limit (default: none)" and helps["steps"] == "optimizer steps"
     assert Opts().names is not Opts().names  # a list default is copied per instance
+
+
+@dataclass
+class Shared:
+    pack: int = cli.option(1, "runs at once", type=cli.positive_int, metavar="N")
+    fast: bool = cli.option(False, "a flag", action="store_true")
+
+
+def test_a_refused_option_keeps_its_default_and_says_why(capsys):
+    why = "packed runs would slow each other"
+    p = cli.parser("x", "d", Shared, refused={"pack": why, "fast": "nothing to speed up"})
+    assert cli.from_args(Shared, p.parse_args(["--pack", "1"])) == Shared()
+    err = assert_rejected(p, ["--pack", "2"], "--pack", capsys)
+    assert err.strip().endswith(f"error: --pack 2: {why}")
+    assert_rejected(p, ["--pack", "0"], "--pack", capsys)  # its type still checks
+    err = assert_rejected(p, ["--fast"], "--fast", capsys)
+    assert err.strip().endswith("error: --fast: nothing to speed up")
+    helps = {k: v for k, (_, v) in option_helps(p).items()}
+    assert helps["--pack"] == f"runs at once. Not taken by this script: {why} (default: 1)"
+    assert_help_complete(p)

@@ -43,6 +43,7 @@ from benchmarks.common.data import AUGMENTATIONS as AUGMENT_MODES
 from benchmarks.common.models import INITS, MODELS
 from fisher_optim import MODES
 from fisher_optim.cli import (
+    add_options,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -492,6 +493,29 @@ FIRST_SPEC_FIELDS = frozenset(
         "group_probe_size",
     )
 )
+
+
+#: The options every script takes: where and how it computes (``--device``, ``--compile``,
+#: ``--pack``: :class:`~benchmarks.common.runner.DeviceOptions`) and its precision
+#: (``--amp``: :class:`RunSpec`'s).
+SHARED_OPTIONS = ("device", "compile", "amp", "pack")
+
+
+def add_shared_options(
+    parser: argparse.ArgumentParser,
+    *,
+    refused: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    groups: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Add :data:`SHARED_OPTIONS` to a script's ``parser``; ``refused``: those the script
+    declares but cannot honour, each with why (see :func:`fisher_optim.cli.add_options`).
+    Returns the ``--help`` sections, as :func:`~fisher_optim.cli.add_options` does."""
+    groups = add_options(parser, RunSpec, only=("amp",), refused=refused, groups=groups)
+    only = [n for n in SHARED_OPTIONS if n != "amp"]
+    return add_options(
+        parser, runner.DeviceOptions, only=only, refused=refused, defaults=defaults, groups=groups
+    )
 
 
 #: What ``--quick`` sets (unless given explicitly).

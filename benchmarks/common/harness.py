@@ -519,7 +519,8 @@ class _Run:
         self.forward: Callable[[Tensor], Tensor] = (
             torch.compile(self.model) if compile else self.model
         )
-        self.opt = build_optimizer(spec, self.model)
+        # on the module the step calls: the compiled one sees its own forwards
+        self.opt = build_optimizer(spec, self.forward)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(spec.milestones), gamma=spec.gamma
         )

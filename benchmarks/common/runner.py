@@ -49,6 +49,8 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "FINISHED",
     "INTERRUPTED",
+    "MEASURED_EAGER",
+    "READS_LOGS",
     "STOPPED",
     "DeviceOptions",
     "Job",
@@ -171,6 +173,18 @@ class DeviceOptions:
         metavar="N",
         group=DEVICE,
     )
+
+
+#: Why a script that reads the runs' logs refuses every shared option but its default.
+READS_LOGS = (
+    "this script reads the runs' logs (JSON) and computes no tensor: there is nothing to "
+    "place on a device, compile, run in mixed precision or pack"
+)
+#: Why a script that only measures refuses ``--compile`` and ``--amp``.
+MEASURED_EAGER = (
+    "this script only measures, and measurements run on the eager model in float32 in every "
+    "script; --compile and --amp apply to training steps, of which it takes none"
+)
 
 
 # ------------------------------------------------------------------------------ files

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from fisher_optim.cli import nonnegative_int, option, positive_int
 
-__all__ = ["TimingOptions", "interleaved_medians"]
+__all__ = ["PACK_REFUSED", "TimingOptions", "interleaved_medians"]
+
+#: Why a timing script refuses ``--pack N`` (N > 1).
+PACK_REFUSED = (
+    "a timing runs alone. Runs packed side by side on one device share its cores, memory "
+    "bandwidth and caches, and slow each other by amounts that differ from variant to "
+    "variant and from round to round, so the times and their ratios would be wrong. Run "
+    "one timing command at a time"
+)
 
 
 @dataclass
