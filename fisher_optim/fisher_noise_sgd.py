@@ -50,19 +50,20 @@ Conventions of :class:`FisherNoiseSGD`:
 * The estimate runs in full precision (outside autocast).
 * DDP and FSDP2: the estimate is that of the global batch, ``diag F = Σ_i g_i ⊙ g_i / M``
   over every rank's examples: each rank sums its own and one all-reduce adds the sums and
-  the example counts (per refresh); ``"full"`` (DDP only) all-reduces ``Σ_i z_i g_i``
-  (one all-reduce per step). The seed is broadcast from rank 0 at the first step. The
+  the example counts (per refresh); ``"full"`` all-reduces ``Σ_i z_i g_i`` (one
+  all-reduce of the parameters' size per step). The seed is broadcast from rank 0 at the first step. The
   sampled labels (and ``"full"``'s ``z_i``) are functions of the seed, the refresh and
   the example's row in the global batch (the ranks' rows laid end to end in rank order,
   :mod:`fisher_optim._global_rows`: one all-gather of the row counts per draw), and ``ξ``
   is drawn over all the parameters' entries on every rank, so the noise ``n``, and the
   update, are those of one process on the whole batch, on any number of ranks.
-* FSDP2 (``fully_shard``, ``"diagonal"`` and ``"trace"``): each refresh gathers the full
-  parameters (:func:`fisher_optim._fsdp.gathered_parameters`; held on every rank for the
-  refresh, as exact mode holds them) and takes the rank's per-example gradients on them;
-  each rank keeps its shard of ``diag F``. Every step draws the full-size ``ξ`` on each
-  rank (a transient buffer the size of the full parameters) and adds its shard of ``n``
-  to its shard of the gradient; ``||n||`` costs one all-reduce of a scalar.
+* FSDP2 (``fully_shard``): each refresh gathers the full parameters
+  (:func:`fisher_optim._fsdp.gathered_parameters`; held on every rank for the refresh, as
+  exact mode holds them) and takes the rank's per-example gradients on them; each rank
+  keeps its shard of ``diag F``. Every step draws the full-size ``ξ`` on each rank (a
+  transient buffer the size of the full parameters) and adds its shard of ``n`` to its
+  shard of the gradient; ``||n||`` costs one all-reduce of a scalar. ``"full"`` gathers
+  the parameters every step (its refresh) and all-reduces the full-size ``Σ_i z_i g_i``.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class FisherNoiseSGD(GradientWrapper):
 
     Args:
         model: the model being trained (an ``nn.Module``; a DDP-wrapped or compiled model is
-            fine; an FSDP2 ``fully_shard``-ed one too, with ``"diagonal"`` or ``"trace"``).
+            fine; an FSDP2 ``fully_shard``-ed one too).
             A forward pre-hook remembers its latest training-mode input. How the
             per-example gradients are formed: :mod:`fisher_optim.curvature.gradient_moment`.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()`` (or
@@ -190,7 +191,7 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        _check_arguments(model, small_batch_size, covariance, fisher, every, estimate_batch_size)
+        _check_arguments(small_batch_size, covariance, fisher, every, estimate_batch_size)
         self._sharded = is_fsdp(model)
         check_function_or_none("target_mask", target_mask)
         self.covariance = covariance
@@ -346,18 +347,22 @@ class FisherNoiseSGD(GradientWrapper):
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
         """``v = (1/sqrt(M)) Σ_i z_i g_i`` per parameter, ``Cov(v) = (1/M) Σ_i g_i g_i^T``
         (:func:`fisher_optim.curvature.gradient_moment.example_grad_draws`): one forward
-        (batch statistics, running statistics frozen) and one backward for all ``draws``."""
+        (batch statistics, running statistics frozen) and one backward for all ``draws``;
+        under FSDP2 on the gathered parameters, each rank keeping its shard's part."""
         params = self.flat_params()
         wrt = [p for p in params if p.requires_grad]
         size, group = self.estimate_batch_size, self._data_group()
-        batch = self.cut(batch, None if size is None else rank_share(size, group), self.output_fn)
-        targets = self._target_rows(batch, batch.num_examples())
-        with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
-            v = example_grad_draws(
-                self.module, batch, wrt, self.likelihood,
-                targets=targets, generator=self._label_generator(wrt[0].device), draws=draws,
-                output_fn=self.output_fn, target_mask=self.target_mask,
-            )  # fmt: skip
+        with self._gathered(self.module, wrt) as full:
+            batch = self.cut(
+                batch, None if size is None else rank_share(size, group), self.output_fn
+            )
+            targets = self._target_rows(batch, batch.num_examples())
+            with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
+                v = example_grad_draws(
+                    self.module, batch, full, self.likelihood,
+                    targets=targets, generator=self._label_generator(wrt[0].device),
+                    draws=draws, output_fn=self.output_fn, target_mask=self.target_mask,
+                )  # fmt: skip
         world = self._world()[0]
         if world > 1:  # (1/sqrt(W M)) Σ over all ranks' examples
             v = [t * math.sqrt(world) for t in self.all_reduce_mean(v)]
@@ -365,8 +370,15 @@ class FisherNoiseSGD(GradientWrapper):
         if not self._finite(total, "Fisher noise ...", 9, "no parameter was changed by it"):
             return None
         self.fisher_trace = total / (1 if draws is None else draws)
-        it = iter(v)
-        return [next(it).detach() if p.requires_grad else None for p in params]
+        it = zip(wrt, v)
+        out: list[Tensor | None] = []
+        for p in params:
+            if p.requires_grad:
+                q, t = next(it)
+                out.append(local_part(t.detach(), q))
+            else:
+                out.append(None)
+        return out
 
     def _finite(
         self, value: float, what: str, stacklevel: int,
@@ -465,7 +477,6 @@ class FisherNoiseSGD(GradientWrapper):
 
 
 def _check_arguments(
-    model: nn.Module,
     small_batch_size: Any,
     covariance: Any,
     fisher: Any,
@@ -483,13 +494,6 @@ def _check_arguments(
             f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
         )
     check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
-    if covariance == "full" and is_fsdp(model):
-        raise ValueError(
-            "FisherNoiseSGD: covariance='full' is not supported on an FSDP2-sharded model "
-            "(its noise is a weighted gradient of the full batch's per-example losses, taken "
-            "on the unsharded parameters every step); use covariance='diagonal' or 'trace', "
-            "which support FSDP2, or wrap the model in DistributedDataParallel for 'full'"
-        )
 
 
 def add_noise(

@@ -129,10 +129,7 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
     results["ddp"] = _run(rank, CASES["diagonal"], ddp=True)
     results["ddp_head"] = _run(rank, CASES["head"], ddp=True)
     results["ddp_full"] = _run(rank, FULL, ddp=True)
-    try:
-        FisherNoiseSGD(_sharded(), lr=LR, small_batch_size=M_S, covariance="full")
-    except ValueError as e:
-        results["full_error"] = str(e)
+    results["full"] = _run(rank, FULL)
     results["dcp"] = _checkpoint(rank, str(Path(work_dir) / "checkpoint"))
     return results
 
@@ -255,11 +252,13 @@ def test_one_process_equals_the_brute_force() -> None:
     _check({"params": [p.detach() for p in model.parameters()], "logged": logged}, _brute_force())
 
 
-def test_full_covariance_is_refused_naming_the_alternatives(ranks: list[dict]) -> None:
+def test_fsdp2_full_covariance_equals_one_process(ranks: list[dict]) -> None:
+    """``"full"`` on the gathered parameters, ``Σ_i z_i g_i`` all-reduced, each rank adding
+    its shard: the brute-force one-process update, every step a refresh."""
+    expected = _brute_force(**FULL)
     for rank in ranks:
-        message = rank["full_error"]
-        assert "covariance='full' is not supported on an FSDP2-sharded model" in message
-        assert "'diagonal' or 'trace'" in message and "DistributedDataParallel" in message
+        assert rank["full"]["refreshes"] == STEPS
+        _check(rank["full"], expected)
 
 
 def test_distributed_checkpoint_resume_is_bitwise(ranks: list[dict]) -> None:
