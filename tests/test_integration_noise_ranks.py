@@ -16,6 +16,7 @@ All the scenarios run inside one ``torch.multiprocessing.spawn`` (module-scoped 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from fisher_optim.fisher_noise_sgd import mixed_seed
 
 from .distributed_utils import run_on_ranks
 from .test_integration_fsdp import (
-    LOCAL_BATCH,
     WORLD,
     _full,
     _global_batch,
@@ -156,19 +156,23 @@ def _brute_force(
     estimate_batch_size: int | None = None,
     noise: bool = True,
     every: int = EVERY,
+    make: Callable[[], nn.Module] = _model,
+    batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] = _global_batch,
+    steps: int = STEPS,
 ) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
     """θ ← θ − lr (∇L + n) on the whole batch of 12 (see the module docstring); the
-    parameters and ``(||n||, Tr F)`` of every step. ``"full"``: ``n = scale · (1/sqrt(M))
+    parameters and ``(||n||, Tr F)`` of every step (``make``: the model, ``batches``: the
+    global batch of each of ``steps`` steps). ``"full"``: ``n = scale · (1/sqrt(M))
     Σ_i z_i g_i``, the labels and then ``z`` (one normal per example) drawn from the step's
     generator, and ``Tr F`` the single-draw estimate ``||Σ_i z_i g_i||² / M``."""
-    model = _model()
+    model = make()
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
     xi_generator = torch.Generator().manual_seed(SEED)
-    scale = math.sqrt((WORLD * LOCAL_BATCH - M_S) / (WORLD * LOCAL_BATCH * M_S))
     refreshes, diag, trace, logged = 0, None, None, []
-    for step in range(STEPS):
-        x, y = _global_batch(step)
+    for step in range(steps):
+        x, y = batches(step)
+        scale = math.sqrt((len(x) - M_S) / (len(x) * M_S))
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
         if step % every == 0:
             refreshes += 1
@@ -204,9 +208,15 @@ def _brute_force(
     return [p.detach() for p in params], logged
 
 
-def _check(rank: dict, expected: tuple[list[torch.Tensor], list[tuple[float, float]]]) -> None:
+def _check(
+    rank: dict,
+    expected: tuple[list[torch.Tensor], list[tuple[float, float]]],
+    start: nn.Module | None = None,
+) -> None:
+    """The update (relative to the brute force's, from ``start``), ``||n||`` and ``Tr F`` of
+    every step to float64 rounding."""
     params, logged = expected
-    assert _relative(rank["params"], params, _model()) < 1e-9
+    assert _relative(rank["params"], params, _model() if start is None else start) < 1e-9
     for (norm, trace), (norm_ref, trace_ref) in zip(rank["logged"], logged, strict=True):
         assert norm == pytest.approx(norm_ref, rel=1e-9)
         assert trace == pytest.approx(trace_ref, rel=1e-9)
