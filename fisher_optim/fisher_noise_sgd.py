@@ -36,8 +36,8 @@ class schedules it, keeps its state and adds the noise.
 Conventions of :class:`FisherNoiseSGD`:
 
 * ``M_L`` is the number of examples: the first dimension of the model's first tensor
-  input (times the world size under DDP, where the gradient is the mean over ranks;
-  local batches are assumed equal in size). For a sequence model with logits
+  input (times the world size under DDP and FSDP2, where the gradient is the mean over
+  ranks; local batches are assumed equal in size). For a sequence model with logits
   ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean of ``ℓ`` over its
   ``T`` positions (so that the batch gradient is the mean of the ``g_i``) and the
   labels are sampled per position.
@@ -51,8 +51,8 @@ Conventions of :class:`FisherNoiseSGD`:
 * DDP and FSDP2: the estimate is that of the global batch, ``diag F = Σ_i g_i ⊙ g_i / M``
   over every rank's examples: each rank sums its own and one all-reduce adds the sums and
   the example counts (per refresh); ``"full"`` all-reduces ``Σ_i z_i g_i`` (one
-  all-reduce of the parameters' size per step). The seed is broadcast from rank 0 at the first step. The
-  sampled labels (and ``"full"``'s ``z_i``) are functions of the seed, the refresh and
+  all-reduce of the parameters' size per step). The seed is broadcast from rank 0 at the
+  first step. The sampled labels (and ``"full"``'s ``z_i``) are functions of the seed, the refresh and
   the example's row in the global batch (the ranks' rows laid end to end in rank order,
   :mod:`fisher_optim._global_rows`: one all-gather of the row counts per draw), and ``ξ``
   is drawn over all the parameters' entries on every rank, so the noise ``n``, and the
