@@ -145,7 +145,7 @@ def shard_like(t: Tensor, param: Tensor, src_data_rank: int | None = 0) -> Tenso
     return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=src_data_rank)
 
 
-def local_part(t: Tensor, param: Tensor) -> Tensor:
+def local_part(param: Tensor, t: Tensor) -> Tensor:
     """The entries of the full tensor ``t`` (shaped like ``param``, after any leading
     dimensions) that this rank's shard of the ``DTensor`` ``param`` holds, cut without
     communication; ``t`` itself when ``param`` is not a ``DTensor``."""
@@ -228,6 +228,24 @@ def fsdp_hooks_off(model: nn.Module) -> Iterator[None]:
     finally:
         for hooks, kept in saved:
             hooks.update(kept)
+
+
+@contextlib.contextmanager
+def gathered_subset(model: nn.Module, params: list[Tensor], owner: str) -> Iterator[list[Tensor]]:
+    """``params`` (parameters of ``model``) as they are for the block, or, when they are
+    sharded, their full ``Parameter`` s, the model called on them
+    (:func:`gathered_parameters`)."""
+    if not is_sharded(params):
+        yield params
+        return
+    with gathered_parameters(model) as full:
+        missing = [tuple(p.shape) for p in params if id(p) not in full]
+        if missing:
+            raise ValueError(
+                f"{owner}: parameters of shapes {missing} are not sharded parameters of the "
+                "FSDP2 model; shard the whole model with fully_shard (the root module last)"
+            )
+        yield [full[id(p)] for p in params]
 
 
 @contextlib.contextmanager

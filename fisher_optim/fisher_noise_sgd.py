@@ -68,24 +68,21 @@ Conventions of :class:`FisherNoiseSGD`:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._data_parallel import mean_over_ranks, sum_over_ranks
+from fisher_optim._data_parallel import sum_over_ranks
 from fisher_optim._fsdp import (
     ShardedPasses,
-    gathered_parameters,
-    is_fsdp,
+    gathered_subset,
+    is_sharded,
     local_part,
     local_shard,
-    mesh_group,
     shard_like,
 )
 from fisher_optim._global_rows import GlobalRows, rank_share
@@ -192,7 +189,6 @@ class FisherNoiseSGD(GradientWrapper):
         **base_kwargs: Any,
     ) -> None:
         _check_arguments(small_batch_size, covariance, fisher, every, estimate_batch_size)
-        self._sharded = is_fsdp(model)
         check_function_or_none("target_mask", target_mask)
         self.covariance = covariance
         self.fisher = fisher
@@ -227,20 +223,16 @@ class FisherNoiseSGD(GradientWrapper):
     def _before_base_step(self) -> None:
         batch = self.current_batch()
         self._scales(batch)  # raises early if small_batch_size ≥ M_L
-        self.sync_seed(self._data_group())
+        self.sync_seed(self.data_parallel_group())
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
-        params = self.flat_params()
-        total = None  # under FSDP2 the shards' squares are summed over the ranks
-        if self._sharded:
-            total = ShardedPasses([p for p in params if p.requires_grad]).total
         # kept on the device and read when asked for: no host sync per step
-        self._noise_norm = None if noise is None else add_noise(params, noise, total)
+        self._noise_norm = None if noise is None else add_noise(self.flat_params(), noise)
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
-        m_large = batch.num_examples() * self._world()[0]
+        m_large = batch.num_examples() * self._world()
         return [
             noise_scale(m_large, group["small_batch_size"], f"param group {i}", self.step_count)
             for i, group in enumerate(self.param_groups)
@@ -272,7 +264,7 @@ class FisherNoiseSGD(GradientWrapper):
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         sums, count = self._estimate_sums(batch, [params[i] for i in trainable])
-        *sums, count = sum_over_ranks([*sums, count], self._data_group())
+        *sums, count = sum_over_ranks([*sums, count], self.data_parallel_group())
         diag = [s / count for s in sums]
         trace = torch.stack([d.double().sum() for d in diag]).sum()
         value = float(trace)  # the one host sync of an estimate
@@ -280,7 +272,7 @@ class FisherNoiseSGD(GradientWrapper):
             self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
-        if self._sharded and self.covariance == "diagonal":  # each rank keeps its shard
+        if is_sharded(params) and self.covariance == "diagonal":  # each rank keeps its shard
             diag = [shard_like(d, params[i], None) for i, d in zip(trainable, diag)]
         self._cache = noise_variances(params, trainable, diag, trace, self.covariance)
 
@@ -290,8 +282,8 @@ class FisherNoiseSGD(GradientWrapper):
         (:func:`fisher_optim.curvature.gradient_moment.sum_sq_example_grads`), in eval mode;
         the layers the rules take are checked once per input layout and trusted after."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        size, group = self.estimate_batch_size, self._data_group()
-        with self.measuring_pass(), self._gathered(module, params) as params:
+        size, group = self.estimate_batch_size, self.data_parallel_group()
+        with self.measuring_pass(), gathered_subset(module, params, "FisherNoiseSGD") as params:
             # checked once per input layout: the examples are independent, and cut as held
             batch = self.cut(
                 batch, None if size is None else rank_share(size, group), self.output_fn,
@@ -311,37 +303,16 @@ class FisherNoiseSGD(GradientWrapper):
             self._covered_layers.setdefault(layout, frozenset(covered))
         return sums, sums[0].new_tensor(float(n))
 
-    @contextlib.contextmanager
-    def _gathered(self, module: nn.Module, params: list[Tensor]) -> Iterator[list[Tensor]]:
-        """``params`` as they are; under FSDP2 the full parameters, the model called on them
-        (:func:`fisher_optim._fsdp.gathered_parameters`) for the block."""
-        if not self._sharded:
-            yield params
-            return
-        with gathered_parameters(module) as full:
-            missing = [tuple(p.shape) for p in params if id(p) not in full]
-            if missing:
-                raise ValueError(
-                    f"FisherNoiseSGD: parameters of shapes {missing} are not sharded "
-                    "parameters of the FSDP2 model; shard the whole model with fully_shard "
-                    "(the root module last)"
-                )
-            yield [full[id(p)] for p in params]
-
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
         """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries
         (drawn full-size on every rank; under FSDP2 each rank keeps its shard's part)."""
         assert self._cache is not None
         params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
         it = zip(params, standard_normal_like(params, draws, self.generator(params[0].device)))
-        out: list[Tensor | None] = []
-        for c in self._cache:
-            if c is None:
-                out.append(None)
-                continue
-            p, xi = next(it)
-            out.append(local_part(xi, p) * local_shard(c).sqrt())
-        return out
+        return [
+            None if c is None else local_part(*next(it)) * local_shard(c).sqrt()
+            for c in self._cache
+        ]
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
@@ -351,8 +322,8 @@ class FisherNoiseSGD(GradientWrapper):
         under FSDP2 on the gathered parameters, each rank keeping its shard's part."""
         params = self.flat_params()
         wrt = [p for p in params if p.requires_grad]
-        size, group = self.estimate_batch_size, self._data_group()
-        with self._gathered(self.module, wrt) as full:
+        size, group = self.estimate_batch_size, self.data_parallel_group()
+        with gathered_subset(self.module, wrt, "FisherNoiseSGD") as full:
             batch = self.cut(
                 batch, None if size is None else rank_share(size, group), self.output_fn
             )
@@ -363,22 +334,15 @@ class FisherNoiseSGD(GradientWrapper):
                     targets=targets, generator=self._label_generator(wrt[0].device),
                     draws=draws, output_fn=self.output_fn, target_mask=self.target_mask,
                 )  # fmt: skip
-        world = self._world()[0]
+        world = self._world()
         if world > 1:  # (1/sqrt(W M)) Σ over all ranks' examples
             v = [t * math.sqrt(world) for t in self.all_reduce_mean(v)]
         total = float(torch.stack([t.double().pow(2).sum() for t in v]).sum())  # the one sync
         if not self._finite(total, "Fisher noise ...", 9, "no parameter was changed by it"):
             return None
         self.fisher_trace = total / (1 if draws is None else draws)
-        it = zip(wrt, v)
-        out: list[Tensor | None] = []
-        for p in params:
-            if p.requires_grad:
-                q, t = next(it)
-                out.append(local_part(t.detach(), q))
-            else:
-                out.append(None)
-        return out
+        it = iter(v)
+        return [local_part(p, next(it).detach()) if p.requires_grad else None for p in params]
 
     def _finite(
         self, value: float, what: str, stacklevel: int,
@@ -406,32 +370,16 @@ class FisherNoiseSGD(GradientWrapper):
             return None
         return empirical_targets(batch, n, self._batch_device())
 
-    def _data_group(self) -> Any | None:
-        """The ranks that hold the other slices of the global batch: under FSDP2 those of
-        the parameters' device mesh, else the DDP group (or None)."""
-        if self._sharded:
-            return mesh_group(self.flat_params(), "FisherNoiseSGD")
-        return self._process_group()
-
-    def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Average ``tensors`` over the data-parallel ranks (one all-reduce; no-op alone)."""
-        group = self._data_group()
-        return tensors if group is None else mean_over_ranks(tensors, group)
-
-    def _world(self) -> tuple[int, int]:
-        group = self._data_group()
-        if group is None:
-            return 1, 0
-        return dist.get_world_size(group), dist.get_rank(group)
+    def _world(self) -> int:
+        group = self.data_parallel_group()
+        return 1 if group is None else dist.get_world_size(group)
 
     def _label_generator(self, device: torch.device) -> GlobalRows:
         """A fresh generator for labels and ``z``, seeded by (seed, draw counter) alike on
-        every rank, its draws placed by the rows of the global batch
-        (:class:`~fisher_optim._global_rows.GlobalRows`); it needs no state beyond the
-        counter and survives a restore."""
+        every rank (no state beyond the counter), placed by the global batch's rows."""
         self._label_draws += 1
         mixed = mixed_seed(self.seed, self._label_draws)
-        return GlobalRows(torch.Generator(device).manual_seed(mixed), self._data_group())
+        return GlobalRows(torch.Generator(device).manual_seed(mixed), self.data_parallel_group())
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -442,24 +390,10 @@ class FisherNoiseSGD(GradientWrapper):
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
             "local_draws": self._label_draws,
-            # a tensor for every trainable parameter even before the first estimate:
-            # torch.distributed.checkpoint loads into a template of the same structure
-            "cache": self._cache_template() if self._cache is None else self._cache,
+            # zeros before the first estimate: DCP loads into a template of this structure
+            "cache": self._cache or cache_template(self.flat_params(), self.covariance),
             "has_cache": self._cache is not None,
         }
-
-    def _cache_template(self) -> list[Tensor | None] | None:
-        """Zeros shaped as the cache of an estimate (None for ``"full"``, which keeps none)."""
-        if self.covariance == "full":
-            return None
-        return [
-            None
-            if not p.requires_grad
-            else torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
-            if self.covariance == "diagonal"
-            else torch.zeros((), dtype=accumulation_dtype(p.dtype), device=local_shard(p).device)
-            for p in self.flat_params()
-        ]
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
@@ -496,15 +430,26 @@ def _check_arguments(
     check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
 
 
-def add_noise(
-    params: list[Tensor],
-    noise: list[Tensor | None],
-    over_ranks: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor | None:
+def cache_template(params: list[Tensor], covariance: str) -> list[Tensor | None] | None:
+    """Zeros shaped as the cache of an estimate for ``params`` (None for ``"full"``, which
+    keeps none)."""
+    if covariance == "full":
+        return None
+    return [
+        None
+        if not p.requires_grad
+        else torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+        if covariance == "diagonal"
+        else torch.zeros((), dtype=accumulation_dtype(p.dtype), device=local_shard(p).device)
+        for p in params
+    ]
+
+
+def add_noise(params: list[Tensor], noise: list[Tensor | None]) -> Tensor | None:
     """``p.grad += n`` for each parameter with a gradient and a noise (under FSDP2, ``n``
     this rank's part, added to the gradient's local shard); ``||n||`` over them (a 0-dim
-    float64 tensor, on the device; the squares summed over the ranks by ``over_ranks``
-    when given), or None if there was none."""
+    float64 tensor, on the device; under FSDP2 the shards' squares summed over the ranks),
+    or None if there was none."""
     total = None
     for p, n in zip(params, noise):
         if n is None or p.grad is None:
@@ -513,8 +458,10 @@ def add_noise(
         grad.add_(n.to(grad.dtype))
         sq = n.double().pow(2).sum()
         total = sq if total is None else total + sq
-    if over_ranks is not None:
-        total = over_ranks(torch.zeros((), dtype=torch.float64) if total is None else total)
+    trainable = [p for p in params if p.requires_grad]
+    if is_sharded(trainable):  # every rank takes part, with or without a gradient
+        zero = torch.zeros((), dtype=torch.float64, device=local_shard(trainable[0]).device)
+        total = ShardedPasses(trainable).total(zero if total is None else total)
     return None if total is None else total.sqrt()
 
 

@@ -23,7 +23,6 @@ from fisher_optim._fsdp import (
     compute_dtypes,
     global_norms,
     is_fsdp,
-    mesh_group,
 )
 from fisher_optim._global_rows import rank_share
 from fisher_optim._logits import OutputFn
@@ -256,7 +255,7 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = _trainable(params, self.step_count)
-        group = self._data_parallel_group()
+        group = self.data_parallel_group()
         self.sync_seed(group)
         size = self.penalty_batch_size
         batch = self.cut(
@@ -316,13 +315,6 @@ class FisherPenaltySGD(GradientWrapper):
         for i, g in zip(trainable, grads):
             cache[i] = None if g is None else g.detach()
         self._cached.grads = cache
-
-    def _data_parallel_group(self) -> Any | None:
-        """The ranks that hold the other slices of the global batch: under FSDP2 those of the
-        parameters' device mesh, else the DDP group (:meth:`GradientWrapper._process_group`)."""
-        if self._sharded:
-            return mesh_group(self.flat_params(), "FisherPenaltySGD")
-        return self._process_group()
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
