@@ -74,7 +74,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp_exact_k1": {"every": 1, "mode": "exact"},
 }
 #: ``--ddp``: name -> (optimizer, keyword arguments) on the DDP-wrapped, unsharded model
-#: (None: plain SGD): the penalty in both modes, and Fisher noise, which FSDP2 refuses.
+#: (None: plain SGD): the penalty in both modes, and Fisher noise (timed under DDP only).
 DDP_VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "ddp_sgd": None,
     "ddp_fp_fd_k1": ("penalty", {"every": 1, "mode": "finite_difference"}),
@@ -328,8 +328,8 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
         base = results["ddp"]["ddp_sgd"]["s_per_step"]
         lines += [
             "",
-            "The same model and batch under DDP (unsharded), with Fisher noise (which FSDP2 "
-            "refuses); "
+            "The same model and batch under DDP (unsharded), with Fisher noise (timed under "
+            "DDP only); "
             "`all-reduce ms/step`: the time per step spent in "
             "the optimizer's own all-reduces (every gradient of a refresh averaged over the "
             "ranks, for the penalty of the global batch; DDP's own gradient reduction is not "

@@ -33,14 +33,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ReplicatedPasses", "broadcast_seed", "mean_over_ranks"]
+__all__ = ["ReplicatedPasses", "broadcast_seed", "mean_over_ranks", "sum_over_ranks"]
 
 
 def mean_over_ranks(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     """The mean of ``tensors`` over the ranks of ``group``, with one all-reduce (in at least
     float32; float64 tensors in float64); the tensors themselves for one rank."""
+    return sum_over_ranks(tensors, group, mean=True)
+
+
+def sum_over_ranks(tensors: Sequence[Tensor], group: Any, mean: bool = False) -> list[Tensor]:
+    """The sum (``mean``: the mean) of ``tensors`` over the ranks of ``group``, with one
+    all-reduce (in at least float32; float64 tensors in float64); the tensors themselves for
+    one rank (or no group)."""
     tensors = list(tensors)
-    world = dist.get_world_size(group)
+    world = 1 if group is None else dist.get_world_size(group)
     if world == 1 or not tensors:
         return tensors
     dtype = torch.float32
@@ -48,7 +55,8 @@ def mean_over_ranks(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
         dtype = torch.promote_types(dtype, t.dtype)
     flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
     dist.all_reduce(flat, group=group)
-    flat.div_(world)
+    if mean:
+        flat.div_(world)
     out, offset = [], 0
     for t in tensors:
         out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))

@@ -17,11 +17,15 @@ ranks with one all-reduce, so every rank computes the same ``∇P`` of the globa
 the penalty an unsharded model would get on the whole batch. HSDP (``fully_shard`` over a
 2-D mesh of replicas × shards) works alike: the backward averages over every rank, and the
 norms are summed over the shard dimension only (the replicas hold the same shards).
+``FisherNoiseSGD``'s per-example pass runs on the model with its parameters gathered in
+place (:func:`gathered_parameters`, hooks off), and each rank keeps its part of the
+full-size results (:func:`shard_like`, :func:`local_part`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -132,11 +136,47 @@ class ShardedPasses:
         ]
 
 
-def shard_like(t: Tensor, param: Tensor) -> Tensor:
-    """The full tensor ``t`` laid out as the ``DTensor`` ``param`` (each rank its shard)."""
+def shard_like(t: Tensor, param: Tensor, src_data_rank: int | None = 0) -> Tensor:
+    """The full tensor ``t`` laid out as the ``DTensor`` ``param`` (each rank its shard):
+    scattered from rank ``src_data_rank``, or, with None, cut from each rank's own ``t``
+    (no communication; ``t`` must then be the same on every rank)."""
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(t, param.device_mesh, param.placements)
+    return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=src_data_rank)
+
+
+def local_part(param: Tensor, t: Tensor) -> Tensor:
+    """The entries of the full tensor ``t`` (shaped like ``param``, after any leading
+    dimensions) that this rank's shard of the ``DTensor`` ``param`` holds, cut without
+    communication; ``t`` itself when ``param`` is not a ``DTensor``."""
+    if DTensor is None or not isinstance(param, DTensor):
+        return t
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    lead = t.dim() - param.dim()
+    for d, (size, start) in enumerate(zip(shape, offset)):
+        t = t.narrow(lead + d, start, size)
+    return t
+
+
+def mesh_group(params: Sequence[Tensor], owner: str) -> Any:
+    """The ranks that hold the other slices of the global batch under FSDP2: the process
+    group of the parameters' device mesh for a 1-D mesh, every rank for HSDP (each holds its
+    own slice of the batch)."""
+    mesh = next(p.device_mesh for p in params if hasattr(p, "device_mesh"))
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"{owner}: the model is sharded over a {mesh.ndim}-D device mesh of "
+            f"{mesh.size()} ranks inside a process group of {dist.get_world_size()}: HSDP "
+            "is supported over a mesh of every rank (init_device_mesh(device, (replicas, "
+            "shards)))"
+        )
+    return dist.group.WORLD
 
 
 def local_shard(t: Tensor) -> Tensor:
@@ -168,14 +208,71 @@ class GatheredForward(nn.Module):
         self.__dict__["full"] = params  # not parameters of this module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        saved = []
-        for mod in self.wrapped.modules():
-            for attr in ("_forward_pre_hooks", "_forward_hooks"):
-                hooks = getattr(mod, attr)
-                saved.append((hooks, dict(hooks)))
-                hooks.clear()
-        try:
+        with fsdp_hooks_off(self.wrapped):
             return torch.func.functional_call(self.wrapped, self.full, args, kwargs)
-        finally:
-            for hooks, kept in saved:
-                hooks.update(kept)
+
+
+@contextlib.contextmanager
+def fsdp_hooks_off(model: nn.Module) -> Iterator[None]:
+    """The forward (pre-)hooks of every submodule of ``model`` off for the block, FSDP2's
+    included, and put back after it (hooks registered inside the block are the block's own
+    to remove)."""
+    saved = []
+    for mod in model.modules():
+        for attr in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(mod, attr)
+            saved.append((hooks, dict(hooks)))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, kept in saved:
+            hooks.update(kept)
+
+
+@contextlib.contextmanager
+def gathered_subset(model: nn.Module, params: list[Tensor], owner: str) -> Iterator[list[Tensor]]:
+    """``params`` (parameters of ``model``) as they are for the block, or, when they are
+    sharded, their full ``Parameter`` s, the model called on them
+    (:func:`gathered_parameters`)."""
+    if not is_sharded(params):
+        yield params
+        return
+    with gathered_parameters(model) as full:
+        missing = [tuple(p.shape) for p in params if id(p) not in full]
+        if missing:
+            raise ValueError(
+                f"{owner}: parameters of shapes {missing} are not sharded parameters of the "
+                "FSDP2 model; shard the whole model with fully_shard (the root module last)"
+            )
+        yield [full[id(p)] for p in params]
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: nn.Module) -> Iterator[dict[int, nn.Parameter]]:
+    """The sharded ``model`` as a plain, unsharded one for the block: every ``DTensor``
+    parameter registered in it is replaced by a ``Parameter`` of its gathered
+    ``full_tensor()`` (one all-gather each, in module order, the same on every rank; the
+    same ``requires_grad``; a tied parameter's slots share one), and FSDP2's forward hooks
+    are off (:func:`fsdp_hooks_off`). So per-example passes keyed by parameter identity,
+    ``torch.func`` over the module's own parameters and forward hooks all see an
+    ordinary model; the full parameters are held on every rank for the block. Yields
+    ``{id(sharded): full}``; each sharded ``Parameter`` is put back in its slots after."""
+    full: dict[int, nn.Parameter] = {}
+    slots: list[tuple[nn.Module, str, Tensor]] = []
+    with torch.no_grad():
+        for mod in model.modules():
+            for name, p in mod._parameters.items():
+                if DTensor is None or not isinstance(p, DTensor):
+                    continue
+                if id(p) not in full:
+                    full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                slots.append((mod, name, p))
+    for mod, name, p in slots:
+        mod._parameters[name] = full[id(p)]
+    try:
+        with fsdp_hooks_off(model):
+            yield full
+    finally:
+        for mod, name, p in slots:
+            mod._parameters[name] = p

@@ -34,7 +34,7 @@ from torch import Tensor
 #: ``fn(rows, generator)``: ``rows`` draws stacked in the first dimension.
 Draw = Callable[[int, "torch.Generator | None"], Tensor]
 
-__all__ = ["RowSlice", "draw_rows", "rank_counts", "rank_share"]
+__all__ = ["GlobalRows", "RowSlice", "draw_rows", "rank_counts", "rank_share"]
 
 
 class RowSlice:
@@ -52,6 +52,29 @@ class RowSlice:
 
     def __repr__(self) -> str:
         return f"RowSlice(start={self.start}, total={self.total})"
+
+
+class GlobalRows:
+    """A generator in the same state on every rank of ``group`` (None: this process holds
+    the whole batch), whose draws are placed once the rows are known: :meth:`place` turns
+    it into this rank's :class:`RowSlice`."""
+
+    def __init__(self, generator: torch.Generator, group: Any = None) -> None:
+        self.generator = generator
+        self.group = group
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def place(self, rows: int, device: torch.device) -> RowSlice:
+        """This rank's ``rows`` laid in the global batch (one all-gather of the counts under
+        a group of more than one rank)."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return RowSlice(self.generator, 0, rows)
+        counts = rank_counts(rows, self.group, device)
+        rank = dist.get_rank(self.group)
+        return RowSlice(self.generator, sum(counts[:rank]), sum(counts))
 
 
 def draw_rows(generator: torch.Generator | RowSlice | None, rows: int, fn: Draw) -> Tensor:

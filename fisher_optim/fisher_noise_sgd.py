@@ -36,8 +36,8 @@ class schedules it, keeps its state and adds the noise.
 Conventions of :class:`FisherNoiseSGD`:
 
 * ``M_L`` is the number of examples: the first dimension of the model's first tensor
-  input (times the world size under DDP, where the gradient is the mean over ranks;
-  local batches are assumed equal in size). For a sequence model with logits
+  input (times the world size under DDP and FSDP2, where the gradient is the mean over
+  ranks; local batches are assumed equal in size). For a sequence model with logits
   ``[B, T, V]`` an example is a sequence: ``ℓ_i`` is the mean of ``ℓ`` over its
   ``T`` positions (so that the batch gradient is the mean of the ``g_i``) and the
   labels are sampled per position.
@@ -48,10 +48,22 @@ Conventions of :class:`FisherNoiseSGD`:
   the examples through the batch statistics. Running statistics are never updated
   (bitwise) and torch's global random state is restored after the pass.
 * The estimate runs in full precision (outside autocast).
-* DDP: ``diag F`` / ``Tr F`` are averaged over ranks (one all-reduce per refresh);
-  ``"full"`` all-reduces ``Σ_i z_i g_i`` (one all-reduce per step) with ``z_i``
-  independent across ranks. The seed is broadcast from rank 0 at the first step, so the
-  noise ``n`` is identical on every rank and the replicas stay in sync.
+* DDP and FSDP2: the estimate is that of the global batch, ``diag F = Σ_i g_i ⊙ g_i / M``
+  over every rank's examples: each rank sums its own and one all-reduce adds the sums and
+  the example counts (per refresh); ``"full"`` all-reduces ``Σ_i z_i g_i`` (one
+  all-reduce of the parameters' size per step). The seed is broadcast from rank 0 at the
+  first step. The sampled labels (and ``"full"``'s ``z_i``) are functions of the seed, the refresh and
+  the example's row in the global batch (the ranks' rows laid end to end in rank order,
+  :mod:`fisher_optim._global_rows`: one all-gather of the row counts per draw), and ``ξ``
+  is drawn over all the parameters' entries on every rank, so the noise ``n``, and the
+  update, are those of one process on the whole batch, on any number of ranks.
+* FSDP2 (``fully_shard``): each refresh gathers the full parameters
+  (:func:`fisher_optim._fsdp.gathered_parameters`; held on every rank for the refresh, as
+  exact mode holds them) and takes the rank's per-example gradients on them; each rank
+  keeps its shard of ``diag F``. Every step draws the full-size ``ξ`` on each rank (a
+  transient buffer the size of the full parameters) and adds its shard of ``n`` to its
+  shard of the gradient; ``||n||`` costs one all-reduce of a scalar. ``"full"`` gathers
+  the parameters every step (its refresh) and all-reduces the full-size ``Σ_i z_i g_i``.
 """
 
 from __future__ import annotations
@@ -64,7 +76,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisher_optim._fsdp import is_fsdp
+from fisher_optim._data_parallel import sum_over_ranks
+from fisher_optim._fsdp import (
+    ShardedPasses,
+    gathered_subset,
+    is_sharded,
+    local_part,
+    local_shard,
+    shard_like,
+)
+from fisher_optim._global_rows import GlobalRows, rank_share
 from fisher_optim._logits import OutputFn
 from fisher_optim._modules import frozen_batchnorm_stats
 from fisher_optim.batch import Batch
@@ -98,7 +119,8 @@ class FisherNoiseSGD(GradientWrapper):
 
     Args:
         model: the model being trained (an ``nn.Module``; a DDP-wrapped or compiled model is
-            fine). A forward pre-hook remembers its latest training-mode input. How the
+            fine; an FSDP2 ``fully_shard``-ed one too).
+            A forward pre-hook remembers its latest training-mode input. How the
             per-example gradients are formed: :mod:`fisher_optim.curvature.gradient_moment`.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on ``model.parameters()`` (or
             on ``params=`` in ``base_kwargs``) with ``base_kwargs``; or an optimizer instance,
@@ -112,9 +134,11 @@ class FisherNoiseSGD(GradientWrapper):
         every: re-estimate ``diag F`` (or ``Tr F``) every ``every`` steps and reuse it in
             between; a fresh ``ξ`` is drawn every step. ``"full"`` needs the current batch's
             per-example gradients for every draw, so it accepts only ``every=1``.
-        estimate_batch_size: estimate ``F`` on the first N examples of the batch only (the
-            scale still uses the whole batch's ``M_L``), cut by the one rule of
-            :mod:`fisher_optim.batch` and checked once per input layout.
+        estimate_batch_size: estimate ``F`` on N examples of the (global) batch only (the
+            scale still uses the whole batch's ``M_L``): the first N on one process; under
+            DDP or FSDP2 the first N/R of each of the R ranks' batches (one more on the
+            first N mod R ranks), as ``FisherPenaltySGD``'s ``penalty_batch_size``. Cut by
+            the one rule of :mod:`fisher_optim.batch` and checked once per input layout.
         output_fn: maps the model's output to logits ``[..., C]`` (not needed for outputs
             that carry ``.logits``, as Hugging Face models' do).
         likelihood: ``p_θ(y|z)`` of a row of outputs: ``"categorical"`` (softmax, the
@@ -164,7 +188,7 @@ class FisherNoiseSGD(GradientWrapper):
         likelihood: str | Likelihood = "categorical",
         **base_kwargs: Any,
     ) -> None:
-        _check_arguments(model, small_batch_size, covariance, fisher, every, estimate_batch_size)
+        _check_arguments(small_batch_size, covariance, fisher, every, estimate_batch_size)
         check_function_or_none("target_mask", target_mask)
         self.covariance = covariance
         self.fisher = fisher
@@ -185,7 +209,7 @@ class FisherNoiseSGD(GradientWrapper):
         self._cache: list[Tensor | None] | None = None
         #: per input layout, the layers the rules covered in its checked estimate
         self._covered_layers: dict[tuple[Any, ...], frozenset[nn.Module]] = {}
-        self._local_draws = 0
+        self._label_draws = 0
 
     @property
     def noise_norm(self) -> float | None:
@@ -199,7 +223,7 @@ class FisherNoiseSGD(GradientWrapper):
     def _before_base_step(self) -> None:
         batch = self.current_batch()
         self._scales(batch)  # raises early if small_batch_size ≥ M_L
-        self.sync_seed(self._process_group())
+        self.sync_seed(self.data_parallel_group())
         if self.covariance != "full" and self.step_count % self.every == 0:
             self._refresh(batch)
         noise = self._sample_noise(batch)
@@ -208,7 +232,7 @@ class FisherNoiseSGD(GradientWrapper):
 
     def _scales(self, batch: Batch) -> list[float]:
         """``sqrt((M_L − M_S)/(M_L · M_S))`` per param group."""
-        m_large = batch.num_examples() * self._world()[0]
+        m_large = batch.num_examples() * self._world()
         return [
             noise_scale(m_large, group["small_batch_size"], f"param group {i}", self.step_count)
             for i, group in enumerate(self.param_groups)
@@ -235,26 +259,36 @@ class FisherNoiseSGD(GradientWrapper):
 
     # ----------------------------------------------------------------- diagonal / trace
     def _refresh(self, batch: Batch) -> None:
-        """Estimate ``diag F`` on the batch (per-example gradients) and cache it, or drop it."""
+        """Estimate ``diag F`` on the global batch (per-example gradients) and cache it (each
+        rank its shard under FSDP2), or drop it."""
         params = self.flat_params()
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        diag = self.all_reduce_mean(self._estimate_diag(batch, [params[i] for i in trainable]))
+        sums, count = self._estimate_sums(batch, [params[i] for i in trainable])
+        *sums, count = sum_over_ranks([*sums, count], self.data_parallel_group())
+        diag = [s / count for s in sums]
         trace = torch.stack([d.double().sum() for d in diag]).sum()
         value = float(trace)  # the one host sync of an estimate
         if not self._finite(value, f"Fisher estimate ... (Tr F = {value})", 8):
             self._cache = None  # no noise until the next good estimate
             return
         self.fisher_trace = value
+        if is_sharded(params) and self.covariance == "diagonal":  # each rank keeps its shard
+            diag = [shard_like(d, params[i], None) for i, d in zip(trainable, diag)]
         self._cache = noise_variances(params, trainable, diag, trace, self.covariance)
 
-    def _estimate_diag(self, batch: Batch, params: list[Tensor]) -> list[Tensor]:
-        """``diag F = (1/M) Σ_i g_i ⊙ g_i`` for ``params``
+    def _estimate_sums(self, batch: Batch, params: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """``Σ_i g_i ⊙ g_i`` over this rank's examples for ``params`` (full-size under
+        FSDP2) and their number, a 0-dim tensor
         (:func:`fisher_optim.curvature.gradient_moment.sum_sq_example_grads`), in eval mode;
         the layers the rules take are checked once per input layout and trusted after."""
         module = getattr(self.module, "_orig_mod", self.module)  # torch.compile: eager module
-        with self.measuring_pass():
+        size, group = self.estimate_batch_size, self.data_parallel_group()
+        with self.measuring_pass(), gathered_subset(module, params, "FisherNoiseSGD") as params:
             # checked once per input layout: the examples are independent, and cut as held
-            batch = self.cut(batch, self.estimate_batch_size, self.output_fn, per_example=True)
+            batch = self.cut(
+                batch, None if size is None else rank_share(size, group), self.output_fn,
+                per_example=True,
+            )  # fmt: skip
             n = batch.num_examples()
             targets = self._target_rows(batch, n)
             layout = input_layout(batch)
@@ -262,36 +296,45 @@ class FisherNoiseSGD(GradientWrapper):
             sums = sum_sq_example_grads(
                 module, batch, params, self.likelihood,
                 targets=targets,
-                generator=self._local_generator(params[0].device) if targets is None else None,
+                generator=self._label_generator(params[0].device) if targets is None else None,
                 output_fn=self.output_fn, target_mask=self.target_mask,
                 trusted=self._covered_layers.get(layout), covered=covered,
             )  # fmt: skip
             self._covered_layers.setdefault(layout, frozenset(covered))
-        return [s / n for s in sums]
+        return sums, sums[0].new_tensor(float(n))
 
     def _cached_directions(self, draws: int | None) -> list[Tensor | None]:
-        """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries."""
+        """``sqrt(diag F) ⊙ ξ`` (or ``sqrt(Tr F / d) ξ``), one ξ over all trainable entries
+        (drawn full-size on every rank; under FSDP2 each rank keeps its shard's part)."""
         assert self._cache is not None
         params = [p for p, c in zip(self.flat_params(), self._cache) if c is not None]
-        it = iter(standard_normal_like(params, draws, self.generator(params[0].device)))
-        return [None if c is None else next(it) * c.sqrt() for c in self._cache]
+        it = zip(params, standard_normal_like(params, draws, self.generator(params[0].device)))
+        return [
+            None if c is None else local_part(*next(it)) * local_shard(c).sqrt()
+            for c in self._cache
+        ]
 
     # ----------------------------------------------------------------- full
     def _full_directions(self, batch: Batch, draws: int | None) -> list[Tensor | None] | None:
         """``v = (1/sqrt(M)) Σ_i z_i g_i`` per parameter, ``Cov(v) = (1/M) Σ_i g_i g_i^T``
         (:func:`fisher_optim.curvature.gradient_moment.example_grad_draws`): one forward
-        (batch statistics, running statistics frozen) and one backward for all ``draws``."""
+        (batch statistics, running statistics frozen) and one backward for all ``draws``;
+        under FSDP2 on the gathered parameters, each rank keeping its shard's part."""
         params = self.flat_params()
         wrt = [p for p in params if p.requires_grad]
-        batch = self.cut(batch, self.estimate_batch_size, self.output_fn)
-        targets = self._target_rows(batch, batch.num_examples())
-        with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
-            v = example_grad_draws(
-                self.module, batch, wrt, self.likelihood,
-                targets=targets, generator=self._local_generator(wrt[0].device), draws=draws,
-                output_fn=self.output_fn, target_mask=self.target_mask,
-            )  # fmt: skip
-        world = self._world()[0]
+        size, group = self.estimate_batch_size, self.data_parallel_group()
+        with gathered_subset(self.module, wrt, "FisherNoiseSGD") as full:
+            batch = self.cut(
+                batch, None if size is None else rank_share(size, group), self.output_fn
+            )
+            targets = self._target_rows(batch, batch.num_examples())
+            with self.own_pass(autocast=False), frozen_batchnorm_stats(self.module):
+                v = example_grad_draws(
+                    self.module, batch, full, self.likelihood,
+                    targets=targets, generator=self._label_generator(wrt[0].device),
+                    draws=draws, output_fn=self.output_fn, target_mask=self.target_mask,
+                )  # fmt: skip
+        world = self._world()
         if world > 1:  # (1/sqrt(W M)) Σ over all ranks' examples
             v = [t * math.sqrt(world) for t in self.all_reduce_mean(v)]
         total = float(torch.stack([t.double().pow(2).sum() for t in v]).sum())  # the one sync
@@ -299,7 +342,7 @@ class FisherNoiseSGD(GradientWrapper):
             return None
         self.fisher_trace = total / (1 if draws is None else draws)
         it = iter(v)
-        return [next(it).detach() if p.requires_grad else None for p in params]
+        return [local_part(p, next(it).detach()) if p.requires_grad else None for p in params]
 
     def _finite(
         self, value: float, what: str, stacklevel: int,
@@ -327,18 +370,16 @@ class FisherNoiseSGD(GradientWrapper):
             return None
         return empirical_targets(batch, n, self._batch_device())
 
-    def _world(self) -> tuple[int, int]:
-        group = self._process_group()
-        if group is None:
-            return 1, 0
-        return dist.get_world_size(group), dist.get_rank(group)
+    def _world(self) -> int:
+        group = self.data_parallel_group()
+        return 1 if group is None else dist.get_world_size(group)
 
-    def _local_generator(self, device: torch.device) -> torch.Generator:
-        """A fresh generator for labels and ``z``: seeded by (seed, rank, draw counter), so it
-        differs across ranks, needs no state beyond the counter and survives a restore."""
-        self._local_draws += 1
-        mixed = mixed_seed(self.seed, self._world()[1], self._local_draws)
-        return torch.Generator(device).manual_seed(mixed)
+    def _label_generator(self, device: torch.device) -> GlobalRows:
+        """A fresh generator for labels and ``z``, seeded by (seed, draw counter) alike on
+        every rank (no state beyond the counter), placed by the global batch's rows."""
+        self._label_draws += 1
+        mixed = mixed_seed(self.seed, self._label_draws)
+        return GlobalRows(torch.Generator(device).manual_seed(mixed), self.data_parallel_group())
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -348,8 +389,10 @@ class FisherNoiseSGD(GradientWrapper):
             "fisher_trace": self.fisher_trace,
             "refreshes": self.refreshes,
             "skipped_refreshes": self.skipped_refreshes,
-            "local_draws": self._local_draws,
-            "cache": self._cache,
+            "local_draws": self._label_draws,
+            # zeros before the first estimate: DCP loads into a template of this structure
+            "cache": self._cache or cache_template(self.flat_params(), self.covariance),
+            "has_cache": self._cache is not None,
         }
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
@@ -358,9 +401,9 @@ class FisherNoiseSGD(GradientWrapper):
         self.fisher_trace = extra["fisher_trace"]
         self.refreshes = extra["refreshes"]
         self.skipped_refreshes = extra["skipped_refreshes"]
-        self._local_draws = extra["local_draws"]
+        self._label_draws = extra["local_draws"]
         self._cache = load_per_param(
-            extra["cache"],
+            extra["cache"] if extra.get("has_cache", True) else None,
             self.flat_params(),
             "Fisher estimate",
             lambda p: accumulation_dtype(p.dtype),
@@ -368,7 +411,6 @@ class FisherNoiseSGD(GradientWrapper):
 
 
 def _check_arguments(
-    model: nn.Module,
     small_batch_size: Any,
     covariance: Any,
     fisher: Any,
@@ -386,23 +428,40 @@ def _check_arguments(
             f"gradients, so there is nothing to reuse between steps: use every=1 (got {every})"
         )
     check_positive_int_or_none("estimate_batch_size", estimate_batch_size)
-    if is_fsdp(model):
-        raise ValueError(
-            "FisherNoiseSGD does not support FSDP2-sharded models (its per-example "
-            "gradients need the unsharded parameters); use DistributedDataParallel"
-        )
+
+
+def cache_template(params: list[Tensor], covariance: str) -> list[Tensor | None] | None:
+    """Zeros shaped as the cache of an estimate for ``params`` (None for ``"full"``, which
+    keeps none)."""
+    if covariance == "full":
+        return None
+    return [
+        None
+        if not p.requires_grad
+        else torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+        if covariance == "diagonal"
+        else torch.zeros((), dtype=accumulation_dtype(p.dtype), device=local_shard(p).device)
+        for p in params
+    ]
 
 
 def add_noise(params: list[Tensor], noise: list[Tensor | None]) -> Tensor | None:
-    """``p.grad += n`` for each parameter with a gradient and a noise; ``||n||`` over them
-    (a 0-dim float64 tensor, on the device), or None if there was none."""
+    """``p.grad += n`` for each parameter with a gradient and a noise (under FSDP2, ``n``
+    this rank's part, added to the gradient's local shard); ``||n||`` over them (a 0-dim
+    float64 tensor, on the device; under FSDP2 the shards' squares summed over the ranks),
+    or None if there was none."""
     total = None
     for p, n in zip(params, noise):
         if n is None or p.grad is None:
             continue
-        p.grad.add_(n.to(p.grad.dtype))
+        grad = local_shard(p.grad)
+        grad.add_(n.to(grad.dtype))
         sq = n.double().pow(2).sum()
         total = sq if total is None else total + sq
+    trainable = [p for p in params if p.requires_grad]
+    if is_sharded(trainable):  # every rank takes part, with or without a gradient
+        zero = torch.zeros((), dtype=torch.float64, device=local_shard(trainable[0]).device)
+        total = ShardedPasses(trainable).total(zero if total is None else total)
     return None if total is None else total.sqrt()
 
 
@@ -466,8 +525,6 @@ def noise_scale(m_large: int, m_small: int, where: str, step: int) -> float:
     return math.sqrt((m_large - m_small) / (m_large * m_small))
 
 
-def mixed_seed(seed: int, rank: int, count: int) -> int:
-    """A seed in ``[0, 2^62)`` that differs with each of ``seed``, ``rank`` and ``count``."""
-    return (
-        seed * 0x9E3779B97F4A7C15 ^ (rank + 1) * 0xBF58476D1CE4E5B9 ^ count * 0x94D049BB133111EB
-    ) % (2**62)
+def mixed_seed(seed: int, count: int) -> int:
+    """A seed in ``[0, 2^62)`` that differs with each of ``seed`` and ``count``."""
+    return (seed * 0x9E3779B97F4A7C15 ^ 0xBF58476D1CE4E5B9 ^ count * 0x94D049BB133111EB) % (2**62)

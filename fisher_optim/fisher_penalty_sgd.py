@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from fisher_optim._fsdp import (
@@ -256,7 +255,7 @@ class FisherPenaltySGD(GradientWrapper):
         """Compute ``∇_θ Tr(F_B)`` on the current batch and cache it (or drop it if not finite)."""
         params = self.flat_params()
         trainable = _trainable(params, self.step_count)
-        group = self._data_parallel_group()
+        group = self.data_parallel_group()
         self.sync_seed(group)
         size = self.penalty_batch_size
         batch = self.cut(
@@ -316,11 +315,6 @@ class FisherPenaltySGD(GradientWrapper):
         for i, g in zip(trainable, grads):
             cache[i] = None if g is None else g.detach()
         self._cached.grads = cache
-
-    def _data_parallel_group(self) -> Any | None:
-        """The ranks that hold the other slices of the global batch: under FSDP2 those of the
-        parameters' device mesh, else the DDP group (:meth:`GradientWrapper._process_group`)."""
-        return _mesh_group(self.flat_params()) if self._sharded else self._process_group()
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -462,33 +456,39 @@ def _trainable(params: list[Tensor], step: int) -> list[int]:
     return trainable
 
 
-def _mesh_group(params: list[Tensor]) -> Any:
-    """The process group of the FSDP2 parameters' device mesh: its group for a 1-D mesh,
-    every rank for HSDP (each holds its own slice of the batch)."""
-    mesh = next(p.device_mesh for p in params if hasattr(p, "device_mesh"))
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() != dist.get_world_size():
-        raise ValueError(
-            f"FisherPenaltySGD: the model is sharded over a {mesh.ndim}-D device mesh of "
-            f"{mesh.size()} ranks inside a process group of {dist.get_world_size()}: HSDP "
-            "is supported over a mesh of every rank (init_device_mesh(device, (replicas, "
-            "shards)))"
-        )
-    return dist.group.WORLD
-
-
 def _check_layout(module: nn.Module, params: list[Tensor], mode: str, penalty: Penalty) -> bool:
     """Whether ``module`` is FSDP2-sharded; refuse what its sharded passes cannot do, and
     parameters the finite difference cannot resolve."""
     sharded = is_fsdp(module)
     if penalty.wrt_inputs and sharded:
         raise ValueError(INPUT_GRADIENT_UNSUPPORTED)
+    if mode == "exact" and sharded:
+        check_exact_dtypes([p for p in params if p.requires_grad], compute_dtypes(module))
     if mode == "finite_difference":
         check_fd_dtypes(
             [p for p in params if p.requires_grad], compute_dtypes(module) if sharded else ()
         )
     return sharded
+
+
+def check_exact_dtypes(params: list[Tensor], compute_dtypes: set[torch.dtype]) -> None:
+    """Refuse ``mode="exact"`` on an FSDP2 model whose ``MixedPrecisionPolicy.param_dtype``
+    differs from its parameters' dtype: exact mode runs on the gathered parameters with
+    FSDP2's hooks off (:class:`~fisher_optim._fsdp.GatheredForward`), so FSDP2's casts to
+    ``param_dtype`` do not happen there, while the inputs it captured were cast already."""
+    stored = sorted({str(p.dtype) for p in params})
+    low = sorted({str(d) for d in compute_dtypes if str(d) not in stored})
+    if low:
+        raise ValueError(
+            f"FisherPenaltySGD: mode='exact' on a model sharded with MixedPrecisionPolicy("
+            f"param_dtype={', '.join(low)}) is not supported: exact mode takes its double "
+            f"backward on the gathered parameters ({', '.join(stored)}) with FSDP2's hooks "
+            "off, so FSDP2's casts to param_dtype do not happen there, while the inputs it "
+            "sees were cast already (docs/guides/distributed.md). Shard with "
+            "MixedPrecisionPolicy(param_dtype=None) or torch.float32 (reduce_dtype may stay "
+            "low); to compute in bfloat16, keep float32 parameters and run the forward under "
+            "torch.autocast(device_type, dtype=torch.bfloat16), which exact mode follows"
+        )
 
 
 def _check_group_keys(base: torch.optim.Optimizer) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fisher_optim._as_found import left_as_found
 from fisher_optim._data_parallel import broadcast_seed, mean_over_ranks
-from fisher_optim._fsdp import local_shard
+from fisher_optim._fsdp import is_sharded, local_shard, mesh_group
 from fisher_optim._logits import OutputFn, check_batched, model_output
 from fisher_optim._modules import eval_mode, unwrap
 from fisher_optim.batch import Batch, holds_examples
@@ -283,9 +283,19 @@ class GradientWrapper(torch.optim.Optimizer):
             warnings.warn(_not_ddp(type(self).__name__), RuntimeWarning, stacklevel=3)
         return dist.group.WORLD
 
+    def data_parallel_group(self) -> Any | None:
+        """The ranks that hold the other slices of the global batch: under FSDP2 those of
+        the parameters' device mesh (every rank for HSDP), else the DDP group
+        (:meth:`_process_group`), or None on one process."""
+        params = self.flat_params()
+        if is_sharded(params):
+            return mesh_group(params, type(self).__name__)
+        return self._process_group()
+
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Average ``tensors`` over the DDP ranks with one all-reduce (no-op outside DDP)."""
-        group = self._process_group()
+        """Average ``tensors`` over the data-parallel ranks with one all-reduce (no-op on one
+        process)."""
+        group = self.data_parallel_group()
         return tensors if group is None else mean_over_ranks(tensors, group)
 
     def sync_seed(self, group: Any) -> None:

@@ -16,10 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fisher_optim import FisherPenaltySGD
+from fisher_optim import FisherNoiseSGD, FisherPenaltySGD
 
 from .distributed_utils import run_on_ranks
 from .test_integration_fsdp import _sampled_labels
+from .test_integration_noise_ranks import SEED as NOISE_SEED
+from .test_integration_noise_ranks import _brute_force, _check
 
 WORLD = 4
 LOCAL_BATCH = 3
@@ -49,22 +51,39 @@ def _scenarios(rank: int, work_dir: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    model = _model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer, mesh=mesh)
-    fsdp.fully_shard(model, mesh=mesh)
+
+    def sharded() -> nn.Module:
+        model = _model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fsdp.fully_shard(layer, mesh=mesh)
+        return fsdp.fully_shard(model, mesh=mesh)
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer) -> list[tuple[Any, Any]]:
+        logged = []
+        for step in range(STEPS):
+            x, y = (t[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH] for t in _global_batch(step))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            logged.append((getattr(opt, "noise_norm", None), getattr(opt, "fisher_trace", None)))
+        return logged
+
+    model = sharded()
     opt = FisherPenaltySGD(model, lr=LR, alpha=ALPHA, every=1, seed=SEED, mode="finite_difference")
-    for step in range(STEPS):
-        x, y = (t[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH] for t in _global_batch(step))
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train(model, opt)
+    noisy = sharded()
+    noise_opt = FisherNoiseSGD(noisy, lr=LR, small_batch_size=2, every=2, seed=NOISE_SEED)
+    logged = train(noisy, noise_opt)
     return {
         "params": [p.full_tensor().detach().clone() for p in model.parameters()],
         "placements": [str(p.placements) for p in model.parameters()],
         "refreshes": opt.refreshes,
         "penalty_value": opt.penalty_value,
+        "noise": {
+            "params": [p.full_tensor().detach().clone() for p in noisy.parameters()],
+            "logged": logged,
+        },
     }
 
 
@@ -109,3 +128,13 @@ def test_hsdp_update_equals_one_process_on_the_global_batch(ranks: list[dict]) -
         assert error < 1e-6 * scale
         # the norms are summed over the shards, not over the replicas too
         assert rank["penalty_value"] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.slow  # the same four processes
+def test_hsdp_fisher_noise_equals_one_process_on_the_global_batch(ranks: list[dict]) -> None:
+    """FisherNoiseSGD over the 2-D mesh: the estimate summed over all four ranks' examples,
+    ``||n||`` over the shards only; the brute force of tests/test_integration_noise_ranks.py
+    on the whole batch (the same learning rate, small batch and refresh schedule)."""
+    expected = _brute_force(make=_model, batches=_global_batch, steps=STEPS)
+    for rank in ranks:
+        _check(rank["noise"], expected, _model())

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._global_rows import GlobalRows, RowSlice, draw_rows
 from .._logits import OutputFn, pick_logits
 from ..batch import Batch
 from ..likelihoods import Likelihood
@@ -59,12 +60,19 @@ def sample_row_labels(
     likelihood: Likelihood,
     logits: Tensor,
     has_target: Tensor | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | GlobalRows | None,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``ŷ ~ p_θ(·|z)`` for every row of ``logits`` ``[n, R, C]``, drawn chunk by chunk of
-    ``chunk_size`` examples (:data:`PER_EXAMPLE_CHUNK` by default), rows where ``has_target`` (``[n·R]`` or ``[n, R]``, None for
-    all) is false marked without a label: ``[n, R, *label_shape]``.
+    ``chunk_size`` examples (:data:`PER_EXAMPLE_CHUNK` by default), rows where
+    ``has_target`` (``[n·R]`` or ``[n, R]``, None for all) is false marked without a label:
+    ``[n, R, *label_shape]``.
+
+    With a :class:`~fisher_optim._global_rows.GlobalRows` the rows are this rank's of the
+    global batch (:mod:`fisher_optim._global_rows`), labelled as one process labels the
+    whole batch whatever the chunks: each chunk takes its rows of the global draw, made
+    from the generator's state at the start (so the random numbers, not the logits, are
+    drawn once per chunk), and the generator ends as after one draw.
 
     >>> from fisher_optim.likelihoods import Categorical
     >>> g = torch.Generator().manual_seed(0)
@@ -74,10 +82,16 @@ def sample_row_labels(
     """
     n, rows, classes = logits.shape
     chunk_size = chunk_size or PER_EXAMPLE_CHUNK
+    placed = generator.place(n * rows, logits.device) if isinstance(generator, GlobalRows) else None
+    state = None if placed is None else placed.generator.get_state()
     out = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        drawn = likelihood.sample(logits[start:stop].reshape(-1, classes), generator)
+        gen: torch.Generator | RowSlice | None = generator  # type: ignore[assignment]
+        if placed is not None:  # this chunk's rows of the global batch's draw
+            placed.generator.set_state(state)
+            gen = RowSlice(placed.generator, placed.start + start * rows, placed.total)
+        drawn = likelihood.sample(logits[start:stop].reshape(-1, classes), gen)
         out.append(drawn.reshape(stop - start, rows, *likelihood.label_shape(classes)))
     labels = torch.cat(out)
     return likelihood.drop_rows(labels, None if has_target is None else has_target.reshape(n, rows))
@@ -90,7 +104,7 @@ def sum_sq_example_grads(
     likelihood: Likelihood,
     *,
     targets: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | GlobalRows | None = None,
     output_fn: OutputFn | None = None,
     target_mask: TargetMask | None = None,
     trusted: Collection[nn.Module] | None = None,
@@ -101,7 +115,9 @@ def sum_sq_example_grads(
 
     The labels are ``targets`` (``[n, ...]``: one label per logit row, as the likelihood
     takes them; the empirical Fisher) or, when None, drawn from the model with
-    ``generator`` (:func:`sample_row_labels`; the Fisher), rows without a target
+    ``generator`` (:func:`sample_row_labels`, a
+    :class:`~fisher_optim._global_rows.GlobalRows` for this rank's rows of a global
+    batch; the Fisher), rows without a target
     (:func:`fisher_optim.targets.target_rows`, ``target_mask``) left out. The model runs in
     the mode it is in (BatchNorm must use running statistics) and as in an optimizer's own
     pass (:func:`~fisher_optim.curvature.ghost.ghost_backward` ``optimizer_pass``);
@@ -179,7 +195,7 @@ def example_grad_draws(
     likelihood: Likelihood,
     *,
     targets: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | GlobalRows | None = None,
     draws: int | None = None,
     output_fn: OutputFn | None = None,
     target_mask: TargetMask | None = None,
@@ -191,8 +207,11 @@ def example_grad_draws(
     ``g_i = ∂ℓ_i/∂θ`` includes the coupling through them) and one backward of the
     likelihood's cotangent weighted by ``z_i / sqrt(M)``. The labels are ``targets`` or,
     when None, drawn with ``generator`` (rows without a target left out, as in
-    :func:`sum_sq_example_grads`); so is ``z``. ``draws=K`` gives ``K`` independent draws
-    (fresh labels and ``z``) stacked in a leading dimension, from the one forward.
+    :func:`sum_sq_example_grads`); so is ``z``, one per example (with a
+    :class:`~fisher_optim._global_rows.GlobalRows`, this rank's of the global batch's).
+    ``draws=K`` gives ``K`` independent draws (fresh labels and ``z``) stacked in a leading
+    dimension, from the one forward (across ranks, the ``K`` draws of each rank's rows lie
+    end to end: independent draws, but another layout than one process's for ``K > 1``).
 
     >>> from fisher_optim.likelihoods import Gaussian
     >>> torch.manual_seed(0) and None
@@ -221,7 +240,13 @@ def example_grad_draws(
         y = likelihood.example_labels(targets, detached[0])
         labels = y.expand(k, *y.shape).reshape(k * n, *y.shape[1:])
     labels = labels.to(logits.device)
-    z = torch.randn((k * n, 1, 1), generator=generator, device=logits.device, dtype=logits.dtype)
+    placed = (
+        generator.place(k * n, logits.device) if isinstance(generator, GlobalRows) else generator
+    )
+    z = draw_rows(
+        placed, k * n,
+        lambda m, g: torch.randn((m, 1, 1), generator=g, device=logits.device, dtype=logits.dtype),
+    )  # fmt: skip
     many = detached.expand(k, -1, -1, -1).reshape(k * n, per, classes)
     cotangent = (likelihood.example_score(many, labels) * z / math.sqrt(n)).reshape(
         k, rows, classes
