@@ -759,8 +759,10 @@ class _Run:
             other = other.to(x.device)
             x = lam * x + (1 - lam) * x[other]
 
-            def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-                return lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[other])
+            def loss_fn(out: Tensor, labels: Tensor) -> Tensor:  # the mixed pair's loss
+                return lam * F.cross_entropy(out, labels) + (1 - lam) * F.cross_entropy(
+                    out, labels[other]
+                )
 
         needs_targets = (
             isinstance(self.opt, FisherPenaltySGD) and self.opt.penalty.needs_targets
