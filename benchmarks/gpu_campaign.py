@@ -229,7 +229,9 @@ def run_tests(targets: Sequence[str], out: Path, timeout: float) -> dict[str, An
 
 
 def _sync_count(model_name: str, device: torch.device, steps: int = 20) -> dict[str, Any]:
-    """Host syncs inside 20 FP (every=10) optimizer steps, and the training loop's whole."""
+    """Host syncs inside 20 FP (every=10) optimizer steps, and the training loop's whole.
+    The step is written out (not ``runner.train_step``) so that a counter holds
+    ``opt.step()`` alone."""
     torch.manual_seed(0)
     model = build_model(model_name, 10).to(device)
     x = torch.randn(128, 3, 32, 32, device=device)
