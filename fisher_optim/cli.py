@@ -64,16 +64,28 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ types, --help
+def _range_text(
+    noun: str,
+    low: float | None,
+    high: float | None,
+    low_open: bool,
+    high_open: bool,
+    fmt: Callable[[float], str],
+) -> str | None:
+    """``noun`` with its bounds, as the argument types name what they take (None: no bound)."""
+    if low is not None and high is not None:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"{noun} in {left}{fmt(low)}, {fmt(high)}{right}"
+    if low is not None:
+        return f"{noun} {'>' if low_open else '>='} {fmt(low)}"
+    if high is not None:
+        return f"{noun} {'<' if high_open else '<='} {fmt(high)}"
+    return None
+
+
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]`` (a missing bound is no bound)."""
-    if low is not None and high is not None:
-        what = f"an integer in [{low}, {high}]"
-    elif low is not None:
-        what = f"an integer >= {low}"
-    elif high is not None:
-        what = f"an integer <= {high}"
-    else:
-        what = "an integer"
+    what = _range_text("an integer", low, high, False, False, str) or "an integer"
 
     def parse(text: str) -> int:
         try:
@@ -97,14 +109,8 @@ def real(
 ) -> Callable[[str], float]:
     """An argparse ``type``: a finite number between ``low`` and ``high`` (each bound closed
     unless ``*_open``; a missing bound is no bound). NaN and infinities are always refused."""
-    if low is not None and high is not None:
-        what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        what = f"a number {'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        what = f"a number {'<' if high_open else '<='} {high:g}"
-    else:
-        what = "a finite number"
+    what = _range_text("a number", low, high, low_open, high_open, lambda v: f"{v:g}")
+    what = what or "a finite number"
 
     def parse(text: str) -> float:
         try:
