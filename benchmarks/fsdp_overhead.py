@@ -11,7 +11,10 @@ tensor memory allocated during a refresh step above that (the torch profiler's m
 timeline: activations, gradients, all-gathered blocks, the finite difference's copies).
 
 The penalty runs in both modes: the finite difference on the sharded passes, and the exact
-mode (double backprop) on the gathered full parameters, freed after the refresh.
+mode (double backprop) on the gathered full parameters, freed after the refresh. Fisher noise
+runs with each covariance: diagonal and trace (per-example gradients on the gathered
+parameters, their sums all-reduced at each refresh) and full (one extra forward and backward
+per step, and an all-reduce of the parameters' size).
 
 ``--mp-error`` also measures what the finite difference does under
 ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: its relative error
@@ -53,7 +56,7 @@ from benchmarks.common.text import (  # noqa: E402
 )
 from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
-from fisher_optim import FisherPenaltySGD  # noqa: E402
+from fisher_optim import FisherNoiseSGD, FisherPenaltySGD  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
 from fisher_optim.cli import add_options, option, parser  # noqa: E402
 from fisher_optim.differentiation import (  # noqa: E402
@@ -63,24 +66,32 @@ from fisher_optim.differentiation import (  # noqa: E402
 from fisher_optim.penalty import PenaltyObjective  # noqa: E402
 
 WORLD = 2
-#: name -> FisherPenaltySGD keyword arguments (None: plain SGD on the sharded model).
-VARIANTS: dict[str, dict[str, Any] | None] = {
+#: An optimizer to time: ("penalty", FisherPenaltySGD keywords) or ("noise", FisherNoiseSGD
+#: keywords); None: plain SGD.
+Spec = tuple[str, dict[str, Any]] | None
+FD = {"mode": "finite_difference"}
+NOISE = {"small_batch_size": 4}
+#: name -> optimizer on the sharded model.
+VARIANTS: dict[str, Spec] = {
     "fsdp_sgd": None,
-    "fp_fd_k10": {"every": 10},
-    "fp_fd_k10_forward": {"every": 10, "fd_scheme": "forward"},
-    "fp_fd_k1": {"every": 1},
-    "fp_fd_k1_forward": {"every": 1, "fd_scheme": "forward"},
-    "fp_exact_k10": {"every": 10, "mode": "exact"},
-    "fp_exact_k1": {"every": 1, "mode": "exact"},
+    "fp_fd_k10": ("penalty", {**FD, "every": 10}),
+    "fp_fd_k10_forward": ("penalty", {**FD, "every": 10, "fd_scheme": "forward"}),
+    "fp_fd_k1": ("penalty", {**FD, "every": 1}),
+    "fp_fd_k1_forward": ("penalty", {**FD, "every": 1, "fd_scheme": "forward"}),
+    "fp_exact_k10": ("penalty", {"every": 10, "mode": "exact"}),
+    "fp_exact_k1": ("penalty", {"every": 1, "mode": "exact"}),
+    "noise_diag_k10": ("noise", {**NOISE, "every": 10}),
+    "noise_diag_k1": ("noise", {**NOISE, "every": 1}),
+    "noise_trace_k1": ("noise", {**NOISE, "every": 1, "covariance": "trace"}),
+    "noise_full_k1": ("noise", {**NOISE, "every": 1, "covariance": "full"}),
 }
-#: ``--ddp``: name -> (optimizer, keyword arguments) on the DDP-wrapped, unsharded model
-#: (None: plain SGD): the penalty in both modes, and Fisher noise (timed under DDP only).
-DDP_VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
+#: ``--ddp``: name -> optimizer on the DDP-wrapped, unsharded model.
+DDP_VARIANTS: dict[str, Spec] = {
     "ddp_sgd": None,
-    "ddp_fp_fd_k1": ("penalty", {"every": 1, "mode": "finite_difference"}),
+    "ddp_fp_fd_k1": ("penalty", {**FD, "every": 1}),
     "ddp_fp_exact_k1": ("penalty", {"every": 1, "mode": "exact"}),
-    "ddp_noise_diag_k1": ("noise", {"every": 1, "small_batch_size": 4}),
-    "ddp_noise_trace_k1": ("noise", {"every": 1, "small_batch_size": 4, "covariance": "trace"}),
+    "ddp_noise_diag_k1": ("noise", {**NOISE, "every": 1}),
+    "ddp_noise_trace_k1": ("noise", {**NOISE, "every": 1, "covariance": "trace"}),
 }
 MP_STEPS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 MP_SCHEMES = ("forward", "central")
@@ -117,16 +128,23 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 FLOAT32 = Precision(None, "cpu")
 
 
-def make_step(
-    model: nn.Module, kwargs: dict[str, Any] | None, ids: torch.Tensor
-) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def make_optimizer(model: nn.Module, spec: Spec, global_batch: int) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names, on ``model``, with SGD's lr 1e-3 and momentum 0.9;
+    Fisher noise's small batch is kept below the global batch ``M_L``."""
     common = {"lr": 1e-3, "momentum": 0.9}
-    if kwargs is None:
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
-    else:
-        opt = FisherPenaltySGD(
-            model, alpha=0.01, **{"mode": "finite_difference", **kwargs}, **common
-        )
+    if spec is None:
+        return torch.optim.SGD(model.parameters(), **common)
+    kind, kwargs = spec
+    if kind == "penalty":
+        return FisherPenaltySGD(model, alpha=0.01, **common, **kwargs)
+    small = min(kwargs["small_batch_size"], global_batch // 2)
+    return FisherNoiseSGD(model, **common, **{**kwargs, "small_batch_size": small})
+
+
+def make_step(
+    model: nn.Module, spec: Spec, ids: torch.Tensor
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    opt = make_optimizer(model, spec, WORLD * len(ids))
 
     def step() -> None:
         train_step(model, opt, FLOAT32, ids, ids, lm_loss)
@@ -180,12 +198,12 @@ def step_peak_mib(step: Callable[[], None]) -> float:
 def measure_overhead(args: argparse.Namespace, rank: int) -> dict[str, dict[str, float]]:
     ids = local_batch(args, rank)
     memory = {}
-    for name, kwargs in VARIANTS.items():  # step 0 refreshes the penalty gradient
+    for name, spec in VARIANTS.items():  # step 0 refreshes the penalty gradient
         model = build(args)  # the same initial model (FSDP modules cannot be deep-copied)
-        step, opt = make_step(model, kwargs, ids)
+        step, opt = make_step(model, spec, ids)
         peak = step_peak_mib(step)
         memory[name] = {"peak_mib": peak, "held_mib": held_mib(model, opt)}
-    steps = {v: make_step(build(args), kw, ids)[0] for v, kw in VARIANTS.items()}
+    steps = {v: make_step(build(args), spec, ids)[0] for v, spec in VARIANTS.items()}
     times = interleaved_medians(steps, args.window, args.rounds, args.warmup)
     slowest = torch.tensor([times[v] for v in VARIANTS], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -196,10 +214,7 @@ def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, floa
     """Step time of each :data:`DDP_VARIANTS` entry, and the time spent per step in the
     optimizer's own all-reduces (those of the penalty of the global batch: every gradient of
     a refresh averaged over the ranks; DDP's reducer runs in C++ and is not counted)."""
-    from fisher_optim import FisherNoiseSGD
-
     ids = local_batch(args, rank)
-    common = {"lr": 1e-3, "momentum": 0.9}
     spent = {name: 0.0 for name in DDP_VARIANTS}
     counted = {name: 0 for name in DDP_VARIANTS}
     current = {"name": ""}
@@ -212,18 +227,12 @@ def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, floa
         finally:
             spent[current["name"]] += time.perf_counter() - begin
 
-    def make(name: str, spec: tuple[str, dict[str, Any]] | None) -> Callable[[], None]:
+    def make(name: str, spec: Spec) -> Callable[[], None]:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(
             ByteTransformerLM(args.context, args.dim, args.layers, args.heads)
         )
-        if spec is None:
-            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **common)
-        elif spec[0] == "penalty":
-            opt = FisherPenaltySGD(model, alpha=0.01, **common, **spec[1])
-        else:
-            small = min(spec[1]["small_batch_size"], WORLD * args.batch_size // 2)  # < M_L
-            opt = FisherNoiseSGD(model, **common, **{**spec[1], "small_batch_size": small})
+        opt = make_optimizer(model, spec, WORLD * len(ids))
 
         def step() -> None:
             current["name"] = name
@@ -328,8 +337,7 @@ def tables(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
         base = results["ddp"]["ddp_sgd"]["s_per_step"]
         lines += [
             "",
-            "The same model and batch under DDP (unsharded), with Fisher noise (timed under "
-            "DDP only); "
+            "The same model and batch under DDP (unsharded); "
             "`all-reduce ms/step`: the time per step spent in "
             "the optimizer's own all-reduces (every gradient of a refresh averaged over the "
             "ranks, for the penalty of the global batch; DDP's own gradient reduction is not "

@@ -282,9 +282,10 @@ def run_overhead(
             results["skipped"].append(name)
             continue
         start = time.perf_counter()
-        times = overhead.time_model(
+        windows = overhead.time_model(
             name, device, 128, window, rounds, warmup, list(OVERHEAD_VARIANTS)
         )
+        times = {v: statistics.median(s) for v, s in windows.items()}
         results["models"][name] = {
             "ms_per_step": {v: 1e3 * t for v, t in times.items()},
             "ratio": {v: t / times["sgd"] for v, t in times.items()},

@@ -26,6 +26,7 @@ trusted (6.3 on average), else central ones. The floors at every=10 are 1.30x (e
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,12 @@ from benchmarks.common.data import load_dataset, normalize  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.runner import Precision, RunningOptions, train_step  # noqa: E402
-from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.timing import (  # noqa: E402
+    PACK_REFUSED,
+    TimingOptions,
+    interleaved_windows,
+    round_ratios,
+)
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
     option,
@@ -116,8 +122,9 @@ def time_model(
     data_root: str | None = None,
     compile: bool = False,
     amp: str | None = None,
-) -> dict[str, float]:
-    """Median seconds per step of each variant (plain SGD always included) on one model."""
+) -> dict[str, list[float]]:
+    """Seconds per step of each variant (plain SGD always included) on one model, in each
+    interleaved round."""
     torch.manual_seed(0)
     base = build_model(name, 10).to(device)
     if data_root is None:
@@ -129,7 +136,7 @@ def time_model(
         y = train.labels[:batch].to(device)
     names = ["sgd", *(v for v in variants if v != "sgd")]
     steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y, compile, amp) for v in names}
-    return interleaved_medians(steps, window, rounds, warmup, lambda: sync(device), clock)
+    return interleaved_windows(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
 @dataclass
@@ -203,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     results = {}
-    header = f"{'model':<14}{'variant':<16}{'ms/step':>10}{'ratio':>8}{'target':>8}"
+    header = (
+        f"{'model':<14}{'variant':<20}{'ms/step':>10}{'ratio':>8}{'round ratios':>16}{'target':>8}"
+    )
     print(
         f"device={device} threads={torch.get_num_threads()} clock={args.clock} "
         f"compile={args.compile} amp={args.amp or 'float32'} "
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(header)
     clock = time.process_time if args.clock == "process" else time.perf_counter
     for name in args.models:
-        times = time_model(
+        windows = time_model(
             name,
             device,
             args.batch_size,
@@ -227,12 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
             args.amp,
         )
         rows = {}
-        for v, t in times.items():
-            ratio = t / times["sgd"]
+        sgd = statistics.median(windows["sgd"])
+        for v, samples in windows.items():
+            t = statistics.median(samples)
+            ratio = t / sgd
+            _, low, high = round_ratios(samples, windows["sgd"])
             target = TARGETS.get(v)
-            rows[v] = {"ms_per_step": 1e3 * t, "ratio": ratio, "target": target}
+            rows[v] = {
+                "ms_per_step": 1e3 * t,
+                "ratio": ratio,
+                "round_ratio_range": [low, high],
+                "target": target,
+            }
             mark = "" if target is None else f"{target:>7.2f}{'' if ratio <= target else ' !'}"
-            print(f"{name:<14}{v:<16}{1e3 * t:>10.1f}{ratio:>8.2f} {mark}")
+            spread = f"{low:.2f} – {high:.2f}"
+            print(f"{name:<14}{v:<20}{1e3 * t:>10.1f}{ratio:>8.2f}{spread:>16} {mark}")
         results[name] = rows
     if args.json:
         setup = {"device": str(device), "compile": args.compile, "amp": args.amp}

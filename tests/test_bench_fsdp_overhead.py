@@ -59,6 +59,8 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     # the exact mode runs under FSDP2 (on the gathered full parameters), in both schedules
     assert {"fp_exact_k10", "fp_exact_k1"} <= set(rows)
     assert rows["fp_exact_k1"]["held_mib"] == rows["fp_fd_k1"]["held_mib"]
+    # Fisher noise runs under FSDP2 with each covariance
+    assert {"noise_diag_k10", "noise_diag_k1", "noise_trace_k1", "noise_full_k1"} <= set(rows)
     assert json.loads(out.read_text())["results"]["overhead"].keys() == rows.keys()
     ddp = results["ddp"]
     assert list(ddp) == list(bench.DDP_VARIANTS)
@@ -68,6 +70,7 @@ def test_fsdp_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     assert (
         "| fp_fd_k1_forward |" in text
         and "| fp_exact_k1 |" in text
+        and "| noise_full_k1 |" in text
         and "| ddp_fp_exact_k1 |" in text
         and "Produced by `python benchmarks/fsdp_overhead.py" in text
     )

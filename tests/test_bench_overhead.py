@@ -47,6 +47,9 @@ def test_overhead_times_variants_side_by_side(tmp_path):
     assert set(rows) == {"sgd", "fp_fd_k1", "gpx_exact_k10"}
     assert rows["sgd"]["ratio"] == 1.0 and rows["fp_fd_k1"]["target"] == 3.15
     assert all(r["ms_per_step"] > 0 for r in rows.values())
+    assert rows["sgd"]["round_ratio_range"] == [1.0, 1.0]
+    low, high = rows["fp_fd_k1"]["round_ratio_range"]
+    assert 0 < low <= high
     assert json.loads(out.read_text())["results"]["tiny"].keys() == rows.keys()
 
 

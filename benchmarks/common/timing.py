@@ -13,7 +13,13 @@ from pathlib import Path
 
 from fisher_optim.cli import nonnegative_int, option, positive_int
 
-__all__ = ["PACK_REFUSED", "TimingOptions", "interleaved_medians"]
+__all__ = [
+    "PACK_REFUSED",
+    "TimingOptions",
+    "interleaved_medians",
+    "interleaved_windows",
+    "round_ratios",
+]
 
 #: Why a timing script refuses ``--pack N`` (N > 1).
 PACK_REFUSED = (
@@ -43,16 +49,17 @@ class TimingOptions:
     )
 
 
-def interleaved_medians(
+def interleaved_windows(
     steps: dict[str, Callable[[], None]],
     window: int,
     rounds: int,
     warmup: int,
     sync: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Median seconds per step of each step function: ``warmup`` untimed steps each, then
-    ``rounds`` rounds in which every function runs one timed window of ``window`` steps."""
+) -> dict[str, list[float]]:
+    """Seconds per step of each step function in each round: ``warmup`` untimed steps each,
+    then ``rounds`` rounds in which every function runs one timed window of ``window``
+    steps."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -65,4 +72,26 @@ def interleaved_medians(
                 step()
             sync()
             samples[v].append((clock() - start) / window)
+    return samples
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    window: int,
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per step of each step function over the rounds of
+    :func:`interleaved_windows`."""
+    samples = interleaved_windows(steps, window, rounds, warmup, sync, clock)
     return {v: statistics.median(s) for v, s in samples.items()}
+
+
+def round_ratios(samples: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """``(median, lowest, highest)`` of the per-round ratios ``samples[i] / reference[i]``:
+    each round's windows ran back to back, so their ratio cancels a slow phase of the
+    machine that the ratio of the two medians would not."""
+    ratios = [s / r for s, r in zip(samples, reference, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
