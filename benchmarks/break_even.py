@@ -830,7 +830,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (then the summary and figures cover the finished runs)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.no_progress = args.no_progress or args.pack > 1  # (one bar per process: garbled)
     deadline = runner.deadline_after(args.time_limit)
     config = _config(args)
     try:

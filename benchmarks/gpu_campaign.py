@@ -123,7 +123,7 @@ def step_flops(model_name: str, variant: str, batch_size: int = 128) -> float:
     torch.manual_seed(0)
     model = build_model(model_name, 10)
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(10, (batch_size,))
-    step = overhead.make_step(model, overhead.VARIANTS[variant], x, y)
+    step = overhead.make_step(model, overhead.VARIANTS[variant], [(x, y)])
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())

@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             corpus,
             root / run_name(config),
             resume=args.resume,
-            progress=not args.no_progress and args.pack == 1,
+            progress=not args.no_progress,
             device=device,
             compile=args.compile,
         )

@@ -25,11 +25,12 @@ trusted (6.3 on average), else central ones. The floors at every=10 are 1.30x (e
 # sys.modules, where a script loaded by path, as the tests do, need not be)
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.config import add_shared_options  # noqa: E402
-from benchmarks.common.data import load_dataset, normalize  # noqa: E402
+from benchmarks.common.data import load_dataset  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.runner import Precision, RunningOptions, train_step  # noqa: E402
@@ -79,16 +80,16 @@ DEFAULT_MODELS = ("simplecnn", "vgg11", "wresnet44_3", "densenet40_12")
 def make_step(
     model: torch.nn.Module,
     kwargs: dict | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     compile: bool = False,
     amp: str | None = None,
 ) -> Callable[[], None]:
     """One training step of the standard loop (:func:`~benchmarks.common.runner.train_step`),
-    for a fresh optimizer of this variant: the forward through ``torch.compile(model)`` with
-    ``compile``, under ``torch.autocast`` with ``amp`` (the penalty is the optimizer's own
-    pass: the finite difference through the compiled module, the exact mode on the eager
-    one, see the integration guide)."""
+    for a fresh optimizer of this variant, on the next of ``batches`` (in turn, as an epoch
+    would): the forward through ``torch.compile(model)`` with ``compile``, under
+    ``torch.autocast`` with ``amp`` (the penalty is the optimizer's own pass: the finite
+    difference through the compiled module, the exact mode on the eager one, see the
+    integration guide)."""
     common = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
     forward = torch.compile(model) if compile else model
     if kwargs is None:
@@ -96,10 +97,12 @@ def make_step(
     else:  # on the module the loop calls (the compiled one: it sees its forwards)
         opt = FisherPenaltySGD(forward, alpha=0.01, **common, **kwargs)
     needs_targets = isinstance(opt, FisherPenaltySGD) and opt.penalty.needs_targets
-    precision = Precision(amp, x.device)
-    before_step = (lambda: opt.set_targets(y)) if needs_targets else None
+    precision = Precision(amp, batches[0][0].device)
+    stream = itertools.cycle(batches)
 
     def step() -> None:
+        x, y = next(stream)
+        before_step = (lambda: opt.set_targets(y)) if needs_targets else None
         train_step(forward, opt, precision, x, y, before_step=before_step)
 
     return step
@@ -124,18 +127,25 @@ def time_model(
     amp: str | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per step of each variant (plain SGD always included) on one model, in each
-    interleaved round."""
+    interleaved round. Every variant trains on the same stream of distinct batches, one per
+    step, as in an epoch: a batch seen again and again is soon fitted, its loss and Fisher
+    near zero, which is not what a training step costs (the ``"auto"`` scheme, for one,
+    then distrusts the forward difference)."""
     torch.manual_seed(0)
     base = build_model(name, 10).to(device)
+    count = warmup + rounds * window
     if data_root is None:
-        x = torch.randn(batch, 3, 32, 32, device=device)
-        y = torch.randint(10, (batch,), device=device)
-    else:  # the first CIFAR-10 training images: what the forward difference sees in training
+        g = torch.Generator().manual_seed(0)
+        batches = [
+            (torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,), generator=g))
+            for _ in range(count)
+        ]
+    else:  # disjoint shuffled batches of CIFAR-10 training images (cycled past one epoch)
         train, _ = load_dataset("cifar10", data_root)
-        x = normalize(train.images[:batch], train.mean, train.std).to(device)
-        y = train.labels[:batch].to(device)
+        batches = train.seeded_batches(min(count, len(train) // batch), batch)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     names = ["sgd", *(v for v in variants if v != "sgd")]
-    steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], x, y, compile, amp) for v in names}
+    steps = {v: make_step(copy.deepcopy(base), VARIANTS[v], batches, compile, amp) for v in names}
     return interleaved_windows(steps, window, rounds, warmup, lambda: sync(device), clock)
 
 
@@ -160,15 +170,15 @@ class OverheadOptions:
     )
     batch_size: int = option(
         128,
-        "batch size of the CIFAR-shaped batch (random, or with "
-        "--data-root the first CIFAR-10 training images)",
+        "batch size of the CIFAR-shaped batches (random, or with "
+        "--data-root shuffled CIFAR-10 training images; a new batch every step)",
         type=positive_int,
     )
     data_root: str | None = option(
         None,
-        "take the batch from CIFAR-10 at this directory or "
-        "archive, as the forward difference sees it in training "
-        "(default: a random batch)",
+        "take the batches from CIFAR-10 at this directory or "
+        "archive, as the forward difference sees them in training "
+        "(default: random batches)",
     )
     clock: str = option(
         "wall",

@@ -118,7 +118,7 @@ def test_overhead_steps_train_under_amp(amp, dtype):
     model = overhead.build_model("tiny", 10)
     seen = _output_dtypes(model)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
-    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k1"], x, y, amp=amp)
+    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k1"], [(x, y)], amp=amp)
     step()
     assert seen[0] == dtype and set(seen[1:]) == {torch.float32}  # training, then the penalty
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -138,7 +138,7 @@ def test_overhead_compile_trains_through_torch_compile():
     torch._dynamo.reset()
     model = overhead.build_model("tiny", 10)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
-    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k10"], x, y, compile=True)
+    step = overhead.make_step(model, overhead.VARIANTS["fp_fd_k10"], [(x, y)], compile=True)
     step()
     step()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1

@@ -7,6 +7,7 @@ import importlib
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -128,6 +129,25 @@ def test_a_packed_sweep_trains_in_processes_as_one_would(tmp_path):
     assert not complete and [r["status"] for r in late] == ["interrupted", "interrupted"]
     with pytest.raises(TypeError, match="Jobs"):
         runner.sweep([lambda d: {}, lambda d: {}], pack=2)
+
+
+def bar_drawn(root: str, *, deadline: float | None) -> dict:
+    """A packed sweep's job: whether a progress bar would be drawn, stderr a terminal."""
+    with mock.patch.object(sys.stderr, "isatty", lambda: True):
+        return {"status": "complete", "bar": runner.progress_bar(3, 0, "x") is not None}
+
+
+def test_a_packed_process_draws_no_progress_bar(tmp_path, monkeypatch):
+    """One bar per process would garble the terminal: none in a packed sweep's processes,
+    one in a plain run (stderr a terminal)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = runner.progress_bar(3, 0, "x")
+    assert bar is not None
+    bar.close()
+    assert runner.progress_bar(3, 0, "x", enabled=False) is None
+    jobs = [runner.Job(bar_drawn, str(tmp_path)) for _ in range(2)]
+    packed, complete = runner.sweep(jobs, pack=2, folder=tmp_path)
+    assert complete and [r["bar"] for r in packed] == [False, False]
 
 
 def test_train_step_is_the_hand_written_sgd_step_with_set_targets_before_the_update():

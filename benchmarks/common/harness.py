@@ -1086,12 +1086,12 @@ def run_many(
 
     With ``pack > 1``, ``pack`` processes train at once on the same device (see ``sweep``):
     the data travel on the host and each run places it on the device, and a process prints
-    its own lines (no progress bar).
+    its own lines (no progress bar: :func:`benchmarks.common.runner.progress_bar`).
     """
     root = Path(root)
     if pack > 1 and len(specs) > 1:
         data = data.to("cpu")
-        kwargs = dict(kwargs, progress=False, device=str(kwargs.get("device", "cpu")))
+        kwargs = dict(kwargs, device=str(kwargs.get("device", "cpu")))
         kwargs.pop("log", None)
     jobs = [runner.Job(train_run, spec, data, root / spec.name, **kwargs) for spec in specs]
     results, _ = runner.sweep(jobs, deadline=deadline, pack=pack, folder=root)

@@ -229,10 +229,16 @@ def past(deadline: float | None) -> bool:
     return deadline is not None and clock() > deadline
 
 
+#: Set in the processes of a packed :func:`sweep`, which draw no progress bar (one bar per
+#: process on one terminal garbles it); each prints its own lines.
+_PACKED_PROCESS = False
+
+
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> Any:
-    """A tqdm bar of one epoch's ``total`` steps when stderr is a terminal and ``enabled``
-    (else None: the caller prints one line per epoch either way), the same in every script."""
-    if not enabled or not sys.stderr.isatty():
+    """A tqdm bar of one epoch's ``total`` steps when stderr is a terminal, ``enabled`` and
+    not in a packed sweep's process (else None: the caller prints one line per epoch either
+    way), the same in every script."""
+    if not enabled or _PACKED_PROCESS or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -545,6 +551,8 @@ def _train_share(
     """Process ``rank`` of a packed :func:`sweep`: its share of the runs, in order."""
     import torch
 
+    global _PACKED_PROCESS
+    _PACKED_PROCESS = True
     torch.set_num_threads(max(1, threads // pack))
     deadline = None if wall is None else clock() + (wall - time.time())
     out = []
