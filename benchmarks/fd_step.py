@@ -1,7 +1,7 @@
 """How far the finite-difference penalty gradient is from the exact one, on the networks
 people train, at their real size.
 
-For each network, at PyTorch's default initialisation and after ``--train-steps`` SGD
+For each network, at PyTorch's default initialisation (``--init``) and after ``--train-steps`` SGD
 steps, and for each of ``--batches`` batches of real data (CIFAR-10 images; stdlib text
 for the transformer), the float32 finite difference ``∇ Tr(F_B)`` is compared with the
 exact one (double backprop) on the same sampled labels: relative L2 error and cosine. The
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common.config import add_shared_options  # noqa: E402
 from benchmarks.common.data import load_dataset  # noqa: E402
 from benchmarks.common.harness import resolve_device  # noqa: E402
-from benchmarks.common.models import build_model  # noqa: E402
+from benchmarks.common.models import INITS, build_model  # noqa: E402
 from benchmarks.common.runner import COMPLETE, Job, Precision, sweep, train_step  # noqa: E402
 from benchmarks.common.text import (  # noqa: E402
     build_language_model,
@@ -149,12 +149,13 @@ def network_batches(
     return [x for x, _ in batches[: args.batches]], batches[args.batches :]
 
 
-def make_network(name: str) -> nn.Module:
-    """Network ``name`` of :data:`NETWORKS` at PyTorch's default initialisation (seed 0)."""
+def make_network(name: str, init: str = "torch") -> nn.Module:
+    """Network ``name`` of :data:`NETWORKS` at the initialisation ``init`` of its conv and
+    linear layers (seed 0; the transformer's own)."""
     torch.manual_seed(0)
     if name == "transformer":
         return build_language_model("byte_transformer")
-    return build_model(name, 10, init="torch")
+    return build_model(name, 10, init=init)
 
 
 def train(
@@ -236,6 +237,12 @@ class FdStepOptions:
     train_steps: int = option(
         30, "SGD steps (lr 0.01, momentum 0.9) before the trained state", type=positive_int
     )
+    init: str = option(
+        "torch",
+        "initialisation of the image networks' conv and linear layers "
+        "(benchmarks/common/models.py; the training scripts' default is kaiming)",
+        choices=list(INITS),
+    )
     threads: int = option(1, "torch intra-op threads", type=positive_int)
     output: Path | None = option(
         None,
@@ -264,7 +271,7 @@ def measure_network(
     labels, size = args.differences, NETWORKS[net]
     xs, steps = network_batches(net, args)
     xs = [x.to(device) for x in xs]
-    model = make_network(net).to(device).train()
+    model = make_network(net, args.init).to(device).train()
     rows = []
     for state in ("init", "trained"):
         if state == "trained":
