@@ -1,8 +1,8 @@
 """How far the finite-difference penalty gradient is from the exact one, on the networks
 people train, at their real size.
 
-For each network, at PyTorch's default initialisation (``--init``) and after ``--train-steps`` SGD
-steps, and for each of ``--batches`` batches of real data (CIFAR-10 images; stdlib text
+For each network, at PyTorch's default initialisation (or ``--init``'s) and after
+``--train-steps`` SGD steps, and for each of ``--batches`` batches of real data (CIFAR-10 images; stdlib text
 for the transformer), the float32 finite difference ``∇ Tr(F_B)`` is compared with the
 exact one (double backprop) on the same sampled labels: relative L2 error and cosine. The
 differences compared (``r = c · max(1, ||θ||)``):

@@ -1,9 +1,10 @@
 """Step-time overhead of FisherPenaltySGD over plain SGD, measured side by side.
 
 For each model (CIFAR shape, batch 128) every variant trains its own copy of the same
-initial model; variants are timed in interleaved rounds (one window of ``--window`` steps per
-variant per round, after a warm-up), CUDA-synchronised, and the median over rounds is
-reported as ms/step and as a ratio to plain ``torch.optim.SGD``.
+initial model on the same stream of distinct batches, a new one every step; variants are
+timed in interleaved rounds (one window of ``--window`` steps per variant per round, after a
+warm-up), CUDA-synchronised, and the median over rounds is reported as ms/step and as a
+ratio to plain ``torch.optim.SGD``, with the range of the per-round ratios.
 
     python benchmarks/overhead.py --device cpu --models simplecnn vgg11 --json overhead.json
 
