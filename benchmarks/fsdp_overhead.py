@@ -54,7 +54,12 @@ from benchmarks.common.text import (  # noqa: E402
     ByteTransformerLM,
     token_cross_entropy,
 )
-from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.timing import (  # noqa: E402
+    PACK_REFUSED,
+    TimingOptions,
+    interleaved_windows,
+    medians,
+)
 from benchmarks.lm_stdlib import LMOptions  # noqa: E402
 from fisher_optim import FisherNoiseSGD, FisherPenaltySGD  # noqa: E402
 from fisher_optim.batch import Batch  # noqa: E402
@@ -204,7 +209,7 @@ def measure_overhead(args: argparse.Namespace, rank: int) -> dict[str, dict[str,
         peak = step_peak_mib(step)
         memory[name] = {"peak_mib": peak, "held_mib": held_mib(model, opt)}
     steps = {v: make_step(build(args), spec, ids)[0] for v, spec in VARIANTS.items()}
-    times = interleaved_medians(steps, args.window, args.rounds, args.warmup)
+    times = medians(interleaved_windows(steps, args.window, args.rounds, args.warmup))
     slowest = torch.tensor([times[v] for v in VARIANTS], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return {v: {"s_per_step": float(t), **memory[v]} for v, t in zip(VARIANTS, slowest)}
@@ -244,7 +249,7 @@ def measure_ddp(args: argparse.Namespace, rank: int) -> dict[str, dict[str, floa
     steps = {name: make(name, spec) for name, spec in DDP_VARIANTS.items()}
     dist.all_reduce = timed_all_reduce
     try:
-        times = interleaved_medians(steps, args.window, args.rounds, args.warmup)
+        times = medians(interleaved_windows(steps, args.window, args.rounds, args.warmup))
     finally:
         dist.all_reduce = real_all_reduce
     per_step = [spent[v] / max(counted[v], 1) for v in DDP_VARIANTS]

@@ -73,6 +73,7 @@ from benchmarks.common.harness import DataBundle, prepare_data, resolve_device  
 from benchmarks.common.models import build_model  # noqa: E402
 from benchmarks.common.runner import RUNNING, DeviceOptions, RunningOptions  # noqa: E402
 from benchmarks.common.syncs import SyncCounter  # noqa: E402
+from benchmarks.common.timing import medians  # noqa: E402
 from fisher_optim.cli import add_options, nonnegative_int, option, parser, positive_float  # noqa: E402
 
 PARTS = ("tests", "overhead", "curvature", "table1")
@@ -285,7 +286,7 @@ def run_overhead(
         windows = overhead.time_model(
             name, device, 128, window, rounds, warmup, list(OVERHEAD_VARIANTS)
         )
-        times = {v: statistics.median(s) for v, s in windows.items()}
+        times = medians(windows)
         results["models"][name] = {
             "ms_per_step": {v: 1e3 * t for v, t in times.items()},
             "ratio": {v: t / times["sgd"] for v, t in times.items()},

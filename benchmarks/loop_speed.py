@@ -40,7 +40,12 @@ from benchmarks.common.config import (
 from benchmarks.common.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataset  # noqa: E402
 from benchmarks.common.models import MODELS, build_model  # noqa: E402
 from benchmarks.common.runner import RunningOptions  # noqa: E402
-from benchmarks.common.timing import PACK_REFUSED, TimingOptions, interleaved_medians  # noqa: E402
+from benchmarks.common.timing import (  # noqa: E402
+    PACK_REFUSED,
+    TimingOptions,
+    interleaved_windows,
+    medians,
+)
 from fisher_optim.cli import (  # noqa: E402
     add_options,
     option,
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = interleaved_medians(steps(args, device), args.window, args.rounds, args.warmup, sync)
+    times = medians(
+        interleaved_windows(steps(args, device), args.window, args.rounds, args.warmup, sync)
+    )
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),

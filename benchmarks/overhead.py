@@ -28,7 +28,6 @@ import argparse
 import copy
 import itertools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from benchmarks.common.timing import (  # noqa: E402
     PACK_REFUSED,
     TimingOptions,
     interleaved_windows,
+    medians,
     round_ratios,
 )
 from fisher_optim import FisherPenaltySGD  # noqa: E402
@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
             args.amp,
         )
         rows = {}
-        sgd = statistics.median(windows["sgd"])
+        times = medians(windows)
         for v, samples in windows.items():
-            t = statistics.median(samples)
-            ratio = t / sgd
+            t = times[v]
+            ratio = t / times["sgd"]
             _, low, high = round_ratios(samples, windows["sgd"])
             target = TARGETS.get(v)
             rows[v] = {

@@ -16,8 +16,8 @@ from fisher_optim.cli import nonnegative_int, option, positive_int
 __all__ = [
     "PACK_REFUSED",
     "TimingOptions",
-    "interleaved_medians",
     "interleaved_windows",
+    "medians",
     "round_ratios",
 ]
 
@@ -32,7 +32,7 @@ PACK_REFUSED = (
 
 @dataclass
 class TimingOptions:
-    """The options of an interleaved timing (:func:`interleaved_medians`), shared by the
+    """The options of an interleaved timing (:func:`interleaved_windows`), shared by the
     overhead benchmarks."""
 
     window: int = option(10, "steps per timed window", type=positive_int, metavar="STEPS")
@@ -75,17 +75,8 @@ def interleaved_windows(
     return samples
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]],
-    window: int,
-    rounds: int,
-    warmup: int,
-    sync: Callable[[], None] = lambda: None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Median seconds per step of each step function over the rounds of
-    :func:`interleaved_windows`."""
-    samples = interleaved_windows(steps, window, rounds, warmup, sync, clock)
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median window of each step function of :func:`interleaved_windows`."""
     return {v: statistics.median(s) for v, s in samples.items()}
 
 
