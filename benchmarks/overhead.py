@@ -48,7 +48,7 @@ from benchmarks.common.timing import (  # noqa: E402
     TimingOptions,
     interleaved_windows,
     medians,
-    round_ratios,
+    round_ratio_range,
 )
 from fisher_optim import FisherPenaltySGD  # noqa: E402
 from fisher_optim.cli import (  # noqa: E402
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         for v, samples in windows.items():
             t = times[v]
             ratio = t / times["sgd"]
-            _, low, high = round_ratios(samples, windows["sgd"])
+            low, high = round_ratio_range(samples, windows["sgd"])
             target = TARGETS.get(v)
             rows[v] = {
                 "ms_per_step": 1e3 * t,
